@@ -1,0 +1,28 @@
+"""Regenerate docs/configuration.md from the settings table: ``python docs/generate.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask_llmauth.config import documentation_table
+
+HEADER = """# Configuration
+
+Every setting is a Flask config key. The table is generated from `flask_llmauth/config.py`
+by `python docs/generate.py`; a test fails when it is out of date.
+
+Precedence: constructor argument (`LLMAuth(app, master_key=...)`, by field name) > Flask
+config > LiteLLM YAML (`LLMAUTH_CONFIG_FILE`; values may be `os.environ/NAME`) > secret
+loader (secrets only) > environment variable > default. An unknown `LLMAUTH_*` key, or a
+value of the wrong type, fails `init_app` with a message naming the key.
+
+"""
+
+
+def main() -> None:
+    path = Path(__file__).with_name("configuration.md")
+    path.write_text(HEADER + documentation_table())
+
+
+if __name__ == "__main__":
+    main()

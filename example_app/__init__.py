@@ -1,0 +1,181 @@
+"""An OpenAI-compatible LLM gateway built on flask_llmauth.
+
+Run it with ``flask --app example_app run`` or ``gunicorn 'example_app:create_app()'``.
+Every ``LLMAUTH_*`` environment variable becomes the Flask config key of the same name
+(JSON-decoded when it parses as JSON). By default it answers from a deterministic built-in
+fake model; set ``GATEWAY_UPSTREAM_BASE_URL`` (and ``GATEWAY_UPSTREAM_API_KEY``) to forward
+requests to a real OpenAI-compatible upstream instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from flask_llmauth import LLMAuth, allowed_models, current_principal
+from flask_llmauth.config import load_settings
+from flask_llmauth.errors import BadRequest, http_exception_response
+
+from . import fake_model
+from .upstream import Upstream
+
+DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "text-embedding-3-small")
+MASTER_KEY_FILE = "master_key"
+
+
+def _env_config(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``LLMAUTH_*`` environment variables as config values (``LLMAUTH_TEST_*`` belong to
+    the test harness and are skipped)."""
+    config: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("LLMAUTH_") or name.startswith("LLMAUTH_TEST_"):
+            continue
+        try:
+            config[name] = json.loads(raw)
+        except ValueError:
+            config[name] = raw
+    return config
+
+
+def _ensure_master_key(app: Flask) -> None:
+    """Generate a master key on first start when none is configured; keep it in the instance
+    folder (mode 0600) and print it once."""
+    if load_settings(app.config).master_key:
+        return
+    path = os.path.join(app.instance_path, MASTER_KEY_FILE)
+    os.makedirs(app.instance_path, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, encoding="utf-8") as fh:
+            app.config["LLMAUTH_MASTER_KEY"] = fh.read().strip()
+        return
+    key = "sk-" + secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(key + "\n")
+    app.config["LLMAUTH_MASTER_KEY"] = key
+    print(
+        "\n  flask_llmauth generated a master key (shown only this once; stored in "
+        f"{path}, mode 0600):\n\n    {key}\n\n  Create a virtual key with it:\n"
+        "    curl -s localhost:5000/key/generate -H 'Authorization: Bearer <master key>' "
+        "-H 'Content-Type: application/json' -d '{\"models\": [\"gpt-4o\"]}'\n",
+        file=sys.stderr, flush=True,
+    )
+
+
+def _body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("`model` is required.", param="model")
+    return body
+
+
+def _sse(chunks: Iterator[str]) -> Response:
+    return Response(stream_with_context(chunks), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache"})
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_relative_config=True,
+                template_folder=os.path.join(os.path.dirname(__file__), "..", "templates"))
+    app.config.update(_env_config(os.environ))
+    app.config.setdefault("GATEWAY_MODELS", list(DEFAULT_MODELS))
+    app.config.setdefault("GATEWAY_UPSTREAM_BASE_URL", os.environ.get("GATEWAY_UPSTREAM_BASE_URL"))
+    app.config.setdefault("GATEWAY_UPSTREAM_API_KEY", os.environ.get("GATEWAY_UPSTREAM_API_KEY"))
+    if config:
+        app.config.update(config)
+    _ensure_master_key(app)
+    llmauth = LLMAuth(app)
+    upstream = Upstream.from_config(app.config)
+
+    def models() -> list[str]:
+        listed = [m["model_name"] for m in llmauth_state().settings.model_list
+                  if m.get("model_name")]
+        return listed or list(app.config["GATEWAY_MODELS"])
+
+    def llmauth_state() -> Any:
+        return app.extensions["llmauth"]
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return http_exception_response(exc)
+
+    @app.get("/")
+    @llmauth.exempt
+    def index() -> str:
+        return render_template("index.html", models=models())
+
+    @app.get("/health/liveliness")
+    def liveliness() -> Response:
+        return jsonify(status="healthy")
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    def chat_completions() -> Response:
+        body = _body()
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise BadRequest("`messages` must be a non-empty list.", param="messages")
+        if upstream is not None:
+            return upstream.forward("/chat/completions", body)
+        if body.get("stream"):
+            chunks = (f"data: {json.dumps(c)}\n\n" for c in fake_model.chat_completion_chunks(body))
+            return _sse(itertools.chain(chunks, ["data: [DONE]\n\n"]))
+        return jsonify(fake_model.chat_completion(body))
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    def completions() -> Response:
+        body = _body()
+        if upstream is not None:
+            return upstream.forward("/completions", body)
+        return jsonify(fake_model.completion(body))
+
+    @app.post("/v1/embeddings")
+    @app.post("/embeddings")
+    def embeddings() -> Response:
+        body = _body()
+        if body.get("input") in (None, "", []):
+            raise BadRequest("`input` is required.", param="input")
+        if upstream is not None:
+            return upstream.forward("/embeddings", body)
+        return jsonify(fake_model.embeddings(body))
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    def list_models() -> Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "flask_llmauth"}
+                for m in allowed_models(models())]
+        return jsonify(object="list", data=data)
+
+    @app.post("/v1/messages")
+    def messages() -> Response:
+        body = _body()
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise BadRequest("`messages` must be a non-empty list.", param="messages")
+        if upstream is not None:
+            return upstream.forward("/messages", body)
+        if body.get("stream"):
+            events = fake_model.anthropic_events(body)
+            return _sse(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return jsonify(fake_model.anthropic_message(body))
+
+    @app.get("/v1/whoami")
+    def whoami() -> Response:
+        principal = current_principal
+        return jsonify(method=principal.method, role=principal.role.value,
+                       user_id=principal.user_id, team_id=principal.team_id,
+                       key_id=principal.key_id, key_name=principal.key_name)
+
+    llmauth.route_group("info_routes")(whoami)
+    return app

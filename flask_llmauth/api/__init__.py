@@ -1,0 +1,47 @@
+"""The management JSON API: LiteLLM's paths, fields and response shapes.
+
+Views only translate HTTP to service calls: validation here, every rule in the services.
+Each view declares its LiteLLM path, which is how the policy classifies it (the URL prefix
+is configurable, the path a policy sees is not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ..errors import http_exception_response
+
+BLUEPRINT_NAME = "llmauth_api"
+#: endpoint → the LiteLLM path the policy classifies it by.
+API_ROUTES: dict[str, str] = {}
+
+
+def create_blueprint() -> Blueprint:
+    from . import keys, teams, users
+
+    bp = Blueprint(BLUEPRINT_NAME, __name__)
+
+    def route(path: str, methods: tuple[str, ...]) -> Callable[[Callable[..., Any]], Any]:
+        def register(view: Callable[..., Any]) -> Callable[..., Any]:
+            flask_path = path.replace("{key}", "<key>")
+            bp.add_url_rule(flask_path, view.__name__, view, methods=list(methods))
+            API_ROUTES[f"{BLUEPRINT_NAME}.{view.__name__}"] = path.replace("{key}", "{key_id}")
+            return view
+
+        return register
+
+    keys.register(route)
+    users.register(route)
+    teams.register(route)
+    bp.register_error_handler(HTTPException, http_exception_response)
+    return bp
+
+
+def ok(payload: Any, status: int = 200) -> Any:
+    response = jsonify(payload)
+    response.status_code = status
+    return response

@@ -1,0 +1,223 @@
+"""Validation of management-API input: every field typed, unknown fields refused.
+
+Each field is a parser that returns the clean value or raises ``ValueError`` with a short
+reason; :func:`validate` turns that into a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import request
+
+from ..durations import parse_duration
+from ..errors import BadRequest
+from ..money import to_units
+from ..network import parse_networks
+from ..principal import USER_ROLES, Role
+
+Parser = Callable[[Any], Any]
+_MAX_LIST = 1000
+_MAX_JSON_TEXT = 64_000
+
+
+class Field:
+    __slots__ = ("parse", "required", "nullable")
+
+    def __init__(self, parse: Parser, *, required: bool = False, nullable: bool = True) -> None:
+        self.parse = parse
+        self.required = required
+        self.nullable = nullable and not required
+
+
+def validate(data: Any, fields: Mapping[str, Field], *, source: str = "body") -> dict[str, Any]:
+    """Check ``data`` against ``fields``; return only the fields that were given."""
+    if not isinstance(data, Mapping):
+        raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
+    for name in data:
+        if name not in fields:
+            raise BadRequest(f"Unknown field '{str(name)[:64]}' in {source}.",
+                             param=str(name)[:64], reason="unknown_field")
+    clean: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if name not in data:
+            if spec.required:
+                raise BadRequest(f"Missing required field '{name}'.", param=name,
+                                 reason="missing_field")
+            continue
+        value = data[name]
+        if value is None:
+            if not spec.nullable:
+                raise BadRequest(f"Field '{name}' must not be null.", param=name,
+                                 reason="null_field")
+            clean[name] = None
+            continue
+        try:
+            clean[name] = spec.parse(value)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"Invalid value for '{name}': {exc}", param=name,
+                             reason="invalid_field") from None
+    return clean
+
+
+def json_body() -> Any:
+    """The request's JSON body (parsed once by Flask); 400 when it is not valid JSON."""
+    if not request.get_data(cache=True):
+        return {}
+    body = request.get_json(silent=True, force=True)
+    if body is None:
+        raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
+    return body
+
+
+def query_args() -> dict[str, Any]:
+    """Query parameters as a plain dict (a repeated parameter is refused)."""
+    args: dict[str, Any] = {}
+    for name, values in request.args.lists():
+        if len(values) > 1:
+            raise BadRequest(f"Query parameter '{name[:64]}' given more than once.",
+                             param=name[:64])
+        args[name] = values[0]
+    return args
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+
+def string(max_length: int = 255) -> Parser:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        if not value or len(value) > max_length:
+            raise ValueError(f"must be 1 to {max_length} characters")
+        if not value.isprintable():
+            raise ValueError("must be printable text")
+        return value
+
+    return parse
+
+
+def string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > _MAX_LIST:
+        raise ValueError("must be a list of strings")
+    item = string(512)
+    return [item(v) for v in value]
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("must be true or false")
+
+
+def query_boolean(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+        return False
+    return boolean(value)
+
+
+def integer(minimum: int = 0, maximum: int = 2**62) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError("must be an integer")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}")
+        return value
+
+    return parse
+
+
+def money(value: Any) -> int:
+    """A non-negative USD amount → integer storage units."""
+    return to_units(value)
+
+
+def duration(value: Any) -> Any:
+    return parse_duration(value)
+
+
+def key_duration(value: Any) -> Any:
+    """A key's ``duration``: a duration string, or ``"-1"`` for "never expires" (→ None)."""
+    if value in ("-1", -1):
+        return None
+    return parse_duration(value)
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    import json
+
+    if not isinstance(value, dict):
+        raise ValueError("must be an object")
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be JSON-serialisable") from None
+    if len(text) > _MAX_JSON_TEXT:
+        raise ValueError("is too large")
+    return value
+
+
+def string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("must be an object of strings")
+    return dict(value)
+
+
+def int_map(value: Any) -> dict[str, int]:
+    number = integer(0)
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError("must be an object of integers")
+    return {k: number(v) for k, v in value.items()}
+
+
+def user_role(value: Any) -> Role:
+    role = Role.parse(value)
+    if role not in USER_ROLES:
+        raise ValueError(f"a user cannot have the role {role.value!r}")
+    return role
+
+
+def ip_list(value: Any) -> list[str]:
+    items = string_list(value)
+    parse_networks(items)
+    return items
+
+
+def choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+def member(value: Any) -> dict[str, Any]:
+    fields = {"user_id": Field(string()), "user_email": Field(string(320)),
+              "role": Field(choice("admin", "user"))}
+    try:
+        clean = validate(value, fields, source="member")
+    except BadRequest as exc:
+        raise ValueError(exc.message) from None
+    if not clean.get("user_id") and not clean.get("user_email"):
+        raise ValueError("Either user id or user email must be provided")
+    return clean
+
+
+def members(value: Any) -> Any:
+    if isinstance(value, list):
+        if not value or len(value) > _MAX_LIST:
+            raise ValueError("must be a member object or a non-empty list of them")
+        return [member(v) for v in value]
+    return member(value)

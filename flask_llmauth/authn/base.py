@@ -1,0 +1,76 @@
+"""The authenticator protocol and the chain that runs authenticators in order.
+
+An authenticator looks at the request's credential and answers with a :class:`Principal`
+(decisive: this is the caller), ``None`` (not mine: let the next one try) or raises an
+:class:`~flask_llmauth.errors.LLMAuthError` (decisive: refuse). The chain never turns a
+failure into an anonymous identity: an exception that is not an auth error, a returned
+object that is not a principal, or a principal without an identity are all a 401.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from flask import Request
+
+from ..authz.routes import RouteInfo
+from ..credentials import Credentials
+from ..errors import LLMAuthError, Unauthenticated
+from ..principal import Principal, Role
+
+log = logging.getLogger("flask_llmauth")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthContext:
+    """What an authenticator may look at."""
+
+    request: Request
+    credentials: Credentials
+    route: RouteInfo
+
+
+class Authenticator(Protocol):
+    #: Name used in ``LLMAUTH_AUTH_ORDER`` and as ``Principal.method``.
+    name: str
+
+    def authenticate(self, ctx: AuthContext) -> Principal | None: ...
+
+
+def has_identity(principal: object) -> bool:
+    """A principal must carry a role and someone it stands for."""
+    return (
+        isinstance(principal, Principal)
+        and isinstance(principal.role, Role)
+        and bool(principal.method)
+        and bool(principal.user_id or principal.team_id or principal.key_id
+                 or principal.end_user_id)
+    )
+
+
+class Chain:
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self.authenticators = tuple(authenticators)
+
+    def authenticate(self, ctx: AuthContext) -> Principal:
+        for authenticator in self.authenticators:
+            try:
+                result = authenticator.authenticate(ctx)
+            except LLMAuthError:
+                raise
+            except Exception as exc:
+                log.error("llmauth: authenticator %s failed: %s", authenticator.name,
+                          type(exc).__name__)
+                raise Unauthenticated(reason=f"{authenticator.name}_error") from None
+            if result is None:
+                continue
+            if not has_identity(result):
+                raise Unauthenticated(reason=f"{authenticator.name}_empty_identity")
+            return result
+        if ctx.credentials.token is None:
+            raise Unauthenticated("Authentication Error, No api key passed in.",
+                                  reason="no_credentials")
+        raise Unauthenticated(reason="unrecognised_credential")

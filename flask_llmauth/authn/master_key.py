@@ -1,0 +1,23 @@
+"""The master key: a constant-time compare that yields the proxy admin."""
+
+from __future__ import annotations
+
+from ..crypto import constant_time_equals
+from ..principal import Principal, Role
+from .base import AuthContext
+
+
+class MasterKeyAuthenticator:
+    name = "master_key"
+
+    def __init__(self, master_key: str, admin_name: str, alias: str) -> None:
+        self._master_key = master_key
+        self._principal = Principal(
+            method=self.name, role=Role.PROXY_ADMIN, user_id=admin_name, key_name=alias,
+        )
+
+    def authenticate(self, ctx: AuthContext) -> Principal | None:
+        token = ctx.credentials.token
+        if token is not None and constant_time_equals(token, self._master_key):
+            return self._principal
+        return None

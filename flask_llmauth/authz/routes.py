@@ -1,0 +1,302 @@
+"""Route groups (LiteLLM's ``LiteLLMRoutes``) and the classification of a request's route.
+
+A route is classified from the URL rule Werkzeug matched (``request.url_rule``), never from
+the raw path, ``RAW_URI`` or the Host header: the rule template (``/v1/engines/<model>/x``
+becomes ``/v1/engines/{model}/x``) is matched against the group patterns once per rule and
+the result is kept. Views of the extension declare their LiteLLM path explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from werkzeug.routing import Rule
+
+
+def _both(*paths: str) -> tuple[str, ...]:
+    """Each path with and without the ``/v1`` prefix."""
+    out: list[str] = []
+    for path in paths:
+        out += [path, "/v1" + path]
+    return tuple(out)
+
+
+_OPENAI = _both(
+    "/chat/completions", "/engines/{model}/chat/completions",
+    "/openai/deployments/{model}/chat/completions", "/cursor/chat/completions",
+    "/completions", "/engines/{model}/completions", "/openai/deployments/{model}/completions",
+    "/embeddings", "/engines/{model}/embeddings", "/openai/deployments/{model}/embeddings",
+    "/images/generations", "/images/edits", "/videos", "/videos/*",
+    "/audio/transcriptions", "/audio/speech", "/moderations",
+    "/batches", "/batches/*", "/files", "/files/*", "/fine_tuning/jobs",
+    "/fine_tuning/jobs/*", "/assistants", "/assistants/*", "/threads", "/threads/*",
+    "/models", "/models/{model_id}", "/utils/token_counter", "/utils/transform_request",
+    "/rerank", "/realtime", "/responses", "/responses/*", "/vector_stores",
+    "/vector_stores/*", "/vector_store/list", "/search", "/search/{tool}", "/ocr",
+    "/containers", "/containers/*",
+) + ("/v2/rerank",)
+_ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens", "/v1/skills", "/v1/skills/{skill_id}")
+_GOOGLE = (
+    "/v1beta/models/{model_name:path}:generateContent",
+    "/v1beta/models/{model_name:path}:streamGenerateContent",
+    "/v1beta/models/{model_name:path}:countTokens",
+    "/models/{model_name:path}:generateContent",
+    "/models/{model_name:path}:streamGenerateContent",
+    "/models/{model_name:path}:countTokens",
+    "/interactions", "/interactions/*",
+)
+_PASS_THROUGH = tuple(
+    p for name in ("bedrock", "vertex-ai", "vertex_ai", "cohere", "gemini", "anthropic",
+                   "langfuse", "azure", "azure_ai", "openai_passthrough", "assemblyai",
+                   "eu.assemblyai", "vllm", "mistral", "milvus")
+    for p in (f"/{name}", f"/{name}/*")
+)
+_MCP = ("/mcp", "/mcp/", "/mcp/{subpath}", "/mcp/tools", "/mcp/tools/list", "/mcp/tools/call",
+        "/mcp-rest/tools/list", "/mcp-rest/tools/call", "/v1/mcp/server",
+        "/v1/mcp/server/{path:path}")
+_AGENTS = ("/v1/agents", "/v1/agents/{agent_id}", "/agents", "/a2a/{agent_id}", "/a2a/{agent_id}/*")
+_INFO = (
+    "/key/info", "/key/health", "/v2/key/info", "/key/list", "/team/info", "/team/list",
+    "/v2/team/list", "/team/available", "/organization/list", "/user/info", "/v2/user/info",
+    "/user/filter/ui", "/model/info", "/v1/model/info", "/v2/model/info", "/model_group/info",
+    "/health", "/health/services", "/models", "/v1/models", "/sso/get/ui_settings",
+)
+_KEY_MANAGEMENT = (
+    "/key/generate", "/key/update", "/key/delete", "/key/info", "/key/regenerate",
+    "/key/{key_id}/regenerate", "/key/service-account/generate", "/key/list", "/key/block",
+    "/key/unblock", "/key/bulk_update", "/key/{key_id}/reset_spend", "/key/aliases",
+    "/team/daily/activity", "/spend/logs",
+)
+_MANAGEMENT = (
+    "/user/new", "/user/update", "/user/bulk_update", "/user/delete", "/user/info",
+    "/user/list", "/user/daily/activity", "/user/daily/activity/aggregated",
+    "/team/new", "/team/update", "/team/delete", "/team/list", "/team/info", "/team/block",
+    "/team/unblock", "/team/available", "/team/permissions_list", "/team/permissions_update",
+    "/team/daily/activity", "/v2/team/list", "/model/new", "/model/update", "/model/delete",
+    "/model/info", "/customer/new", "/customer/info", "/customer/update", "/customer/delete",
+    "/customer/block", "/customer/unblock", "/customer/list", "/end_user/new",
+    "/budget/new", "/budget/update", "/budget/info", "/budget/delete", "/budget/list",
+) + _KEY_MANAGEMENT
+_SPEND = ("/spend/keys", "/spend/users", "/spend/teams", "/spend/tags", "/spend/calculate",
+          "/spend/logs", "/spend/logs/ui", "/spend/logs/session/ui", "/cost/estimate")
+_GLOBAL_SPEND = tuple(
+    "/global/spend" + s for s in ("", "/logs", "/keys", "/teams", "/end_users", "/models",
+                                  "/report", "/provider", "/tags", "/all_tag_names")
+) + ("/global/predict/spend/logs",)
+_PUBLIC = ("/", "/routes", "/health/liveliness", "/health/liveness", "/health/readiness",
+           "/test", "/.well-known/litellm-ui-config", "/litellm/.well-known/litellm-ui-config",
+           "/public/model_hub", "/public/agent_hub", "/public/mcp_hub",
+           "/public/litellm_model_cost_map")
+_MASTER_KEY_ONLY = ("/global/spend/reset", "/memory-usage-in-mem-cache",
+                    "/memory-usage-in-mem-cache-items")
+_SELF_MANAGED = (
+    "/team/member_add", "/team/member_delete", "/team/member_update",
+    "/team/permissions_list", "/team/permissions_update", "/team/daily/activity",
+    "/model/new", "/model/update", "/model/delete", "/model/{model_id}/update",
+    "/user/daily/activity", "/user/available_roles", "/user/list", "/prompt/list",
+    "/prompt/info", "/invitation/new", "/invitation/delete",
+)
+_ADMIN_VIEWER = ("/user/list", "/user/available_users", "/user/available_roles",
+                 "/user/daily/activity", "/team/daily/activity", "/tag/daily/activity",
+                 "/tag/list", "/audit", "/audit/{id}", "/global/activity", "/global/activity/*",
+                 ) + _INFO
+_INTERNAL_USER_EXTRA = ("/global/activity", "/global/activity/model",
+                        "/global/activity/cache_hits", "/v1/models/{model_id}",
+                        "/models/{model_id}", "/guardrails/list", "/v2/guardrails/list")
+
+#: Every named route group. Lists may name other groups (resolved by :func:`expand`).
+ROUTE_GROUPS: dict[str, tuple[str, ...]] = {
+    "openai_routes": _OPENAI,
+    "anthropic_routes": _ANTHROPIC,
+    "google_routes": _GOOGLE,
+    "mapped_pass_through_routes": _PASS_THROUGH,
+    "mcp_routes": _MCP,
+    "agent_routes": _AGENTS,
+    "litellm_native_routes": ("/rag/ingest", "/rag/query"),
+    "apply_guardrail_routes": ("/guardrails/apply_guardrail",),
+    "llm_api_routes": ("openai_routes", "anthropic_routes", "google_routes",
+                       "mapped_pass_through_routes", "mcp_routes", "agent_routes",
+                       "litellm_native_routes", "apply_guardrail_routes"),
+    "info_routes": _INFO,
+    "key_management_routes": _KEY_MANAGEMENT,
+    "management_routes": _MANAGEMENT,
+    "spend_tracking_routes": _SPEND,
+    "global_spend_tracking_routes": _GLOBAL_SPEND,
+    "public_routes": _PUBLIC,
+    "master_key_only_routes": _MASTER_KEY_ONLY,
+    "self_managed_routes": _SELF_MANAGED,
+    "admin_viewer_routes": _ADMIN_VIEWER + ("global_spend_tracking_routes",),
+    "internal_user_routes": _INTERNAL_USER_EXTRA + (
+        "spend_tracking_routes", "global_spend_tracking_routes", "key_management_routes"),
+    "internal_user_view_only_routes": ("spend_tracking_routes", "global_spend_tracking_routes"),
+    "org_admin_only_routes": ("/organization/info", "/organization/delete",
+                              "/organization/member_add", "/organization/member_update"),
+    "org_admin_allowed_routes": ("org_admin_only_routes", "management_routes",
+                                 "self_managed_routes", "admin_viewer_routes"),
+}
+_GROUP_PREFIX = "LiteLLMRoutes."
+#: Routes on which the key may arrive as ``?key=`` (Gemini-style).
+_QUERY_KEY_MARKERS = (":generateContent", ":streamGenerateContent", ":countTokens")
+
+
+def group_name(entry: str) -> str | None:
+    """The group an entry names (``openai_routes``, ``LiteLLMRoutes.openai_routes``) or None."""
+    name = entry[len(_GROUP_PREFIX):] if entry.startswith(_GROUP_PREFIX) else entry
+    return name if name in ROUTE_GROUPS else None
+
+
+def expand(entries: Iterable[str]) -> tuple[str, ...]:
+    """Replace group names by their paths, recursively; keep plain paths as they are."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def visit(entry: str) -> None:
+        name = group_name(entry)
+        if name is None:
+            out.append(entry)
+        elif name not in seen:
+            seen.add(name)
+            for child in ROUTE_GROUPS[name]:
+                visit(child)
+
+    for entry in entries:
+        visit(entry)
+    return tuple(dict.fromkeys(out))
+
+
+_PARAM = re.compile(r"\{([^}:]+)(?::([^}]+))?\}")
+
+
+def compile_route_pattern(pattern: str, *, prefix_match: bool = False) -> re.Pattern[str]:
+    """Compile a LiteLLM route pattern.
+
+    ``{param}`` is one path segment, ``{param:path}`` any text, a trailing ``*`` a prefix
+    match. With ``prefix_match`` a plain path also matches its sub-paths at a ``/``
+    boundary (``/foo`` matches ``/foo/bar``, never ``/foo600``), as key ``allowed_routes`` do.
+    """
+    if pattern.endswith("*"):
+        body, tail = pattern[:-1], ".*"
+    else:
+        body, tail = pattern, ("(?:/.*)?" if prefix_match and pattern != "/" else "")
+    regex, pos = "", 0
+    for match in _PARAM.finditer(body):
+        regex += re.escape(body[pos:match.start()])
+        regex += ".+" if match.group(2) == "path" else "[^/]+"
+        pos = match.end()
+    regex += re.escape(body[pos:]).replace(r"\*", "[^/]*")
+    return re.compile(f"^{regex}{tail}$")
+
+
+class RoutePatterns:
+    """A compiled list of route entries (paths, wildcards and group names)."""
+
+    def __init__(self, entries: Iterable[str], *, prefix_match: bool = False) -> None:
+        self.entries = tuple(entries)
+        self._regexes = tuple(compile_route_pattern(p, prefix_match=prefix_match)
+                              for p in expand(self.entries))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def matches(self, route: str) -> bool:
+        return any(regex.match(route) for regex in self._regexes)
+
+
+_GROUP_PATTERNS = {name: RoutePatterns((name,)) for name in ROUTE_GROUPS}
+
+
+def rule_template(rule: Rule) -> str:
+    """``/v1/engines/<string:model>/x`` -> ``/v1/engines/{model}/x`` (``path`` kept)."""
+    def replace(match: re.Match[str]) -> str:
+        converter, name = match.group(1), match.group(2)
+        return f"{{{name}:path}}" if converter == "path" else f"{{{name}}}"
+
+    return re.sub(r"<(?:([a-zA-Z_]+)(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>", replace, rule.rule)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """What the policy needs to know about one URL rule (computed once per rule)."""
+
+    route: str
+    endpoint: str
+    groups: frozenset[str]
+    public: bool = False
+    #: Roles named by ``@require_role`` on the view (they replace the role table).
+    required_roles: frozenset[str] | None = None
+    #: The view argument that names the model (Gemini-style routes), if any.
+    model_arg: str | None = None
+
+    @property
+    def is_llm(self) -> bool:
+        return "llm_api_routes" in self.groups
+
+    @property
+    def query_key_allowed(self) -> bool:
+        return self.route.endswith(_QUERY_KEY_MARKERS)
+
+    def in_group(self, name: str) -> bool:
+        return name in self.groups
+
+
+def classify(route: str, declared: Iterable[str] = ()) -> frozenset[str]:
+    """Every group whose paths match ``route``, plus declared groups and their parents."""
+    found = {name for name, patterns in _GROUP_PATTERNS.items() if patterns.matches(route)}
+    pending = []
+    for entry in declared:
+        name = group_name(entry)
+        if name is None:
+            raise ValueError(f"unknown route group {entry!r}")
+        pending.append(name)
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending += [parent for parent, members in ROUTE_GROUPS.items() if name in members]
+    return frozenset(found)
+
+
+#: View-function attributes set by the decorators (read when a rule is first classified).
+ATTR_EXEMPT = "_llmauth_exempt"
+ATTR_ROLES = "_llmauth_roles"
+ATTR_GROUPS = "_llmauth_groups"
+_MODEL_ARGS = ("model_name", "model", "deployment_id")
+
+
+class RouteTable:
+    """Classifies each URL rule once (by the rule object) and keeps the answer."""
+
+    def __init__(self, public: RoutePatterns, explicit: Mapping[str, str],
+                 exempt_blueprints: Iterable[str] = ()) -> None:
+        self.public = public
+        self.explicit = explicit
+        self.exempt_blueprints = frozenset(exempt_blueprints)
+        self._infos: dict[int, tuple[Rule, RouteInfo]] = {}
+
+    def info(self, rule: Rule, view: Any) -> RouteInfo:
+        cached = self._infos.get(id(rule))
+        if cached is not None and cached[0] is rule:
+            return cached[1]
+        info = self._classify(rule, view)
+        self._infos[id(rule)] = (rule, info)
+        return info
+
+    def _classify(self, rule: Rule, view: Any) -> RouteInfo:
+        endpoint = rule.endpoint
+        route = self.explicit.get(endpoint) or rule_template(rule)
+        groups = classify(route, getattr(view, ATTR_GROUPS, ()))
+        blueprint = endpoint.rpartition(".")[0]
+        public = (
+            endpoint == "static" or endpoint.endswith(".static")
+            or bool(getattr(view, ATTR_EXEMPT, False))
+            or blueprint in self.exempt_blueprints
+            or (endpoint not in self.explicit and self.public.matches(route))
+        )
+        roles = getattr(view, ATTR_ROLES, None)
+        model_arg = next((a for a in _MODEL_ARGS if a in rule.arguments), None)
+        return RouteInfo(route=route, endpoint=endpoint, groups=groups, public=public,
+                         required_roles=frozenset(roles) if roles is not None else None,
+                         model_arg=model_arg if "llm_api_routes" in groups else None)

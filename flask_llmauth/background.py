@@ -1,0 +1,91 @@
+"""One daemon thread per app and process for periodic work (cache sync, batched writes).
+
+It starts lazily on the first request of each process (so it survives a pre-fork server's
+fork) and runs every task one last time at interpreter exit, so batched writes are not lost
+on a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("flask_llmauth")
+
+
+@dataclass
+class _Task:
+    name: str
+    interval: float
+    run: Callable[[], object]
+    due: float = 0.0
+
+
+class Background:
+    def __init__(self) -> None:
+        self._tasks: list[_Task] = []
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (obj := ref()) is not None and obj.stop())
+
+    def every(self, interval: float, name: str, run: Callable[[], object]) -> None:
+        """Run ``run`` every ``interval`` seconds (and once more at shutdown)."""
+        self._tasks.append(_Task(name, interval, run, time.monotonic() + interval))
+
+    def ensure_started(self) -> None:
+        if self._pid == os.getpid() or not self._tasks:
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=_loop, args=(weakref.ref(self), self._stop), name="llmauth-background",
+                daemon=True,
+            )
+            self._pid = os.getpid()
+            self._thread.start()
+
+    def run_all(self) -> None:
+        """Run every task now (tests, shutdown)."""
+        for task in self._tasks:
+            _run(task)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+        self._pid = None
+        self.run_all()
+
+
+def _run(task: _Task) -> None:
+    try:
+        task.run()
+    except Exception:
+        log.exception("llmauth: background task %s failed", task.name)
+
+
+def _loop(ref: weakref.ref[Background], stop: threading.Event) -> None:
+    while not stop.is_set():
+        owner = ref()
+        if owner is None:
+            return
+        now = time.monotonic()
+        for task in owner._tasks:
+            if task.due <= now:
+                task.due = now + task.interval
+                _run(task)
+        wait = min((t.due for t in owner._tasks), default=now + 1.0) - time.monotonic()
+        del owner
+        stop.wait(max(0.01, min(wait, 1.0)))

@@ -1,0 +1,204 @@
+"""``flask llmauth ...``: the same services the API uses, run as the proxy admin."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from flask.cli import with_appcontext
+
+from .durations import parse_duration
+from .errors import LLMAuthError
+from .extension import state
+from .keys import KeyService
+from .money import to_units
+from .principal import Principal, Role
+from .teams import TeamService
+from .users import UserService
+
+
+def _actor() -> Principal:
+    return Principal(method="cli", role=Role.PROXY_ADMIN,
+                     user_id=state().settings.proxy_admin_name, key_name="cli")
+
+
+def _service_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run inside the app context; turn service errors into clean CLI errors."""
+    @wraps(func)
+    @with_appcontext
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LLMAuthError as exc:
+            raise click.ClickException(exc.message) from None
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _echo_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str))
+
+
+@click.group(help="Manage flask_llmauth keys, users, teams and the database.")
+def llmauth_cli() -> None:
+    pass
+
+
+@llmauth_cli.command("init-db", help="Create or upgrade the database tables.")
+@_service_command
+def init_db() -> None:
+    applied = state().store.migrate()
+    click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied
+                                                         else "; the database is up to date"))
+
+
+@llmauth_cli.group("db", help="Database migrations.")
+def db_group() -> None:
+    pass
+
+
+@db_group.command("upgrade", help="Apply pending migrations.")
+@_service_command
+def db_upgrade() -> None:
+    applied = state().store.migrate()
+    click.echo(f"applied {len(applied)} migration(s)")
+
+
+@db_group.command("status", help="List migrations and whether each is applied.")
+@_service_command
+def db_status() -> None:
+    for name, applied in state().store.migration_status():
+        click.echo(f"{'applied' if applied else 'pending'}  {name}")
+
+
+@llmauth_cli.command("create-key", help="Create a virtual key and print it (shown once).")
+@click.option("--user-id")
+@click.option("--team-id")
+@click.option("--alias", "key_alias")
+@click.option("--models", help="Comma-separated model names (default: all).")
+@click.option("--duration", help="Expiry, e.g. 30d.")
+@click.option("--max-budget", type=float)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole response as JSON.")
+@_service_command
+def create_key(user_id: str | None, team_id: str | None, key_alias: str | None,
+               models: str | None, duration: str | None, max_budget: float | None,
+               as_json: bool) -> None:
+    params: dict[str, Any] = {}
+    for name, value in (("user_id", user_id), ("team_id", team_id), ("key_alias", key_alias),
+                        ("models", _csv(models))):
+        if value is not None:
+            params[name] = value
+    if duration is not None:
+        params["duration"] = parse_duration(duration)
+    if max_budget is not None:
+        params["max_budget"] = to_units(max_budget)
+    result = KeyService(state()).generate(_actor(), params)
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(result["key"])
+        click.echo(f"key_id: {result['key_id']}  (the key is shown only once)", err=True)
+
+
+@llmauth_cli.command("list-keys", help="List keys (never their secrets).")
+@click.option("--user-id")
+@click.option("--team-id")
+@click.option("--deleted", is_flag=True, help="List deleted keys instead.")
+@_service_command
+def list_keys(user_id: str | None, team_id: str | None, deleted: bool) -> None:
+    query: dict[str, Any] = {"page": 1, "size": 100, "sort_by": "created_at",
+                             "sort_order": "desc", "return_full_object": True,
+                             "user_id": user_id, "team_id": team_id}
+    if deleted:
+        query["status"] = "deleted"
+    service = KeyService(state())
+    page = 1
+    while True:
+        result = service.list(_actor(), {**query, "page": page})
+        for key in result["keys"]:
+            flags = " blocked" if key.get("blocked") else ""
+            click.echo(f"{key['key_id']}  {key['key_name']}  alias={key.get('key_alias')}  "
+                       f"user={key.get('user_id')}  team={key.get('team_id')}  "
+                       f"expires={key.get('expires')}{flags}")
+        if page >= result["total_pages"]:
+            break
+        page += 1
+
+
+@llmauth_cli.command("rotate-key", help="Rotate a key's secret; print the new one (shown once).")
+@click.argument("key_id")
+@click.option("--grace-period", help="Keep the old secret working this long, e.g. 24h.")
+@_service_command
+def rotate_key(key_id: str, grace_period: str | None) -> None:
+    params: dict[str, Any] = {}
+    if grace_period is not None:
+        params["grace_period"] = parse_duration(grace_period)
+    result = KeyService(state()).regenerate(_actor(), key_id, params)
+    click.echo(result["key"])
+    ends = result.get("grace_period_ends_at")
+    click.echo(f"key_id: {result['key_id']}" + (f"  old secret works until {ends}" if ends
+                                                 else "  old secret revoked"), err=True)
+
+
+@llmauth_cli.command("revoke-key", help="Delete (revoke) keys by key_id.")
+@click.argument("key_ids", nargs=-1, required=True)
+@_service_command
+def revoke_key(key_ids: tuple[str, ...]) -> None:
+    for key_id in KeyService(state()).delete(_actor(), list(key_ids)):
+        click.echo(f"revoked {key_id}")
+
+
+@llmauth_cli.command("create-user", help="Create an internal user (no key is created).")
+@click.argument("user_id")
+@click.option("--email")
+@click.option("--role", default="internal_user", show_default=True)
+@click.option("--models")
+@click.option("--max-budget", type=float)
+@_service_command
+def create_user(user_id: str, email: str | None, role: str, models: str | None,
+                max_budget: float | None) -> None:
+    params: dict[str, Any] = {"user_id": user_id, "user_role": Role.parse(role),
+                              "auto_create_key": False}
+    if email is not None:
+        params["user_email"] = email
+    if models is not None:
+        params["models"] = _csv(models)
+    if max_budget is not None:
+        params["max_budget"] = to_units(max_budget)
+    _echo_json(UserService(state()).create(_actor(), params))
+
+
+@llmauth_cli.command("create-team", help="Create a team.")
+@click.argument("team_id")
+@click.option("--alias", "team_alias")
+@click.option("--models")
+@click.option("--max-budget", type=float)
+@click.option("--admin", "admins", multiple=True, help="user_id of a team admin (repeatable).")
+@_service_command
+def create_team(team_id: str, team_alias: str | None, models: str | None,
+                max_budget: float | None, admins: tuple[str, ...]) -> None:
+    params: dict[str, Any] = {"team_id": team_id}
+    if team_alias is not None:
+        params["team_alias"] = team_alias
+    if models is not None:
+        params["models"] = _csv(models)
+    if max_budget is not None:
+        params["max_budget"] = to_units(max_budget)
+    if admins:
+        params["members_with_roles"] = [{"user_id": a, "role": "admin"} for a in admins]
+    _echo_json(TeamService(state()).create(_actor(), params))
+
+
+@llmauth_cli.command("show-config", help="Print the effective settings (secrets masked).")
+@_service_command
+def show_config() -> None:
+    _echo_json(state().settings.masked())

@@ -1,0 +1,481 @@
+"""Every setting of the extension, in one table.
+
+Each field of :class:`Settings` is one ``LLMAUTH_<NAME>`` Flask config key. Its metadata
+names the LiteLLM YAML paths and environment variables that also set it, whether it is a
+secret (masked by ``show-config``), and its documentation row (``docs/configuration.md``
+is generated from this table by ``python docs/generate.py``).
+
+Precedence: constructor argument > Flask config > YAML (``LLMAUTH_CONFIG_FILE``) >
+secret loader (secrets only) > environment > default. Invalid values raise
+:class:`~flask_llmauth.errors.ConfigurationError` at ``init_app``, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .durations import Duration, parse_duration
+from .errors import ConfigurationError
+from .network import parse_networks
+
+log = logging.getLogger("flask_llmauth")
+
+PREFIX = "LLMAUTH_"
+SecretLoader = Callable[[str], "str | None"]
+Parser = Callable[[Any], Any]
+
+
+# -- value parsers: each takes a raw value (YAML/env/config) and returns the typed value ---------
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off", ""}:
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError("must be a boolean")
+
+
+def _number(kind: type, minimum: float | None = None) -> Parser:
+    def parse(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
+        if minimum is not None and number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+
+    return parse
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            value = json.loads(stripped)
+        else:
+            return tuple(part.strip() for part in stripped.split(",") if part.strip())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings (or a comma-separated string)")
+    return tuple(value)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping")
+    return dict(value)
+
+
+def _list_of_mappings(value: Any) -> tuple[dict[str, Any], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
+        raise ValueError("must be a list of mappings")
+    return tuple(dict(v) for v in value)
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return parse_networks(_str_list(value))
+
+
+def _optional_networks(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else _networks(value)
+
+
+def _duration(value: Any) -> Duration | None:
+    if value is None or value == "":
+        return None
+    return parse_duration(value)
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+def setting(
+    default: Any,
+    parse: Parser,
+    doc: str,
+    *,
+    yaml: tuple[str, ...] = (),
+    env: tuple[str, ...] = (),
+    secret: bool = False,
+) -> Any:
+    """Declare one setting (a dataclass field carrying its parser and provenance)."""
+    meta = {"parse": parse, "doc": doc, "yaml": yaml, "env": env, "secret": secret}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples or factories for mutable defaults")
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_AUTH_ORDER = ("custom", "oauth2_proxy", "jwt", "oauth2", "master_key", "virtual_key")
+DEFAULT_PUBLIC_ROUTES = ("/health/liveliness", "/health/liveness", "/health/readiness")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one app (``app.extensions["llmauth"].settings``)."""
+
+    # -- core ---------------------------------------------------------------------------------
+    config_file: str | None = setting(
+        None, _str, "Path of a LiteLLM-style YAML file whose `general_settings` are read.",
+    )
+    master_key: str | None = setting(
+        None, _str, "The admin credential (proxy_admin). At least 32 characters.",
+        yaml=("general_settings.master_key",), env=("LITELLM_MASTER_KEY",), secret=True,
+    )
+    insecure_dev_mode: bool = setting(
+        False, _bool,
+        "Allow a missing or weak master key (development only; logs a loud warning).",
+        yaml=("general_settings.dangerously_permit_weak_or_unset_master_key",),
+        env=("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",),
+    )
+    salt_key: str | None = setting(
+        None, _str,
+        "Server secret from which key-hash and other per-purpose secrets are derived (HKDF). "
+        "Defaults to the master key; set it so the master key can be rotated without "
+        "invalidating every virtual key.",
+        env=("LITELLM_SALT_KEY",), secret=True,
+    )
+    proxy_admin_name: str = setting(
+        "default_user_id", _str, "`user_id` of master-key requests (LiteLLM's admin name).",
+        yaml=("general_settings.litellm_proxy_admin_name",),
+    )
+    master_key_alias: str = setting(
+        "litellm-proxy-master-key", _str,
+        "Name recorded in logs, audit and spend rows instead of the master key.",
+        env=("LITELLM_PROXY_MASTER_KEY_ALIAS",),
+    )
+
+    # -- storage ------------------------------------------------------------------------------
+    database_url: str | None = setting(
+        None, _str,
+        "Peewee database URL (`postgresql://...`, `sqlite:///path`). Default: SQLite file "
+        "`llmauth.db` in the app's instance folder.",
+        yaml=("general_settings.database_url",), env=("DATABASE_URL",), secret=True,
+    )
+    auto_migrate: bool = setting(
+        True, _bool, "Apply pending database migrations at `init_app`.",
+    )
+    redis_url: str | None = setting(
+        None, _str,
+        "Redis URL for shared counters, rate limits and cross-process cache invalidation.",
+        env=("REDIS_URL",), secret=True,
+    )
+
+    # -- credentials and the chain ------------------------------------------------------------
+    auth_order: tuple[str, ...] = setting(
+        DEFAULT_AUTH_ORDER, _str_list,
+        "Order in which enabled authenticators run; the first decisive one wins.",
+    )
+    key_header_name: str | None = setting(
+        None, _str, "Extra header that carries the key (replaces the standard headers).",
+        yaml=("general_settings.litellm_key_header_name",),
+    )
+    max_credential_length: int = setting(
+        8192, _number(int, 64), "Credentials longer than this are refused (401) unparsed.",
+    )
+    public_routes: tuple[str, ...] = setting(
+        DEFAULT_PUBLIC_ROUTES, _str_list,
+        "Routes that need no credential: paths, `/prefix/*` wildcards or route-group names.",
+        yaml=("general_settings.public_routes",),
+    )
+    trusted_proxy_ranges: tuple[Any, ...] = setting(
+        (), _networks,
+        "CIDRs of reverse proxies whose `X-Forwarded-For` (and identity headers) are trusted.",
+        yaml=("general_settings.trusted_proxy_ranges",),
+    )
+
+    # -- authorization ------------------------------------------------------------------------
+    allowed_routes: tuple[str, ...] = setting(
+        (), _str_list, "Deployment-wide route allow-list (empty: no restriction).",
+        yaml=("general_settings.allowed_routes",),
+    )
+    admin_only_routes: tuple[str, ...] = setting(
+        (), _str_list, "Routes only proxy admins may call.",
+        yaml=("general_settings.admin_only_routes",),
+    )
+    allowed_ips: tuple[Any, ...] | None = setting(
+        None, _optional_networks, "Client IP allow-list for every request (403 otherwise).",
+        yaml=("general_settings.allowed_ips",),
+    )
+    model_access_groups: dict[str, Any] = setting(
+        None, _mapping,
+        "Access groups: `{group: [model, ...]}`; also read from `model_list[].model_info`.",
+    )
+    model_alias_map: dict[str, Any] = setting(
+        None, _mapping, "Global model aliases `{alias: model}`.",
+        yaml=("litellm_settings.model_alias_map", "router_settings.model_group_alias"),
+    )
+    model_list: tuple[dict[str, Any], ...] = setting(
+        (), _list_of_mappings, "LiteLLM `model_list` (model names and access groups).",
+        yaml=("model_list",),
+    )
+    default_team_member_permissions: tuple[str, ...] = setting(
+        ("/key/info", "/key/health"), _str_list,
+        "Key-management routes plain team members may call on their team's keys.",
+    )
+
+    # -- keys and cache -----------------------------------------------------------------------
+    key_entropy_bytes: int = setting(
+        32, _number(int, 24), "Random bytes in a generated key (`sk-` + url-safe base64).",
+        env=("LENGTH_OF_LITELLM_GENERATED_KEY",),
+    )
+    key_rotation_grace_period: Duration | None = setting(
+        None, _duration, "Default `grace_period` of `/key/regenerate` (old secret keeps working).",
+        env=("LITELLM_KEY_ROTATION_GRACE_PERIOD",),
+    )
+    cache_ttl: float = setting(
+        60.0, _number(float, 0), "Seconds a looked-up key stays in the in-process cache.",
+        yaml=("general_settings.user_api_key_cache_ttl",),
+    )
+    cache_max_size: int = setting(
+        100_000, _number(int, 1), "Entries kept in the in-process key cache.",
+        yaml=("general_settings.user_api_key_cache_max_size",),
+    )
+    negative_cache_ttl: float = setting(
+        5.0, _number(float, 0), "Seconds an unknown key is remembered as unknown.",
+    )
+    cache_sync_interval: float = setting(
+        1.0, _number(float, 0.05),
+        "Seconds between polls of the invalidation log (other processes' key changes).",
+    )
+    last_used_flush_interval: float = setting(
+        30.0, _number(float, 0.05), "Seconds between batched writes of `last_used_at`.",
+    )
+    store_audit_logs: bool = setting(
+        True, _bool, "Write an audit row for every key, user and team change.",
+        yaml=("litellm_settings.store_audit_logs",), env=("LITELLM_STORE_AUDIT_LOGS",),
+    )
+
+    # -- management API -----------------------------------------------------------------------
+    api_enabled: bool = setting(True, _bool, "Register the management JSON API blueprint.")
+    api_prefix: str = setting(
+        "", _str, "URL prefix of the management API (LiteLLM paths such as `/key/generate`).",
+    )
+    cli_name: str = setting("llmauth", _str, "Name of the `flask` CLI group.")
+
+    # -- behaviour ----------------------------------------------------------------------------
+
+    @classmethod
+    def table(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return dataclasses.fields(cls)
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting as ``LLMAUTH_NAME -> value`` with secrets masked (for show-config)."""
+        out: dict[str, Any] = {}
+        for f in self.table():
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = mask_secret(str(value))
+            out[PREFIX + f.name.upper()] = _jsonable(value)
+        return out
+
+
+def mask_secret(value: str) -> str:
+    """Show that a secret is set without revealing it (`sk-...abcd` style, or `****`)."""
+    if "://" in value:
+        scheme, _, rest = value.partition("://")
+        host = rest.rsplit("@", 1)[-1]
+        return f"{scheme}://****@{host}" if "@" in rest else f"{scheme}://{rest}"
+    if len(value) >= 16:
+        return f"{value[:3]}...{value[-4:]}"
+    return "****"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Duration):
+        return value.text
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(value)
+    return value
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_BY_KEY = {PREFIX + name.upper(): name for name in _FIELDS}
+#: Flask config keys under our prefix that belong to the test harness, not to the extension.
+_IGNORED_KEYS = ("LLMAUTH_TEST_",)
+_MISSING = object()
+
+
+def load_settings(
+    config: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    secret_loader: SecretLoader | None = None,
+) -> Settings:
+    """Resolve every setting for one app and validate it."""
+    overrides = dict(overrides or {})
+    environ = os.environ if environ is None else environ
+    unknown = [name for name in overrides if name not in _FIELDS]
+    if unknown:
+        raise ConfigurationError(f"LLMAuth() got unknown option(s): {', '.join(sorted(unknown))}")
+    for key in config:
+        if key.startswith(PREFIX) and key not in _BY_KEY and not key.startswith(_IGNORED_KEYS):
+            close = difflib.get_close_matches(key, _BY_KEY, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigurationError(f"{key}: unknown setting{hint}")
+
+    yaml_doc = _read_yaml(overrides.get("config_file") or config.get(PREFIX + "CONFIG_FILE"))
+    values: dict[str, Any] = {}
+    for name, f in _FIELDS.items():
+        key = PREFIX + name.upper()
+        raw, source = _lookup(name, f, key, config, overrides, yaml_doc, environ, secret_loader)
+        if raw is _MISSING:
+            values[name] = f.default if f.default is not None else f.metadata["parse"](None)
+            continue
+        try:
+            values[name] = f.metadata["parse"](raw)
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"{key} (from {source}): {exc}") from None
+    if yaml_doc:
+        _warn_unknown_general_settings(yaml_doc)
+    return Settings(**values)
+
+
+def _lookup(
+    name: str,
+    f: dataclasses.Field[Any],
+    key: str,
+    config: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    yaml_doc: Mapping[str, Any],
+    environ: Mapping[str, str],
+    secret_loader: SecretLoader | None,
+) -> tuple[Any, str]:
+    if name in overrides:
+        return overrides[name], f"LLMAuth({name}=...)"
+    if key in config:
+        return config[key], key
+    for path in f.metadata["yaml"]:
+        value = _dig(yaml_doc, path)
+        if value is not _MISSING:
+            return _resolve_env_refs(value, environ, path), f"YAML {path}"
+    if f.metadata["secret"] and secret_loader is not None:
+        value = secret_loader(key)
+        if value is not None:
+            return value, "secret loader"
+    for env_name in f.metadata["env"]:
+        if environ.get(env_name) not in (None, ""):
+            return environ[env_name], f"environment {env_name}"
+    return _MISSING, "default"
+
+
+def _dig(doc: Mapping[str, Any], path: str) -> Any:
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _resolve_env_refs(value: Any, environ: Mapping[str, str], path: str) -> Any:
+    """Replace LiteLLM's ``os.environ/NAME`` references with the environment's values."""
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        env_name = value[len("os.environ/"):]
+        if env_name not in environ:
+            raise ConfigurationError(f"YAML {path}: environment variable {env_name} is not set")
+        return environ[env_name]
+    if isinstance(value, list):
+        return [_resolve_env_refs(v, environ, path) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_env_refs(v, environ, f"{path}.{k}") for k, v in value.items()}
+    return value
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigurationError(
+            f"LLMAUTH_CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(
+            f"LLMAUTH_CONFIG_FILE: {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"LLMAUTH_CONFIG_FILE: {path!r} must hold a mapping")
+    return doc
+
+
+def _known_general_settings() -> set[str]:
+    known = set()
+    for f in _FIELDS.values():
+        for path in f.metadata["yaml"]:
+            parts = path.split(".")
+            if parts[0] == "general_settings" and len(parts) > 1:
+                known.add(parts[1])
+    return known
+
+
+def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
+    general = doc.get("general_settings") or {}
+    if not isinstance(general, Mapping):
+        raise ConfigurationError("LLMAUTH_CONFIG_FILE: general_settings must be a mapping")
+    ignored = sorted(set(general) - _known_general_settings())
+    if ignored:
+        log.info("llmauth: general_settings keys not used by flask_llmauth: %s", ignored)
+
+
+def documentation_table() -> str:
+    """The Markdown configuration table (docs/configuration.md is generated from it)."""
+    rows = [
+        "| Flask config key | default | LiteLLM YAML | environment | description |",
+        "|---|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(Settings):
+        default = _jsonable(f.default)
+        shown = "—" if default in (None, (), [], "") else f"`{json.dumps(default)}`"
+        yaml_paths = ", ".join(f"`{p}`" for p in f.metadata["yaml"]) or "—"
+        env = ", ".join(f"`{e}`" for e in f.metadata["env"]) or "—"
+        doc = f.metadata["doc"] + (" *(secret)*" if f.metadata["secret"] else "")
+        rows.append(f"| `{PREFIX}{f.name.upper()}` | {shown} | {yaml_paths} | {env} | {doc} |")
+    return "\n".join(rows) + "\n"

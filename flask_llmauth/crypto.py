@@ -1,0 +1,58 @@
+"""Secrets: per-purpose key derivation, key generation and keyed key digests."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_PREFIX = "sk-"
+#: Purposes of derived secrets. A value made for one purpose is useless for another.
+PURPOSE_KEY_DIGEST = "virtual-key-digest"
+PURPOSE_SESSION = "dashboard-session"
+PURPOSE_CSRF = "dashboard-csrf"
+
+
+def derive_secret(server_secret: str, purpose: str) -> bytes:
+    """Derive a 32-byte secret for one purpose from the server secret (HKDF-SHA256)."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=b"flask_llmauth",
+        info=f"flask_llmauth/{purpose}".encode(),
+    )
+    return hkdf.derive(server_secret.encode())
+
+
+def generate_key(entropy_bytes: int = 32) -> str:
+    """A new virtual key: ``sk-`` + url-safe base64 of ``entropy_bytes`` CSPRNG bytes."""
+    return KEY_PREFIX + secrets.token_urlsafe(entropy_bytes)
+
+
+def abbreviate(raw_key: str) -> str:
+    """The printable form LiteLLM calls ``key_name``: ``sk-...abcd``."""
+    return f"{KEY_PREFIX}...{raw_key[-4:]}"
+
+
+def fingerprint(token: str) -> str:
+    """SHA-256 of a whole bearer token: the cache key for JWT, userinfo and introspection."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class KeyDigester:
+    """HMAC-SHA256 of virtual keys under a derived secret; the digest is stored, never the key."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, server_secret: str) -> None:
+        self._secret = derive_secret(server_secret, PURPOSE_KEY_DIGEST)
+
+    def digest(self, raw_key: str) -> str:
+        return hmac.digest(self._secret, raw_key.encode("utf-8", "surrogatepass"), "sha256").hex()
+
+
+def constant_time_equals(a: str, b: str) -> bool:
+    """Compare two secrets without leaking where they differ."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"),
+                               b.encode("utf-8", "surrogatepass"))

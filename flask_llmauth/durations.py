@@ -1,0 +1,68 @@
+"""LiteLLM duration strings: ``30s``, ``10m``, ``24h``/``24hr``, ``7d``, ``1w``, ``1mo``."""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+_PATTERN = re.compile(r"^\s*(\d{1,6})\s*(s|sec|m|min|h|hr|d|w|mo)\s*$")
+_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400, "w": 604800}
+_MAX_SECONDS = 100 * 366 * 86400
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A parsed duration; months are kept apart because they have no fixed length."""
+
+    text: str
+    seconds: int = 0
+    months: int = 0
+
+    def after(self, start: datetime) -> datetime:
+        """The instant this duration after ``start`` (month steps clamp to the month's end)."""
+        if not self.months:
+            return start + timedelta(seconds=self.seconds)
+        month_index = start.month - 1 + self.months
+        year, month = start.year + month_index // 12, month_index % 12 + 1
+        day = min(start.day, calendar.monthrange(year, month)[1])
+        return start.replace(year=year, month=month, day=day)
+
+    @property
+    def approx_seconds(self) -> int:
+        return self.seconds + self.months * 30 * 86400
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a duration string; raise ``ValueError`` with a readable message otherwise."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("must be a duration string such as '30s', '10m', '24h', '30d' or '1mo'")
+    match = _PATTERN.match(value)
+    if not match:
+        raise ValueError(
+            f"invalid duration {value[:32]!r}; use a number followed by s, m, h, d, w or mo"
+        )
+    amount, unit = int(match.group(1)), match.group(2)
+    if amount <= 0:
+        raise ValueError("duration must be greater than zero")
+    if unit == "mo":
+        if amount > 1200:
+            raise ValueError("duration is too long")
+        return Duration(value.strip(), months=amount)
+    seconds = amount * _SECONDS[unit]
+    if seconds > _MAX_SECONDS:
+        raise ValueError("duration is too long")
+    return Duration(value.strip(), seconds=seconds)
+
+
+def utcnow() -> datetime:
+    """The current time as a naive UTC datetime (how every timestamp is stored)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """Render a stored naive-UTC timestamp the way LiteLLM's API does (ISO 8601, UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc).isoformat()

@@ -1,0 +1,287 @@
+"""The :class:`LLMAuth` extension: ``init_app`` wiring and the callback decorators.
+
+One ``before_request`` hook runs for every routed request: classify the rule → read the
+credential → run the authenticator chain → authorize. The principal lands on ``g`` and
+:data:`~flask_llmauth.current_principal` reads it. Per-app state lives in
+``app.extensions["llmauth"]``; the extension object keeps no app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+
+from .authn.base import AuthContext, Authenticator, Chain
+from .authn.master_key import MasterKeyAuthenticator
+from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
+from .authz.models import ModelAccess
+from .authz.policy import Policy
+from .authz.routes import ATTR_EXEMPT, ATTR_GROUPS, RoutePatterns, RouteTable, group_name
+from .background import Background
+from .cache import Invalidator, TTLCache
+from .config import Settings, load_settings
+from .credentials import read_credentials
+from .crypto import KEY_PREFIX, KeyDigester
+from .errors import ConfigurationError, LLMAuthError, Unauthenticated, error_response
+from .keys import LastUsedRecorder
+from .network import client_ip
+from .principal import Principal, get_principal
+from .signals import auth_failed, auth_succeeded
+from .store.db import Store
+from .sync import InvalidationLog
+
+log = logging.getLogger("flask_llmauth")
+F = TypeVar("F", bound=Callable[..., Any])
+ErrorCallback = Callable[[LLMAuthError], Response]
+#: Master keys LiteLLM's docs use as examples; never acceptable outside dev mode.
+_WEAK_MASTER_KEYS = frozenset({"sk-1234", "sk-12345", "sk-123456", "sk-master", "changeme"})
+MIN_MASTER_KEY_LENGTH = 32
+
+
+def state() -> LLMAuthState:
+    """The current app's extension state."""
+    return current_app.extensions["llmauth"]  # type: ignore[no-any-return]
+
+
+def require_principal() -> Principal:
+    """The current principal; 401 when there is none (a public route, say)."""
+    principal = get_principal()
+    if principal is None:
+        raise Unauthenticated("Authentication Error, No api key passed in.",
+                              reason="no_principal")
+    return principal
+
+
+def _check_master_key(settings: Settings) -> None:
+    key = settings.master_key
+    problem = None
+    if not key:
+        problem = "no master key is configured"
+    elif key in _WEAK_MASTER_KEYS or len(key) < MIN_MASTER_KEY_LENGTH:
+        problem = f"the master key is weak (use at least {MIN_MASTER_KEY_LENGTH} random characters)"
+    if problem is None:
+        return
+    if not settings.insecure_dev_mode:
+        raise ConfigurationError(
+            f"LLMAUTH_MASTER_KEY: {problem}. Set a strong LLMAUTH_MASTER_KEY (or "
+            "LITELLM_MASTER_KEY), or set LLMAUTH_INSECURE_DEV_MODE=True for development only."
+        )
+    log.warning("llmauth: INSECURE DEV MODE: %s. Never run this in production.", problem)
+
+
+class LLMAuthState:
+    """Everything one app's extension needs at request time."""
+
+    def __init__(self, ext: LLMAuth, app: Flask, settings: Settings) -> None:
+        self.ext = ext
+        self.settings = settings
+        url = settings.database_url
+        if url is None:
+            os.makedirs(app.instance_path, exist_ok=True)
+            url = "sqlite:///" + os.path.join(app.instance_path, "llmauth.db")
+        self.store = Store(url)
+        if settings.auto_migrate:
+            self.store.migrate()
+        server_secret = settings.salt_key or settings.master_key
+        if settings.salt_key is not None and len(settings.salt_key) < MIN_MASTER_KEY_LENGTH:
+            raise ConfigurationError(
+                f"LLMAUTH_SALT_KEY: must be at least {MIN_MASTER_KEY_LENGTH} characters")
+        if server_secret is None:
+            log.warning("llmauth: no master key and no salt key: virtual keys will not "
+                        "survive a restart (dev mode)")
+            server_secret = secrets.token_urlsafe(32)
+        self.digester = KeyDigester(server_secret)
+        self.key_cache: TTLCache[CachedKey] = TTLCache(settings.cache_max_size)
+        self.negative_cache: TTLCache[bool] = TTLCache(10_000)
+        self.invalidate = Invalidator([self.key_cache, self.negative_cache])
+        self.invalidation_log = InvalidationLog(self.store, self.invalidate)
+        self.invalidate.add_publisher(self.invalidation_log.publish)
+        self.models = ModelAccess(settings.model_access_groups, settings.model_alias_map,
+                                  settings.model_list)
+        self.policy = Policy(settings, self.models)
+        self.last_used = LastUsedRecorder()
+        self.background = Background()
+        self.background.every(settings.cache_sync_interval, "cache-sync",
+                              self.invalidation_log.poll)
+        self.background.every(settings.last_used_flush_interval, "last-used",
+                              lambda: self.last_used.flush(self))
+        from .api import API_ROUTES
+
+        public = RoutePatterns(settings.public_routes)
+        self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
+        self.authenticators = self._build_authenticators(ext)
+        self.chain = Chain([self.authenticators[name] for name in settings.auth_order
+                            if name in self.authenticators])
+
+    def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
+        settings = self.settings
+        unknown = [n for n in settings.auth_order if n not in AUTHENTICATOR_FACTORIES]
+        if unknown:
+            raise ConfigurationError(f"LLMAUTH_AUTH_ORDER: unknown authenticator(s) {unknown}")
+        built: dict[str, Authenticator] = {}
+        for name, factory in AUTHENTICATOR_FACTORIES.items():
+            authenticator = factory(self, ext)
+            if authenticator is not None:
+                built[name] = authenticator
+        return built
+
+    def virtual_key_authenticator(self) -> VirtualKeyAuthenticator:
+        return self.authenticators["virtual_key"]  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop background work, flush batched writes and close the database."""
+        self.background.stop()
+        self.store.close()
+
+    # -- the request hook -----------------------------------------------------------------------
+
+    def before_request(self) -> Response | None:
+        rule = request.url_rule
+        if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
+            return None
+        info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
+        if info.public:
+            return None
+        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+            return None
+        self.background.ensure_started()
+        settings = self.settings
+        credentials = None
+        try:
+            credentials = read_credentials(
+                request, max_length=settings.max_credential_length,
+                custom_header=settings.key_header_name,
+                query_key_allowed=info.query_key_allowed,
+            )
+            principal = self.chain.authenticate(AuthContext(request, credentials, info))
+            self.policy.authorize(principal, info, request)
+        except LLMAuthError as error:
+            self._log_failure(error, info.route, credentials)
+            return self.ext._error_callback(error)
+        g._llmauth_principal = principal
+        if auth_succeeded.receivers:
+            auth_succeeded.send(current_app._get_current_object(), principal=principal)
+        return None
+
+    def handle_error(self, error: LLMAuthError) -> Response:
+        """Error handler for auth errors raised inside views (decorators, services)."""
+        if error.status >= 500:
+            log.error("llmauth: %s on %s: %s", error.status, request.path, error.reason)
+        elif error.status in (401, 403):
+            self._log_failure(error, request.path, None)
+        return self.ext._error_callback(error)
+
+    def _log_failure(self, error: LLMAuthError, route: str, credentials: Any) -> None:
+        hint = ""
+        token = getattr(credentials, "token", None)
+        if token:
+            hint = f" via {credentials.source}"
+            if token.startswith(KEY_PREFIX):
+                hint += f" key_digest={self.digester.digest(token)[:12]}"
+        ip = client_ip(request, self.settings.trusted_proxy_ranges)
+        log.warning("llmauth: %s %s %s %s from %s%s", error.status, error.reason,
+                    request.method, route, ip, hint)
+        if auth_failed.receivers:
+            auth_failed.send(current_app._get_current_object(), status=error.status,
+                             reason=error.reason, route=route, ip=ip)
+
+
+def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:
+    settings = state.settings
+    if not settings.master_key:
+        return None
+    return MasterKeyAuthenticator(settings.master_key, settings.proxy_admin_name,
+                                  settings.master_key_alias)
+
+
+def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
+    settings = state.settings
+    return VirtualKeyAuthenticator(
+        state.store, state.digester, state.key_cache, state.negative_cache,
+        ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl,
+        touch=state.last_used.touch,
+    )
+
+
+#: name → factory(state, extension) returning the authenticator, or None when disabled.
+AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticator | None]] = {
+    "custom": lambda state, ext: None,
+    "oauth2_proxy": lambda state, ext: None,
+    "jwt": lambda state, ext: None,
+    "oauth2": lambda state, ext: None,
+    "master_key": _master_key_factory,
+    "virtual_key": _virtual_key_factory,
+}
+
+
+class LLMAuth:
+    """LiteLLM-style authentication and authorization for a Flask app.
+
+    ``LLMAuth(app, **options)`` or ``LLMAuth(**options)`` + ``init_app(app)``. Options are
+    the settings of :class:`~flask_llmauth.config.Settings` by field name (``master_key=``,
+    ``database_url=``...) and win over the app's ``LLMAUTH_*`` config.
+    """
+
+    def __init__(self, app: Flask | None = None, *,
+                 secret_loader: Callable[[str], str | None] | None = None,
+                 **options: Any) -> None:
+        self._options = options
+        self._secret_loader = secret_loader
+        self._error_callback: ErrorCallback = error_response
+        self._exempt_blueprints: set[str] = set()
+        self.callbacks: dict[str, Callable[..., Any]] = {}
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        settings = load_settings(app.config, self._options, secret_loader=self._secret_loader)
+        _check_master_key(settings)
+        app_state = LLMAuthState(self, app, settings)
+        app.extensions["llmauth"] = app_state
+        app.before_request(app_state.before_request)
+        app.register_error_handler(LLMAuthError, app_state.handle_error)
+        if settings.api_enabled:
+            from .api import create_blueprint
+
+            app.register_blueprint(create_blueprint(), url_prefix=settings.api_prefix or None)
+        from .cli import llmauth_cli
+
+        app.cli.add_command(llmauth_cli, name=settings.cli_name)
+
+    # -- decorators and callbacks ------------------------------------------------------------------
+
+    def exempt(self, view: F | Blueprint) -> F | Blueprint:
+        """Make a view (or every view of a blueprint) public: no credential is read."""
+        if isinstance(view, Blueprint):
+            self._exempt_blueprints.add(view.name)
+        else:
+            setattr(view, ATTR_EXEMPT, True)
+        return view
+
+    def route_group(self, *groups: str) -> Callable[[F], F]:
+        """Classify a host view into route groups (e.g. ``"llm_api_routes"``)."""
+        for name in groups:
+            if group_name(name) is None:
+                raise ValueError(f"unknown route group {name!r}")
+
+        def decorator(view: F) -> F:
+            setattr(view, ATTR_GROUPS, tuple(getattr(view, ATTR_GROUPS, ())) + groups)
+            return view
+
+        return decorator
+
+    def error_handler(self, callback: ErrorCallback) -> ErrorCallback:
+        """Replace the default error response (the JSON envelope) for every auth error."""
+        self._error_callback = callback
+        return callback
+
+    def secret_loader(self, loader: Callable[[str], str | None]) -> Callable[[str], str | None]:
+        """Register a callable ``(setting_key) -> str | None`` that supplies secrets (e.g. from
+        a secret manager); consulted for secret settings not set in config or YAML."""
+        self._secret_loader = loader
+        return loader

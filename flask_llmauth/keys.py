@@ -1,0 +1,607 @@
+"""The key service: the one place where virtual keys are created, changed and checked for
+*who may do this to whom*. The management API, the CLI and the dashboard all call it.
+
+Rules (LiteLLM's, with its escalation bugs closed):
+
+* a proxy admin may do anything;
+* a non-admin creates keys only for itself, never reassigns a key to another user, never
+  mints a key for models or routes beyond its own, never sets ``spend`` or unblocks;
+* a team admin manages every key of its team; a plain member only what the team's
+  ``team_member_permissions`` allow (default: ``/key/info``, ``/key/health``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import peewee
+from flask import current_app
+
+from .audit import write_audit
+from .authz.routes import RouteInfo, classify, expand
+from .crypto import KEY_PREFIX, abbreviate, generate_key
+from .durations import Duration, isoformat, utcnow
+from .errors import BadRequest, Forbidden, NotFound
+from .money import to_usd
+from .principal import Principal, Role
+from .signals import key_created, key_revoked, key_rotated
+from .store.tables import DeletedKey, Key, KeyGrace, Team, TeamMembership, User
+
+if TYPE_CHECKING:
+    from .extension import LLMAuthState
+
+#: ``key_type`` → the ``allowed_routes`` it stands for (LiteLLM's shorthand).
+KEY_TYPES: dict[str, tuple[str, ...]] = {
+    "llm_api": ("llm_api_routes",),
+    "management": ("management_routes",),
+    "read_only": ("info_routes",),
+    "default": (),
+}
+MIN_CUSTOM_KEY_LENGTH = 24
+
+
+def key_info(key: Any) -> dict[str, Any]:
+    """A key as LiteLLM's ``/key/info`` shows it; ``token`` is the public ``key_id``."""
+    return {
+        "key_id": key.key_id,
+        "token": key.key_id,
+        "token_id": key.key_id,
+        "key_name": key.key_name,
+        "key_alias": key.key_alias,
+        "user_id": key.user_id,
+        "team_id": key.team_id,
+        "organization_id": key.organization_id,
+        "models": list(key.models or []),
+        "aliases": dict(key.aliases or {}),
+        "allowed_routes": list(key.allowed_routes or []),
+        "key_type": key.key_type,
+        "allowed_ips": key.allowed_ips,
+        "spend": to_usd(key.spend),
+        "max_budget": to_usd(key.max_budget),
+        "soft_budget": to_usd(key.soft_budget),
+        "budget_duration": key.budget_duration,
+        "budget_reset_at": isoformat(key.budget_reset_at),
+        "tpm_limit": key.tpm_limit,
+        "rpm_limit": key.rpm_limit,
+        "max_parallel_requests": key.max_parallel_requests,
+        "model_rpm_limit": dict(key.model_rpm_limit or {}),
+        "model_tpm_limit": dict(key.model_tpm_limit or {}),
+        "model_max_budget": dict(key.model_max_budget or {}),
+        "metadata": dict(key.metadata or {}),
+        "expires": isoformat(key.expires),
+        "blocked": bool(key.blocked),
+        "created_by": key.created_by,
+        "updated_by": key.updated_by,
+        "created_at": isoformat(key.created_at),
+        "updated_at": isoformat(key.updated_at),
+        "last_used_at": isoformat(key.last_used_at),
+        "last_active": isoformat(key.last_used_at),
+        "rotation_count": key.rotation_count,
+        "last_rotation_at": isoformat(key.last_rotation_at),
+        "config": {},
+        "permissions": {},
+        "litellm_budget_table": None,
+    }
+
+
+class LastUsedRecorder:
+    """Remembers when keys were used and writes ``last_used_at`` in batches.
+
+    ``touch`` is a dict store on the request path; ``flush`` runs in the background thread
+    (and at exit), one UPDATE per key used since the last flush.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}
+
+    def touch(self, key_id: str) -> None:
+        self._pending[key_id] = time.time()
+
+    def flush(self, state: LLMAuthState) -> int:
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, {}
+        with state.store.use() as db, db.atomic():
+            for key_id in sorted(pending):
+                when = datetime.fromtimestamp(pending[key_id], timezone.utc).replace(tzinfo=None)
+                Key.update(last_used_at=when).where(Key.key_id == key_id).execute()
+        return len(pending)
+
+
+class KeyService:
+    def __init__(self, state: LLMAuthState) -> None:
+        self.state = state
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def _get(self, identifier: str) -> Key:
+        """A key by raw secret (``sk-...``) or by ``key_id``; 404 otherwise."""
+        if not isinstance(identifier, str) or not identifier:
+            raise BadRequest("No key passed in.", param="key")
+        if identifier.startswith(KEY_PREFIX):
+            key = Key.get_or_none(Key.digest == self.state.digester.digest(identifier))
+        else:
+            key = Key.get_or_none(Key.key_id == identifier[:64])
+        if key is None:
+            raise NotFound("Key not found.", param="key")
+        return key
+
+    def _membership(self, team_id: str | None, user_id: str | None) -> TeamMembership | None:
+        if not team_id or not user_id:
+            return None
+        return TeamMembership.get_or_none(
+            (TeamMembership.team_id == team_id) & (TeamMembership.user_id == user_id)
+        )
+
+    def _team(self, team_id: str) -> Team:
+        team = Team.get_or_none(Team.team_id == team_id)
+        if team is None:
+            raise BadRequest(f"Team not found: team_id={team_id}", param="team_id")
+        return team
+
+    # -- who may do this to whom ---------------------------------------------------------------
+
+    def _is_team_admin(self, actor: Principal, team_id: str | None) -> bool:
+        member = self._membership(team_id, actor.user_id)
+        return member is not None and member.role == "admin"
+
+    def _member_may(self, actor: Principal, key: Key, route: str) -> bool:
+        team = Team.get_or_none(Team.team_id == key.team_id)
+        if team is None or self._membership(key.team_id, actor.user_id) is None:
+            return False
+        permissions = team.team_member_permissions
+        if permissions is None:
+            permissions = self.state.settings.default_team_member_permissions
+        return route in permissions
+
+    def can_view(self, actor: Principal, key: Key) -> bool:
+        if actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER or actor.key_id == key.key_id:
+            return True
+        if actor.user_id is None:
+            return False
+        if key.user_id == actor.user_id:
+            return True
+        if key.team_id and self._membership(key.team_id, actor.user_id) is not None:
+            return key.user_id is None or self._is_team_admin(actor, key.team_id)
+        return False
+
+    def can_modify(self, actor: Principal, key: Key, route: str) -> bool:
+        """Admin; team admin of a team key; the owner of a personal key; the owner of a team
+        key when the team lets members call ``route``."""
+        if actor.is_admin:
+            return True
+        if actor.role in (Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER) or not actor.user_id:
+            return False
+        if key.team_id:
+            if self._is_team_admin(actor, key.team_id):
+                return True
+            return key.user_id == actor.user_id and self._member_may(actor, key, route)
+        return key.user_id == actor.user_id
+
+    def _require_modify(self, actor: Principal, key: Key, route: str, verb: str) -> None:
+        if not self.can_modify(actor, key, route):
+            raise Forbidden(f"You are not authorized to {verb} this key", reason="key_not_yours")
+
+    # -- escalation guards ----------------------------------------------------------------------
+
+    def _check_grants(self, actor: Principal, params: Mapping[str, Any], team: Team | None
+                      ) -> None:
+        """A non-admin never grants a key more than it has itself."""
+        if actor.is_admin:
+            return
+        if "spend" in params:
+            raise Forbidden("Only a proxy admin can set a key's spend.", param="spend")
+        team_admin = team is not None and self._is_team_admin(actor, team.team_id)
+        if "blocked" in params and not team_admin:
+            raise Forbidden("Only a proxy or team admin can block or unblock a key.",
+                            param="blocked")
+        if "models" in params:
+            models = params["models"]
+            access = self.state.models
+            allowances: list[Sequence[str]] = []
+            if actor.key is not None:
+                allowances.append(actor.key.models)
+            if team is not None:
+                allowances.append(team.models)
+                member = self._membership(team.team_id, actor.user_id)
+                if member is not None and member.allowed_models:
+                    allowances.append(member.allowed_models)
+            elif actor.user is not None:
+                allowances.append(actor.user.models)
+            for allowance in allowances:
+                if not access.within(models, allowance):
+                    raise Forbidden(
+                        "You cannot create or change a key for models beyond your own. "
+                        f"Your models={list(allowance)}, requested={list(models)}",
+                        param="models", reason="models_escalation",
+                    )
+        if "allowed_routes" in params or "key_type" in params:
+            routes = list(params.get("allowed_routes") or [])
+            routes += KEY_TYPES.get(params.get("key_type") or "default", ())
+            self._check_routes_reachable(actor, routes)
+
+    def _check_routes_reachable(self, actor: Principal, routes: Iterable[str]) -> None:
+        routes = list(routes)
+        if not routes and actor.allowed_routes:
+            raise Forbidden("Your key is limited to some routes; a key you create must be too.",
+                            param="allowed_routes", reason="routes_escalation")
+        policy = self.state.policy
+        for path in expand(routes):
+            info = RouteInfo(route=path, endpoint="", groups=classify(path))
+            reachable = any(policy.role_allows(actor.role, info, safe) for safe in (True, False))
+            inside = not actor.allowed_routes or policy.key_route_allowed(actor, path)
+            if not reachable or not inside:
+                raise Forbidden(
+                    f"You cannot grant a key the route {path}: your own role or key cannot "
+                    "call it.", param="allowed_routes", reason="routes_escalation",
+                )
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def _apply(self, key: Key, params: Mapping[str, Any], now: datetime) -> None:
+        """Copy validated fields onto a key row (``duration`` and ``budget_duration`` too)."""
+        for name, value in params.items():
+            if name == "duration":
+                key.expires = None if value is None else value.after(now)
+            elif name == "budget_duration":
+                key.budget_duration = None if value is None else value.text
+                key.budget_reset_at = None if value is None else value.after(now)
+            elif name == "key_type":
+                key.key_type = value or "default"
+            elif name == "tags":
+                key.metadata = {**(key.metadata or {}), "tags": value}
+            elif name in _PLAIN_FIELDS:
+                setattr(key, name, value)
+        if "key_type" in params and "allowed_routes" not in params:
+            key.allowed_routes = list(KEY_TYPES[key.key_type])
+        elif "allowed_routes" in params and params.get("key_type") not in (None, "default"):
+            key.allowed_routes = list(dict.fromkeys(
+                list(params["allowed_routes"] or []) + list(KEY_TYPES[key.key_type])
+            ))
+
+    def _ensure_user(self, user_id: str, actor: Principal) -> None:
+        if User.get_or_none(User.user_id == user_id) is None:
+            role = Role.INTERNAL_USER if actor.is_admin else actor.role
+            User.create(user_id=user_id, user_role=role.value)
+
+    def _check_alias_free(self, alias: str | None, key_id: str | None = None) -> None:
+        if alias is None:
+            return
+        query = Key.select(Key.id).where(Key.key_alias == alias)
+        if key_id is not None:
+            query = query.where(Key.key_id != key_id)
+        if query.exists():
+            raise BadRequest(f"Key with alias '{alias}' already exists.", param="key_alias")
+
+    def _custom_key(self, raw: Any, param: str) -> str:
+        if (not isinstance(raw, str) or not raw.startswith(KEY_PREFIX)
+                or len(raw) < MIN_CUSTOM_KEY_LENGTH or len(raw) > 256
+                or not raw.isprintable() or " " in raw):
+            raise BadRequest(
+                "Invalid key format. A virtual key must start with 'sk-' and be at least "
+                f"{MIN_CUSTOM_KEY_LENGTH} characters of printable text.", param=param,
+            )
+        if Key.select(Key.id).where(Key.digest == self.state.digester.digest(raw)).exists():
+            raise BadRequest("This key value is already in use.", param=param)
+        return raw
+
+    def generate(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        """Create a key; the plaintext is in the result's ``key`` and nowhere else, ever."""
+        state = self.state
+        params = dict(params)
+        custom = params.pop("key", None)
+        with state.store.use() as db, db.atomic():
+            team = self._team(params["team_id"]) if params.get("team_id") else None
+            if not actor.is_admin:
+                self._check_generate_rights(actor, params, team)
+                # A new key inherits its creator's limits unless it asks for narrower ones.
+                params.setdefault("models", list(actor.key.models) if actor.key else [])
+                if "allowed_routes" not in params and "key_type" not in params:
+                    params["allowed_routes"] = list(actor.allowed_routes)
+            self._check_grants(actor, params, team)
+            if team is not None and params.get("user_id"):
+                if self._membership(team.team_id, params["user_id"]) is None:
+                    raise BadRequest(
+                        f"User={params['user_id']} not assigned to team={team.team_id}",
+                        param="user_id",
+                    )
+            self._check_alias_free(params.get("key_alias"))
+            raw = self._custom_key(custom, "key") if custom is not None else generate_key(
+                state.settings.key_entropy_bytes)
+            if params.get("user_id"):
+                self._ensure_user(params["user_id"], actor)
+            now = utcnow()
+            key = Key(
+                key_id=str(uuid.uuid4()), digest=state.digester.digest(raw),
+                key_name=abbreviate(raw), created_by=actor.identity, updated_by=actor.identity,
+                created_at=now, updated_at=now,
+            )
+            if team is not None and team.organization_id and not params.get("organization_id"):
+                key.organization_id = team.organization_id
+            self._apply(key, params, now)
+            key.save(force_insert=True)
+            info = key_info(key)
+            write_audit(state.settings.store_audit_logs, actor, "created", "key", key.key_id,
+                        after=info)
+        state.invalidate("negative")
+        key_created.send(current_app._get_current_object(), key_id=key.key_id,
+                         key_name=key.key_name, actor=actor.identity)
+        return {**info, "key": raw}
+
+    def _check_generate_rights(self, actor: Principal, params: dict[str, Any],
+                               team: Team | None) -> None:
+        if actor.role in (Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER):
+            raise Forbidden("Your role cannot create keys.", reason="viewer_cannot_generate")
+        if not actor.user_id:
+            raise Forbidden("No 'user_id' is associated with your credential; only keys of a "
+                            "user can create keys.", reason="no_user_id")
+        requested = params.get("user_id")
+        if team is not None:
+            member = self._membership(team.team_id, actor.user_id)
+            if member is None:
+                raise Forbidden(f"User={actor.user_id} not assigned to team={team.team_id}",
+                                reason="not_team_member")
+            permissions = team.team_member_permissions
+            if permissions is None:
+                permissions = self.state.settings.default_team_member_permissions
+            if member.role != "admin" and "/key/generate" not in permissions:
+                raise Forbidden(
+                    "Team member does not have permissions for endpoint: /key/generate. You "
+                    f"only have access to the following endpoints: {list(permissions)} for "
+                    f"team {team.team_id}.", error_type="team_member_permission_error",
+                )
+            if member.role == "admin":
+                return  # a team admin may create keys for team members and service accounts
+        if requested is not None and requested != actor.user_id:
+            raise Forbidden(
+                f"User can only create keys for themselves. Got user_id={requested}, "
+                f"Your ID={actor.user_id}", param="user_id", reason="key_for_other_user",
+            )
+        params["user_id"] = actor.user_id
+
+    def update(self, actor: Principal, identifier: str, params: dict[str, Any]) -> dict[str, Any]:
+        state = self.state
+        with state.store.use() as db, db.atomic():
+            key = self._get(identifier)
+            self._require_modify(actor, key, "/key/update", "update")
+            before = key_info(key)
+            new_team = None
+            if "team_id" in params and params["team_id"] != key.team_id:
+                new_team = self._check_team_move(actor, key, params)
+            team = new_team or (Team.get_or_none(Team.team_id == key.team_id)
+                                if key.team_id else None)
+            if "user_id" in params and params["user_id"] != key.user_id and not actor.is_admin:
+                if not (team is not None and self._is_team_admin(actor, team.team_id)) or (
+                    params["user_id"] is not None
+                    and self._membership(team.team_id, params["user_id"]) is None
+                ):
+                    raise Forbidden(
+                        f"User={actor.user_id} is not allowed to update key={key.key_id} to "
+                        f"belong to user={params['user_id']}", param="user_id",
+                        reason="key_reassign",
+                    )
+            self._check_grants(actor, params, team)
+            if "key_alias" in params:
+                self._check_alias_free(params["key_alias"], key.key_id)
+            if params.get("user_id"):
+                self._ensure_user(params["user_id"], actor)
+            now = utcnow()
+            self._apply(key, params, now)
+            key.updated_at, key.updated_by = now, actor.identity
+            key.save()
+            info = key_info(key)
+            write_audit(state.settings.store_audit_logs, actor, "updated", "key", key.key_id,
+                        before=before, after=info)
+        state.invalidate(f"key:{key.key_id}")
+        return {**info, "key": key.key_id}
+
+    def _check_team_move(self, actor: Principal, key: Key, params: dict[str, Any]) -> Team | None:
+        team_id = params["team_id"]
+        if team_id is None:
+            if not actor.is_admin:
+                raise Forbidden("Only a proxy admin can take a key out of its team.",
+                                param="team_id")
+            return None
+        team = self._team(team_id)
+        if not actor.is_admin and not self._is_team_admin(actor, team_id):
+            raise Forbidden(f"You are not an admin of team={team_id}.", param="team_id",
+                            reason="team_move")
+        user_id = params.get("user_id", key.user_id)
+        if user_id and self._membership(team_id, user_id) is None:
+            raise Forbidden(f"User={user_id} is not a member of team={team_id}.",
+                            param="team_id", reason="team_move")
+        models = params.get("models", key.models)
+        if not self.state.models.within(models, team.models):
+            raise Forbidden(f"Team={team_id} does not allow the key's models.", param="team_id",
+                            reason="team_move")
+        for limit in ("tpm_limit", "rpm_limit"):
+            value, team_value = params.get(limit, getattr(key, limit)), getattr(team, limit)
+            if value is not None and team_value is not None and value > team_value:
+                raise Forbidden(f"Key {limit}={value} is greater than team {limit}={team_value}",
+                                param=limit, reason="team_move")
+        return team
+
+    def regenerate(self, actor: Principal, identifier: str, params: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """Rotate a key's secret in place (same ``key_id``); the old secret keeps working
+        until ``grace_period`` ends (default ``LLMAUTH_KEY_ROTATION_GRACE_PERIOD``)."""
+        state = self.state
+        params = dict(params)
+        new_raw = params.pop("new_key", None)
+        grace: Duration | None = params.pop("grace_period",
+                                            state.settings.key_rotation_grace_period)
+        with state.store.use() as db, db.atomic():
+            key = self._get(identifier)
+            if not self.can_modify(actor, key, "/key/regenerate"):
+                raise Forbidden("You are not authorized to regenerate this key",
+                                reason="key_not_yours")
+            team = Team.get_or_none(Team.team_id == key.team_id) if key.team_id else None
+            self._check_grants(actor, params, team)
+            raw = (self._custom_key(new_raw, "new_key") if new_raw is not None
+                   else generate_key(state.settings.key_entropy_bytes))
+            now = utcnow()
+            grace_until = grace.after(now) if grace is not None else None
+            if grace_until is not None:
+                KeyGrace.delete().where(KeyGrace.digest == key.digest).execute()
+                KeyGrace.create(digest=key.digest, key_id=key.key_id, revoke_at=grace_until)
+            before = key_info(key)
+            self._apply(key, params, now)
+            key.digest, key.key_name = state.digester.digest(raw), abbreviate(raw)
+            key.rotation_count += 1
+            key.last_rotation_at = key.updated_at = now
+            key.updated_by = actor.identity
+            key.save()
+            info = key_info(key)
+            write_audit(state.settings.store_audit_logs, actor, "rotated", "key", key.key_id,
+                        before=before, after={**info, "grace_until": isoformat(grace_until)})
+        state.invalidate(f"key:{key.key_id}", "negative")
+        key_rotated.send(current_app._get_current_object(), key_id=key.key_id,
+                         key_name=key.key_name, actor=actor.identity, grace_until=grace_until)
+        return {**info, "key": raw, "grace_period_ends_at": isoformat(grace_until)}
+
+    def delete(self, actor: Principal, identifiers: Sequence[str] = (),
+               aliases: Sequence[str] = ()) -> list[str]:
+        """Delete keys (all or none); rows are copied to the deleted-keys table first."""
+        state = self.state
+        with state.store.use() as db, db.atomic():
+            keys: list[Key] = []
+            for identifier in identifiers:
+                keys.append(self._get(identifier))
+            for alias in aliases:
+                key = Key.get_or_none(Key.key_alias == alias)
+                if key is None:
+                    raise NotFound(f"No key with alias '{alias}'.", param="key_aliases")
+                keys.append(key)
+            if not keys:
+                raise NotFound("No keys found.", param="keys")
+            for key in keys:
+                if not self.can_modify(actor, key, "/key/delete"):
+                    raise Forbidden("You are not authorized to delete this key",
+                                    reason="key_not_yours")
+            deleted = self._delete_rows(actor, keys)
+        for key_id in deleted:
+            state.invalidate(f"key:{key_id}")
+            key_revoked.send(current_app._get_current_object(), key_id=key_id, actor=actor.identity)
+        return deleted
+
+    def _delete_rows(self, actor: Principal, keys: Iterable[Key]) -> list[str]:
+        """Move keys to the deleted-keys table (caller holds the transaction)."""
+        deleted: list[str] = []
+        for key in {k.key_id: k for k in keys}.values():
+            info = key_info(key)
+            DeletedKey.create(
+                key_id=key.key_id, key_name=key.key_name, key_alias=key.key_alias,
+                user_id=key.user_id, team_id=key.team_id, spend=key.spend, snapshot=info,
+                created_at=key.created_at, deleted_by=actor.identity,
+            )
+            KeyGrace.delete().where(KeyGrace.key_id == key.key_id).execute()
+            key.delete_instance()
+            write_audit(self.state.settings.store_audit_logs, actor, "deleted", "key",
+                        key.key_id, before=info)
+            deleted.append(key.key_id)
+        return deleted
+
+    def delete_where(self, actor: Principal, condition: peewee.Expression) -> list[str]:
+        """Delete every key matching ``condition`` (user or team deletion cascades here)."""
+        return self._delete_rows(actor, list(Key.select().where(condition)))
+
+    def set_blocked(self, actor: Principal, identifier: str, blocked: bool) -> dict[str, Any]:
+        state = self.state
+        with state.store.use() as db, db.atomic():
+            key = self._get(identifier)
+            if not (actor.is_admin or (key.team_id and self._is_team_admin(actor, key.team_id))):
+                raise Forbidden("Only a proxy admin or the key's team admin can block or "
+                                "unblock a key.", reason="block_not_allowed")
+            key.blocked, key.updated_at, key.updated_by = blocked, utcnow(), actor.identity
+            key.save()
+            info = key_info(key)
+            write_audit(state.settings.store_audit_logs, actor,
+                        "blocked" if blocked else "unblocked", "key", key.key_id, after=info)
+        state.invalidate(f"key:{key.key_id}")
+        return info
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def info(self, actor: Principal, identifier: str | None) -> dict[str, Any]:
+        with self.state.store.use():
+            if identifier is None:
+                if actor.key_id is None:
+                    raise BadRequest("No key passed in: pass ?key=<key or key_id>.", param="key")
+                identifier = actor.key_id
+            key = self._get(identifier)
+            if not self.can_view(actor, key):
+                raise Forbidden("You are not allowed to view this key.", reason="key_not_yours")
+            return {"key": key.key_id, "info": key_info(key)}
+
+    def list(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
+        page, size = query["page"], query["size"]
+        deleted = query.get("status") == "deleted"
+        table: Any = DeletedKey if deleted else Key
+        with self.state.store.use():
+            condition = self._list_scope(actor, query, table)
+            for name in ("user_id", "team_id", "key_alias"):
+                if query.get(name) is not None:
+                    condition &= getattr(table, name) == query[name]
+            if query.get("organization_id") is not None and not deleted:
+                condition &= Key.organization_id == query["organization_id"]
+            if query.get("key_hash") is not None:
+                condition &= table.key_id == query["key_hash"]
+            select = table.select().where(condition)
+            total = select.count()
+            sort_by = {"token": "key_id"}.get(query["sort_by"], query["sort_by"])
+            if deleted and sort_by not in ("spend", "created_at", "key_alias", "key_id"):
+                sort_by = "created_at"
+            column = getattr(table, sort_by)
+            order = column.desc() if query["sort_order"] == "desc" else column.asc()
+            rows = list(select.order_by(order, table.id.desc()).paginate(page, size))
+        if query.get("return_full_object"):
+            keys: list[Any] = [
+                {**row.snapshot, "deleted_at": isoformat(row.deleted_at),
+                 "deleted_by": row.deleted_by} if deleted else key_info(row)
+                for row in rows
+            ]
+        else:
+            keys = [row.key_id for row in rows]
+        return {"keys": keys, "total_count": total, "current_page": page,
+                "total_pages": math.ceil(total / size) if total else 0}
+
+    def _list_scope(self, actor: Principal, query: Mapping[str, Any], table: Any
+                    ) -> peewee.Expression:
+        everything = table.id.is_null(False)
+        if actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER:
+            return everything
+        if not actor.user_id:
+            if actor.key_id is not None:
+                return table.key_id == actor.key_id
+            raise Forbidden("No 'user_id' is associated with your credential.",
+                            reason="no_user_id")
+        if query.get("user_id") not in (None, actor.user_id):
+            raise Forbidden("You are not authorized to check another user's keys",
+                            param="user_id", reason="other_users_keys")
+        memberships = list(TeamMembership.select().where(TeamMembership.user_id == actor.user_id))
+        team_id = query.get("team_id")
+        if team_id is not None and team_id not in {m.team_id for m in memberships}:
+            raise Forbidden(f"You are not a member of team={team_id}", param="team_id",
+                            reason="other_teams_keys")
+        scope = table.user_id == actor.user_id
+        if query.get("include_team_keys") or team_id is not None:
+            admin_of = [m.team_id for m in memberships if m.role == "admin"]
+            member_of = [m.team_id for m in memberships if m.role != "admin"]
+            if admin_of:
+                scope |= table.team_id.in_(admin_of)
+            if member_of:
+                scope |= table.team_id.in_(member_of) & table.user_id.is_null()
+        return scope
+
+
+_PLAIN_FIELDS = frozenset({
+    "key_alias", "user_id", "team_id", "organization_id", "models", "aliases",
+    "allowed_routes", "allowed_ips", "max_budget", "soft_budget", "spend", "tpm_limit",
+    "rpm_limit", "max_parallel_requests", "model_rpm_limit", "model_tpm_limit",
+    "model_max_budget", "metadata", "blocked",
+})

@@ -1,0 +1,106 @@
+"""Who is calling: :class:`Role` and the immutable :class:`Principal` every method produces."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from flask import g
+from werkzeug.local import LocalProxy
+
+from .store.records import KeyRecord, MembershipRecord, TeamRecord, UserRecord
+
+
+class Role(str, Enum):
+    """LiteLLM's global roles. Enum names are the upper-case forms of the values."""
+
+    PROXY_ADMIN = "proxy_admin"
+    PROXY_ADMIN_VIEWER = "proxy_admin_viewer"
+    ORG_ADMIN = "org_admin"
+    INTERNAL_USER = "internal_user"
+    INTERNAL_USER_VIEWER = "internal_user_viewer"
+    TEAM = "team"
+    CUSTOMER = "customer"
+
+    @classmethod
+    def parse(cls, value: object) -> Role:
+        """Accept a :class:`Role`, its value (``proxy_admin``) or its name (``PROXY_ADMIN``)."""
+        if isinstance(value, Role):
+            return value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            for role in cls:
+                if role.value == text:
+                    return role
+        raise ValueError(
+            f"unknown role {str(value)[:40]!r}; expected one of "
+            + ", ".join(r.value for r in cls)
+        )
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Roles a user row may hold (``/user/new``); ``team`` and ``customer`` are never stored.
+USER_ROLES = (
+    Role.PROXY_ADMIN, Role.PROXY_ADMIN_VIEWER, Role.ORG_ADMIN,
+    Role.INTERNAL_USER, Role.INTERNAL_USER_VIEWER,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller of one request.
+
+    Every authenticator returns this type, so authorization, limits and budgets never
+    depend on how the caller authenticated. The records are snapshots of the caller's key,
+    team, user and team membership (``None`` when the caller has none).
+    """
+
+    method: str
+    role: Role
+    user_id: str | None = None
+    user_email: str | None = None
+    team_id: str | None = None
+    org_id: str | None = None
+    end_user_id: str | None = None
+    key_id: str | None = None
+    #: Printable key name (``sk-...abcd``, or the master-key alias); never the secret.
+    key_name: str | None = None
+    key_alias: str | None = None
+    scopes: frozenset[str] = frozenset()
+    #: Routes this credential is limited to (route paths, wildcards or group names).
+    allowed_routes: tuple[str, ...] = ()
+    key: KeyRecord | None = None
+    team: TeamRecord | None = None
+    user: UserRecord | None = None
+    membership: MembershipRecord | None = None
+    claims: Mapping[str, Any] | None = field(default=None, compare=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.PROXY_ADMIN
+
+    @property
+    def is_master_key(self) -> bool:
+        return self.method == "master_key"
+
+    @property
+    def identity(self) -> str:
+        """A non-secret label for logs, audit rows and spend rows."""
+        return self.user_id or self.team_id or self.key_name or self.method
+
+    def with_end_user(self, end_user_id: str | None) -> Principal:
+        return replace(self, end_user_id=end_user_id)
+
+
+def get_principal() -> Principal | None:
+    """The principal of the current request, or ``None`` (public route, no request)."""
+    return g.get("_llmauth_principal")
+
+
+#: Proxy to :func:`get_principal` (falsy on public routes and outside requests).
+current_principal: Principal = LocalProxy(get_principal)  # type: ignore[assignment]

@@ -1,0 +1,230 @@
+"""Shared fixtures: app factories over SQLite or Postgres, and the session-wide leak check.
+
+Every string the key digester ever sees (every key presented or generated) and every
+master key used is recorded. When the session ends, the DEBUG log of the whole run and a
+dump of every table of every database the tests created are searched for them; a hit fails
+the run. Postgres databases are dumped before they are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request
+
+from flask_llmauth import LLMAuth, allowed_models, current_principal, require_role
+from flask_llmauth.crypto import KeyDigester
+from flask_llmauth.store import db as store_db
+from tests.helpers import MASTER_KEY, SECRETS, record_secret
+
+POSTGRES_URL = os.environ.get("LLMAUTH_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("LLMAUTH_TEST_REDIS_URL")
+
+# -- secret recording and the leak check ------------------------------------------------------
+
+_DATABASE_URLS: list[str] = []
+_LOG_LINES: list[str] = []
+_original_digest = KeyDigester.digest
+_original_store_init = store_db.Store.__init__
+
+
+def _recording_digest(self: KeyDigester, raw_key: str) -> str:
+    if len(raw_key) >= 12:
+        SECRETS.add(raw_key)
+    return _original_digest(self, raw_key)
+
+
+def _recording_store_init(self: store_db.Store, url: str) -> None:
+    _DATABASE_URLS.append(url)
+    _original_store_init(self, url)
+
+
+class _CaptureAll(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _LOG_LINES.append(record.getMessage())
+        except Exception:  # a bad log call elsewhere must not hide our check
+            _LOG_LINES.append(str(record.msg))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    KeyDigester.digest = _recording_digest  # type: ignore[method-assign]
+    store_db.Store.__init__ = _recording_store_init  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(_CaptureAll(level=logging.DEBUG))
+    root.setLevel(logging.DEBUG)
+
+
+def dump_database(url: str) -> str:
+    """Every row of every table of a database, as text."""
+    db = store_db.open_database(url)
+    try:
+        chunks = []
+        for table in db.get_tables():
+            cursor = db.execute_sql(f'SELECT * FROM "{table}"')  # noqa: S608 - test dump
+            chunks += [repr(row) for row in cursor.fetchall()]
+        return "\n".join(chunks)
+    finally:
+        db.close()
+
+
+def find_leaks(text: str) -> list[str]:
+    return sorted({s[:12] + "..." for s in SECRETS if s in text})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaks = find_leaks("\n".join(_LOG_LINES))
+    for url in dict.fromkeys(_DATABASE_URLS):
+        if url.startswith("sqlite:///") and os.path.exists(url[len("sqlite:///"):]):
+            leaks += [f"{leak} in {url}" for leak in find_leaks(dump_database(url))]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    summary = (f"leak check: {len(SECRETS)} secrets, {len(_LOG_LINES)} log lines, "
+               f"{len(set(_DATABASE_URLS))} databases scanned")
+    if reporter is not None:
+        reporter.write_line(summary)
+    if leaks:
+        if reporter is not None:
+            reporter.write_line(f"LEAK: raw secrets found: {leaks}", red=True)
+        session.exitstatus = 1
+
+
+# -- databases ----------------------------------------------------------------------------------
+
+
+def _admin_url(url: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return base + "/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for one test (dumped for leaks, then dropped)."""
+    if not POSTGRES_URL:
+        pytest.skip("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
+    admin = store_db.open_database(_admin_url(POSTGRES_URL))
+    admin.execute_sql(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rpartition("/")[0] + "/" + name
+    try:
+        yield url
+    finally:
+        leaks = find_leaks(dump_database(url))
+        admin.execute_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close_all() if hasattr(admin, "close_all") else admin.close()
+        assert not leaks, f"raw secrets in database rows: {leaks}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Each test using it runs on SQLite and, when configured, on Postgres."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/llmauth.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    if not REDIS_URL:
+        pytest.skip("LLMAUTH_TEST_REDIS_URL is not set (.ci/run sets it)")
+    return f"llmauth-test-{uuid.uuid4().hex[:8]}"
+
+
+# -- apps -----------------------------------------------------------------------------------------
+
+AppFactory = Callable[..., Flask]
+
+
+def add_test_routes(app: Flask, llmauth: LLMAuth) -> None:
+    """Host routes a typical LLM gateway has, each echoing who called it."""
+
+    def who() -> dict[str, Any]:
+        p = current_principal
+        return {"method": p.method, "role": p.role.value, "user_id": p.user_id,
+                "team_id": p.team_id, "key_id": p.key_id, "key_name": p.key_name}
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    def chat() -> Any:
+        body = request.get_json(silent=True) or {}
+        return jsonify(model=body.get("model"), principal=who())
+
+    @app.post("/v1/embeddings")
+    def embeddings() -> Any:
+        return jsonify(model=(request.get_json(silent=True) or {}).get("model"), principal=who())
+
+    @app.get("/v1/models")
+    def models() -> Any:
+        return jsonify(data=allowed_models(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet"]))
+
+    @app.post("/v1beta/models/<path:model_name>:generateContent")
+    def gemini(model_name: str) -> Any:
+        return jsonify(model=model_name, principal=who())
+
+    @app.get("/custom/admin")
+    @require_role("PROXY_ADMIN")
+    def custom_admin() -> Any:
+        return jsonify(principal=who())
+
+    @app.get("/custom/internal")
+    @require_role("internal_user", "PROXY_ADMIN_VIEWER")
+    def custom_internal() -> Any:
+        return jsonify(principal=who())
+
+    @app.get("/public/ping")
+    @llmauth.exempt
+    def ping() -> Any:
+        return jsonify(pong=True)
+
+    @app.get("/health/liveliness")
+    def liveliness() -> Any:
+        return jsonify(status="healthy")
+
+    @app.get("/unclassified")
+    def unclassified() -> Any:
+        return jsonify(principal=who())
+
+
+@pytest.fixture
+def app_factory(tmp_path: Any) -> Iterator[AppFactory]:
+    """``app_factory(config=None, db_url=None, **options)`` → an app with the extension and
+    the test routes; closed after the test."""
+    states = []
+
+    def make(config: dict[str, Any] | None = None, db_url: str | None = None,
+             routes: bool = True, **options: Any) -> Flask:
+        app = Flask(f"test_app_{len(states)}", instance_path=str(tmp_path / "instance"))
+        app.config.update({
+            "TESTING": True,
+            "LLMAUTH_MASTER_KEY": MASTER_KEY,
+            "LLMAUTH_DATABASE_URL": db_url or f"sqlite:///{tmp_path}/llmauth.db",
+        })
+        app.config.update(config or {})
+        if isinstance(app.config.get("LLMAUTH_MASTER_KEY"), str):
+            record_secret(app.config["LLMAUTH_MASTER_KEY"])
+        llmauth = LLMAuth(app, **options)
+        if routes:
+            add_test_routes(app, llmauth)
+        states.append(app.extensions["llmauth"])
+        app.llmauth = llmauth  # type: ignore[attr-defined]
+        return app
+
+    yield make
+    for state in states:
+        state.close()
+
+
+@pytest.fixture
+def app(app_factory: AppFactory, db_url: str) -> Flask:
+    return app_factory(db_url=db_url)
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
+    return app.test_client()
