@@ -286,14 +286,20 @@ class Settings:
         yaml=("litellm_settings.store_audit_logs",), env=("LITELLM_STORE_AUDIT_LOGS",),
     )
 
+    # -- JWT / OIDC (issue 3) -------------------------------------------------------------------
+
+    # -- OAuth2 introspection, OAuth2-proxy headers, custom auth (issue 3) -----------------------
+
+    # -- budgets, spend, customers (issue 4) ----------------------------------------------------
+
+    # -- rate limits (issue 4) ------------------------------------------------------------------
+
     # -- management API -----------------------------------------------------------------------
     api_enabled: bool = setting(True, _bool, "Register the management JSON API blueprint.")
     api_prefix: str = setting(
         "", _str, "URL prefix of the management API (LiteLLM paths such as `/key/generate`).",
     )
     cli_name: str = setting("llmauth", _str, "Name of the `flask` CLI group.")
-
-    # -- behaviour ----------------------------------------------------------------------------
 
     @classmethod
     def table(cls) -> tuple[dataclasses.Field[Any], ...]:

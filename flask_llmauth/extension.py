@@ -28,6 +28,7 @@ from .config import Settings, load_settings
 from .credentials import read_credentials
 from .crypto import KEY_PREFIX, KeyDigester
 from .errors import ConfigurationError, LLMAuthError, Unauthenticated, error_response
+from .identities import IdentityLoader, Records
 from .keys import LastUsedRecorder
 from .network import client_ip
 from .principal import Principal, get_principal
@@ -98,7 +99,9 @@ class LLMAuthState:
         self.digester = KeyDigester(server_secret)
         self.key_cache: TTLCache[CachedKey] = TTLCache(settings.cache_max_size)
         self.negative_cache: TTLCache[bool] = TTLCache(10_000)
-        self.invalidate = Invalidator([self.key_cache, self.negative_cache])
+        self.identity_cache: TTLCache[Records] = TTLCache(settings.cache_max_size)
+        self.identities = IdentityLoader(self.store, self.identity_cache, settings.cache_ttl)
+        self.invalidate = Invalidator([self.key_cache, self.negative_cache, self.identity_cache])
         self.invalidation_log = InvalidationLog(self.store, self.invalidate)
         self.invalidate.add_publisher(self.invalidation_log.publish)
         self.models = ModelAccess(settings.model_access_groups, settings.model_alias_map,
