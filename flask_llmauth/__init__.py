@@ -23,9 +23,16 @@ from .errors import (
     Unauthenticated,
 )
 from .extension import LLMAuth, LLMAuthState
+from .guards import Admission, Guard, current_admission, record_usage
 from .principal import Principal, Role, current_principal, get_principal
+from .usage import Usage
 
 __all__ = [
+    "Admission",
+    "Guard",
+    "Usage",
+    "current_admission",
+    "record_usage",
     "BadRequest",
     "BudgetExceeded",
     "ConfigurationError",

@@ -28,6 +28,7 @@ from .config import Settings, load_settings
 from .credentials import read_credentials
 from .crypto import KEY_PREFIX, KeyDigester
 from .errors import ConfigurationError, LLMAuthError, Unauthenticated, error_response
+from .guards import Guards, record_usage
 from .identities import IdentityLoader, Records
 from .keys import LastUsedRecorder
 from .network import client_ip
@@ -108,6 +109,8 @@ class LLMAuthState:
                                   settings.model_list)
         self.policy = Policy(settings, self.models)
         self.last_used = LastUsedRecorder()
+        #: Budgets and rate limits register here (see :mod:`flask_llmauth.guards`).
+        self.guards = Guards()
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
                               self.invalidation_log.poll)
@@ -162,14 +165,27 @@ class LLMAuthState:
                 query_key_allowed=info.query_key_allowed,
             )
             principal = self.chain.authenticate(AuthContext(request, credentials, info))
-            self.policy.authorize(principal, info, request)
+            model = self.policy.authorize(principal, info, request)
+            g._llmauth_principal = principal
+            if self.guards.guards:
+                g._llmauth_admission = self.guards.admit(principal, info, model, _json_body)
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
-        g._llmauth_principal = principal
         if auth_succeeded.receivers:
             auth_succeeded.send(current_app._get_current_object(), principal=principal)
         return None
+
+    def after_request(self, response: Response) -> Response:
+        admission = g.get("_llmauth_admission")
+        if admission is not None:
+            response = self.guards.finish(admission, response)
+        return response
+
+    def teardown_request(self, exc: BaseException | None) -> None:
+        admission = g.get("_llmauth_admission")
+        if admission is not None:
+            self.guards.teardown(admission)
 
     def handle_error(self, error: LLMAuthError) -> Response:
         """Error handler for auth errors raised inside views (decorators, services)."""
@@ -192,6 +208,10 @@ class LLMAuthState:
         if auth_failed.receivers:
             auth_failed.send(current_app._get_current_object(), status=error.status,
                              reason=error.reason, route=route, ip=ip)
+
+
+def _json_body() -> Any:
+    return request.get_json(silent=True) if request.is_json else None
 
 
 def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:
@@ -247,6 +267,8 @@ class LLMAuth:
         app_state = LLMAuthState(self, app, settings)
         app.extensions["llmauth"] = app_state
         app.before_request(app_state.before_request)
+        app.after_request(app_state.after_request)
+        app.teardown_request(app_state.teardown_request)
         app.register_error_handler(LLMAuthError, app_state.handle_error)
         if settings.api_enabled:
             from .api import create_blueprint
@@ -282,6 +304,12 @@ class LLMAuth:
         """Replace the default error response (the JSON envelope) for every auth error."""
         self._error_callback = callback
         return callback
+
+    @staticmethod
+    def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,
+                     model: str | None = None) -> None:
+        """Report the tokens the current view used (see :func:`flask_llmauth.record_usage`)."""
+        record_usage(prompt_tokens, completion_tokens, model=model)
 
     def secret_loader(self, loader: Callable[[str], str | None]) -> Callable[[str], str | None]:
         """Register a callable ``(setting_key) -> str | None`` that supplies secrets (e.g. from

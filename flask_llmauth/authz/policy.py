@@ -56,8 +56,9 @@ class Policy:
 
     # -- entry point ----------------------------------------------------------------------------
 
-    def authorize(self, principal: Principal, info: RouteInfo, request: Request) -> None:
-        """Raise :class:`Forbidden` (or :class:`BadRequest`) unless the request may proceed."""
+    def authorize(self, principal: Principal, info: RouteInfo, request: Request) -> str | None:
+        """Raise :class:`Forbidden` (or :class:`BadRequest`) unless the request may proceed;
+        return the model the request asks for (LLM routes), if any."""
         settings = self.settings
         if settings.allowed_ips is not None or (principal.key and principal.key.allowed_ips):
             self._check_ip(principal, request)
@@ -87,6 +88,8 @@ class Policy:
                 denial = self.models.denial(principal, model)
                 if denial is not None:
                     raise denial
+            return model
+        return None
 
     # -- parts ------------------------------------------------------------------------------------
 

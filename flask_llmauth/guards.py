@@ -1,0 +1,229 @@
+"""Per-request guards: admission before the view, settlement when the response ends.
+
+A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wants`:
+
+1. ``admit(admission)`` runs after authorization, before the view. It may refuse with an
+   :class:`~flask_llmauth.errors.LLMAuthError` (429 ...) and may reserve capacity (budget,
+   parallel slots) in ``admission.scratch``. If a later guard refuses, every guard already
+   admitted is settled with ``failed=True`` so it releases what it reserved.
+2. ``settle(admission, usage, failed)`` runs exactly once per admitted request: after the
+   response for plain responses; when a streamed body ends — also when the client
+   disconnects; or at teardown when the view raised. ``usage`` is what the host reported with
+   :func:`record_usage`, else what the response (JSON or SSE) reported, else an estimate.
+   ``settle`` must not raise; failures are logged.
+3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
+
+No guard runs for a request none of them wants, so unconfigured features cost nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from flask import Response, g
+
+from .authz.routes import RouteInfo
+from .principal import Principal
+from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_body
+
+log = logging.getLogger("flask_llmauth")
+
+
+class Admission:
+    """One authorized request on its way through the guards."""
+
+    __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
+                 "end_user_id", "_request_id", "_settled", "_lock")
+
+    def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
+                 body: Any) -> None:
+        self.principal = principal
+        self.route = route
+        self.model = model
+        #: The parsed JSON request body (``None`` when there is none).
+        self.body = body
+        self.started = time.time()
+        #: Per-guard working state, keyed by guard name.
+        self.scratch: dict[str, Any] = {}
+        #: Usage reported by the host with :func:`record_usage`.
+        self.usage: Usage | None = None
+        self.end_user_id: str | None = None
+        self._request_id: str | None = None
+        self._settled = False
+        self._lock = threading.Lock()
+
+    @property
+    def request_id(self) -> str:
+        """A unique id for this request (spend rows are keyed by it, so a retried write
+        never counts twice)."""
+        if self._request_id is None:
+            self._request_id = uuid.uuid4().hex
+        return self._request_id
+
+    def claim_settlement(self) -> bool:
+        """True for the first caller only: settlement happens exactly once."""
+        with self._lock:
+            if self._settled:
+                return False
+            self._settled = True
+            return True
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+
+class Guard(Protocol):
+    name: str
+
+    def wants(self, principal: Principal, route: RouteInfo) -> bool: ...
+
+    def admit(self, admission: Admission) -> None: ...
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None: ...
+
+    def headers(self, admission: Admission) -> Mapping[str, str]: ...
+
+
+def _settle_all(guards: Iterable[Guard], admission: Admission, usage: Usage | None,
+                failed: bool) -> None:
+    for guard in guards:
+        try:
+            guard.settle(admission, usage, failed)
+        except Exception:
+            log.exception("llmauth: guard %s failed to settle request %s", guard.name,
+                          admission.request_id)
+
+
+class Guards:
+    """The guards of one app, run around each request."""
+
+    def __init__(self, guards: Iterable[Guard] = ()) -> None:
+        self.guards: tuple[Guard, ...] = tuple(guards)
+
+    def add(self, guard: Guard) -> None:
+        self.guards += (guard,)
+
+    def admit(self, principal: Principal, route: RouteInfo, model: str | None,
+              body: Callable[[], Any]) -> Admission | None:
+        """Run ``admit`` of every guard that wants this request; ``None`` if none does.
+
+        ``body`` returns the parsed JSON request body; it is called only when needed.
+        """
+        wanted = [guard for guard in self.guards if guard.wants(principal, route)]
+        if not wanted:
+            return None
+        admission = Admission(principal, route, model, body())
+        admission.scratch["_guards"] = wanted
+        admitted: list[Guard] = []
+        try:
+            for guard in wanted:
+                guard.admit(admission)
+                admitted.append(guard)
+        except BaseException:
+            if admission.claim_settlement():
+                _settle_all(reversed(admitted), admission, None, True)
+            raise
+        return admission
+
+    def finish(self, admission: Admission, response: Response) -> Response:
+        """Add the guards' headers; settle now, or when the streamed body ends."""
+        guards: list[Guard] = admission.scratch["_guards"]
+        for guard in guards:
+            try:
+                for name, value in guard.headers(admission).items():
+                    response.headers[name] = value
+            except Exception:
+                log.exception("llmauth: guard %s failed to add headers", guard.name)
+        if admission.settled:
+            return response
+        failed = response.status_code >= 400
+        if response.is_streamed and not failed:
+            admission.scratch["_streaming"] = True
+            stream = StreamUsage(admission.model, estimate_prompt_tokens(admission.body))
+            response.response = _ObservedStream(
+                response.response, stream.feed,
+                lambda: self.settle(admission, admission.usage or stream.result(), False),
+            )
+            return response
+        usage = admission.usage
+        if usage is None and not failed and response.mimetype == "application/json":
+            try:
+                usage = usage_from_body(json.loads(response.get_data()), admission.model)
+            except ValueError:
+                usage = None
+        self.settle(admission, usage, failed)
+        return response
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
+        if admission.claim_settlement():
+            _settle_all(admission.scratch["_guards"], admission, usage, failed)
+
+    def teardown(self, admission: Admission) -> None:
+        """End of the request context: settle as failed unless a response (or a stream
+        still being sent) took care of it — the view raised, or after_request never ran."""
+        if not admission.settled and not admission.scratch.get("_streaming"):
+            self.settle(admission, admission.usage, True)
+
+
+class _ObservedStream:
+    """Passes a streamed body through, feeding each chunk to ``on_chunk``; calls ``on_end``
+    once when the stream is exhausted, fails, or is closed early (client disconnect)."""
+
+    def __init__(self, inner: Iterable[Any], on_chunk: Callable[[Any], None],
+                 on_end: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_chunk = on_chunk
+        self._on_end = on_end
+        self._ended = False
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for chunk in self._inner:
+                try:
+                    self._on_chunk(chunk)
+                except Exception:
+                    log.exception("llmauth: could not read usage from a stream chunk")
+                yield chunk
+        finally:
+            self._end()
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end()
+
+
+def current_admission() -> Admission | None:
+    return g.get("_llmauth_admission")
+
+
+def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,
+                 model: str | None = None) -> None:
+    """Report the tokens a view used (overrides what the response or stream reports).
+
+    Call it from a host view that does not return an OpenAI/Anthropic-shaped body; outside a
+    guarded request it does nothing.
+    """
+    for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+    admission = current_admission()
+    if admission is not None:
+        admission.usage = Usage(prompt_tokens, completion_tokens, model or admission.model)
+
+

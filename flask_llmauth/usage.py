@@ -1,0 +1,181 @@
+"""Token usage: read from OpenAI / Anthropic JSON responses and SSE streams, or estimated.
+
+Responses carry ``usage`` blocks; streams carry them in a final chunk (OpenAI with
+``stream_options.include_usage``) or spread over events (Anthropic ``message_start`` /
+``message_delta``). When a stream ends without usage (no ``include_usage``, or the client
+went away), completion tokens are estimated from the streamed text and prompt tokens from
+the request, at about four characters per token, and the result is marked ``estimated``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Characters per token for estimates (the rule of thumb OpenAI documents for English).
+CHARS_PER_TOKEN = 4
+_MAX_EVENT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str | None = None
+    #: True when the counts were estimated rather than reported by the model.
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_text(part.get("text")) if isinstance(part, Mapping) else _text(part)
+                        for part in content)
+    return ""
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
+    """A request's prompt size in tokens (messages, prompt, input or system text)."""
+    if not isinstance(body, Mapping):
+        return 0
+    text = ""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        text += " ".join(_text(m.get("content")) for m in messages if isinstance(m, Mapping))
+        text += " " * 12 * len(messages)  # role and framing overhead per message
+    for name in ("prompt", "input", "system"):
+        value = body.get(name)
+        if isinstance(value, str):
+            text += value
+        elif isinstance(value, list):
+            text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
+                str(v) for v in value)
+    return estimate_tokens(text)
+
+
+def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
+    """The completion cap a request asks for (``max_tokens``/``max_completion_tokens``)."""
+    if not isinstance(body, Mapping):
+        return None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = _int(body.get(name))
+        if value:
+            return value
+    return None
+
+
+def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
+    """Usage reported in a JSON response body (OpenAI or Anthropic shape), if any."""
+    if not isinstance(body, Mapping):
+        return None
+    usage = body.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    model = body.get("model") if isinstance(body.get("model"), str) else model
+    if "input_tokens" in usage or "output_tokens" in usage:  # Anthropic, OpenAI Responses
+        prompt = (_int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
+                  + _int(usage.get("cache_read_input_tokens")))
+        return Usage(prompt, _int(usage.get("output_tokens")), model)
+    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    if not completion and _int(usage.get("total_tokens")) > prompt:
+        completion = _int(usage["total_tokens"]) - prompt
+    return Usage(prompt, completion, model)
+
+
+class StreamUsage:
+    """Reads server-sent events as they pass and keeps the usage they report."""
+
+    def __init__(self, model: str | None, prompt_estimate: int) -> None:
+        self.model = model
+        self.prompt_estimate = prompt_estimate
+        self._buffer = b""
+        self._prompt = 0
+        self._completion = 0
+        self._reported = False
+        self._text_chars = 0
+
+    def feed(self, chunk: bytes | str) -> None:
+        if isinstance(chunk, str):
+            chunk = chunk.encode()
+        self._buffer += chunk
+        while True:
+            end = self._find_event_end()
+            if end is None:
+                if len(self._buffer) > _MAX_EVENT_BYTES:  # not SSE, or a runaway event
+                    self._buffer = b""
+                return
+            event, self._buffer = self._buffer[:end[0]], self._buffer[end[1]:]
+            self._event(event)
+
+    def _find_event_end(self) -> tuple[int, int] | None:
+        for separator in (b"\n\n", b"\r\n\r\n"):
+            index = self._buffer.find(separator)
+            if index >= 0:
+                return index, index + len(separator)
+        return None
+
+    def _event(self, raw: bytes) -> None:
+        data = b"\n".join(line[5:].strip() for line in raw.splitlines()
+                          if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            return
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(payload, Mapping):
+            return
+        kind = payload.get("type")
+        if kind == "message_start":  # Anthropic
+            message = payload.get("message") or {}
+            usage = message.get("usage") or {}
+            self._prompt = max(self._prompt, (
+                _int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
+                + _int(usage.get("cache_read_input_tokens"))))
+            self._completion = max(self._completion, _int(usage.get("output_tokens")))
+            self._reported = self._reported or bool(self._prompt)
+            if isinstance(message.get("model"), str):
+                self.model = message["model"]
+            return
+        if kind == "message_delta":
+            usage = payload.get("usage") or {}
+            self._completion = max(self._completion, _int(usage.get("output_tokens")))
+            self._reported = True
+            return
+        if kind == "content_block_delta":
+            self._text_chars += len(_text((payload.get("delta") or {}).get("text")))
+            return
+        reported = usage_from_body(payload, self.model)
+        if reported is not None:
+            self._prompt, self._completion = reported.prompt_tokens, reported.completion_tokens
+            self._reported = True
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, Mapping):
+                delta = choice.get("delta") or {}
+                self._text_chars += len(_text(delta.get("content")) if isinstance(
+                    delta, Mapping) else "") + len(_text(choice.get("text")))
+        if isinstance(payload.get("model"), str):
+            self.model = payload["model"]
+
+    def result(self) -> Usage:
+        """What the stream reported, or an estimate of what it delivered so far."""
+        if self._reported:
+            return Usage(self._prompt or self.prompt_estimate, self._completion, self.model)
+        return Usage(self.prompt_estimate, math.ceil(self._text_chars / CHARS_PER_TOKEN),
+                     self.model, estimated=True)

@@ -1,0 +1,204 @@
+"""The guard lifecycle: admit before the view, settle exactly once when the response ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from flask import Response, jsonify, stream_with_context
+
+from flask_llmauth import Usage, record_usage
+from flask_llmauth.errors import TooManyRequests
+from flask_llmauth.guards import Admission
+from flask_llmauth.usage import StreamUsage, estimate_prompt_tokens, usage_from_body
+from tests.helpers import ADMIN, assert_error, bearer, new_key
+
+
+class RecordingGuard:
+    """Records what the lifecycle does to it; refuses when told to."""
+
+    def __init__(self, name: str, refuse: bool = False) -> None:
+        self.name = name
+        self.refuse = refuse
+        self.admitted: list[Admission] = []
+        self.settled: list[tuple[Usage | None, bool]] = []
+
+    def wants(self, principal: Any, route: Any) -> bool:
+        return route.is_llm
+
+    def admit(self, admission: Admission) -> None:
+        if self.refuse:
+            raise TooManyRequests("refused by test guard")
+        self.admitted.append(admission)
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
+        self.settled.append((usage, failed))
+
+    def headers(self, admission: Admission) -> Mapping[str, str]:
+        return {f"x-test-{self.name}": "1"}
+
+
+OPENAI_BODY = {"model": "gpt-4o", "choices": [],
+               "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+ANTHROPIC_BODY = {"model": "claude", "content": [],
+                  "usage": {"input_tokens": 5, "output_tokens": 3,
+                            "cache_read_input_tokens": 2}}
+
+
+@pytest.fixture
+def guarded(app_factory: Any) -> Any:
+    app = app_factory(routes=False)
+    guard = RecordingGuard("a")
+    app.extensions["llmauth"].guards.add(guard)
+
+    @app.post("/v1/completions")
+    def completions() -> Any:
+        return jsonify(OPENAI_BODY)
+
+    @app.post("/v1/messages")
+    def messages() -> Any:
+        return jsonify(ANTHROPIC_BODY)
+
+    @app.post("/v1/embeddings")
+    def embeddings() -> Any:
+        record_usage(40, 0, model="emb")
+        return jsonify({"data": []})
+
+    @app.post("/v1/chat/completions")
+    def chat() -> Any:
+        def events() -> Any:
+            yield 'data: {"choices":[{"delta":{"content":"hello there"}}]}\n\n'
+            yield 'data: {"choices":[{"delta":{"content":" world"}}]}\n\n'
+            yield ('data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,'
+                   '"total_tokens":13}}\n\n')
+            yield "data: [DONE]\n\n"
+
+        return Response(stream_with_context(events()), mimetype="text/event-stream")
+
+    @app.post("/v1/responses")
+    def raises() -> Any:
+        raise RuntimeError("view failed")
+
+    @app.post("/v1/moderations")
+    def bad_request() -> Any:
+        return jsonify(error="nope"), 400
+
+    @app.get("/v1/models")
+    def models() -> Any:
+        return jsonify(data=[])
+
+    return app, guard
+
+
+def test_plain_json_usage_settles_once_openai_and_anthropic(guarded: Any) -> None:
+    app, guard = guarded
+    client = app.test_client()
+    response = client.post("/v1/completions", json={"model": "gpt-4o"}, headers=ADMIN)
+    assert response.headers["x-test-a"] == "1"
+    response = client.post("/v1/messages", json={"model": "claude"}, headers=ADMIN)
+    assert guard.settled == [(Usage(11, 7, "gpt-4o"), False), (Usage(7, 3, "claude"), False)]
+    assert len(guard.admitted) == 2 and guard.admitted[0].model == "gpt-4o"
+
+
+def test_record_usage_overrides_the_response(guarded: Any) -> None:
+    app, guard = guarded
+    app.test_client().post("/v1/embeddings", json={"model": "emb", "input": "x"}, headers=ADMIN)
+    assert guard.settled == [(Usage(40, 0, "emb"), False)]
+
+
+def test_stream_settles_at_end_with_reported_usage(guarded: Any) -> None:
+    app, guard = guarded
+    response = app.test_client().post("/v1/chat/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN)
+    assert guard.settled == []  # nothing read yet: nothing settled
+    assert b"[DONE]" in response.get_data()
+    response.close()
+    assert guard.settled == [(Usage(9, 4, "gpt-4o"), False)]
+
+
+def test_stream_closed_early_settles_with_an_estimate(guarded: Any) -> None:
+    app, guard = guarded
+    messages = [{"role": "user", "content": "x" * 400}]
+    response = app.test_client().post("/v1/chat/completions",
+                                      json={"model": "gpt-4o", "messages": messages},
+                                      headers=ADMIN, buffered=False)
+    first = next(iter(response.response))
+    assert b"hello" in first
+    response.close()  # the client went away after the first event
+    assert len(guard.settled) == 1
+    usage, failed = guard.settled[0]
+    assert failed is False and usage is not None and usage.estimated
+    assert usage.completion_tokens == 3  # "hello there" = 11 chars
+    assert usage.prompt_tokens == estimate_prompt_tokens({"messages": messages})
+
+
+def test_view_exception_and_error_status_settle_as_failed(guarded: Any) -> None:
+    app, guard = guarded
+    client = app.test_client()
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    assert client.post("/v1/responses", json={"model": "m"}, headers=ADMIN).status_code == 500
+    assert client.post("/v1/moderations", json={"model": "m"}, headers=ADMIN).status_code == 400
+    assert guard.settled == [(None, True), (None, True)]
+
+
+def test_refusal_by_a_later_guard_releases_earlier_guards(guarded: Any) -> None:
+    app, first = guarded
+    app.extensions["llmauth"].guards.add(RecordingGuard("b", refuse=True))
+    response = app.test_client().post("/v1/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN)
+    assert_error(response, 429)
+    assert len(first.admitted) == 1 and first.settled == [(None, True)]
+
+
+def test_guards_only_see_requests_they_want(guarded: Any) -> None:
+    app, guard = guarded
+    client = app.test_client()
+    key = new_key(client)["key"]
+    assert client.get("/key/info", headers=bearer(key)).status_code == 200
+    assert guard.admitted == [] and guard.settled == []
+    assert client.get("/v1/models", headers=bearer(key)).status_code == 200
+    assert [a.route.route for a in guard.admitted] == ["/v1/models"]
+    assert guard.settled == [(None, False)]
+
+
+@pytest.mark.parametrize("body,expected", [
+    (OPENAI_BODY, Usage(11, 7, "gpt-4o")),
+    ({"usage": {"prompt_tokens": 4, "total_tokens": 10}}, Usage(4, 6, None)),
+    ({"model": "r", "usage": {"input_tokens": 3, "output_tokens": 2}}, Usage(3, 2, "r")),
+    ({"usage": {"prompt_tokens": -5, "completion_tokens": True}}, Usage(0, 0, None)),
+    ({"usage": "lots"}, None),
+    ([], None),
+])
+def test_usage_from_body(body: Any, expected: Usage | None) -> None:
+    assert usage_from_body(body) == expected
+
+
+def test_anthropic_stream_usage_across_events_and_split_chunks() -> None:
+    events = [
+        ("message_start", {"type": "message_start", "message": {
+            "model": "claude", "usage": {"input_tokens": 25, "output_tokens": 1}}}),
+        ("content_block_delta", {"type": "content_block_delta",
+                                 "delta": {"type": "text_delta", "text": "hi"}}),
+        ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 15}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    raw = "".join(f"event: {n}\ndata: {json.dumps(d)}\n\n" for n, d in events).encode()
+    stream = StreamUsage(None, prompt_estimate=99)
+    for i in range(0, len(raw), 7):  # arbitrary chunk boundaries
+        stream.feed(raw[i:i + 7])
+    assert stream.result() == Usage(25, 15, "claude")
+
+
+def test_stream_without_events_is_estimated_from_the_request() -> None:
+    stream = StreamUsage("m", prompt_estimate=12)
+    stream.feed(b"not an event stream at all")
+    assert stream.result() == Usage(12, 0, "m", estimated=True)
+
+
+def test_record_usage_validates_its_arguments() -> None:
+    with pytest.raises(ValueError):
+        record_usage(-1)
+    with pytest.raises(ValueError):
+        record_usage(1, True)
