@@ -146,6 +146,38 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+# -- parsers of the OAuth2 / proxy-header / custom-auth section (issue 3) ------------------------
+
+
+def _hook(value: Any) -> Any:
+    """A hook: ``"module.func"`` (resolved at ``init_app``) or the callable itself."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError('must be "module.function" or a callable')
+
+
+def _role_name(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    from .principal import Role
+
+    return Role.parse(value).value
+
+
+def _http_url(value: Any) -> str | None:
+    value = _str(value)
+    if value is None or value == "":
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL")
+    return value
+
+
 DEFAULT_AUTH_ORDER = ("custom", "oauth2_proxy", "jwt", "oauth2", "master_key", "virtual_key")
 DEFAULT_PUBLIC_ROUTES = ("/health/liveliness", "/health/liveness", "/health/readiness")
 
@@ -289,6 +321,26 @@ class Settings:
     # -- JWT / OIDC (issue 3) -------------------------------------------------------------------
 
     # -- OAuth2 introspection, OAuth2-proxy headers, custom auth (issue 3) -----------------------
+    custom_auth: Any = setting(
+        None, _hook,
+        "Custom auth hook `(request, api_key)`: `\"module.function\"` (looked up next to the "
+        "YAML file first, then on the import path) or a callable; `@llmauth.custom_auth` "
+        "registers one too. See docs/oauth2.md for what it may return.",
+        yaml=("general_settings.custom_auth",),
+    )
+    custom_auth_mode: str = setting(
+        "on", _choice("on", "off", "auto"),
+        "`on`: the hook decides every request (no answer is a 401). `auto`: the hook may "
+        "also return a virtual key string (validated as a key) or `None` to let the other "
+        "methods decide. `off`: the hook is not called.",
+        yaml=("general_settings.custom_auth_settings.mode",),
+    )
+    custom_key_validate: Any = setting(
+        None, _hook,
+        "Hook `(request, principal) -> bool` run after every successful virtual-key "
+        "authentication; anything but `True` is a 403. `@llmauth.custom_key_validate` "
+        "registers one too.",
+    )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
 
@@ -328,6 +380,8 @@ def mask_secret(value: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    if callable(value):  # a hook given as a callable
+        return f"<{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}>"
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, Duration):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, current_app, g, request
 
 from .authn.base import AuthContext, Authenticator, Chain
+from .authn.custom import custom_factory, with_key_validation
 from .authn.master_key import MasterKeyAuthenticator
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
@@ -224,16 +225,17 @@ def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | No
 
 def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
     settings = state.settings
-    return VirtualKeyAuthenticator(
+    authenticator = VirtualKeyAuthenticator(
         state.store, state.digester, state.key_cache, state.negative_cache,
         ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl,
         touch=state.last_used.touch,
     )
+    return with_key_validation(authenticator, state, ext)  # custom_key_validate
 
 
 #: name → factory(state, extension) returning the authenticator, or None when disabled.
 AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticator | None]] = {
-    "custom": lambda state, ext: None,
+    "custom": custom_factory,
     "oauth2_proxy": lambda state, ext: None,
     "jwt": lambda state, ext: None,
     "oauth2": lambda state, ext: None,
@@ -299,6 +301,18 @@ class LLMAuth:
             return view
 
         return decorator
+
+    def custom_auth(self, hook: F) -> F:
+        """Register the custom auth hook ``hook(request, api_key)``; it replaces
+        ``LLMAUTH_CUSTOM_AUTH``. What it may return is described in docs/oauth2.md."""
+        self.callbacks["custom_auth"] = hook
+        return hook
+
+    def custom_key_validate(self, hook: F) -> F:
+        """Register ``hook(request, principal) -> bool``, run after every successful
+        virtual-key authentication; anything but ``True`` refuses the request with 403."""
+        self.callbacks["custom_key_validate"] = hook
+        return hook
 
     def error_handler(self, callback: ErrorCallback) -> ErrorCallback:
         """Replace the default error response (the JSON envelope) for every auth error."""

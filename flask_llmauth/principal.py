@@ -73,12 +73,20 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     #: Routes this credential is limited to (route paths, wildcards or group names).
     allowed_routes: tuple[str, ...] = ()
+    #: Models this credential is limited to, for methods without a key row (proxy headers,
+    #: custom auth): same syntax as a key's ``models``; empty means no extra restriction.
+    models: tuple[str, ...] = ()
     key: KeyRecord | None = None
     team: TeamRecord | None = None
     user: UserRecord | None = None
     membership: MembershipRecord | None = None
     claims: Mapping[str, Any] | None = field(default=None, compare=False)
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: Budget and rate-limit values asserted by the authenticating method itself (a custom
+    #: auth hook, or proxy headers with the privilege opt-in): ``max_budget``/``soft_budget``
+    #: (integer units, see :mod:`flask_llmauth.money`), ``tpm_limit``, ``rpm_limit``,
+    #: ``max_parallel_requests`` (ints) and ``budget_duration`` (text). Empty for keys.
+    limits: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def is_admin(self) -> bool:

@@ -4,7 +4,8 @@ A ``models`` list (on a key, team, team membership or user) allows everything wh
 ``*`` and ``all-proxy-models`` allow everything; ``openai/*`` style entries are wildcards;
 an access-group name allows every model of the group. Aliases (global, key, team) resolve
 to their target: access is granted when the alias or its target is allowed. The checks run
-key → team → team member → user (the user's list only for personal keys, as in LiteLLM).
+credential (``Principal.models``, for methods without a key row) → key → team → team
+member → user (the user's list only for personal keys, as in LiteLLM).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class ModelAccess:
         names = self.names_for(principal, model)
         key, team, user = principal.key, principal.team, principal.user
         member = principal.membership
+        if principal.models and not self._matcher(principal.models).allows(names):
+            return _denied("credential", model, principal.models)
         if key is not None and ALL_TEAM_MODELS not in key.models:
             if not self._matcher(key.models).allows(names):
                 return _denied("key", model, key.models)
@@ -128,8 +131,8 @@ class ModelAccess:
 
 
 def _denied(level: str, model: str, allowed: Sequence[str], who: str = "") -> Forbidden:
-    subject = {"key": "This key", "team": "This team", "team_member": "This team member",
-               "user": "This user"}[level]
+    subject = {"credential": "This credential", "key": "This key", "team": "This team",
+               "team_member": "This team member", "user": "This user"}[level]
     detail = f" {who}." if who else ""
     return Forbidden(
         f"{level.replace('_', ' ')} not allowed to access model.{detail} {subject} can only "
