@@ -244,6 +244,16 @@ AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticat
 }
 
 
+#: Per-request guards, in the order they run: cheap refusals before money is reserved.
+#: Each entry is ``(name, install(state, app))``; ``install`` adds its guard(s) to
+#: ``state.guards`` (or nothing, when the feature is off). See :mod:`flask_llmauth.guards`.
+GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] = (
+    ("customers", lambda state, app: None),  # end user: resolved first, blocked → 403
+    ("rate_limits", lambda state, app: None),  # rpm/tpm/parallel limits → 429
+    ("budgets", lambda state, app: None),  # budget reservation → 429 budget_exceeded
+)
+
+
 class LLMAuth:
     """LiteLLM-style authentication and authorization for a Flask app.
 
@@ -272,6 +282,8 @@ class LLMAuth:
         app.after_request(app_state.after_request)
         app.teardown_request(app_state.teardown_request)
         app.register_error_handler(LLMAuthError, app_state.handle_error)
+        for _, install in GUARD_INSTALLERS:
+            install(app_state, app)
         if settings.api_enabled:
             from .api import create_blueprint
 

@@ -14,6 +14,17 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
 3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
 
 No guard runs for a request none of them wants, so unconfigured features cost nothing.
+
+Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
+rate limits, budgets — so cheap refusals happen before money is reserved. The customers
+guard runs first and fills two slots later guards read:
+
+* ``admission.end_user_id`` — the end user (customer) the request is for: from the
+  principal (a JWT claim), a configured header (``user_header_mappings``) or the body's
+  ``user`` field; ``None`` when the request names none;
+* ``admission.customer`` — that end user's :class:`~flask_llmauth.store.records.CustomerRecord`
+  with its budget tier's fields filled in (``rpm_limit``, ``tpm_limit``,
+  ``max_parallel_requests``, ``max_budget``...), or ``None`` when the end user has no row.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ class Admission:
     """One authorized request on its way through the guards."""
 
     __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
-                 "end_user_id", "_request_id", "_settled", "_lock")
+                 "end_user_id", "customer", "_request_id", "_settled", "_lock")
 
     def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
                  body: Any) -> None:
@@ -53,7 +64,9 @@ class Admission:
         self.scratch: dict[str, Any] = {}
         #: Usage reported by the host with :func:`record_usage`.
         self.usage: Usage | None = None
+        #: Set by the customers guard (first guard to run); see the module docstring.
         self.end_user_id: str | None = None
+        self.customer: Any = None
         self._request_id: str | None = None
         self._settled = False
         self._lock = threading.Lock()
