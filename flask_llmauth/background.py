@@ -16,6 +16,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import LLMAuthError
+
 log = logging.getLogger("flask_llmauth")
 
 
@@ -25,6 +27,8 @@ class _Task:
     interval: float
     run: Callable[[], object]
     due: float = 0.0
+    failing: bool = False
+    reported: float = 0.0
 
 
 class Background:
@@ -72,8 +76,27 @@ class Background:
 def _run(task: _Task) -> None:
     try:
         task.run()
-    except Exception:
-        log.exception("llmauth: background task %s failed", task.name)
+    except LLMAuthError as exc:  # e.g. the database is down: expected, already logged
+        _note_failure(task, f"{exc.status} {exc.reason}")
+    except Exception as exc:
+        _note_failure(task, type(exc).__name__, exc_info=True)
+    else:
+        if task.failing:
+            log.warning("llmauth: background task %s recovered", task.name)
+            task.failing = False
+
+
+#: A task that keeps failing is reported at most this often (seconds).
+_REPORT_EVERY = 60.0
+
+
+def _note_failure(task: _Task, what: str, exc_info: bool = False) -> None:
+    now = time.monotonic()
+    if not task.failing or now - task.reported >= _REPORT_EVERY:
+        log.error("llmauth: background task %s failed: %s", task.name, what,
+                  exc_info=exc_info)
+        task.reported = now
+    task.failing = True
 
 
 def _loop(ref: weakref.ref[Background], stop: threading.Event) -> None:

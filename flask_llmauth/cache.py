@@ -104,6 +104,11 @@ class Invalidator:
         for cache in self.caches:
             cache.invalidate(tag)
 
+    def clear_local(self) -> None:
+        """Empty every cache of this process."""
+        for cache in self.caches:
+            cache.clear()
+
     def __call__(self, *tags: str) -> None:
         """Invalidate here at once, then tell the other processes."""
         for tag in tags:

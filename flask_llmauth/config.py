@@ -17,10 +17,13 @@ import difflib
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
@@ -57,20 +60,150 @@ def _bool(value: Any) -> bool:
 
 
 def _number(kind: type, minimum: float | None = None) -> Parser:
+    what = "an integer" if kind is int else "a finite number"
+
     def parse(value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool):
-            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}")
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"must be {what}")
+        number: int | float
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                number = int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise ValueError(f"must be {what}") from None
+        else:
+            number = value
+        if isinstance(number, float):
+            if not math.isfinite(number) or (kind is int and not number.is_integer()):
+                raise ValueError(f"must be {what}")
+        number = int(number) if kind is int else float(number)
         if minimum is not None and number < minimum:
-            raise ValueError(f"must be at least {minimum}")
+            raise ValueError(f"must be at least {minimum:g}")
         return number
 
     return parse
+
+
+def _nonempty_str(value: Any) -> str:
+    text = _str(value)
+    if not text or not text.strip():
+        raise ValueError("must be a non-empty string")
+    return text
+
+
+def _optional_str(value: Any) -> str | None:
+    """A string where ``""`` means unset (as an empty environment variable does)."""
+    text = _str(value)
+    return text if text else None
+
+
+#: RFC 9110 field-name characters (``token``).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_name(value: Any) -> str | None:
+    text = _optional_str(value)
+    if text is not None and not _HEADER_NAME.match(text):
+        raise ValueError("must be an HTTP header name (letters, digits and - _ . only)")
+    return text
+
+
+def _url_prefix(value: Any) -> str:
+    text = _str(value) or ""
+    if text and (not text.startswith("/") or text.endswith("/") or "//" in text
+                 or not text.isprintable() or " " in text):
+        raise ValueError("must be empty or a path such as /llm (leading /, no trailing /)")
+    return text
+
+
+def _cli_name(value: Any) -> str:
+    text = _nonempty_str(value)
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", text):
+        raise ValueError("must be a lower-case command name such as llmauth")
+    return text
+
+
+#: Database URL schemes the store supports (migrations are tested on these).
+DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql", "postgres+pool", "postgresql+pool")
+
+
+def _database_url(value: Any) -> str | None:
+    """A database URL. Error messages never repeat the URL: it may hold a password."""
+    text = _optional_str(value)
+    if text is None:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in DATABASE_SCHEMES:
+        raise ValueError("must be a sqlite:///path or postgresql://user@host/dbname URL")
+    try:
+        path = urlsplit(text).path
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if not path.strip("/"):
+        raise ValueError("has no database name (sqlite:///path, postgresql://host/dbname)")
+    return text
+
+
+def _auth_order(value: Any) -> tuple[str, ...]:
+    names = _str_list(value)
+    if not names:
+        raise ValueError("must name at least one authenticator")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"names {', '.join(duplicates)} more than once")
+    return names
+
+
+def _route_list(value: Any) -> tuple[str, ...]:
+    """Route entries: paths (``/x``, ``/x/*``, ``/x/{param}``) or route-group names. A
+    misspelt group would silently match nothing, so unknown names are refused."""
+    from .authz.routes import group_name
+
+    entries = _str_list(value)
+    for entry in entries:
+        if entry.startswith("/"):
+            if not entry.isprintable() or " " in entry:
+                raise ValueError(f"{entry[:64]!r} is not a route path")
+            continue
+        if group_name(entry) is None:
+            raise ValueError(
+                f"{entry[:64]!r} is neither a path (starting with /) nor a route group "
+                "name such as openai_routes or LiteLLMRoutes.public_routes")
+    return entries
+
+
+def _model_groups(value: Any) -> dict[str, Any]:
+    groups = _mapping(value)
+    for name, models in groups.items():
+        if not isinstance(name, str) or not isinstance(models, (list, tuple)) or not all(
+            isinstance(m, str) for m in models
+        ):
+            raise ValueError("must map each group name to a list of model names")
+    return groups
+
+
+def _string_map(value: Any) -> dict[str, Any]:
+    mapping = _mapping(value)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError("must map strings to strings")
+    return mapping
+
+
+def _model_list(value: Any) -> tuple[dict[str, Any], ...]:
+    entries = _list_of_mappings(value)
+    for index, entry in enumerate(entries):
+        if not isinstance(entry.get("model_name"), str) or not entry["model_name"]:
+            raise ValueError(f"entry {index} has no model_name string")
+        info = entry.get("model_info")
+        if info is not None and not isinstance(info, Mapping):
+            raise ValueError(f"entry {index}: model_info must be a mapping")
+    return entries
 
 
 def _str_list(value: Any) -> tuple[str, ...]:
@@ -188,10 +321,13 @@ class Settings:
 
     # -- core ---------------------------------------------------------------------------------
     config_file: str | None = setting(
-        None, _str, "Path of a LiteLLM-style YAML file whose `general_settings` are read.",
+        None, _optional_str, "Path of a LiteLLM-style YAML file whose `general_settings` are read.",
     )
     master_key: str | None = setting(
-        None, _str, "The admin credential (proxy_admin). At least 32 characters.",
+        None, _optional_str,
+        "The admin credential (proxy_admin): at least 32 random characters. Missing, short, "
+        "low-entropy or well-known example keys (`sk-1234`) refuse to start unless "
+        "`LLMAUTH_INSECURE_DEV_MODE` is set.",
         yaml=("general_settings.master_key",), env=("LITELLM_MASTER_KEY",), secret=True,
     )
     insecure_dev_mode: bool = setting(
@@ -201,25 +337,26 @@ class Settings:
         env=("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",),
     )
     salt_key: str | None = setting(
-        None, _str,
+        None, _optional_str,
         "Server secret from which key-hash and other per-purpose secrets are derived (HKDF). "
         "Defaults to the master key; set it so the master key can be rotated without "
-        "invalidating every virtual key.",
+        "invalidating every virtual key. At least 32 random characters.",
         env=("LITELLM_SALT_KEY",), secret=True,
     )
     proxy_admin_name: str = setting(
-        "default_user_id", _str, "`user_id` of master-key requests (LiteLLM's admin name).",
+        "default_user_id", _nonempty_str,
+        "`user_id` of master-key requests (LiteLLM's admin name).",
         yaml=("general_settings.litellm_proxy_admin_name",),
     )
     master_key_alias: str = setting(
-        "litellm-proxy-master-key", _str,
+        "litellm-proxy-master-key", _nonempty_str,
         "Name recorded in logs, audit and spend rows instead of the master key.",
         env=("LITELLM_PROXY_MASTER_KEY_ALIAS",),
     )
 
     # -- storage ------------------------------------------------------------------------------
     database_url: str | None = setting(
-        None, _str,
+        None, _database_url,
         "Peewee database URL (`postgresql://...`, `sqlite:///path`). Default: SQLite file "
         "`llmauth.db` in the app's instance folder.",
         yaml=("general_settings.database_url",), env=("DATABASE_URL",), secret=True,
@@ -228,25 +365,27 @@ class Settings:
         True, _bool, "Apply pending database migrations at `init_app`.",
     )
     redis_url: str | None = setting(
-        None, _str,
+        None, _optional_str,
         "Redis URL for shared counters, rate limits and cross-process cache invalidation.",
         env=("REDIS_URL",), secret=True,
     )
 
     # -- credentials and the chain ------------------------------------------------------------
     auth_order: tuple[str, ...] = setting(
-        DEFAULT_AUTH_ORDER, _str_list,
+        DEFAULT_AUTH_ORDER, _auth_order,
         "Order in which enabled authenticators run; the first decisive one wins.",
     )
     key_header_name: str | None = setting(
-        None, _str, "Extra header that carries the key (replaces the standard headers).",
+        None, _header_name,
+        "Header that carries the key instead of the standard ones: when set, only this header "
+        "is read (bare or `Bearer `).",
         yaml=("general_settings.litellm_key_header_name",),
     )
     max_credential_length: int = setting(
         8192, _number(int, 64), "Credentials longer than this are refused (401) unparsed.",
     )
     public_routes: tuple[str, ...] = setting(
-        DEFAULT_PUBLIC_ROUTES, _str_list,
+        DEFAULT_PUBLIC_ROUTES, _route_list,
         "Routes that need no credential: paths, `/prefix/*` wildcards or route-group names.",
         yaml=("general_settings.public_routes",),
     )
@@ -258,11 +397,11 @@ class Settings:
 
     # -- authorization ------------------------------------------------------------------------
     allowed_routes: tuple[str, ...] = setting(
-        (), _str_list, "Deployment-wide route allow-list (empty: no restriction).",
+        (), _route_list, "Deployment-wide route allow-list (empty: no restriction).",
         yaml=("general_settings.allowed_routes",),
     )
     admin_only_routes: tuple[str, ...] = setting(
-        (), _str_list, "Routes only proxy admins may call.",
+        (), _route_list, "Routes only proxy admins may call.",
         yaml=("general_settings.admin_only_routes",),
     )
     allowed_ips: tuple[Any, ...] | None = setting(
@@ -270,19 +409,19 @@ class Settings:
         yaml=("general_settings.allowed_ips",),
     )
     model_access_groups: dict[str, Any] = setting(
-        None, _mapping,
+        None, _model_groups,
         "Access groups: `{group: [model, ...]}`; also read from `model_list[].model_info`.",
     )
     model_alias_map: dict[str, Any] = setting(
-        None, _mapping, "Global model aliases `{alias: model}`.",
+        None, _string_map, "Global model aliases `{alias: model}`.",
         yaml=("litellm_settings.model_alias_map", "router_settings.model_group_alias"),
     )
     model_list: tuple[dict[str, Any], ...] = setting(
-        (), _list_of_mappings, "LiteLLM `model_list` (model names and access groups).",
+        (), _model_list, "LiteLLM `model_list` (model names and access groups).",
         yaml=("model_list",),
     )
     default_team_member_permissions: tuple[str, ...] = setting(
-        ("/key/info", "/key/health"), _str_list,
+        ("/key/info", "/key/health"), _route_list,
         "Key-management routes plain team members may call on their team's keys.",
     )
 
@@ -349,34 +488,92 @@ class Settings:
     # -- management API -----------------------------------------------------------------------
     api_enabled: bool = setting(True, _bool, "Register the management JSON API blueprint.")
     api_prefix: str = setting(
-        "", _str, "URL prefix of the management API (LiteLLM paths such as `/key/generate`).",
+        "", _url_prefix,
+        "URL prefix of the management API (LiteLLM paths such as `/key/generate`).",
     )
-    cli_name: str = setting("llmauth", _str, "Name of the `flask` CLI group.")
+    max_api_body_size: int = setting(
+        1_048_576, _number(int, 1024),
+        "Largest request body (bytes) the management API reads; a larger one is refused with "
+        "413 before it is read (`MAX_CONTENT_LENGTH`, when smaller, still applies).",
+    )
+    cli_name: str = setting("llmauth", _cli_name, "Name of the `flask` CLI group.")
 
     @classmethod
     def table(cls) -> tuple[dataclasses.Field[Any], ...]:
-        return dataclasses.fields(cls)
+        return tuple(f for f in dataclasses.fields(cls) if "parse" in f.metadata)
 
     def masked(self) -> dict[str, Any]:
-        """Every setting as ``LLMAUTH_NAME -> value`` with secrets masked (for show-config)."""
+        """Every setting as ``LLMAUTH_NAME -> value`` with secrets masked (for show-config).
+
+        Secret settings are masked whole; inside mappings and lists (``model_list`` carries
+        provider ``api_key`` values in LiteLLM configs) every value under a secret-looking
+        name is masked too.
+        """
         out: dict[str, Any] = {}
         for f in self.table():
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
                 value = mask_secret(str(value))
-            out[PREFIX + f.name.upper()] = _jsonable(value)
+            out[PREFIX + f.name.upper()] = _mask_nested(_jsonable(value))
         return out
+
+    def source(self, name: str) -> str:
+        """Where setting ``name`` came from (``"LLMAUTH_X"``, ``"YAML ..."``, ``"default"``)."""
+        return getattr(self, "_sources", {}).get(name, "default")
+
+
+#: Names whose values are secrets wherever they appear in a nested setting.
+_SECRET_NAME = re.compile(
+    r"(api_?key|secret|password|passwd|pwd|token|credential|private_?key|master_?key|"
+    r"salt_?key|auth)", re.IGNORECASE)
 
 
 def mask_secret(value: str) -> str:
-    """Show that a secret is set without revealing it (`sk-...abcd` style, or `****`)."""
+    """Show that a secret is set without revealing it (`sk-...abcd` style, or `****`).
+
+    URLs keep their scheme, host and path; a password in the authority and every
+    secret-looking query parameter are masked.
+    """
     if "://" in value:
-        scheme, _, rest = value.partition("://")
-        host = rest.rsplit("@", 1)[-1]
-        return f"{scheme}://****@{host}" if "@" in rest else f"{scheme}://{rest}"
+        return _mask_url(value)
     if len(value) >= 16:
         return f"{value[:3]}...{value[-4:]}"
     return "****"
+
+
+def _mask_url(value: str) -> str:
+    from urllib.parse import parse_qsl, urlencode
+
+    try:
+        parts = urlsplit(value)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = "****@" + netloc.rsplit("@", 1)[1]
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "****" if _SECRET_NAME.search(k) or k.lower() in (
+                "pass", "user") else v) for k, v in pairs], safe="*")
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        return value.split("://", 1)[0] + "://****"
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (_mask_value(v) if isinstance(k, str) and _SECRET_NAME.search(k)
+                    else _mask_nested(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_nested(v) for v in value]
+    return value
+
+
+def _mask_value(value: Any) -> Any:
+    if value in (None, "", [], {}):
+        return value
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        return value  # a reference to a secret, not the secret
+    return mask_secret(value) if isinstance(value, str) else "****"
 
 
 def _jsonable(value: Any) -> Any:
@@ -384,6 +581,8 @@ def _jsonable(value: Any) -> Any:
         return f"<{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}>"
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, Duration):
         return value.text
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -393,7 +592,7 @@ def _jsonable(value: Any) -> Any:
 
 # -- loading ------------------------------------------------------------------------------------
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_FIELDS = {f.name: f for f in Settings.table()}
 _BY_KEY = {PREFIX + name.upper(): name for name in _FIELDS}
 #: Flask config keys under our prefix that belong to the test harness, not to the extension.
 _IGNORED_KEYS = ("LLMAUTH_TEST_",)
@@ -419,21 +618,83 @@ def load_settings(
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigurationError(f"{key}: unknown setting{hint}")
 
-    yaml_doc = _read_yaml(overrides.get("config_file") or config.get(PREFIX + "CONFIG_FILE"))
+    config_file = overrides.get("config_file") or config.get(PREFIX + "CONFIG_FILE")
+    try:
+        yaml_doc = _read_yaml(_optional_str(config_file))
+    except ValueError as exc:
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(f"LLMAUTH_CONFIG_FILE: {exc}") from None
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, f in _FIELDS.items():
         key = PREFIX + name.upper()
         raw, source = _lookup(name, f, key, config, overrides, yaml_doc, environ, secret_loader)
+        sources[name] = source
         if raw is _MISSING:
             values[name] = f.default if f.default is not None else f.metadata["parse"](None)
             continue
         try:
             values[name] = f.metadata["parse"](raw)
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"{key} (from {source}): {exc}") from None
     if yaml_doc:
         _warn_unknown_general_settings(yaml_doc)
-    return Settings(**values)
+    settings = Settings(**values)
+    object.__setattr__(settings, "_sources", sources)
+    return settings
+
+
+#: Master keys LiteLLM's docs use as examples; never acceptable outside dev mode.
+WEAK_MASTER_KEYS = frozenset({"sk-1234", "sk-12345", "sk-123456", "sk-master", "changeme"})
+MIN_SECRET_LENGTH = 32
+#: A secret with fewer distinct characters than this is a pattern, not a random string.
+MIN_DISTINCT_CHARACTERS = 10
+
+
+def secret_weakness(secret: str) -> str | None:
+    """Why a server secret is weak, or ``None`` (never says anything about its value)."""
+    if secret in WEAK_MASTER_KEYS or secret.lower().startswith(("sk-1234", "changeme")):
+        return "is a well-known example value"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"is shorter than {MIN_SECRET_LENGTH} characters"
+    if len(set(secret)) < MIN_DISTINCT_CHARACTERS:
+        return "is not random (too few distinct characters)"
+    return None
+
+
+def check_secrets(settings: Settings) -> None:
+    """Refuse a missing or weak master key unless dev mode is on, and a weak salt key
+    (``init_app`` calls it after :func:`load_settings`).
+
+    The messages name the setting and where it came from; they never contain the value.
+    """
+    key = settings.master_key
+    source = settings.source("master_key")
+    problem = "no master key is configured" if not key else None
+    if key:
+        weakness = secret_weakness(key)
+        if weakness is not None:
+            problem = f"the master key {weakness}"
+    if problem is not None:
+        if not settings.insecure_dev_mode:
+            where = "" if source == "default" else f" (from {source})"
+            raise ConfigurationError(
+                f"LLMAUTH_MASTER_KEY{where}: {problem}. Use at least {MIN_SECRET_LENGTH} "
+                "random characters (e.g. 'sk-' + secrets.token_urlsafe(32)) in "
+                "LLMAUTH_MASTER_KEY or LITELLM_MASTER_KEY, or set LLMAUTH_INSECURE_DEV_MODE="
+                "True for development only."
+            )
+        log.warning("llmauth: INSECURE DEV MODE (LLMAUTH_INSECURE_DEV_MODE): %s. Anyone who "
+                    "can guess the master key is proxy admin. Never run this in production.",
+                    problem)
+    salt = settings.salt_key
+    if salt is not None:
+        weakness = secret_weakness(salt)
+        if weakness is not None:
+            raise ConfigurationError(
+                f"LLMAUTH_SALT_KEY (from {settings.source('salt_key')}): the salt key "
+                f"{weakness}; use at least {MIN_SECRET_LENGTH} random characters.")
 
 
 def _lookup(
@@ -446,16 +707,22 @@ def _lookup(
     environ: Mapping[str, str],
     secret_loader: SecretLoader | None,
 ) -> tuple[Any, str]:
-    if name in overrides:
+    """The raw value of one setting and where it came from; ``None`` counts as unset."""
+    if overrides.get(name) is not None:
         return overrides[name], f"LLMAuth({name}=...)"
-    if key in config:
+    if config.get(key) is not None:
         return config[key], key
     for path in f.metadata["yaml"]:
         value = _dig(yaml_doc, path)
-        if value is not _MISSING:
-            return _resolve_env_refs(value, environ, path), f"YAML {path}"
+        if value is not _MISSING and value is not None:
+            return _resolve_env_refs(value, environ, key, path), f"YAML {path}"
     if f.metadata["secret"] and secret_loader is not None:
-        value = secret_loader(key)
+        try:
+            value = secret_loader(key)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{key} (from secret loader): the secret loader failed with "
+                f"{type(exc).__name__}") from None
         if value is not None:
             return value, "secret loader"
     for env_name in f.metadata["env"]:
@@ -473,17 +740,18 @@ def _dig(doc: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _resolve_env_refs(value: Any, environ: Mapping[str, str], path: str) -> Any:
+def _resolve_env_refs(value: Any, environ: Mapping[str, str], key: str, path: str) -> Any:
     """Replace LiteLLM's ``os.environ/NAME`` references with the environment's values."""
     if isinstance(value, str) and value.startswith("os.environ/"):
         env_name = value[len("os.environ/"):]
         if env_name not in environ:
-            raise ConfigurationError(f"YAML {path}: environment variable {env_name} is not set")
+            raise ConfigurationError(
+                f"{key} (from YAML {path}): environment variable {env_name} is not set")
         return environ[env_name]
     if isinstance(value, list):
-        return [_resolve_env_refs(v, environ, path) for v in value]
+        return [_resolve_env_refs(v, environ, key, path) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve_env_refs(v, environ, f"{path}.{k}") for k, v in value.items()}
+        return {k: _resolve_env_refs(v, environ, key, f"{path}.{k}") for k, v in value.items()}
     return value
 
 
@@ -531,7 +799,7 @@ def documentation_table() -> str:
         "| Flask config key | default | LiteLLM YAML | environment | description |",
         "|---|---|---|---|---|",
     ]
-    for f in dataclasses.fields(Settings):
+    for f in Settings.table():
         default = _jsonable(f.default)
         shown = "—" if default in (None, (), [], "") else f"`{json.dumps(default)}`"
         yaml_paths = ", ".join(f"`{p}`" for p in f.metadata["yaml"]) or "—"

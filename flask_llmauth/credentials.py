@@ -10,6 +10,11 @@ from .errors import Unauthenticated
 
 #: Headers read raw after the two bearer-capable headers, in order.
 _RAW_HEADERS = ("api-key", "x-api-key", "x-goog-api-key")
+#: Room for a scheme (``Bearer``) and surrounding blanks on top of the credential itself.
+_SCHEME_ALLOWANCE = 32
+MALFORMED_AUTHORIZATION = (
+    "Authentication Error, Malformed API Key passed in. Ensure Key has `Bearer ` prefix."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,10 @@ def _strip_bearer(value: str) -> str | None:
     return None
 
 
+def _bare_or_bearer(value: str) -> str:
+    return _strip_bearer(value) or value.strip()
+
+
 def read_credentials(
     request: Request,
     *,
@@ -45,41 +54,52 @@ def read_credentials(
 
     Order: ``x-litellm-api-key`` (bare or ``Bearer``), ``Authorization: Bearer``,
     ``api-key`` (Azure), ``x-api-key`` (Anthropic), ``x-goog-api-key``, ``?key=`` (Gemini
-    routes only). A configured custom header replaces all of them when present.
+    routes only). A configured custom header (``LLMAUTH_KEY_HEADER_NAME``) replaces all of
+    them, as LiteLLM's ``litellm_key_header_name`` does: only that header is read.
+
+    A value longer than ``max_length`` is refused before it is parsed, hashed or logged.
     """
     headers = request.headers
+    raw_limit = max_length + _SCHEME_ALLOWANCE
+
+    def header(name: str) -> str | None:
+        value = headers.get(name)
+        if value and len(value) > raw_limit:
+            raise Unauthenticated(reason="credential_too_long")
+        return value or None
+
     token: str | None = None
     source: str | None = None
     malformed = False
 
-    if custom_header and headers.get(custom_header):
-        value = headers[custom_header]
-        token, source = (_strip_bearer(value) or value.strip()), custom_header
+    if custom_header:
+        value = header(custom_header)
+        if value is not None:
+            token, source = _bare_or_bearer(value) or None, custom_header
     else:
-        litellm_header = headers.get("x-litellm-api-key")
-        authorization = headers.get("Authorization")
+        litellm_header = header("x-litellm-api-key")
+        authorization = header("Authorization")
         if litellm_header:
-            token = _strip_bearer(litellm_header) or litellm_header.strip()
-            source = "x-litellm-api-key"
+            token, source = _bare_or_bearer(litellm_header) or None, "x-litellm-api-key"
         elif authorization:
             token, source = _strip_bearer(authorization), "Authorization"
             malformed = token is None
         if token is None:
             for name in _RAW_HEADERS:
-                value = headers.get(name)
-                if value:
+                value = header(name)
+                if value and value.strip():
                     token, source = value.strip(), name
                     break
-        if token is None and query_key_allowed and request.args.get("key"):
-            token, source = request.args["key"], "query"
+        if token is None and query_key_allowed:
+            value = request.args.get("key")
+            if value and len(value) > raw_limit:
+                raise Unauthenticated(reason="credential_too_long")
+            if value and value.strip():
+                token, source = value.strip(), "query"
 
     if token is None:
         if malformed:
-            raise Unauthenticated(
-                "Authentication Error, Malformed API Key passed in. "
-                "Ensure Key has `Bearer ` prefix.",
-                reason="malformed_authorization",
-            )
+            raise Unauthenticated(MALFORMED_AUTHORIZATION, reason="malformed_authorization")
         return NO_CREDENTIALS
     if len(token) > max_length:
         raise Unauthenticated(reason="credential_too_long")

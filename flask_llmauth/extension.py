@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
 
 from .authn.base import AuthContext, Authenticator, Chain
 from .authn.custom import custom_factory, with_key_validation
@@ -24,11 +25,19 @@ from .authz.models import ModelAccess
 from .authz.policy import Policy
 from .authz.routes import ATTR_EXEMPT, ATTR_GROUPS, RoutePatterns, RouteTable, group_name
 from .background import Background
+from .bodies import INVALID, get_json
 from .cache import Invalidator, TTLCache
-from .config import Settings, load_settings
+from .config import Settings, check_secrets, load_settings
 from .credentials import read_credentials
 from .crypto import KEY_PREFIX, KeyDigester
-from .errors import ConfigurationError, LLMAuthError, Unauthenticated, error_response
+from .errors import (
+    ConfigurationError,
+    Forbidden,
+    LLMAuthError,
+    ServiceUnavailable,
+    Unauthenticated,
+    error_response,
+)
 from .guards import Guards, record_usage
 from .identities import IdentityLoader, Records
 from .keys import LastUsedRecorder
@@ -41,9 +50,6 @@ from .sync import InvalidationLog
 log = logging.getLogger("flask_llmauth")
 F = TypeVar("F", bound=Callable[..., Any])
 ErrorCallback = Callable[[LLMAuthError], Response]
-#: Master keys LiteLLM's docs use as examples; never acceptable outside dev mode.
-_WEAK_MASTER_KEYS = frozenset({"sk-1234", "sk-12345", "sk-123456", "sk-master", "changeme"})
-MIN_MASTER_KEY_LENGTH = 32
 
 
 def state() -> LLMAuthState:
@@ -60,21 +66,42 @@ def require_principal() -> Principal:
     return principal
 
 
-def _check_master_key(settings: Settings) -> None:
-    key = settings.master_key
-    problem = None
-    if not key:
-        problem = "no master key is configured"
-    elif key in _WEAK_MASTER_KEYS or len(key) < MIN_MASTER_KEY_LENGTH:
-        problem = f"the master key is weak (use at least {MIN_MASTER_KEY_LENGTH} random characters)"
-    if problem is None:
-        return
-    if not settings.insecure_dev_mode:
+def _check_auth_order(settings: Settings) -> None:
+    unknown = [n for n in settings.auth_order if n not in AUTHENTICATOR_FACTORIES]
+    if unknown:
         raise ConfigurationError(
-            f"LLMAUTH_MASTER_KEY: {problem}. Set a strong LLMAUTH_MASTER_KEY (or "
-            "LITELLM_MASTER_KEY), or set LLMAUTH_INSECURE_DEV_MODE=True for development only."
-        )
-    log.warning("llmauth: INSECURE DEV MODE: %s. Never run this in production.", problem)
+            f"LLMAUTH_AUTH_ORDER (from {settings.source('auth_order')}): unknown "
+            f"authenticator(s) {', '.join(unknown)}; known: "
+            f"{', '.join(AUTHENTICATOR_FACTORIES)}")
+
+
+def _open_store(app: Flask, settings: Settings) -> Store:
+    """Open (and migrate) the database; a failure is a start-up error naming the setting.
+
+    The message carries the error's type only: driver messages can repeat the URL, which
+    may hold a password.
+    """
+    url = settings.database_url
+    source = settings.source("database_url")
+    if url is None:
+        os.makedirs(app.instance_path, exist_ok=True)
+        url = "sqlite:///" + os.path.join(app.instance_path, "llmauth.db")
+    try:
+        store = Store(url)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"LLMAUTH_DATABASE_URL (from {source}): cannot open the database "
+            f"({type(exc).__name__}; is its driver installed?)") from None
+    if settings.auto_migrate:
+        try:
+            store.migrate()
+        except ServiceUnavailable:
+            store.close()
+            raise ConfigurationError(
+                f"LLMAUTH_DATABASE_URL (from {source}): the database is unreachable, so "
+                "its migrations cannot be checked. Start it first, or set "
+                "LLMAUTH_AUTO_MIGRATE=False and run `flask llmauth init-db` later.") from None
+    return store
 
 
 class LLMAuthState:
@@ -83,17 +110,9 @@ class LLMAuthState:
     def __init__(self, ext: LLMAuth, app: Flask, settings: Settings) -> None:
         self.ext = ext
         self.settings = settings
-        url = settings.database_url
-        if url is None:
-            os.makedirs(app.instance_path, exist_ok=True)
-            url = "sqlite:///" + os.path.join(app.instance_path, "llmauth.db")
-        self.store = Store(url)
-        if settings.auto_migrate:
-            self.store.migrate()
+        _check_auth_order(settings)
+        self.store = _open_store(app, settings)
         server_secret = settings.salt_key or settings.master_key
-        if settings.salt_key is not None and len(settings.salt_key) < MIN_MASTER_KEY_LENGTH:
-            raise ConfigurationError(
-                f"LLMAUTH_SALT_KEY: must be at least {MIN_MASTER_KEY_LENGTH} characters")
         if server_secret is None:
             log.warning("llmauth: no master key and no salt key: virtual keys will not "
                         "survive a restart (dev mode)")
@@ -106,6 +125,7 @@ class LLMAuthState:
         self.invalidate = Invalidator([self.key_cache, self.negative_cache, self.identity_cache])
         self.invalidation_log = InvalidationLog(self.store, self.invalidate)
         self.invalidate.add_publisher(self.invalidation_log.publish)
+        self.invalidation_log.start()
         self.models = ModelAccess(settings.model_access_groups, settings.model_alias_map,
                                   settings.model_list)
         self.policy = Policy(settings, self.models)
@@ -121,15 +141,12 @@ class LLMAuthState:
 
         public = RoutePatterns(settings.public_routes)
         self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
+        self.api_endpoints = API_ROUTES  # filled when the blueprint is created
         self.authenticators = self._build_authenticators(ext)
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
                             if name in self.authenticators])
 
     def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
-        settings = self.settings
-        unknown = [n for n in settings.auth_order if n not in AUTHENTICATOR_FACTORIES]
-        if unknown:
-            raise ConfigurationError(f"LLMAUTH_AUTH_ORDER: unknown authenticator(s) {unknown}")
         built: dict[str, Authenticator] = {}
         for name, factory in AUTHENTICATOR_FACTORIES.items():
             authenticator = factory(self, ext)
@@ -158,6 +175,10 @@ class LLMAuthState:
             return None
         self.background.ensure_started()
         settings = self.settings
+        if info.endpoint in self.api_endpoints:
+            limit = request.max_content_length
+            if limit is None or limit > settings.max_api_body_size:
+                request.max_content_length = settings.max_api_body_size
         credentials = None
         try:
             credentials = read_credentials(
@@ -171,6 +192,15 @@ class LLMAuthState:
             if self.guards.guards:
                 g._llmauth_admission = self.guards.admit(principal, info, model, _json_body)
         except LLMAuthError as error:
+            self._log_failure(error, info.route, credentials)
+            return self.ext._error_callback(error)
+        except HTTPException:
+            raise  # e.g. 413 while the policy reads the body: Flask answers it
+        except Exception as exc:  # a bug must deny, never grant and never answer 500
+            log.error("llmauth: authorization failed unexpectedly on %s: %s", info.route,
+                      type(exc).__name__)
+            g.pop("_llmauth_principal", None)
+            error = Forbidden(reason="policy_error")
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
         if auth_succeeded.receivers:
@@ -212,7 +242,8 @@ class LLMAuthState:
 
 
 def _json_body() -> Any:
-    return request.get_json(silent=True) if request.is_json else None
+    body = get_json(request)
+    return None if body is INVALID else body
 
 
 def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:
@@ -275,7 +306,7 @@ class LLMAuth:
 
     def init_app(self, app: Flask) -> None:
         settings = load_settings(app.config, self._options, secret_loader=self._secret_loader)
-        _check_master_key(settings)
+        check_secrets(settings)
         app_state = LLMAuthState(self, app, settings)
         app.extensions["llmauth"] = app_state
         app.before_request(app_state.before_request)

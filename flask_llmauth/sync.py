@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from .cache import Invalidator
 from .durations import utcnow
+from .errors import ServiceUnavailable
 from .store.db import Store
 from .store.tables import CacheEvent
 
@@ -37,13 +38,29 @@ class InvalidationLog:
         with self.store.use():
             CacheEvent.create(tag=tag[:320])
 
+    def start(self) -> None:
+        """Remember where the log ends now, before anything is cached (best effort: with the
+        database down the first successful poll sets the mark instead)."""
+        try:
+            self._baseline()
+        except ServiceUnavailable:
+            log.warning("llmauth: invalidation log not reachable at start-up; the first poll "
+                        "that reaches it clears the caches")
+
+    def _baseline(self) -> None:
+        with self.store.use():
+            newest = CacheEvent.select(CacheEvent.id).order_by(CacheEvent.id.desc()).first()
+        self.last_id = newest.id if newest else 0
+
     def poll(self) -> int:
         """Apply events logged since the last poll; return how many were applied."""
+        if self.last_id is None:
+            # No mark from start-up: events before this poll are unknown, so anything cached
+            # meanwhile may be stale. Drop it all; it is reloaded on demand.
+            self._baseline()
+            self.invalidator.clear_local()
+            return 0
         with self.store.use():
-            if self.last_id is None:
-                newest = CacheEvent.select(CacheEvent.id).order_by(CacheEvent.id.desc()).first()
-                self.last_id = newest.id if newest else 0
-                return 0
             events = list(CacheEvent.select(CacheEvent.id, CacheEvent.tag)
                           .where(CacheEvent.id > self.last_id - _LOOKBACK)
                           .order_by(CacheEvent.id))

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import request
 
+from ..bodies import require_json_object
 from ..durations import parse_duration
 from ..errors import BadRequest
 from ..money import to_units
@@ -62,13 +63,9 @@ def validate(data: Any, fields: Mapping[str, Field], *, source: str = "body") ->
 
 
 def json_body() -> Any:
-    """The request's JSON body (parsed once by Flask); 400 when it is not valid JSON."""
-    if not request.get_data(cache=True):
-        return {}
-    body = request.get_json(silent=True, force=True)
-    if body is None:
-        raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
-    return body
+    """The request's JSON object body (parsed once); ``{}`` when empty. 400 for a wrong
+    ``Content-Type``, invalid JSON or a value that is not an object; 413 when too large."""
+    return require_json_object(request)
 
 
 def query_args() -> dict[str, Any]:

@@ -59,7 +59,9 @@ class Chain:
         for authenticator in self.authenticators:
             try:
                 result = authenticator.authenticate(ctx)
-            except LLMAuthError:
+            except LLMAuthError as error:
+                if error.status < 400:  # an "error" that would answer 2xx/3xx is a deny
+                    raise Unauthenticated(reason=f"{authenticator.name}_bad_error") from None
                 raise
             except Exception as exc:
                 log.error("llmauth: authenticator %s failed: %s", authenticator.name,

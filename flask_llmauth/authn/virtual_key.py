@@ -141,6 +141,7 @@ class VirtualKeyAuthenticator:
         if self.negative_cache.get(digest):
             raise Unauthenticated(reason="unknown_key")
         generation = self.cache.generation
+        negative_generation = self.negative_cache.generation
         row = self.store.key_by_digest(digest)
         deadline = math.inf
         if row is None:
@@ -149,7 +150,9 @@ class VirtualKeyAuthenticator:
                 row = self.store.key_by_id(grace[0])
                 deadline = epoch(grace[1])
         if row is None:
-            self.negative_cache.set(digest, True, self.negative_ttl)
+            # Tagged so that creating a key (which may have this very value) drops it.
+            self.negative_cache.set(digest, True, self.negative_ttl, ("negative",),
+                                    generation=negative_generation)
             raise Unauthenticated(reason="unknown_key")
         principal = key_principal(row)
         entry = CachedKey(principal, min(deadline, epoch(row.key.expires)), _denial(row))

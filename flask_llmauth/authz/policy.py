@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Request
 
+from ..bodies import INVALID, get_json
 from ..config import Settings
 from ..errors import BadRequest, Forbidden
 from ..network import client_ip, in_networks, parse_networks
@@ -122,7 +123,7 @@ class Policy:
         except KeyError:
             denial = self._role_decisions[cache_key] = self._role_table(principal.role, info, safe)
         if denial is _BODY_DEPENDENT:
-            body = request.get_json(silent=True)
+            body = get_json(request, force=True)
             if isinstance(body, Mapping) and set(body) <= _VIEWER_USER_UPDATE_FIELDS:
                 return
             denial = _route_denied(info.route, principal.role)
@@ -184,15 +185,21 @@ def requested_model(request: Request, info: RouteInfo) -> str | None:
     """
     if info.model_arg and request.view_args and info.model_arg in request.view_args:
         return str(request.view_args[info.model_arg])
-    if request.is_json:
-        body = request.get_json(silent=True)
-        if body is None and request.content_length != 0:
-            raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
-        if not isinstance(body, Mapping):
-            return None if body is None else _not_object()
-        model = body.get("model")
+    if request.mimetype.startswith("multipart/"):
+        model = request.form.get("model")
     else:
-        model = request.form.get("model") if request.mimetype.startswith("multipart/") else None
+        # Any other body is read as JSON whatever its Content-Type says (as LiteLLM does), so
+        # a view that parses it with ``force=True`` never sees a model this check did not.
+        body = get_json(request, force=True)
+        if body is INVALID:
+            if request.is_json:
+                raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
+            form = request.mimetype == "application/x-www-form-urlencoded"
+            model = request.form.get("model") if form else None
+        elif not isinstance(body, Mapping):
+            return None if body is None or not request.is_json else _not_object()
+        else:
+            model = body.get("model")
     if model is None:
         return None
     if not isinstance(model, str) or not model or len(model) > 512:

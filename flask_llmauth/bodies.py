@@ -1,0 +1,51 @@
+"""Reading JSON request bodies safely: once, and never into a 500.
+
+Flask's ``get_json(silent=True)`` turns syntax errors into ``None`` but lets a
+``RecursionError`` (a body such as ``[[[[...`` nested a few thousand levels deep) escape,
+which would answer 500. Everything here maps that to "invalid JSON" instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Request
+
+from .errors import BadRequest
+
+#: Returned by :func:`get_json` for a body that is present but not valid JSON.
+INVALID: Any = object()
+
+
+def is_json_mimetype(mimetype: str) -> bool:
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def get_json(request: Request, *, force: bool = False) -> Any:
+    """The parsed body (cached by Flask), ``None`` when there is none, or :data:`INVALID`."""
+    if not force and not request.is_json:
+        return None
+    if not request.get_data(cache=True):
+        return None
+    try:
+        body = request.get_json(silent=True, force=force)
+    except RecursionError:
+        return INVALID
+    return INVALID if body is None else body
+
+
+def require_json_object(request: Request) -> Any:
+    """The body of a JSON API call: ``{}`` when empty; 400 for a wrong content type,
+    invalid JSON or a JSON value that is not an object."""
+    if not request.get_data(cache=True):
+        return {}
+    mimetype = request.mimetype
+    if mimetype and not is_json_mimetype(mimetype):
+        raise BadRequest("Content-Type must be application/json.", reason="bad_content_type")
+    body = get_json(request, force=True)
+    if body is INVALID:
+        raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
+    return body

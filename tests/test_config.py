@@ -1,0 +1,670 @@
+"""Configuration: every setting from every source, precedence, validation at init_app,
+the master/salt key rules, show-config masking, and several apps in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+
+from flask_llmauth import LLMAuth
+from flask_llmauth.config import (
+    DEFAULT_AUTH_ORDER,
+    PREFIX,
+    Settings,
+    load_settings,
+    mask_secret,
+)
+from flask_llmauth.durations import Duration
+from flask_llmauth.errors import ConfigurationError
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, bearer, new_key, record_secret
+
+OTHER_MASTER = record_secret("sk-other-" + "Zq8Xw2Lr5Tn7Vb0Mc4Kd9Fh1Jg3Hs6Pa")
+SALT = record_secret("salt-" + "Pq7Wm2Xn4Rb8Tc1Vd5Ze9Yf3Ug6Sh0Ki")
+LOADED_MASTER = record_secret("sk-loaded-" + "Fj3Kd8Ls2Qw7Ep5Rt1Yu9Io4Pa6Sd0Gh")
+ENV_MASTER = record_secret("sk-env-" + "Lk4Jh7Gf2Ds9Ap5Oi1Uy8Tr3Ew6Qz0Xc")
+YAML_MASTER = record_secret("sk-yaml-" + "Mn5Bv8Cx2Za7Sd4Fg1Hj9Kl3Qw6Er0Ty")
+CTOR_MASTER = record_secret("sk-ctor-" + "Po9Iu4Yt7Re2Wq5As8Df1Gh3Jk6Lz0Xm")
+DB_PASSWORD = record_secret("pgPassw0rd-" + "Ux7Rk2Vm9Lq4")
+REDIS_PASSWORD = record_secret("redisPassw0rd-" + "Hy3Nc8Bt5")
+PROVIDER_KEY = record_secret("sk-provider-" + "Aa1Bb2Cc3Dd4Ee5Ff6Gg7Hh8")
+
+EMPTY_YAML = str(Path(__file__).parent / "data" / "empty_litellm_config.yaml")
+
+# -- one valid, non-default value per setting ---------------------------------------------------
+# ``(raw value as Flask config / constructor / YAML would give it, the parsed value)``.
+# Environment variables are strings: ENV_SAMPLES overrides the raw value where it differs.
+
+SAMPLES: dict[str, tuple[Any, Any]] = {
+    "config_file": (EMPTY_YAML, EMPTY_YAML),
+    "master_key": (OTHER_MASTER, OTHER_MASTER),
+    "insecure_dev_mode": (True, True),
+    "salt_key": (SALT, SALT),
+    "proxy_admin_name": ("ops-admin", "ops-admin"),
+    "master_key_alias": ("master-alias", "master-alias"),
+    "database_url": ("postgresql://llmauth@db.internal:5432/llmauth",
+                     "postgresql://llmauth@db.internal:5432/llmauth"),
+    "auto_migrate": (False, False),
+    "redis_url": ("redis://cache.internal:6379/2", "redis://cache.internal:6379/2"),
+    "auth_order": (["virtual_key", "master_key"], ("virtual_key", "master_key")),
+    "key_header_name": ("X-Gateway-Key", "X-Gateway-Key"),
+    "max_credential_length": (4096, 4096),
+    "public_routes": (["/status", "/docs/*", "LiteLLMRoutes.public_routes"],
+                      ("/status", "/docs/*", "LiteLLMRoutes.public_routes")),
+    "trusted_proxy_ranges": (["10.0.0.0/8"], ("10.0.0.0/8",)),
+    "allowed_routes": (["openai_routes", "/key/info"], ("openai_routes", "/key/info")),
+    "admin_only_routes": (["/admin/*"], ("/admin/*",)),
+    "allowed_ips": (["192.168.1.0/24", "::1"], ("192.168.1.0/24", "::1/128")),
+    "model_access_groups": ({"beta": ["gpt-5", "o3"]}, {"beta": ["gpt-5", "o3"]}),
+    "model_alias_map": ({"fast": "gpt-4o-mini"}, {"fast": "gpt-4o-mini"}),
+    "model_list": ([{"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o"}}],
+                   ({"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o"}},)),
+    "default_team_member_permissions": (["/key/info", "/key/generate"],
+                                        ("/key/info", "/key/generate")),
+    "key_entropy_bytes": (48, 48),
+    "key_rotation_grace_period": ("24h", "24h"),
+    "cache_ttl": (5.5, 5.5),
+    "cache_max_size": (500, 500),
+    "negative_cache_ttl": (1.5, 1.5),
+    "cache_sync_interval": (0.25, 0.25),
+    "last_used_flush_interval": (10, 10.0),
+    "store_audit_logs": (False, False),
+    "api_enabled": (False, False),
+    "api_prefix": ("/llm", "/llm"),
+    "max_api_body_size": (65536, 65536),
+    "cli_name": ("keys", "keys"),
+}
+ENV_SAMPLES: dict[str, str] = {
+    "insecure_dev_mode": "true",
+    "key_entropy_bytes": "48",
+    "store_audit_logs": "false",
+}
+FIELDS = {f.name: f for f in Settings.table()}
+
+
+def comparable(value: Any) -> Any:
+    """A parsed value in the shape SAMPLES spells it (networks and durations as text)."""
+    if isinstance(value, tuple):
+        return tuple(comparable(v) for v in value)
+    if isinstance(value, Duration):
+        return value.text
+    if hasattr(value, "with_prefixlen"):
+        return str(value)
+    return value
+
+
+def test_every_setting_has_a_sample() -> None:
+    missing = sorted(set(FIELDS) - set(SAMPLES))
+    assert not missing, (
+        f"add a sample value for {[PREFIX + m.upper() for m in missing]} to SAMPLES in "
+        "tests/test_config.py (every setting has a test)")
+    for name, (_, expected) in SAMPLES.items():
+        assert comparable(FIELDS[name].default) != expected, f"{name}: sample equals default"
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_setting_from_flask_config_and_constructor(name: str) -> None:
+    raw, expected = SAMPLES[name]
+    key = PREFIX + name.upper()
+    from_config = load_settings({key: raw}, environ={})
+    assert comparable(getattr(from_config, name)) == expected
+    assert from_config.source(name) == key
+    from_ctor = load_settings({}, {name: raw}, environ={})
+    assert comparable(getattr(from_ctor, name)) == expected
+    assert from_ctor.source(name) == f"LLMAuth({name}=...)"
+    untouched = next(n for n in FIELDS if n != name)
+    assert from_config.source(untouched) == "default"
+    assert getattr(from_config, untouched) == getattr(load_settings({}, environ={}), untouched)
+
+
+YAML_FIELDS = sorted(n for n, f in FIELDS.items() if f.metadata["yaml"])
+
+
+@pytest.mark.parametrize("name", YAML_FIELDS)
+def test_setting_from_litellm_yaml(name: str, tmp_path: Path) -> None:
+    raw, expected = SAMPLES[name]
+    for path in FIELDS[name].metadata["yaml"]:
+        doc: dict[str, Any] = {}
+        node = doc
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = list(raw) if isinstance(raw, tuple) else raw
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(yaml.safe_dump(doc))
+        settings = load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+        assert comparable(getattr(settings, name)) == expected, path
+        assert settings.source(name) == f"YAML {path}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FIELDS.items() if f.metadata["env"]))
+def test_setting_from_litellm_environment_variable(name: str) -> None:
+    raw, expected = SAMPLES[name]
+    value = ENV_SAMPLES.get(name, raw if isinstance(raw, str) else json.dumps(raw))
+    for env_name in FIELDS[name].metadata["env"]:
+        settings = load_settings({}, environ={env_name: value})
+        assert comparable(getattr(settings, name)) == expected, env_name
+        assert settings.source(name) == f"environment {env_name}"
+        # An empty variable counts as unset, as in a shell.
+        assert load_settings({}, environ={env_name: ""}).source(name) == "default"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FIELDS.items() if f.metadata["secret"]))
+def test_secret_setting_from_secret_loader(name: str) -> None:
+    raw, expected = SAMPLES[name]
+    asked: list[str] = []
+
+    def loader(key: str) -> str | None:
+        asked.append(key)
+        return raw if key == PREFIX + name.upper() else None
+
+    settings = load_settings({}, environ={}, secret_loader=loader)
+    assert getattr(settings, name) == expected
+    assert settings.source(name) == "secret loader"
+    # Only secrets are asked for, each once, by their Flask config key.
+    secret_keys = sorted(PREFIX + n.upper() for n, f in FIELDS.items() if f.metadata["secret"])
+    assert sorted(asked) == secret_keys
+
+
+def test_non_secret_settings_never_ask_the_secret_loader() -> None:
+    asked: list[str] = []
+    load_settings({}, environ={}, secret_loader=lambda key: asked.append(key))
+    assert asked and all(FIELDS[k[len(PREFIX):].lower()].metadata["secret"] for k in asked)
+    assert "LLMAUTH_API_PREFIX" not in asked
+
+
+def test_precedence_constructor_config_yaml_loader_environment_default(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"general_settings": {"master_key": YAML_MASTER}}))
+    layers: list[tuple[str, str]] = [
+        ("constructor", CTOR_MASTER), ("config", OTHER_MASTER), ("yaml", YAML_MASTER),
+        ("loader", LOADED_MASTER), ("environment", ENV_MASTER),
+    ]
+    sources = {"constructor": "LLMAuth(master_key=...)", "config": "LLMAUTH_MASTER_KEY",
+               "yaml": "YAML general_settings.master_key", "loader": "secret loader",
+               "environment": "environment LITELLM_MASTER_KEY"}
+    for top in range(len(layers) + 1):
+        present = {name for name, _ in layers[top:]}
+        config: dict[str, Any] = {}
+        if "config" in present:
+            config["LLMAUTH_MASTER_KEY"] = OTHER_MASTER
+        if "yaml" in present:
+            config["LLMAUTH_CONFIG_FILE"] = str(config_file)
+        settings = load_settings(
+            config, {"master_key": CTOR_MASTER} if "constructor" in present else {},
+            environ={"LITELLM_MASTER_KEY": ENV_MASTER} if "environment" in present else {},
+            secret_loader=(lambda key: LOADED_MASTER if key == "LLMAUTH_MASTER_KEY" else None)
+            if "loader" in present else None,
+        )
+        if top == len(layers):
+            assert settings.master_key is None and settings.source("master_key") == "default"
+        else:
+            name, value = layers[top]
+            assert settings.master_key == value, name
+            assert settings.source("master_key") == sources[name]
+
+
+def test_none_counts_as_unset_in_every_layer(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  master_key: null\n")
+    settings = load_settings({"LLMAUTH_MASTER_KEY": None, "LLMAUTH_CONFIG_FILE": str(config_file)},
+                             {"master_key": None}, environ={"LITELLM_MASTER_KEY": ENV_MASTER})
+    assert settings.master_key == ENV_MASTER
+
+
+# -- through init_app -----------------------------------------------------------------------------
+
+
+def make_app(tmp_path: Path, config: dict[str, Any] | None = None, *, name: str = "cfg",
+             **options: Any) -> Flask:
+    app = Flask(name, instance_path=str(tmp_path / "instance"))
+    app.config["LLMAUTH_DATABASE_URL"] = f"sqlite:///{tmp_path}/{name}.db"
+    app.config.update(config or {})
+    LLMAuth(app, **options)
+
+    @app.post("/v1/chat/completions")
+    def chat() -> Any:
+        from flask_llmauth import current_principal
+        return {"user_id": current_principal.user_id, "role": current_principal.role.value}
+
+    return app
+
+
+def close(app: Flask) -> None:
+    app.extensions["llmauth"].close()
+
+
+def test_litellm_environment_variables_configure_a_real_app(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_MASTER_KEY", ENV_MASTER)
+    monkeypatch.setenv("LITELLM_SALT_KEY", SALT)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/from-env.db")
+    app = Flask("envapp", instance_path=str(tmp_path / "instance"))
+    LLMAuth(app)
+    try:
+        state = app.extensions["llmauth"]
+        assert state.settings.source("master_key") == "environment LITELLM_MASTER_KEY"
+        assert state.settings.source("salt_key") == "environment LITELLM_SALT_KEY"
+        assert state.store.url == f"sqlite:///{tmp_path}/from-env.db"
+        assert (tmp_path / "from-env.db").exists()
+        client = app.test_client()
+        assert client.get("/key/list", headers=bearer(ENV_MASTER)).status_code == 200
+        assert_error(client.get("/key/list", headers=ADMIN), 401)
+    finally:
+        close(app)
+
+
+def test_litellm_yaml_with_os_environ_references(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_MASTER", YAML_MASTER)
+    monkeypatch.setenv("MY_DB", f"sqlite:///{tmp_path}/yaml.db")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: openai/gpt-4o, api_key: os.environ/OPENAI_API_KEY}\n"
+        "general_settings:\n"
+        "  master_key: os.environ/MY_MASTER\n"
+        "  database_url: os.environ/MY_DB\n"
+        "  public_routes: [\"LiteLLMRoutes.public_routes\", \"/status\"]\n"
+        "  alerting: [slack]\n"            # a LiteLLM setting this library does not use
+        "litellm_settings:\n"
+        "  store_audit_logs: false\n"
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", PROVIDER_KEY)
+    app = Flask("yamlapp", instance_path=str(tmp_path / "instance"))
+    app.config["LLMAUTH_CONFIG_FILE"] = str(config_file)
+    LLMAuth(app)
+    try:
+        settings = app.extensions["llmauth"].settings
+        assert settings.master_key == YAML_MASTER
+        assert settings.database_url == f"sqlite:///{tmp_path}/yaml.db"
+        assert settings.public_routes == ("LiteLLMRoutes.public_routes", "/status")
+        assert settings.store_audit_logs is False
+        assert app.test_client().get("/key/list", headers=bearer(YAML_MASTER)).status_code == 200
+    finally:
+        close(app)
+
+
+def test_yaml_reference_to_a_missing_variable_fails_naming_key_and_path(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  master_key: os.environ/NOT_SET_ANYWHERE\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    assert str(info.value) == ("LLMAUTH_MASTER_KEY (from YAML general_settings.master_key): "
+                               "environment variable NOT_SET_ANYWHERE is not set")
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("general_settings: [1, 2\n", "is not valid YAML"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("general_settings: 3\n", "general_settings must be a mapping"),
+])
+def test_bad_yaml_file_fails(tmp_path: Path, content: str, fragment: str) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(content)
+    with pytest.raises(ConfigurationError, match="LLMAUTH_CONFIG_FILE") as info:
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    assert fragment in str(info.value)
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        load_settings({"LLMAUTH_CONFIG_FILE": str(tmp_path / "missing.yaml")}, environ={})
+
+
+def test_secret_loader_argument_and_decorator_before_init_app(tmp_path: Path) -> None:
+    vault = {"LLMAUTH_MASTER_KEY": LOADED_MASTER, "LLMAUTH_SALT_KEY": SALT}
+    app = make_app(tmp_path, name="loader_arg", secret_loader=vault.get)
+    try:
+        assert app.extensions["llmauth"].settings.source("master_key") == "secret loader"
+        assert app.test_client().get("/key/list",
+                                     headers=bearer(LOADED_MASTER)).status_code == 200
+    finally:
+        close(app)
+
+    llmauth = LLMAuth()
+    asked: list[str] = []
+
+    @llmauth.secret_loader
+    def from_vault(key: str) -> str | None:
+        asked.append(key)
+        return vault.get(key)
+
+    assert from_vault("LLMAUTH_SALT_KEY") == SALT  # the decorator returns the function
+    app = Flask("loader_deco", instance_path=str(tmp_path / "instance"))
+    app.config["LLMAUTH_DATABASE_URL"] = f"sqlite:///{tmp_path}/deco.db"
+    llmauth.init_app(app)
+    try:
+        assert "LLMAUTH_MASTER_KEY" in asked
+        state = app.extensions["llmauth"]
+        assert state.settings.master_key == LOADED_MASTER
+        assert state.settings.salt_key == SALT
+    finally:
+        close(app)
+
+
+def test_failing_secret_loader_fails_init_app_without_its_message(tmp_path: Path) -> None:
+    def loader(key: str) -> str | None:
+        raise KeyError(f"vault said no for {LOADED_MASTER}")
+
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, secret_loader=loader)
+    assert str(info.value) == ("LLMAUTH_MASTER_KEY (from secret loader): the secret loader "
+                               "failed with KeyError")
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def test_unknown_key_fails_with_did_you_mean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_CAHCE_TTL": 5})
+    assert str(info.value) == ("LLMAUTH_CAHCE_TTL: unknown setting "
+                               "(did you mean LLMAUTH_CACHE_TTL?)")
+    with pytest.raises(ConfigurationError, match=r"^LLMAUTH_ZZZZZZZZ: unknown setting$"):
+        load_settings({"LLMAUTH_ZZZZZZZZ": 1}, environ={})
+    with pytest.raises(ConfigurationError, match="unknown option.*cache_tll"):
+        LLMAuth(cache_tll=5).init_app(Flask("x"))
+    # Other extensions' keys and the test harness's keys are not ours to judge.
+    load_settings({"SQLALCHEMY_DATABASE_URI": "x", "LLMAUTH_TEST_ANYTHING": 1}, environ={})
+
+
+BAD_VALUES: list[tuple[str, Any, str]] = [
+    ("master_key", 12345, "must be a string"),
+    ("insecure_dev_mode", "maybe", "must be a boolean"),
+    ("proxy_admin_name", "  ", "must be a non-empty string"),
+    ("master_key_alias", "", "must be a non-empty string"),
+    ("database_url", "mysql://u@h/db", "must be a sqlite:///path or postgresql://"),
+    ("database_url", "nonsense", "must be a sqlite:///path or postgresql://"),
+    ("database_url", "postgresql://u@h/", "has no database name"),
+    ("auto_migrate", "sometimes", "must be a boolean"),
+    ("auth_order", [], "must name at least one authenticator"),
+    ("auth_order", "master_key,virtual_key,master_key", "names master_key more than once"),
+    ("auth_order", [1], "must be a list of strings"),
+    ("key_header_name", "X Key", "must be an HTTP header name"),
+    ("max_credential_length", 10, "must be at least 64"),
+    ("max_credential_length", 100.5, "must be an integer"),
+    ("max_credential_length", "lots", "must be an integer"),
+    ("public_routes", ["LiteLLMRoutes.publik_routes"], "is neither a path"),
+    ("public_routes", "[1, 2]", "must be a list of strings"),
+    ("trusted_proxy_ranges", ["10.0.0.0/33"], "is not an IP address or CIDR range"),
+    ("allowed_routes", ["openai_route"], "is neither a path"),
+    ("admin_only_routes", ["admin/*"], "is neither a path"),
+    ("allowed_ips", ["not-an-ip"], "is not an IP address or CIDR range"),
+    ("model_access_groups", {"g": "gpt-4o"}, "must map each group name to a list"),
+    ("model_access_groups", "{not json", "Expecting property name"),
+    ("model_alias_map", {"fast": 3}, "must map strings to strings"),
+    ("model_list", [{"litellm_params": {}}], "entry 0 has no model_name string"),
+    ("model_list", [{"model_name": "x", "model_info": []}], "model_info must be a mapping"),
+    ("default_team_member_permissions", ["key/info"], "is neither a path"),
+    ("key_entropy_bytes", 16, "must be at least 24"),
+    ("key_rotation_grace_period", "forever", "invalid duration"),
+    ("cache_ttl", float("nan"), "must be a finite number"),
+    ("cache_ttl", -1, "must be at least 0"),
+    ("cache_max_size", 0, "must be at least 1"),
+    ("negative_cache_ttl", "inf", "must be a finite number"),
+    ("cache_sync_interval", 0, "must be at least 0.05"),
+    ("last_used_flush_interval", True, "must be a finite number"),
+    ("store_audit_logs", 2, "must be a boolean"),
+    ("api_enabled", "enabled", "must be a boolean"),
+    ("api_prefix", "llm", "must be empty or a path"),
+    ("api_prefix", "/llm/", "must be empty or a path"),
+    ("max_api_body_size", 10, "must be at least 1024"),
+    ("cli_name", "Key Tool", "must be a lower-case command name"),
+]
+
+
+@pytest.mark.parametrize("name,value,fragment", BAD_VALUES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_VALUES)])
+def test_bad_value_fails_naming_key_and_source(name: str, value: Any, fragment: str) -> None:
+    key = PREFIX + name.upper()
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({key: value}, environ={})
+    message = str(info.value)
+    assert message.startswith(f"{key} (from {key}): "), message
+    assert fragment in message
+
+
+def test_every_setting_has_a_bad_value_test_or_takes_any_string() -> None:
+    free_text = {"config_file", "redis_url", "salt_key"}  # any string is a valid value
+    covered = {name for name, _, _ in BAD_VALUES} | free_text
+    assert set(FIELDS) - covered == set(), "add a bad value to BAD_VALUES"
+
+
+def test_bad_value_from_the_environment_names_the_variable() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({}, environ={"LENGTH_OF_LITELLM_GENERATED_KEY": "16"})
+    assert str(info.value) == ("LLMAUTH_KEY_ENTROPY_BYTES (from environment "
+                               "LENGTH_OF_LITELLM_GENERATED_KEY): must be at least 24")
+
+
+def test_database_url_errors_never_repeat_the_url() -> None:
+    url = f"mysql://admin:{DB_PASSWORD}@db/x"
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({"LLMAUTH_DATABASE_URL": url}, environ={})
+    assert DB_PASSWORD not in str(info.value)
+
+
+def test_bad_config_fails_at_init_app_before_the_database_is_touched(tmp_path: Path) -> None:
+    database = tmp_path / "never.db"
+    for config in (
+        {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_AUTH_ORDER": ["master_key", "kerberos"]},
+        {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_CACHE_TTL": "soon"},
+        {"LLMAUTH_MASTER_KEY": "sk-1234"},
+    ):
+        app = Flask("bad", instance_path=str(tmp_path / "instance"))
+        app.config.update(config, LLMAUTH_DATABASE_URL=f"sqlite:///{database}")
+        with pytest.raises(ConfigurationError):
+            LLMAuth(app)
+        assert "llmauth" not in app.extensions
+        assert not database.exists()
+
+
+def test_unknown_authenticator_names_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY,
+                            "LLMAUTH_AUTH_ORDER": "master_key,kerberos"})
+    assert str(info.value).startswith(
+        "LLMAUTH_AUTH_ORDER (from LLMAUTH_AUTH_ORDER): unknown authenticator(s) kerberos; "
+        "known: custom, oauth2_proxy, jwt, oauth2, master_key, virtual_key")
+
+
+def test_unreachable_database_fails_init_app_naming_the_setting(tmp_path: Path) -> None:
+    url = f"postgresql://llmauth:{DB_PASSWORD}@127.0.0.1:9/llmauth"  # port 9: discard, closed
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_DATABASE_URL": url})
+    message = str(info.value)
+    assert message.startswith("LLMAUTH_DATABASE_URL (from LLMAUTH_DATABASE_URL): the database "
+                              "is unreachable")
+    assert DB_PASSWORD not in message
+
+
+# -- master key and salt key ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weak,why", [
+    ("sk-1234", "well-known example"),
+    ("sk-1234567890abcdefghijklmnopqrstuvwxyz", "well-known example"),
+    ("sk-" + "Ab3" * 5, "shorter than 32"),
+    ("sk-" + "ab" * 20, "not random"),
+    ("", "no master key"),
+])
+def test_weak_or_missing_master_key_is_refused(tmp_path: Path, weak: str, why: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": weak})
+    message = str(info.value)
+    assert message.startswith("LLMAUTH_MASTER_KEY")
+    assert why in message and "LLMAUTH_INSECURE_DEV_MODE" in message
+    if weak:
+        assert weak not in message
+
+
+def test_weak_master_key_from_the_environment_names_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_MASTER_KEY", "sk-1234")
+    with pytest.raises(ConfigurationError,
+                       match=r"^LLMAUTH_MASTER_KEY \(from environment LITELLM_MASTER_KEY\)"):
+        make_app(tmp_path)
+
+
+def test_dev_mode_allows_a_weak_master_key_with_a_loud_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    weak = "sk-" + "ab" * 20
+    with caplog.at_level(logging.DEBUG):
+        app = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": weak, "LLMAUTH_INSECURE_DEV_MODE": True})
+    try:
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                    and "INSECURE DEV MODE" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "not random" in warnings[0].getMessage()
+        assert weak not in caplog.text
+        response = app.test_client().post("/v1/chat/completions", json={}, headers=bearer(weak))
+        assert response.get_json() == {"user_id": "default_user_id", "role": "proxy_admin"}
+    finally:
+        close(app)
+
+
+def test_dev_mode_without_master_key_has_no_admin(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        app = make_app(tmp_path, {"LLMAUTH_INSECURE_DEV_MODE": "1"})
+    try:
+        assert "INSECURE DEV MODE" in caplog.text and "no master key" in caplog.text
+        client = app.test_client()
+        assert_error(client.get("/key/list"), 401)
+        assert_error(client.get("/key/list", headers=bearer("sk-1234")), 401)
+    finally:
+        close(app)
+
+
+@pytest.mark.parametrize("salt", ["short-salt", "x" * 64])
+def test_weak_salt_key_is_refused_even_in_dev_mode(tmp_path: Path, salt: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_SALT_KEY": salt,
+                            "LLMAUTH_INSECURE_DEV_MODE": True})
+    assert str(info.value).startswith("LLMAUTH_SALT_KEY (from LLMAUTH_SALT_KEY): the salt key")
+    assert salt not in str(info.value)
+
+
+def test_salt_key_lets_the_master_key_rotate_without_losing_keys(tmp_path: Path) -> None:
+    shared = {"LLMAUTH_SALT_KEY": SALT, "LLMAUTH_DATABASE_URL": f"sqlite:///{tmp_path}/s.db"}
+    first = make_app(tmp_path, {**shared, "LLMAUTH_MASTER_KEY": MASTER_KEY}, name="before")
+    try:
+        key = new_key(first.test_client())["key"]
+    finally:
+        close(first)
+    second = make_app(tmp_path, {**shared, "LLMAUTH_MASTER_KEY": OTHER_MASTER}, name="after")
+    try:
+        client = second.test_client()
+        assert client.post("/v1/chat/completions", json={}, headers=bearer(key)).status_code == 200
+        assert_error(client.get("/key/list", headers=ADMIN), 401)  # the old master key is gone
+    finally:
+        close(second)
+    # Without a salt key the digests are derived from the master key: rotating it orphans keys.
+    unsalted = {"LLMAUTH_DATABASE_URL": f"sqlite:///{tmp_path}/u.db"}
+    first = make_app(tmp_path, {**unsalted, "LLMAUTH_MASTER_KEY": MASTER_KEY}, name="u1")
+    try:
+        key = new_key(first.test_client())["key"]
+    finally:
+        close(first)
+    second = make_app(tmp_path, {**unsalted, "LLMAUTH_MASTER_KEY": OTHER_MASTER}, name="u2")
+    try:
+        assert_error(second.test_client().post("/v1/chat/completions", json={},
+                                               headers=bearer(key)), 401)
+    finally:
+        close(second)
+
+
+# -- show-config -----------------------------------------------------------------------------------
+
+
+def test_mask_secret_shapes() -> None:
+    assert mask_secret(MASTER_KEY) == f"sk-...{MASTER_KEY[-4:]}"
+    assert mask_secret("short") == "****"
+    assert mask_secret(f"postgresql://llmauth:{DB_PASSWORD}@db:5432/llmauth?sslmode=require") \
+        == "postgresql://****@db:5432/llmauth?sslmode=require"
+    assert mask_secret(f"postgresql://db/llmauth?user=svc&password={DB_PASSWORD}") \
+        == "postgresql://db/llmauth?user=****&password=****"
+    assert mask_secret(f"redis://:{REDIS_PASSWORD}@cache:6379/0") == "redis://****@cache:6379/0"
+    assert mask_secret("sqlite:////var/lib/llmauth.db") == "sqlite:////var/lib/llmauth.db"
+
+
+def test_show_config_masks_every_secret(tmp_path: Path) -> None:
+    app = make_app(tmp_path, {
+        "LLMAUTH_MASTER_KEY": MASTER_KEY,
+        "LLMAUTH_SALT_KEY": SALT,
+        "LLMAUTH_REDIS_URL": f"redis://:{REDIS_PASSWORD}@cache:6379/0",
+        "LLMAUTH_MODEL_LIST": [{"model_name": "gpt-4o",
+                                "litellm_params": {"model": "openai/gpt-4o",
+                                                   "api_key": PROVIDER_KEY,
+                                                   "api_base": "https://api.openai.com"}},
+                               {"model_name": "claude",
+                                "litellm_params": {"api_key": "os.environ/ANTHROPIC_KEY"}}],
+    })
+    try:
+        result = app.test_cli_runner().invoke(args=["llmauth", "show-config"])
+        assert result.exit_code == 0, result.output
+        for secret in (MASTER_KEY, SALT, REDIS_PASSWORD, PROVIDER_KEY):
+            assert secret not in result.output
+        shown = json.loads(result.output)
+        assert shown["LLMAUTH_MASTER_KEY"] == f"sk-...{MASTER_KEY[-4:]}"
+        assert shown["LLMAUTH_REDIS_URL"] == "redis://****@cache:6379/0"
+        params = shown["LLMAUTH_MODEL_LIST"][0]["litellm_params"]
+        assert params["api_key"] == f"sk-...{PROVIDER_KEY[-4:]}"
+        assert params["api_base"] == "https://api.openai.com"
+        # A reference is not a secret and tells the operator where the value comes from.
+        assert shown["LLMAUTH_MODEL_LIST"][1]["litellm_params"]["api_key"] == \
+            "os.environ/ANTHROPIC_KEY"
+        assert shown["LLMAUTH_AUTH_ORDER"] == list(DEFAULT_AUTH_ORDER)
+        assert set(shown) == {PREFIX + name.upper() for name in FIELDS}
+    finally:
+        close(app)
+
+
+def test_show_config_masks_a_postgres_password(tmp_path: Path, postgres_url: str) -> None:
+    user, rest = postgres_url.split("://", 1)[1].split("@", 1)
+    url = f"postgresql://{user}:{DB_PASSWORD}@{rest}"  # trust auth ignores the password
+    app = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_DATABASE_URL": url})
+    try:
+        result = app.test_cli_runner().invoke(args=["llmauth", "show-config"])
+        assert result.exit_code == 0, result.output
+        assert DB_PASSWORD not in result.output
+        assert json.loads(result.output)["LLMAUTH_DATABASE_URL"] == f"postgresql://****@{rest}"
+    finally:
+        close(app)
+
+
+# -- several apps in one process -------------------------------------------------------------------
+
+
+def test_apps_with_different_databases_are_independent(tmp_path: Path, db_url: str) -> None:
+    first = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_DATABASE_URL": db_url},
+                     name="first")
+    second = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": OTHER_MASTER}, name="second")
+    try:
+        one, two = first.test_client(), second.test_client()
+        key_one = new_key(one, key_alias="same-alias")["key"]
+        response = two.post("/key/generate", json={"key_alias": "same-alias"},
+                            headers=bearer(OTHER_MASTER))
+        assert response.status_code == 200  # the alias is free in the other database
+        key_two = record_secret(response.get_json()["key"])
+        chat = "/v1/chat/completions"
+        assert one.post(chat, json={}, headers=bearer(key_one)).status_code == 200
+        assert two.post(chat, json={}, headers=bearer(key_two)).status_code == 200
+        assert_error(one.post(chat, json={}, headers=bearer(key_two)), 401)
+        assert_error(two.post(chat, json={}, headers=bearer(key_one)), 401)
+        assert_error(two.get("/key/list", headers=ADMIN), 401)
+        listed_one = one.get("/key/list", headers=ADMIN).get_json()["keys"]
+        listed_two = two.get("/key/list", headers=bearer(OTHER_MASTER)).get_json()["keys"]
+        assert len(listed_one) == len(listed_two) == 1 and listed_one != listed_two
+        # The CLI of each app works on its own database too.
+        out = second.test_cli_runner().invoke(args=["llmauth", "list-keys"]).output
+        assert listed_two[0] in out and listed_one[0] not in out
+        assert os.path.exists(tmp_path / "second.db")
+    finally:
+        close(first)
+        close(second)
