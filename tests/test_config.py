@@ -79,6 +79,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "api_prefix": ("/llm", "/llm"),
     "max_api_body_size": (65536, 65536),
     "cli_name": ("keys", "keys"),
+    "custom_auth": ("hooks.auth.check", "hooks.auth.check"),
+    "custom_auth_mode": ("auto", "auto"),
+    "custom_key_validate": ("hooks.auth.validate", "hooks.auth.validate"),
 }
 ENV_SAMPLES: dict[str, str] = {
     "insecure_dev_mode": "true",
@@ -415,6 +418,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("api_prefix", "/llm/", "must be empty or a path"),
     ("max_api_body_size", 10, "must be at least 1024"),
     ("cli_name", "Key Tool", "must be a lower-case command name"),
+    ("custom_auth", 3, 'must be "module.function" or a callable'),
+    ("custom_auth_mode", "sometimes", "must be one of on, off, auto"),
+    ("custom_key_validate", ["x"], 'must be "module.function" or a callable'),
 ]
 
 
