@@ -169,6 +169,11 @@ class LLMAuthState:
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
         info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
+        try:
+            self.policy.gate(info, request)
+        except LLMAuthError as error:
+            self._log_failure(error, info.route, None)
+            return self.ext._error_callback(error)
         if info.public:
             return None
         if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):

@@ -105,6 +105,7 @@ class UserService:
             user_id = params.pop("user_id", None) or str(uuid.uuid4())
             if User.get_or_none(User.user_id == user_id) is not None:
                 raise BadRequest(f"User already exists: user_id={user_id}", param="user_id")
+            self._check_email_free(params.get("user_email"))
             user = User(user_id=user_id, created_at=utcnow())
             params.setdefault("user_role", Role.INTERNAL_USER)
             self._apply(user, params)
@@ -158,15 +159,17 @@ class UserService:
                 "keys": keys, "teams": teams}
 
     def update(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        """Change a user. An admin names the user by ``user_id`` (or, without one, by
+        ``user_email`` as LiteLLM does); anyone else always updates itself, and only its
+        :data:`SELF_SERVICE_FIELDS`."""
         state = self.state
         params = dict(params)
-        user_id, user_email = params.pop("user_id", None), None
-        if user_id is None:
-            user_email = params.get("user_email")
+        user_id = params.pop("user_id", None)
         with state.store.use() as db, db.atomic():
-            user = self._get(user_id, user_email)
-            if not actor.is_admin:
-                if user.user_id != actor.user_id:
+            if actor.is_admin:
+                user = self._get(user_id, params.get("user_email") if user_id is None else None)
+            else:
+                if actor.user_id is None or user_id not in (None, actor.user_id):
                     raise Forbidden("You can only update your own user.", param="user_id",
                                     reason="other_user_update")
                 refused = sorted(set(params) - SELF_SERVICE_FIELDS)
@@ -175,6 +178,8 @@ class UserService:
                         f"You cannot change these fields of your own user: {refused}. Ask a "
                         "proxy admin.", param=refused[0], reason="user_self_escalation",
                     )
+                user = self._get(actor.user_id)
+            self._check_email_free(params.get("user_email"), user.user_id)
             before = user_info(user)
             self._apply(user, params)
             user.save()
@@ -183,6 +188,19 @@ class UserService:
                         user.user_id, before=before, after=info)
         state.invalidate(f"user:{user.user_id}")
         return info
+
+    @staticmethod
+    def _check_email_free(email: str | None, user_id: str | None = None) -> None:
+        """An e-mail address names one user at most (SSO and ``/user/update`` look users
+        up by it), so nobody can take over another user's address."""
+        if email is None:
+            return
+        query = User.select(User.id).where(User.user_email == email)
+        if user_id is not None:
+            query = query.where(User.user_id != user_id)
+        if query.exists():
+            raise BadRequest("This user_email is already used by another user.",
+                             param="user_email", reason="email_in_use")
 
     def delete(self, actor: Principal, user_ids: list[str]) -> dict[str, Any]:
         self._require_admin(actor, "delete users")

@@ -2,11 +2,29 @@
 
 The role → route table follows LiteLLM's ``non_proxy_admin_allowed_routes_check``
 (``reference/litellm_auth.md`` §2.4), evaluated top to bottom, first match deciding, with
-two deliberate changes: every refusal is a 403, and an ``org_admin`` is treated like an
-``internal_user`` (this library has no organizations yet, so it cannot scope org rights).
-Proxy admins skip the table; every caller, admins included, is bound by its credential's
-``allowed_routes`` and ``allowed_ips``. Decisions that depend only on (role, rule, method)
-are computed once and kept.
+these deliberate changes:
+
+* every refusal is a 403 (LiteLLM answers some with 401);
+* an ``org_admin`` is treated like an ``internal_user`` (this library has no organizations
+  yet, so it cannot scope org rights);
+* a ``proxy_admin_viewer`` may read (GET/HEAD/OPTIONS) every *classified* route, never an
+  unclassified host route: deny by default holds for every non-admin role;
+* a key's ``allowed_routes`` grant a non-admin routes its role would not reach (LiteLLM step
+  12) only where the table would fall through to its final denial: never past
+  ``admin_only_routes``, the viewer's ban on LLM calls and writes, or master-key-only routes.
+
+Order of the checks (the first failing one answers):
+
+1. deployment gates, for every routed request, public ones included: the global
+   ``allowed_ips`` and the deployment ``allowed_routes`` (:meth:`Policy.gate`);
+2. the key's own ``allowed_ips``;
+3. master-key-only routes;
+4. the credential's ``allowed_routes`` (admins included);
+5. for non-admins: ``admin_only_routes``, then the view's ``@require_role`` roles if it has
+   any (they replace the table), else the role table;
+6. model access on LLM routes (unsafe methods).
+
+Decisions that depend only on (role, rule, method) are computed once and kept.
 """
 
 from __future__ import annotations
@@ -36,11 +54,15 @@ _VIEWER_USER_UPDATE_FIELDS = frozenset({"user_id", "user_email", "password"})
 _SELF_ROUTED = RoutePatterns(("/v1/mcp/*", "/mcp-rest/*"))
 
 
-def _route_denied(route: str, role: Role) -> Forbidden:
+#: The table's final denial: the only one a key's ``allowed_routes`` may lift.
+_GRANTABLE = "role_route_denied"
+
+
+def _route_denied(route: str, role: Role, reason: str = _GRANTABLE) -> Forbidden:
     return Forbidden(
         "Only proxy admin can be used to generate, delete, update info for new "
         f"keys/users/teams. Route={route}. Your role={role.value}.",
-        error_type="auth_error", reason="role_route_denied",
+        error_type="auth_error", reason=reason,
     )
 
 
@@ -54,18 +76,33 @@ class Policy:
         self.allowed_routes = RoutePatterns(settings.allowed_routes)
         self._key_routes: dict[tuple[tuple[str, ...], str], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
+        self._exposed: dict[str, bool] = {}
 
     # -- entry point ----------------------------------------------------------------------------
 
+    def gate(self, info: RouteInfo, request: Request) -> None:
+        """Deployment-wide gates that bind every routed request, public routes included."""
+        allowed_ips = self.settings.allowed_ips
+        if allowed_ips is not None:
+            ip = client_ip(request, self.settings.trusted_proxy_ranges)
+            if not in_networks(ip, allowed_ips):
+                raise Forbidden(f"Access forbidden: IP address {ip} not allowed.",
+                                reason="ip_not_allowed")
+        if self.allowed_routes:
+            exposed = self._exposed.get(info.route)
+            if exposed is None:
+                exposed = self._exposed[info.route] = self.allowed_routes.matches(info.route)
+            if not exposed:
+                raise Forbidden(f"Access forbidden: Route {info.route} not allowed",
+                                reason="route_not_in_allowed_routes")
+
     def authorize(self, principal: Principal, info: RouteInfo, request: Request) -> str | None:
         """Raise :class:`Forbidden` (or :class:`BadRequest`) unless the request may proceed;
-        return the model the request asks for (LLM routes), if any."""
-        settings = self.settings
-        if settings.allowed_ips is not None or (principal.key and principal.key.allowed_ips):
-            self._check_ip(principal, request)
-        if self.allowed_routes and not self.allowed_routes.matches(info.route):
-            raise Forbidden(f"Access forbidden: Route {info.route} not allowed",
-                            reason="route_not_in_allowed_routes")
+        return the model the request asks for (LLM routes; the URL's when it names one),
+        if any. :meth:`gate` has already run for this request.
+        """
+        if principal.key is not None and principal.key.allowed_ips:
+            self._check_key_ip(principal, request)
         if "master_key_only_routes" in info.groups and not principal.is_master_key:
             raise Forbidden(f"Tried to access route={info.route}, which is only for MASTER KEY",
                             reason="master_key_only_route")
@@ -75,31 +112,30 @@ class Policy:
                 f"{list(principal.allowed_routes)}. Tried to call route: {info.route}",
                 reason="key_route_denied",
             )
-        if info.required_roles is not None:
-            if not principal.is_admin and principal.role.value not in info.required_roles:
-                raise Forbidden(
-                    f"This route needs one of the roles {sorted(info.required_roles)}; "
-                    f"your role is {principal.role.value}.", reason="required_role_missing",
-                )
-        elif not principal.is_admin:
-            self._check_role_table(principal, info, request)
+        if not principal.is_admin:
+            if self.admin_only and self.admin_only.matches(info.route):
+                raise _admin_only(info.route)
+            if info.required_roles is not None:
+                if principal.role.value not in info.required_roles:
+                    raise Forbidden(
+                        f"This route needs one of the roles {sorted(info.required_roles)}; "
+                        f"your role is {principal.role.value}.", reason="required_role_missing",
+                    )
+            else:
+                self._check_role_table(principal, info, request)
         if info.is_llm and request.method not in SAFE_METHODS:
-            model = requested_model(request, info)
-            if model is not None:
+            models = requested_models(request, info)
+            for model in models:
                 denial = self.models.denial(principal, model)
                 if denial is not None:
                     raise denial
-            return model
+            return models[0] if models else None
         return None
 
     # -- parts ------------------------------------------------------------------------------------
 
-    def _check_ip(self, principal: Principal, request: Request) -> None:
+    def _check_key_ip(self, principal: Principal, request: Request) -> None:
         ip = client_ip(request, self.settings.trusted_proxy_ranges)
-        allowed = self.settings.allowed_ips
-        if allowed is not None and not in_networks(ip, allowed):
-            raise Forbidden(f"Access forbidden: IP address {ip} not allowed.",
-                            reason="ip_not_allowed")
         key_ips = principal.key.allowed_ips if principal.key else None
         if key_ips and not in_networks(ip, parse_networks(key_ips)):
             raise Forbidden(f"Access forbidden: IP address {ip} not allowed.",
@@ -126,9 +162,10 @@ class Policy:
             body = get_json(request, force=True)
             if isinstance(body, Mapping) and set(body) <= _VIEWER_USER_UPDATE_FIELDS:
                 return
-            denial = _route_denied(info.route, principal.role)
+            denial = _route_denied(info.route, principal.role, "viewer_route_denied")
         if denial is not None and not (  # a key's allowed_routes grant, as in LiteLLM
-            principal.allowed_routes and self.key_route_allowed(principal, info.route)
+            denial.reason == _GRANTABLE and principal.allowed_routes
+            and self.key_route_allowed(principal, info.route)
         ):
             raise denial
 
@@ -138,11 +175,8 @@ class Policy:
 
     def _role_table(self, role: Role, info: RouteInfo, safe: bool) -> Forbidden | None:
         groups, route = info.groups, info.route
-        if self.admin_only.matches(route):
-            return Forbidden(
-                f"user not allowed to access this route. Route={route} is an admin only route",
-                reason="admin_only_route",
-            )
+        if self.admin_only and self.admin_only.matches(route):
+            return _admin_only(route)
         if info.is_llm:
             if role is Role.PROXY_ADMIN_VIEWER:
                 return Forbidden(
@@ -153,8 +187,8 @@ class Policy:
         if "info_routes" in groups:
             return None
         if role is Role.PROXY_ADMIN_VIEWER:
-            if safe:
-                return None
+            if safe:  # read everything the proxy classifies; never an unclassified route
+                return None if groups else _route_denied(route, role, "viewer_route_denied")
             if route == "/user/update":
                 return _BODY_DEPENDENT
             if _VIEWER_WRITES.matches(route):
@@ -164,7 +198,7 @@ class Policy:
                 )
             if groups & {"admin_viewer_routes", "global_spend_tracking_routes"}:
                 return None
-            return _route_denied(route, role)
+            return _route_denied(route, role, "viewer_route_denied")
         if role in (Role.INTERNAL_USER, Role.ORG_ADMIN) and "internal_user_routes" in groups:
             return None
         if role is Role.INTERNAL_USER_VIEWER and "internal_user_view_only_routes" in groups:
@@ -177,36 +211,48 @@ class Policy:
 _BODY_DEPENDENT: Any = Forbidden("body dependent")
 
 
-def requested_model(request: Request, info: RouteInfo) -> str | None:
-    """The model a request asks for: from the URL (Gemini style) or the body's ``model``.
+def _admin_only(route: str) -> Forbidden:
+    return Forbidden(
+        f"user not allowed to access this route. Route={route} is an admin only route",
+        reason="admin_only_route",
+    )
 
-    The JSON body is parsed at most once (Flask caches it). A body that is not valid JSON
-    is a 400 once the caller is authenticated.
+
+_MAX_MODEL_NAME = 512
+
+
+def requested_models(request: Request, info: RouteInfo) -> tuple[str, ...]:
+    """Every model a request names: the URL's (Gemini/Azure style) and the body's ``model``.
+
+    Both are checked when both are present, so a view cannot be steered by the one the
+    policy did not look at. Multipart and form bodies give their ``model`` fields; any
+    other body is read as JSON whatever its ``Content-Type`` says (as LiteLLM does), so a
+    view that parses it with ``force=True`` never sees a model this check did not. The body
+    is parsed at most once (Flask caches it); a JSON-typed body that does not parse, or is
+    not an object, is a 400 once the caller is authenticated.
     """
+    models: list[str] = []
     if info.model_arg and request.view_args and info.model_arg in request.view_args:
-        return str(request.view_args[info.model_arg])
+        models.append(_model_name(request.view_args[info.model_arg]))
     if request.mimetype.startswith("multipart/"):
-        model = request.form.get("model")
-    else:
-        # Any other body is read as JSON whatever its Content-Type says (as LiteLLM does), so
-        # a view that parses it with ``force=True`` never sees a model this check did not.
-        body = get_json(request, force=True)
-        if body is INVALID:
-            if request.is_json:
-                raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
-            form = request.mimetype == "application/x-www-form-urlencoded"
-            model = request.form.get("model") if form else None
-        elif not isinstance(body, Mapping):
-            return None if body is None or not request.is_json else _not_object()
-        else:
-            model = body.get("model")
-    if model is None:
-        return None
-    if not isinstance(model, str) or not model or len(model) > 512:
+        models += [_model_name(m) for m in request.form.getlist("model")]
+        return tuple(models)
+    body = get_json(request, force=True)
+    if body is INVALID:
+        if request.is_json:
+            raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
+        if request.mimetype == "application/x-www-form-urlencoded":
+            models += [_model_name(m) for m in request.form.getlist("model")]
+    elif isinstance(body, Mapping):
+        if body.get("model") is not None:
+            models.append(_model_name(body["model"]))
+    elif body is not None and request.is_json:
+        raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
+    return tuple(models)
+
+
+def _model_name(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_MODEL_NAME:
         raise BadRequest("`model` must be a non-empty string.", param="model",
                          reason="invalid_model_field")
-    return model
-
-
-def _not_object() -> None:
-    raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
+    return value

@@ -9,7 +9,7 @@ the result is kept. Views of the extension declare their LiteLLM path explicitly
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,10 +270,12 @@ class RouteTable:
     """Classifies each URL rule once (by the rule object) and keeps the answer."""
 
     def __init__(self, public: RoutePatterns, explicit: Mapping[str, str],
-                 exempt_blueprints: Iterable[str] = ()) -> None:
+                 exempt_blueprints: Collection[str] = ()) -> None:
         self.public = public
         self.explicit = explicit
-        self.exempt_blueprints = frozenset(exempt_blueprints)
+        #: The extension's live set: a blueprint exempted after ``init_app`` still counts
+        #: (rules are classified on their first request).
+        self.exempt_blueprints = exempt_blueprints
         self._infos: dict[int, tuple[Rule, RouteInfo]] = {}
 
     def info(self, rule: Rule, view: Any) -> RouteInfo:
@@ -284,15 +286,23 @@ class RouteTable:
         self._infos[id(rule)] = (rule, info)
         return info
 
+    def _in_exempt_blueprint(self, endpoint: str) -> bool:
+        """``parent.child.view``: exempt when ``parent`` (and so its nested blueprints),
+        ``parent.child`` or the blueprint named ``child`` was exempted."""
+        parts = endpoint.split(".")[:-1]
+        if not parts or not self.exempt_blueprints:
+            return False
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        return bool(prefixes & set(self.exempt_blueprints)) or parts[-1] in self.exempt_blueprints
+
     def _classify(self, rule: Rule, view: Any) -> RouteInfo:
         endpoint = rule.endpoint
         route = self.explicit.get(endpoint) or rule_template(rule)
         groups = classify(route, getattr(view, ATTR_GROUPS, ()))
-        blueprint = endpoint.rpartition(".")[0]
         public = (
             endpoint == "static" or endpoint.endswith(".static")
             or bool(getattr(view, ATTR_EXEMPT, False))
-            or blueprint in self.exempt_blueprints
+            or self._in_exempt_blueprint(endpoint)
             or (endpoint not in self.explicit and self.public.matches(route))
         )
         roles = getattr(view, ATTR_ROLES, None)
