@@ -480,6 +480,26 @@ class Settings:
         "authentication; anything but `True` is a 403. `@llmauth.custom_key_validate` "
         "registers one too.",
     )
+    enable_oauth2_proxy_auth: bool = setting(
+        False, _bool,
+        "Accept identity headers set by an authenticating reverse proxy (oauth2-proxy, "
+        "mod_auth_openidc), only from a direct peer inside `LLMAUTH_TRUSTED_PROXY_RANGES` "
+        "(required).",
+        yaml=("general_settings.enable_oauth2_proxy_auth",),
+    )
+    oauth2_config_mappings: dict[str, Any] = setting(
+        None, _mapping,
+        "Principal field → header name for proxy-header auth. Identity fields: `user_id`, "
+        "`user_email`, `team_id`, `team_alias`, `org_id`, `end_user_id`, `models`. Privilege "
+        "fields (`user_role`, `max_budget`, `soft_budget`, `budget_duration`, `tpm_limit`, "
+        "`rpm_limit`, `max_parallel_requests`) need `LLMAUTH_OAUTH2_PROXY_SETS_PRIVILEGE_HEADERS`.",
+        yaml=("general_settings.oauth2_config_mappings",),
+    )
+    oauth2_proxy_sets_privilege_headers: bool = setting(
+        False, _bool,
+        "Declare that the proxy strips any client copy of the mapped privilege headers and "
+        "sets them itself; without it, mapping a privilege field fails `init_app`.",
+    )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
 

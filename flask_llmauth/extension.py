@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from .authn.base import AuthContext, Authenticator, Chain
 from .authn.custom import custom_factory, with_key_validation
 from .authn.master_key import MasterKeyAuthenticator
+from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
 from .authz.policy import Policy
@@ -272,7 +273,7 @@ def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
 #: name → factory(state, extension) returning the authenticator, or None when disabled.
 AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticator | None]] = {
     "custom": custom_factory,
-    "oauth2_proxy": lambda state, ext: None,
+    "oauth2_proxy": proxy_headers_factory,
     "jwt": lambda state, ext: None,
     "oauth2": lambda state, ext: None,
     "master_key": _master_key_factory,

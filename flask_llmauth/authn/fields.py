@@ -29,8 +29,8 @@ MONEY_FIELDS = frozenset({"max_budget", "soft_budget"})
 MAX_IDENTITY_LENGTH = 255
 MAX_LIST_ITEMS = 256
 
-_DECIMAL = re.compile(r"^\d{1,12}(?:\.\d{1,9})?$")
-_INTEGER = re.compile(r"^\d{1,15}$")
+_DECIMAL = re.compile(r"^[0-9]{1,12}(?:\.[0-9]{1,9})?$")
+_INTEGER = re.compile(r"^[0-9]{1,15}$")
 
 
 def identity_value(value: object) -> str:
