@@ -82,6 +82,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "custom_auth": ("hooks.auth.check", "hooks.auth.check"),
     "custom_auth_mode": ("auto", "auto"),
     "custom_key_validate": ("hooks.auth.validate", "hooks.auth.validate"),
+    "enable_oauth2_proxy_auth": (True, True),
+    "oauth2_config_mappings": ({"user_id": "X-Forwarded-User"}, {"user_id": "X-Forwarded-User"}),
+    "oauth2_proxy_sets_privilege_headers": (True, True),
 }
 ENV_SAMPLES: dict[str, str] = {
     "insecure_dev_mode": "true",
@@ -421,6 +424,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("custom_auth", 3, 'must be "module.function" or a callable'),
     ("custom_auth_mode", "sometimes", "must be one of on, off, auto"),
     ("custom_key_validate", ["x"], 'must be "module.function" or a callable'),
+    ("enable_oauth2_proxy_auth", "maybe", "must be a boolean"),
+    ("oauth2_config_mappings", ["X-Forwarded-User"], "must be a mapping"),
+    ("oauth2_proxy_sets_privilege_headers", 2, "must be a boolean"),
 ]
 
 
