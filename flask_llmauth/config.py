@@ -263,6 +263,42 @@ def _choice(*choices: str) -> Parser:
     return parse
 
 
+def _limit_string(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("must be a rate limit string such as '30/minute'")
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError(f"{value[:60]!r} is not a rate limit string such as '30/minute'"
+                         ) from None
+    return value
+
+
+def _storage_uri(value: Any) -> str | None:
+    text = _str(value)
+    if text is None or text == "":
+        return None
+    from limits.storage import SCHEMES
+
+    scheme = text.partition("://")[0] if "://" in text else ""
+    if scheme not in SCHEMES or scheme.startswith("async+"):
+        raise ValueError("must be a `limits` storage URI such as memory://, redis://host:6379/0, "
+                         "redis+cluster://..., redis+sentinel://.../service "
+                         f"(unknown scheme {scheme[:20]!r})")
+    return text
+
+
+def _storage_options(value: Any) -> dict[str, Any]:
+    options = _mapping(value)
+    if not all(isinstance(k, str) for k in options):
+        raise ValueError("must map option names to values")
+    return options
+
+
 def setting(
     default: Any,
     parse: Parser,
@@ -504,6 +540,79 @@ class Settings:
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
 
     # -- rate limits (issue 4) ------------------------------------------------------------------
+    ratelimit_enabled: bool = setting(
+        True, _bool, "Enforce rate limits and the failed-authentication limit.",
+    )
+    ratelimit_storage_uri: str | None = setting(
+        None, _storage_uri,
+        "`limits` storage URI for rate-limit counters (`redis://`, `rediss://`, "
+        "`redis+cluster://`, `redis+sentinel://`, `memory://`, ...). Default: "
+        "`LLMAUTH_REDIS_URL`, else `memory://` (per process).",
+        secret=True,
+    )
+    ratelimit_storage_options: dict[str, Any] = setting(
+        None, _storage_options,
+        "Extra client options for the storage (Redis: default `socket_timeout` and "
+        "`socket_connect_timeout` of 1 s).",
+    )
+    ratelimit_key_prefix: str = setting(
+        "llmauth", _nonempty_str, "Prefix of every rate-limit key in the storage.",
+    )
+    ratelimit_window: int = setting(
+        60, _number(int, 1), "Seconds of the rpm/tpm window (fixed window).",
+        env=("LITELLM_RATE_LIMIT_WINDOW_SIZE",),
+    )
+    ratelimit_global_rpm: int | None = setting(
+        None, _number(int, 1), "Requests per window for the whole deployment.",
+    )
+    ratelimit_global_tpm: int | None = setting(
+        None, _number(int, 1), "Tokens per window for the whole deployment.",
+    )
+    ratelimit_global_max_parallel_requests: int | None = setting(
+        None, _number(int, 1), "Requests in flight at once for the whole deployment.",
+        yaml=("general_settings.global_max_parallel_requests",),
+    )
+    ratelimit_token_type: str = setting(
+        "total", _choice("total", "input", "output"),
+        "Which tokens tpm limits count: `total`, `input` (prompt) or `output` (completion).",
+    )
+    ratelimit_tpm_estimate: bool = setting(
+        False, _bool,
+        "Refuse up front a request whose prompt estimate + `max_tokens` does not fit the "
+        "tokens left in a tpm window (default: refuse only when the window is used up).",
+    )
+    ratelimit_headers_enabled: bool = setting(
+        True, _bool, "Send `x-ratelimit-*` headers on rate-limited requests.",
+    )
+    ratelimit_storage_down: str = setting(
+        "closed", _choice("closed", "open", "memory"),
+        "When the storage does not answer: `closed` (503 for requests that have limits), "
+        "`open` (admit them without limits) or `memory` (count per process).",
+    )
+    ratelimit_retry_interval: float = setting(
+        5.0, _number(float, 0.05),
+        "Seconds between attempts to reach a storage that stopped answering.",
+    )
+    ratelimit_parallel_lease: int = setting(
+        600, _number(int, 1),
+        "Seconds after which a `max_parallel_requests` slot a crashed process never released "
+        "is freed.",
+    )
+    ratelimit_multiprocess_memory: str = setting(
+        "warn", _choice("warn", "refuse"),
+        "With `memory://` storage and several worker processes: log a loud warning at "
+        "start-up, or refuse to start.",
+    )
+    worker_processes: int | None = setting(
+        None, _number(int, 1),
+        "Number of worker processes serving the app, when the server cannot be asked "
+        "(gunicorn and uWSGI are detected).",
+    )
+    auth_failure_limit: str = setting(
+        "30/minute", _limit_string,
+        "Failed authentications allowed per client IP (`limits` notation, e.g. "
+        "`10/minute;100/hour`); then 429 until the window ends. Empty: off.",
+    )
 
     # -- management API -----------------------------------------------------------------------
     api_enabled: bool = setting(True, _bool, "Register the management JSON API blueprint.")

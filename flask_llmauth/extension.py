@@ -44,6 +44,7 @@ from .identities import IdentityLoader, Records
 from .keys import LastUsedRecorder
 from .network import client_ip
 from .principal import Principal, get_principal
+from .ratelimits import install as install_ratelimits
 from .signals import auth_failed, auth_succeeded
 from .store.db import Store
 from .sync import InvalidationLog
@@ -133,6 +134,10 @@ class LLMAuthState:
         self.last_used = LastUsedRecorder()
         #: Budgets and rate limits register here (see :mod:`flask_llmauth.guards`).
         self.guards = Guards()
+        #: Set by :func:`flask_llmauth.ratelimits.install` in ``init_app``.
+        self.limiter: Any = None
+        self.ratelimits: Any = None
+        self.auth_failures: Any = None
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
                               self.invalidation_log.poll)
@@ -187,6 +192,8 @@ class LLMAuthState:
                 request.max_content_length = settings.max_api_body_size
         credentials = None
         try:
+            if self.auth_failures is not None:  # before the credential is looked at
+                self.auth_failures.check(client_ip(request, settings.trusted_proxy_ranges))
             credentials = read_credentials(
                 request, max_length=settings.max_credential_length,
                 custom_header=settings.key_header_name,
@@ -242,6 +249,8 @@ class LLMAuthState:
         ip = client_ip(request, self.settings.trusted_proxy_ranges)
         log.warning("llmauth: %s %s %s %s from %s%s", error.status, error.reason,
                     request.method, route, ip, hint)
+        if error.status == 401 and token and self.auth_failures is not None:
+            self.auth_failures.record(ip)
         if auth_failed.receivers:
             auth_failed.send(current_app._get_current_object(), status=error.status,
                              reason=error.reason, route=route, ip=ip)
@@ -286,7 +295,7 @@ AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticat
 #: ``state.guards`` (or nothing, when the feature is off). See :mod:`flask_llmauth.guards`.
 GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] = (
     ("customers", lambda state, app: None),  # end user: resolved first, blocked → 403
-    ("rate_limits", lambda state, app: None),  # rpm/tpm/parallel limits → 429
+    ("rate_limits", install_ratelimits),  # rpm/tpm/parallel limits → 429
     ("budgets", lambda state, app: None),  # budget reservation → 429 budget_exceeded
 )
 

@@ -140,6 +140,7 @@ class Guards:
                 guard.admit(admission)
                 admitted.append(guard)
         except BaseException:
+            admission.scratch["_refused"] = True  # never reached the view
             if admission.claim_settlement():
                 _settle_all(reversed(admitted), admission, None, True)
             raise

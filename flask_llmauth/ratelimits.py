@@ -1,0 +1,770 @@
+"""Rate limits: rpm, tpm and max_parallel_requests per key, user, team, team member, end user,
+model per key and for the whole deployment, plus a per-IP limit on failed authentications.
+
+Flask-Limiter is the engine: :func:`create_limiter` builds one ``Limiter`` per app (its
+storage comes from ``LLMAUTH_RATELIMIT_STORAGE_URI`` or ``LLMAUTH_REDIS_URL``, strategy
+``fixed-window``), and :class:`RateLimits` — a guard, see :mod:`flask_llmauth.guards` — drives
+the limits strategy's storage directly, because the limits are per principal and read from
+its records on every request.
+
+Per request (LLM API routes with a body-carrying method; the master key is exempt):
+
+1. **tpm pre-check**: refuse when a token window is already used up (or, with
+   ``LLMAUTH_RATELIMIT_TPM_ESTIMATE``, cannot fit the prompt estimate + ``max_tokens``).
+2. **rpm**: one atomic increment per descriptor (a Lua script on Redis); a count above the
+   limit refuses the request.
+3. **max_parallel_requests**: one atomic increment per descriptor, released in ``settle``.
+
+A refused request is not counted: every increment it made is undone. ``settle`` (exactly
+once per admitted request, at the end of the stream for streams) charges the real token
+count to every tpm window — fixed windows keep an overshoot, so the next request is refused
+— and releases the parallel slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+from flask import Flask, current_app, request
+from flask_limiter import Limiter
+from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
+from limits.storage import MemoryStorage, Storage
+from limits.strategies import FixedWindowRateLimiter
+
+from .authz.routes import RouteInfo
+from .config import Settings
+from .errors import ConfigurationError, ServiceUnavailable, TooManyRequests
+from .guards import Admission
+from .network import client_ip
+from .principal import Principal, get_principal
+from .signals import rate_limited
+from .usage import Usage, estimate_prompt_tokens, requested_max_tokens
+
+log = logging.getLogger("flask_llmauth")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The order descriptors are checked in: the narrowest first, so a caller over its own
+#: limit is refused before it touches a shared (team, end user, global) counter.
+KINDS = ("key", "model_per_key", "team_member", "user", "team", "end_user", "global")
+#: Client options applied to Redis storages unless configured (no request ever hangs on a
+#: black-holed Redis).
+REDIS_DEFAULT_OPTIONS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+_REDIS_SCHEMES = ("redis", "rediss", "redis+", "valkey", "valkeys", "valkey+")
+_SCRATCH = "ratelimits"
+
+
+def storage_uri(settings: Settings) -> str:
+    """The limits storage URI: the explicit setting, else the Redis URL, else memory."""
+    return settings.ratelimit_storage_uri or settings.redis_url or "memory://"
+
+
+def storage_options(settings: Settings, uri: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    scheme = uri.partition("://")[0]
+    if scheme in _REDIS_SCHEMES or scheme.startswith(("redis+", "valkey+")):
+        options.update(REDIS_DEFAULT_OPTIONS)
+    options.update(settings.ratelimit_storage_options)
+    options["wrap_exceptions"] = True
+    return options
+
+
+def _principal_key() -> str:
+    """Flask-Limiter ``key_func`` for limits the host app declares with ``state.limiter``:
+    the principal (key, user, team) when there is one, else the client IP."""
+    principal = get_principal()
+    if principal is not None:
+        if principal.key_id:
+            return f"key:{principal.key_id}"
+        if principal.user_id:
+            return f"user:{principal.user_id}"
+        return f"{principal.method}:{principal.identity}"
+    settings = current_app.extensions["llmauth"].settings
+    return f"ip:{client_ip(request, settings.trusted_proxy_ranges)}"
+
+
+def create_limiter(app: Flask, settings: Settings) -> Limiter:
+    """The app's Flask-Limiter (fixed-window; no headers or limits of its own).
+
+    The host app may declare its own limits with it (``app.extensions["llmauth"].limiter
+    .limit("10/minute")``); their key is the principal, else the client IP.
+    """
+    uri = storage_uri(settings)
+    limiter = Limiter(
+        _principal_key,
+        storage_uri=uri,
+        storage_options=storage_options(settings, uri),
+        strategy="fixed-window",
+        headers_enabled=False,
+        key_prefix=settings.ratelimit_key_prefix,
+    )
+    limiter.init_app(app)
+    return limiter
+
+
+# -- worker processes and memory storage -------------------------------------------------------
+
+
+def detect_worker_processes(settings: Settings) -> tuple[int, str] | None:
+    """How many worker processes serve this app, and how we know (``None``: unknown).
+
+    Order: ``LLMAUTH_WORKER_PROCESSES``; gunicorn's own configuration (found on the call
+    stack while gunicorn loads the app, so ``-w``, ``GUNICORN_CMD_ARGS``, ``WEB_CONCURRENCY``
+    and config files all count); uWSGI's ``numproc``.
+    """
+    if settings.worker_processes is not None:
+        return settings.worker_processes, "LLMAUTH_WORKER_PROCESSES"
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        cfg = getattr(owner, "cfg", None)
+        workers = getattr(cfg, "workers", None)
+        if isinstance(workers, int) and type(cfg).__module__.startswith("gunicorn"):
+            return workers, "gunicorn --workers"
+        frame = frame.f_back  # type: ignore[assignment]
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is not None and isinstance(getattr(uwsgi, "numproc", None), int):
+        return uwsgi.numproc, "uWSGI processes"
+    return None
+
+
+def check_storage_for_workers(settings: Settings, uri: str) -> None:
+    """Warn loudly (or refuse, ``LLMAUTH_RATELIMIT_MULTIPROCESS_MEMORY=refuse``) when
+    per-process ``memory://`` storage serves several worker processes: each process would
+    admit the whole limit."""
+    if not uri.startswith("memory://"):
+        return
+    detected = detect_worker_processes(settings)
+    if detected is None or detected[0] <= 1:
+        return
+    workers, source = detected
+    message = (
+        f"LLMAUTH_RATELIMIT_STORAGE_URI: rate limits use memory:// storage but {workers} "
+        f"worker processes serve this app ({source}); every process counts on its own, so "
+        f"each limit admits up to {workers}x its value and the failed-authentication limit "
+        "is per process. Set LLMAUTH_REDIS_URL (or LLMAUTH_RATELIMIT_STORAGE_URI) to a "
+        "shared storage such as redis://host:6379/0."
+    )
+    if settings.ratelimit_multiprocess_memory == "refuse":
+        raise ConfigurationError(message)
+    log.warning("llmauth: WARNING: %s", message)
+
+
+# -- descriptors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """One thing a request is counted against, with the limits that apply to it."""
+
+    kind: str
+    #: Printable, non-secret name for messages (``sk-...abcd``, a team id ...).
+    label: str
+    #: The storage identifier (quoted, bounded).
+    ident: str
+    rpm: int | None = None
+    tpm: int | None = None
+    parallel: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitBreach:
+    """What refused a request (sent with the ``rate_limited`` signal)."""
+
+    descriptor: str
+    value: str
+    limit_type: str
+    limit: int
+    remaining: int
+    reset_at: float | None
+
+
+def _positive(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return int(value)
+
+
+def _ident(*parts: str) -> str:
+    text = ":".join(quote(part, safe="") for part in parts)
+    if len(text) > 200:
+        import hashlib
+
+        text = "sha256-" + hashlib.sha256(text.encode()).hexdigest()
+    return text
+
+
+def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tuple[str, int] | None:
+    """A per-model limit: key field > key metadata > key ``model_max_budget`` > team field."""
+    key, team = principal.key, principal.team
+    tables: list[Any] = []
+    if key is not None:
+        tables.append(getattr(key, field, None))
+        tables.append((key.metadata or {}).get(field))
+        budgets = key.model_max_budget or {}
+        tables.append({m: b.get(field.replace("model_", "", 1)) for m, b in budgets.items()
+                       if isinstance(b, Mapping)})
+    if team is not None:
+        tables.append(getattr(team, field, None))
+    for table in tables:
+        if not isinstance(table, Mapping):
+            continue
+        for name in names:
+            limit = _positive(table.get(name))
+            if limit is not None:
+                return name, limit
+    return None
+
+
+def descriptors(principal: Principal, model_names: Sequence[str], end_user_id: str | None,
+                customer: Any, settings: Settings) -> list[Descriptor]:
+    """Every descriptor of this request that has at least one limit, narrowest first."""
+    out: list[Descriptor] = []
+    key, user, team, member = principal.key, principal.user, principal.team, principal.membership
+    asserted = principal.limits
+    if key is None and asserted:  # limits a custom auth hook or proxy headers asserted
+        rpm, tpm = _positive(asserted.get("rpm_limit")), _positive(asserted.get("tpm_limit"))
+        parallel = _positive(asserted.get("max_parallel_requests"))
+        if rpm or tpm or parallel:
+            out.append(Descriptor("key", principal.key_name or principal.identity,
+                                  _ident(principal.method, principal.identity), rpm, tpm,
+                                  parallel))
+    if key is not None:
+        rpm, tpm = _positive(key.rpm_limit), _positive(key.tpm_limit)
+        parallel = _positive(key.max_parallel_requests)
+        if rpm or tpm or parallel:
+            out.append(Descriptor("key", key.key_name, _ident(key.key_id), rpm, tpm, parallel))
+        if model_names:
+            rpm_model = _model_limit(principal, model_names, "model_rpm_limit")
+            tpm_model = _model_limit(principal, model_names, "model_tpm_limit")
+            for found, is_rpm in ((rpm_model, True), (tpm_model, False)):
+                if found is not None:
+                    name, limit = found
+                    out.append(Descriptor(
+                        "model_per_key", f"{key.key_name}:{name[:100]}",
+                        _ident(key.key_id, name),
+                        rpm=limit if is_rpm else None, tpm=None if is_rpm else limit))
+    if team is not None and principal.user_id:
+        rpm = _positive(member.rpm_limit if member else None) or _positive(
+            team.team_member_rpm_limit)
+        tpm = _positive(member.tpm_limit if member else None) or _positive(
+            team.team_member_tpm_limit)
+        if rpm or tpm:
+            out.append(Descriptor("team_member", f"{team.team_id}:{principal.user_id}",
+                                  _ident(team.team_id, principal.user_id), rpm, tpm))
+    if user is not None:
+        rpm, tpm = _positive(user.rpm_limit), _positive(user.tpm_limit)
+        parallel = _positive(user.max_parallel_requests)
+        if rpm or tpm or parallel:
+            out.append(Descriptor("user", user.user_id, _ident(user.user_id), rpm, tpm,
+                                  parallel))
+    if team is not None:
+        rpm, tpm = _positive(team.rpm_limit), _positive(team.tpm_limit)
+        parallel = _positive(team.max_parallel_requests)
+        if rpm or tpm or parallel:
+            out.append(Descriptor("team", team.team_id, _ident(team.team_id), rpm, tpm,
+                                  parallel))
+    if end_user_id and customer is not None:
+        rpm = _positive(getattr(customer, "rpm_limit", None))
+        tpm = _positive(getattr(customer, "tpm_limit", None))
+        parallel = _positive(getattr(customer, "max_parallel_requests", None))
+        if rpm or tpm or parallel:
+            out.append(Descriptor("end_user", end_user_id[:100], _ident(end_user_id), rpm, tpm,
+                                  parallel))
+    if (settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
+            or settings.ratelimit_global_max_parallel_requests):
+        out.append(Descriptor("global", "deployment", "all", settings.ratelimit_global_rpm,
+                              settings.ratelimit_global_tpm,
+                              settings.ratelimit_global_max_parallel_requests))
+    return out
+
+
+# -- storage access ------------------------------------------------------------------------------
+
+
+class StorageDown(Exception):
+    """The rate-limit storage did not answer."""
+
+
+class Counters:
+    """Fixed-window counters on a limits storage (what ``FixedWindowRateLimiter`` does, but
+    returning the count, so one round trip both decides and fills the headers)."""
+
+    def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
+        self.strategy = strategy
+        self.storage: Storage = strategy.storage
+        self.prefix = prefix
+        self._items: dict[tuple[int, int], RateLimitItem] = {}
+        self._resets: dict[str, float] = {}
+
+    def item(self, amount: int, seconds: int) -> RateLimitItem:
+        item = self._items.get((amount, seconds))
+        if item is None:
+            item = self._items[(amount, seconds)] = RateLimitItemPerSecond(
+                amount, seconds, namespace="LLMAUTH")
+        return item
+
+    def key(self, item: RateLimitItem, *parts: str) -> str:
+        return item.key_for(self.prefix, *parts)
+
+    def incr(self, key: str, seconds: int, amount: int) -> int:
+        try:
+            count = self.storage.incr(key, seconds, amount=amount)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+        if count == amount and amount > 0:  # this increment opened the window
+            self._remember_reset(key, time.time() + seconds)
+        return count
+
+    def get(self, key: str) -> int:
+        try:
+            return self.storage.get(key)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+
+    def reset_at(self, key: str, seconds: int) -> float:
+        """When the window of ``key`` ends (cached: a fixed window's end never moves)."""
+        now = time.time()
+        reset = self._resets.get(key)
+        if reset is not None and reset > now:
+            return reset
+        try:
+            reset = self.storage.get_expiry(key)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+        if reset <= now:  # no window yet: it would start now
+            return now + seconds
+        self._remember_reset(key, reset)
+        return reset
+
+    def _remember_reset(self, key: str, reset: float) -> None:
+        if len(self._resets) > 50_000:
+            now = time.time()
+            self._resets = {k: v for k, v in self._resets.items() if v > now}
+            if len(self._resets) > 50_000:
+                self._resets.clear()
+        self._resets[key] = reset
+
+
+class StorageHealth:
+    """Remembers a storage outage so requests do not each wait on a dead Redis: after a
+    failure the storage is retried once per ``retry_interval`` seconds."""
+
+    def __init__(self, retry_interval: float, what: str) -> None:
+        self.retry_interval = retry_interval
+        self.what = what
+        self.down_until = 0.0
+        self.down_since: float | None = None
+        self.skipped = 0
+
+    def available(self) -> bool:
+        if self.down_since is None:
+            return True
+        if time.time() >= self.down_until:
+            return True  # probe
+        self.skipped += 1
+        return False
+
+    def failed(self, exc: BaseException, mode: str) -> None:
+        now = time.time()
+        cause = exc.__cause__ or exc
+        if self.down_since is None:
+            self.down_since = now
+            log.error("llmauth: %s storage is unreachable (%s: %s); %s until it answers "
+                      "(retried every %ss)", self.what, type(cause).__name__,
+                      str(cause)[:200], mode, self.retry_interval)
+        else:
+            log.error("llmauth: %s storage still unreachable after %.0fs (%s: %s); %s, %d "
+                      "requests decided without it since the last probe", self.what,
+                      now - self.down_since, type(cause).__name__, str(cause)[:200], mode,
+                      self.skipped)
+            self.skipped = 0
+        self.down_until = now + self.retry_interval
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.warning("llmauth: %s storage answers again after %.0fs", self.what,
+                        time.time() - self.down_since)
+            self.down_since = None
+            self.skipped = 0
+
+
+def _memory_counters(prefix: str) -> Counters:
+    return Counters(FixedWindowRateLimiter(MemoryStorage()), prefix)
+
+
+# -- the guard -----------------------------------------------------------------------------------
+
+
+_MODES = {
+    "closed": "refusing rate-limited requests with 503",
+    "open": "admitting requests without rate limits",
+    "memory": "counting rate limits per process",
+}
+
+
+class _Taken:
+    """What one admitted request holds: its counters' backend, its tpm windows, its parallel
+    slots, and what its headers say."""
+
+    __slots__ = ("counters", "counted", "tpm", "parallel", "headers")
+
+    def __init__(self, counters: Counters | None) -> None:
+        self.counters = counters
+        self.counted: list[tuple[str, int]] = []
+        self.tpm: list[tuple[str, int]] = []
+        self.parallel: list[tuple[str, int]] = []
+        self.headers: dict[str, str] = {}
+
+
+class RateLimits:
+    """The rate-limit guard (runs after the customer guard, before budgets)."""
+
+    name = "rate_limits"
+
+    def __init__(self, settings: Settings, limiter: Limiter, model_names: Any = None) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.window = settings.ratelimit_window
+        self.lease = settings.ratelimit_parallel_lease
+        self.mode = settings.ratelimit_storage_down
+        self.headers_enabled = settings.ratelimit_headers_enabled
+        strategy = limiter.limiter
+        if not isinstance(strategy, FixedWindowRateLimiter):
+            raise ConfigurationError(
+                "LLMAUTH_RATELIMIT_STORAGE_URI: rate limits need the fixed-window strategy "
+                f"(got {type(strategy).__name__})")
+        self.counters = Counters(strategy, settings.ratelimit_key_prefix)
+        self.health = StorageHealth(settings.ratelimit_retry_interval, "rate-limit")
+        self._fallback: Counters | None = None
+        self._fallback_lock = threading.Lock()
+        #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
+        self._model_names = model_names
+
+    # -- Guard protocol ----------------------------------------------------------------------
+
+    def wants(self, principal: Principal, route: RouteInfo) -> bool:
+        return (route.is_llm and not principal.is_master_key
+                and request.method not in SAFE_METHODS)
+
+    def admit(self, admission: Admission) -> None:
+        principal = admission.principal
+        names: Sequence[str] = ()
+        if admission.model and principal.key is not None:
+            names = (self._model_names(principal, admission.model) if self._model_names
+                     else (admission.model,))
+        found = descriptors(principal, names, admission.end_user_id,
+                            admission.customer, self.settings)
+        if not found:
+            return
+        counters = self._backend()
+        if counters is None:
+            return  # storage down, fail open (logged)
+        try:
+            taken = self._acquire(counters, admission, found)
+        except StorageDown as exc:
+            self.health.failed(exc, _MODES[self.mode])
+            counters = self._backend(after_failure=True)
+            if counters is None:
+                return
+            taken = self._acquire(counters, admission, found)
+        if counters is self.counters:
+            self.health.succeeded()
+        admission.scratch[_SCRATCH] = taken
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
+        taken: _Taken | None = admission.scratch.get(_SCRATCH)
+        if taken is None or taken.counters is None:
+            return
+        counters = taken.counters
+        try:
+            for key, _limit in taken.parallel:
+                self._release(counters, key)
+            if admission.scratch.get("_refused"):  # a later guard refused it: not counted
+                for key, seconds in taken.counted:
+                    counters.incr(key, seconds, -1)
+                return
+            tokens = self._tokens(usage)
+            if tokens > 0:
+                for key, _limit in taken.tpm:
+                    counters.incr(key, self.window, tokens)
+        except StorageDown as exc:
+            if counters is self.counters:
+                self.health.failed(exc, _MODES[self.mode])
+            log.error("llmauth: could not settle rate limits of request %s (parallel slots "
+                      "expire after %ss)", admission.request_id, self.lease)
+
+    def headers(self, admission: Admission) -> Mapping[str, str]:
+        taken: _Taken | None = admission.scratch.get(_SCRATCH)
+        return taken.headers if taken is not None else {}
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _backend(self, after_failure: bool = False) -> Counters | None:
+        if not after_failure and self.health.available():
+            return self.counters
+        if self.mode == "closed":
+            raise ServiceUnavailable(
+                "Rate limiting is temporarily unavailable; try again shortly.",
+                headers={"Retry-After": str(max(1, math.ceil(self.health.retry_interval)))},
+                reason="ratelimit_storage_down")
+        if self.mode == "memory":
+            with self._fallback_lock:
+                if self._fallback is None:
+                    self._fallback = _memory_counters(self.settings.ratelimit_key_prefix)
+            return self._fallback
+        return None
+
+    def _tokens(self, usage: Usage | None) -> int:
+        if usage is None:
+            return 0
+        kind = self.settings.ratelimit_token_type
+        if kind == "input":
+            return usage.prompt_tokens
+        if kind == "output":
+            return usage.completion_tokens
+        return usage.total_tokens
+
+    def _estimate(self, admission: Admission) -> int:
+        if not self.settings.ratelimit_tpm_estimate:
+            return 1
+        kind = self.settings.ratelimit_token_type
+        prompt = estimate_prompt_tokens(admission.body) if kind != "output" else 0
+        completion = (requested_max_tokens(admission.body) or 0) if kind != "input" else 0
+        return max(1, prompt + completion)
+
+    def _release(self, counters: Counters, key: str) -> None:
+        left = counters.incr(key, self.lease, -1)
+        if left < 0:  # the counter expired under a request in flight: do not go negative
+            counters.incr(key, self.lease, -left)
+
+    def _acquire(self, counters: Counters, admission: Admission,
+                 found: Iterable[Descriptor]) -> _Taken:
+        taken = _Taken(counters)
+        window = self.window
+        found = list(found)
+        # 1. tpm: refuse when the window is used up (or cannot fit the estimate)
+        need = self._estimate(admission)
+        tokens_shown: tuple[int, int, float] | None = None
+        for d in found:
+            if d.tpm is None:
+                continue
+            key = counters.key(counters.item(d.tpm, window), d.kind, d.ident, "tpm")
+            used = counters.get(key)
+            remaining = max(0, d.tpm - used)
+            if remaining < need:
+                reset = counters.reset_at(key, window)
+                self._refuse(admission, d, "tokens", d.tpm, remaining, reset)
+            taken.tpm.append((key, d.tpm))
+            if d.kind != "global" and (tokens_shown is None or remaining < tokens_shown[1]):
+                tokens_shown = (d.tpm, remaining, counters.reset_at(key, window))
+        # 2. rpm: count this request; undo everything on a refusal
+        counted = taken.counted
+        requests_shown: tuple[int, int, float] | None = None
+        try:
+            for d in found:
+                if d.rpm is None:
+                    continue
+                key = counters.key(counters.item(d.rpm, window), d.kind, d.ident, "rpm")
+                count = counters.incr(key, window, 1)
+                counted.append((key, window))
+                if count > d.rpm:
+                    self._refuse(admission, d, "requests", d.rpm, 0,
+                                 counters.reset_at(key, window))
+                remaining = d.rpm - count
+                if d.kind != "global" and (requests_shown is None
+                                         or remaining < requests_shown[1]):
+                    requests_shown = (d.rpm, remaining, counters.reset_at(key, window))
+            # 3. max_parallel_requests: take a slot
+            for d in found:
+                if d.parallel is None:
+                    continue
+                key = counters.key(counters.item(d.parallel, self.lease), d.kind, d.ident,
+                                   "parallel")
+                in_flight = counters.incr(key, self.lease, 1)
+                taken.parallel.append((key, d.parallel))
+                if in_flight > d.parallel:
+                    self._refuse(admission, d, "max_parallel_requests", d.parallel, 0, None)
+        except TooManyRequests:
+            self._undo(counters, counted, taken.parallel)
+            raise
+        except StorageDown:
+            try:
+                self._undo(counters, counted, taken.parallel)
+            except StorageDown:
+                pass
+            raise
+        if self.headers_enabled:
+            now = time.time()
+            if requests_shown is not None:
+                taken.headers.update(_window_headers("requests", *requests_shown, now))
+            if tokens_shown is not None:
+                taken.headers.update(_window_headers("tokens", *tokens_shown, now))
+        return taken
+
+    def _undo(self, counters: Counters, counted: list[tuple[str, int]],
+              parallel: list[tuple[str, int]]) -> None:
+        for key, seconds in counted:
+            counters.incr(key, seconds, -1)
+        for key, _limit in parallel:
+            self._release(counters, key)
+        parallel.clear()
+
+    def _refuse(self, admission: Admission, d: Descriptor, limit_type: str, limit: int,
+                remaining: int, reset: float | None) -> None:
+        now = time.time()
+        breach = RateLimitBreach(d.kind, d.label, limit_type, limit, remaining, reset)
+        if reset is None:
+            retry_after = 1
+            when = "Retry when a request in flight completes."
+        else:
+            retry_after = max(1, math.ceil(reset - now))
+            stamp = datetime.fromtimestamp(reset, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            when = f"Limit resets at: {stamp} UTC"
+        headers = {"Retry-After": str(retry_after)}
+        if reset is not None and limit_type in ("requests", "tokens"):
+            headers.update(_window_headers(limit_type, limit, remaining, reset, now))
+        if rate_limited.receivers:
+            rate_limited.send(current_app._get_current_object(),
+                              principal=admission.principal, limit=breach)
+        raise TooManyRequests(
+            f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: {limit_type}. "
+            f"Current limit: {limit}, Remaining: {remaining}. {when}",
+            headers=headers, reason=f"rate_limited_{d.kind}_{limit_type}")
+
+
+def _window_headers(kind: str, limit: int, remaining: int, reset: float,
+                    now: float) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
+        f"x-ratelimit-reset-{kind}": openai_duration(max(0.0, reset - now)),
+    }
+
+
+def openai_duration(seconds: float) -> str:
+    """A duration as OpenAI writes its reset headers: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+# -- failed authentications per client IP ---------------------------------------------------------
+
+
+class AuthFailureLimiter:
+    """Counts failed authentications per client IP (``trusted_proxy_ranges`` decide which
+    IP that is) and refuses an IP that used up its allowance with 429 *before* its
+    credential is checked.
+
+    The count is in the shared storage; the block is remembered in-process until the window
+    resets, so the check costs no round trip. Another process learns of the block at that
+    IP's next failure there: across P processes at most P-1 extra credentials are checked
+    per window. While the storage is down the count is kept per process.
+    """
+
+    def __init__(self, settings: Settings, limiter: Limiter) -> None:
+        self.items = tuple(parse_many(settings.auth_failure_limit))
+        strategy = limiter.limiter
+        assert isinstance(strategy, FixedWindowRateLimiter)
+        self.counters = Counters(strategy, settings.ratelimit_key_prefix)
+        self.health = StorageHealth(settings.ratelimit_retry_interval, "failed-auth limit")
+        self._fallback: Counters | None = None
+        self._blocked: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, ip: str | None) -> None:
+        """Raise 429 if ``ip`` is blocked (call before reading the credential)."""
+        if not self._blocked:
+            return
+        until = self._blocked.get(ip or "unknown")
+        if until is None:
+            return
+        now = time.time()
+        if until <= now:
+            self._blocked.pop(ip or "unknown", None)
+            return
+        raise TooManyRequests(
+            "Too many failed authentication attempts from this address. Try again in "
+            f"{math.ceil(until - now)} seconds.",
+            headers={"Retry-After": str(max(1, math.ceil(until - now)))},
+            reason="auth_failures_blocked")
+
+    def record(self, ip: str | None) -> None:
+        """Count one failed authentication from ``ip``; block it once a limit is reached."""
+        address = ip or "unknown"
+        counters = self.counters if self.health.available() else self._memory()
+        try:
+            until = self._count(counters, address)
+            if counters is self.counters:
+                self.health.succeeded()
+        except StorageDown as exc:
+            self.health.failed(exc, "counting failed authentications per process")
+            until = self._count(self._memory(), address)
+        if until is None:
+            return
+        with self._lock:
+            if len(self._blocked) > 100_000:
+                now = time.time()
+                self._blocked = {k: v for k, v in self._blocked.items() if v > now}
+            self._blocked[address] = until
+        log.warning("llmauth: blocking %s for %.0fs after too many failed authentications",
+                    address, until - time.time())
+        if rate_limited.receivers:
+            rate_limited.send(current_app._get_current_object(), principal=None,
+                              limit=RateLimitBreach("ip", address, "auth_failures",
+                                                    self.items[0].amount, 0, until))
+
+    def _count(self, counters: Counters, address: str) -> float | None:
+        until: float | None = None
+        for item in self.items:
+            seconds = item.get_expiry()
+            key = counters.key(item, "auth_failures", _ident(address))
+            if counters.incr(key, seconds, 1) >= item.amount:
+                reset = counters.reset_at(key, seconds)
+                until = reset if until is None else max(until, reset)
+        return until
+
+    def _memory(self) -> Counters:
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = _memory_counters(self.counters.prefix)
+            return self._fallback
+
+
+def install(state: Any, app: Flask) -> None:
+    """Build the app's limiter, the rate-limit guard and the failed-authentication limiter
+    (called by ``init_app``)."""
+    settings: Settings = state.settings
+    state.limiter = None
+    state.ratelimits = None
+    state.auth_failures = None
+    if not settings.ratelimit_enabled:
+        return
+    uri = storage_uri(settings)
+    check_storage_for_workers(settings, uri)
+    limiter = create_limiter(app, settings)
+    if not limiter.enabled:  # RATELIMIT_ENABLED=False in the app config
+        return
+    state.limiter = limiter
+    state.ratelimits = RateLimits(settings, limiter, state.models.names_for)
+    state.guards.add(state.ratelimits)
+    if settings.auth_failure_limit:
+        state.auth_failures = AuthFailureLimiter(settings, limiter)
+
+

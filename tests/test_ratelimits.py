@@ -1,0 +1,581 @@
+"""Rate limits: every descriptor (key, model per key, team member, user, team, end user,
+global), rpm / tpm / max_parallel_requests, windows, headers, storage outages and the per-IP
+failed-authentication limit — on memory:// and on the real Redis."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify, request, stream_with_context
+
+from flask_llmauth import ConfigurationError
+from flask_llmauth.config import load_settings
+from flask_llmauth.errors import TooManyRequests
+from flask_llmauth.guards import Admission
+from flask_llmauth.ratelimits import descriptors, openai_duration
+from flask_llmauth.signals import rate_limited
+from tests.conftest import REDIS_URL
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+
+CHAT = "/v1/chat/completions"
+
+
+def add_llm_routes(app: Flask) -> None:
+    """A gateway whose responses report the tokens the request asks for (``tokens``)."""
+
+    @app.post(CHAT)
+    def chat() -> Any:
+        body = request.get_json()
+        tokens = int(body.get("tokens", 10))
+        if body.get("fail"):
+            return jsonify(error={"message": "upstream failed"}), 502
+        if body.get("raise"):
+            raise RuntimeError("view failed")
+        usage = {"prompt_tokens": tokens // 2, "completion_tokens": tokens - tokens // 2,
+                 "total_tokens": tokens}
+        if body.get("stream"):
+            def events() -> Iterator[str]:
+                yield 'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+                yield f'data: {{"choices":[],"usage":{__import__("json").dumps(usage)}}}\n\n'
+                yield "data: [DONE]\n\n"
+
+            return Response(stream_with_context(events()), mimetype="text/event-stream")
+        return jsonify(model=body.get("model"), choices=[], usage=usage)
+
+    @app.get("/v1/models")
+    def models() -> Any:
+        return jsonify(data=[])
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Rate-limit storage settings: per-process memory, or the shared Redis with a key
+    prefix of its own (never flushed)."""
+    if request.param == "memory":
+        return {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
+    prefix = request.getfixturevalue("redis_prefix")
+    return {"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL, "LLMAUTH_RATELIMIT_KEY_PREFIX": prefix}
+
+
+@pytest.fixture
+def make(app_factory: Any, storage: dict[str, Any]) -> Any:
+    def build(**config: Any) -> Flask:
+        app = app_factory({**storage, **config}, routes=False)
+        add_llm_routes(app)
+        return app
+
+    return build
+
+
+def chat(client: Any, key: str, **body: Any) -> Any:
+    return client.post(CHAT, json={"model": "gpt-4o", **body}, headers=bearer(key))
+
+
+def statuses(client: Any, key: str, n: int, **body: Any) -> list[int]:
+    return [chat(client, key, **body).status_code for _ in range(n)]
+
+
+def message(response: Any) -> str:
+    return response.get_json()["error"]["message"]
+
+
+# -- rpm per descriptor --------------------------------------------------------------------------
+
+
+def test_key_rpm_admits_the_limit_then_429_with_litellm_message_and_headers(make: Any) -> None:
+    client = make().test_client()
+    body = new_key(client, rpm_limit=3)
+    key = body["key"]
+    remaining = []
+    for _ in range(3):
+        response = chat(client, key)
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(int(response.headers["x-ratelimit-remaining-requests"]))
+        assert response.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert remaining == [2, 1, 0]
+    refused = chat(client, key)
+    error = assert_error(refused, 429, "rate_limit_error")
+    assert error["message"].startswith(
+        f"Rate limit exceeded for key: {body['key_name']}. Limit type: requests. "
+        "Current limit: 3, Remaining: 0. Limit resets at: ")
+    assert error["message"].endswith(" UTC")
+    assert key not in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_rpm_window_rolls_over_and_refusals_are_not_counted(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_WINDOW=2).test_client()
+    key = new_key(client, rpm_limit=2)["key"]
+    assert statuses(client, key, 5) == [200, 200, 429, 429, 429]
+    time.sleep(2.1)
+    assert statuses(client, key, 3) == [200, 200, 429]
+
+
+def test_user_team_and_team_member_rpm(make: Any) -> None:
+    client = make().test_client()
+    assert client.post("/user/new", json={"user_id": "u-rl", "rpm_limit": 2},
+                       headers=ADMIN).status_code == 200
+    personal = new_key(client, user_id="u-rl")["key"]
+    personal2 = new_key(client, user_id="u-rl")["key"]
+    assert [chat(client, personal).status_code, chat(client, personal2).status_code] == [200,
+                                                                                          200]
+    refused = chat(client, personal)
+    assert message(refused).startswith("Rate limit exceeded for user: u-rl. Limit type: "
+                                       "requests. Current limit: 2")
+
+    assert client.post("/team/new", json={"team_id": "t-rl", "rpm_limit": 3},
+                       headers=ADMIN).status_code == 200
+    a, b = new_key(client, team_id="t-rl")["key"], new_key(client, team_id="t-rl")["key"]
+    assert statuses(client, a, 2) + statuses(client, b, 2) == [200, 200, 200, 429]
+    assert message(chat(client, b)).startswith("Rate limit exceeded for team: t-rl.")
+
+    assert client.post("/team/new", json={"team_id": "t-m", "team_member_rpm_limit": 5},
+                       headers=ADMIN).status_code == 200
+    for user in ("m1", "m2"):
+        assert client.post("/user/new", json={"user_id": user}, headers=ADMIN).status_code == 200
+        assert client.post("/team/member_add", json={
+            "team_id": "t-m", "member": {"user_id": user, "role": "user"}},
+            headers=ADMIN).status_code == 200
+    assert client.post("/team/member_update", json={"team_id": "t-m", "user_id": "m1",
+                                                    "rpm_limit": 1},
+                       headers=ADMIN).status_code == 200
+    m1 = new_key(client, team_id="t-m", user_id="m1")["key"]
+    m2 = new_key(client, team_id="t-m", user_id="m2")["key"]
+    assert statuses(client, m1, 2) == [200, 429]
+    assert message(chat(client, m1)).startswith(
+        "Rate limit exceeded for team_member: t-m:m1. Limit type: requests. Current limit: 1")
+    assert statuses(client, m2, 6) == [200] * 5 + [429]  # the team's member default
+
+
+def test_model_per_key_rpm_counts_each_model_and_its_aliases(make: Any) -> None:
+    client = make().test_client()
+    key = new_key(client, model_rpm_limit={"gpt-4o": 2}, aliases={"fast": "gpt-4o"})["key"]
+    assert chat(client, key, model="gpt-4o").status_code == 200
+    assert chat(client, key, model="fast").status_code == 200  # same counter as its target
+    refused = chat(client, key, model="gpt-4o")
+    assert message(refused).startswith("Rate limit exceeded for model_per_key: ")
+    assert ":gpt-4o. Limit type: requests. Current limit: 2" in message(refused)
+    assert statuses(client, key, 3, model="gpt-4o-mini") == [200, 200, 200]
+
+
+def test_global_rpm_is_shared_by_every_key_and_the_master_key_is_exempt(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_GLOBAL_RPM=3).test_client()
+    a, b = new_key(client)["key"], new_key(client)["key"]
+    assert [chat(client, a).status_code, chat(client, b).status_code,
+            chat(client, a).status_code] == [200, 200, 200]
+    refused = chat(client, b)
+    assert message(refused).startswith("Rate limit exceeded for global: deployment.")
+    assert "x-ratelimit-remaining-requests" in refused.headers
+    admin = [client.post(CHAT, json={"model": "gpt-4o"}, headers=ADMIN).status_code
+             for _ in range(5)]
+    assert admin == [200] * 5
+
+
+def test_success_headers_never_show_the_global_window(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_GLOBAL_RPM=1000).test_client()
+    key = new_key(client)["key"]
+    response = chat(client, key)
+    assert response.status_code == 200
+    assert not [h for h in response.headers.keys() if h.lower().startswith("x-ratelimit")]
+
+
+def test_a_caller_over_its_own_limit_does_not_use_up_the_team(make: Any) -> None:
+    client = make().test_client()
+    client.post("/team/new", json={"team_id": "t-share", "rpm_limit": 3}, headers=ADMIN)
+    noisy = new_key(client, team_id="t-share", rpm_limit=1)["key"]
+    quiet = new_key(client, team_id="t-share")["key"]
+    assert statuses(client, noisy, 10) == [200] + [429] * 9
+    assert statuses(client, quiet, 3) == [200, 200, 429]
+
+
+def test_safe_methods_and_unlimited_keys_are_not_counted(make: Any) -> None:
+    client = make().test_client()
+    key = new_key(client, rpm_limit=1)["key"]
+    for _ in range(3):
+        response = client.get("/v1/models", headers=bearer(key))
+        assert response.status_code == 200
+        assert "x-ratelimit-remaining-requests" not in response.headers
+    assert statuses(client, key, 2) == [200, 429]
+    free = new_key(client)["key"]
+    response = chat(client, free)
+    assert response.status_code == 200 and "x-ratelimit-limit-requests" not in response.headers
+
+
+def test_refusal_by_a_later_guard_is_not_counted(make: Any) -> None:
+    app = make()
+
+    class Refuse:
+        name = "refuse"
+        on = True
+
+        def wants(self, principal: Any, route: Any) -> bool:
+            return route.is_llm
+
+        def admit(self, admission: Admission) -> None:
+            if self.on:
+                raise TooManyRequests("budget says no")
+
+        def settle(self, *args: Any) -> None:
+            pass
+
+        def headers(self, admission: Admission) -> dict[str, str]:
+            return {}
+
+    refuse = Refuse()
+    app.extensions["llmauth"].guards.add(refuse)
+    assert [g.name for g in app.extensions["llmauth"].guards.guards] == ["rate_limits",
+                                                                        "refuse"]
+    client = app.test_client()
+    key = new_key(client, rpm_limit=2, max_parallel_requests=1)["key"]
+    for _ in range(4):
+        assert message(chat(client, key)) == "budget says no"
+    refuse.on = False
+    assert statuses(client, key, 3) == [200, 200, 429]
+
+
+# -- tpm -----------------------------------------------------------------------------------------
+
+
+def test_tpm_charges_real_tokens_after_the_response(make: Any) -> None:
+    client = make().test_client()
+    key = new_key(client, tpm_limit=50)["key"]
+    first = chat(client, key, tokens=30)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-tokens"] == "50"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "50"  # charged after the response
+    second = chat(client, key, tokens=30)  # 30 used < 50: admitted, then overshoots to 60
+    assert second.headers["x-ratelimit-remaining-tokens"] == "20"
+    refused = chat(client, key, tokens=1)
+    assert message(refused).startswith(
+        "Rate limit exceeded for key: ") and "Limit type: tokens. Current limit: 50, " \
+        "Remaining: 0." in message(refused)
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+@pytest.mark.parametrize("token_type,remaining", [("total", None), ("input", "25"),
+                                                 ("output", "23")])
+def test_token_type_picks_what_tpm_counts(make: Any, token_type: str,
+                                          remaining: str | None) -> None:
+    client = make(LLMAUTH_RATELIMIT_TOKEN_TYPE=token_type).test_client()
+    key = new_key(client, tpm_limit=50)["key"]
+    chat(client, key, tokens=31)  # 15 prompt + 16 completion
+    chat(client, key, tokens=21)  # 10 + 11: total 52, input 25, output 27
+    response = chat(client, key, tokens=0)
+    if remaining is None:
+        assert response.status_code == 429
+    else:
+        assert response.headers["x-ratelimit-remaining-tokens"] == remaining
+
+
+def test_tpm_estimate_refuses_a_request_that_cannot_fit(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True).test_client()
+    key = new_key(client, tpm_limit=100)["key"]
+    refused = chat(client, key, max_tokens=200, messages=[{"role": "user", "content": "hi"}])
+    assert "Limit type: tokens. Current limit: 100, Remaining: 100." in message(refused)
+    assert chat(client, key, max_tokens=50).status_code == 200
+
+
+def test_stream_is_charged_when_it_ends(make: Any) -> None:
+    client = make().test_client()
+    key = new_key(client, tpm_limit=20)["key"]
+    streaming = client.post(CHAT, json={"model": "gpt-4o", "stream": True, "tokens": 25},
+                            headers=bearer(key), buffered=False)
+    assert streaming.status_code == 200
+    assert chat(client, key, tokens=0).status_code == 200  # not charged yet
+    assert b"[DONE]" in b"".join(streaming.response)
+    streaming.close()
+    assert chat(client, key, tokens=0).status_code == 429
+
+
+def test_model_per_key_and_team_tpm(make: Any) -> None:
+    client = make().test_client()
+    client.post("/team/new", json={"team_id": "t-tpm", "model_tpm_limit": {"gpt-4o": 10}},
+                headers=ADMIN)
+    key = new_key(client, team_id="t-tpm")["key"]
+    assert chat(client, key, tokens=15).status_code == 200
+    refused = chat(client, key)
+    assert "model_per_key" in message(refused) and "Limit type: tokens" in message(refused)
+    assert chat(client, key, model="gpt-4o-mini").status_code == 200
+
+
+# -- max_parallel_requests -------------------------------------------------------------------------
+
+
+def test_parallel_slots_are_taken_and_released_on_every_path(make: Any) -> None:
+    app = make()
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    client = app.test_client()
+    key = new_key(client, max_parallel_requests=1)["key"]
+    open_stream = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
+                              headers=bearer(key), buffered=False)
+    refused = chat(client, key)
+    assert message(refused).startswith(
+        "Rate limit exceeded for key: ") and "Limit type: max_parallel_requests. Current " \
+        "limit: 1, Remaining: 0. Retry when a request in flight completes." in message(refused)
+    assert refused.headers["Retry-After"] == "1"
+    next(iter(open_stream.response))
+    open_stream.close()  # the client went away mid-stream: the slot is released
+    assert chat(client, key, fail=True).status_code == 502
+    assert chat(client, key, **{"raise": True}).status_code == 500
+    assert statuses(client, key, 3) == [200, 200, 200]
+
+
+def test_global_parallel(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_GLOBAL_MAX_PARALLEL_REQUESTS=2).test_client()
+    a, b, c = (new_key(client)["key"] for _ in range(3))
+    streams = [client.post(CHAT, json={"model": "m", "stream": True}, headers=bearer(k),
+                           buffered=False) for k in (a, b)]
+    for stream in streams:
+        next(iter(stream.response))
+    assert message(chat(client, c)).startswith("Rate limit exceeded for global: deployment. "
+                                               "Limit type: max_parallel_requests.")
+    streams[1].close()  # (the test client nests the streams' contexts: close the last first)
+    assert chat(client, c).status_code == 200
+    streams[0].close()
+
+
+# -- end users (the customer record the customer guard puts on the admission) ----------------------
+
+
+class Customer:
+    rpm_limit = 2
+    tpm_limit = None
+    max_parallel_requests = None
+
+
+def test_end_user_descriptor_reads_the_customer_record() -> None:
+    settings = load_settings({})
+
+    class P:
+        key = user = team = membership = None
+        user_id = None
+        limits: dict[str, int] = {}
+
+    found = descriptors(P(), (), "cust/1", Customer(), settings)  # type: ignore[arg-type]
+    assert [(d.kind, d.label, d.ident, d.rpm) for d in found] == [
+        ("end_user", "cust/1", "cust%2F1", 2)]
+    assert descriptors(P(), (), "cust/1", None, settings) == []  # type: ignore[arg-type]
+    assert descriptors(P(), (), None, Customer(), settings) == []  # type: ignore[arg-type]
+
+
+def test_limits_asserted_by_the_authenticating_method_apply() -> None:
+    from flask_llmauth.principal import Principal, Role
+
+    principal = Principal(method="custom", role=Role.INTERNAL_USER, user_id="alice",
+                          limits={"rpm_limit": 5, "tpm_limit": 100, "max_parallel_requests": 2})
+    found = descriptors(principal, ("gpt-4o",), None, None, load_settings({}))
+    assert [(d.kind, d.label, d.ident, d.rpm, d.tpm, d.parallel) for d in found] == [
+        ("key", "alice", "custom:alice", 5, 100, 2)]
+
+
+# -- signal, SDK -----------------------------------------------------------------------------------
+
+
+def test_rate_limited_signal(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, rpm_limit=1)["key"]
+    seen: list[Any] = []
+
+    def receiver(sender: Any, principal: Any, limit: Any) -> None:
+        seen.append((sender, principal.key_id, limit))
+
+    with rate_limited.connected_to(receiver, app):
+        statuses(client, key, 2)
+    assert len(seen) == 1
+    sender, key_id, limit = seen[0]
+    assert sender is app and key_id is not None
+    assert (limit.descriptor, limit.limit_type, limit.limit, limit.remaining) == (
+        "key", "requests", 1, 0)
+
+
+@pytest.fixture
+def served(app_factory: Any) -> Iterator[tuple[str, Flask]]:
+    """The app on a real socket (werkzeug, threaded)."""
+    from werkzeug.serving import make_server
+
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}, routes=False)
+    add_llm_routes(app)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", app
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def test_openai_sdk_sees_rate_limit_error_with_a_readable_message(served: Any) -> None:
+    import openai
+
+    base, app = served
+    key = new_key(app.test_client(), rpm_limit=1)["key"]
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gpt-4o",
+                                       messages=[{"role": "user", "content": "x"}])
+    error = caught.value
+    assert error.status_code == 429
+    assert "Rate limit exceeded for key: " in error.message
+    assert "Limit type: requests. Current limit: 1, Remaining: 0." in error.message
+    assert int(error.response.headers["retry-after"]) >= 1
+
+
+# -- storage outage ------------------------------------------------------------------------------
+
+
+def _dead_redis_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"  # nothing listens there
+
+
+def test_storage_down_fails_closed_by_default_with_503(app_factory: Any,
+                                                       caplog: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": _dead_redis_url(),
+                       "LLMAUTH_RATELIMIT_RETRY_INTERVAL": 30}, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    limited, free = new_key(client, rpm_limit=5)["key"], new_key(client)["key"]
+    with caplog.at_level(logging.ERROR, "flask_llmauth"):
+        for _ in range(3):
+            response = chat(client, limited)
+            error = assert_error(response, 503, "service_unavailable")
+            assert error["message"] == "Rate limiting is temporarily unavailable; try again " \
+                                       "shortly."
+            assert response.headers["Retry-After"] == "30"
+    outage_logs = [r for r in caplog.records if "storage is unreachable" in r.getMessage()]
+    assert len(outage_logs) == 1  # one loud line per outage, not one per request
+    assert chat(client, free).status_code == 200  # no limits: storage never consulted
+
+
+def test_storage_down_open_and_memory_modes(app_factory: Any) -> None:
+    for mode, expected in (("open", [200] * 4), ("memory", [200, 200, 429, 429])):
+        app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": _dead_redis_url(),
+                           "LLMAUTH_RATELIMIT_STORAGE_DOWN": mode}, routes=False)
+        add_llm_routes(app)
+        client = app.test_client()
+        key = new_key(client, rpm_limit=2, max_parallel_requests=1)["key"]
+        assert statuses(client, key, 4) == expected, mode
+
+
+# -- failed authentications per IP -----------------------------------------------------------------
+
+
+def test_failed_authentications_block_the_ip_before_the_credential_is_checked(
+        make: Any) -> None:
+    client = make(LLMAUTH_AUTH_FAILURE_LIMIT="5/minute").test_client()
+    attacker = {"REMOTE_ADDR": "203.0.113.9"}
+    for _ in range(5):
+        response = client.post(CHAT, json={"model": "m"}, headers=bearer(random_key()),
+                               environ_base=attacker)
+        assert_error(response, 401)
+    blocked = client.post(CHAT, json={"model": "m"}, headers=ADMIN, environ_base=attacker)
+    error = assert_error(blocked, 429, "rate_limit_error")
+    assert "Too many failed authentication attempts" in error["message"]
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    # X-Forwarded-For from an untrusted peer does not change who is counted
+    spoofed = client.post(CHAT, json={"model": "m"}, environ_base=attacker,
+                          headers={**ADMIN, "X-Forwarded-For": "198.51.100.7"})
+    assert spoofed.status_code == 429
+    # another address is unaffected; requests without a credential are not counted
+    other = {"REMOTE_ADDR": "203.0.113.10"}
+    for _ in range(8):
+        assert client.post(CHAT, json={"model": "m"}, environ_base=other).status_code == 401
+    assert client.post(CHAT, json={"model": "m"}, headers=ADMIN,
+                       environ_base=other).status_code == 200
+
+
+def test_failed_authentications_behind_a_trusted_proxy_count_the_forwarded_client(
+        make: Any) -> None:
+    client = make(LLMAUTH_AUTH_FAILURE_LIMIT="3/minute",
+                  LLMAUTH_TRUSTED_PROXY_RANGES=["10.0.0.0/8"]).test_client()
+    proxy = {"REMOTE_ADDR": "10.1.2.3"}
+    for _ in range(3):
+        assert client.post(CHAT, json={"model": "m"}, headers={
+            **bearer(random_key()), "X-Forwarded-For": "198.51.100.7"},
+            environ_base=proxy).status_code == 401
+    assert client.post(CHAT, json={"model": "m"}, environ_base=proxy, headers={
+        **ADMIN, "X-Forwarded-For": "198.51.100.7"}).status_code == 429
+    assert client.post(CHAT, json={"model": "m"}, environ_base=proxy, headers={
+        **ADMIN, "X-Forwarded-For": "198.51.100.8"}).status_code == 200
+
+
+def test_200_bad_keys_from_one_ip_are_mostly_refused_unchecked(make: Any) -> None:
+    app = make()  # the default limit
+    client = app.test_client()
+    codes = [client.post(CHAT, json={"model": "m"}, headers=bearer(random_key())).status_code
+             for _ in range(200)]
+    assert codes == [401] * 30 + [429] * 170
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_bad_settings_fail_init_naming_the_key(app_factory: Any) -> None:
+    with pytest.raises(ConfigurationError, match="LLMAUTH_AUTH_FAILURE_LIMIT"):
+        app_factory({"LLMAUTH_AUTH_FAILURE_LIMIT": "lots"})
+    with pytest.raises(ConfigurationError, match="LLMAUTH_RATELIMIT_STORAGE_DOWN"):
+        app_factory({"LLMAUTH_RATELIMIT_STORAGE_DOWN": "maybe"})
+    with pytest.raises(ConfigurationError, match="LLMAUTH_RATELIMIT_WINDOW"):
+        app_factory({"LLMAUTH_RATELIMIT_WINDOW": 0})
+
+
+def test_memory_storage_with_several_workers_warns_or_refuses(app_factory: Any,
+                                                               caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, "flask_llmauth"):
+        app_factory({"LLMAUTH_WORKER_PROCESSES": 4})
+    warned = [r.getMessage() for r in caplog.records if "worker processes" in r.getMessage()]
+    assert len(warned) == 1 and "up to 4x" in warned[0] and "LLMAUTH_REDIS_URL" in warned[0]
+    with pytest.raises(ConfigurationError, match="LLMAUTH_RATELIMIT_STORAGE_URI"):
+        app_factory({"LLMAUTH_WORKER_PROCESSES": 2,
+                     "LLMAUTH_RATELIMIT_MULTIPROCESS_MEMORY": "refuse"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "flask_llmauth"):
+        app_factory({"LLMAUTH_WORKER_PROCESSES": 1})
+        app_factory({"LLMAUTH_WORKER_PROCESSES": 4, "LLMAUTH_REDIS_URL": _dead_redis_url()})
+    assert not [r for r in caplog.records if "worker processes" in r.getMessage()]
+
+
+def test_rate_limits_can_be_switched_off(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_ENABLED": False}, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    key = new_key(client, rpm_limit=1)["key"]
+    assert statuses(client, key, 3) == [200] * 3
+    assert app.extensions["llmauth"].limiter is None
+
+
+def test_host_routes_can_use_the_apps_limiter(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"})
+    limiter = app.extensions["llmauth"].limiter
+
+    @app.get("/custom/limited")
+    @app.llmauth.route_group("llm_api_routes")
+    @limiter.limit("2/minute")
+    def limited() -> Any:
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    a = new_key(client)["key"]
+    b = new_key(client)["key"]
+    assert [client.get("/custom/limited", headers=bearer(a)).status_code
+            for _ in range(3)] == [200, 200, 429]
+    assert client.get("/custom/limited", headers=bearer(b)).status_code == 200  # per principal
+
+
+@pytest.mark.parametrize("seconds,text", [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"),
+                                          (360, "6m0s"), (3723, "1h2m3s")])
+def test_openai_duration(seconds: float, text: str) -> None:
+    assert openai_duration(seconds) == text
