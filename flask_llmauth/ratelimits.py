@@ -37,6 +37,7 @@ from urllib.parse import quote
 from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
+from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage
 from limits.strategies import FixedWindowRateLimiter
 
@@ -98,6 +99,7 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
     .limit("10/minute")``); their key is the principal, else the client IP.
     """
     uri = storage_uri(settings)
+    mode = settings.ratelimit_storage_down
     limiter = Limiter(
         _principal_key,
         storage_uri=uri,
@@ -105,9 +107,23 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
         strategy="fixed-window",
         headers_enabled=False,
         key_prefix=settings.ratelimit_key_prefix,
+        swallow_errors=mode == "open",
+        in_memory_fallback_enabled=mode == "memory",
     )
     limiter.init_app(app)
+    app.register_error_handler(StorageError, _storage_error)
     return limiter
+
+
+def _storage_error(error: StorageError) -> Any:
+    """A host-declared limit whose storage is down (``closed`` mode): 503, not 500."""
+    state = current_app.extensions["llmauth"]
+    log.error("llmauth: rate-limit storage error in %s: %s", request.endpoint,
+              type(error.storage_error).__name__)
+    retry = max(1, math.ceil(state.settings.ratelimit_retry_interval))
+    return state.ext._error_callback(ServiceUnavailable(
+        "Rate limiting is temporarily unavailable; try again shortly.",
+        headers={"Retry-After": str(retry)}, reason="ratelimit_storage_down"))
 
 
 # -- worker processes and memory storage -------------------------------------------------------

@@ -575,6 +575,24 @@ def test_host_routes_can_use_the_apps_limiter(app_factory: Any) -> None:
     assert client.get("/custom/limited", headers=bearer(b)).status_code == 200  # per principal
 
 
+def test_host_limits_follow_the_storage_down_mode(app_factory: Any) -> None:
+    for mode, expected in (("closed", 503), ("open", 200), ("memory", 200)):
+        app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": _dead_redis_url(),
+                           "LLMAUTH_RATELIMIT_STORAGE_DOWN": mode})
+        limiter = app.extensions["llmauth"].limiter
+
+        @app.get("/custom/limited")
+        @app.llmauth.route_group("llm_api_routes")
+        @limiter.limit("2/minute")
+        def limited() -> Any:
+            return jsonify(ok=True)
+
+        response = app.test_client().get("/custom/limited", headers=ADMIN)
+        assert response.status_code == expected, mode
+        if expected == 503:
+            assert_error(response, 503, "service_unavailable")
+
+
 @pytest.mark.parametrize("seconds,text", [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"),
                                           (360, "6m0s"), (3723, "1h2m3s")])
 def test_openai_duration(seconds: float, text: str) -> None:
