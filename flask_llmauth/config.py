@@ -536,6 +536,66 @@ class Settings:
         "Declare that the proxy strips any client copy of the mapped privilege headers and "
         "sets them itself; without it, mapping a privilege field fails `init_app`.",
     )
+    enable_oauth2_auth: bool = setting(
+        False, _bool,
+        "Validate opaque bearer tokens on LLM and info routes with the IdP's introspection "
+        "(RFC 7662) or token-info endpoint.",
+        yaml=("general_settings.enable_oauth2_auth",),
+    )
+    oauth2_token_info_endpoint: str | None = setting(
+        None, _http_url,
+        "Introspection or token-info URL (https; plain http only to a loopback address).",
+        yaml=("general_settings.oauth_token_info_endpoint",),
+        env=("OAUTH_TOKEN_INFO_ENDPOINT",),
+    )
+    oauth2_allow_insecure_http: bool = setting(
+        False, _bool,
+        "Allow a plain-http token-info/introspection URL to a host that is not loopback "
+        "(tokens and the client secret then cross the network unencrypted).",
+    )
+    oauth2_mode: str = setting(
+        "auto", _choice("auto", "introspection", "token_info"),
+        "`introspection`: POST `token=` with HTTP Basic client auth; `token_info`: GET with "
+        "the bearer token; `auto`: introspection when the URL contains `introspect` and a "
+        "client id and secret are set (LiteLLM's rule), else token-info.",
+    )
+    oauth2_client_id: str | None = setting(
+        None, _optional_str, "Client id for introspection (HTTP Basic).",
+        yaml=("general_settings.oauth_client_id",), env=("OAUTH_CLIENT_ID",),
+    )
+    oauth2_client_secret: str | None = setting(
+        None, _optional_str, "Client secret for introspection (HTTP Basic).",
+        yaml=("general_settings.oauth_client_secret",), env=("OAUTH_CLIENT_SECRET",),
+        secret=True,
+    )
+    oauth2_user_id_field_name: str = setting(
+        "sub", _nonempty_str, "Response field (dot path allowed) holding the user id.",
+        yaml=("general_settings.oauth_user_id_field_name",), env=("OAUTH_USER_ID_FIELD_NAME",),
+    )
+    oauth2_user_role_field_name: str = setting(
+        "role", _nonempty_str, "Response field (dot path allowed) holding a LiteLLM role.",
+        yaml=("general_settings.oauth_user_role_field_name",),
+        env=("OAUTH_USER_ROLE_FIELD_NAME",),
+    )
+    oauth2_user_team_id_field_name: str = setting(
+        "team_id", _nonempty_str, "Response field (dot path allowed) holding the team id.",
+        yaml=("general_settings.oauth_user_team_id_field_name",),
+        env=("OAUTH_USER_TEAM_ID_FIELD_NAME",),
+    )
+    oauth2_unknown_role_default: str | None = setting(
+        None, _role_name,
+        "Role given when the response names a role that is not a LiteLLM role (default: "
+        "such a token is refused with 401).",
+        env=("LITELLM_OAUTH2_UNKNOWN_ROLE_DEFAULT",),
+    )
+    oauth2_cache_ttl: float = setting(
+        60.0, _number(float, 0),
+        "Seconds an introspection result is reused (never past the token's `exp`); also how "
+        "long a revoked token may keep working. 0 disables the cache.",
+    )
+    oauth2_timeout: float = setting(
+        5.0, _number(float, 0.1), "Seconds to wait for the introspection/token-info endpoint.",
+    )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
 

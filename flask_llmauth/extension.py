@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from .authn.base import AuthContext, Authenticator, Chain
 from .authn.custom import custom_factory, with_key_validation
 from .authn.master_key import MasterKeyAuthenticator
+from .authn.oauth2 import oauth2_factory
 from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
@@ -284,7 +285,7 @@ AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticat
     "custom": custom_factory,
     "oauth2_proxy": proxy_headers_factory,
     "jwt": lambda state, ext: None,
-    "oauth2": lambda state, ext: None,
+    "oauth2": oauth2_factory,
     "master_key": _master_key_factory,
     "virtual_key": _virtual_key_factory,
 }

@@ -103,6 +103,19 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "ratelimit_multiprocess_memory": ("refuse", "refuse"),
     "worker_processes": (4, 4),
     "auth_failure_limit": ("10/minute;100/hour", "10/minute;100/hour"),
+    "enable_oauth2_auth": (True, True),
+    "oauth2_token_info_endpoint": ("https://idp.example/oauth2/introspect",
+                                   "https://idp.example/oauth2/introspect"),
+    "oauth2_allow_insecure_http": (True, True),
+    "oauth2_mode": ("token_info", "token_info"),
+    "oauth2_client_id": ("gateway", "gateway"),
+    "oauth2_client_secret": (SALT, SALT),
+    "oauth2_user_id_field_name": ("uid", "uid"),
+    "oauth2_user_role_field_name": ("claims.role", "claims.role"),
+    "oauth2_user_team_id_field_name": ("grp", "grp"),
+    "oauth2_unknown_role_default": ("INTERNAL_USER_VIEWER", "internal_user_viewer"),
+    "oauth2_cache_ttl": (30, 30.0),
+    "oauth2_timeout": (2.5, 2.5),
 }
 ENV_SAMPLES: dict[str, str] = {
     "insecure_dev_mode": "true",
@@ -465,6 +478,18 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("worker_processes", 0, "must be at least 1"),
     ("auth_failure_limit", "lots", "is not a rate limit string"),
     ("auth_failure_limit", 30, "must be a rate limit string"),
+    ("enable_oauth2_auth", "maybe", "must be a boolean"),
+    ("oauth2_token_info_endpoint", "idp.example/introspect", "must be an http(s) URL"),
+    ("oauth2_allow_insecure_http", "perhaps", "must be a boolean"),
+    ("oauth2_mode", "both", "must be one of auto, introspection, token_info"),
+    ("oauth2_client_id", 7, "must be a string"),
+    ("oauth2_client_secret", ["x"], "must be a string"),
+    ("oauth2_user_id_field_name", 1, "must be a string"),
+    ("oauth2_user_role_field_name", " ", "must be a non-empty string"),
+    ("oauth2_user_team_id_field_name", {}, "must be a string"),
+    ("oauth2_unknown_role_default", "god", "unknown role"),
+    ("oauth2_cache_ttl", -1, "must be at least 0"),
+    ("oauth2_timeout", 0, "must be at least 0.1"),
 ]
 
 
