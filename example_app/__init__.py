@@ -4,7 +4,8 @@ Run it with ``flask --app example_app run`` or ``gunicorn 'example_app:create_ap
 Every ``LLMAUTH_*`` environment variable becomes the Flask config key of the same name
 (JSON-decoded when it parses as JSON). By default it answers from a deterministic built-in
 fake model; set ``GATEWAY_UPSTREAM_BASE_URL`` (and ``GATEWAY_UPSTREAM_API_KEY``) to forward
-requests to a real OpenAI-compatible upstream instead.
+requests to a real OpenAI-compatible upstream instead. ``GATEWAY_INSTANCE_PATH`` moves the
+instance folder (generated master key, SQLite database) away from Flask's default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -45,28 +47,51 @@ def _env_config(environ: Mapping[str, str]) -> dict[str, Any]:
     return config
 
 
+def _instance_path(value: str | None) -> str | None:
+    return os.path.abspath(value) if value else None
+
+
 def _ensure_master_key(app: Flask) -> None:
     """Generate a master key on first start when none is configured; keep it in the instance
-    folder (mode 0600) and print it once."""
+    folder (mode 0600) and print it once.
+
+    The file appears atomically, complete and with its final mode (written to a private
+    temporary file, then hard-linked into place), so several workers starting at once agree
+    on one key and none reads a half-written file.
+    """
     if load_settings(app.config).master_key:
         return
     path = os.path.join(app.instance_path, MASTER_KEY_FILE)
     os.makedirs(app.instance_path, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, encoding="utf-8") as fh:
-            app.config["LLMAUTH_MASTER_KEY"] = fh.read().strip()
-        return
-    key = "sk-" + secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(key + "\n")
-    app.config["LLMAUTH_MASTER_KEY"] = key
+    if not os.path.exists(path):
+        key = "sk-" + secrets.token_urlsafe(32)
+        fd, tmp = tempfile.mkstemp(prefix=".master_key.", dir=app.instance_path)  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(key + "\n")
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another worker won the race: use its key
+        else:
+            app.config["LLMAUTH_MASTER_KEY"] = key
+            _announce_master_key(key, path)
+            return
+        finally:
+            os.unlink(tmp)
+    with open(path, encoding="utf-8") as fh:
+        app.config["LLMAUTH_MASTER_KEY"] = fh.read().strip()
+
+
+def _announce_master_key(key: str, path: str) -> None:
     print(
         "\n  flask_llmauth generated a master key (shown only this once; stored in "
-        f"{path}, mode 0600):\n\n    {key}\n\n  Create a virtual key with it:\n"
-        "    curl -s localhost:5000/key/generate -H 'Authorization: Bearer <master key>' "
-        "-H 'Content-Type: application/json' -d '{\"models\": [\"gpt-4o\"]}'\n",
+        f"{path}, mode 0600):\n\n    export MASTER_KEY={key}\n\n"
+        "  Create a virtual key with it (use this server's address instead of "
+        "localhost:5000 if it differs):\n"
+        "    curl -s localhost:5000/key/generate -H \"Authorization: Bearer $MASTER_KEY\" "
+        "-H 'Content-Type: application/json' -d '{\"models\": [\"gpt-4o\"]}'\n\n"
+        "  Then call /v1/chat/completions (OpenAI SDK: base_url=http://localhost:5000/v1) or "
+        "/v1/messages (Anthropic SDK: base_url=http://localhost:5000) with the returned key.\n",
         file=sys.stderr, flush=True,
     )
 
@@ -88,7 +113,7 @@ def _sse(chunks: Iterator[str]) -> Response:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True,
-                template_folder=os.path.join(os.path.dirname(__file__), "..", "templates"))
+                instance_path=_instance_path(os.environ.get("GATEWAY_INSTANCE_PATH")))
     app.config.update(_env_config(os.environ))
     app.config.setdefault("GATEWAY_MODELS", list(DEFAULT_MODELS))
     app.config.setdefault("GATEWAY_UPSTREAM_BASE_URL", os.environ.get("GATEWAY_UPSTREAM_BASE_URL"))

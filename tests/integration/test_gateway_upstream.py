@@ -1,0 +1,129 @@
+"""Upstream forwarding: one example gateway forwards to a second one serving as the model
+provider. The caller's virtual key authenticates the caller at the gateway and is never sent
+upstream; the upstream sees only the gateway's own ``GATEWAY_UPSTREAM_API_KEY``."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import anthropic
+import openai
+import pytest
+import requests
+
+from tests.helpers import record_secret
+from tests.integration.conftest import Admin, check_no_leaks
+from tests.integration.gateway import Gateway, gunicorn
+
+pytestmark = pytest.mark.integration
+
+#: The upstream logs every credential header it receives (a test-only access-log format).
+CREDENTIAL_LOG = ('%(p)s "%(r)s" %(s)s authorization=%({authorization}i)s '
+                  'x-api-key=%({x-api-key}i)s api-key=%({api-key}i)s '
+                  'x-litellm-api-key=%({x-litellm-api-key}i)s')
+MESSAGES = [{"role": "user", "content": "forward me"}]
+
+
+def _master_key() -> str:
+    return record_secret("sk-" + secrets.token_urlsafe(32))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Admin, Gateway,
+                                                                    str]]:
+    """(gateway, its admin, upstream, the gateway's key at the upstream)."""
+    root = tmp_path_factory.mktemp("upstream")
+    upstream_master = _master_key()
+    upstream = gunicorn(root / "upstream", {"LLMAUTH_MASTER_KEY": upstream_master},
+                        workers=1, name="upstream", access_format=CREDENTIAL_LOG)
+    with upstream.start():
+        # the gateway's own credential at the provider: allowed gpt-4o only
+        upstream_key = Admin(upstream, upstream_master).new_key(
+            models=["gpt-4o"], key_alias="gateway")["key"]
+        gateway_master = _master_key()
+        gateway = gunicorn(root / "gateway", {
+            "LLMAUTH_MASTER_KEY": gateway_master,
+            "GATEWAY_UPSTREAM_BASE_URL": upstream.base_url + "/v1",
+            "GATEWAY_UPSTREAM_API_KEY": upstream_key,
+        }, name="gateway")
+        with gateway.start():
+            yield gateway, Admin(gateway, gateway_master), upstream, upstream_key
+        check_no_leaks(gateway)
+    check_no_leaks(upstream)
+
+
+def _upstream_requests(upstream: Gateway, at_least: int = 0) -> list[str]:
+    """The upstream's access-log lines for API calls (waiting for ``at_least`` of them:
+    gunicorn writes the line just after the response)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in upstream.access_log.read_text().splitlines()
+                 if "/v1/" in line]
+        if len(lines) >= at_least or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_forwarded_requests_carry_only_the_gateways_key(
+        pair: tuple[Gateway, Admin, Gateway, str]) -> None:
+    gateway, admin, upstream, upstream_key = pair
+    caller_key = admin.new_key(models=["gpt-4o", "gpt-4o-mini"])["key"]
+    before = len(_upstream_requests(upstream))
+
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=caller_key,
+                           max_retries=0, timeout=20)
+    chat = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert chat.choices[0].message.content.startswith("Hello from gpt-4o. You said: forward me")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True) if c.choices)
+    assert streamed == chat.choices[0].message.content
+    assert client.completions.create(model="gpt-4o", prompt="p").choices[0].text
+    assert client.embeddings.create(model="gpt-4o", input="e").data
+    message = anthropic.Anthropic(base_url=gateway.base_url, api_key=caller_key,
+                                  max_retries=0, timeout=20).messages.create(
+        model="gpt-4o", max_tokens=64, messages=MESSAGES)
+    assert message.content[0].text.startswith("Hello from gpt-4o.")
+
+    forwarded = _upstream_requests(upstream, before + 5)[before:]
+    assert [line.split('"')[1].split()[1] for line in forwarded] == [
+        "/v1/chat/completions", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+        "/v1/messages"]
+    for line in forwarded:
+        assert caller_key not in line
+        assert f"authorization=Bearer {upstream_key} " in line
+        assert " 200 " in line
+
+
+def test_the_callers_key_means_nothing_upstream(
+        pair: tuple[Gateway, Admin, Gateway, str]) -> None:
+    gateway, admin, upstream, _ = pair
+    caller_key = admin.new_key(models=["gpt-4o"])["key"]
+    direct = requests.post(upstream.base_url + "/v1/chat/completions",
+                           json={"model": "gpt-4o", "messages": MESSAGES},
+                           headers={"Authorization": f"Bearer {caller_key}"}, timeout=10)
+    assert direct.status_code == 401
+
+
+def test_upstream_refusals_reach_the_caller_and_gateway_refusals_stay_local(
+        pair: tuple[Gateway, Admin, Gateway, str]) -> None:
+    gateway, admin, upstream, _ = pair
+    caller_key = admin.new_key(models=["gpt-4o", "gpt-4o-mini"])["key"]
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=caller_key,
+                           max_retries=0, timeout=20)
+    before = len(_upstream_requests(upstream))
+    # the caller may use gpt-4o-mini, the gateway's upstream key may not: the upstream's 403
+    with pytest.raises(openai.PermissionDeniedError) as upstream_denied:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert upstream_denied.value.body["param"] == "model"
+    assert len(_upstream_requests(upstream, before + 1)) == before + 1
+    # refused at the gateway (model outside the caller's key; bad key): nothing forwarded
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="claude-3-5-sonnet", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=record_secret(
+            "sk-" + secrets.token_urlsafe(32)), max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=MESSAGES)
+    time.sleep(0.5)  # a wrongly forwarded request would be logged by now
+    assert len(_upstream_requests(upstream)) == before + 1
