@@ -347,6 +347,142 @@ def _http_url(value: Any) -> str | None:
     return value
 
 
+# -- parsers of the JWT / OIDC section (issue 3) ------------------------------------------------
+
+#: Signature algorithms a JWT may use (asymmetric only: no HS*, never "none").
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                  "ES512", "EdDSA")
+JWT_ROLE_TARGETS = ("proxy_admin", "team", "internal_user")
+JWT_ISSUER_FIELDS = ("issuer", "jwks_url", "audience", "disable_audience_validation",
+                     "user_id_jwt_field", "user_email_jwt_field", "team_id_jwt_field",
+                     "team_ids_jwt_field", "org_id_jwt_field", "end_user_id_jwt_field",
+                     "user_id_prefix")
+
+
+def _claim_path(value: Any) -> str | None:
+    """A claim name or dot path (``realm_access.roles``); list indexes are not supported."""
+    text = _optional_str(value)
+    if text is None:
+        return None
+    parts = text.split(".")
+    if "[" in text or any(not p or p.isdigit() or not p.isprintable() for p in parts):
+        raise ValueError(f"{text[:64]!r} is not a claim name or dot path (list indexes such "
+                         "as `roles.0` or `roles[0]` are not supported: a list claim gives "
+                         "its first item)")
+    return text
+
+
+def _url_list(value: Any) -> tuple[str, ...]:
+    urls = _str_list(value)
+    for url in urls:
+        _http_url(url)
+    return urls
+
+
+def _jwt_algorithms(value: Any) -> tuple[str, ...]:
+    algs = _str_list(value)
+    if not algs:
+        raise ValueError("must name at least one algorithm")
+    bad = [a for a in algs if a not in JWT_ALGORITHMS]
+    if bad:
+        raise ValueError(f"{bad} not allowed: only asymmetric algorithms "
+                         f"({', '.join(JWT_ALGORITHMS)})")
+    return algs
+
+
+def _leeway(value: Any) -> float:
+    seconds = _number(float, 0)(value)
+    if seconds > 300:
+        raise ValueError("must be at most 300 seconds")
+    return float(seconds)
+
+
+def _required_claims(value: Any) -> tuple[str, ...]:
+    claims = _str_list(value)
+    unknown = sorted(set(claims) - {"exp", "iat", "nbf", "iss", "aud", "sub", "jti"})
+    if unknown:
+        raise ValueError(f"unknown registered claim(s) {unknown}")
+    return claims
+
+
+def _email_domain(value: Any) -> str | None:
+    text = _optional_str(value)
+    if text is None:
+        return None
+    domain = text.strip().lstrip("@").lower()
+    if not domain or "@" in domain or " " in domain or "." not in domain:
+        raise ValueError("must be an email domain such as example.com")
+    return domain
+
+
+def _entries(value: Any, required: tuple[str, ...],
+             allowed: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    entries = _list_of_mappings(value)
+    for index, entry in enumerate(entries):
+        unknown = sorted(str(k) for k in set(entry) - set(allowed))
+        if unknown:
+            raise ValueError(f"entry {index} has unknown field(s) {unknown}")
+        for name in required:
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise ValueError(f"entry {index} needs a `{name}` string")
+    return entries
+
+
+def _role_mappings(value: Any) -> tuple[dict[str, Any], ...]:
+    entries = _entries(value, ("role", "internal_role"), ("role", "internal_role"))
+    for index, entry in enumerate(entries):
+        if entry["internal_role"] not in JWT_ROLE_TARGETS:
+            raise ValueError(f"entry {index}: internal_role must be one of "
+                             f"{', '.join(JWT_ROLE_TARGETS)}")
+    return entries
+
+
+def _scope_mappings(value: Any) -> tuple[dict[str, Any], ...]:
+    entries = _entries(value, ("scope",), ("scope", "models", "routes"))
+    for index, entry in enumerate(entries):
+        for name, parse in (("models", _str_list), ("routes", _route_list)):
+            if entry.get(name) is not None:
+                try:
+                    parse(entry[name])
+                except ValueError as exc:
+                    raise ValueError(f"entry {index}: {name}: {exc}") from None
+    return entries
+
+
+def _jwt_issuers(value: Any) -> tuple[dict[str, Any], ...]:
+    entries = _entries(value, ("issuer",), JWT_ISSUER_FIELDS)
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        issuer = entry["issuer"]
+        if issuer in seen:
+            raise ValueError(f"entry {index}: issuer {issuer!r} is listed twice")
+        seen.add(issuer)
+        disabled = entry.get("disable_audience_validation", False)
+        if not isinstance(disabled, bool):
+            raise ValueError(f"entry {index}: disable_audience_validation must be a boolean")
+        audience = entry.get("audience")
+        if audience is not None:
+            try:
+                audience = _str_list(audience)
+            except ValueError:
+                raise ValueError(f"entry {index}: audience must be a string or a list of "
+                                 "strings") from None
+        if not audience and not disabled:
+            raise ValueError(f"entry {index} ({issuer}): set `audience` (or "
+                             "`disable_audience_validation: true`)")
+        if entry.get("jwks_url") is not None:
+            _url_list(entry["jwks_url"])
+        for name in JWT_ISSUER_FIELDS:
+            if name.endswith("_jwt_field") and entry.get(name) is not None:
+                try:
+                    _claim_path(entry[name])
+                except ValueError as exc:
+                    raise ValueError(f"entry {index}: {name}: {exc}") from None
+        if not isinstance(entry.get("user_id_prefix", ""), str):
+            raise ValueError(f"entry {index}: user_id_prefix must be a string")
+    return entries
+
+
 DEFAULT_AUTH_ORDER = ("custom", "oauth2_proxy", "jwt", "oauth2", "master_key", "virtual_key")
 DEFAULT_PUBLIC_ROUTES = ("/health/liveliness", "/health/liveness", "/health/readiness")
 
@@ -494,6 +630,220 @@ class Settings:
     )
 
     # -- JWT / OIDC (issue 3) -------------------------------------------------------------------
+    enable_jwt_auth: bool = setting(
+        False, _bool,
+        "Accept JWTs (tokens with three dot-separated parts) signed by the configured "
+        "identity provider(s). See docs/jwt.md.",
+        yaml=("general_settings.enable_jwt_auth",),
+    )
+    jwt_public_key_url: tuple[str, ...] = setting(
+        (), _url_list,
+        "JWKS URL(s) or OIDC discovery URL(s) (`.../.well-known/openid-configuration`), "
+        "comma-separated; a token's `kid` is looked up in each, in order.",
+        yaml=("general_settings.jwt_public_key_url",), env=("JWT_PUBLIC_KEY_URL",),
+    )
+    jwt_audience: tuple[str, ...] = setting(
+        (), _str_list,
+        "Accepted `aud` values (comma-separated); when set, `aud` is required and verified.",
+        yaml=("general_settings.jwt_audience",), env=("JWT_AUDIENCE",),
+    )
+    jwt_issuer: str | None = setting(
+        None, _optional_str,
+        "Expected `iss` (exact match); when set, `iss` is required and verified.",
+        yaml=("general_settings.jwt_issuer",), env=("JWT_ISSUER",),
+    )
+    jwt_admin_scope: str | None = setting(
+        "litellm_proxy_admin", _optional_str,
+        "Scope (in `scope`/`scp`) that makes the caller proxy admin; empty disables it.",
+        yaml=("general_settings.litellm_jwtauth.admin_jwt_scope",
+              "general_settings.jwt_admin_scope"),
+    )
+    jwt_admin_allowed_routes: tuple[str, ...] = setting(
+        ("management_routes", "spend_tracking_routes", "global_spend_tracking_routes",
+         "info_routes"), _route_list,
+        "Routes (paths, `/x/*`, group names) a JWT admin may call; LLM routes are not in "
+        "the default, as in LiteLLM.",
+        yaml=("general_settings.litellm_jwtauth.admin_allowed_routes",),
+    )
+    jwt_team_id_field: str | None = setting(
+        None, _claim_path,
+        "Claim (dot path) holding the caller's team id; a list value gives its first item.",
+        yaml=("general_settings.litellm_jwtauth.team_id_jwt_field",),
+    )
+    jwt_team_ids_field: str | None = setting(
+        None, _claim_path,
+        "Claim (dot path) holding a list of team ids; the first existing team that may "
+        "call the requested model and route is used.",
+        yaml=("general_settings.litellm_jwtauth.team_ids_jwt_field",),
+    )
+    jwt_team_id_default: str | None = setting(
+        None, _optional_str, "Team id used when the team claim is missing.",
+        yaml=("general_settings.litellm_jwtauth.team_id_default",),
+    )
+    jwt_team_id_upsert: bool = setting(
+        False, _bool, "Create the team named by the token's team claim when it does not exist.",
+        yaml=("general_settings.litellm_jwtauth.team_id_upsert",),
+    )
+    jwt_team_allowed_routes: tuple[str, ...] = setting(
+        ("openai_routes", "info_routes", "mcp_routes"), _route_list,
+        "Routes a JWT team principal may call.",
+        yaml=("general_settings.litellm_jwtauth.team_allowed_routes",),
+    )
+    jwt_enforce_team_based_model_access: bool = setting(
+        False, _bool, "Refuse (403) non-admin tokens that resolve to no team.",
+        yaml=("general_settings.litellm_jwtauth.enforce_team_based_model_access",),
+    )
+    jwt_user_id_field: str | None = setting(
+        None, _claim_path,
+        "Claim (dot path) holding the user id; unset: the email claim is the id.",
+        yaml=("general_settings.litellm_jwtauth.user_id_jwt_field",),
+    )
+    jwt_user_email_field: str | None = setting(
+        None, _claim_path, "Claim (dot path) holding the user's email (default `email`).",
+        yaml=("general_settings.litellm_jwtauth.user_email_jwt_field",),
+    )
+    jwt_user_allowed_email_domain: str | None = setting(
+        None, _email_domain,
+        "Only users whose email is in this domain are accepted (403 otherwise, also when "
+        "the email is missing).",
+        yaml=("general_settings.litellm_jwtauth.user_allowed_email_domain",
+              "general_settings.user_allowed_email_domain"),
+    )
+    jwt_user_id_upsert: bool = setting(
+        False, _bool, "Create the user (role internal_user) on first sight.",
+        yaml=("general_settings.litellm_jwtauth.user_id_upsert",),
+    )
+    jwt_user_roles_field: str | None = setting(
+        None, _claim_path,
+        "Claim (dot path) with the user's IdP roles; with `user_allowed_roles`, a user "
+        "token must carry one of them.",
+        yaml=("general_settings.litellm_jwtauth.user_roles_jwt_field",),
+    )
+    jwt_user_allowed_roles: tuple[str, ...] = setting(
+        (), _str_list, "IdP roles that make a token an internal_user.",
+        yaml=("general_settings.litellm_jwtauth.user_allowed_roles",),
+    )
+    jwt_org_id_field: str | None = setting(
+        None, _claim_path, "Claim (dot path) holding the organization id.",
+        yaml=("general_settings.litellm_jwtauth.org_id_jwt_field",),
+    )
+    jwt_end_user_id_field: str | None = setting(
+        None, _claim_path, "Claim (dot path) holding the end-user (customer) id.",
+        yaml=("general_settings.litellm_jwtauth.end_user_id_jwt_field",),
+    )
+    jwt_roles_field: str | None = setting(
+        None, _claim_path, "Claim (dot path) with roles matched against `role_mappings`.",
+        yaml=("general_settings.litellm_jwtauth.roles_jwt_field",),
+    )
+    jwt_role_mappings: tuple[dict[str, Any], ...] = setting(
+        (), _role_mappings,
+        "`[{role, internal_role}]`: the first IdP role found maps the token to `proxy_admin`, "
+        "`team` or `internal_user` (after the admin scope, team and user rules).",
+        yaml=("general_settings.litellm_jwtauth.role_mappings",),
+    )
+    jwt_object_id_field: str | None = setting(
+        None, _claim_path,
+        "Claim (dot path) whose value becomes the team id (role `team`) or user id (role "
+        "`internal_user`) of a token mapped by `role_mappings`.",
+        yaml=("general_settings.litellm_jwtauth.object_id_jwt_field",),
+    )
+    jwt_scope_mappings: tuple[dict[str, Any], ...] = setting(
+        (), _scope_mappings,
+        "`[{scope, models, routes}]`: with `enforce_scope_based_access`, a token may call "
+        "only the models and routes its scopes map to.",
+        yaml=("general_settings.litellm_jwtauth.scope_mappings",),
+    )
+    jwt_enforce_scope_based_access: bool = setting(
+        False, _bool, "Enforce `scope_mappings` (must be set together).",
+        yaml=("general_settings.litellm_jwtauth.enforce_scope_based_access",),
+    )
+    jwt_enforce_rbac: bool = setting(
+        False, _bool,
+        "A token must map to a proxy admin, team or user through the configured fields "
+        "(403 otherwise); without it such a token is an internal_user named by its `sub`.",
+        yaml=("general_settings.litellm_jwtauth.enforce_rbac", "general_settings.enforce_rbac"),
+    )
+    jwt_custom_validate: Any = setting(
+        None, _hook,
+        "Hook `(claims) -> bool` (`\"module.function\"` or a callable; "
+        "`@llmauth.jwt_claims_validator` registers one too): a falsy answer is a 403.",
+        yaml=("general_settings.litellm_jwtauth.custom_validate",),
+    )
+    jwt_issuers: tuple[dict[str, Any], ...] = setting(
+        (), _jwt_issuers,
+        "Several issuers, chosen by the token's `iss`: `[{issuer, jwks_url, audience | "
+        "disable_audience_validation, user_id_jwt_field, ..., user_id_prefix}]`.",
+        yaml=("general_settings.litellm_jwtauth.issuers",),
+    )
+    jwt_public_key_ttl: float = setting(
+        600.0, _number(float, 1), "Seconds a fetched JWKS is used before it is refreshed.",
+        yaml=("general_settings.litellm_jwtauth.public_key_ttl",),
+    )
+    jwt_public_key_stale_ttl: float = setting(
+        3600.0, _number(float, 0),
+        "Seconds after `public_key_ttl` during which the last JWKS is still served while "
+        "the identity provider cannot be reached (then: 503).",
+        yaml=("general_settings.litellm_jwtauth.public_key_stale_ttl",),
+    )
+    jwt_kid_refetch_cooldown: float = setting(
+        30.0, _number(float, 0),
+        "Least seconds between two refetches of a JWKS caused by an unknown `kid`.",
+    )
+    jwt_fetch_failure_backoff: float = setting(
+        30.0, _number(float, 0),
+        "Seconds a failed JWKS or discovery fetch is not retried (the stale copy or a 503 "
+        "answers meanwhile).",
+    )
+    jwt_http_timeout: float = setting(
+        5.0, _number(float, 0.1), "Timeout (seconds) of requests to the identity provider.",
+    )
+    jwt_allow_insecure_http: bool = setting(
+        False, _bool,
+        "Allow plain-http key, discovery and userinfo URLs on non-loopback hosts.",
+    )
+    jwt_algorithms: tuple[str, ...] = setting(
+        ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+         "EdDSA"), _jwt_algorithms,
+        "Accepted signature algorithms (asymmetric only; the key decides which one applies).",
+    )
+    jwt_leeway: float = setting(
+        0.0, _leeway, "Clock skew (seconds, at most 300) allowed on exp/nbf/iat.",
+        yaml=("general_settings.litellm_jwtauth.leeway",),
+    )
+    jwt_max_lifetime: float = setting(
+        86400.0, _number(float, 0),
+        "Longest accepted token lifetime `exp - iat` in seconds (401 beyond it; 0: no cap).",
+    )
+    jwt_required_claims: tuple[str, ...] = setting(
+        ("exp", "iat"), _required_claims,
+        "Claims every token must carry (`exp` is always required).",
+    )
+    jwt_require_at_jwt_typ: bool = setting(
+        False, _bool,
+        "Require the header `typ: at+jwt` (RFC 9068 access tokens; ID tokens are refused).",
+    )
+    jwt_max_token_length: int = setting(
+        8192, _number(int, 256), "Longest JWT accepted (characters); longer ones are a 401.",
+    )
+    jwt_cache_ttl: float = setting(
+        300.0, _number(float, 0),
+        "Seconds a verified token's claims are reused (never beyond its `exp`).",
+    )
+    jwt_oidc_userinfo_enabled: bool = setting(
+        False, _bool,
+        "Send opaque (non-JWT, non-`sk-`) bearer tokens to the OIDC userinfo endpoint and "
+        "use its answer as the claims.",
+        yaml=("general_settings.litellm_jwtauth.oidc_userinfo_enabled",),
+    )
+    jwt_oidc_userinfo_endpoint: str | None = setting(
+        None, _http_url, "The OIDC userinfo endpoint.",
+        yaml=("general_settings.litellm_jwtauth.oidc_userinfo_endpoint",),
+    )
+    jwt_oidc_userinfo_cache_ttl: float = setting(
+        300.0, _number(float, 0), "Seconds a userinfo answer is reused for the same token.",
+        yaml=("general_settings.litellm_jwtauth.oidc_userinfo_cache_ttl",),
+    )
+
 
     # -- OAuth2 introspection, OAuth2-proxy headers, custom auth (issue 3) -----------------------
     custom_auth: Any = setting(
@@ -829,6 +1179,7 @@ def load_settings(
             raise ConfigurationError(f"{key} (from {source}): {exc}") from None
     if yaml_doc:
         _warn_unknown_general_settings(yaml_doc)
+        _check_jwtauth_block(yaml_doc)
     settings = Settings(**values)
     object.__setattr__(settings, "_sources", sources)
     return settings
@@ -980,6 +1331,37 @@ def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
     ignored = sorted(set(general) - _known_general_settings())
     if ignored:
         log.info("llmauth: general_settings keys not used by flask_llmauth: %s", ignored)
+
+
+JWTAUTH_PATH = "general_settings.litellm_jwtauth"
+#: LiteLLM ``litellm_jwtauth`` fields this library does not implement (refused, never ignored).
+JWTAUTH_UNSUPPORTED = frozenset({
+    "team_alias_jwt_field", "org_alias_jwt_field", "team_claim_fallback",
+    "fallback_to_db_teams", "jwt_litellm_role_map", "sync_user_role_and_teams",
+    "public_allowed_routes", "virtual_key_claim_field", "virtual_key_mapping_cache_ttl",
+    "unregistered_jwt_client_behavior", "routing_overrides", "agent_id_jwt_field",
+})
+
+
+def _check_jwtauth_block(doc: Mapping[str, Any]) -> None:
+    """Unknown keys under ``litellm_jwtauth`` are an error at ``init_app``, as in LiteLLM."""
+    block = _dig(doc, JWTAUTH_PATH)
+    if block is _MISSING or block is None:
+        return
+    if not isinstance(block, Mapping):
+        raise ConfigurationError(f"YAML {JWTAUTH_PATH}: must be a mapping")
+    prefix = JWTAUTH_PATH + "."
+    known = {path[len(prefix):] for f in _FIELDS.values() for path in f.metadata["yaml"]
+             if path.startswith(prefix)}
+    unsupported = sorted(set(block) & JWTAUTH_UNSUPPORTED)
+    if unsupported:
+        raise ConfigurationError(
+            f"YAML {JWTAUTH_PATH}: {unsupported} not supported by flask_llmauth")
+    unknown = sorted(str(k) for k in set(block) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"YAML {JWTAUTH_PATH}: Invalid arguments provided: {unknown} (known: "
+            f"{sorted(known)})")
 
 
 def documentation_table() -> str:

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from .authn.base import AuthContext, Authenticator, Chain
 from .authn.custom import custom_factory, with_key_validation
+from .authn.jwt import jwt_factory
 from .authn.master_key import MasterKeyAuthenticator
 from .authn.oauth2 import oauth2_factory
 from .authn.proxy_headers import proxy_headers_factory
@@ -284,7 +285,7 @@ def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
 AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticator | None]] = {
     "custom": custom_factory,
     "oauth2_proxy": proxy_headers_factory,
-    "jwt": lambda state, ext: None,
+    "jwt": jwt_factory,
     "oauth2": oauth2_factory,
     "master_key": _master_key_factory,
     "virtual_key": _virtual_key_factory,
@@ -371,6 +372,13 @@ class LLMAuth:
         """Register ``hook(request, principal) -> bool``, run after every successful
         virtual-key authentication; anything but ``True`` refuses the request with 403."""
         self.callbacks["custom_key_validate"] = hook
+        return hook
+
+    def jwt_claims_validator(self, hook: F) -> F:
+        """Register ``hook(claims) -> bool``, run once per verified JWT (and per userinfo
+        answer); a falsy answer refuses with 403. It replaces ``LLMAUTH_JWT_CUSTOM_VALIDATE``
+        (LiteLLM's ``litellm_jwtauth.custom_validate``)."""
+        self.callbacks["jwt_claims_validator"] = hook
         return hook
 
     def error_handler(self, callback: ErrorCallback) -> ErrorCallback:

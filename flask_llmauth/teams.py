@@ -172,6 +172,19 @@ class TeamService:
                         after=info)
         return info
 
+    def provision(self, team_id: str, *, source: str) -> Team:
+        """Create a team on first sight (JWT ``team_id_upsert``); return the existing one
+        otherwise. A new team has no model restriction, budget or limits."""
+        with self.state.store.use() as db, db.atomic():
+            team = Team.get_or_none(Team.team_id == team_id)
+            if team is not None:
+                return team
+            now = utcnow()
+            team = Team.create(team_id=team_id, created_by=source, created_at=now,
+                               updated_at=now)
+        self.state.invalidate(f"team:{team_id}")
+        return team
+
     def info(self, actor: Principal, team_id: str) -> dict[str, Any]:
         with self.state.store.use():
             team = self._get(team_id)
