@@ -25,9 +25,10 @@ from flask import current_app
 from .audit import write_audit
 from .authz.routes import RouteInfo, classify, expand
 from .crypto import KEY_PREFIX, abbreviate, generate_key
-from .durations import Duration, isoformat, utcnow
+from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
+from .network import parse_networks
 from .principal import Principal, Role
 from .signals import key_created, key_revoked, key_rotated
 from .store.tables import DeletedKey, Key, KeyGrace, Team, TeamMembership, User
@@ -189,49 +190,156 @@ class KeyService:
 
     # -- escalation guards ----------------------------------------------------------------------
 
-    def _check_grants(self, actor: Principal, params: Mapping[str, Any], team: Team | None
-                      ) -> None:
-        """A non-admin never grants a key more than it has itself."""
+    def _check_grants(self, actor: Principal, params: dict[str, Any], team: Team | None,
+                      key: Key | None = None) -> None:
+        """A non-admin never grants a key more than the credential it acts with.
+
+        Checked against the actor's own credential (``creator limits``): models (and alias
+        names and targets), routes (``allowed_routes``/``key_type``), ``allowed_ips``,
+        expiry, ``max_budget``, ``tpm_limit``, ``rpm_limit``, ``max_parallel_requests``,
+        and, where the actor's key has them, ``budget_duration`` and the per-model limits.
+        ``spend`` is admin-only; ``blocked`` needs a proxy or team admin. On ``/key/update``
+        (``key`` given) a value that only narrows what the key already has always passes,
+        so an owner can tighten a key an admin made generous.
+        """
         if actor.is_admin:
             return
         if "spend" in params:
-            raise Forbidden("Only a proxy admin can set a key's spend.", param="spend")
+            raise Forbidden("Only a proxy admin can set a key's spend.", param="spend",
+                            reason="spend_escalation")
         team_admin = team is not None and self._is_team_admin(actor, team.team_id)
         if "blocked" in params and not team_admin:
             raise Forbidden("Only a proxy or team admin can block or unblock a key.",
-                            param="blocked")
+                            param="blocked", reason="block_escalation")
+        access = self.state.models
+        membership = self._membership(team.team_id, actor.user_id) if team is not None else None
+        child_user = params["user_id"] if "user_id" in params else (
+            key.user_id if key is not None else None)
+        limits = access.creator_limits(actor, team, child_user, membership)
+        current_models = access.key_models(key.models, team) if key is not None else None
+        if key is None and "models" not in params and limits:
+            # A new key inherits its creator's models: the first of its lists that keeps it
+            # inside all of them (normally there is just one).
+            fitting = [m for m in limits if all(access.within(m, o, team) for o in limits)]
+            if not fitting:
+                raise Forbidden("Your credential is limited by several model lists: name the "
+                                "key's `models` explicitly.", param="models",
+                                reason="models_escalation")
+            params["models"] = list(fitting[0])
         if "models" in params:
-            models = params["models"]
-            access = self.state.models
-            allowances: list[Sequence[str]] = []
-            if actor.key is not None:
-                allowances.append(actor.key.models)
-            if team is not None:
-                allowances.append(team.models)
-                member = self._membership(team.team_id, actor.user_id)
-                if member is not None and member.allowed_models:
-                    allowances.append(member.allowed_models)
-            elif actor.user is not None:
-                allowances.append(actor.user.models)
-            for allowance in allowances:
-                if not access.within(models, allowance):
+            requested = params["models"]
+            narrowing = current_models is not None and access.within(requested, current_models,
+                                                                     team)
+            for allowance in limits:
+                if not narrowing and not access.within(requested, allowance, team):
                     raise Forbidden(
                         "You cannot create or change a key for models beyond your own. "
-                        f"Your models={list(allowance)}, requested={list(models)}",
+                        f"Your models={list(allowance)}, requested={list(requested)}",
                         param="models", reason="models_escalation",
                     )
+        if params.get("aliases"):
+            old = dict(key.aliases or {}) if key is not None else {}
+            for alias, target in params["aliases"].items():
+                if old.get(alias) == target:
+                    continue
+                for allowance in limits:
+                    for name in (alias, target):
+                        if not access.name_within(name, allowance):
+                            raise Forbidden(
+                                f"You cannot alias {alias!r} to {target!r}: {name!r} is beyond "
+                                f"your own models={list(allowance)}.", param="aliases",
+                                reason="alias_escalation",
+                            )
         if "allowed_routes" in params or "key_type" in params:
             routes = list(params.get("allowed_routes") or [])
             routes += KEY_TYPES.get(params.get("key_type") or "default", ())
-            self._check_routes_reachable(actor, routes)
+            self._check_routes_reachable(actor, routes, key)
+        self._check_limits(actor, params, key)
 
-    def _check_routes_reachable(self, actor: Principal, routes: Iterable[str]) -> None:
+    def _check_limits(self, actor: Principal, params: dict[str, Any], key: Key | None) -> None:
+        """Budget, rate limits, IPs and expiry: never looser than the actor's own key."""
+        own = actor.key
+        for name in _CAPPED_LIMITS:
+            cap = getattr(own, name) if own is not None else actor.limits.get(name)
+            if cap is None or name not in params:
+                continue
+            value, current = params[name], getattr(key, name) if key is not None else None
+            narrowing = key is not None and (current is None or (
+                value is not None and value <= current))
+            if (value is None or value > cap) and not narrowing:
+                shown = to_usd(cap) if name == "max_budget" else cap
+                raise Forbidden(f"You cannot set {name} above your own key's {name}={shown}.",
+                                param=name, reason="limit_escalation")
+        if own is None:
+            return
+        if own.max_budget is not None and "budget_duration" in params:
+            value = params["budget_duration"]
+            text = value.text if value is not None else None
+            if text != own.budget_duration and not (key is not None
+                                                    and text == key.budget_duration):
+                raise Forbidden("Your key has a budget: a key you create or change keeps its "
+                                f"budget_duration={own.budget_duration}.",
+                                param="budget_duration", reason="limit_escalation")
+        for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
+            mine = getattr(own, name) or {}
+            if mine and name in params and params[name] != mine and not (
+                    key is not None and params[name] == (getattr(key, name) or {})):
+                raise Forbidden(f"Your key has {name}={mine}: a key you create or change "
+                                "keeps it.", param=name, reason="limit_escalation")
+        if own.allowed_ips and "allowed_ips" in params:
+            requested = params["allowed_ips"] or []
+            current = (key.allowed_ips or []) if key is not None else None
+            narrowing = current is not None and (not current or (
+                requested and _networks_within(requested, current)))
+            if not narrowing and not (requested and _networks_within(requested,
+                                                                     own.allowed_ips)):
+                raise Forbidden(f"A key you create or change must stay inside your own "
+                                f"allowed_ips={own.allowed_ips}.", param="allowed_ips",
+                                reason="ips_escalation")
+        if own.expires is not None and "duration" in params:
+            duration = params["duration"]
+            expires = None if duration is None else duration.after(utcnow())
+            current_expiry = key.expires if key is not None else None
+            narrowing = key is not None and (current_expiry is None or (
+                expires is not None and expires <= current_expiry))
+            if (expires is None or expires > own.expires) and not narrowing:
+                raise Forbidden("A key you create or change cannot outlive your own key "
+                                f"(expires {isoformat(own.expires)}).", param="duration",
+                                reason="expiry_escalation")
+
+    def _inherit(self, actor: Principal, params: dict[str, Any]) -> None:
+        """A non-admin's new key starts with its creator's restrictions unless it asks for
+        narrower ones (which :meth:`_check_grants` then verifies)."""
+        own = actor.key
+        if "allowed_routes" not in params and "key_type" not in params:
+            params["allowed_routes"] = list(actor.allowed_routes)
+        for name in _CAPPED_LIMITS:
+            cap = getattr(own, name) if own is not None else actor.limits.get(name)
+            if cap is not None:
+                params.setdefault(name, cap)
+        if own is None:
+            return
+        if own.allowed_ips:
+            params.setdefault("allowed_ips", list(own.allowed_ips))
+        if own.max_budget is not None and own.budget_duration and "budget_duration" not in params:
+            params["budget_duration"] = parse_duration(own.budget_duration)
+        for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
+            if getattr(own, name):
+                params.setdefault(name, dict(getattr(own, name)))
+
+    def _check_routes_reachable(self, actor: Principal, routes: Iterable[str],
+                                key: Key | None = None) -> None:
         routes = list(routes)
-        if not routes and actor.allowed_routes:
-            raise Forbidden("Your key is limited to some routes; a key you create must be too.",
-                            param="allowed_routes", reason="routes_escalation")
         policy = self.state.policy
+        current = tuple(key.allowed_routes or ()) if key is not None else None
+        if not routes:
+            if actor.allowed_routes and current != ():
+                raise Forbidden("Your key is limited to some routes; a key you create must be "
+                                "too.", param="allowed_routes", reason="routes_escalation")
+            return
         for path in expand(routes):
+            if current and policy.routes_allow(current, path):
+                continue  # the key could already call it: narrowing
             info = RouteInfo(route=path, endpoint="", groups=classify(path))
             reachable = any(policy.role_allows(actor.role, info, safe) for safe in (True, False))
             inside = not actor.allowed_routes or policy.key_route_allowed(actor, path)
@@ -299,10 +407,7 @@ class KeyService:
             team = self._team(params["team_id"]) if params.get("team_id") else None
             if not actor.is_admin:
                 self._check_generate_rights(actor, params, team)
-                # A new key inherits its creator's limits unless it asks for narrower ones.
-                params.setdefault("models", list(actor.key.models) if actor.key else [])
-                if "allowed_routes" not in params and "key_type" not in params:
-                    params["allowed_routes"] = list(actor.allowed_routes)
+                self._inherit(actor, params)
             self._check_grants(actor, params, team)
             if team is not None and params.get("user_id"):
                 if self._membership(team.team_id, params["user_id"]) is None:
@@ -324,6 +429,10 @@ class KeyService:
             if team is not None and team.organization_id and not params.get("organization_id"):
                 key.organization_id = team.organization_id
             self._apply(key, params, now)
+            own = actor.key
+            if not actor.is_admin and own is not None and own.expires is not None and (
+                    key.expires is None or key.expires > own.expires):
+                key.expires = own.expires  # inherited: never outlives its creator's key
             key.save(force_insert=True)
             info = key_info(key)
             write_audit(state.settings.store_audit_logs, actor, "created", "key", key.key_id,
@@ -385,7 +494,7 @@ class KeyService:
                         f"belong to user={params['user_id']}", param="user_id",
                         reason="key_reassign",
                     )
-            self._check_grants(actor, params, team)
+            self._check_grants(actor, params, team, key)
             if "key_alias" in params:
                 self._check_alias_free(params["key_alias"], key.key_id)
             if params.get("user_id"):
@@ -416,7 +525,7 @@ class KeyService:
             raise Forbidden(f"User={user_id} is not a member of team={team_id}.",
                             param="team_id", reason="team_move")
         models = params.get("models", key.models)
-        if not self.state.models.within(models, team.models):
+        if not self.state.models.within(models, team.models, team):
             raise Forbidden(f"Team={team_id} does not allow the key's models.", param="team_id",
                             reason="team_move")
         for limit in ("tpm_limit", "rpm_limit"):
@@ -441,7 +550,7 @@ class KeyService:
                 raise Forbidden("You are not authorized to regenerate this key",
                                 reason="key_not_yours")
             team = Team.get_or_none(Team.team_id == key.team_id) if key.team_id else None
-            self._check_grants(actor, params, team)
+            self._check_grants(actor, params, team, key)
             raw = (self._custom_key(new_raw, "new_key") if new_raw is not None
                    else generate_key(state.settings.key_entropy_bytes))
             now = utcnow()
@@ -597,6 +706,19 @@ class KeyService:
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
         return scope
+
+
+#: Numeric limits a non-admin's key can never exceed (compared with the actor's own key).
+_CAPPED_LIMITS = ("max_budget", "tpm_limit", "rpm_limit", "max_parallel_requests")
+
+
+def _networks_within(inner: Sequence[str], outer: Sequence[str]) -> bool:
+    """Whether every network of ``inner`` lies inside one of ``outer``."""
+    outer_nets = parse_networks(outer)
+    return all(
+        any(net.version == o.version and net.subnet_of(o) for o in outer_nets)
+        for net in parse_networks(inner)
+    )
 
 
 _PLAIN_FIELDS = frozenset({

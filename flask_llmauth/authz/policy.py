@@ -142,12 +142,17 @@ class Policy:
                             reason="key_ip_not_allowed")
 
     def key_route_allowed(self, principal: Principal, route: str) -> bool:
-        cache_key = (principal.allowed_routes, route)
+        return self.routes_allow(principal.allowed_routes, route)
+
+    def routes_allow(self, entries: tuple[str, ...], route: str) -> bool:
+        """Whether ``allowed_routes`` entries (paths, ``/prefix/*``, plain prefixes at a
+        ``/`` boundary, ``{param}``, group names) cover ``route``; cached."""
+        cache_key = (entries, route)
         allowed = self._key_routes.get(cache_key)
         if allowed is None:
             if len(self._key_routes) > 50_000:
                 self._key_routes.clear()
-            patterns = RoutePatterns(principal.allowed_routes, prefix_match=True)
+            patterns = RoutePatterns(entries, prefix_match=True)
             allowed = self._key_routes[cache_key] = patterns.matches(route)
         return allowed
 

@@ -93,6 +93,10 @@ _PUBLIC = ("/", "/routes", "/health/liveliness", "/health/liveness", "/health/re
 _MASTER_KEY_ONLY = ("/global/spend/reset", "/memory-usage-in-mem-cache",
                     "/memory-usage-in-mem-cache-items")
 _SELF_MANAGED = (
+    # /user/update is here (LiteLLM lists it as management only) so every user can change
+    # its own profile: the endpoint lets a non-admin touch only itself and only harmless
+    # fields (see flask_llmauth.users.SELF_SERVICE_FIELDS).
+    "/user/update",
     "/team/member_add", "/team/member_delete", "/team/member_update",
     "/team/permissions_list", "/team/permissions_update", "/team/daily/activity",
     "/model/new", "/model/update", "/model/delete", "/model/{model_id}/update",
