@@ -83,3 +83,93 @@ def role_keys(client: Any, app: Any, prefix: str = "") -> dict[str, str]:
         User.update(user_role="customer").where(User.user_id == "u-customer").execute()
     state.invalidate("user:u-customer")
     return keys
+
+
+class TcpProxy:
+    """A loopback TCP forwarder that can be cut and restored, to take a real peer (Postgres,
+    Redis) away mid-run: ``cut()`` closes the listener and every open connection,
+    ``restore()`` listens again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (target_host, target_port)
+        self._socket_module = socket
+        self._threading = threading
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._listener: Any = None
+        self.restore()
+
+    def restore(self) -> None:
+        socket = self._socket_module
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket_module.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: Any, sink: Any) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        socket = self._socket_module
+        if self._listener is not None:
+            try:  # wakes the thread blocked in accept(); close() alone would not stop it
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def url(self, url: str) -> str:
+        """``url`` (``scheme://user@host:port/db``) pointed at this proxy."""
+        scheme, rest = url.split("://", 1)
+        authority, _, path = rest.partition("/")
+        user = authority.rsplit("@", 1)[0] + "@" if "@" in authority else ""
+        return f"{scheme}://{user}127.0.0.1:{self.port}/{path}"

@@ -50,6 +50,20 @@ def open_database(url: str) -> peewee.Database:
     return db_url.connect(url)
 
 
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("Service Unavailable, the database is temporarily unreachable.",
+                              error_type="db_unavailable")
+
+
+def _missing_table(exc: peewee.ProgrammingError) -> bool:
+    """Postgres' "relation does not exist" (SQLSTATE 42P01): the schema is not migrated.
+    (SQLite reports it as an OperationalError, which is already a 503.)"""
+    for original in (exc.args[0] if exc.args else None, exc.__cause__, exc.__context__):
+        if getattr(original, "sqlstate", None) == "42P01":
+            return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     """What one key lookup returns: the key with its team, user and team membership."""
@@ -95,10 +109,13 @@ class Store:
             yield self.db
         except DB_ERRORS as exc:
             log.error("llmauth: database unavailable: %s", type(exc).__name__)
-            raise ServiceUnavailable(
-                "Service Unavailable, the database is temporarily unreachable.",
-                error_type="db_unavailable",
-            ) from None
+            raise _unavailable() from None
+        except peewee.ProgrammingError as exc:
+            if not _missing_table(exc):
+                raise
+            log.error("llmauth: the database has no llmauth tables yet: run "
+                      "`flask llmauth init-db` (or leave LLMAUTH_AUTO_MIGRATE on)")
+            raise _unavailable() from None
         finally:
             self._local.depth = depth
             if depth == 0 and self.pooled and not self.db.is_closed():
