@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""Per-request cost of flask_llmauth's authentication paths, next to a bare Flask route.
+
+    python bench/run.py                 # the full run (builds bench/keys-1000000.db once)
+    python bench/run.py --callgrind     # also count instructions per request (valgrind)
+    python bench/run.py --help
+
+One run measures, for the same view (``POST /v1/chat/completions`` that parses the JSON
+body and answers JSON):
+
+* ``bare``: a Flask app without the extension;
+* ``master_key``: the extension, the master key;
+* ``virtual_key_cached``: the extension, a virtual key found in the in-process cache
+  (authenticator chain, RBAC role table, model check against the key's model list);
+* ``virtual_key_cold``: the extension, a virtual key that is *not* in the in-process cache
+  (every request presents a different key), looked up among 1,000,000 keys in SQLite.
+
+Each is driven two ways: ``wsgi`` calls the WSGI app directly with a prepared environ (the
+app's own cost; what a WSGI server pays on top of its HTTP work) and ``test_client`` goes
+through Flask's test client (also builds and wraps each request, like the published Flask
+figures). Rounds are interleaved in a shuffled order so drift hits every variant alike; the
+report gives medians over rounds and the median of the per-round ratios to ``bare``. See
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (ROOT, HERE):  # the checkout's package, and keydb beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import keydb  # noqa: E402
+from flask import Flask, request  # noqa: E402
+from werkzeug.test import EnvironBuilder  # noqa: E402
+
+from flask_llmauth import LLMAuth  # noqa: E402
+
+PATH = "/v1/chat/completions"
+BODY = (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}], '
+        b'"max_tokens": 64, "temperature": 0}')
+VARIANTS = ("bare", "master_key", "virtual_key_cached", "virtual_key_cold")
+DRIVERS = ("wsgi", "test_client")
+TARGETS = {"master_key": "≤ 1.03×", "virtual_key_cached": "≤ 1.10×",
+           "virtual_key_cold": "adds ≤ 50 µs"}
+
+
+# -- the apps -------------------------------------------------------------------------------------
+
+
+def add_view(app: Flask) -> None:
+    @app.post(PATH)
+    def chat_completions() -> Any:
+        body = request.get_json()
+        return {"object": "chat.completion", "model": body["model"], "choices": []}
+
+
+def bare_app() -> Flask:
+    app = Flask("bench_bare")
+    add_view(app)
+    return app
+
+
+def auth_app(database: Path, instance: str, extra_config: dict[str, Any] | None = None,
+             ) -> Flask:
+    app = Flask("bench_llmauth", instance_path=instance)
+    app.config.update(
+        LLMAUTH_MASTER_KEY=keydb.BENCH_MASTER_KEY,
+        LLMAUTH_DATABASE_URL=f"sqlite:///{database}",
+        # The batched last_used_at write runs off the request path every 30 s by default;
+        # pushed past the run so a flush of thousands of cold keys lands in no timed round.
+        LLMAUTH_LAST_USED_FLUSH_INTERVAL=3600,
+    )
+    app.config.update(extra_config or {})
+    LLMAuth(app)
+    add_view(app)
+    return app
+
+
+def environ(headers: dict[str, str]) -> dict[str, Any]:
+    """A WSGI environ for one request (``wsgi.input`` is set per request)."""
+    env = EnvironBuilder(path=PATH, method="POST", data=BODY, headers=headers,
+                         content_type="application/json").get_environ()
+    del env["wsgi.input"]
+    return env
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+class Workload:
+    """The apps and the requests of every variant; cold keys are handed out once each."""
+
+    def __init__(self, database: Path, key_count: int, seed: int = 1,
+                 extra_config: dict[str, Any] | None = None) -> None:
+        self.instance = tempfile.mkdtemp(prefix="llmauth-bench-")
+        self.apps = {"bare": bare_app(),
+                     "auth": auth_app(database, self.instance, extra_config)}
+        self.cached_key = keydb.raw_key(0)
+        self.headers = {
+            "bare": bearer(self.cached_key),  # carried but ignored: same request bytes
+            "master_key": bearer(keydb.BENCH_MASTER_KEY),
+            "virtual_key_cached": bearer(self.cached_key),
+        }
+        self._cold = random.Random(seed)
+        self._cold_seen: set[int] = {0}
+        self.key_count = key_count
+
+    def app_for(self, variant: str) -> Flask:
+        return self.apps["bare" if variant == "bare" else "auth"]
+
+    def cold_headers(self, count: int) -> list[dict[str, str]]:
+        """Headers with ``count`` stored keys never presented before."""
+        if len(self._cold_seen) + count > self.key_count:
+            raise SystemExit("not enough distinct keys: raise --keys or lower --requests")
+        out = []
+        while len(out) < count:
+            index = self._cold.randrange(1, self.key_count)
+            if index not in self._cold_seen:
+                self._cold_seen.add(index)
+                out.append(bearer(keydb.raw_key(index)))
+        return out
+
+    def request_headers(self, variant: str, count: int) -> list[dict[str, str]]:
+        if variant == "virtual_key_cold":
+            return self.cold_headers(count)
+        return [self.headers[variant]] * count
+
+    def close(self) -> None:
+        self.apps["auth"].extensions["llmauth"].close()
+        shutil.rmtree(self.instance, ignore_errors=True)
+
+
+# -- drivers -------------------------------------------------------------------------------
+
+
+def run_wsgi(app: Flask, headers: Sequence[dict[str, str]],
+             marker: Callable[[], object] = int) -> tuple[int, int]:
+    """``(elapsed ns, non-200 responses)`` for one request per entry of ``headers``;
+    ``marker`` is called right before and right after the timed loop."""
+    templates = [environ(h) for h in headers] if len({id(h) for h in headers}) > 1 else (
+        [environ(headers[0])] * len(headers))
+    statuses: list[str] = []
+    append = statuses.append
+
+    def start_response(status: str, response_headers: Any, exc_info: Any = None) -> Any:
+        append(status)
+
+    gc.collect()
+    marker()
+    started = time.perf_counter_ns()
+    for template in templates:
+        env = dict(template)
+        env["wsgi.input"] = BytesIO(BODY)
+        result = app(env, start_response)
+        for _ in result:
+            pass
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    elapsed = time.perf_counter_ns() - started
+    marker()
+    return elapsed, sum(1 for s in statuses if not s.startswith("200"))
+
+
+def run_test_client(app: Flask, headers: Sequence[dict[str, str]],
+                    marker: Callable[[], object] = int) -> tuple[int, int]:
+    client = app.test_client()
+    bad = 0
+    gc.collect()
+    marker()
+    started = time.perf_counter_ns()
+    for h in headers:
+        response = client.post(PATH, data=BODY, headers=h, content_type="application/json")
+        if response.status_code != 200:
+            bad += 1
+        response.close()
+    elapsed = time.perf_counter_ns() - started
+    marker()
+    return elapsed, bad
+
+
+DRIVER_FUNCTIONS: dict[str, Callable[..., tuple[int, int]]] = {
+    "wsgi": run_wsgi, "test_client": run_test_client,
+}
+
+
+def measure(work: Workload, driver: str, variant: str, count: int,
+            marker: Callable[[], object] = int) -> float:
+    """µs per request for one batch (fails loudly if any request was not a 200)."""
+    elapsed, bad = DRIVER_FUNCTIONS[driver](work.app_for(variant),
+                                            work.request_headers(variant, count), marker)
+    if bad:
+        raise SystemExit(f"{variant}/{driver}: {bad} of {count} requests were not 200")
+    return elapsed / count / 1000
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
+            f"Flask {version('flask')}, Werkzeug {version('werkzeug')}, "
+            f"peewee {version('peewee')}, SQLite {sqlite3.sqlite_version}")
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
+           instructions: dict[str, float] | None) -> str:
+    lines = ["| path | driver | median µs/request | min | × bare (median of rounds) | target |",
+             "|---|---|---:|---:|---:|---|"]
+    for driver in DRIVERS:
+        bare = samples[(driver, "bare")]
+        for variant in VARIANTS:
+            values = samples[(driver, variant)]
+            ratios = [v / b for v, b in zip(values, bare, strict=True)]
+            target = TARGETS.get(variant, "")
+            if variant == "virtual_key_cold":
+                cached = samples[(driver, "virtual_key_cached")]
+                added = statistics.median(v - c for v, c in zip(values, cached, strict=True))
+                target = f"{target}: adds {added:.1f} µs over a cached key"
+            lines.append(f"| {variant} | {driver} | {statistics.median(values):.1f} | "
+                         f"{min(values):.1f} | {statistics.median(ratios):.3f} | {target} |")
+    out = "\n".join(lines)
+    out += f"\n\n{rounds} interleaved rounds × {count} requests per variant and driver.\n"
+    if instructions:
+        base = instructions["bare"]
+        rows = ["| path | instructions/request (wsgi) | × bare | added |", "|---|---:|---:|---:|"]
+        for variant in VARIANTS:
+            value = instructions[variant]
+            rows.append(f"| {variant} | {value:,.0f} | {value / base:.3f} | "
+                        f"{value - base:+,.0f} |")
+        out += ("\nInstruction counts (valgrind --tool=callgrind, difference of two run "
+                "lengths):\n\n")
+        out += "\n".join(rows) + "\n"
+    return out
+
+
+# -- instruction counts ----------------------------------------------------------------------------
+
+#: callgrind dumps its counters whenever this libc function is entered; the child process
+#: calls it (``os.getppid()``) right before and right after each timed loop.
+_MARKER = "getppid"
+
+
+def instructions(database: Path, count: int, warmup: int,
+                 config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Instructions per request of each variant (wsgi driver), from one callgrind run."""
+    with tempfile.TemporaryDirectory(prefix="llmauth-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        argv = ["valgrind", "--tool=callgrind", f"--dump-before={_MARKER}",
+                f"--callgrind-out-file={out}", sys.executable, str(Path(__file__).resolve()),
+                "--callgrind-child", "--count", str(count), "--warmup", str(warmup),
+                "--database", str(database), "--config", json.dumps(config or {})]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"callgrind run failed:\n{done.stderr[-3000:]}")
+        result = {}
+        for index, variant in enumerate(VARIANTS):
+            # dump 2k+1 ends at the marker before loop k, dump 2k+2 at the one after it
+            text = Path(f"{out}.{2 * index + 2}").read_text()
+            match = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+            if match is None:
+                raise SystemExit("unexpected callgrind output")
+            result[variant] = int(match.group(1)) / count
+        return result
+
+
+def callgrind_child(database: Path, count: int, warmup: int,
+                    config: dict[str, Any]) -> None:
+    """Warm every variant up, then run ``count`` requests of each between two markers."""
+    key_count = int(keydb._meta(database).get("count", "0"))
+    # The invalidation-log poll runs once a second of wall-clock time, and a run under
+    # valgrind is ~50x slower: keep that background work out of the per-request counts.
+    work = Workload(database, key_count,
+                    extra_config={**config, "LLMAUTH_CACHE_SYNC_INTERVAL": 3600})
+    try:
+        for variant in VARIANTS:
+            measure(work, "wsgi", variant, warmup)
+        for variant in VARIANTS:
+            measure(work, "wsgi", variant, count, marker=os.getppid)
+    finally:
+        work.close()
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (15)")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="requests per variant, driver and round (2000)")
+    parser.add_argument("--keys", type=int, default=1_000_000,
+                        help="keys in the cold-lookup database (1,000,000)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="also count instructions per request with valgrind")
+    parser.add_argument("--config", type=json.loads, default={},
+                        help="extra settings for the extension's app, as a JSON object "
+                             "(e.g. '{\"LLMAUTH_RATELIMIT_ENABLED\": false}')")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--db-dir", type=Path, default=HERE,
+                        help="where the key database is built and kept (bench/)")
+    parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=200, help=argparse.SUPPRESS)
+    parser.add_argument("--database", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.callgrind_child:
+        callgrind_child(args.database, args.count, args.warmup, args.config)
+        return ""
+
+    database = keydb.ensure(args.db_dir / f"keys-{args.keys}.db", args.keys)
+    print(f"machine: {machine()}")
+    print(f"load average at start: {load()}")
+    work = Workload(database, args.keys, seed=args.seed, extra_config=args.config)
+    samples: dict[tuple[str, str], list[float]] = {
+        (d, v): [] for d in DRIVERS for v in VARIANTS}
+    order = [(d, v) for d in DRIVERS for v in VARIANTS]
+    shuffler = random.Random(args.seed)
+    try:
+        for driver, variant in order:  # warm-up round, discarded
+            measure(work, driver, variant, max(50, args.requests // 4))
+        for number in range(args.rounds):
+            shuffler.shuffle(order)
+            for driver, variant in order:
+                samples[(driver, variant)].append(measure(work, driver, variant, args.requests))
+            print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        work.close()
+    print(f"load average at end: {load()}")
+    counts = None
+    if args.callgrind:
+        if shutil.which("valgrind") is None:
+            print("valgrind not found: no instruction counts")
+        else:
+            print("counting instructions under valgrind (a few minutes) ...", file=sys.stderr)
+            counts = instructions(database, count=1000, warmup=300, config=args.config)
+    text = report(samples, args.rounds, args.requests, counts)
+    print()
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

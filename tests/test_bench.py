@@ -1,0 +1,69 @@
+"""The benchmark harness runs end to end (tiny sizes; it measures, it asserts no timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load("run")
+
+
+def test_key_database_holds_digests_the_extension_finds(bench: ModuleType,
+                                                        tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 300, log=lambda *a: None)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM llmauth_key").fetchone() == (300,)
+        text = "\n".join(repr(row) for row in conn.execute("SELECT * FROM llmauth_key"))
+    assert keydb.raw_key(7) not in text  # only digests are stored
+    mtime = path.stat().st_mtime_ns
+    assert keydb.ensure(path, 300, log=lambda *a: None).stat().st_mtime_ns == mtime  # reused
+
+    work = bench.Workload(path, 300)
+    try:  # a cold key and the cached key authenticate; every request answered 200
+        for variant in bench.VARIANTS:
+            for driver in bench.DRIVERS:
+                assert bench.measure(work, driver, variant, 5) > 0
+        principal_cache = work.apps["auth"].extensions["llmauth"].key_cache
+        assert len(principal_cache) == 1 + len(bench.DRIVERS) * 5  # cached key + cold ones
+    finally:
+        work.close()
+
+
+def test_a_refused_request_fails_the_run(bench: ModuleType, tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 50, log=lambda *a: None)
+    work = bench.Workload(path, 50)
+    work.headers["virtual_key_cached"] = bench.bearer("sk-" + "n" * 43)
+    try:
+        with pytest.raises(SystemExit, match="not 200"):
+            bench.measure(work, "wsgi", "virtual_key_cached", 3)
+    finally:
+        work.close()
+
+
+def test_report(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = bench.main(["--keys", "200", "--rounds", "2", "--requests", "5",
+                       "--db-dir", str(tmp_path)])
+    for variant in bench.VARIANTS:
+        assert f"| {variant} | wsgi |" in text and f"| {variant} | test_client |" in text
+    assert "adds ≤ 50 µs" in text
