@@ -37,8 +37,8 @@ REQUIRE_PEERS = os.environ.get("LLMAUTH_TEST_REQUIRE_PEERS") == "1"
 _NPM_LOCK = threading.Lock()
 
 #: Scopes the default resource servers accept (tests map them with scope_mappings).
-DEFAULT_SCOPES = ("litellm_proxy_admin litellm.api litellm.read models.gpt models.claude "
-                  "read write")
+DEFAULT_SCOPES = ("litellm_proxy_admin gateway.admin litellm.api litellm.read models.gpt "
+                  "models.claude read write")
 #: Resource indicators of the default configuration.
 RS256 = "urn:llmauth:rs256"
 ES256 = "urn:llmauth:es256"

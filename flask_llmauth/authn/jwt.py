@@ -544,7 +544,7 @@ class JWTAuthenticator:
         team_id = self._team(claims, issuer, ctx, models)
         if team_id is not None:
             self._check_email_domain(email, required=False)
-            if not self.team_routes.matches(info.route):
+            if not self.team_routes.allows(info):
                 raise Forbidden(
                     f"Team not allowed to access this route. Route={info.route}, Allowed "
                     f"Routes={list(s.jwt_team_allowed_routes)}", reason="jwt_team_route")
@@ -603,7 +603,7 @@ class JWTAuthenticator:
                user_id: str | None, models: tuple[str, ...],
                common: dict[str, Any]) -> Principal:
         s, info = self.settings, ctx.route
-        if not self.admin_routes.matches(info.route):
+        if not self.admin_routes.allows(info):
             raise Forbidden(
                 f"Admin not allowed to access this route. Route={info.route}, Allowed "
                 f"Routes={list(s.jwt_admin_allowed_routes)}", reason="jwt_admin_route")
@@ -654,7 +654,7 @@ class JWTAuthenticator:
             patterns = self._scope_routes.get(routes)
             if patterns is None:
                 patterns = self._scope_routes[routes] = RoutePatterns(routes)
-            if not patterns.matches(info.route):
+            if not patterns.allows(info):
                 raise Forbidden(f"The token's scopes do not allow route={info.route}.",
                                 reason="jwt_scope_route")
         models = tuple(dict.fromkeys(m for sm in mapped for m in sm.models))
@@ -706,7 +706,7 @@ class JWTAuthenticator:
         wanted: tuple[str, ...] = ()
         if info.is_llm and request.method not in SAFE_METHODS:
             wanted = requested_models(request, info)
-        if self.team_routes.matches(info.route):
+        if self.team_routes.allows(info):
             for team_id in team_ids:
                 _, team, _ = self.state.identities.load(None, team_id)
                 if team is None or team.blocked:

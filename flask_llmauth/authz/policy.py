@@ -74,7 +74,7 @@ class Policy:
         self.models = models
         self.admin_only = RoutePatterns(settings.admin_only_routes)
         self.allowed_routes = RoutePatterns(settings.allowed_routes)
-        self._key_routes: dict[tuple[tuple[str, ...], str], bool] = {}
+        self._key_routes: dict[tuple[tuple[str, ...], str, frozenset[str]], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
         self._exposed: dict[str, bool] = {}
 
@@ -106,7 +106,8 @@ class Policy:
         if "master_key_only_routes" in info.groups and not principal.is_master_key:
             raise Forbidden(f"Tried to access route={info.route}, which is only for MASTER KEY",
                             reason="master_key_only_route")
-        if principal.allowed_routes and not self.key_route_allowed(principal, info.route):
+        if principal.allowed_routes and not self.key_route_allowed(principal, info.route,
+                                                                   info.groups):
             raise Forbidden(
                 "Virtual key is not allowed to call this route. Only allowed to call routes: "
                 f"{list(principal.allowed_routes)}. Tried to call route: {info.route}",
@@ -141,19 +142,23 @@ class Policy:
             raise Forbidden(f"Access forbidden: IP address {ip} not allowed.",
                             reason="key_ip_not_allowed")
 
-    def key_route_allowed(self, principal: Principal, route: str) -> bool:
-        return self.routes_allow(principal.allowed_routes, route)
+    def key_route_allowed(self, principal: Principal, route: str,
+                          groups: frozenset[str] = frozenset()) -> bool:
+        return self.routes_allow(principal.allowed_routes, route, groups)
 
-    def routes_allow(self, entries: tuple[str, ...], route: str) -> bool:
+    def routes_allow(self, entries: tuple[str, ...], route: str,
+                     groups: frozenset[str] = frozenset()) -> bool:
         """Whether ``allowed_routes`` entries (paths, ``/prefix/*``, plain prefixes at a
-        ``/`` boundary, ``{param}``, group names) cover ``route``; cached."""
-        cache_key = (entries, route)
+        ``/`` boundary, ``{param}``, group names) cover ``route`` — by path, or by a group
+        the route belongs to (also one a host view declares); cached."""
+        cache_key = (entries, route, groups)
         allowed = self._key_routes.get(cache_key)
         if allowed is None:
             if len(self._key_routes) > 50_000:
                 self._key_routes.clear()
             patterns = RoutePatterns(entries, prefix_match=True)
-            allowed = self._key_routes[cache_key] = patterns.matches(route)
+            allowed = self._key_routes[cache_key] = (
+                patterns.matches(route) or bool(patterns.groups & groups))
         return allowed
 
     def _check_role_table(self, principal: Principal, info: RouteInfo, request: Request) -> None:
@@ -170,7 +175,7 @@ class Policy:
             denial = _route_denied(info.route, principal.role, "viewer_route_denied")
         if denial is not None and not (  # a key's allowed_routes grant, as in LiteLLM
             denial.reason == _GRANTABLE and principal.allowed_routes
-            and self.key_route_allowed(principal, info.route)
+            and self.key_route_allowed(principal, info.route, info.groups)
         ):
             raise denial
 

@@ -201,12 +201,18 @@ class RoutePatterns:
         self.entries = tuple(entries)
         self._regexes = tuple(compile_route_pattern(p, prefix_match=prefix_match)
                               for p in expand(self.entries))
+        self.groups = frozenset(g for g in map(group_name, self.entries) if g is not None)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
     def matches(self, route: str) -> bool:
         return any(regex.match(route) for regex in self._regexes)
+
+    def allows(self, info: RouteInfo) -> bool:
+        """Whether a classified route is listed: by path, or by a group it belongs to
+        (including groups a host view declares with ``@llmauth.route_group``)."""
+        return bool(self.groups & info.groups) or self.matches(info.route)
 
 
 _GROUP_PATTERNS = {name: RoutePatterns((name,)) for name in ROUTE_GROUPS}
