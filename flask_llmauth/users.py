@@ -19,7 +19,7 @@ from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, key_info
 from .money import to_usd
-from .principal import Principal, Role
+from .principal import USER_ROLES, Principal, Role
 from .signals import user_provisioned
 from .store.tables import Key, Team, TeamMembership, User
 
@@ -86,7 +86,11 @@ class UserService:
         now = utcnow()
         for name, value in params.items():
             if name == "user_role":
-                user.user_role = value.value
+                role = Role.parse(value)
+                if role not in USER_ROLES:  # team and customer are never a user's role
+                    raise BadRequest(f"A user cannot have the role {role.value!r}.",
+                                     param="user_role")
+                user.user_role = role.value
             elif name == "budget_duration":
                 user.budget_duration = None if value is None else value.text
                 user.budget_reset_at = None if value is None else value.after(now)
