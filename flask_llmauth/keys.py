@@ -593,10 +593,16 @@ class KeyService:
                     raise Forbidden("You are not authorized to delete this key",
                                     reason="key_not_yours")
             deleted = self._delete_rows(actor, keys)
-        for key_id in deleted:
-            state.invalidate(f"key:{key_id}")
-            key_revoked.send(current_app._get_current_object(), key_id=key_id, actor=actor.identity)
+        self.announce_revoked(actor, deleted)
         return deleted
+
+    def announce_revoked(self, actor: Principal, key_ids: Iterable[str]) -> None:
+        """After the deleting transaction committed: drop the keys from every cache and send
+        ``key_revoked`` (also for keys deleted with their user or team)."""
+        for key_id in key_ids:
+            self.state.invalidate(f"key:{key_id}")
+            key_revoked.send(current_app._get_current_object(), key_id=key_id,
+                             actor=actor.identity)
 
     def _delete_rows(self, actor: Principal, keys: Iterable[Key]) -> list[str]:
         """Move keys to the deleted-keys table (caller holds the transaction)."""

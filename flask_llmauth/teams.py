@@ -248,8 +248,8 @@ class TeamService:
                 write_audit(state.settings.store_audit_logs, actor, "deleted", "team",
                             team.team_id, before=team_info(team))
                 team.delete_instance()
-        state.invalidate(*(f"team:{t.team_id}" for t in teams),
-                         *(f"key:{k}" for k in deleted_keys))
+        state.invalidate(*(f"team:{t.team_id}" for t in teams))
+        KeyService(state).announce_revoked(actor, deleted_keys)
         return {"deleted_teams": [t.team_id for t in teams], "deleted_keys": deleted_keys}
 
     def list(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:

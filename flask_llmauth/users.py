@@ -222,8 +222,7 @@ class UserService:
                 user.delete_instance()
         for user in users:
             state.invalidate(f"user:{user.user_id}")
-        for key_id in deleted_keys:
-            state.invalidate(f"key:{key_id}")
+        KeyService(state).announce_revoked(actor, deleted_keys)
         return {"deleted_users": [u.user_id for u in users], "deleted_keys": deleted_keys}
 
     def list(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
