@@ -46,11 +46,21 @@ def _recording_store_init(self: store_db.Store, url: str) -> None:
 
 
 class _CaptureAll(logging.Handler):
+    """Keeps every log line of the run: the message, and the traceback when there is one
+    (an exception's text is where secrets hide most often)."""
+
+    _formatter = logging.Formatter()
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _LOG_LINES.append(record.getMessage())
+            line = record.getMessage()
         except Exception:  # a bad log call elsewhere must not hide our check
-            _LOG_LINES.append(str(record.msg))
+            line = f"{record.msg} {record.args}"
+        if record.exc_info:
+            line += "\n" + self._formatter.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + record.stack_info
+        _LOG_LINES.append(line)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -94,6 +104,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+REQUIRE_PEERS = os.environ.get("LLMAUTH_TEST_REQUIRE_PEERS") == "1"
+
+
+def missing_peer(reason: str) -> None:
+    """Skip a test whose real peer is not configured; with LLMAUTH_TEST_REQUIRE_PEERS=1
+    (set by .ci/run) a missing peer is a failure instead."""
+    if REQUIRE_PEERS:
+        pytest.fail(f"{reason} (LLMAUTH_TEST_REQUIRE_PEERS=1)")
+    pytest.skip(reason)
+
+
 # -- databases ----------------------------------------------------------------------------------
 
 
@@ -106,7 +127,7 @@ def _admin_url(url: str) -> str:
 def postgres_url() -> Iterator[str]:
     """A fresh, empty Postgres database for one test (dumped for leaks, then dropped)."""
     if not POSTGRES_URL:
-        pytest.skip("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+        missing_peer("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
     name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
     admin = store_db.open_database(_admin_url(POSTGRES_URL))
     admin.execute_sql(f'CREATE DATABASE "{name}"')
@@ -133,7 +154,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 @pytest.fixture
 def redis_prefix() -> str:
     if not REDIS_URL:
-        pytest.skip("LLMAUTH_TEST_REDIS_URL is not set (.ci/run sets it)")
+        missing_peer("LLMAUTH_TEST_REDIS_URL is not set (.ci/run sets it)")
     return f"llmauth-test-{uuid.uuid4().hex[:8]}"
 
 
