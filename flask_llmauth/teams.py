@@ -77,6 +77,14 @@ def team_info(team: Any, members: list[Any] | None = None) -> dict[str, Any]:
     return info
 
 
+def _user_summary(user: Any) -> dict[str, Any]:
+    """The user fields ``/team/member_add`` reports (LiteLLM's ``updated_users``)."""
+    return {"user_id": user.user_id, "user_email": user.user_email,
+            "user_alias": user.user_alias, "user_role": user.user_role,
+            "models": list(user.models or []), "max_budget": to_usd(user.max_budget),
+            "spend": to_usd(user.spend)}
+
+
 class TeamService:
     def __init__(self, state: LLMAuthState) -> None:
         self.state = state
@@ -121,9 +129,17 @@ class TeamService:
                 setattr(team, name, value)
         team.updated_at = now
 
-    def _resolve_member(self, member: Mapping[str, Any]) -> str:
-        """A member's ``user_id``; a member given by e-mail only gets a user row if needed."""
+    def _resolve_member(self, member: Mapping[str, Any], may_create: bool = True) -> str:
+        """A member's ``user_id``. Unknown users get a row (role ``internal_user``) when
+        ``may_create`` (a proxy admin is acting); otherwise they are a 404."""
         user_id, email = member.get("user_id"), member.get("user_email")
+        if not may_create:
+            user = (User.get_or_none(User.user_id == user_id) if user_id is not None
+                    else User.get_or_none(User.user_email == email))
+            if user is None:
+                raise NotFound("User not found: only a proxy admin can add a user who does "
+                               "not exist yet.", param="member")
+            return str(user.user_id)
         if user_id is not None:
             if User.get_or_none(User.user_id == user_id) is None:
                 User.create(user_id=user_id, user_email=email, user_role=Role.INTERNAL_USER.value,
@@ -137,8 +153,8 @@ class TeamService:
         return user.user_id
 
     def _add_member(self, team: Team, member: Mapping[str, Any],
-                    max_budget: int | None) -> TeamMembership:
-        user_id = self._resolve_member(member)
+                    max_budget: int | None, may_create: bool = True) -> TeamMembership:
+        user_id = self._resolve_member(member, may_create)
         if self._membership(team.team_id, user_id) is not None:
             raise BadRequest(f"User={user_id} is already a member of team={team.team_id}",
                              param="member")
@@ -187,12 +203,13 @@ class TeamService:
 
     def info(self, actor: Principal, team_id: str) -> dict[str, Any]:
         with self.state.store.use():
-            team = self._get(team_id)
             member = self._membership(team_id, actor.user_id)
+            # Outsiders are refused before the lookup: no oracle for which teams exist.
             if not (actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER or member
                     or actor.team_id == team_id):
                 raise Forbidden(f"You are not a member of team={team_id}.",
                                 reason="other_team_info")
+            team = self._get(team_id)
             members = self._members(team_id)
             keys = Key.select().where(Key.team_id == team_id).order_by(Key.created_at.desc())
             if not (actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER
@@ -235,12 +252,18 @@ class TeamService:
         return info
 
     def delete(self, actor: Principal, team_ids: list[str]) -> dict[str, Any]:
+        """Delete teams (all or none) with their memberships and every key of the team."""
         self._require_admin(actor, "delete teams")
+        if not team_ids:
+            raise BadRequest("Pass at least one team id in `team_ids`.", param="team_ids")
         state = self.state
         with state.store.use() as db, db.atomic():
-            teams = [self._get(team_id) for team_id in team_ids]
-            if not teams:
-                raise NotFound("No teams found.", param="team_ids")
+            teams = []
+            for team_id in dict.fromkeys(team_ids):
+                team = Team.get_or_none(Team.team_id == team_id)
+                if team is None:
+                    raise NotFound(f"Team not found: team_id={team_id}", param="team_ids")
+                teams.append(team)
             deleted_keys: list[str] = []
             for team in teams:
                 deleted_keys += KeyService(state).delete_where(actor, Key.team_id == team.team_id)
@@ -253,6 +276,10 @@ class TeamService:
         return {"deleted_teams": [t.team_id for t in teams], "deleted_keys": deleted_keys}
 
     def list(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
+        privileged = actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER
+        if not privileged and query.get("user_id") not in (None, actor.user_id):
+            raise Forbidden("You can only list your own teams.", param="user_id",
+                            reason="other_users_teams")
         with self.state.store.use():
             select = Team.select().order_by(Team.created_at.desc(), Team.id.desc())
             if not (actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER):
@@ -274,13 +301,18 @@ class TeamService:
         with state.store.use() as db, db.atomic():
             team = self._get(team_id)
             self._require_team_admin(actor, team_id)
-            added = [self._add_member(team, m, params.get("max_budget_in_team")) for m in members]
+            added = [self._add_member(team, m, params.get("max_budget_in_team"),
+                                      may_create=actor.is_admin) for m in members]
             for member in added:
                 write_audit(state.settings.store_audit_logs, actor, "member_added", "team",
                             team_id, after=membership_info(member))
             info = team_info(team, self._members(team_id))
+            users = {u.user_id: u for u in User.select().where(
+                User.user_id.in_([m.user_id for m in added]))}
+            updated_users = [_user_summary(users[m.user_id]) for m in added]
         state.invalidate(f"team:{team_id}", *(f"user:{m.user_id}" for m in added))
-        return {**info, "updated_team_memberships": [membership_info(m) for m in added]}
+        return {**info, "updated_users": updated_users,
+                "updated_team_memberships": [membership_info(m) for m in added]}
 
     def _member_for(self, team_id: str, params: Mapping[str, Any]) -> TeamMembership:
         user_id = params.get("user_id")
@@ -329,5 +361,7 @@ class TeamService:
             info = membership_info(member)
             write_audit(state.settings.store_audit_logs, actor, "member_updated", "team",
                         team_id, before=before, after=info)
+            user = User.get_or_none(User.user_id == member.user_id)
         state.invalidate(f"team:{team_id}", f"user:{member.user_id}")
-        return {"team_id": team_id, "user_id": member.user_id, **info}
+        return {"team_id": team_id, "user_id": member.user_id,
+                "user_email": user.user_email if user is not None else None, **info}

@@ -22,6 +22,7 @@ from .money import to_usd
 from .principal import USER_ROLES, Principal, Role
 from .signals import user_provisioned
 from .store.tables import Key, Team, TeamMembership, User
+from .teams import team_info
 
 if TYPE_CHECKING:
     from .extension import LLMAuthState
@@ -159,8 +160,10 @@ class UserService:
             keys = [key_info(k) for k in Key.select().where(Key.user_id == user_id)
                     .order_by(Key.created_at.desc())]
             teams = self._teams_of(user_id)
+            team_rows = [team_info(t) for t in Team.select().where(Team.team_id.in_(teams))
+                         .order_by(Team.created_at, Team.id)] if teams else []
         return {"user_id": user_id, "user_info": {**user_info(user), "teams": teams},
-                "keys": keys, "teams": teams}
+                "keys": keys, "teams": team_rows}
 
     def update(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Change a user. An admin names the user by ``user_id`` (or, without one, by
@@ -207,12 +210,18 @@ class UserService:
                              param="user_email", reason="email_in_use")
 
     def delete(self, actor: Principal, user_ids: list[str]) -> dict[str, Any]:
+        """Delete users (all or none) with their memberships and every key they own."""
         self._require_admin(actor, "delete users")
+        if not user_ids:
+            raise BadRequest("Pass at least one user id in `user_ids`.", param="user_ids")
         state = self.state
         with state.store.use() as db, db.atomic():
-            users = [self._get(user_id) for user_id in user_ids]
-            if not users:
-                raise NotFound("No users found.", param="user_ids")
+            users = []
+            for user_id in dict.fromkeys(user_ids):
+                user = User.get_or_none(User.user_id == user_id)
+                if user is None:
+                    raise NotFound(f"User not found: user_id={user_id}", param="user_ids")
+                users.append(user)
             deleted_keys: list[str] = []
             for user in users:
                 deleted_keys += KeyService(state).delete_where(actor, Key.user_id == user.user_id)

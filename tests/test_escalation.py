@@ -18,6 +18,8 @@ from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_models_access import CONFIG, UNIVERSE, allowed
 
 CHAT = "/v1/chat/completions"
+#: Rule and validation tests need no second database; storage-heavy ones run on both.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 def admin(client: Any, path: str, **body: Any) -> dict[str, Any]:
@@ -59,6 +61,7 @@ def alice(client: Any) -> dict[str, Any]:
 # -- whose keys ---------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_non_admin_creates_keys_only_for_itself(client: Any, app: Any, alice: Any) -> None:
     before = snapshot(app)
     error = assert_error(as_key(client, alice["key"], "/key/generate", user_id="bob"), 403)
@@ -85,6 +88,7 @@ def test_non_admin_cannot_reassign_a_key(client: Any, app: Any, alice: Any) -> N
     assert response.status_code == 200 and response.get_json()["user_id"] == "alice"
 
 
+@SQLITE_ONLY
 def test_viewers_cannot_create_keys(client: Any, app: Any) -> None:
     for role in ("internal_user_viewer", "proxy_admin_viewer"):
         make_user(client, f"v-{role}", role)
@@ -98,6 +102,7 @@ def test_viewers_cannot_create_keys(client: Any, app: Any) -> None:
 # -- models ---------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_key_models_never_exceed_the_creators(client: Any, app: Any, alice: Any) -> None:
     parent = admin_key(client, user_id="alice", models=["gpt-4o", "gpt-4o-mini"])["key"]
     before = snapshot(app)
@@ -121,6 +126,7 @@ def test_key_models_never_exceed_the_creators(client: Any, app: Any, alice: Any)
     record_secret(ok.get_json()["key"])
 
 
+@SQLITE_ONLY
 def test_key_update_cannot_widen_models(client: Any, app: Any, alice: Any) -> None:
     parent = admin_key(client, user_id="alice", models=["gpt-4o", "gpt-4o-mini"])
     before = snapshot(app)
@@ -187,6 +193,7 @@ def test_property_granted_models_are_within_the_creators(app_factory: Any) -> No
 # -- routes ---------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_routes_and_key_types_stay_within_the_creators_role(client: Any, app: Any,
                                                             alice: Any) -> None:
     before = snapshot(app)
@@ -205,6 +212,7 @@ def test_routes_and_key_types_stay_within_the_creators_role(client: Any, app: An
         record_secret(response.get_json()["key"])
 
 
+@SQLITE_ONLY
 def test_a_route_limited_key_creates_only_route_limited_keys(client: Any, alice: Any) -> None:
     parent = admin_key(client, user_id="alice",
                        allowed_routes=["/key/generate", "llm_api_routes"])["key"]
@@ -224,6 +232,7 @@ def test_a_route_limited_key_creates_only_route_limited_keys(client: Any, alice:
 # -- spend, blocking, limits, expiry, IPs ------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_non_admin_cannot_set_spend_or_unblock(client: Any, app: Any, alice: Any) -> None:
     blocked = admin_key(client, user_id="alice")
     admin(client, "/key/block", key=blocked["key_id"])
@@ -242,6 +251,7 @@ def test_non_admin_cannot_set_spend_or_unblock(client: Any, app: Any, alice: Any
     assert_error(as_key(client, blocked["key"], CHAT, model="m"), 401)
 
 
+@SQLITE_ONLY
 def test_budget_limits_ips_and_expiry_never_exceed_the_creators(client: Any, app: Any) -> None:
     make_user(client, "erin")
     parent = admin_key(client, user_id="erin", max_budget=10, rpm_limit=5, tpm_limit=100,
@@ -363,6 +373,7 @@ def test_team_admin_manages_the_teams_keys(client: Any, app: Any, team: Any) -> 
     assert_error(as_key(client, team["alice"], "/key/update", key=carol_key, key_alias="x"), 403)
 
 
+@SQLITE_ONLY
 def test_plain_members_follow_team_member_permissions(client: Any, app: Any, team: Any) -> None:
     bobs_team_key = admin_key(client, user_id="bob", team_id="t1")
     alices_team_key = admin_key(client, user_id="alice", team_id="t1")
@@ -392,6 +403,7 @@ def test_plain_members_follow_team_member_permissions(client: Any, app: Any, tea
     assert_error(as_key(client, team["bob"], "/key/delete", keys=[bobs_team_key["key_id"]]), 403)
 
 
+@SQLITE_ONLY
 def test_outsiders_get_nothing_from_a_team(client: Any, team: Any) -> None:
     team_key = admin_key(client, user_id="bob", team_id="t1")["key_id"]
     assert_error(client.get("/key/info", query_string={"key": team_key},
@@ -405,6 +417,7 @@ def test_outsiders_get_nothing_from_a_team(client: Any, team: Any) -> None:
     assert_error(as_key(client, team["alice"], "/team/update", team_id="t1", max_budget=1e6), 403)
 
 
+@SQLITE_ONLY
 def test_team_models_bound_team_keys_made_by_team_admins(client: Any, team: Any) -> None:
     admin(client, "/team/update", team_id="t1", models=["gpt-4o"])
     admin(client, "/team/member_update", team_id="t1", user_id="alice", allowed_models=["gpt-4o"])
