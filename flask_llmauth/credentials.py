@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from flask import Request
 
@@ -32,6 +33,13 @@ class Credentials:
 NO_CREDENTIALS = Credentials(None)
 
 
+@lru_cache(maxsize=64)
+def _environ_key(name: str) -> str:
+    """The WSGI environ key of a request header, as Werkzeug's ``EnvironHeaders`` maps it."""
+    key = name.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
+
+
 def _strip_bearer(value: str) -> str | None:
     scheme, _, rest = value.strip().partition(" ")
     if scheme.lower() == "bearer":
@@ -59,11 +67,13 @@ def read_credentials(
 
     A value longer than ``max_length`` is refused before it is parsed, hashed or logged.
     """
-    headers = request.headers
+    environ = request.environ
     raw_limit = max_length + _SCHEME_ALLOWANCE
 
     def header(name: str) -> str | None:
-        value = headers.get(name)
+        # What ``request.headers.get(name)`` returns, read from the environ directly (the
+        # headers object raises and catches a KeyError for every absent header).
+        value = environ.get(_environ_key(name))
         if value and len(value) > raw_limit:
             raise Unauthenticated(reason="credential_too_long")
         return value or None

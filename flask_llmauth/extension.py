@@ -173,39 +173,47 @@ class LLMAuthState:
     # -- the request hook -----------------------------------------------------------------------
 
     def before_request(self) -> Response | None:
-        rule = request.url_rule
+        # The real request and ``g`` are fetched once: every attribute read through Flask's
+        # context proxies costs a failed lookup first, and the hot path does dozens.
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
-        info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
-        try:
-            self.policy.gate(info, request)
-        except LLMAuthError as error:
-            self._log_failure(error, info.route, None)
-            return self.ext._error_callback(error)
+        info = self.routes.cached(rule)
+        if info is None:
+            info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
+        if self.policy.gated:
+            try:
+                self.policy.gate(info, req)
+            except LLMAuthError as error:
+                self._log_failure(error, info.route, None)
+                return self.ext._error_callback(error)
         if info.public:
             return None
-        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+        if req.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None
         self.background.ensure_started()
         settings = self.settings
         if info.endpoint in self.api_endpoints:
-            limit = request.max_content_length
+            limit = req.max_content_length
             if limit is None or limit > settings.max_api_body_size:
-                request.max_content_length = settings.max_api_body_size
+                req.max_content_length = settings.max_api_body_size
         credentials = None
+        g_ = g._get_current_object()  # type: ignore[attr-defined]
         try:
-            if self.auth_failures is not None:  # before the credential is looked at
-                self.auth_failures.check(client_ip(request, settings.trusted_proxy_ranges))
+            auth_failures = self.auth_failures
+            if auth_failures is not None and auth_failures.blocking:  # before the credential
+                auth_failures.check(client_ip(req, settings.trusted_proxy_ranges))
             credentials = read_credentials(
-                request, max_length=settings.max_credential_length,
+                req, max_length=settings.max_credential_length,
                 custom_header=settings.key_header_name,
                 query_key_allowed=info.query_key_allowed,
             )
-            principal = self.chain.authenticate(AuthContext(request, credentials, info))
-            model = self.policy.authorize(principal, info, request)
-            g._llmauth_principal = principal
+            principal = self.chain.authenticate(AuthContext(req, credentials, info))
+            model = self.policy.authorize(principal, info, req)
+            g_._llmauth_principal = principal
             if self.guards.guards:
-                g._llmauth_admission = self.guards.admit(principal, info, model, _json_body)
+                g_._llmauth_admission = self.guards.admit(principal, info, model, _json_body)
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
@@ -214,7 +222,7 @@ class LLMAuthState:
         except Exception as exc:  # a bug must deny, never grant and never answer 500
             log.error("llmauth: authorization failed unexpectedly on %s: %s", info.route,
                       type(exc).__name__)
-            g.pop("_llmauth_principal", None)
+            g_.pop("_llmauth_principal", None)
             error = Forbidden(reason="policy_error")
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
@@ -223,13 +231,13 @@ class LLMAuthState:
         return None
 
     def after_request(self, response: Response) -> Response:
-        admission = g.get("_llmauth_admission")
+        admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
         if admission is not None:
             response = self.guards.finish(admission, response)
         return response
 
     def teardown_request(self, exc: BaseException | None) -> None:
-        admission = g.get("_llmauth_admission")
+        admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
         if admission is not None:
             self.guards.teardown(admission)
 

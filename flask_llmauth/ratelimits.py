@@ -23,6 +23,7 @@ count to every tpm window — fixed windows keep an overshoot, so the next reque
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -111,8 +112,58 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
         in_memory_fallback_enabled=mode == "memory",
     )
     limiter.init_app(app)
+    _run_hooks_only_with_limits(app, limiter)
     app.register_error_handler(StorageError, _storage_error)
     return limiter
+
+
+def _limits_declared(limiter: Limiter) -> bool:
+    """Whether the host has declared any Flask-Limiter limit (default, application, meta,
+    blueprint or decorated). Unknown internals (another Flask-Limiter version) count as yes."""
+    try:
+        manager = limiter.limit_manager
+        return bool(manager._application_limits or manager._default_limits
+                    or manager._blueprint_limits or manager._decorated_limits
+                    or limiter._meta_limits)
+    except AttributeError:
+        return True
+
+
+def _run_hooks_only_with_limits(app: Flask, limiter: Limiter) -> None:
+    """Flask-Limiter runs three request hooks whether or not any limit is declared; without
+    one they do nothing, yet cost about as much as authenticating the request. Each hook it
+    registered is wrapped to run only once the host has declared a limit (checked per
+    request, so a limit declared later takes effect at once). The extension's own limits
+    drive the storage directly and never needed these hooks."""
+
+    def owned(hook: Any) -> bool:
+        bound = getattr(hook, "__self__", None)
+        args = getattr(hook, "args", ())
+        return bound is limiter or (bool(args) and args[0] is limiter)
+
+    def before(hook: Any) -> Any:
+        @functools.wraps(hook)
+        def run() -> Any:
+            return hook() if _limits_declared(limiter) else None
+        return run
+
+    def after(hook: Any) -> Any:
+        @functools.wraps(hook)
+        def run(response: Any) -> Any:
+            return hook(response) if _limits_declared(limiter) else response
+        return run
+
+    def teardown(hook: Any) -> Any:
+        @functools.wraps(hook)
+        def run(exc: BaseException | None) -> None:
+            if _limits_declared(limiter):
+                hook(exc)
+        return run
+
+    for funcs, wrap in ((app.before_request_funcs, before), (app.after_request_funcs, after),
+                        (app.teardown_request_funcs, teardown)):
+        hooks = funcs.get(None, [])
+        funcs[None] = [wrap(h) if owned(h) else h for h in hooks]
 
 
 def _storage_error(error: StorageError) -> Any:
@@ -703,6 +754,11 @@ class AuthFailureLimiter:
         self._fallback: Counters | None = None
         self._blocked: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @property
+    def blocking(self) -> bool:
+        """Whether any address is blocked now (else :meth:`check` has nothing to do)."""
+        return bool(self._blocked)
 
     def check(self, ip: str | None) -> None:
         """Raise 429 if ``ip`` is blocked (call before reading the credential)."""

@@ -77,6 +77,8 @@ class Policy:
         self._key_routes: dict[tuple[tuple[str, ...], str, frozenset[str]], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
         self._exposed: dict[str, bool] = {}
+        #: Whether :meth:`gate` has anything to check (settings do not change after start).
+        self.gated = settings.allowed_ips is not None or bool(self.allowed_routes)
 
     # -- entry point ----------------------------------------------------------------------------
 

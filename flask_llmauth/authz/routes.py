@@ -288,6 +288,11 @@ class RouteTable:
         self.exempt_blueprints = exempt_blueprints
         self._infos: dict[int, tuple[Rule, RouteInfo]] = {}
 
+    def cached(self, rule: Rule) -> RouteInfo | None:
+        """The classification of ``rule`` if it was already made (the per-request path)."""
+        cached = self._infos.get(id(rule))
+        return cached[1] if cached is not None and cached[0] is rule else None
+
     def info(self, rule: Rule, view: Any) -> RouteInfo:
         cached = self._infos.get(id(rule))
         if cached is not None and cached[0] is rule:

@@ -1,0 +1,76 @@
+"""What the per-request path skips when nothing is configured, and that it still does the work
+once something is (the cost itself is measured by bench/run.py, never asserted here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Blueprint, jsonify
+from flask_limiter import Limiter
+
+from tests.helpers import ADMIN, bearer, new_key
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "gpt-4o", "messages": []}
+
+
+@pytest.fixture
+def limiter_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every run of Flask-Limiter's own before-request check, by endpoint."""
+    calls: list[str] = []
+    original = Limiter._check_request_limit
+
+    def counting(self: Limiter, *args: Any, **kwargs: Any) -> Any:
+        from flask import request
+        calls.append(request.endpoint or "")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Limiter, "_check_request_limit", counting)
+    return calls
+
+
+def test_flask_limiter_hooks_idle_until_a_limit_is_declared(app_factory: Any,
+                                                            limiter_checks: list[str]) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"})
+    blueprint = Blueprint("host", __name__)
+
+    @blueprint.get("/host/ping")
+    def ping() -> Any:
+        return jsonify(pong=True)
+
+    app.register_blueprint(blueprint)
+    client = app.test_client()
+    key = new_key(client, rpm_limit=2)["key"]
+    # the extension's own limits work without Flask-Limiter's middleware
+    assert [client.post(CHAT, json=BODY, headers=bearer(key)).status_code
+            for _ in range(3)] == [200, 200, 429]
+    assert [client.get("/host/ping", headers=ADMIN).status_code for _ in range(3)] == [200] * 3
+    assert limiter_checks == []
+
+    # a limit declared later (checked by the middleware) takes effect on the next request
+    app.extensions["llmauth"].limiter.limit("1/minute")(blueprint)
+    assert [client.get("/host/ping", headers=ADMIN).status_code for _ in range(2)] == [200, 429]
+    assert "host.ping" in limiter_checks
+
+
+def test_default_limits_from_config_still_apply(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://",
+                       "RATELIMIT_DEFAULT": "2/minute"})
+    client = app.test_client()
+    assert [client.get("/v1/models", headers=ADMIN).status_code
+            for _ in range(3)] == [200, 200, 429]
+
+
+def test_failed_auth_block_is_checked_before_the_credential(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://",
+                       "LLMAUTH_AUTH_FAILURE_LIMIT": "2/minute"})
+    client = app.test_client()
+    failures = app.extensions["llmauth"].auth_failures
+    assert not failures.blocking
+    bad = bearer("sk-" + "b" * 43)
+    statuses = [client.post(CHAT, json=BODY, headers=bad).status_code for _ in range(3)]
+    assert statuses == [401, 401, 429]
+    assert failures.blocking
+    # blocked before the credential is read: even the master key is refused from that IP
+    assert client.post(CHAT, json=BODY, headers=ADMIN).status_code == 429
