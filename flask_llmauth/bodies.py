@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import BadRequest
 
@@ -38,8 +39,14 @@ def get_json(request: Request, *, force: bool = False) -> Any:
 def require_json_object(request: Request) -> Any:
     """The body of a JSON API call: ``{}`` when empty; 400 for a wrong content type,
     invalid JSON or a JSON value that is not an object."""
-    if not request.get_data(cache=True):
+    data = request.get_data(cache=True)
+    if not data:
         return {}
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(data) >= limit:
+        # A chunked body is cut at the limit by Werkzeug, silently: refuse it as too large
+        # rather than parse a truncated document.
+        raise RequestEntityTooLarge()
     mimetype = request.mimetype
     if mimetype and not is_json_mimetype(mimetype):
         raise BadRequest("Content-Type must be application/json.", reason="bad_content_type")

@@ -155,7 +155,7 @@ def json_object(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("must be an object")
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)  # NaN/Infinity are not JSON
     except (TypeError, ValueError):
         raise ValueError("must be JSON-serialisable") from None
     if len(text) > _MAX_JSON_TEXT:
