@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from flask import Request
 
@@ -18,9 +18,12 @@ MALFORMED_AUTHORIZATION = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """The credential a request presents (``token`` is ``None`` when it presents none)."""
+class Credentials(NamedTuple):
+    """The credential a request presents (``token`` is ``None`` when it presents none).
+
+    Immutable; a named tuple because one is built per request and that is the cheapest
+    immutable record Python has.
+    """
 
     token: str | None
     source: str | None = None

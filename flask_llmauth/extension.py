@@ -138,6 +138,8 @@ class LLMAuthState:
         self.guards = Guards()
         #: Set by :func:`flask_llmauth.ratelimits.install` in ``init_app``.
         self.limiter: Any = None
+        #: Flask-Limiter's request hooks, run from this state's hooks (see ratelimits).
+        self.host_limit_hooks: Any = None
         self.ratelimits: Any = None
         self.auth_failures: Any = None
         self.background = Background()
@@ -173,6 +175,13 @@ class LLMAuthState:
     # -- the request hook -----------------------------------------------------------------------
 
     def before_request(self) -> Response | None:
+        response = self._before_request()
+        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran after this hook
+        if response is None and hooks is not None and hooks.active:
+            hooks.before()
+        return response
+
+    def _before_request(self) -> Response | None:
         # The real request and ``g`` are fetched once: every attribute read through Flask's
         # context proxies costs a failed lookup first, and the hot path does dozens.
         req = request._get_current_object()  # type: ignore[attr-defined]
@@ -231,12 +240,18 @@ class LLMAuthState:
         return None
 
     def after_request(self, response: Response) -> Response:
+        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran before this hook
+        if hooks is not None and hooks.active:
+            response = hooks.after(response)
         admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
         if admission is not None:
             response = self.guards.finish(admission, response)
         return response
 
     def teardown_request(self, exc: BaseException | None) -> None:
+        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran before this hook
+        if hooks is not None and hooks.active:
+            hooks.teardown(exc)
         admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
         if admission is not None:
             self.guards.teardown(admission)

@@ -23,7 +23,6 @@ count to every tpm window — fixed windows keep an overshoot, so the next reque
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
@@ -112,7 +111,6 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
         in_memory_fallback_enabled=mode == "memory",
     )
     limiter.init_app(app)
-    _run_hooks_only_with_limits(app, limiter)
     app.register_error_handler(StorageError, _storage_error)
     return limiter
 
@@ -129,41 +127,46 @@ def _limits_declared(limiter: Limiter) -> bool:
         return True
 
 
-def _run_hooks_only_with_limits(app: Flask, limiter: Limiter) -> None:
-    """Flask-Limiter runs three request hooks whether or not any limit is declared; without
-    one they do nothing, yet cost about as much as authenticating the request. Each hook it
-    registered is wrapped to run only once the host has declared a limit (checked per
-    request, so a limit declared later takes effect at once). The extension's own limits
-    drive the storage directly and never needed these hooks."""
+class HostLimitHooks:
+    """Flask-Limiter's three request hooks, taken off the app and run by the extension's own
+    hooks, at the same points, only once the host has declared a limit.
 
-    def owned(hook: Any) -> bool:
-        bound = getattr(hook, "__self__", None)
-        args = getattr(hook, "args", ())
-        return bound is limiter or (bool(args) and args[0] is limiter)
+    Without a declared limit they do nothing, yet they cost about as much as authenticating
+    the request, and even an idle Flask hook costs a call. Whether a limit is declared is
+    checked per request, so a limit declared later applies at once. The extension's own limits
+    drive the storage directly and never needed these hooks.
+    """
 
-    def before(hook: Any) -> Any:
-        @functools.wraps(hook)
-        def run() -> Any:
-            return hook() if _limits_declared(limiter) else None
-        return run
+    def __init__(self, limiter: Limiter, before: Any, after: Any, teardown: Any) -> None:
+        self.limiter = limiter
+        self.before = before
+        self.after = after
+        self.teardown = teardown
 
-    def after(hook: Any) -> Any:
-        @functools.wraps(hook)
-        def run(response: Any) -> Any:
-            return hook(response) if _limits_declared(limiter) else response
-        return run
+    @property
+    def active(self) -> bool:
+        return _limits_declared(self.limiter)
 
-    def teardown(hook: Any) -> Any:
-        @functools.wraps(hook)
-        def run(exc: BaseException | None) -> None:
-            if _limits_declared(limiter):
-                hook(exc)
-        return run
+    @classmethod
+    def take(cls, app: Flask, limiter: Limiter) -> HostLimitHooks | None:
+        """Remove the limiter's hooks from ``app``; ``None`` (hooks left alone) unless all
+        three are found."""
 
-    for funcs, wrap in ((app.before_request_funcs, before), (app.after_request_funcs, after),
-                        (app.teardown_request_funcs, teardown)):
-        hooks = funcs.get(None, [])
-        funcs[None] = [wrap(h) if owned(h) else h for h in hooks]
+        def owned(hook: Any) -> bool:
+            bound = getattr(hook, "__self__", None)
+            args = getattr(hook, "args", ())
+            return bound is limiter or (bool(args) and args[0] is limiter)
+
+        found = []
+        for funcs in (app.before_request_funcs, app.after_request_funcs,
+                      app.teardown_request_funcs):
+            hooks = [h for h in funcs.get(None, []) if owned(h)]
+            if len(hooks) != 1:
+                return None
+            found.append((funcs, hooks[0]))
+        for funcs, hook in found:
+            funcs[None].remove(hook)
+        return cls(limiter, *(hook for _, hook in found))
 
 
 def _storage_error(error: StorageError) -> Any:
@@ -834,6 +837,7 @@ def install(state: Any, app: Flask) -> None:
     if not limiter.enabled:  # RATELIMIT_ENABLED=False in the app config
         return
     state.limiter = limiter
+    state.host_limit_hooks = HostLimitHooks.take(app, limiter)
     state.ratelimits = RateLimits(settings, limiter, state.models.names_for)
     state.guards.add(state.ratelimits)
     if settings.auth_failure_limit:

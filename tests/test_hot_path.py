@@ -74,3 +74,30 @@ def test_failed_auth_block_is_checked_before_the_credential(app_factory: Any) ->
     assert failures.blocking
     # blocked before the credential is read: even the master key is refused from that IP
     assert client.post(CHAT, json=BODY, headers=ADMIN).status_code == 429
+
+
+def test_key_digest_is_hmac_sha256_under_the_derived_secret() -> None:
+    import hmac
+    import secrets
+
+    from flask_llmauth.crypto import KeyDigester, derive_secret
+
+    for length in (32, 45, 64, 90):
+        server_secret = secrets.token_urlsafe(length)
+        digester = KeyDigester(server_secret)
+        secret = derive_secret(server_secret, "virtual-key-digest")
+        for key in ("sk-" + secrets.token_urlsafe(32), "", "sk-é\udc80", "x" * 5000):
+            expected = hmac.digest(secret, key.encode("utf-8", "surrogatepass"), "sha256").hex()
+            assert digester.digest(key) == expected
+
+
+def test_looked_up_records_never_share_mutable_values(app: Any) -> None:
+    client = app.test_client()
+    created = new_key(client)  # models, aliases, metadata... all empty
+    store = app.extensions["llmauth"].store
+    first, second = store.key_by_id(created["key_id"]), store.key_by_id(created["key_id"])
+    assert first is not None and second is not None
+    assert first.key.models == [] and first.key.metadata == {}
+    assert first.key.models is not second.key.models
+    assert first.key.metadata is not second.key.metadata
+    assert first.key.aliases is not second.key.aliases

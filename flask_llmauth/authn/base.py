@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from flask import Request
 
@@ -24,9 +23,8 @@ from ..principal import Principal, Role
 log = logging.getLogger("flask_llmauth")
 
 
-@dataclass(frozen=True, slots=True)
-class AuthContext:
-    """What an authenticator may look at."""
+class AuthContext(NamedTuple):
+    """What an authenticator may look at (immutable; one per request)."""
 
     request: Request
     credentials: Credentials

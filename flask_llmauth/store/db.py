@@ -9,6 +9,7 @@ a Peewee query costs about ten times more than running it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,8 +24,8 @@ from playhouse.migrations import Runner
 from playhouse.pool import PooledDatabase
 
 from ..errors import ServiceUnavailable
-from .records import KeyRecord, MembershipRecord, TeamRecord, UserRecord, from_values
-from .tables import ALL_TABLES, Key, KeyGrace, Team, TeamMembership, User
+from .records import KeyRecord, MembershipRecord, TeamRecord, UserRecord
+from .tables import ALL_TABLES, JSONText, Key, KeyGrace, Team, TeamMembership, User
 
 log = logging.getLogger("flask_llmauth")
 
@@ -64,6 +65,23 @@ def _missing_table(exc: peewee.ProgrammingError) -> bool:
     return False
 
 
+def _converter(field: peewee.Field) -> Any:
+    """The field's ``python_value``; for JSON columns with a fast path for the empty values
+    most rows hold (a fresh object each time: records never share a mutable value)."""
+    convert = field.python_value
+    if not isinstance(field, JSONText):
+        return convert
+
+    def json_value(value: Any) -> Any:
+        if value == "[]":
+            return []
+        if value == "{}":
+            return {}
+        return convert(value)
+
+    return json_value
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRow:
     """What one key lookup returns: the key with its team, user and team membership."""
@@ -85,6 +103,18 @@ class Store:
         self._parts = [(Key, KeyRecord, "k"), (Team, TeamRecord, "t"), (User, UserRecord, "u"),
                        (TeamMembership, MembershipRecord, "m")]
         self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
+        #: Per joined table: (record type, index of its first column, then the row index,
+        #: field name and converter of each column the record has), so turning a row into
+        #: records does no lookups. Columns a record lacks are skipped (as ``from_values``).
+        self._readers: list[tuple[Any, int, tuple[tuple[int, str, Any], ...]]] = []
+        offset = 0
+        for table, record_type, _ in self._parts:
+            fields = table._meta.sorted_fields
+            wanted = {f.name for f in dataclasses.fields(record_type)}
+            columns = tuple((offset + i, f.name, _converter(f)) for i, f in enumerate(fields)
+                            if f.name in wanted)
+            self._readers.append((record_type, offset, columns))
+            offset += len(fields)
         p = self.db.param
         # Identifiers are constants and the value is a bound parameter.
         self._grace_sql = (
@@ -178,16 +208,12 @@ class Store:
         if row is None:
             return None
         records: list[Any] = []
-        offset = 0
-        for table, record_type, _ in self._parts:
-            fields = table._meta.sorted_fields
-            values = row[offset: offset + len(fields)]
-            offset += len(fields)
-            if values[0] is None:
+        for record_type, start, columns in self._readers:
+            if row[start] is None:  # no team / user / membership row
                 records.append(None)
                 continue
-            records.append(from_values(record_type, {
-                f.name: f.python_value(v) for f, v in zip(fields, values, strict=True)
+            records.append(record_type(**{
+                name: convert(row[index]) for index, name, convert in columns
             }))
         return KeyRow(*records)
 
