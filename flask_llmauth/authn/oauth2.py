@@ -17,7 +17,8 @@ defaults ``sub``, ``role``, ``team_id``). A role that is not a LiteLLM role is a
 for a key (stored user's role, else ``internal_user``/``team``). ``exp`` in the past is a 401.
 
 Results are cached by ``sha256(full token)`` (never a prefix) until ``min(exp, ttl)``, so a
-cached token costs no network round-trip; an inactive or refused token is remembered for
+cached token costs no network round-trip (the built principal is kept too, and dropped when
+its user or team changes, like a key's); an inactive or refused token is remembered for
 ``LLMAUTH_NEGATIVE_CACHE_TTL``. A revoked token therefore keeps working until its cache
 entry ends (``LLMAUTH_OAUTH2_CACHE_TTL``; 0 turns the cache off).
 
@@ -153,6 +154,7 @@ class OAuth2Authenticator:
         endpoint: str,
         introspection: bool,
         cache: TTLCache[TokenInfo],
+        principals: TTLCache[tuple[Principal, float]],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identities = identities
@@ -170,6 +172,8 @@ class OAuth2Authenticator:
         self.negative_ttl = settings.negative_cache_ttl
         self.timeout = settings.oauth2_timeout
         self.cache = cache
+        #: Built principals (records included), dropped with their user/team tags like keys.
+        self.principals = principals
         self.clock = clock
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy or netrc from the environment
@@ -187,20 +191,32 @@ class OAuth2Authenticator:
         if self.master_key and constant_time_equals(token, self.master_key):
             return None
         digest = hashlib.sha256(token.encode()).hexdigest()
-        info = self.cache.get(digest)
         now = self.clock()
+        cached = self.principals.get(digest)
+        if cached is not None:
+            principal, exp = cached
+            if exp > now:
+                return principal
+        generation = self.principals.generation
+        info = self.cache.get(digest)
         if info is None:
             info = self.lookup(token, digest, now)
         if info.refusal is not None:
             raise Unauthenticated(reason=info.refusal)
         if info.exp <= now:
             self.cache.discard(digest)
+            self.principals.discard(digest)
             raise Unauthenticated(reason="oauth2_token_expired")
-        return build_principal(
+        principal = build_principal(
             self.identities, self.name, role=info.role, user_id=info.user_id,
             team_id=info.team_id, user_email=info.user_email, scopes=info.scopes,
             claims=info.claims,
         )
+        tags = [f"user:{info.user_id}"] if info.user_id else []
+        tags += [f"team:{info.team_id}"] if info.team_id else []
+        self.principals.set(digest, (principal, info.exp), min(self.ttl, info.exp - now), tags,
+                            generation=generation)
+        return principal
 
     # -- the cold path --------------------------------------------------------------------------
 
@@ -339,7 +355,9 @@ def oauth2_factory(state: LLMAuthState, ext: LLMAuth) -> OAuth2Authenticator | N
         raise ConfigurationError(
             "LLMAUTH_OAUTH2_CLIENT_ID: introspection needs LLMAUTH_OAUTH2_CLIENT_ID and "
             "LLMAUTH_OAUTH2_CLIENT_SECRET (HTTP Basic client authentication)")
+    principals: TTLCache[tuple[Principal, float]] = TTLCache(settings.cache_max_size)
+    state.invalidate.caches.append(principals)  # user/team changes drop cached principals
     return OAuth2Authenticator(
         state.identities, settings, endpoint=url, introspection=mode == "introspection",
-        cache=TTLCache(settings.cache_max_size),
+        cache=TTLCache(settings.cache_max_size), principals=principals,
     )

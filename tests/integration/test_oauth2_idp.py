@@ -196,6 +196,16 @@ def test_introspected_principal_goes_through_the_same_authorization(app_factory:
     viewer = opaque(idp, user_id="u-viewer", role="proxy_admin_viewer")
     assert_error(chat(client, viewer), 403)
     assert_error(chat(client, opaque(idp, user_id="u-x", team_id="team-off")), 401)
+    # a cached principal follows changes to its team at once, like a key
+    assert client.post("/team/update", json={"team_id": "team-4o", "models": ["gpt-4o-mini"]},
+                       headers=ADMIN).status_code == 200
+    assert_error(chat(client, member), 403)
+    assert chat(client, member, "gpt-4o-mini").status_code == 200
+    assert client.post("/team/block", json={"team_id": "team-4o"}, headers=ADMIN).status_code == 200
+    assert_error(chat(client, member), 401)
+    assert client.post("/team/unblock", json={"team_id": "team-4o"},
+                       headers=ADMIN).status_code == 200
+    assert chat(client, member, "gpt-4o-mini").status_code == 200
 
 
 # -- token-info ------------------------------------------------------------------------------
