@@ -46,8 +46,11 @@ def chat(client: Any, token: str = TOKEN) -> Any:
 @pytest.mark.parametrize("config, message", [
     ({"oauth2_token_info_endpoint": None},
      "LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT: required"),
-    ({"oauth2_token_info_endpoint": "http://idp.example/introspect"}, "must use https"),
+    ({"oauth2_token_info_endpoint": "http://idp.example/introspect"},
+     "must use https.*LLMAUTH_OAUTH2_ALLOW_INSECURE_HTTP"),
     ({"oauth2_token_info_endpoint": "https://u:p@idp.example/introspect"}, "credentials in"),
+    ({"oauth2_token_info_endpoint": "https://10.0.0.1:8443/introspect",
+      "oauth2_client_secret": None}, "looks like an introspection"),
     ({"oauth2_token_info_endpoint": "ftp://idp.example/x"}, r"must be an http\(s\) URL"),
     ({"oauth2_client_secret": None}, "looks like an introspection endpoint"),
     ({"oauth2_token_info_endpoint": TOKEN_INFO, "oauth2_mode": "introspection",
@@ -149,22 +152,30 @@ def test_cache_is_keyed_by_the_whole_token(app_factory: Any, requests_mock: Any)
 
 
 def test_cache_entry_ends_at_exp(app_factory: Any, requests_mock: Any) -> None:
-    requests_mock.post(ENDPOINT, json={"active": True, "sub": "u", "exp": time.time() + 1})
+    exps: list[float] = []
+
+    def answer(request: Any, context: Any) -> dict[str, Any]:
+        if not exps:  # the token's exp, fixed when it is first introspected
+            exps.append(time.time() + 2)
+        return {"active": True, "sub": "u", "exp": exps[0]}
+
+    requests_mock.post(ENDPOINT, json=answer)
     client = oauth_app(app_factory, oauth2_cache_ttl=600).test_client()
     assert chat(client).status_code == 200
     assert chat(client).status_code == 200
     assert requests_mock.call_count == 1
-    time.sleep(1.1)
+    time.sleep(max(0.0, exps[0] + 0.1 - time.time()))
     assert_error(chat(client), 401)
 
 
 def test_refusals_are_remembered_briefly(app_factory: Any, requests_mock: Any) -> None:
     requests_mock.post(ENDPOINT, json={"active": False})
-    client = oauth_app(app_factory, negative_cache_ttl=0.5).test_client()
+    client = oauth_app(app_factory, negative_cache_ttl=3).test_client()
     assert_error(chat(client), 401)
+    refused = time.monotonic()
     assert_error(chat(client), 401)
     assert requests_mock.call_count == 1
-    time.sleep(0.6)
+    time.sleep(max(0.0, refused + 3.1 - time.monotonic()))
     requests_mock.post(ENDPOINT, json={"active": True, "sub": "u"})
     assert chat(client).status_code == 200
 

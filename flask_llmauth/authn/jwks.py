@@ -54,9 +54,10 @@ def provider_unavailable(retry_after: float | None = None) -> ServiceUnavailable
     )
 
 
-def check_fetch_url(url: str, *, allow_http: bool, setting: str) -> str:
+def check_fetch_url(url: str, *, allow_http: bool, setting: str,
+                    opt_in: str = "LLMAUTH_JWT_ALLOW_INSECURE_HTTP") -> str:
     """Refuse URLs the server must not fetch: only https, or http to a loopback address
-    (or any http host when ``allow_http``)."""
+    (or any http host when ``allow_http``, the setting named ``opt_in``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{setting}: {url!r} is not an http(s) URL")
@@ -65,7 +66,7 @@ def check_fetch_url(url: str, *, allow_http: bool, setting: str) -> str:
     if parts.scheme == "http" and not allow_http and not is_loopback(parts.hostname):
         raise ConfigurationError(
             f"{setting}: {url!r} must use https (plain http is allowed only to loopback "
-            "addresses, or with LLMAUTH_JWT_ALLOW_INSECURE_HTTP)")
+            f"addresses, or with {opt_in})")
     return url
 
 

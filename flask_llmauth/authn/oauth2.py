@@ -33,7 +33,6 @@ logged.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -41,17 +40,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import requests
 
 from ..cache import TTLCache
 from ..crypto import KEY_PREFIX, constant_time_equals
-from ..errors import ConfigurationError, ServiceUnavailable, Unauthenticated
+from ..errors import ConfigurationError, Unauthenticated
 from ..identities import IdentityLoader
 from ..principal import Principal, Role
 from .base import AuthContext
 from .fields import build_principal, identity_value
+from .jwks import check_fetch_url, provider_unavailable
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -65,37 +64,6 @@ MAX_RESPONSE_BYTES = 256 * 1024
 _INVALID_TOKEN_STATUSES = frozenset({400, 401, 403})
 #: Response members never copied into ``Principal.claims``.
 _SECRET_MEMBERS = frozenset({"access_token", "refresh_token", "id_token", "token"})
-
-
-def provider_unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "Authentication provider unavailable, try again later.",
-        error_type="auth_provider_unavailable", reason="auth_provider_unavailable",
-    )
-
-
-def check_endpoint(url: str, *, allow_http: bool) -> str:
-    """https only, or http to a loopback address (or anywhere with the explicit opt-in)."""
-    key = "LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"{key}: {url!r} is not an http(s) URL")
-    if parts.username or parts.password:
-        raise ConfigurationError(f"{key}: credentials in the URL are not allowed")
-    if parts.scheme == "http" and not allow_http and not _is_loopback(parts.hostname):
-        raise ConfigurationError(
-            f"{key}: {url!r} must use https (plain http only to a loopback address, or with "
-            "LLMAUTH_OAUTH2_ALLOW_INSECURE_HTTP)")
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def dig(data: Mapping[str, Any], path: str) -> Any:
@@ -340,7 +308,9 @@ def oauth2_factory(state: LLMAuthState, ext: LLMAuth) -> OAuth2Authenticator | N
         raise ConfigurationError(
             "LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT: required when OAuth2 auth is enabled "
             "(env OAUTH_TOKEN_INFO_ENDPOINT or general_settings.oauth_token_info_endpoint)")
-    check_endpoint(url, allow_http=settings.oauth2_allow_insecure_http)
+    check_fetch_url(url, allow_http=settings.oauth2_allow_insecure_http,
+                    setting="LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT",
+                    opt_in="LLMAUTH_OAUTH2_ALLOW_INSECURE_HTTP")
     has_client = bool(settings.oauth2_client_id and settings.oauth2_client_secret)
     mode = settings.oauth2_mode
     if mode == "auto":
