@@ -13,7 +13,10 @@ body and answers JSON):
 * ``virtual_key_cached``: the extension, a virtual key found in the in-process cache
   (authenticator chain, RBAC role table, model check against the key's model list);
 * ``virtual_key_cold``: the extension, a virtual key that is *not* in the in-process cache
-  (every request presents a different key), looked up among 1,000,000 keys in SQLite.
+  (every request presents a different key), looked up among 1,000,000 keys in SQLite;
+* ``oauth2_cached``: the extension with OAuth2 introspection on, an opaque token whose
+  introspection result is cached (the loopback endpoint that answers RFC 7662 is asked once,
+  during warm-up; a second call fails the run).
 
 Each is driven two ways: ``wsgi`` calls the WSGI app directly with a prepared environ (the
 app's own cost; what a WSGI server pays on top of its HTTP work) and ``test_client`` goes
@@ -38,8 +41,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
 from io import BytesIO
 from pathlib import Path
@@ -60,10 +65,12 @@ from flask_llmauth import LLMAuth  # noqa: E402
 PATH = "/v1/chat/completions"
 BODY = (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}], '
         b'"max_tokens": 64, "temperature": 0}')
-VARIANTS = ("bare", "master_key", "virtual_key_cached", "virtual_key_cold")
+VARIANTS = ("bare", "master_key", "virtual_key_cached", "virtual_key_cold", "oauth2_cached")
 DRIVERS = ("wsgi", "test_client")
 TARGETS = {"master_key": "≤ 1.03×", "virtual_key_cached": "≤ 1.10×",
-           "virtual_key_cold": "adds ≤ 50 µs"}
+           "virtual_key_cold": "adds ≤ 50 µs", "oauth2_cached": "≤ 1.10×"}
+#: An opaque access token (no dots, no ``sk-``): what the OAuth2 authenticator takes.
+OAUTH2_TOKEN = "bench-opaque-" + "Tq9" * 14
 
 
 # -- the apps -------------------------------------------------------------------------------------
@@ -98,6 +105,59 @@ def auth_app(database: Path, instance: str, extra_config: dict[str, Any] | None 
     return app
 
 
+class IntrospectionEndpoint:
+    """A loopback RFC 7662 endpoint for ``oauth2_cached``; counts the calls it answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                endpoint.calls += 1
+                body = json.dumps({"active": True, "sub": "bench-user", "team_id": "bench-team",
+                                   "scope": "llm", "exp": int(time.time()) + 86400}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/oauth2/introspect"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def oauth2_app(instance: str, endpoint: str, extra_config: dict[str, Any] | None) -> Flask:
+    """The extension with OAuth2 introspection on; the token's team limits its models."""
+    app = auth_app(Path(instance) / "oauth2.db", instance, {
+        **(extra_config or {}),
+        "LLMAUTH_ENABLE_OAUTH2_AUTH": True,
+        "LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT": endpoint,
+        "LLMAUTH_OAUTH2_CLIENT_ID": "bench",
+        "LLMAUTH_OAUTH2_CLIENT_SECRET": "bench-client-secret-" + "s" * 16,
+        "LLMAUTH_OAUTH2_CACHE_TTL": 86400,
+    })
+    response = app.test_client().post(
+        "/team/new", json={"team_id": "bench-team", "models": ["gpt-4o", "gpt-4o-mini"]},
+        headers=bearer(keydb.BENCH_MASTER_KEY))
+    if response.status_code != 200:
+        raise SystemExit(f"could not create the bench team: {response.get_data()!r}")
+    return app
+
+
 def environ(headers: dict[str, str]) -> dict[str, Any]:
     """A WSGI environ for one request (``wsgi.input`` is set per request)."""
     env = EnvironBuilder(path=PATH, method="POST", data=BODY, headers=headers,
@@ -116,20 +176,31 @@ class Workload:
     def __init__(self, database: Path, key_count: int, seed: int = 1,
                  extra_config: dict[str, Any] | None = None) -> None:
         self.instance = tempfile.mkdtemp(prefix="llmauth-bench-")
+        self.introspection = IntrospectionEndpoint()
         self.apps = {"bare": bare_app(),
-                     "auth": auth_app(database, self.instance, extra_config)}
+                     "auth": auth_app(database, self.instance, extra_config),
+                     "oauth2": oauth2_app(self.instance, self.introspection.url, extra_config)}
         self.cached_key = keydb.raw_key(0)
         self.headers = {
             "bare": bearer(self.cached_key),  # carried but ignored: same request bytes
             "master_key": bearer(keydb.BENCH_MASTER_KEY),
             "virtual_key_cached": bearer(self.cached_key),
+            "oauth2_cached": bearer(OAUTH2_TOKEN),
         }
         self._cold = random.Random(seed)
         self._cold_seen: set[int] = {0}
         self.key_count = key_count
 
     def app_for(self, variant: str) -> Flask:
+        if variant == "oauth2_cached":
+            return self.apps["oauth2"]
         return self.apps["bare" if variant == "bare" else "auth"]
+
+    def check_introspection_cached(self) -> None:
+        """The OAuth2 path must have asked its endpoint exactly once (the cache fill)."""
+        if self.introspection.calls != 1:
+            raise SystemExit(f"oauth2_cached: the introspection endpoint answered "
+                             f"{self.introspection.calls} calls, expected 1 (a cache miss)")
 
     def cold_headers(self, count: int) -> list[dict[str, str]]:
         """Headers with ``count`` stored keys never presented before."""
@@ -149,7 +220,9 @@ class Workload:
         return [self.headers[variant]] * count
 
     def close(self) -> None:
-        self.apps["auth"].extensions["llmauth"].close()
+        for name in ("auth", "oauth2"):
+            self.apps[name].extensions["llmauth"].close()
+        self.introspection.close()
         shutil.rmtree(self.instance, ignore_errors=True)
 
 
@@ -315,6 +388,7 @@ def callgrind_child(database: Path, count: int, warmup: int,
             measure(work, "wsgi", variant, warmup)
         for variant in VARIANTS:
             measure(work, "wsgi", variant, count, marker=os.getppid)
+        work.check_introspection_cached()
     finally:
         work.close()
 
@@ -363,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             for driver, variant in order:
                 samples[(driver, variant)].append(measure(work, driver, variant, args.requests))
             print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
+        work.check_introspection_cached()
     finally:
         work.close()
     print(f"load average at end: {load()}")

@@ -45,6 +45,8 @@ def test_key_database_holds_digests_the_extension_finds(bench: ModuleType,
                 assert bench.measure(work, driver, variant, 5) > 0
         principal_cache = work.apps["auth"].extensions["llmauth"].key_cache
         assert len(principal_cache) == 1 + len(bench.DRIVERS) * 5  # cached key + cold ones
+        assert work.introspection.calls == 1  # the OAuth2 token: one fill, then the cache
+        work.check_introspection_cached()
     finally:
         work.close()
 
@@ -57,6 +59,21 @@ def test_a_refused_request_fails_the_run(bench: ModuleType, tmp_path: Path) -> N
     try:
         with pytest.raises(SystemExit, match="not 200"):
             bench.measure(work, "wsgi", "virtual_key_cached", 3)
+    finally:
+        work.close()
+
+
+def test_an_introspection_cache_miss_fails_the_run(bench: ModuleType, tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 50, log=lambda *a: None)
+    work = bench.Workload(path, 50)
+    try:
+        bench.measure(work, "wsgi", "oauth2_cached", 3)
+        work.apps["oauth2"].extensions["llmauth"].authenticators["oauth2"].principals.clear()
+        work.apps["oauth2"].extensions["llmauth"].authenticators["oauth2"].cache.clear()
+        bench.measure(work, "wsgi", "oauth2_cached", 3)
+        with pytest.raises(SystemExit, match="expected 1"):
+            work.check_introspection_cached()
     finally:
         work.close()
 
