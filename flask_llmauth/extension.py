@@ -258,11 +258,20 @@ class LLMAuthState:
 
     def handle_error(self, error: LLMAuthError) -> Response:
         """Error handler for auth errors raised inside views (decorators, services)."""
+        route = self._logged_route()
         if error.status >= 500:
-            log.error("llmauth: %s on %s: %s", error.status, request.path, error.reason)
+            log.error("llmauth: %s on %s: %s", error.status, route, error.reason)
         elif error.status in (401, 403):
-            self._log_failure(error, request.path, None)
+            self._log_failure(error, route, None)
         return self.ext._error_callback(error)
+
+    def _logged_route(self) -> str:
+        """The route as its rule spells it (``/key/{key_id}/regenerate``), never the raw
+        path: LiteLLM's paths may carry a raw key."""
+        rule = request.url_rule
+        if rule is None:
+            return "<unrouted>"
+        return self.routes.info(rule, current_app.view_functions.get(rule.endpoint)).route
 
     def _log_failure(self, error: LLMAuthError, route: str, credentials: Any) -> None:
         hint = ""

@@ -17,7 +17,14 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture
 def app(app_factory: Any, db_url: str) -> Flask:
+    """The commands that write run on SQLite and Postgres."""
     return app_factory(db_url=db_url)
+
+
+@pytest.fixture
+def sqlite_app(app_factory: Any) -> Flask:
+    """Error handling does not depend on the database: SQLite only."""
+    return app_factory()
 
 
 class Terminal:
@@ -158,25 +165,25 @@ def test_create_user_and_team(app: Flask) -> None:
     (("create-user", "dave", "--role", "superuser"), "unknown role 'superuser'"),
     (("create-user", "dave", "--role", "team"), "A user cannot have the role 'team'."),
 ])
-def test_errors_are_clean(app: Flask, args: tuple[str, ...], message: str) -> None:
-    term = Terminal(app)
+def test_errors_are_clean(sqlite_app: Flask, args: tuple[str, ...], message: str) -> None:
+    term = Terminal(sqlite_app)
     error = term.fails(*args)
     assert message in error, error
     assert "sk-not-a-real-key" not in error
 
 
-def test_duplicate_user_and_team_are_clean_errors(app: Flask) -> None:
-    term = Terminal(app)
+def test_duplicate_user_and_team_are_clean_errors(sqlite_app: Flask) -> None:
+    term = Terminal(sqlite_app)
     term("create-user", "erin")
     assert "erin" in term.fails("create-user", "erin")
     term("create-team", "t1")
     assert "t1" in term.fails("create-team", "t1")
 
 
-def test_usage_errors_exit_2_without_a_traceback(app: Flask) -> None:
-    result = Terminal(app)("revoke-key", ok=False)
+def test_usage_errors_exit_2_without_a_traceback(sqlite_app: Flask) -> None:
+    result = Terminal(sqlite_app)("revoke-key", ok=False)
     assert result.exit_code == 2 and "Missing argument" in result.output
-    result = Terminal(app)("create-key", "--max-budget", "lots", ok=False)
+    result = Terminal(sqlite_app)("create-key", "--max-budget", "lots", ok=False)
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 

@@ -205,3 +205,22 @@ def test_database_outage_logs_no_secret(app_factory: Any,
         app.extensions["llmauth"].background.run_all()
     for secret in (key, MASTER_KEY, password):
         assert secret not in caplog.text and secret not in response.get_data(as_text=True)
+
+
+def test_a_raw_key_in_the_path_is_not_logged(app_factory: Any,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """LiteLLM's ``/key/{key}/regenerate`` accepts the raw key in the path; refusals log the
+    route as the rule spells it, never the path."""
+    app = app_factory()
+    client = app.test_client()
+    mine = new_key(client, user_id="alice")["key"]
+    theirs = new_key(client, user_id="bob")["key"]
+    unknown = random_key()
+    with caplog.at_level(logging.DEBUG):
+        assert_error(client.post(f"/key/{theirs}/regenerate", json={},
+                                 headers=bearer(mine)), 403)
+        assert_error(client.post(f"/key/{unknown}/regenerate", json={}, headers=ADMIN), 404)
+        assert_error(client.post(f"/key/{theirs}/regenerate", json={}), 401)
+    assert "/key/{key_id}/regenerate" in caplog.text
+    for secret in (mine, theirs, unknown):
+        assert secret not in caplog.text

@@ -1,0 +1,218 @@
+"""Bad input to the management API: every endpoint answers a clear JSON error with the right
+status (400/401/403/404), never a 500, never a digest or table name."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_llmauth.api import API_ROUTES, BLUEPRINT_NAME
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key, record_secret
+
+DIGEST = re.compile(r"\b[0-9a-f]{64}\b")
+UNKNOWN_ID = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def app(app_factory: Any) -> Flask:
+    return app_factory()
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
+    return app.test_client()
+
+
+def endpoints(app: Flask) -> list[tuple[str, str]]:
+    """(method, path) of every management endpoint, with ``{key}`` filled in."""
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith(BLUEPRINT_NAME + "."):
+            path = rule.rule.replace("<key>", UNKNOWN_ID)
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                out.append((method, path))
+    assert len(out) == len(API_ROUTES)
+    return out
+
+
+def clean(response: Any, status: int) -> dict[str, Any]:
+    error = assert_error(response, status)
+    text = response.get_data(as_text=True)
+    assert "llmauth_" not in text and "Traceback" not in text and not DIGEST.search(text)
+    return error
+
+
+def test_every_post_endpoint_refuses_malformed_bodies(app: Flask, client: Any) -> None:
+    json_headers = {**ADMIN, "Content-Type": "application/json"}
+    for method, path in endpoints(app):
+        if method != "POST":
+            continue
+        for data, headers, message in (
+            ("{not json", json_headers, "Invalid JSON in request body."),
+            ("[1, 2]", json_headers, "Request body must be a JSON object."),
+            ('"text"', json_headers, "Request body must be a JSON object."),
+            ("[" * 50_000, json_headers, "Invalid JSON in request body."),
+            ('{"a": 1}', {**ADMIN, "Content-Type": "text/plain"},
+             "Content-Type must be application/json."),
+            ("a=1", {**ADMIN, "Content-Type": "application/x-www-form-urlencoded"},
+             "Content-Type must be application/json."),
+        ):
+            error = clean(client.post(path, data=data, headers=headers), 400)
+            assert error["message"] == message, (path, data[:20], error)
+        error = clean(client.post(path, json={"no_such_field": 1}, headers=ADMIN), 400)
+        assert error["param"] == "no_such_field" and "Unknown field" in error["message"]
+
+
+def test_every_get_endpoint_refuses_unknown_and_repeated_query_parameters(
+        app: Flask, client: Any) -> None:
+    for method, path in endpoints(app):
+        if method != "GET":
+            continue
+        error = clean(client.get(f"{path}?no_such_param=1", headers=ADMIN), 400)
+        assert error["param"] == "no_such_param", (path, error)
+        error = clean(client.get(f"{path}?user_id=a&user_id=b", headers=ADMIN), 400)
+        assert "more than once" in error["message"], (path, error)
+
+
+def test_every_endpoint_needs_a_credential(app: Flask, client: Any) -> None:
+    bodies = set()
+    for method, path in endpoints(app):
+        response = client.open(path, method=method, json={})
+        error = clean(response, 401)
+        assert error["message"] == "Authentication Error, No api key passed in."
+        response = client.open(path, method=method, json={}, headers=bearer(random_key()))
+        clean(response, 401)
+        bodies.add(response.get_data())
+    assert len(bodies) == 1
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", f"/key/info?key={UNKNOWN_ID}", None),
+    ("POST", "/key/update", {"key": UNKNOWN_ID, "models": []}),
+    ("POST", "/key/delete", {"keys": [UNKNOWN_ID]}),
+    ("POST", "/key/delete", {"key_aliases": ["no-such-alias"]}),
+    ("POST", "/key/block", {"key": UNKNOWN_ID}),
+    ("POST", "/key/unblock", {"key": UNKNOWN_ID}),
+    ("POST", "/key/regenerate", {"key": UNKNOWN_ID}),
+    ("POST", f"/key/{UNKNOWN_ID}/regenerate", {}),
+    ("GET", "/key/info?key=sk-not-a-key-that-exists-0123456789", None),
+    ("GET", "/user/info?user_id=nobody", None),
+    ("POST", "/user/update", {"user_id": "nobody", "max_budget": 1}),
+    ("POST", "/user/delete", {"user_ids": ["nobody"]}),
+    ("GET", "/team/info?team_id=nope", None),
+    ("POST", "/team/update", {"team_id": "nope", "max_budget": 1}),
+    ("POST", "/team/delete", {"team_ids": ["nope"]}),
+    ("POST", "/team/block", {"team_id": "nope"}),
+    ("POST", "/team/unblock", {"team_id": "nope"}),
+    ("POST", "/team/member_add", {"team_id": "nope", "member": {"user_id": "u"}}),
+    ("POST", "/team/member_delete", {"team_id": "nope", "user_id": "u"}),
+    ("POST", "/team/member_update", {"team_id": "nope", "user_id": "u", "role": "admin"}),
+])
+def test_unknown_objects_are_404(client: Any, method: str, path: str, body: Any) -> None:
+    response = client.open(path, method=method, json=body, headers=ADMIN)
+    error = clean(response, 404)
+    assert error["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/user/new", {"user_id": "x", "user_role": "superuser"}, "user_role"),
+    ("/user/new", {"user_id": "x", "user_role": "team"}, "user_role"),
+    ("/user/new", {"user_id": "x", "user_role": "customer"}, "user_role"),
+    ("/user/new", {"user_id": "x", "user_role": None}, "user_role"),
+    ("/team/new", {"team_id": "t", "members_with_roles": [{"user_id": "u", "role": "owner"}]},
+     "members_with_roles"),
+])
+def test_unknown_roles_are_400(client: Any, path: str, body: Any, param: str) -> None:
+    error = clean(client.post(path, json=body, headers=ADMIN), 400)
+    assert error["param"] == param
+
+
+WRONG = [
+    ("max_budget", -1, "must not be negative"),
+    ("max_budget", "ten", "must be a number"),
+    ("max_budget", True, "must be a number"),
+    ("soft_budget", -0.01, "must not be negative"),
+    ("tpm_limit", -1, "must be between 0"),
+    ("tpm_limit", 1.5, "must be an integer"),
+    ("rpm_limit", "fast", "must be an integer"),
+    ("models", "gpt-4o", "must be a list of strings"),
+    ("models", [1, 2], "must be a string"),
+    ("metadata", "x", "must be an object"),
+    ("metadata", {"x": float("inf")}, "must be JSON-serialisable"),
+    ("budget_duration", "30x", "invalid duration"),
+    ("budget_duration", "0d", "greater than zero"),
+    ("budget_duration", "-1d", "invalid duration"),
+    ("budget_duration", 30, "must be a duration string"),
+    ("budget_duration", "99999999d", "invalid duration"),
+]
+
+
+@pytest.mark.parametrize("path,extra", [("/key/generate", {}), ("/user/new", {"user_id": "w"}),
+                                        ("/team/new", {"team_id": "w"})])
+@pytest.mark.parametrize("field,value,message", WRONG, ids=[f"{f}={v!r}" for f, v, _ in WRONG])
+def test_wrong_types_negative_budgets_and_bogus_durations(
+        client: Any, path: str, extra: dict[str, Any], field: str, value: Any,
+        message: str) -> None:
+    response = client.post(path, json={**extra, field: value}, headers=ADMIN)
+    error = clean(response, 400)
+    assert error["param"] == field and message in error["message"], error
+    # Nothing was created.
+    listed = client.get("/key/list", headers=ADMIN).get_json()
+    assert listed["total_count"] == 0
+
+
+@pytest.mark.parametrize("duration", ["soon", "30x", "0s", "1.5d", "1d2h", "", " ", "P30D"])
+def test_bogus_key_durations(client: Any, duration: str) -> None:
+    error = clean(client.post("/key/generate", json={"duration": duration}, headers=ADMIN), 400)
+    assert error["param"] == "duration"
+
+
+def test_another_users_key_is_403_and_unchanged(client: Any) -> None:
+    for user in ("alice", "bob"):
+        assert client.post("/user/new", json={"user_id": user, "auto_create_key": False},
+                           headers=ADMIN).status_code == 200
+    alice = new_key(client, user_id="alice")["key"]
+    bob = new_key(client, user_id="bob")
+    as_alice = bearer(alice)
+    for method, path, body in (
+        ("GET", f"/key/info?key={bob['key_id']}", None),
+        ("POST", "/key/update", {"key": bob["key_id"], "models": ["gpt-4o"]}),
+        ("POST", "/key/delete", {"keys": [bob["key_id"]]}),
+        ("POST", "/key/regenerate", {"key": bob["key_id"]}),
+        ("POST", f"/key/{bob['key_id']}/regenerate", {}),
+        ("POST", "/key/block", {"key": bob["key_id"]}),
+        ("GET", "/key/list?user_id=bob", None),
+    ):
+        response = client.open(path, method=method, json=body, headers=as_alice)
+        error = clean(response, 403)
+        assert bob["key"] not in response.get_data(as_text=True), error
+    info = client.get(f"/key/info?key={bob['key_id']}", headers=ADMIN).get_json()["info"]
+    assert info["models"] == [] and info["rotation_count"] == 0 and not info["blocked"]
+    assert client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                       headers=bearer(bob["key"])).status_code == 200
+
+
+def test_one_401_body_for_unknown_revoked_expired_rotated_and_orphaned_keys(
+        client: Any) -> None:
+    assert client.post("/user/new", json={"user_id": "carol", "auto_create_key": False},
+                       headers=ADMIN).status_code == 200
+    revoked, expired, rotated, orphaned = (new_key(client) for _ in range(4))
+    orphaned = new_key(client, user_id="carol")
+    expired = new_key(client, duration="1s")
+    client.post("/key/delete", json={"keys": [revoked["key_id"]]}, headers=ADMIN)
+    new = client.post("/key/regenerate", json={"key": rotated["key_id"]}, headers=ADMIN)
+    record_secret(new.get_json()["key"])
+    client.post("/user/delete", json={"user_ids": ["carol"]}, headers=ADMIN)
+    time.sleep(1.1)
+    bodies = set()
+    for key in (random_key(), revoked["key"], expired["key"], rotated["key"], orphaned["key"],
+                "not-even-a-key-0123456789abcdef"):
+        response = client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                               headers=bearer(key))
+        clean(response, 401)
+        bodies.add(response.get_data())
+    assert len(bodies) == 1
