@@ -339,8 +339,8 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
             value = instructions[variant]
             rows.append(f"| {variant} | {value:,.0f} | {value / base:.3f} | "
                         f"{value - base:+,.0f} |")
-        out += ("\nInstruction counts (valgrind --tool=callgrind, difference of two run "
-                "lengths):\n\n")
+        out += ("\nInstructions per request (valgrind --tool=callgrind, counted between "
+                "markers around each timed loop of 1,000 requests):\n\n")
         out += "\n".join(rows) + "\n"
     return out
 
