@@ -28,7 +28,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -74,7 +74,8 @@ def storage_options(settings: Settings, uri: str) -> dict[str, Any]:
     if scheme in _REDIS_SCHEMES or scheme.startswith(("redis+", "valkey+")):
         options.update(REDIS_DEFAULT_OPTIONS)
     options.update(settings.ratelimit_storage_options)
-    options["wrap_exceptions"] = True
+    if scheme != "memory":  # storage errors surface as limits' StorageError (memory has none)
+        options["wrap_exceptions"] = True
     return options
 
 
@@ -96,7 +97,8 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
     """The app's Flask-Limiter (fixed-window; no headers or limits of its own).
 
     The host app may declare its own limits with it (``app.extensions["llmauth"].limiter
-    .limit("10/minute")``); their key is the principal, else the client IP.
+    .limit("10/minute")``); their key is the principal, else the client IP. Flask-Limiter's
+    own request hooks run only once the host has declared a limit.
     """
     uri = storage_uri(settings)
     mode = settings.ratelimit_storage_down
@@ -111,6 +113,8 @@ def create_limiter(app: Flask, settings: Settings) -> Limiter:
         in_memory_fallback_enabled=mode == "memory",
     )
     limiter.init_app(app)
+    if limiter.enabled:
+        quiet_memory_storage(limiter.storage)
     app.register_error_handler(StorageError, _storage_error)
     return limiter
 
@@ -294,6 +298,37 @@ def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tupl
     return None
 
 
+_LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
+
+
+def has_limits(principal: Principal) -> bool:
+    """Whether any limit can apply to this principal's requests (its own records only; end
+    users and the global limit are decided elsewhere)."""
+    key, user, team, member = principal.key, principal.user, principal.team, principal.membership
+    if any(_positive(principal.limits.get(name)) for name in _LIMIT_FIELDS):
+        return True
+    for record in (key, user, team):
+        if record is not None and any(_positive(getattr(record, name, None))
+                                      for name in _LIMIT_FIELDS):
+            return True
+    if member is not None and (_positive(member.rpm_limit) or _positive(member.tpm_limit)):
+        return True
+    if team is not None and (_positive(team.team_member_rpm_limit)
+                             or _positive(team.team_member_tpm_limit)
+                             or team.model_rpm_limit or team.model_tpm_limit):
+        return True
+    if key is not None:
+        metadata = key.metadata or {}
+        if (key.model_rpm_limit or key.model_tpm_limit or metadata.get("model_rpm_limit")
+                or metadata.get("model_tpm_limit")):
+            return True
+        for budget in (key.model_max_budget or {}).values():
+            if isinstance(budget, Mapping) and (_positive(budget.get("rpm_limit"))
+                                                or _positive(budget.get("tpm_limit"))):
+                return True
+    return False
+
+
 def descriptors(principal: Principal, model_names: Sequence[str], end_user_id: str | None,
                 customer: Any, settings: Settings) -> list[Descriptor]:
     """Every descriptor of this request that has at least one limit, narrowest first."""
@@ -467,8 +502,34 @@ class StorageHealth:
             self.skipped = 0
 
 
+def quiet_memory_storage(storage: Storage, interval: float = 1.0) -> None:
+    """limits' ``MemoryStorage`` starts a thread to purge expired keys whenever its last one
+    has finished, 10 ms after it started: under load, a thread start every few requests.
+    Purge at most once per ``interval`` seconds instead (an expired key is also dropped
+    whenever it is read, so counts are unaffected)."""
+    schedule = getattr(storage, "_MemoryStorage__schedule_expiry", None)
+    if not isinstance(storage, MemoryStorage) or schedule is None:
+        return
+    lock = threading.Lock()
+    due = [0.0]
+
+    def throttled() -> None:
+        now = time.monotonic()
+        if now < due[0]:
+            return
+        with lock:
+            if now < due[0]:
+                return
+            due[0] = now + interval
+        schedule()
+
+    storage._MemoryStorage__schedule_expiry = throttled  # type: ignore[attr-defined]
+
+
 def _memory_counters(prefix: str) -> Counters:
-    return Counters(FixedWindowRateLimiter(MemoryStorage()), prefix)
+    storage = MemoryStorage()
+    quiet_memory_storage(storage)
+    return Counters(FixedWindowRateLimiter(storage), prefix)
 
 
 # -- the guard -----------------------------------------------------------------------------------
@@ -479,6 +540,16 @@ _MODES = {
     "open": "admitting requests without rate limits",
     "memory": "counting rate limits per process",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One descriptor of a request's plan with the storage keys of its limits."""
+
+    descriptor: Descriptor
+    tpm: str | None
+    rpm: str | None
+    parallel: str | None
 
 
 class _Taken:
@@ -518,34 +589,42 @@ class RateLimits:
         self._fallback_lock = threading.Lock()
         #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
         self._model_names = model_names
+        self._plans: dict[tuple[Any, ...], tuple[Any, Any, tuple[_Step, ...]]] = {}
+        self._limited: dict[int, tuple[Principal, bool]] = {}
+        #: Whether every LLM request must be seen: a global limit is set, or end users are
+        #: resolved (by the customers guard) and may carry limits of their own.
+        self.always = bool(settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
+                           or settings.ratelimit_global_max_parallel_requests)
 
     # -- Guard protocol ----------------------------------------------------------------------
 
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        return (route.is_llm and not principal.is_master_key
-                and request.method not in SAFE_METHODS)
+        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+            return False
+        if self.always:  # global limits, or end users (whose limits are known only later)
+            return True
+        hit = self._limited.get(id(principal))
+        if hit is None or hit[0] is not principal:
+            if len(self._limited) >= 10_000:
+                self._limited.clear()
+            hit = self._limited[id(principal)] = (principal, has_limits(principal))
+        return hit[1]
 
     def admit(self, admission: Admission) -> None:
-        principal = admission.principal
-        names: Sequence[str] = ()
-        if admission.model and principal.key is not None:
-            names = (self._model_names(principal, admission.model) if self._model_names
-                     else (admission.model,))
-        found = descriptors(principal, names, admission.end_user_id,
-                            admission.customer, self.settings)
-        if not found:
+        plan = self._plan(admission)
+        if not plan:
             return
         counters = self._backend()
         if counters is None:
             return  # storage down, fail open (logged)
         try:
-            taken = self._acquire(counters, admission, found)
+            taken = self._acquire(counters, admission, plan)
         except StorageDown as exc:
             self.health.failed(exc, _MODES[self.mode])
             counters = self._backend(after_failure=True)
             if counters is None:
                 return
-            taken = self._acquire(counters, admission, found)
+            taken = self._acquire(counters, admission, plan)
         if counters is self.counters:
             self.health.succeeded()
         admission.scratch[_SCRATCH] = taken
@@ -616,53 +695,84 @@ class RateLimits:
         if left < 0:  # the counter expired under a request in flight: do not go negative
             counters.incr(key, self.lease, -left)
 
+    def _plan(self, admission: Admission) -> tuple[_Step, ...]:
+        """The descriptors of this request with their storage keys (cached per principal
+        object, model and end user: a cached key's principal is reused until it changes)."""
+        principal, customer = admission.principal, admission.customer
+        cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
+        hit = self._plans.get(cache_key)
+        if hit is not None and hit[0] is principal and hit[1] is customer:
+            return hit[2]
+        names: Sequence[str] = ()
+        if admission.model and principal.key is not None:
+            names = (self._model_names(principal, admission.model) if self._model_names
+                     else (admission.model,))
+        found = descriptors(principal, names, admission.end_user_id, customer, self.settings)
+        counters, window, lease = self.counters, self.window, self.lease
+        plan = tuple(_Step(
+            d,
+            tpm=counters.key(counters.item(d.tpm, window), d.kind, d.ident, "tpm")
+            if d.tpm else None,
+            rpm=counters.key(counters.item(d.rpm, window), d.kind, d.ident, "rpm")
+            if d.rpm else None,
+            parallel=counters.key(counters.item(d.parallel, lease), d.kind, d.ident,
+                                  "parallel") if d.parallel else None,
+        ) for d in found)
+        if len(self._plans) >= 10_000:
+            self._plans.clear()
+        self._plans[cache_key] = (principal, customer, plan)
+        return plan
+
     def _acquire(self, counters: Counters, admission: Admission,
-                 found: Iterable[Descriptor]) -> _Taken:
+                 plan: tuple[_Step, ...]) -> _Taken:
         taken = _Taken(counters)
         window = self.window
-        found = list(found)
         # 1. tpm: refuse when the window is used up (or cannot fit the estimate)
         need = self._estimate(admission)
         tokens_shown: tuple[int, int, float] | None = None
-        for d in found:
-            if d.tpm is None:
+        for step in plan:
+            key = step.tpm
+            if key is None:
                 continue
-            key = counters.key(counters.item(d.tpm, window), d.kind, d.ident, "tpm")
-            used = counters.get(key)
-            remaining = max(0, d.tpm - used)
+            d = step.descriptor
+            limit = d.tpm or 0
+            remaining = max(0, limit - counters.get(key))
             if remaining < need:
-                reset = counters.reset_at(key, window)
-                self._refuse(admission, d, "tokens", d.tpm, remaining, reset)
-            taken.tpm.append((key, d.tpm))
+                self._refuse(admission, d, "tokens", limit, remaining,
+                             counters.reset_at(key, window))
+            taken.tpm.append((key, limit))
             if d.kind != "global" and (tokens_shown is None or remaining < tokens_shown[1]):
-                tokens_shown = (d.tpm, remaining, counters.reset_at(key, window))
+                tokens_shown = (limit, remaining, counters.reset_at(key, window))
         # 2. rpm: count this request; undo everything on a refusal
         counted = taken.counted
         requests_shown: tuple[int, int, float] | None = None
         try:
-            for d in found:
-                if d.rpm is None:
+            for step in plan:
+                key = step.rpm
+                if key is None:
                     continue
-                key = counters.key(counters.item(d.rpm, window), d.kind, d.ident, "rpm")
+                d = step.descriptor
+                limit = d.rpm or 0
                 count = counters.incr(key, window, 1)
                 counted.append((key, window))
-                if count > d.rpm:
-                    self._refuse(admission, d, "requests", d.rpm, 0,
+                if count > limit:
+                    self._refuse(admission, d, "requests", limit, 0,
                                  counters.reset_at(key, window))
-                remaining = d.rpm - count
+                remaining = limit - count
                 if d.kind != "global" and (requests_shown is None
-                                         or remaining < requests_shown[1]):
-                    requests_shown = (d.rpm, remaining, counters.reset_at(key, window))
+                                           or remaining < requests_shown[1]):
+                    requests_shown = (limit, remaining, counters.reset_at(key, window))
             # 3. max_parallel_requests: take a slot
-            for d in found:
-                if d.parallel is None:
+            for step in plan:
+                key = step.parallel
+                if key is None:
                     continue
-                key = counters.key(counters.item(d.parallel, self.lease), d.kind, d.ident,
-                                   "parallel")
+                d = step.descriptor
                 in_flight = counters.incr(key, self.lease, 1)
-                taken.parallel.append((key, d.parallel))
-                if in_flight > d.parallel:
-                    self._refuse(admission, d, "max_parallel_requests", d.parallel, 0, None)
+                taken.parallel.append((key, d.parallel or 0))
+                if in_flight > (d.parallel or 0):
+                    self._refuse(admission, d, "max_parallel_requests", d.parallel or 0, 0,
+                                 None)
         except TooManyRequests:
             self._undo(counters, counted, taken.parallel)
             raise
@@ -839,6 +949,8 @@ def install(state: Any, app: Flask) -> None:
     state.limiter = limiter
     state.host_limit_hooks = HostLimitHooks.take(app, limiter)
     state.ratelimits = RateLimits(settings, limiter, state.models.names_for)
+    if any(guard.name == "customers" for guard in state.guards.guards):
+        state.ratelimits.always = True  # end users may carry limits
     state.guards.add(state.ratelimits)
     if settings.auth_failure_limit:
         state.auth_failures = AuthFailureLimiter(settings, limiter)

@@ -593,6 +593,64 @@ def test_host_limits_follow_the_storage_down_mode(app_factory: Any) -> None:
             assert_error(response, 503, "service_unavailable")
 
 
+def test_flask_limiter_application_limits_from_the_app_config_apply(
+        app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://",
+                       "RATELIMIT_APPLICATION": "2/minute"})
+    client = app.test_client()
+    assert [client.get("/public/ping").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_requests_without_any_limit_skip_the_guard(make: Any) -> None:
+    app = make()
+    state = app.extensions["llmauth"]
+    client = app.test_client()
+    free, limited = new_key(client)["key"], new_key(client, model_tpm_limit={"x": 5})["key"]
+    seen: list[Any] = []
+    original = state.ratelimits.admit
+    state.ratelimits.admit = lambda admission: seen.append(admission) or original(admission)
+    chat(client, free)
+    assert seen == []  # no admission at all: unconfigured features cost nothing
+    chat(client, limited)  # a per-model limit (for another model) makes the key limited
+    assert len(seen) == 1
+    global_app = make(LLMAUTH_RATELIMIT_GLOBAL_RPM=100)
+    assert global_app.extensions["llmauth"].ratelimits.always
+
+
+def test_memory_storage_purges_expired_keys_without_a_thread_per_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from limits.storage import MemoryStorage
+
+    from flask_llmauth.ratelimits import quiet_memory_storage
+
+    timers: list[Any] = []
+
+    class CountedTimer(threading.Timer):
+        def start(self) -> None:
+            timers.append(self)
+            super().start()
+
+    monkeypatch.setattr(threading, "Timer", CountedTimer)
+    plain, quiet = MemoryStorage(), MemoryStorage()
+    quiet_memory_storage(quiet, interval=0.2)
+    for storage in (plain, quiet):
+        timers.clear()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            storage.incr(f"k{time.monotonic()}", 1, 1)
+            time.sleep(0.001)
+        counted = len(timers)
+        if storage is plain:
+            assert counted >= 10  # limits' own: a purge thread every ~10 ms
+        else:
+            assert counted <= 4  # at most one per 0.2 s
+    storage = quiet
+    time.sleep(1.3)  # past the keys' expiry and the purge interval
+    storage.incr("trigger", 1, 1)
+    time.sleep(0.2)
+    assert set(storage.storage) == {"trigger"}  # the purge ran
+
+
 @pytest.mark.parametrize("seconds,text", [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"),
                                           (360, "6m0s"), (3723, "1h2m3s")])
 def test_openai_duration(seconds: float, text: str) -> None:
