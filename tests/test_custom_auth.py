@@ -459,3 +459,14 @@ def test_custom_key_validate_from_config(app_factory: Any, tmp_path: Any,
     assert chat(client, good).status_code == 200
     assert_error(chat(client, bad), 403)
 
+
+def test_custom_key_validate_also_checks_keys_returned_by_a_hook(app_factory: Any) -> None:
+    app = make_app(app_factory, custom_auth_mode="auto")
+    client = app.test_client()
+    key = new_key(client, key_alias="via-hook")
+    app.llmauth.custom_auth(lambda request, api_key: key["key"] if api_key == TOKEN else None)
+    verdicts = {"next": True}
+    app.llmauth.custom_key_validate(lambda request, principal: verdicts["next"])
+    assert chat(client).get_json()["principal"]["key_id"] == key["key_id"]
+    verdicts["next"] = False
+    assert_error(chat(client), 403)

@@ -39,6 +39,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -286,7 +287,8 @@ class OAuth2Authenticator:
             email = None
         scope = data.get("scope")
         scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-        claims = {k: v for k, v in data.items() if k not in _SECRET_MEMBERS}
+        # read-only: the principal built from it is cached and shared between requests
+        claims = MappingProxyType({k: v for k, v in data.items() if k not in _SECRET_MEMBERS})
         return TokenInfo(None, user_id=user_id, team_id=team_id, user_email=email, role=role,
                          scopes=scopes, exp=exp, claims=claims)
 

@@ -4,6 +4,7 @@ the cache, the outage 503, and the same authorization as a key."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -76,6 +77,9 @@ def test_introspected_token_names_user_team_role_and_scopes(app_factory: Any, id
     assert seen["scopes"] == frozenset({"read", "write"})
     assert seen["email"] == "intro@example.com"
     assert seen["claims"]["client_id"] == "llmauth-svc" and seen["claims"]["active"] is True
+    with pytest.raises(TypeError):  # the cached principal's claims are read-only
+        app.extensions["llmauth"].authenticators["oauth2"].cache.get(
+            hashlib.sha256(token.encode()).hexdigest()).claims["role"] = "proxy_admin"
     assert chat(client, token).get_json()["principal"]["method"] == "oauth2"
 
 
