@@ -31,6 +31,18 @@ _DROPPED_PREFIXES = ("LLMAUTH_", "GATEWAY_", "LITELLM_")
 _DROPPED_NAMES = {"DATABASE_URL", "REDIS_URL", "FLASK_APP", "FLASK_DEBUG", "FLASK_RUN_PORT"}
 
 
+def _no_control_socket() -> tuple[str, ...]:
+    """gunicorn 27 opens a control socket at a fixed path in ``$HOME`` unless told not to;
+    servers started side by side must not share it (older versions have none)."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
+    return ("--no-control-socket",) if known else ()
+
+
+_NO_CONTROL_SOCKET = _no_control_socket()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -160,7 +172,7 @@ def gunicorn(workdir: Path, env: Mapping[str, str] | None = None, *, workers: in
     gateway.argv = [
         sys.executable, "-m", "gunicorn", "example_app:create_app()",
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
-        "--worker-class", "gthread", "--no-control-socket", "--graceful-timeout", "3",
+        "--worker-class", "gthread", *_NO_CONTROL_SOCKET, "--graceful-timeout", "3",
         "--timeout", "60",
         "--access-logfile", str(gateway.access_log), "--access-logformat", access_format,
     ]
