@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -143,11 +145,29 @@ def postgres_url() -> Iterator[str]:
         assert not leaks, f"raw secrets in database rows: {leaks}"
 
 
+_SQLITE_TEMPLATE: list[str] = []
+
+
+def migrated_sqlite_url(directory: Any) -> str:
+    """A SQLite database with every migration applied, copied from one migrated once per
+    session (migrating each test's database from scratch dominated the suite's run time)."""
+    path = os.path.join(str(directory), "llmauth.db")
+    if not os.path.exists(path):
+        if not _SQLITE_TEMPLATE:
+            template = os.path.join(tempfile.mkdtemp(prefix="llmauth-template-"), "template.db")
+            store = store_db.Store(f"sqlite:///{template}")
+            store.migrate()
+            store.close()
+            _SQLITE_TEMPLATE.append(template)
+        shutil.copyfile(_SQLITE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """Each test using it runs on SQLite and, when configured, on Postgres."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/llmauth.db"
+        return migrated_sqlite_url(tmp_path)
     return request.getfixturevalue("postgres_url")
 
 
@@ -225,7 +245,7 @@ def app_factory(tmp_path: Any) -> Iterator[AppFactory]:
         app.config.update({
             "TESTING": True,
             "LLMAUTH_MASTER_KEY": MASTER_KEY,
-            "LLMAUTH_DATABASE_URL": db_url or f"sqlite:///{tmp_path}/llmauth.db",
+            "LLMAUTH_DATABASE_URL": db_url or migrated_sqlite_url(tmp_path),
         })
         app.config.update(config or {})
         if isinstance(app.config.get("LLMAUTH_MASTER_KEY"), str):
