@@ -171,6 +171,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Like ``db_url``, but a database with no tables at all (for migration tests)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/empty.db"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def redis_prefix() -> str:
     if not REDIS_URL:

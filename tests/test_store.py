@@ -38,8 +38,8 @@ def chat(client: Any, key: str, model: str = "gpt-4o") -> Any:
 # -- migrations ---------------------------------------------------------------------------------
 
 
-def test_migrations_apply_on_a_fresh_database_and_are_idempotent(db_url: str) -> None:
-    store = Store(db_url)
+def test_migrations_apply_on_a_fresh_database_and_are_idempotent(empty_db_url: str) -> None:
+    store = Store(empty_db_url)
     try:
         assert store.migration_status() == [(name, False) for name in MIGRATIONS]
         assert store.migrate() == MIGRATIONS
@@ -85,8 +85,8 @@ def test_migrations_reverse_and_reapply(db_url: str) -> None:
         store.close()
 
 
-def test_db_status_and_upgrade_commands(app_factory: Any, db_url: str) -> None:
-    app = app_factory({"LLMAUTH_AUTO_MIGRATE": False}, db_url=db_url)
+def test_db_status_and_upgrade_commands(app_factory: Any, empty_db_url: str) -> None:
+    app = app_factory({"LLMAUTH_AUTO_MIGRATE": False}, db_url=empty_db_url)
     runner = app.test_cli_runner()
     status = runner.invoke(args=["llmauth", "db", "status"])
     assert status.exit_code == 0, status.output
@@ -108,7 +108,8 @@ def _subprocess_env(db_url: str, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_concurrent_init_db_processes_all_succeed(db_url: str, tmp_path: Path) -> None:
+def test_concurrent_init_db_processes_all_succeed(empty_db_url: str, tmp_path: Path) -> None:
+    db_url = empty_db_url
     env = _subprocess_env(db_url, tmp_path)
     processes = [
         subprocess.Popen([sys.executable, "-m", "flask", "llmauth", "init-db"], cwd=ROOT,
