@@ -315,6 +315,35 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+# -- parsers of the spend section (issue 4) ---------------------------------------------------
+
+
+def _model_prices(value: Any) -> dict[str, Any]:
+    """``{model: {input_cost_per_token, output_cost_per_token}}`` (USD per token)."""
+    from .prices import parse_price
+
+    prices = _mapping(value)
+    for name, entry in prices.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError("must map model names to prices")
+        try:
+            parse_price(entry)
+        except ValueError as exc:
+            raise ValueError(f"model {name[:100]!r}: {exc}") from None
+    return prices
+
+
+def _price(value: Any) -> dict[str, Any] | None:
+    """``{input_cost_per_token, output_cost_per_token}`` (USD per token), or unset."""
+    from .prices import parse_price
+
+    if value is None or value == "":
+        return None
+    price = _mapping(value)
+    parse_price(price)
+    return price
+
+
 # -- parsers of the OAuth2 / proxy-header / custom-auth section (issue 3) ------------------------
 
 
@@ -948,6 +977,24 @@ class Settings:
     )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
+
+    # -- prices and spend (issue 4) -------------------------------------------------------------
+    model_prices: dict[str, Any] = setting(
+        None, _model_prices,
+        "Model prices in USD per token, `{model: {input_cost_per_token, "
+        "output_cost_per_token}}`; they win over `model_list[].model_info` prices and the "
+        "shipped table (docs/spend.md). Numbers or decimal strings.",
+    )
+    unknown_model_price: dict[str, Any] | None = setting(
+        None, _price,
+        "Price of a model no table knows, `{input_cost_per_token, output_cost_per_token}` "
+        "(USD per token). Default: free, with one warning per model name.",
+    )
+    default_max_tokens: int = setting(
+        4096, _number(int, 0),
+        "Completion tokens assumed for a request that sets no `max_tokens` when its "
+        "worst-case cost is reserved against budgets.",
+    )
 
     # -- rate limits (issue 4) ------------------------------------------------------------------
     ratelimit_enabled: bool = setting(

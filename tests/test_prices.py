@@ -1,0 +1,168 @@
+"""Prices: the shipped table, overrides, unknown models, exact integer cost and worst case."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from decimal import Decimal
+from importlib import resources
+
+import pytest
+
+from flask_llmauth.config import load_settings
+from flask_llmauth.money import UNITS_PER_USD
+from flask_llmauth.prices import (
+    PriceTable,
+    cost_units,
+    parse_price,
+    prices_for,
+    shipped_prices,
+    worst_case_units,
+)
+from flask_llmauth.usage import Usage
+
+
+def settings(**values: object):  # noqa: ANN201
+    return load_settings({}, values, environ={})
+
+
+def exact_units(input_usd: str, output_usd: str, prompt: int, completion: int) -> Decimal:
+    return (Decimal(input_usd) * prompt + Decimal(output_usd) * completion) * UNITS_PER_USD
+
+
+def test_shipped_table_covers_common_models_of_three_providers() -> None:
+    table = shipped_prices()
+    for model in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3-mini", "text-embedding-3-small",
+                  "claude-3-5-sonnet-20241022", "claude-sonnet-4-20250514",
+                  "claude-3-haiku-20240307", "gemini-2.5-pro", "gemini-1.5-flash"):
+        assert model in table, model
+        assert table[model].input > 0
+    assert table["text-embedding-3-small"].output == 0
+    # gpt-4o: $2.50 / $10.00 per million tokens.
+    s = settings()
+    assert cost_units("gpt-4o", Usage(1_000_000, 0), s) == 2_500_000_000
+    assert cost_units("gpt-4o", Usage(0, 1_000_000), s) == 10_000_000_000
+
+
+def test_shipped_table_is_package_data_with_decimal_strings() -> None:
+    raw = json.loads(resources.files("flask_llmauth").joinpath("prices.json").read_text())
+    assert len(raw) >= 40
+    for name, entry in raw.items():
+        assert set(entry) == {"input_cost_per_token", "output_cost_per_token"}, name
+        for value in entry.values():
+            assert isinstance(value, str) and Decimal(value) >= 0  # exact, not a float
+
+
+@pytest.mark.parametrize("prompt,completion", [(1, 0), (0, 1), (7, 13), (12345, 6789),
+                                               (10**9, 10**9)])
+def test_cost_is_exact_integer_math_rounded_up(prompt: int, completion: int) -> None:
+    s = settings(model_prices={"m": {"input_cost_per_token": "0.0000000375",
+                                     "output_cost_per_token": "0.00000015"}})
+    units = cost_units("m", Usage(prompt, completion), s)
+    exact = exact_units("0.0000000375", "0.00000015", prompt, completion)
+    assert units == math.ceil(exact)
+    assert units - exact < 1
+
+
+def test_a_priced_request_is_never_free_by_rounding() -> None:
+    s = settings(model_prices={"tiny": {"input_cost_per_token": "1e-15"}})
+    assert cost_units("tiny", Usage(1, 0), s) == 1
+    assert cost_units("tiny", Usage(0, 0), s) == 0
+
+
+def test_config_override_wins_over_model_list_and_shipped_table() -> None:
+    model_list = [{"model_name": "gpt-4o", "litellm_params": {
+        "model": "openai/gpt-4o", "input_cost_per_token": 1e-06, "output_cost_per_token": 0}},
+        {"model_name": "house", "model_info": {"output_cost_per_token": "0.000003"}}]
+    s = settings(model_list=model_list)
+    assert cost_units("gpt-4o", Usage(1000, 1000), s) == 1_000_000
+    assert cost_units("house", Usage(1000, 1000), s) == 3_000_000
+    s = settings(model_list=model_list,
+                 model_prices={"gpt-4o": {"input_cost_per_token": 2e-06}})
+    assert cost_units("gpt-4o", Usage(1000, 1000), s) == 2_000_000  # output: 0 (missing)
+
+
+def test_lookup_strips_provider_prefix_and_finds_dated_versions() -> None:
+    s = settings()
+    gpt4o = cost_units("gpt-4o", Usage(100, 100), s)
+    assert cost_units("openai/gpt-4o", Usage(100, 100), s) == gpt4o
+    assert cost_units("gpt-4o-2099-01-01", Usage(100, 100), s) == gpt4o
+    mini = cost_units("gpt-4o-mini", Usage(100, 100), s)
+    assert mini != gpt4o
+    assert cost_units("gpt-4o-mini-2099-01-01", Usage(100, 100), s) == mini
+    # A prefix must end at a "-": "gpt-4" is not the price of "gpt-4o".
+    assert prices_for(s).lookup("gpt-4") != prices_for(s).lookup("gpt-4o")
+
+
+def test_requested_name_wins_then_reported_name() -> None:
+    s = settings(model_prices={"alias": {"input_cost_per_token": "0.00001"}})
+    assert cost_units("alias", Usage(10, 0, model="gpt-4o"), s) == 100_000
+    # The requested name is unknown: the name the response reported prices it.
+    assert cost_units("my-deployment", Usage(1_000_000, 0, model="gpt-4o"), s) == 2_500_000_000
+
+
+def test_unknown_model_is_free_by_default_and_warns_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = settings()
+    with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+        assert cost_units("no-such-model", Usage(1000, 1000), s) == 0
+        assert cost_units("no-such-model", Usage(5, 5), s) == 0
+        assert cost_units("other-model", Usage(5, 5), s) == 0
+    warnings = [r.getMessage() for r in caplog.records if "no price for model" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "'no-such-model'" in warnings[0] and "'other-model'" in warnings[1]
+
+
+def test_unknown_model_price_setting() -> None:
+    s = settings(unknown_model_price={"input_cost_per_token": "0.000001",
+                                      "output_cost_per_token": "0.000002"})
+    assert cost_units("no-such-model", Usage(1000, 1000), s) == 3_000_000
+    assert cost_units(None, Usage(1000, 0), s) == 1_000_000
+    assert cost_units("gpt-4o", Usage(1000, 0), s) == 2_500_000  # known: its own price
+
+
+def test_worst_case_uses_prompt_estimate_and_max_tokens() -> None:
+    s = settings(model_prices={"m": {"input_cost_per_token": "0.000001",
+                                     "output_cost_per_token": "0.000002"}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}],
+            "max_tokens": 500}
+    prompt = 103  # 400 characters + 12 per message of framing, at 4 per token
+    assert worst_case_units("m", body, s) == prompt * 1000 + 500 * 2000
+    body["max_completion_tokens"] = 50  # the newer name wins
+    assert worst_case_units("m", body, s) == prompt * 1000 + 50 * 2000
+
+
+def test_worst_case_default_max_tokens_setting() -> None:
+    prices = {"m": {"output_cost_per_token": "0.000002"}}
+    assert worst_case_units("m", {"input": "hi"}, settings(model_prices=prices)) == 4096 * 2000
+    s = settings(model_prices=prices, default_max_tokens=10)
+    assert worst_case_units("m", {"input": "hi"}, s) == 10 * 2000
+    assert worst_case_units("m", None, s) == 10 * 2000
+    assert worst_case_units("m", "not a body", s) == 10 * 2000
+
+
+def test_worst_case_of_an_unknown_model_uses_the_unknown_price() -> None:
+    s = settings(unknown_model_price={"output_cost_per_token": "0.000001"},
+                 default_max_tokens=100)
+    assert worst_case_units("mystery", {}, s) == 100_000
+    assert worst_case_units("mystery", {}, settings()) == 0
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ({"input_cost_per_token": True}, "must be a number"),
+    ({"input_cost_per_token": "1e400"}, "at most 1"),
+    ({"input_cost_per_token": "inf"}, "finite"),
+    ({"input_cost_per_token": [1]}, "must be a number"),
+    ("0.1", "must be a mapping"),
+])
+def test_bad_prices_are_refused(bad: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_price(bad)
+
+
+def test_memo_of_model_names_is_bounded() -> None:
+    table = PriceTable({})
+    for i in range(5000):
+        table.price(f"hostile-{i}")
+    assert len(table._resolved) <= 4096 and len(table._warned) <= 4096
