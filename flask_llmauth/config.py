@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
+from .money import to_units
 from .network import parse_networks
 
 log = logging.getLogger("flask_llmauth")
@@ -252,6 +253,26 @@ def _duration(value: Any) -> Duration | None:
     if value is None or value == "":
         return None
     return parse_duration(value)
+
+
+def _money(value: Any) -> int | None:
+    """A non-negative USD amount → integer units (:mod:`flask_llmauth.money`)."""
+    if value is None or value == "":
+        return None
+    return to_units(value)
+
+
+def _user_header_mappings(value: Any) -> tuple[dict[str, Any], ...]:
+    """LiteLLM's ``user_header_mappings``: ``[{header_name, litellm_user_role}]``."""
+    entries = _entries(value, ("header_name", "litellm_user_role"),
+                       ("header_name", "litellm_user_role"))
+    for index, entry in enumerate(entries):
+        if not _HEADER_NAME.match(entry["header_name"]):
+            raise ValueError(f"entry {index}: header_name must be an HTTP header name")
+        if entry["litellm_user_role"] not in ("customer", "internal_user"):
+            raise ValueError(f"entry {index}: litellm_user_role must be customer or "
+                             "internal_user")
+    return entries
 
 
 def _choice(*choices: str) -> Parser:
@@ -977,6 +998,27 @@ class Settings:
     )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
+    user_header_mappings: tuple[dict[str, Any], ...] = setting(
+        (), _user_header_mappings,
+        "Headers that name the caller's end user (customer): `[{header_name, "
+        "litellm_user_role}]`; entries with role `customer` are read (after the "
+        "`x-litellm-customer-id` and `x-litellm-end-user-id` headers, before the body's "
+        "`user`). `internal_user` entries are accepted and not used: internal users are "
+        "identified only by an authenticator.",
+        yaml=("general_settings.user_header_mappings",),
+    )
+    user_header_name: str | None = setting(
+        None, _header_name,
+        "Deprecated LiteLLM form of `LLMAUTH_USER_HEADER_MAPPINGS`: one header naming the "
+        "end user (read after the mapped ones).",
+        yaml=("general_settings.user_header_name",),
+    )
+    max_end_user_budget: int | None = setting(
+        None, _money,
+        "Default budget (USD) of an end user whose customer row sets no `max_budget` (also "
+        "one with no row). Enforced by the budget guard. Default: none.",
+        yaml=("litellm_settings.max_end_user_budget",),
+    )
 
     # -- prices and spend (issue 4) -------------------------------------------------------------
     model_prices: dict[str, Any] = setting(

@@ -33,6 +33,7 @@ from .cache import Invalidator, TTLCache
 from .config import Settings, check_secrets, load_settings
 from .credentials import read_credentials
 from .crypto import KEY_PREFIX, KeyDigester
+from .customers import install as install_customers
 from .errors import (
     ConfigurationError,
     Forbidden,
@@ -125,8 +126,11 @@ class LLMAuthState:
         self.key_cache: TTLCache[CachedKey] = TTLCache(settings.cache_max_size)
         self.negative_cache: TTLCache[bool] = TTLCache(10_000)
         self.identity_cache: TTLCache[Records] = TTLCache(settings.cache_max_size)
+        #: End users' rows (and their absence), tagged ``customer:<id>``.
+        self.customer_cache: TTLCache[Any] = TTLCache(settings.cache_max_size)
         self.identities = IdentityLoader(self.store, self.identity_cache, settings.cache_ttl)
-        self.invalidate = Invalidator([self.key_cache, self.negative_cache, self.identity_cache])
+        self.invalidate = Invalidator([self.key_cache, self.negative_cache, self.identity_cache,
+                                       self.customer_cache])
         self.invalidation_log = InvalidationLog(self.store, self.invalidate)
         self.invalidate.add_publisher(self.invalidation_log.publish)
         self.invalidation_log.start()
@@ -141,6 +145,8 @@ class LLMAuthState:
         #: Flask-Limiter's request hooks, run from this state's hooks (see ratelimits).
         self.host_limit_hooks: Any = None
         self.ratelimits: Any = None
+        #: Set by :func:`flask_llmauth.customers.install` in ``init_app``.
+        self.customers: Any = None
         self.auth_failures: Any = None
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
@@ -222,7 +228,8 @@ class LLMAuthState:
             model = self.policy.authorize(principal, info, req)
             g_._llmauth_principal = principal
             if self.guards.guards:
-                g_._llmauth_admission = self.guards.admit(principal, info, model, _json_body)
+                g_._llmauth_admission = self.guards.admit(principal, info, model, _json_body,
+                                                          req.environ)
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
@@ -328,7 +335,7 @@ AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticat
 #: Each entry is ``(name, install(state, app))``; ``install`` adds its guard(s) to
 #: ``state.guards`` (or nothing, when the feature is off). See :mod:`flask_llmauth.guards`.
 GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] = (
-    ("customers", lambda state, app: None),  # end user: resolved first, blocked → 403
+    ("customers", install_customers),  # end user: resolved first, blocked → 403
     ("rate_limits", install_ratelimits),  # rpm/tpm/parallel limits → 429
     ("budgets", lambda state, app: None),  # budget reservation → 429 budget_exceeded
 )

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from flask import Response, g
+from flask import Response, g, request
 
 from .authz.routes import RouteInfo
 from .principal import Principal
@@ -119,20 +119,41 @@ class Guards:
 
     def __init__(self, guards: Iterable[Guard] = ()) -> None:
         self.guards: tuple[Guard, ...] = tuple(guards)
+        #: Names the end user before the guards are asked (the customers guard sets it).
+        self.end_users: Any = None
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
 
     def admit(self, principal: Principal, route: RouteInfo, model: str | None,
-              body: Callable[[], Any]) -> Admission | None:
+              body: Callable[[], Any], environ: Mapping[str, Any] | None = None,
+              ) -> Admission | None:
         """Run ``admit`` of every guard that wants this request; ``None`` if none does.
 
-        ``body`` returns the parsed JSON request body; it is called only when needed.
+        ``body`` returns the parsed JSON request body; it is called only when needed. On
+        LLM routes the end user is resolved first (``end_users.resolve``, which may refuse
+        a blocked one); when the request names one, a guard that does not want the request
+        is also asked ``wants_end_user(principal, route, customer)`` (if it has that
+        method): a limit or budget may exist for the end user alone.
         """
-        wanted = [guard for guard in self.guards if guard.wants(principal, route)]
+        end_user = None
+        resolver = self.end_users
+        if resolver is not None and route.is_llm:
+            if environ is None:
+                environ = request.environ
+            end_user = resolver.resolve(principal, environ, body)
+        if end_user is None:
+            wanted = [guard for guard in self.guards if guard.wants(principal, route)]
+        else:
+            customer = end_user[1]
+            wanted = [guard for guard in self.guards if guard.wants(principal, route) or (
+                hasattr(guard, "wants_end_user")
+                and guard.wants_end_user(principal, route, customer))]
         if not wanted:
             return None
         admission = Admission(principal, route, model, body())
+        if end_user is not None:
+            admission.end_user_id, admission.customer = end_user
         admission.scratch["_guards"] = wanted
         admitted: list[Guard] = []
         try:

@@ -591,8 +591,8 @@ class RateLimits:
         self._model_names = model_names
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, tuple[_Step, ...]]] = {}
         self._limited: dict[int, tuple[Principal, bool]] = {}
-        #: Whether every LLM request must be seen: a global limit is set, or end users are
-        #: resolved (by the customers guard) and may carry limits of their own.
+        #: Whether every LLM request must be seen: a global limit is set. (End users with
+        #: limits of their own are found by ``wants_end_user``.)
         self.always = bool(settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
                            or settings.ratelimit_global_max_parallel_requests)
 
@@ -601,7 +601,7 @@ class RateLimits:
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
         if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
             return False
-        if self.always:  # global limits, or end users (whose limits are known only later)
+        if self.always:  # global limits
             return True
         hit = self._limited.get(id(principal))
         if hit is None or hit[0] is not principal:
@@ -609,6 +609,15 @@ class RateLimits:
                 self._limited.clear()
             hit = self._limited[id(principal)] = (principal, has_limits(principal))
         return hit[1]
+
+    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
+        """A request naming an end user whose row carries limits (see ``Guards.admit``)."""
+        if customer is None or not route.is_llm or principal.is_master_key:
+            return False
+        if request.method in SAFE_METHODS:
+            return False
+        return bool(_positive(customer.rpm_limit) or _positive(customer.tpm_limit)
+                    or _positive(customer.max_parallel_requests))
 
     def admit(self, admission: Admission) -> None:
         plan = self._plan(admission)
@@ -949,8 +958,6 @@ def install(state: Any, app: Flask) -> None:
     state.limiter = limiter
     state.host_limit_hooks = HostLimitHooks.take(app, limiter)
     state.ratelimits = RateLimits(settings, limiter, state.models.names_for)
-    if any(guard.name == "customers" for guard in state.guards.guards):
-        state.ratelimits.always = True  # end users may carry limits
     state.guards.add(state.ratelimits)
     if settings.auth_failure_limit:
         state.auth_failures = AuthFailureLimiter(settings, limiter)

@@ -174,6 +174,12 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "jwt_oidc_userinfo_endpoint": ("https://idp.example/userinfo",
                                    "https://idp.example/userinfo"),
     "jwt_oidc_userinfo_cache_ttl": (60, 60.0),
+    "user_header_mappings": ([{"header_name": "x-openwebui-user-id",
+                               "litellm_user_role": "customer"}],
+                             ({"header_name": "x-openwebui-user-id",
+                               "litellm_user_role": "customer"},)),
+    "user_header_name": ("x-end-user", "x-end-user"),
+    "max_end_user_budget": ("2.5", 2_500_000_000),
 }
 ENV_SAMPLES: dict[str, str] = {
     "jwt_public_key_url": "https://idp.example/jwks,https://idp2.example/.well-known/"
@@ -612,6 +618,14 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("jwt_oidc_userinfo_enabled", "y-e-s", "must be a boolean"),
     ("jwt_oidc_userinfo_endpoint", "idp.example/userinfo", "must be an http(s) URL"),
     ("jwt_oidc_userinfo_cache_ttl", float("inf"), "must be a finite number"),
+    ("user_header_mappings", [{"header_name": "x user", "litellm_user_role": "customer"}],
+     "header_name must be an HTTP header name"),
+    ("user_header_mappings", [{"header_name": "x-user", "litellm_user_role": "proxy_admin"}],
+     "litellm_user_role must be customer or internal_user"),
+    ("user_header_mappings", [{"header_name": "x-user"}], "needs a `litellm_user_role`"),
+    ("user_header_name", "x user", "must be an HTTP header name"),
+    ("max_end_user_budget", -1, "must not be negative"),
+    ("max_end_user_budget", "lots", "must be a number"),
 ]
 
 

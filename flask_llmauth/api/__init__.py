@@ -21,7 +21,7 @@ API_ROUTES: dict[str, str] = {}
 
 
 def create_blueprint() -> Blueprint:
-    from . import keys, teams, users
+    from . import customers, keys, teams, users
 
     bp = Blueprint(BLUEPRINT_NAME, __name__)
 
@@ -37,6 +37,7 @@ def create_blueprint() -> Blueprint:
     keys.register(route)
     users.register(route)
     teams.register(route)
+    customers.register(route)
     bp.register_error_handler(HTTPException, http_exception_response)
     return bp
 

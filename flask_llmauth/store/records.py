@@ -131,3 +131,26 @@ class MembershipRecord:
     rpm_limit: int | None = None
     allowed_models: list[str] = dataclasses.field(default_factory=list)
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    """An end user's row (``llmauth_customer``), as the guards see it."""
+
+    id: int
+    user_id: str
+    alias: str | None = None
+    blocked: bool = False
+    max_budget: int | None = None
+    soft_budget: int | None = None
+    spend: int = 0
+    budget_duration: str | None = None
+    budget_reset_at: datetime | None = None
+    tpm_limit: int | None = None
+    rpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    allowed_model_region: str | None = None
+    default_model: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None

@@ -184,6 +184,30 @@ class TeamMembership(Table):
         indexes = ((("team_id", "user_id"), True),)
 
 
+class Customer(Table):
+    """An end user (LiteLLM's customer): named by requests, never logs in."""
+
+    user_id = CharField(max_length=255, unique=True)
+    alias = CharField(max_length=255, null=True)
+    blocked = BooleanField(default=False)
+    max_budget = BigIntegerField(null=True)
+    soft_budget = BigIntegerField(null=True)
+    spend = BigIntegerField(default=0)
+    budget_duration = CharField(max_length=16, null=True)
+    budget_reset_at = DateTimeField(null=True)
+    tpm_limit = BigIntegerField(null=True)
+    rpm_limit = BigIntegerField(null=True)
+    max_parallel_requests = IntegerField(null=True)
+    allowed_model_region = CharField(max_length=8, null=True)
+    default_model = CharField(max_length=255, null=True)
+    metadata = JSONText(default=dict)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "llmauth_customer"
+
+
 class AuditLog(Table):
     id = BigAutoField()
     created_at = DateTimeField(default=utcnow, index=True)
@@ -211,5 +235,5 @@ class CacheEvent(Table):
 
 
 ALL_TABLES: tuple[type[Table], ...] = (
-    Key, KeyGrace, DeletedKey, User, Team, TeamMembership, AuditLog, CacheEvent,
+    Key, KeyGrace, DeletedKey, User, Team, TeamMembership, AuditLog, CacheEvent, Customer,
 )
