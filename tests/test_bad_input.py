@@ -78,7 +78,10 @@ def test_every_get_endpoint_refuses_unknown_and_repeated_query_parameters(
         assert "more than once" in error["message"], (path, error)
 
 
-def test_every_endpoint_needs_a_credential(app: Flask, client: Any) -> None:
+def test_every_endpoint_needs_a_credential(app_factory: Any) -> None:
+    # two failed authentications per endpoint: more than the per-IP limit allows
+    app = app_factory(config={"LLMAUTH_AUTH_FAILURE_LIMIT": ""})
+    client = app.test_client()
     bodies = set()
     for method, path in endpoints(app):
         response = client.open(path, method=method, json={})
