@@ -16,7 +16,12 @@ body and answers JSON):
   (every request presents a different key), looked up among 1,000,000 keys in SQLite;
 * ``oauth2_cached``: the extension with OAuth2 introspection on, an opaque token whose
   introspection result is cached (the loopback endpoint that answers RFC 7662 is asked once,
-  during warm-up; a second call fails the run).
+  during warm-up; a second call fails the run);
+* ``jwt_cached``: the extension with JWT auth on, an RS256 token signed by a local RSA key
+  whose JWKS a loopback endpoint serves (asked once, during warm-up; a second call fails the
+  run). Next to it the run times ``jwt.decode`` of the same token with the same checks
+  (signature, ``exp``, ``aud``, ``iss``) and a ready key object: the JWT target is
+  ``bare + 1.15 × jwt.decode``.
 
 Each is driven two ways: ``wsgi`` calls the WSGI app directly with a prepared environ (the
 app's own cost; what a WSGI server pays on top of its HTTP work) and ``test_client`` goes
@@ -56,8 +61,11 @@ for _path in (ROOT, HERE):  # the checkout's package, and keydb beside this file
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import jwt  # noqa: E402
 import keydb  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from flask import Flask, request  # noqa: E402
+from jwt.algorithms import RSAAlgorithm  # noqa: E402
 from werkzeug.test import EnvironBuilder  # noqa: E402
 
 from flask_llmauth import LLMAuth  # noqa: E402
@@ -65,12 +73,17 @@ from flask_llmauth import LLMAuth  # noqa: E402
 PATH = "/v1/chat/completions"
 BODY = (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}], '
         b'"max_tokens": 64, "temperature": 0}')
-VARIANTS = ("bare", "master_key", "virtual_key_cached", "virtual_key_cold", "oauth2_cached")
+VARIANTS = ("bare", "master_key", "virtual_key_cached", "virtual_key_cold", "oauth2_cached",
+            "jwt_cached")
 DRIVERS = ("wsgi", "test_client")
 TARGETS = {"master_key": "≤ 1.03×", "virtual_key_cached": "≤ 1.10×",
-           "virtual_key_cold": "adds ≤ 50 µs", "oauth2_cached": "≤ 1.10×"}
+           "virtual_key_cold": "adds ≤ 50 µs", "oauth2_cached": "≤ 1.10×",
+           "jwt_cached": "≤ bare + 1.15 × jwt.decode"}
 #: An opaque access token (no dots, no ``sk-``): what the OAuth2 authenticator takes.
 OAUTH2_TOKEN = "bench-opaque-" + "Tq9" * 14
+JWT_ISSUER = "https://idp.bench.invalid"
+JWT_AUDIENCE = "llm-gateway"
+JWT_KID = "bench-rs256"
 
 
 # -- the apps -------------------------------------------------------------------------------------
@@ -140,6 +153,84 @@ class IntrospectionEndpoint:
         self.server.server_close()
 
 
+class JwksEndpoint:
+    """A loopback JWKS endpoint for ``jwt_cached`` (one RSA key); counts the calls it
+    answers. The private key signs the bench token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key = self.private_key.public_key()
+        jwk = json.loads(RSAAlgorithm.to_jwk(self.public_key))
+        document = json.dumps({"keys": [{**jwk, "kid": JWT_KID, "use": "sig",
+                                         "alg": "RS256"}]}).encode()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                endpoint.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(document)))
+                self.end_headers()
+                self.wfile.write(document)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/jwks.json"
+
+    def token(self) -> str:
+        """An RS256 access token for a user of the bench team (valid for a day)."""
+        now = int(time.time())
+        return jwt.encode({"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "bench-jwt-user",
+                           "email": "bench@corp.example", "team_id": "bench-team",
+                           "scope": "llm", "iat": now, "exp": now + 86400},
+                          self.private_key, algorithm="RS256",
+                          headers={"kid": JWT_KID, "typ": "at+jwt"})
+
+    def decode(self, token: str) -> dict[str, Any]:
+        """``jwt.decode`` with the checks the extension makes, from a ready key object."""
+        return jwt.decode(token, self.public_key, algorithms=["RS256"], audience=JWT_AUDIENCE,
+                          issuer=JWT_ISSUER, options={"require": ["exp", "iss", "aud"]})
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def add_team(app: Flask) -> None:
+    """The team the OAuth2 and JWT tokens name, limited to two models."""
+    response = app.test_client().post(
+        "/team/new", json={"team_id": "bench-team", "models": ["gpt-4o", "gpt-4o-mini"]},
+        headers=bearer(keydb.BENCH_MASTER_KEY))
+    if response.status_code != 200:
+        raise SystemExit(f"could not create the bench team: {response.get_data()!r}")
+
+
+def jwt_app(instance: str, jwks_url: str, extra_config: dict[str, Any] | None) -> Flask:
+    """The extension with JWT auth on (audience and issuer verified; the token's team claim
+    names a team that limits its models)."""
+    app = auth_app(Path(instance) / "jwt.db", instance, {
+        **(extra_config or {}),
+        "LLMAUTH_ENABLE_JWT_AUTH": True,
+        "LLMAUTH_JWT_PUBLIC_KEY_URL": jwks_url,
+        "LLMAUTH_JWT_AUDIENCE": JWT_AUDIENCE,
+        "LLMAUTH_JWT_ISSUER": JWT_ISSUER,
+        "LLMAUTH_JWT_TEAM_ID_FIELD": "team_id",
+        "LLMAUTH_JWT_PUBLIC_KEY_TTL": 86400,
+        "LLMAUTH_JWT_CACHE_TTL": 86400,
+    })
+    add_team(app)
+    return app
+
+
 def oauth2_app(instance: str, endpoint: str, extra_config: dict[str, Any] | None) -> Flask:
     """The extension with OAuth2 introspection on; the token's team limits its models."""
     app = auth_app(Path(instance) / "oauth2.db", instance, {
@@ -150,11 +241,7 @@ def oauth2_app(instance: str, endpoint: str, extra_config: dict[str, Any] | None
         "LLMAUTH_OAUTH2_CLIENT_SECRET": "bench-client-secret-" + "s" * 16,
         "LLMAUTH_OAUTH2_CACHE_TTL": 86400,
     })
-    response = app.test_client().post(
-        "/team/new", json={"team_id": "bench-team", "models": ["gpt-4o", "gpt-4o-mini"]},
-        headers=bearer(keydb.BENCH_MASTER_KEY))
-    if response.status_code != 200:
-        raise SystemExit(f"could not create the bench team: {response.get_data()!r}")
+    add_team(app)
     return app
 
 
@@ -177,15 +264,19 @@ class Workload:
                  extra_config: dict[str, Any] | None = None) -> None:
         self.instance = tempfile.mkdtemp(prefix="llmauth-bench-")
         self.introspection = IntrospectionEndpoint()
+        self.jwks = JwksEndpoint()
+        self.jwt_token = self.jwks.token()
         self.apps = {"bare": bare_app(),
                      "auth": auth_app(database, self.instance, extra_config),
-                     "oauth2": oauth2_app(self.instance, self.introspection.url, extra_config)}
+                     "oauth2": oauth2_app(self.instance, self.introspection.url, extra_config),
+                     "jwt": jwt_app(self.instance, self.jwks.url, extra_config)}
         self.cached_key = keydb.raw_key(0)
         self.headers = {
             "bare": bearer(self.cached_key),  # carried but ignored: same request bytes
             "master_key": bearer(keydb.BENCH_MASTER_KEY),
             "virtual_key_cached": bearer(self.cached_key),
             "oauth2_cached": bearer(OAUTH2_TOKEN),
+            "jwt_cached": bearer(self.jwt_token),
         }
         self._cold = random.Random(seed)
         self._cold_seen: set[int] = {0}
@@ -194,6 +285,8 @@ class Workload:
     def app_for(self, variant: str) -> Flask:
         if variant == "oauth2_cached":
             return self.apps["oauth2"]
+        if variant == "jwt_cached":
+            return self.apps["jwt"]
         return self.apps["bare" if variant == "bare" else "auth"]
 
     def check_introspection_cached(self) -> None:
@@ -201,6 +294,16 @@ class Workload:
         if self.introspection.calls != 1:
             raise SystemExit(f"oauth2_cached: the introspection endpoint answered "
                              f"{self.introspection.calls} calls, expected 1 (a cache miss)")
+
+    def check_jwks_cached(self) -> None:
+        """The JWT path must have fetched its JWKS exactly once (the cache fill)."""
+        if self.jwks.calls != 1:
+            raise SystemExit(f"jwt_cached: the JWKS endpoint answered {self.jwks.calls} "
+                             f"calls, expected 1 (a key cache miss)")
+
+    def check_cached(self) -> None:
+        self.check_introspection_cached()
+        self.check_jwks_cached()
 
     def cold_headers(self, count: int) -> list[dict[str, str]]:
         """Headers with ``count`` stored keys never presented before."""
@@ -220,9 +323,10 @@ class Workload:
         return [self.headers[variant]] * count
 
     def close(self) -> None:
-        for name in ("auth", "oauth2"):
+        for name in ("auth", "oauth2", "jwt"):
             self.apps[name].extensions["llmauth"].close()
         self.introspection.close()
+        self.jwks.close()
         shutil.rmtree(self.instance, ignore_errors=True)
 
 
@@ -290,6 +394,32 @@ def measure(work: Workload, driver: str, variant: str, count: int,
     return elapsed / count / 1000
 
 
+#: The sample key of the raw ``jwt.decode`` timing (not a request: one call per iteration).
+RAW_DECODE = ("raw", "jwt_decode")
+
+
+def measure_decode(work: Workload, count: int, marker: Callable[[], object] = int) -> float:
+    """µs per ``jwt.decode`` of the bench's JWT (fails loudly if it does not verify)."""
+    token, decode = work.jwt_token, work.jwks.decode
+    if decode(token)["sub"] != "bench-jwt-user":
+        raise SystemExit("jwt_decode: the bench token does not verify")
+    gc.collect()
+    marker()
+    started = time.perf_counter_ns()
+    for _ in range(count):
+        decode(token)
+    elapsed = time.perf_counter_ns() - started
+    marker()
+    return elapsed / count / 1000
+
+
+def measure_any(work: Workload, driver: str, variant: str, count: int,
+                marker: Callable[[], object] = int) -> float:
+    if (driver, variant) == RAW_DECODE:
+        return measure_decode(work, count, marker)
+    return measure(work, driver, variant, count, marker)
+
+
 # -- the report ------------------------------------------------------------------------------------
 
 
@@ -314,6 +444,15 @@ def load() -> str:
         return "?"
 
 
+def jwt_verdict(jwt_values: Sequence[float], bare: Sequence[float],
+                decode: Sequence[float]) -> str:
+    """What the JWT path adds over bare, in units of one raw ``jwt.decode`` (median of the
+    per-round quotients), and whether that meets the 1.15 bar."""
+    quotients = [(j - b) / d for j, b, d in zip(jwt_values, bare, decode, strict=True)]
+    added = statistics.median(quotients)
+    return f"adds {added:.2f} × jwt.decode ({'met' if added <= 1.15 else 'NOT met'})"
+
+
 def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
            instructions: dict[str, float] | None) -> str:
     lines = ["| path | driver | median µs/request | min | × bare (median of rounds) | target |",
@@ -328,8 +467,13 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
                 cached = samples[(driver, "virtual_key_cached")]
                 added = statistics.median(v - c for v, c in zip(values, cached, strict=True))
                 target = f"{target}: adds {added:.1f} µs over a cached key"
+            if variant == "jwt_cached":
+                target = f"{target}: {jwt_verdict(values, bare, samples[RAW_DECODE])}"
             lines.append(f"| {variant} | {driver} | {statistics.median(values):.1f} | "
                          f"{min(values):.1f} | {statistics.median(ratios):.3f} | {target} |")
+    decode = samples[RAW_DECODE]
+    lines.append(f"| jwt.decode alone (RS256, same token) | raw | {statistics.median(decode):.1f} "
+                 f"| {min(decode):.1f} | | |")
     out = "\n".join(lines)
     out += f"\n\n{rounds} interleaved rounds × {count} requests per variant and driver.\n"
     if instructions:
@@ -339,9 +483,14 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
             value = instructions[variant]
             rows.append(f"| {variant} | {value:,.0f} | {value / base:.3f} | "
                         f"{value - base:+,.0f} |")
+        decode = instructions["jwt_decode"]
+        added = (instructions["jwt_cached"] - base) / decode
+        rows.append(f"| jwt.decode alone (one call) | {decode:,.0f} | | |")
+        verdict = (f"\nBy instructions, jwt_cached adds {added:.2f} × one jwt.decode over bare "
+                   f"(target ≤ 1.15: {'met' if added <= 1.15 else 'NOT met'}).\n")
         out += ("\nInstructions per request (valgrind --tool=callgrind, counted between "
                 "markers around each timed loop of 1,000 requests):\n\n")
-        out += "\n".join(rows) + "\n"
+        out += "\n".join(rows) + "\n" + verdict
     return out
 
 
@@ -372,6 +521,11 @@ def instructions(database: Path, count: int, warmup: int,
             if match is None:
                 raise SystemExit("unexpected callgrind output")
             result[variant] = int(match.group(1)) / count
+        text = Path(f"{out}.{2 * len(VARIANTS) + 2}").read_text()
+        match = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+        if match is None:
+            raise SystemExit("unexpected callgrind output")
+        result["jwt_decode"] = int(match.group(1)) / count
         return result
 
 
@@ -386,9 +540,11 @@ def callgrind_child(database: Path, count: int, warmup: int,
     try:
         for variant in VARIANTS:
             measure(work, "wsgi", variant, warmup)
+        measure_decode(work, warmup)
         for variant in VARIANTS:
             measure(work, "wsgi", variant, count, marker=os.getppid)
-        work.check_introspection_cached()
+        measure_decode(work, count, marker=os.getppid)
+        work.check_cached()
     finally:
         work.close()
 
@@ -425,19 +581,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(f"machine: {machine()}")
     print(f"load average at start: {load()}")
     work = Workload(database, args.keys, seed=args.seed, extra_config=args.config)
-    samples: dict[tuple[str, str], list[float]] = {
-        (d, v): [] for d in DRIVERS for v in VARIANTS}
-    order = [(d, v) for d in DRIVERS for v in VARIANTS]
+    order = [(d, v) for d in DRIVERS for v in VARIANTS] + [RAW_DECODE]
+    samples: dict[tuple[str, str], list[float]] = {pair: [] for pair in order}
     shuffler = random.Random(args.seed)
     try:
         for driver, variant in order:  # warm-up round, discarded
-            measure(work, driver, variant, max(50, args.requests // 4))
+            measure_any(work, driver, variant, max(50, args.requests // 4))
         for number in range(args.rounds):
             shuffler.shuffle(order)
             for driver, variant in order:
-                samples[(driver, variant)].append(measure(work, driver, variant, args.requests))
+                samples[(driver, variant)].append(
+                    measure_any(work, driver, variant, args.requests))
             print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
-        work.check_introspection_cached()
+        work.check_cached()
     finally:
         work.close()
     print(f"load average at end: {load()}")

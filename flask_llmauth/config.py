@@ -877,7 +877,8 @@ class Settings:
     )
     jwt_cache_ttl: float = setting(
         300.0, _number(float, 0),
-        "Seconds a verified token's claims are reused (never beyond its `exp`).",
+        "Seconds a verified token's claims, and the principal they resolve to (at most "
+        "`LLMAUTH_CACHE_TTL`), are reused (never beyond its `exp`).",
     )
     jwt_oidc_userinfo_enabled: bool = setting(
         False, _bool,

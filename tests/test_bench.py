@@ -46,7 +46,11 @@ def test_key_database_holds_digests_the_extension_finds(bench: ModuleType,
         principal_cache = work.apps["auth"].extensions["llmauth"].key_cache
         assert len(principal_cache) == 1 + len(bench.DRIVERS) * 5  # cached key + cold ones
         assert work.introspection.calls == 1  # the OAuth2 token: one fill, then the cache
-        work.check_introspection_cached()
+        assert work.jwks.calls == 1  # the JWT's signing keys: fetched once
+        jwt_auth = work.apps["jwt"].extensions["llmauth"].authenticators["jwt"]
+        assert len(jwt_auth.verified) == 1 and len(jwt_auth.principals) == 1
+        work.check_cached()
+        assert bench.measure_decode(work, 5) > 0  # the same token verifies with jwt.decode
     finally:
         work.close()
 
@@ -78,9 +82,47 @@ def test_an_introspection_cache_miss_fails_the_run(bench: ModuleType, tmp_path: 
         work.close()
 
 
+def test_a_jwks_cache_miss_fails_the_run(bench: ModuleType, tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 50, log=lambda *a: None)
+    work = bench.Workload(path, 50)
+    try:
+        bench.measure(work, "wsgi", "jwt_cached", 3)
+        work.check_jwks_cached()
+        authenticator = work.apps["jwt"].extensions["llmauth"].authenticators["jwt"]
+        authenticator.global_issuer.keys._entries[authenticator.global_issuer.keys.urls[0]] \
+            .keys = None  # the key cache loses its copy
+        authenticator.verified.clear()
+        authenticator.principals.clear()
+        bench.measure(work, "wsgi", "jwt_cached", 3)
+        with pytest.raises(SystemExit, match="expected 1"):
+            work.check_cached()
+    finally:
+        work.close()
+
+
+def test_a_token_that_does_not_verify_fails_the_run(bench: ModuleType, tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 50, log=lambda *a: None)
+    work = bench.Workload(path, 50)
+    header, payload, _ = work.jwt_token.split(".")
+    forged = f"{header}.{payload}." + "A" * 342  # the right length, not the signature
+    work.jwt_token = forged
+    work.headers["jwt_cached"] = bench.bearer(forged)
+    try:
+        with pytest.raises(Exception, match="Signature verification failed"):
+            bench.measure_decode(work, 3)
+        with pytest.raises(SystemExit, match="not 200"):  # nor does the extension take it
+            bench.measure(work, "wsgi", "jwt_cached", 3)
+    finally:
+        work.close()
+
+
 def test_report(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = bench.main(["--keys", "200", "--rounds", "2", "--requests", "5",
                        "--db-dir", str(tmp_path)])
     for variant in bench.VARIANTS:
         assert f"| {variant} | wsgi |" in text and f"| {variant} | test_client |" in text
     assert "adds ≤ 50 µs" in text
+    assert "| jwt.decode alone (RS256, same token) | raw |" in text
+    assert "≤ bare + 1.15 × jwt.decode: adds" in text

@@ -10,10 +10,14 @@ when configured, leeway, maximum lifetime, optional ``typ: at+jwt``. Every refus
 token has the same body; the reason goes to the log, never the token.
 
 Verified claims are kept under ``sha256(full token)`` until ``min(exp, jwt_cache_ttl)``, so
-a repeated token costs a hash and a dict lookup. The principal itself is built per request
-from the claims (LiteLLM's ``litellm_jwtauth`` rules: admin scope, teams, users, roles,
-scopes), because team selection depends on the requested model and route, and the records
-(user, team, membership) come from the identity cache like a virtual key's.
+a repeated token is never parsed or verified again. The principal is resolved from the
+claims (LiteLLM's ``litellm_jwtauth`` rules: admin scope, teams, users, roles, scopes) with
+the user, team and membership records of the identity cache, and kept under
+``(sha256(token), route, x-litellm-team-id)`` for the same time (at most ``cache_ttl``);
+like a key's, it is dropped when its user or team changes. Only a successful resolution is
+kept, and never one whose team was picked by probing the requested model
+(``team_ids_jwt_field``): that one is resolved per request. A repeated token therefore costs
+a hash and a dict lookup.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ log = logging.getLogger("flask_llmauth")
 
 METHOD = "jwt"
 TEAM_HEADER = "x-litellm-team-id"
+TEAM_ENVIRON = "HTTP_X_LITELLM_TEAM_ID"  # the same header, read from the WSGI environ
 #: Claims a token may never set: LiteLLM's internal claims and ours.
 INTERNAL_CLAIM_PREFIXES = ("_litellm", "_llmauth")
 #: Header members that carry or point at key material: refused, never followed.
@@ -302,6 +307,10 @@ class JWTAuthenticator:
         self.global_issuer = self._global_issuer(s)
         self.issuers = self._issuer_entries(s)
         self.verified: TTLCache[Verified] = TTLCache(s.cache_max_size)
+        #: Resolved principals (records included) by (token digest, route, team header),
+        #: dropped with their user/team tags like a key's.
+        self.principals: TTLCache[Principal] = TTLCache(s.cache_max_size)
+        state.invalidate.caches.append(self.principals)
         self.admin_routes = RoutePatterns(s.jwt_admin_allowed_routes)
         self.team_routes = RoutePatterns(s.jwt_team_allowed_routes)
         self.role_mappings = tuple(
@@ -408,13 +417,31 @@ class JWTAuthenticator:
             verified = self._validated(claims, self.global_issuer or self._userinfo_issuer())
             return self.principal(verified, ctx)
         key = hashlib.sha256(token.encode()).digest()
+        # The same token, route and team header resolve to the same principal, until the
+        # token's cache entry ends or its user or team changes (tag invalidation).
+        route = ctx.route  # (rule template, endpoint) determines the RouteInfo
+        reuse_key = (key, route.route, route.endpoint, ctx.request.environ.get(TEAM_ENVIRON))
+        principal = self.principals.get(reuse_key)
+        if principal is not None:
+            return principal
+        generation = self.principals.generation
         verified = self.verified.get(key)
         if verified is None:
             verified = self.verify(token)
             verified = self._validated(verified.claims, verified.issuer)
-            exp = verified.claims["exp"]
-            self.verified.set(key, verified, min(self.settings.jwt_cache_ttl, exp - time.time()))
-        return self.principal(verified, ctx)
+            self.verified.set(key, verified, self._cache_ttl(verified))
+        principal, reusable = self._resolve(verified, ctx)
+        if reusable:
+            tags = [f"user:{principal.user_id}"] if principal.user_id else []
+            tags += [f"team:{principal.team_id}"] if principal.team_id else []
+            ttl = min(self._cache_ttl(verified), self.settings.cache_ttl)  # records' age
+            self.principals.set(reuse_key, principal, ttl, tags, generation=generation)
+        return principal
+
+    def _cache_ttl(self, verified: Verified) -> float:
+        """How long a verified token (and what it resolves to) is kept: until its ``exp``,
+        at most ``jwt_cache_ttl``."""
+        return min(self.settings.jwt_cache_ttl, verified.claims["exp"] - time.time())
 
     def _may_send_to_userinfo(self, token: str) -> bool:
         """Never send a virtual key or the master key to the identity provider."""
@@ -523,6 +550,12 @@ class JWTAuthenticator:
     # -- claims → principal (per request) ---------------------------------------------------------
 
     def principal(self, verified: Verified, ctx: AuthContext) -> Principal:
+        """The principal of a verified token for this request (LiteLLM's rules)."""
+        return self._resolve(verified, ctx)[0]
+
+    def _resolve(self, verified: Verified, ctx: AuthContext) -> tuple[Principal, bool]:
+        """The principal, and whether it may be reused for the same token, route and team
+        header (``False`` when the team was picked by probing the requested models)."""
         s = self.settings
         claims, issuer = verified.claims, verified.issuer
         info: RouteInfo = ctx.route
@@ -539,9 +572,9 @@ class JWTAuthenticator:
                   "metadata": {"jwt_issuer": claims.get("iss")}}
 
         if s.jwt_admin_scope and s.jwt_admin_scope in scopes:
-            return self._admin(claims, issuer, ctx, user_id, models, common)
+            return self._admin(claims, issuer, ctx, user_id, models, common), True
 
-        team_id = self._team(claims, issuer, ctx, models)
+        team_id, probed = self._team(claims, issuer, ctx, models)
         if team_id is not None:
             self._check_email_domain(email, required=False)
             if not self.team_routes.allows(info):
@@ -550,7 +583,7 @@ class JWTAuthenticator:
                     f"Routes={list(s.jwt_team_allowed_routes)}", reason="jwt_team_route")
             user_id = self._upsert_user(user_id, email)
             return self._build(Role.TEAM, user_id=user_id, team_id=team_id, models=models,
-                               allowed_routes=s.jwt_team_allowed_routes, **common)
+                               allowed_routes=s.jwt_team_allowed_routes, **common), not probed
 
         if s.jwt_enforce_team_based_model_access:
             raise Forbidden("No teams found in token. `enforce_team_based_model_access` is set "
@@ -565,29 +598,29 @@ class JWTAuthenticator:
                     f"{list(s.jwt_user_allowed_roles)}.", reason="jwt_user_role_not_allowed")
             self._check_email_domain(email, required=True)
             user_id = self._upsert_user(user_id or self._subject(claims, issuer), email)
-            return self._user_principal(user_id, claims, issuer, ctx, models, common)
+            return self._user_principal(user_id, claims, issuer, ctx, models, common), True
 
         mapped = self._mapped_role(claims)
         if mapped is not None:
             object_id = claim_string(claims, s.jwt_object_id_field)
             if mapped is Role.PROXY_ADMIN:
-                return self._admin(claims, issuer, ctx, None, models, common)
+                return self._admin(claims, issuer, ctx, None, models, common), True
             if mapped is Role.TEAM:
                 team = object_id or self._subject(claims, issuer)
                 return self._build(Role.TEAM, team_id=team, models=models,
-                                   allowed_routes=s.jwt_team_allowed_routes, **common)
+                                   allowed_routes=s.jwt_team_allowed_routes, **common), True
             self._check_email_domain(email, required=True)
             user = (issuer.user_id_prefix + object_id) if object_id else self._subject(
                 claims, issuer)
             return self._user_principal(self._upsert_user(user, email), claims, issuer, ctx,
-                                        models, common)
+                                        models, common), True
 
         if s.jwt_enforce_rbac:
             raise Forbidden("Unmatched token passed in. enforce_rbac is set to True. Token must "
                             "belong to a proxy admin, team, or user.", reason="jwt_unmatched")
         self._check_email_domain(email, required=True)
         return self._user_principal(self._subject(claims, issuer), claims, issuer, ctx,
-                                    models, common)
+                                    models, common), True
 
     def _subject(self, claims: Mapping[str, Any], issuer: IssuerConfig) -> str:
         sub = claim_string(claims, "sub")
@@ -671,9 +704,10 @@ class JWTAuthenticator:
                             f"{domain}", reason="jwt_email_domain")
 
     def _team(self, claims: Mapping[str, Any], issuer: IssuerConfig, ctx: AuthContext,
-              models: tuple[str, ...]) -> str | None:
+              models: tuple[str, ...]) -> tuple[str | None, bool]:
         """The team of a non-admin token: the header's (if the token lists it), the team
-        claim (or the default), else the first listed team that may serve this request."""
+        claim (or the default), else the first listed team that may serve this request;
+        and whether it was picked by probing this request's models."""
         s = self.settings
         specific = claim_string(claims, issuer.team_id_field)
         listed = claim_strings(claims, issuer.team_ids_field)
@@ -685,20 +719,20 @@ class JWTAuthenticator:
                 raise Forbidden(
                     f"{TEAM_HEADER} '{header[:64]}' does not resolve to a team id in your JWT's "
                     f"allowed teams: {token_teams[:20]}.", reason="jwt_team_header_not_in_token")
-            return header
+            return header, False
         if issuer.team_id_field:
             team_id = specific or s.jwt_team_id_default
             if team_id is not None:
                 if specific and s.jwt_team_id_upsert:
                     self._upsert_team(team_id)
-                return team_id
+                return team_id, False
             if not listed:
                 raise Unauthenticated(
                     f"Authentication Error, No team found in token. Checked team_id field "
                     f"'{issuer.team_id_field}'.", reason="jwt_no_team_claim")
         if listed:
-            return self._first_serving_team(listed, ctx, models)
-        return s.jwt_team_id_default
+            return self._first_serving_team(listed, ctx, models), True
+        return s.jwt_team_id_default, False
 
     def _first_serving_team(self, team_ids: list[str], ctx: AuthContext,
                             models: tuple[str, ...]) -> str:

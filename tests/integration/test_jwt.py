@@ -124,6 +124,51 @@ def test_verified_token_is_cached_by_full_token_hash(make_app: Any, idp: IdP,
     assert len(calls) == 2
 
 
+def test_resolved_principal_is_reused_per_route_and_dropped_when_its_team_changes(
+        make_app: Any, idp: IdP, monkeypatch: Any) -> None:
+    resolved: list[int] = []
+    original = JWTAuthenticator._resolve
+
+    def counting(self: JWTAuthenticator, verified: Any, ctx: Any) -> Any:
+        resolved.append(1)
+        return original(self, verified, ctx)
+
+    monkeypatch.setattr(JWTAuthenticator, "_resolve", counting)
+    client = make_app(team_id_field="team").test_client()
+    new_team(client, "t-reuse", models=["gpt-4o"])
+    token = idp.token(extra_claims={"team": "t-reuse", "email": "r@corp.example"})
+    for _ in range(3):
+        assert ok(call(client, token, path=CHAT))
+    assert len(resolved) == 1, "same token, route and header: resolved once"
+    # another route is resolved (and refused) on its own, never served from the cache
+    error = assert_error(call(client, token, path="/v1/messages"), 403)
+    assert "Team not allowed to access this route" in error["message"]
+    assert len(resolved) == 2
+    assert ok(call(client, token, path=CHAT)) and len(resolved) == 2
+    # a team change applies to the very next request of the cached token
+    updated = client.post("/team/update", json={"team_id": "t-reuse", "models": ["claude-3"]},
+                          headers=ADMIN)
+    assert updated.status_code == 200, updated.get_json()
+    assert_error(call(client, token, path=CHAT), 403, "team_model_access_denied")
+    assert ok(call(client, token, model="claude-3", path=CHAT))
+    blocked = client.post("/team/block", json={"team_id": "t-reuse"}, headers=ADMIN)
+    assert blocked.status_code == 200
+    assert_error(call(client, token, model="claude-3", path=CHAT), 401)
+
+
+def test_resolved_user_principal_follows_the_stored_user(make_app: Any, idp: IdP) -> None:
+    client = make_app(admin_allowed_routes=["info_routes", "openai_routes"]).test_client()
+    created = client.post("/user/new", json={"user_id": "later-admin@corp.example",
+                                             "auto_create_key": False}, headers=ADMIN)
+    assert created.status_code == 200, created.get_json()
+    token = idp.token(extra_claims={"email": "later-admin@corp.example"})
+    assert ok(call(client, token))["role"] == "internal_user"
+    updated = client.post("/user/update", json={"user_id": "later-admin@corp.example",
+                                                "user_role": "proxy_admin"}, headers=ADMIN)
+    assert updated.status_code == 200, updated.get_json()
+    assert ok(call(client, token))["role"] == "proxy_admin"
+
+
 def test_typ_at_jwt_can_be_required(make_app: Any, idp: IdP) -> None:
     client = make_app(require_at_jwt_typ=True).test_client()
     assert ok(call(client, idp.token(extra_claims={"email": "a@corp.example"})))
