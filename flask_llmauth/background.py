@@ -38,18 +38,27 @@ class Background:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: False until the thread runs in this process; reset in a forked child.
+        self.started = False
         ref = weakref.ref(self)
         atexit.register(lambda: (obj := ref()) is not None and obj.stop())
+        os.register_at_fork(after_in_child=lambda: (obj := ref()) is not None and obj._forked())
+
+    def _forked(self) -> None:
+        self.started = False
+        self._lock = threading.Lock()
 
     def every(self, interval: float, name: str, run: Callable[[], object]) -> None:
         """Run ``run`` every ``interval`` seconds (and once more at shutdown)."""
         self._tasks.append(_Task(name, interval, run, time.monotonic() + interval))
 
     def ensure_started(self) -> None:
-        if self._pid == os.getpid() or not self._tasks:
+        """Start the thread in this process unless it runs (cheap: a flag on later calls)."""
+        if self.started or not self._tasks:
             return
         with self._lock:
             if self._pid == os.getpid():
+                self.started = True
                 return
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -58,6 +67,7 @@ class Background:
             )
             self._pid = os.getpid()
             self._thread.start()
+            self.started = True
 
     def run_all(self) -> None:
         """Run every task now (tests, shutdown)."""
@@ -70,6 +80,7 @@ class Background:
             self._thread.join(timeout=5)
         self._thread = None
         self._pid = None
+        self.started = False
         self.run_all()
 
 

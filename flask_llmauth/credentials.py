@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from flask import Request
 
 from .errors import Unauthenticated
 
 #: Headers read raw after the two bearer-capable headers, in order.
-_RAW_HEADERS = ("api-key", "x-api-key", "x-goog-api-key")
+_RAW_HEADERS = (("api-key", "HTTP_API_KEY"), ("x-api-key", "HTTP_X_API_KEY"),
+                ("x-goog-api-key", "HTTP_X_GOOG_API_KEY"))
 #: Room for a scheme (``Bearer``) and surrounding blanks on top of the credential itself.
 _SCHEME_ALLOWANCE = 32
 MALFORMED_AUTHORIZATION = (
@@ -43,6 +44,13 @@ def _environ_key(name: str) -> str:
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
 
 
+def _header(environ: dict[str, Any], environ_key: str, raw_limit: int) -> str | None:
+    value = environ.get(environ_key)
+    if value and len(value) > raw_limit:
+        raise Unauthenticated(reason="credential_too_long")
+    return value or None
+
+
 def _strip_bearer(value: str) -> str | None:
     scheme, _, rest = value.strip().partition(" ")
     if scheme.lower() == "bearer":
@@ -72,34 +80,27 @@ def read_credentials(
     """
     environ = request.environ
     raw_limit = max_length + _SCHEME_ALLOWANCE
-
-    def header(name: str) -> str | None:
-        # What ``request.headers.get(name)`` returns, read from the environ directly (the
-        # headers object raises and catches a KeyError for every absent header).
-        value = environ.get(_environ_key(name))
-        if value and len(value) > raw_limit:
-            raise Unauthenticated(reason="credential_too_long")
-        return value or None
-
     token: str | None = None
     source: str | None = None
     malformed = False
 
+    # Headers are read from the environ directly: what ``request.headers.get`` returns, but
+    # the headers object raises and catches a KeyError for every absent header.
     if custom_header:
-        value = header(custom_header)
+        value = _header(environ, _environ_key(custom_header), raw_limit)
         if value is not None:
             token, source = _bare_or_bearer(value) or None, custom_header
     else:
-        litellm_header = header("x-litellm-api-key")
-        authorization = header("Authorization")
+        litellm_header = _header(environ, "HTTP_X_LITELLM_API_KEY", raw_limit)
+        authorization = _header(environ, "HTTP_AUTHORIZATION", raw_limit)
         if litellm_header:
             token, source = _bare_or_bearer(litellm_header) or None, "x-litellm-api-key"
         elif authorization:
             token, source = _strip_bearer(authorization), "Authorization"
             malformed = token is None
         if token is None:
-            for name in _RAW_HEADERS:
-                value = header(name)
+            for name, environ_key in _RAW_HEADERS:
+                value = _header(environ, environ_key, raw_limit)
                 if value and value.strip():
                     token, source = value.strip(), name
                     break

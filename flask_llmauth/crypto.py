@@ -64,7 +64,13 @@ class KeyDigester:
         return outer.hexdigest()
 
 
-def constant_time_equals(a: str, b: str) -> bool:
-    """Compare two secrets without leaking where they differ."""
+def secret_bytes(value: str) -> bytes:
+    """A secret as the bytes :func:`constant_time_equals` compares."""
+    return value.encode("utf-8", "surrogatepass")
+
+
+def constant_time_equals(a: str, b: str | bytes) -> bool:
+    """Compare two secrets without leaking where they differ (``b`` may be pre-encoded with
+    :func:`secret_bytes`)."""
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"),
-                               b.encode("utf-8", "surrogatepass"))
+                               b if isinstance(b, bytes) else b.encode("utf-8", "surrogatepass"))

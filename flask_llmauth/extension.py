@@ -12,9 +12,19 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    after_this_request,
+    current_app,
+    g,
+    got_request_exception,
+    request,
+)
 from werkzeug.exceptions import HTTPException
 
 from .authn.base import AuthContext, Authenticator, Chain
@@ -184,6 +194,7 @@ class LLMAuthState:
         response = self._before_request()
         hooks = self.host_limit_hooks  # Flask-Limiter's, which ran after this hook
         if response is None and hooks is not None and hooks.active:
+            after_this_request(hooks.after)  # also adds the headers of a 429 it raises
             hooks.before()
         return response
 
@@ -228,8 +239,10 @@ class LLMAuthState:
             model = self.policy.authorize(principal, info, req)
             g_._llmauth_principal = principal
             if self.guards.guards:
-                g_._llmauth_admission = self.guards.admit(principal, info, model, _json_body,
-                                                          req.environ)
+                admission = self.guards.admit(principal, info, model, _json_body, req.environ)
+                if admission is not None:
+                    g_._llmauth_admission = admission
+                    after_this_request(partial(self.guards.finish, admission))
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
@@ -246,20 +259,11 @@ class LLMAuthState:
             auth_succeeded.send(current_app._get_current_object(), principal=principal)
         return None
 
-    def after_request(self, response: Response) -> Response:
-        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran before this hook
-        if hooks is not None and hooks.active:
-            response = hooks.after(response)
-        admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
-        if admission is not None:
-            response = self.guards.finish(admission, response)
-        return response
-
-    def teardown_request(self, exc: BaseException | None) -> None:
-        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran before this hook
-        if hooks is not None and hooks.active:
-            hooks.teardown(exc)
-        admission = g._get_current_object().get("_llmauth_admission")  # type: ignore[attr-defined]
+    def request_failed(self, sender: Flask, exception: BaseException, **_: Any) -> None:
+        """A view (or hook) raised: settle the request's guards as failed now. Flask answers
+        500 (its after-request functions see a settled admission) or, when it propagates
+        exceptions, runs none of them."""
+        admission = g.get("_llmauth_admission")
         if admission is not None:
             self.guards.teardown(admission)
 
@@ -365,9 +369,10 @@ class LLMAuth:
         check_secrets(settings)
         app_state = LLMAuthState(self, app, settings)
         app.extensions["llmauth"] = app_state
+        # One app-wide hook: what must run after the response is added per request (Flask's
+        # ``after_this_request``), so requests that need none pay for no idle hook.
         app.before_request(app_state.before_request)
-        app.after_request(app_state.after_request)
-        app.teardown_request(app_state.teardown_request)
+        got_request_exception.connect(app_state.request_failed, app, weak=False)
         app.register_error_handler(LLMAuthError, app_state.handle_error)
         for _, install in GUARD_INSTALLERS:
             install(app_state, app)

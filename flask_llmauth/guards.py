@@ -8,8 +8,11 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
    admitted is settled with ``failed=True`` so it releases what it reserved.
 2. ``settle(admission, usage, failed)`` runs exactly once per admitted request: after the
    response for plain responses; when a streamed body ends — also when the client
-   disconnects; or at teardown when the view raised. ``usage`` is what the host reported with
-   :func:`record_usage`, else what the response (JSON or SSE) reported, else an estimate.
+   disconnects; or as soon as the view (or a hook) raises (Flask's
+   ``got_request_exception``). The after-response step is registered per admitted request
+   (``after_this_request``), so requests no guard wants pay for no hook. ``usage`` is what
+   the host reported with :func:`record_usage`, else what the response (JSON or SSE)
+   reported, else an estimate.
    ``settle`` must not raise; failures are logged.
 3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
 
@@ -201,8 +204,8 @@ class Guards:
             _settle_all(admission.scratch["_guards"], admission, usage, failed)
 
     def teardown(self, admission: Admission) -> None:
-        """End of the request context: settle as failed unless a response (or a stream
-        still being sent) took care of it — the view raised, or after_request never ran."""
+        """The request failed with an exception: settle as failed unless a response (or a
+        stream still being sent) took care of it."""
         if not admission.settled and not admission.scratch.get("_streaming"):
             self.settle(admission, admission.usage, True)
 

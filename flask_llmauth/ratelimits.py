@@ -132,8 +132,10 @@ def _limits_declared(limiter: Limiter) -> bool:
 
 
 class HostLimitHooks:
-    """Flask-Limiter's three request hooks, taken off the app and run by the extension's own
-    hooks, at the same points, only once the host has declared a limit.
+    """Flask-Limiter's three request hooks, taken off the app; once the host has declared a
+    limit, the extension's ``before_request`` runs the first and registers the second for
+    the request (``after_this_request``). The third only resets per-request state that dies
+    with the request context, so it is not needed.
 
     Without a declared limit they do nothing, yet they cost about as much as authenticating
     the request, and even an idle Flask hook costs a call. Whether a limit is declared is
@@ -599,16 +601,17 @@ class RateLimits:
     # -- Guard protocol ----------------------------------------------------------------------
 
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+        if not route.is_llm or principal.is_master_key:
             return False
-        if self.always:  # global limits
-            return True
-        hit = self._limited.get(id(principal))
-        if hit is None or hit[0] is not principal:
-            if len(self._limited) >= 10_000:
-                self._limited.clear()
-            hit = self._limited[id(principal)] = (principal, has_limits(principal))
-        return hit[1]
+        if not self.always:  # global limits
+            hit = self._limited.get(id(principal))
+            if hit is None or hit[0] is not principal:
+                if len(self._limited) >= 10_000:
+                    self._limited.clear()
+                hit = self._limited[id(principal)] = (principal, has_limits(principal))
+            if not hit[1]:
+                return False
+        return request.method not in SAFE_METHODS
 
     def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
         """A request naming an end user whose row carries limits (see ``Guards.admit``)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..crypto import constant_time_equals
+from ..crypto import constant_time_equals, secret_bytes
 from ..principal import Principal, Role
 from .base import AuthContext
 
@@ -11,7 +11,7 @@ class MasterKeyAuthenticator:
     name = "master_key"
 
     def __init__(self, master_key: str, admin_name: str, alias: str) -> None:
-        self._master_key = master_key
+        self._master_key = secret_bytes(master_key)
         self._principal = Principal(
             method=self.name, role=Role.PROXY_ADMIN, user_id=admin_name, key_name=alias,
         )

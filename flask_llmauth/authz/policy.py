@@ -77,6 +77,10 @@ class Policy:
         self._key_routes: dict[tuple[tuple[str, ...], str, frozenset[str]], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
         self._exposed: dict[str, bool] = {}
+        #: ``(id(principal), model) -> principal`` for models that principal may call.
+        #: Principals are immutable snapshots (a changed key gets a new one), and the model
+        #: rules are fixed at start, so an allowed answer stays right for that object.
+        self._models_allowed: dict[tuple[int, str], Principal] = {}
         #: Whether :meth:`gate` has anything to check (settings do not change after start).
         self.gated = settings.allowed_ips is not None or bool(self.allowed_routes)
 
@@ -128,10 +132,17 @@ class Policy:
                 self._check_role_table(principal, info, request)
         if info.is_llm and request.method not in SAFE_METHODS:
             models = requested_models(request, info)
+            allowed = self._models_allowed
             for model in models:
+                cache_key = (id(principal), model)
+                if allowed.get(cache_key) is principal:
+                    continue
                 denial = self.models.denial(principal, model)
                 if denial is not None:
                     raise denial
+                if len(allowed) >= 10_000:
+                    allowed.clear()
+                allowed[cache_key] = principal  # kept alive, so its id is not reused
             return models[0] if models else None
         return None
 

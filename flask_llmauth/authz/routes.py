@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from werkzeug.routing import Rule
@@ -240,13 +240,15 @@ class RouteInfo:
     #: The view argument that names the model (Gemini-style routes), if any.
     model_arg: str | None = None
 
-    @property
-    def is_llm(self) -> bool:
-        return "llm_api_routes" in self.groups
+    #: Whether the route is an LLM API route (``llm_api_routes``); derived from ``groups``.
+    is_llm: bool = field(init=False, compare=False)
+    #: Whether ``?key=`` may carry the credential (Gemini-style routes); derived from ``route``.
+    query_key_allowed: bool = field(init=False, compare=False)
 
-    @property
-    def query_key_allowed(self) -> bool:
-        return self.route.endswith(_QUERY_KEY_MARKERS)
+    def __post_init__(self) -> None:
+        # Read on every request: plain attributes, computed once per rule.
+        object.__setattr__(self, "is_llm", "llm_api_routes" in self.groups)
+        object.__setattr__(self, "query_key_allowed", self.route.endswith(_QUERY_KEY_MARKERS))
 
     def in_group(self, name: str) -> bool:
         return name in self.groups

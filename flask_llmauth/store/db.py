@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import peewee
@@ -66,20 +67,45 @@ def _missing_table(exc: peewee.ProgrammingError) -> bool:
 
 
 def _converter(field: peewee.Field) -> Any:
-    """The field's ``python_value``; for JSON columns with a fast path for the empty values
-    most rows hold (a fresh object each time: records never share a mutable value)."""
+    """A fast equivalent of the field's ``python_value`` for the cold key lookup (``None``:
+    take the driver's value as it is).
+
+    Text and integer columns come back from both drivers as ``str``/``int`` already;
+    booleans come back as 0/1 from SQLite; timestamps as ISO strings from SQLite (parsed with
+    :meth:`datetime.fromisoformat`, falling back to Peewee's parser); JSON columns have a
+    fast path for the empty values most rows hold (a fresh object each time: records never
+    share a mutable value).
+    """
     convert = field.python_value
-    if not isinstance(field, JSONText):
-        return convert
+    if isinstance(field, JSONText):
+        def json_value(value: Any) -> Any:
+            if value == "[]":
+                return []
+            if value == "{}":
+                return {}
+            return convert(value)
 
-    def json_value(value: Any) -> Any:
-        if value == "[]":
-            return []
-        if value == "{}":
-            return {}
-        return convert(value)
+        return json_value
+    if isinstance(field, peewee.BooleanField):
+        return lambda value: value if value is None else bool(value)
+    if isinstance(field, peewee.DateTimeField):
+        def datetime_value(value: Any) -> Any:
+            if value is None or isinstance(value, datetime):
+                return value
+            try:
+                return datetime.fromisoformat(value)
+            except (TypeError, ValueError):
+                return convert(value)
 
-    return json_value
+        return datetime_value
+    if isinstance(field, (peewee.IntegerField, peewee.CharField)) and type(
+            field).python_value in _PLAIN_PYTHON_VALUES:
+        return None  # the driver's value is the Python value: no call at all
+    return convert
+
+
+_PLAIN_PYTHON_VALUES = (peewee.Field.python_value, peewee.IntegerField.python_value,
+                        peewee.CharField.python_value, peewee.BigIntegerField.python_value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +239,8 @@ class Store:
                 records.append(None)
                 continue
             records.append(record_type(**{
-                name: convert(row[index]) for index, name, convert in columns
+                name: row[index] if convert is None else convert(row[index])
+                for index, name, convert in columns
             }))
         return KeyRow(*records)
 
