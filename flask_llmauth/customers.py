@@ -262,16 +262,21 @@ def end_user_from_body(body: Any) -> str | None:
     """The end user a JSON body names (LiteLLM's order), or ``None``."""
     if type(body) is not dict:
         return None
-    found = _checked(body.get("user"), "user")
-    if found is not None:
+    # Most bodies name no end user: test for the fields before calling anything.
+    found = body.get("user")
+    if found is not None and (found := _checked(found, "user")) is not None:
         return found
-    for container, name in (("litellm_metadata", "user"), ("metadata", "user_id")):
+    for container, name in _BODY_CONTAINERS:
         inner = body.get(container)
-        if type(inner) is dict:
-            found = _checked(inner.get(name), f"{container}.{name}")
+        if type(inner) is dict and inner.get(name) is not None:
+            found = _checked(inner[name], f"{container}.{name}")
             if found is not None:
                 return found
-    return _checked(body.get("safety_identifier"), "safety_identifier")
+    found = body.get("safety_identifier")
+    return None if found is None else _checked(found, "safety_identifier")
+
+
+_BODY_CONTAINERS = (("litellm_metadata", "user"), ("metadata", "user_id"))
 
 
 class CustomersGuard:

@@ -239,7 +239,8 @@ class LLMAuthState:
             model = self.policy.authorize(principal, info, req)
             g_._llmauth_principal = principal
             if self.guards.guards:
-                admission = self.guards.admit(principal, info, model, _json_body, req.environ)
+                admission = self.guards.admit(principal, info, model,
+                                             partial(_json_body, req), req.environ)
                 if admission is not None:
                     g_._llmauth_admission = admission
                     after_this_request(partial(self.guards.finish, admission))
@@ -301,8 +302,8 @@ class LLMAuthState:
                              reason=error.reason, route=route, ip=ip)
 
 
-def _json_body() -> Any:
-    body = get_json(request)
+def _json_body(req: Any) -> Any:
+    body = get_json(req)
     return None if body is INVALID else body
 
 
