@@ -1038,6 +1038,24 @@ class Settings:
         "Completion tokens assumed for a request that sets no `max_tokens` when its "
         "worst-case cost is reserved against budgets.",
     )
+    spend_enabled: bool = setting(
+        True, _bool,
+        "Track spend: price every LLM-API request and write it to the spend log and the "
+        "key/user/team/member/customer `spend` columns (docs/spend.md).",
+    )
+    spend_flush_interval: float = setting(
+        1.0, _number(float, 0.01),
+        "Seconds between writes of queued spend events; a crash (`kill -9`) loses at most "
+        "the events settled since the last write.",
+    )
+    spend_batch_size: int = setting(
+        500, _number(int, 1), "Spend events written per database transaction.",
+    )
+    spend_queue_limit: int = setting(
+        100_000, _number(int, 100),
+        "Spend events a process queues while the database cannot be written; beyond it new "
+        "events are dropped (logged).",
+    )
 
     # -- rate limits (issue 4) ------------------------------------------------------------------
     ratelimit_enabled: bool = setting(

@@ -59,6 +59,7 @@ from .network import client_ip
 from .principal import Principal, get_principal
 from .ratelimits import install as install_ratelimits
 from .signals import auth_failed, auth_succeeded
+from .spend import install as install_spend
 from .store.db import Store
 from .sync import InvalidationLog
 
@@ -158,6 +159,8 @@ class LLMAuthState:
         #: Set by :func:`flask_llmauth.customers.install` in ``init_app``.
         self.customers: Any = None
         self.auth_failures: Any = None
+        #: Set by :func:`flask_llmauth.spend.install` (``None`` when spend tracking is off).
+        self.spend_ledger: Any = None
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
                               self.invalidation_log.poll)
@@ -343,6 +346,7 @@ GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] 
     ("customers", install_customers),  # end user: resolved first, blocked → 403
     ("rate_limits", install_ratelimits),  # rpm/tpm/parallel limits → 429
     ("budgets", lambda state, app: None),  # budget reservation → 429 budget_exceeded
+    ("spend", install_spend),  # prices the request, queues its spend event (never refuses)
 )
 
 

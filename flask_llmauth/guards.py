@@ -19,7 +19,7 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
 No guard runs for a request none of them wants, so unconfigured features cost nothing.
 
 Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
-rate limits, budgets — so cheap refusals happen before money is reserved. The customers
+rate limits, budgets, spend — so cheap refusals happen before money is reserved. The customers
 guard runs first and fills two slots later guards read:
 
 * ``admission.end_user_id`` — the end user (customer) the request is for: from the

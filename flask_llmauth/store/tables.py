@@ -234,6 +234,36 @@ class CacheEvent(Table):
         table_name = "llmauth_cache_event"
 
 
+class SpendLog(Table):
+    """One LLM request's usage and cost (written in batches by the spend ledger).
+
+    ``request_id`` is unique, so a retried write never counts a request twice. ``spend`` is
+    integer units; ``key_id`` names the key (never its secret).
+    """
+
+    id = BigAutoField()
+    request_id = CharField(max_length=64, unique=True)
+    created_at = DateTimeField(default=utcnow, index=True)
+    started_at = DateTimeField()
+    key_id = CharField(max_length=255, null=True, index=True)
+    user_id = CharField(max_length=255, null=True, index=True)
+    team_id = CharField(max_length=255, null=True, index=True)
+    organization_id = CharField(max_length=255, null=True)
+    end_user_id = CharField(max_length=255, null=True, index=True)
+    model = CharField(max_length=255, null=True, index=True)
+    route = CharField(max_length=255)
+    auth_method = CharField(max_length=32)
+    prompt_tokens = IntegerField(default=0)
+    completion_tokens = IntegerField(default=0)
+    spend = BigIntegerField(default=0)
+    estimated = BooleanField(default=False)
+    status = CharField(max_length=16)
+
+    class Meta:
+        table_name = "llmauth_spend_log"
+
+
 ALL_TABLES: tuple[type[Table], ...] = (
     Key, KeyGrace, DeletedKey, User, Team, TeamMembership, AuditLog, CacheEvent, Customer,
+    SpendLog,
 )

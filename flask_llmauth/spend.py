@@ -1,0 +1,319 @@
+"""Spend: every LLM request's cost, written in batches to the spend log and the spend columns.
+
+The spend guard wants every LLM-API request (POST and other unsafe methods). When a request
+settles it prices the usage (:func:`flask_llmauth.prices.cost_units`), builds a
+:class:`SpendEvent` and hands it to the app's :class:`SpendLedger` — a queue append, no
+database round trip on the request path.
+
+The ledger is flushed by the extension's background thread every
+``LLMAUTH_SPEND_FLUSH_INTERVAL`` seconds, and once more when the process exits cleanly
+(``atexit``) or the extension is closed. Each batch (at most ``LLMAUTH_SPEND_BATCH_SIZE``
+events) is one transaction that
+
+1. inserts the spend-log rows; a ``request_id`` already there is skipped (so a batch retried
+   after a failed commit, or an event recorded twice, counts once);
+2. for the rows it inserted, adds their cost to the ``spend`` of the key, user, team, team
+   membership and customer (end user) rows, in that table order and sorted by id within a
+   table (so concurrent transactions lock rows in one order);
+3. runs every :meth:`SpendLedger.on_batch` callback with those new events.
+
+A batch that fails on a database error goes back to the front of the queue and is retried
+on the next flush. What a crash (``kill -9``, power loss) loses is the queue: events
+settled since the last flush — at most about one flush interval of traffic. See
+docs/spend.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import peewee
+from flask import Flask, request
+
+from .authz.routes import RouteInfo
+from .errors import ConfigurationError
+from .guards import Admission
+from .prices import cost_units, prices_for
+from .principal import Principal
+from .store import tables
+from .store.db import Store
+from .store.tables import Key, SpendLog, Team, TeamMembership, User
+from .usage import Usage, estimate_prompt_tokens
+
+log = logging.getLogger("flask_llmauth")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: ``admission.scratch`` slot the budgets guard fills; copied into ``SpendEvent.reservations``.
+RESERVATIONS = "budget_reservations"
+BatchCallback = Callable[[list["SpendEvent"], peewee.Database], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SpendEvent:
+    """One settled LLM request: who, which model, how many tokens, what it cost."""
+
+    request_id: str
+    #: Unix time the request started / settled.
+    started_at: float
+    created_at: float
+    key_id: str | None
+    user_id: str | None
+    team_id: str | None
+    organization_id: str | None
+    end_user_id: str | None
+    model: str | None
+    route: str
+    auth_method: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: Cost in money units (nano-dollars, :mod:`flask_llmauth.money`).
+    spend: int
+    estimated: bool
+    #: ``"success"`` or ``"failure"``.
+    status: str
+    #: What the budgets guard reserved for this request (opaque here).
+    reservations: Any = ()
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "created_at": _naive_utc(self.created_at),
+            "started_at": _naive_utc(self.started_at),
+            "key_id": self.key_id,
+            "user_id": self.user_id,
+            "team_id": self.team_id,
+            "organization_id": self.organization_id,
+            "end_user_id": self.end_user_id,
+            "model": self.model[:255] if self.model else None,
+            "route": self.route[:255],
+            "auth_method": self.auth_method[:32],
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "spend": self.spend,
+            "estimated": self.estimated,
+            "status": self.status,
+        }
+
+
+def _naive_utc(stamp: float) -> datetime:
+    return datetime.fromtimestamp(stamp, timezone.utc).replace(tzinfo=None)
+
+
+def _clip(value: str | None) -> str | None:
+    return value[:255] if value else None
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+class SpendLedger:
+    """Queue of spend events and their batched, idempotent writer."""
+
+    def __init__(self, store: Store, *, batch_size: int = 500,
+                 queue_limit: int = 100_000) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.queue_limit = queue_limit
+        self._queue: deque[SpendEvent] = deque()
+        self._callbacks: list[BatchCallback] = []
+        self._flush_lock = threading.Lock()
+        self._dropped = 0
+        self._dropped_reported = 0.0
+        #: Events written (rows inserted) and duplicates skipped, by this process.
+        self.written = 0
+        self.duplicates = 0
+
+    def on_batch(self, fn: BatchCallback) -> BatchCallback:
+        """Register ``fn(events, db)``, run in each batch's transaction with the events it
+        inserted (never a duplicate). It may write; an exception rolls the batch back (it is
+        retried). Lock rows after the ledger's: key, user, team, membership, customer."""
+        if fn not in self._callbacks:
+            self._callbacks.append(fn)
+        return fn
+
+    def record(self, event: SpendEvent) -> None:
+        """Queue ``event`` (the request path: an append, no I/O)."""
+        if len(self._queue) >= self.queue_limit:
+            self._note_dropped(event)
+            return
+        self._queue.append(event)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def flush(self) -> int:
+        """Write every queued event, one transaction per batch; return the rows inserted.
+
+        On a failure the failed batch (and what follows it) stays queued and the error is
+        raised for the caller (the background thread) to report.
+        """
+        inserted = 0
+        with self._flush_lock:
+            while self._queue:
+                batch = self._take()
+                try:
+                    inserted += self._write(batch)
+                except Exception:
+                    self._queue.extendleft(reversed(batch))
+                    raise
+        return inserted
+
+    def _take(self) -> list[SpendEvent]:
+        batch: list[SpendEvent] = []
+        queue = self._queue
+        while queue and len(batch) < self.batch_size:
+            batch.append(queue.popleft())
+        return batch
+
+    def _write(self, batch: Sequence[SpendEvent]) -> int:
+        unique: dict[str, SpendEvent] = {}
+        for event in batch:
+            unique.setdefault(event.request_id, event)
+        events = list(unique.values())  # in settlement order
+        with self.store.use() as db, db.atomic():
+            new_ids = self._insert(db, events)
+            fresh = [e for e in events if e.request_id in new_ids]
+            if fresh:
+                self._add_spend(fresh)
+                for callback in self._callbacks:
+                    callback(fresh, db)
+        self.written += len(fresh)
+        self.duplicates += len(batch) - len(fresh)
+        return len(fresh)
+
+    @staticmethod
+    def _insert(db: peewee.Database, events: Sequence[SpendEvent]) -> set[str]:
+        """Insert the rows; the request ids actually inserted (the others were there)."""
+        query = SpendLog.insert_many([e.row() for e in events]).on_conflict(
+            conflict_target=[SpendLog.request_id], action="IGNORE",
+        ).returning(SpendLog.request_id)
+        return {row[0] for row in query.tuples().execute()}
+
+    @staticmethod
+    def _add_spend(events: Sequence[SpendEvent]) -> None:
+        """``spend = spend + cost`` on every row the events name, in lock order. Rows with
+        nothing to add are updated too (``+ 0``), so a callback that writes them later
+        finds them already locked in this order."""
+        sums: list[dict[Any, int]] = [{}, {}, {}, {}, {}]
+        for e in events:
+            for slot, ident in ((0, e.key_id), (1, e.user_id), (2, e.team_id),
+                                (4, e.end_user_id)):
+                if ident:
+                    sums[slot][ident] = sums[slot].get(ident, 0) + e.spend
+            if e.team_id and e.user_id:
+                pair = (e.team_id, e.user_id)
+                sums[3][pair] = sums[3].get(pair, 0) + e.spend
+        for table, column, amounts in ((Key, Key.key_id, sums[0]), (User, User.user_id, sums[1]),
+                                       (Team, Team.team_id, sums[2])):
+            for ident in sorted(amounts):
+                table.update(spend=table.spend + amounts[ident]).where(column == ident).execute()
+        for team_id, user_id in sorted(sums[3]):
+            TeamMembership.update(
+                spend=TeamMembership.spend + sums[3][(team_id, user_id)],
+            ).where((TeamMembership.team_id == team_id)
+                    & (TeamMembership.user_id == user_id)).execute()
+        customer = getattr(tables, "Customer", None)  # the customers table, once it exists
+        if customer is not None:
+            for ident in sorted(sums[4]):
+                customer.update(spend=customer.spend + sums[4][ident]).where(
+                    customer.user_id == ident).execute()
+
+    def _note_dropped(self, event: SpendEvent) -> None:
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_reported >= 60.0:
+            self._dropped_reported = now
+            log.error("llmauth: spend queue full (%d events; is the database down?): %d "
+                      "spend event(s) dropped so far, the latest request %s cost %d units",
+                      self.queue_limit, self._dropped, event.request_id, event.spend)
+
+
+# -- the guard ----------------------------------------------------------------------------------
+
+
+class SpendGuard:
+    """Prices each settled LLM request and queues its :class:`SpendEvent` (last guard)."""
+
+    name = "spend"
+
+    def __init__(self, settings: Any, ledger: SpendLedger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    def wants(self, principal: Principal, route: RouteInfo) -> bool:
+        return route.is_llm and request.method not in SAFE_METHODS
+
+    def admit(self, admission: Admission) -> None:
+        return None
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
+        if usage is None and not failed:  # an answer without usage: charge the prompt
+            usage = Usage(estimate_prompt_tokens(admission.body), 0, admission.model,
+                          estimated=True)
+        principal = admission.principal
+        model = admission.model or (usage.model if usage is not None else None)
+        if usage is None:
+            prompt = completion = cost = 0
+            estimated = False
+        else:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            estimated = usage.estimated
+            cost = cost_units(admission.model, usage, self.settings)
+        reservations = admission.scratch.get(RESERVATIONS, ())
+        self.ledger.record(SpendEvent(
+            request_id=admission.request_id,
+            started_at=admission.started,
+            created_at=time.time(),
+            key_id=principal.key_id,
+            user_id=_clip(principal.user_id),
+            team_id=_clip(principal.team_id),
+            organization_id=_clip(principal.org_id),
+            end_user_id=_clip(admission.end_user_id or principal.end_user_id),
+            model=model,
+            route=admission.route.route,
+            auth_method=principal.method,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            spend=cost,
+            estimated=estimated,
+            status="failure" if failed else "success",
+            reservations=reservations,
+        ))
+
+    def headers(self, admission: Admission) -> Mapping[str, str]:
+        return {}
+
+
+def install(state: Any, app: Flask) -> None:
+    """Add the spend guard and its ledger (called by ``init_app``, after budgets)."""
+    settings = state.settings
+    state.spend_ledger = None
+    try:
+        prices_for(settings)  # a bad model_list price fails start-up, not a request
+    except ValueError as exc:
+        raise ConfigurationError(f"LLMAUTH_MODEL_LIST: {exc}") from None
+    if not settings.spend_enabled:
+        return
+    ledger = SpendLedger(state.store, batch_size=settings.spend_batch_size,
+                         queue_limit=settings.spend_queue_limit)
+    state.spend_ledger = ledger
+    state.guards.add(SpendGuard(settings, ledger))
+    state.background.every(settings.spend_flush_interval, "spend", ledger.flush)
+    budgets = getattr(state, "budgets", None)
+    if budgets is not None and callable(getattr(budgets, "on_batch", None)):
+        budgets.spend_ledger = ledger  # budgets release reservations in the batch
+        ledger.on_batch(budgets.on_batch)
+
+
+def flush(app: Flask) -> int:
+    """Write the app's queued spend now (tests, scripts); the rows inserted."""
+    ledger: SpendLedger | None = app.extensions["llmauth"].spend_ledger
+    return 0 if ledger is None else ledger.flush()
