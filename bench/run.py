@@ -533,10 +533,12 @@ def callgrind_child(database: Path, count: int, warmup: int,
                     config: dict[str, Any]) -> None:
     """Warm every variant up, then run ``count`` requests of each between two markers."""
     key_count = int(keydb._meta(database).get("count", "0"))
-    # The invalidation-log poll runs once a second of wall-clock time, and a run under
-    # valgrind is ~50x slower: keep that background work out of the per-request counts.
+    # The invalidation-log poll and the spend flush run once a second of wall-clock time,
+    # and a run under valgrind is ~50x slower: keep that background work out of the
+    # per-request counts (the spend flush's own cost per row is in docs/spend.md).
     work = Workload(database, key_count,
-                    extra_config={**config, "LLMAUTH_CACHE_SYNC_INTERVAL": 3600})
+                    extra_config={"LLMAUTH_CACHE_SYNC_INTERVAL": 3600,
+                                  "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600, **config})
     try:
         for variant in VARIANTS:
             measure(work, "wsgi", variant, warmup)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,34 @@ def test_flush_latency_is_bounded_by_the_interval(app_factory: Any, db_url: str)
         latencies.append(time.monotonic() - start)
     # The background thread wakes at least every interval; allow for a loaded machine.
     assert max(latencies) < interval + 1.0, latencies
+
+
+def test_request_ids_are_unique_across_threads_and_forked_processes() -> None:
+    import threading
+
+    from flask_llmauth.guards import _request_ids
+
+    seen: list[str] = []
+
+    def take() -> None:
+        seen.extend(_request_ids.next() for _ in range(2000))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == len(seen) == 8000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in seen)
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12 warns about fork() with threads running
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child draws its own prefix, so its ids never repeat the parent's
+        os.write(write, _request_ids.next().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:16] != seen[0][:16] and child not in seen
