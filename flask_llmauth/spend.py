@@ -42,9 +42,8 @@ from .errors import ConfigurationError
 from .guards import Admission
 from .prices import cost_units, prices_for
 from .principal import Principal
-from .store import tables
 from .store.db import Store
-from .store.tables import Key, SpendLog, Team, TeamMembership, User
+from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
 from .usage import Usage, estimate_prompt_tokens
 
 log = logging.getLogger("flask_llmauth")
@@ -232,10 +231,8 @@ class SpendLedger:
         p = db.param
         targets: list[tuple[type[peewee.Model], tuple[str, ...], dict[Any, int]]] = [
             (Key, ("key_id",), sums[0]), (User, ("user_id",), sums[1]),
-            (Team, ("team_id",), sums[2]), (TeamMembership, ("team_id", "user_id"), sums[3])]
-        customer = getattr(tables, "Customer", None)  # the customers table, once it exists
-        if customer is not None:
-            targets.append((customer, ("user_id",), sums[4]))
+            (Team, ("team_id",), sums[2]), (TeamMembership, ("team_id", "user_id"), sums[3]),
+            (Customer, ("user_id",), sums[4])]
         for table, columns, amounts in targets:
             if not amounts:
                 continue

@@ -22,7 +22,7 @@ from flask import Flask, Response, jsonify, stream_with_context
 from flask_llmauth import record_usage
 from flask_llmauth.guards import Admission
 from flask_llmauth.spend import SpendEvent, SpendLedger, flush
-from flask_llmauth.store.tables import Key, SpendLog, Team, TeamMembership, User
+from flask_llmauth.store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
 from flask_llmauth.usage import estimate_prompt_tokens
 from tests.helpers import ADMIN, bearer, new_key
 
@@ -160,6 +160,24 @@ def test_openai_anthropic_embeddings_and_streams_are_priced_and_attributed(
     assert spend_of(spend_app, User, user_id="u1") == total
     assert spend_of(spend_app, Team, team_id="t1") == total
     assert spend_of(spend_app, TeamMembership, team_id="t1", user_id="u1") == total
+
+
+def test_end_user_spend_goes_to_the_customer_row(spend_app: Flask) -> None:
+    client = spend_app.test_client()
+    response = client.post("/customer/new", json={"user_id": "acme"}, headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    key = new_key(client)
+    auth = bearer(key["key"])
+    client.post("/v1/chat/completions", json={"model": "m-in", "user": "acme"}, headers=auth)
+    client.post("/v1/messages", json={"model": "m-in", "user": "acme"}, headers=auth)
+    client.post("/v1/messages", json={"model": "m-in", "user": "no-row"}, headers=auth)
+    flush(spend_app)
+    assert [r.end_user_id for r in rows(spend_app)] == ["acme", "acme", "no-row"]
+    assert spend_of(spend_app, Customer, user_id="acme") == 11 * IN + 7 * OUT + 7 * IN + 3 * OUT
+    assert spend_of(spend_app, Key, key_id=key["key_id"]) == 11 * IN + 7 * OUT + 2 * (
+        7 * IN + 3 * OUT)
+    with spend_app.extensions["llmauth"].store.use():  # no row is made up for "no-row"
+        assert Customer.select().where(Customer.user_id == "no-row").count() == 0
 
 
 def test_estimates_failures_and_what_is_not_logged(spend_app: Flask) -> None:

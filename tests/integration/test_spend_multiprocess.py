@@ -1,12 +1,11 @@
 """The spend ledger across processes, against the real Postgres: the example gateway under
 gunicorn (2 workers x 8 threads) answers thousands of concurrent requests of known cost, and
-the spend log and the key, user, team and membership rows add up to the exact sum, each
+the spend log and the key, user, team, membership and customer rows add up to the exact sum, each
 request counted once — including what the workers flush as they shut down."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from flask import Flask
 
 from example_app import fake_model
 from flask_llmauth import LLMAuth
-from flask_llmauth.store.tables import Key, SpendLog, Team, TeamMembership, User
+from flask_llmauth.store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
 from tests.helpers import ADMIN, MASTER_KEY, bearer, new_key
 from tests.integration.gateway import Gateway, gunicorn
 
@@ -59,15 +58,13 @@ def cost_of(body: dict[str, Any]) -> int:
 
 
 def send_all(url: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[int]:
-    local = threading.local()
+    """Send every job from 32 client threads, each request on a new connection (so both
+    workers take a share: a kept-alive connection stays with the worker that accepted it)."""
 
     def send(job: tuple[str, dict[str, Any]]) -> int:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
         key, body = job
-        response = session.post(url + "/v1/chat/completions", json=body, headers=bearer(key),
-                                timeout=60)
+        response = requests.post(url + "/v1/chat/completions", json=body, timeout=60,
+                                 headers={**bearer(key), "Connection": "close"})
         if body.get("stream"):
             assert b"[DONE]" in response.content
         else:
@@ -88,7 +85,8 @@ def totals(app: Flask) -> dict[str, Any]:
                 "keys": {k.key_id: k.spend for k in Key.select()},
                 "users": {u.user_id: u.spend for u in User.select()},
                 "teams": {t.team_id: t.spend for t in Team.select()},
-                "members": {(m.team_id, m.user_id): m.spend for m in TeamMembership.select()}}
+                "members": {(m.team_id, m.user_id): m.spend for m in TeamMembership.select()},
+                "customers": {c.user_id: c.spend for c in Customer.select()}}
 
 
 def test_concurrent_requests_of_known_cost_sum_exactly(admin: Flask, postgres_url: str,
@@ -102,7 +100,12 @@ def test_concurrent_requests_of_known_cost_sum_exactly(admin: Flask, postgres_ur
     # team + user / user only / team only
     keys = [new_key(client, team_id="t-spend", user_id="u-a"), new_key(client, user_id="u-b"),
             new_key(client, team_id="t-spend")]
+    assert client.post("/customer/new", json={"user_id": "c-spend"},
+                       headers=ADMIN).status_code == 200
     jobs = [(keys[i % 3]["key"], body_for(i)) for i in range(REQUESTS + FINAL)]
+    for i, (_, body) in enumerate(jobs):
+        if i % 3 == 2:  # the team-only key's requests are on behalf of an end user
+            body["user"] = "c-spend"
     expected = [0, 0, 0]
     for i, (_, body) in enumerate(jobs):
         expected[i % 3] += cost_of(body)
@@ -146,3 +149,4 @@ def test_concurrent_requests_of_known_cost_sum_exactly(admin: Flask, postgres_ur
     assert done["users"] == {"u-a": expected[0], "u-b": expected[1]}
     assert done["teams"] == {"t-spend": expected[0] + expected[2]}
     assert done["members"] == {("t-spend", "u-a"): expected[0]}
+    assert done["customers"] == {"c-spend": expected[2]}
