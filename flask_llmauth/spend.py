@@ -30,9 +30,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee
 from flask import Flask, request
@@ -54,9 +53,11 @@ RESERVATIONS = "budget_reservations"
 BatchCallback = Callable[[list["SpendEvent"], peewee.Database], None]
 
 
-@dataclass(frozen=True, slots=True)
-class SpendEvent:
-    """One settled LLM request: who, which model, how many tokens, what it cost."""
+class SpendEvent(NamedTuple):
+    """One settled LLM request: who, which model, how many tokens, what it cost.
+
+    A named tuple: built on every LLM request, so it must be cheap (a frozen dataclass
+    costs several times more)."""
 
     request_id: str
     #: Unix time the request started / settled.
@@ -83,10 +84,10 @@ class SpendEvent:
     def values(self) -> tuple[Any, ...]:
         """The spend-log row's values, in the order of ``_COLUMNS``."""
         return (self.request_id, _naive_utc(self.created_at), _naive_utc(self.started_at),
-                self.key_id, self.user_id, self.team_id, self.organization_id,
-                self.end_user_id, self.model[:255] if self.model else None, self.route[:255],
-                self.auth_method[:32], self.prompt_tokens, self.completion_tokens, self.spend,
-                self.estimated, self.status)
+                _clip(self.key_id), _clip(self.user_id), _clip(self.team_id),
+                _clip(self.organization_id), _clip(self.end_user_id), _clip(self.model),
+                self.route[:255], self.auth_method[:32], self.prompt_tokens,
+                self.completion_tokens, self.spend, self.estimated, self.status)
 
 
 _COLUMNS = tuple(f'"{name}"' for name in (
@@ -273,37 +274,25 @@ class SpendGuard:
         return None
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        if usage is None and not failed:  # an answer without usage: charge the prompt
-            usage = Usage(estimate_prompt_tokens(admission.body), 0, admission.model,
-                          estimated=True)
-        principal = admission.principal
-        model = admission.model or (usage.model if usage is not None else None)
-        if usage is None:
-            prompt = completion = cost = 0
-            estimated = False
-        else:
+        model = admission.model
+        if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             estimated = usage.estimated
-            cost = cost_units(admission.model, usage, self.settings)
-        reservations = admission.scratch.get(RESERVATIONS, ())
+            cost = cost_units(model, usage, self.settings)
+            model = model or usage.model
+        elif not failed:  # an answer without usage: charge the prompt's estimate
+            prompt, completion, estimated = estimate_prompt_tokens(admission.body), 0, True
+            cost = cost_units(model, Usage(prompt, 0, model), self.settings)
+        else:
+            prompt = completion = cost = 0
+            estimated = False
+        principal = admission.principal
         self.ledger.record(SpendEvent(
-            request_id=admission.request_id,
-            started_at=admission.started,
-            created_at=time.time(),
-            key_id=principal.key_id,
-            user_id=_clip(principal.user_id),
-            team_id=_clip(principal.team_id),
-            organization_id=_clip(principal.org_id),
-            end_user_id=_clip(admission.end_user_id or principal.end_user_id),
-            model=model,
-            route=admission.route.route,
-            auth_method=principal.method,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            spend=cost,
-            estimated=estimated,
-            status="failure" if failed else "success",
-            reservations=reservations,
+            admission.request_id, admission.started, time.time(), principal.key_id,
+            principal.user_id, principal.team_id, principal.org_id,
+            admission.end_user_id or principal.end_user_id, model, admission.route.route,
+            principal.method, prompt, completion, cost, estimated,
+            "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
         ))
 
     def headers(self, admission: Admission) -> Mapping[str, str]:

@@ -271,7 +271,11 @@ def _admission_probe(app: Any) -> None:
                        max_budget=None if customer is None else customer.max_budget)
 
 
-def test_end_user_limits_reach_the_rate_limit_guard(app: Any, client: Any) -> None:
+def test_end_user_limits_reach_the_rate_limit_guard(app_factory: Any, db_url: str) -> None:
+    # Spend tracking off: it wants every LLM request, and this test looks for requests
+    # no guard wants.
+    app = app_factory(db_url=db_url, config={"LLMAUTH_SPEND_ENABLED": False})
+    client = app.test_client()
     _admission_probe(app)
     key = new_key(client)["key"]  # a key without limits of its own
     ok(post(client, "/customer/new", {"user_id": "limited", "rpm_limit": 2,
