@@ -21,7 +21,7 @@ API_ROUTES: dict[str, str] = {}
 
 
 def create_blueprint() -> Blueprint:
-    from . import customers, keys, teams, users
+    from . import customers, keys, spend, teams, users
 
     bp = Blueprint(BLUEPRINT_NAME, __name__)
 
@@ -38,6 +38,7 @@ def create_blueprint() -> Blueprint:
     users.register(route)
     teams.register(route)
     customers.register(route)
+    spend.register(route)
     bp.register_error_handler(HTTPException, http_exception_response)
     return bp
 

@@ -1,0 +1,322 @@
+"""Spend reports: /spend/logs, /spend/keys, /spend/users, /spend/teams, /global/spend —
+LiteLLM's shapes, exact sums, date ranges (day and instant bounds), pagination, every bad
+parameter a 400, and data-level scoping: a non-admin sees only its own spend (IDOR)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from flask_llmauth.spend import flush
+from flask_llmauth.store.tables import Key, SpendLog, Team, User
+from tests.helpers import ADMIN, assert_error, bearer, new_key
+
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+USD = Decimal(1_000_000_000)
+
+
+def get(client: Any, path: str, headers: dict[str, str] = ADMIN, **query: Any) -> Any:
+    return client.get(path, query_string=query, headers=headers)
+
+
+def ok(response: Any) -> Any:
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def usd(units: int) -> float:
+    return float(Decimal(units) / USD)
+
+
+@pytest.fixture
+def world(app: Any, client: Any) -> dict[str, Any]:
+    """alice (team t1) and bob (internal users), a viewer, an internal_user_viewer (carol),
+    a service-account key of team t2, and four spend-log rows over three days."""
+    for body in ({"team_id": "t1"}, {"team_id": "t2"}):
+        ok(client.post("/team/new", json=body, headers=ADMIN))
+    for user, role in (("alice", "internal_user"), ("bob", "internal_user"),
+                       ("vera", "proxy_admin_viewer"), ("carol", "internal_user_viewer")):
+        ok(client.post("/user/new", headers=ADMIN, json={
+            "user_id": user, "user_role": role, "auto_create_key": False}))
+    ok(client.post("/team/member_add", headers=ADMIN,
+                   json={"team_id": "t1", "member": {"user_id": "alice", "role": "user"}}))
+    keys = {"alice": new_key(client, user_id="alice", team_id="t1"),
+            "alice2": new_key(client, user_id="alice"),
+            "bob": new_key(client, user_id="bob"),
+            "vera": new_key(client, user_id="vera"),
+            "carol": new_key(client, user_id="carol"),
+            "service": new_key(client, team_id="t2")}
+    rows = [
+        ("r1", "alice", "alice", "t1", None, "gpt-4o", 1_000_000_001, "2026-11-01 10:00:00"),
+        ("r2", "alice", "alice", "t1", None, "claude", 333_333_333, "2026-11-01 23:59:59.5"),
+        ("r3", "bob", "bob", None, None, "gpt-4o", 7, "2026-11-02 00:00:00"),
+        ("r4", "bob", "bob", None, "c1", "gpt-4o", 2_000_000_000, "2026-11-03 12:00:00"),
+        ("r5", "service", None, "t2", None, "gpt-4o", 5, "2026-11-03 13:00:00"),
+    ]
+    state = app.extensions["llmauth"]
+    with state.store.use():
+        for request_id, key, user, team, end_user, model, spend, when in rows:
+            at = datetime.fromisoformat(when)
+            SpendLog.create(request_id=request_id, created_at=at, started_at=at,
+                            key_id=keys[key]["key_id"], user_id=user, team_id=team,
+                            end_user_id=end_user, model=model, route="/v1/chat/completions",
+                            auth_method="virtual_key", prompt_tokens=10, completion_tokens=5,
+                            spend=spend, estimated=False, status="success")
+            Key.update(spend=Key.spend + spend).where(
+                Key.key_id == keys[key]["key_id"]).execute()
+            if user:
+                User.update(spend=User.spend + spend).where(User.user_id == user).execute()
+            if team:
+                Team.update(spend=Team.spend + spend).where(Team.team_id == team).execute()
+    return {"keys": keys, "as": {name: bearer(k["key"]) for name, k in keys.items()}}
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["request_id"] for r in rows]
+
+
+# -- /spend/logs ----------------------------------------------------------------------------------
+
+
+def test_logs_shapes_filters_and_pagination(client: Any, world: dict[str, Any]) -> None:
+    keys = world["keys"]
+    response = get(client, "/spend/logs")
+    rows = ok(response)
+    assert ids(rows) == ["r5", "r4", "r3", "r2", "r1"]  # newest first
+    assert response.headers["X-Total-Count"] == "5"
+    first = rows[-1]
+    assert first == {
+        "request_id": "r1", "call_type": "/v1/chat/completions",
+        "api_key": keys["alice"]["key_id"], "spend": 1.000000001, "total_tokens": 15,
+        "prompt_tokens": 10, "completion_tokens": 5,
+        "startTime": "2026-11-01T10:00:00+00:00", "endTime": "2026-11-01T10:00:00+00:00",
+        "model": "gpt-4o", "user": "alice", "team_id": "t1", "organization_id": None,
+        "end_user": None, "auth_method": "virtual_key", "status": "success",
+        "estimated": False}
+    assert ids(ok(get(client, "/spend/logs", user_id="alice"))) == ["r2", "r1"]
+    assert ids(ok(get(client, "/spend/logs", api_key=keys["bob"]["key_id"]))) == ["r4", "r3"]
+    assert ids(ok(get(client, "/spend/logs", api_key=keys["bob"]["key"]))) == ["r4", "r3"]
+    assert ids(ok(get(client, "/spend/logs", team_id="t1"))) == ["r2", "r1"]
+    assert ids(ok(get(client, "/spend/logs", end_user_id="c1"))) == ["r4"]
+    assert ids(ok(get(client, "/spend/logs", model="claude"))) == ["r2"]
+    assert ids(ok(get(client, "/spend/logs", request_id="r3"))) == ["r3"]
+    assert ok(get(client, "/spend/logs", api_key="sk-no-such-key-0123456789abcdef")) == []
+    page = get(client, "/spend/logs", page=2, page_size=2)
+    assert ids(ok(page)) == ["r3", "r2"] and page.headers["X-Total-Count"] == "5"
+    assert ok(get(client, "/spend/logs", page=4, page_size=2)) == []
+
+
+def test_logs_date_ranges(client: Any, world: dict[str, Any]) -> None:
+    def between(start: str, end: str) -> list[str]:
+        return ids(ok(get(client, "/spend/logs", start_date=start, end_date=end,
+                          summarize="false")))
+
+    # a day as end_date includes the whole day, up to its last fraction of a second
+    assert between("2026-11-01", "2026-11-01") == ["r2", "r1"]
+    assert between("2026-11-01", "2026-11-02") == ["r3", "r2", "r1"]
+    assert between("2026-11-02", "2026-11-02") == ["r3"]
+    # instants: both ends included; an offset is converted to UTC
+    assert between("2026-11-01T23:00:00Z", "2026-11-02T00:00:00") == ["r3", "r2"]
+    assert between("2026-11-02T01:00:00+01:00", "2026-11-02T00:00:00+00:00") == ["r3"]
+    assert between("2026-11-04", "2026-12-31") == []
+    # one bound alone
+    assert ids(ok(get(client, "/spend/logs", start_date="2026-11-03"))) == ["r5", "r4"]
+    assert ids(ok(get(client, "/spend/logs", end_date="2026-11-01"))) == ["r2", "r1"]
+
+
+def test_logs_daily_summary_sums_exactly(client: Any, world: dict[str, Any]) -> None:
+    keys = world["keys"]
+    days = ok(get(client, "/spend/logs", start_date="2026-11-01", end_date="2026-11-03"))
+    assert [d["startTime"] for d in days] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert days[0]["spend"] == usd(1_333_333_334) == 1.333333334
+    assert days[0]["users"] == {"alice": 1.333333334}
+    assert days[0]["models"] == {"gpt-4o": 1.000000001, "claude": 0.333333333}
+    assert days[0]["api_keys"] == {keys["alice"]["key_id"]: 1.333333334}
+    assert days[1]["spend"] == usd(7) and days[2]["spend"] == usd(2_000_000_005)
+    assert days[2]["users"] == {"bob": 2.0}  # the service key's row has no user
+    # filters apply to the summary too
+    bob = ok(get(client, "/spend/logs", start_date="2026-11-01", end_date="2026-11-03",
+                 user_id="bob"))
+    assert [(d["startTime"], d["spend"]) for d in bob] == [("2026-11-02", usd(7)),
+                                                            ("2026-11-03", 2.0)]
+
+
+def test_non_admins_see_only_their_own_logs(client: Any, world: dict[str, Any]) -> None:
+    keys, as_ = world["keys"], world["as"]
+    assert ids(ok(get(client, "/spend/logs", as_["alice"]))) == ["r2", "r1"]
+    # the same rows through her other key (spend is the user's)
+    assert ids(ok(get(client, "/spend/logs", as_["alice2"]))) == ["r2", "r1"]
+    assert ids(ok(get(client, "/spend/logs", as_["alice"], user_id="alice"))) == ["r2", "r1"]
+    assert ids(ok(get(client, "/spend/logs", as_["alice"],
+                      api_key=keys["alice"]["key_id"]))) == ["r2", "r1"]
+    assert ok(get(client, "/spend/logs", as_["alice"], team_id="t2")) == []
+    for query in ({"user_id": "bob"}, {"api_key": keys["bob"]["key_id"]},
+                  {"api_key": keys["bob"]["key"]},
+                  {"api_key": "00000000-0000-0000-0000-000000000000"},
+                  {"api_key": "sk-not-a-key-anyone-has-0123456789"}):
+        assert_error(get(client, "/spend/logs", as_["alice"], **query), 403)
+    # the summary is scoped too
+    days = ok(get(client, "/spend/logs", as_["bob"], start_date="2026-11-01",
+                  end_date="2026-11-03"))
+    assert [d["startTime"] for d in days] == ["2026-11-02", "2026-11-03"]
+    assert days[1]["spend"] == 2.0  # not the service key's row of that day
+    # an internal_user_viewer reads its own (none); the role table keeps a team key away
+    assert ok(get(client, "/spend/logs", as_["carol"])) == []
+    assert_error(get(client, "/spend/logs", as_["service"]), 403)
+    # an admin viewer sees everything
+    assert ids(ok(get(client, "/spend/logs", as_["vera"]))) == ["r5", "r4", "r3", "r2", "r1"]
+
+
+# -- /spend/keys, /spend/users, /spend/teams ------------------------------------------------------
+
+
+def test_spend_keys(client: Any, world: dict[str, Any]) -> None:
+    keys, as_ = world["keys"], world["as"]
+    listed = ok(get(client, "/spend/keys"))
+    assert [k["key_id"] for k in listed[:3]] == [keys["bob"]["key_id"],
+                                                keys["alice"]["key_id"],
+                                                keys["service"]["key_id"]]
+    assert listed[0]["spend"] == usd(2_000_000_007) and len(listed) == 6
+    assert all("key" not in k and "digest" not in k for k in listed)
+    assert len(ok(get(client, "/spend/keys", limit=2))) == 2
+    dated = ok(get(client, "/spend/keys", start_date="2026-11-01", end_date="2026-11-02"))
+    assert [(k["key_id"], k["spend"]) for k in dated[:2]] == [
+        (keys["alice"]["key_id"], 1.333333334), (keys["bob"]["key_id"], usd(7))]
+    assert {k["spend"] for k in dated[2:]} == {0.0}
+    mine = ok(get(client, "/spend/keys", as_["alice"]))
+    assert {k["key_id"] for k in mine} == {keys["alice"]["key_id"], keys["alice2"]["key_id"]}
+    assert_error(get(client, "/spend/keys", as_["service"]), 403)
+
+
+def test_spend_users(client: Any, world: dict[str, Any]) -> None:
+    as_ = world["as"]
+    listed = ok(get(client, "/spend/users"))
+    assert [(u["user_id"], u["spend"]) for u in listed[:2]] == [("bob", usd(2_000_000_007)),
+                                                              ("alice", 1.333333334)]
+    assert "password" not in str(listed)
+    assert [u["user_id"] for u in ok(get(client, "/spend/users", user_id="alice"))] == [
+        "alice"]
+    dated = ok(get(client, "/spend/users", start_date="2026-11-03", end_date="2026-11-03"))
+    assert [(u["user_id"], u["spend"]) for u in dated[:2]] == [("bob", 2.0), ("alice", 0.0)]
+    assert [u["user_id"] for u in ok(get(client, "/spend/users", as_["alice"]))] == ["alice"]
+    assert_error(get(client, "/spend/users", as_["alice"], user_id="bob"), 403)
+    assert_error(get(client, "/spend/users", as_["service"]), 403)
+
+
+def test_spend_teams(client: Any, world: dict[str, Any]) -> None:
+    as_ = world["as"]
+    listed = ok(get(client, "/spend/teams"))
+    assert [(t["team_id"], t["spend"]) for t in listed] == [("t1", 1.333333334),
+                                                           ("t2", usd(5))]
+    dated = ok(get(client, "/spend/teams", start_date="2026-11-03"))
+    assert [(t["team_id"], t["spend"]) for t in dated] == [("t2", usd(5)), ("t1", 0.0)]
+    assert [t["team_id"] for t in ok(get(client, "/spend/teams", as_["alice"]))] == ["t1"]
+    assert ok(get(client, "/spend/teams", as_["bob"])) == []
+    assert_error(get(client, "/spend/teams", as_["bob"], team_id="t1"), 403)
+    assert_error(get(client, "/spend/teams", as_["service"]), 403)
+
+
+# -- /global/spend --------------------------------------------------------------------------------
+
+
+def test_global_spend(client: Any, world: dict[str, Any]) -> None:
+    as_ = world["as"]
+    total = 1_000_000_001 + 333_333_333 + 7 + 2_000_000_000 + 5
+    assert ok(get(client, "/global/spend")) == {"spend": usd(total), "max_budget": None}
+    assert ok(get(client, "/global/spend", start_date="2026-11-02",
+                  end_date="2026-11-02"))["spend"] == usd(7)
+    assert ok(get(client, "/global/spend", as_["vera"]))["spend"] == usd(total)
+    assert ok(get(client, "/global/spend", as_["alice"]))["spend"] == 1.333333334
+    assert ok(get(client, "/global/spend", as_["bob"],
+                  start_date="2026-11-03"))["spend"] == 2.0
+    assert ok(get(client, "/global/spend", as_["carol"]))["spend"] == 0.0
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("path,query,param", [
+    ("/spend/logs", {"start_date": "2026-13-01"}, "start_date"),
+    ("/spend/logs", {"start_date": "2026-02-30"}, "start_date"),
+    ("/spend/logs", {"end_date": "yesterday"}, "end_date"),
+    ("/spend/logs", {"end_date": "2026-11-01T25:00:00"}, "end_date"),
+    ("/spend/logs", {"start_date": "0001-01-01"}, "start_date"),
+    ("/spend/logs", {"start_date": "20261101"}, "start_date"),
+    ("/spend/logs", {"start_date": "2026-11-02", "end_date": "2026-11-01"}, "end_date"),
+    ("/spend/logs", {"start_date": "2026-11-02T10:00:00",
+                     "end_date": "2026-11-02T09:59:59"}, "end_date"),
+    ("/spend/logs", {"page": "0"}, "page"),
+    ("/spend/logs", {"page_size": "5000"}, "page_size"),
+    ("/spend/logs", {"page_size": "ten"}, "page_size"),
+    ("/spend/logs", {"summarize": "maybe"}, "summarize"),
+    ("/spend/logs", {"user": "alice"}, "user"),
+    ("/spend/logs", {"request_id": "x" * 65}, "request_id"),
+    ("/spend/keys", {"limit": "0"}, "limit"),
+    ("/spend/keys", {"start_date": "soon"}, "start_date"),
+    ("/spend/users", {"end_date": "2026-11-01T"}, "end_date"),
+    ("/spend/teams", {"team": "t1"}, "team"),
+    ("/global/spend", {"start_date": "x"}, "start_date"),
+    ("/global/spend", {"limit": "3"}, "limit"),
+])
+def test_bad_parameters_are_400(client: Any, path: str, query: dict[str, str],
+                                param: str) -> None:
+    error = assert_error(get(client, path, **query), 400)
+    assert error["param"] == param, error
+
+
+@SQLITE_ONLY
+def test_repeated_parameter_is_400(client: Any) -> None:
+    assert_error(client.get("/spend/logs?user_id=a&user_id=b", headers=ADMIN), 400)
+
+
+# -- end to end: the spend guard writes, the reports read -----------------------------------------
+
+
+def test_requests_with_an_end_user_are_reported(app_factory: Any, db_url: str) -> None:
+    app = app_factory(db_url=db_url, config={"LLMAUTH_SPEND_FLUSH_INTERVAL": 3600})
+
+    @app.post("/v1/responses")
+    def reported() -> Any:
+        app.llmauth.record_usage(100, 50)  # type: ignore[attr-defined]
+        return {"output": "done"}
+
+    client = app.test_client()
+    ok(client.post("/customer/new", json={"user_id": "c9"}, headers=ADMIN))
+    key = new_key(client)
+    for user in ("c9", "c9", "other", None):
+        body = {"model": "gpt-4o", **({"user": user} if user else {})}
+        assert client.post("/v1/responses", json=body,
+                           headers=bearer(key["key"])).status_code == 200
+    assert flush(app) == 4
+    rows = ok(client.get("/spend/logs", query_string={"end_user_id": "c9"}, headers=ADMIN))
+    assert len(rows) == 2 and {r["end_user"] for r in rows} == {"c9"}
+    assert {r["api_key"] for r in rows} == {key["key_id"]}
+    assert all(r["prompt_tokens"] == 100 and r["completion_tokens"] == 50 for r in rows)
+    customer = ok(client.get("/customer/info", query_string={"end_user_id": "c9"},
+                             headers=ADMIN))
+    assert customer["spend"] == sum(r["spend"] for r in rows)
+    every = ok(client.get("/spend/logs", headers=ADMIN))
+    total = ok(client.get("/global/spend", headers=ADMIN))["spend"]
+    with app.extensions["llmauth"].store.use():
+        units = sum(r.spend for r in SpendLog.select())
+    assert total == usd(units) and len(every) == 4
+
+
+def test_own_rows_of_each_kind_of_caller() -> None:
+    from flask_llmauth.errors import Forbidden
+    from flask_llmauth.principal import Principal, Role
+    from flask_llmauth.reports import SpendReports
+
+    def sql(principal: Principal) -> str:
+        return str(SpendLog.select().where(SpendReports.own_rows(principal)).sql())
+
+    assert "user_id" in sql(Principal(method="jwt", role=Role.INTERNAL_USER, user_id="u",
+                                      team_id="t"))
+    assert "key_id" in sql(Principal(method="custom", role=Role.INTERNAL_USER, key_id="k"))
+    assert "team_id" in sql(Principal(method="jwt", role=Role.TEAM, team_id="t"))
+    with pytest.raises(Forbidden):
+        SpendReports.own_rows(Principal(method="custom", role=Role.INTERNAL_USER))
