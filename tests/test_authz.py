@@ -140,8 +140,10 @@ def test_every_extension_rule_has_an_explicit_policy(app_factory: Any, prefix: s
                 problems.append(f"{rule.rule}: declared LiteLLM path {litellm_path} differs")
             if not info.groups or info.public:
                 problems.append(f"{rule.rule}: groups={sorted(info.groups)} public={info.public}")
-            if not info.groups & {"management_routes", "info_routes", "self_managed_routes"}:
-                problems.append(f"{rule.rule}: not a management, info or self-managed route")
+            if not info.groups & {"management_routes", "info_routes", "self_managed_routes",
+                                  "spend_tracking_routes", "global_spend_tracking_routes"}:
+                problems.append(f"{rule.rule}: not a management, info, self-managed or "
+                                "spend route")
         elif not (getattr(view, ATTR_EXEMPT, False) or rule.endpoint.endswith(".static")):
             problems.append(f"{rule.rule} ({rule.endpoint}): no explicit policy")
     assert not problems, "\n".join(problems)
