@@ -28,7 +28,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -303,31 +303,42 @@ def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tupl
 _LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
 
 
+def _any_positive(values: Iterable[Any]) -> bool:
+    for value in values:
+        if value is not None and _positive(value) is not None:
+            return True
+    return False
+
+
 def has_limits(principal: Principal) -> bool:
     """Whether any limit can apply to this principal's requests (its own records only; end
-    users and the global limit are decided elsewhere)."""
+    users and the global limit are decided elsewhere). Runs once per principal object (a
+    cold key lookup makes one): plain loops, most fields are ``None``."""
     key, user, team, member = principal.key, principal.user, principal.team, principal.membership
-    if any(_positive(principal.limits.get(name)) for name in _LIMIT_FIELDS):
+    limits = principal.limits
+    if limits and _any_positive(limits.get(name) for name in _LIMIT_FIELDS):
         return True
     for record in (key, user, team):
-        if record is not None and any(_positive(getattr(record, name, None))
-                                      for name in _LIMIT_FIELDS):
+        if record is not None and _any_positive(
+                (getattr(record, "rpm_limit", None), getattr(record, "tpm_limit", None),
+                 getattr(record, "max_parallel_requests", None))):
             return True
-    if member is not None and (_positive(member.rpm_limit) or _positive(member.tpm_limit)):
+    if member is not None and _any_positive((member.rpm_limit, member.tpm_limit)):
         return True
-    if team is not None and (_positive(team.team_member_rpm_limit)
-                             or _positive(team.team_member_tpm_limit)
+    if team is not None and (_any_positive((team.team_member_rpm_limit,
+                                            team.team_member_tpm_limit))
                              or team.model_rpm_limit or team.model_tpm_limit):
         return True
     if key is not None:
-        metadata = key.metadata or {}
-        if (key.model_rpm_limit or key.model_tpm_limit or metadata.get("model_rpm_limit")
-                or metadata.get("model_tpm_limit")):
+        metadata = key.metadata
+        if (key.model_rpm_limit or key.model_tpm_limit or (metadata and (
+                metadata.get("model_rpm_limit") or metadata.get("model_tpm_limit")))):
             return True
-        for budget in (key.model_max_budget or {}).values():
-            if isinstance(budget, Mapping) and (_positive(budget.get("rpm_limit"))
-                                                or _positive(budget.get("tpm_limit"))):
-                return True
+        if key.model_max_budget:
+            for budget in key.model_max_budget.values():
+                if isinstance(budget, Mapping) and _any_positive(
+                        (budget.get("rpm_limit"), budget.get("tpm_limit"))):
+                    return True
     return False
 
 
