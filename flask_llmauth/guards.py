@@ -212,10 +212,12 @@ class Guards:
             return response
         usage = admission.usage
         if usage is None and not failed and response.mimetype == "application/json":
-            try:
-                usage = usage_from_body(json.loads(response.get_data()), admission.model)
-            except ValueError:
-                usage = None
+            data = response.get_data()
+            if b'"usage"' in data:  # no usage block, nothing to parse
+                try:
+                    usage = usage_from_body(json.loads(data), admission.model)
+                except ValueError:
+                    usage = None
         self.settle(admission, usage, failed)
         return response
 

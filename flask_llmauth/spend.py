@@ -37,7 +37,7 @@ import peewee
 from flask import Flask, request
 
 from .authz.routes import RouteInfo
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ServiceUnavailable
 from .guards import Admission
 from .prices import cost_units, prices_for
 from .principal import Principal
@@ -128,6 +128,8 @@ class SpendLedger:
         #: Events written (rows inserted) and duplicates skipped, by this process.
         self.written = 0
         self.duplicates = 0
+        #: Events dropped because they could not be written (see :meth:`flush`).
+        self.failed = 0
 
     def on_batch(self, fn: BatchCallback) -> BatchCallback:
         """Register ``fn(events, db)``, run in each batch's transaction with the events it
@@ -151,8 +153,13 @@ class SpendLedger:
     def flush(self) -> int:
         """Write every queued event, one transaction per batch; return the rows inserted.
 
-        On a failure the failed batch (and what follows it) stays queued and the error is
-        raised for the caller (the background thread) to report.
+        When the database cannot answer (:class:`ServiceUnavailable`: an outage, a
+        deadlock, a serialization failure) the batch and everything after it stay queued,
+        in order, and the error is raised for the caller (the background thread) to report;
+        the next flush retries. Any other error is not going to pass on a retry (a value
+        the database refuses, a failing ``on_batch`` callback): the batch is then written
+        event by event, and an event that fails alone is logged and dropped, so one bad
+        event never holds up the others.
         """
         inserted = 0
         with self._flush_lock:
@@ -160,9 +167,26 @@ class SpendLedger:
                 batch = self._take()
                 try:
                     inserted += self._write(batch)
-                except Exception:
+                except ServiceUnavailable:
                     self._queue.extendleft(reversed(batch))
                     raise
+                except Exception:
+                    inserted += self._write_each(batch)
+        return inserted
+
+    def _write_each(self, batch: list[SpendEvent]) -> int:
+        inserted = 0
+        for index, event in enumerate(batch):
+            try:
+                inserted += self._write([event])
+            except ServiceUnavailable:
+                self._queue.extendleft(reversed(batch[index:]))
+                raise
+            except Exception as exc:
+                self.failed += 1
+                log.error("llmauth: spend of request %s (%d units, key_id=%s) cannot be "
+                          "written and is dropped: %s", event.request_id, event.spend,
+                          event.key_id, type(exc).__name__, exc_info=True)
         return inserted
 
     def _take(self) -> list[SpendEvent]:

@@ -20,6 +20,7 @@ import pytest
 from flask import Flask, Response, jsonify, stream_with_context
 
 from flask_llmauth import record_usage
+from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.guards import Admission
 from flask_llmauth.spend import SpendEvent, SpendLedger, flush
 from flask_llmauth.store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
@@ -253,28 +254,49 @@ def test_on_batch_runs_in_the_batch_transaction_with_new_events_only(spend_app: 
     state = spend_app.extensions["llmauth"]
     ledger: SpendLedger = state.spend_ledger
     seen: list[list[str]] = []
-    fail = [True]
+    outage = [True]
 
     def callback(events: list[SpendEvent], db: peewee.Database) -> None:
         assert db.in_transaction()
         seen.append([e.request_id for e in events])
-        if fail[0]:
-            raise RuntimeError("callback failed")
+        if outage[0]:
+            raise ServiceUnavailable("the database went away")
 
     assert ledger.on_batch(callback) is callback
     ledger.on_batch(callback)  # registering twice runs it once
     ledger.record(event("a", 5))
     ledger.record(event("b", 7))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ServiceUnavailable):
         ledger.flush()
     # Rolled back together: no row, and both events are still queued, in order.
     assert rows(spend_app) == [] and ledger.pending == 2
-    fail[0] = False
+    outage[0] = False
     ledger.record(event("a", 5))  # a duplicate queued behind them
     assert ledger.flush() == 2
     assert seen == [["a", "b"], ["a", "b"]]
     ledger.record(event("a", 5))
     assert ledger.flush() == 0 and seen[-1] == ["a", "b"]  # no callback for duplicates
+
+
+def test_an_event_that_cannot_be_written_is_dropped_alone(
+        spend_app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    client = spend_app.test_client()
+    key = new_key(client)
+    ledger: SpendLedger = spend_app.extensions["llmauth"].spend_ledger
+
+    def refuse_poison(events: list[SpendEvent], db: peewee.Database) -> None:
+        if any(e.request_id == "poison" for e in events):
+            raise ValueError("a callback bug")
+
+    ledger.on_batch(refuse_poison)
+    for name in ("ok-1", "poison", "ok-2"):
+        ledger.record(event(name, 10, key_id=key["key_id"]))
+    assert ledger.flush() == 2  # no exception: the others are not held up
+    assert [r.request_id for r in rows(spend_app)] == ["ok-1", "ok-2"]
+    assert spend_of(spend_app, Key, key_id=key["key_id"]) == 20
+    assert ledger.failed == 1 and ledger.pending == 0
+    assert any("spend of request poison (10 units" in r.getMessage() and "dropped" in
+               r.getMessage() for r in caplog.records)
 
 
 def test_budget_reservations_ride_on_the_event(spend_app: Flask) -> None:
@@ -482,3 +504,45 @@ def test_request_ids_are_unique_across_threads_and_forked_processes() -> None:
     os.close(read)
     os.close(write)
     assert child[:16] != seen[0][:16] and child not in seen
+
+
+@pytest.mark.postgres
+def test_database_outage_keeps_events_queued_until_it_is_back(app_factory: Any,
+                                                             postgres_url: str) -> None:
+    from tests.helpers import TcpProxy
+
+    host, _, port = postgres_url.split("@", 1)[1].split("/", 1)[0].partition(":")
+    proxy = TcpProxy(host, int(port or 5432))
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600},
+                      db_url=proxy.url(postgres_url), routes=False)
+    add_views(app)
+    state = app.extensions["llmauth"]
+    client = app.test_client()
+    try:
+        key = new_key(client)
+        auth = bearer(key["key"])
+        assert client.post("/v1/chat/completions", json={"model": "m-in"},
+                           headers=auth).status_code == 200  # the key is cached now
+        proxy.cut()
+        for _ in range(3):  # requests are served: spend never blocks them
+            assert client.post("/v1/chat/completions", json={"model": "m-in"},
+                               headers=auth).status_code == 200
+        with pytest.raises(ServiceUnavailable):
+            flush(app)
+        state.background.run_all()  # the background flush fails quietly
+        assert state.spend_ledger.pending == 4
+        proxy.restore()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert flush(app) == 4
+                break
+            except ServiceUnavailable:  # the pool may hand out a dead connection first
+                assert time.monotonic() < deadline, "the ledger never recovered"
+                time.sleep(0.2)
+        assert spend_of(app, Key, key_id=key["key_id"]) == 4 * (11 * IN + 7 * OUT)
+        assert len({r.request_id for r in rows(app)}) == 4
+    finally:
+        proxy.cut()
+        state.close()
+        proxy.restore()
