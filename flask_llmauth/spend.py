@@ -80,6 +80,10 @@ class SpendEvent(NamedTuple):
     status: str
     #: What the budgets guard reserved for this request (opaque here).
     reservations: Any = ()
+    #: The request body, while the prompt of an answer without ``usage`` is still to be
+    #: estimated: the ledger estimates and prices it off the request path, before writing.
+    #: Always ``None`` in the events callbacks see.
+    prompt_body: Any = None
 
     def values(self) -> tuple[Any, ...]:
         """The spend-log row's values, in the order of ``_COLUMNS``."""
@@ -115,9 +119,11 @@ def _clip(value: str | None) -> str | None:
 class SpendLedger:
     """Queue of spend events and their batched, idempotent writer."""
 
-    def __init__(self, store: Store, *, batch_size: int = 500,
-                 queue_limit: int = 100_000) -> None:
+    def __init__(self, store: Store, *, batch_size: int = 500, queue_limit: int = 100_000,
+                 price: Callable[[str | None, Usage], int] | None = None) -> None:
         self.store = store
+        #: Prices the estimated usage of events queued with a ``prompt_body``.
+        self.price = price
         self.batch_size = batch_size
         self.queue_limit = queue_limit
         self._queue: deque[SpendEvent] = deque()
@@ -193,8 +199,16 @@ class SpendLedger:
         batch: list[SpendEvent] = []
         queue = self._queue
         while queue and len(batch) < self.batch_size:
-            batch.append(queue.popleft())
+            event = queue.popleft()
+            if event.prompt_body is not None:
+                event = self._estimate(event)
+            batch.append(event)
         return batch
+
+    def _estimate(self, event: SpendEvent) -> SpendEvent:
+        prompt = estimate_prompt_tokens(event.prompt_body)
+        cost = 0 if self.price is None else self.price(event.model, Usage(prompt, 0, event.model))
+        return event._replace(prompt_tokens=prompt, spend=cost, prompt_body=None)
 
     def _write(self, batch: Sequence[SpendEvent]) -> int:
         unique: dict[str, SpendEvent] = {}
@@ -299,17 +313,17 @@ class SpendGuard:
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         model = admission.model
+        body = None
         if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             estimated = usage.estimated
             cost = cost_units(model, usage, self.settings)
             model = model or usage.model
-        elif not failed:  # an answer without usage: charge the prompt's estimate
-            prompt, completion, estimated = estimate_prompt_tokens(admission.body), 0, True
-            cost = cost_units(model, Usage(prompt, 0, model), self.settings)
         else:
             prompt = completion = cost = 0
-            estimated = False
+            estimated = not failed  # an answer without usage: charged its prompt estimate,
+            if estimated:  # which the ledger computes later, off the request path
+                body = admission.body
         principal = admission.principal
         self.ledger.record(SpendEvent(
             admission.request_id, admission.started, time.time(), principal.key_id,
@@ -317,6 +331,7 @@ class SpendGuard:
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
             "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
+            body,
         ))
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
@@ -334,7 +349,8 @@ def install(state: Any, app: Flask) -> None:
     if not settings.spend_enabled:
         return
     ledger = SpendLedger(state.store, batch_size=settings.spend_batch_size,
-                         queue_limit=settings.spend_queue_limit)
+                         queue_limit=settings.spend_queue_limit,
+                         price=lambda model, usage: cost_units(model, usage, settings))
     state.spend_ledger = ledger
     state.guards.add(SpendGuard(settings, ledger))
     state.background.every(settings.spend_flush_interval, "spend", ledger.flush)
