@@ -24,12 +24,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import peewee
 from flask import Flask
 
 from .audit import write_audit
 from .authz.routes import RouteInfo
 from .durations import isoformat, utcnow
-from .errors import BadRequest, Forbidden, NotFound
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .guards import Admission
 from .money import to_usd
 from .principal import Principal, Role
@@ -87,6 +88,16 @@ def end_user_budget(customer: CustomerRecord | None, settings: Settings) -> int 
     return settings.max_end_user_budget
 
 
+def _insert(customer: Customer) -> None:
+    """Insert a new row; a concurrent insert of the same id is a 409, not a 500."""
+    try:
+        with Customer._meta.database.atomic():  # a savepoint: the transaction survives
+            customer.save(force_insert=True)
+    except peewee.IntegrityError:
+        raise Conflict(f"Customer {customer.user_id} was created concurrently; retry.",
+                       param="user_id", reason="customer_conflict") from None
+
+
 class CustomerService:
     """``/customer/*``: only a proxy admin changes customers; admins and admin viewers read."""
 
@@ -120,7 +131,7 @@ class CustomerService:
             elif name in _PLAIN_FIELDS:
                 if name in ("blocked", "spend") and value is None:
                     raise BadRequest(f"Field '{name}' must not be null.", param=name)
-                setattr(customer, name, value)
+                setattr(customer, name, {} if name == "metadata" and value is None else value)
         customer.updated_at = now
 
     def create(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +146,7 @@ class CustomerService:
                                  reason="customer_exists")
             customer = Customer(user_id=user_id, created_at=utcnow())
             self._apply(customer, params)
-            customer.save(force_insert=True)
+            _insert(customer)
             info = customer_info(customer)
             write_audit(state.settings.store_audit_logs, actor, "created", "customer", user_id,
                         after=info)
@@ -205,7 +216,7 @@ class CustomerService:
                     customer = Customer(user_id=user_id, created_at=now)
                     customer.blocked = True
                     customer.updated_at = now
-                    customer.save(force_insert=True)
+                    _insert(customer)
                 else:
                     customer.blocked = blocked
                     customer.updated_at = now

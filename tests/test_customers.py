@@ -374,3 +374,25 @@ def test_default_end_user_budget(app_factory: Any) -> None:
     assert end_user_budget(None, settings) == 250_000_000
     plain = app_factory().extensions["llmauth"].settings
     assert end_user_budget(None, plain) is None
+
+
+def test_null_metadata_clears_it(client: Any) -> None:
+    ok(post(client, "/customer/new", {"user_id": "m", "metadata": {"a": 1}}))
+    assert ok(post(client, "/customer/update", {"user_id": "m", "metadata": None}))[
+        "metadata"] == {}
+
+
+def test_a_concurrent_insert_is_a_409_not_a_500(app: Any) -> None:
+    """The existence check and the insert race with another process's insert: the unique
+    index decides, and the loser gets a 409 inside a transaction that stays usable."""
+    from flask_llmauth.customers import _insert
+    from flask_llmauth.durations import utcnow
+    from flask_llmauth.errors import Conflict
+
+    state = app.extensions["llmauth"]
+    with state.store.use() as db, db.atomic():
+        Customer.create(user_id="dup", created_at=utcnow(), updated_at=utcnow())
+        with pytest.raises(Conflict) as info:
+            _insert(Customer(user_id="dup", created_at=utcnow(), updated_at=utcnow()))
+        assert info.value.status == 409
+        assert Customer.select().where(Customer.user_id == "dup").count() == 1
