@@ -243,7 +243,7 @@ class LLMAuthState:
             g_._llmauth_principal = principal
             if self.guards.guards:
                 admission = self.guards.admit(principal, info, model,
-                                             partial(_json_body, req), req.environ)
+                                             _JSONBody(req), req.environ)
                 if admission is not None:
                     g_._llmauth_admission = admission
                     after_this_request(partial(self.guards.finish, admission))
@@ -305,9 +305,20 @@ class LLMAuthState:
                              reason=error.reason, route=route, ip=ip)
 
 
-def _json_body(req: Any) -> Any:
-    body = get_json(req)
-    return None if body is INVALID else body
+class _JSONBody:
+    """The request's JSON body for the guards, read once (``None`` when absent or invalid)."""
+
+    __slots__ = ("request", "value")
+
+    def __init__(self, req: Any) -> None:
+        self.request = req
+        self.value: Any = INVALID
+
+    def __call__(self) -> Any:
+        if self.value is INVALID:
+            body = get_json(self.request)
+            self.value = None if body is INVALID else body
+        return self.value
 
 
 def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:

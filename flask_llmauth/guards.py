@@ -195,8 +195,10 @@ class Guards:
         guards: list[Guard] = admission.scratch["_guards"]
         for guard in guards:
             try:
-                for name, value in guard.headers(admission).items():
-                    response.headers[name] = value
+                headers = guard.headers(admission)
+                if headers:
+                    for name, value in headers.items():
+                        response.headers[name] = value
             except Exception:
                 log.exception("llmauth: guard %s failed to add headers", guard.name)
         if admission.settled:

@@ -622,13 +622,13 @@ class RateLimits:
                 hit = self._limited[id(principal)] = (principal, has_limits(principal))
             if not hit[1]:
                 return False
-        return request.method not in SAFE_METHODS
+        return route.unsafe_only or request.method not in SAFE_METHODS
 
     def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
         """A request naming an end user whose row carries limits (see ``Guards.admit``)."""
         if customer is None or not route.is_llm or principal.is_master_key:
             return False
-        if request.method in SAFE_METHODS:
+        if not route.unsafe_only and request.method in SAFE_METHODS:
             return False
         return bool(_positive(customer.rpm_limit) or _positive(customer.tpm_limit)
                     or _positive(customer.max_parallel_requests))

@@ -306,7 +306,7 @@ class SpendGuard:
         self.ledger = ledger
 
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        return route.is_llm and request.method not in SAFE_METHODS
+        return route.is_llm and (route.unsafe_only or request.method not in SAFE_METHODS)
 
     def admit(self, admission: Admission) -> None:
         return None

@@ -240,6 +240,9 @@ class RouteInfo:
     #: The view argument that names the model (Gemini-style routes), if any.
     model_arg: str | None = None
 
+    #: Whether the rule answers only unsafe methods (``POST``...: no ``GET``/``HEAD``, no
+    #: ``OPTIONS`` a view handles), so the request's method need not be read to know it.
+    unsafe_only: bool = False
     #: Whether the route is an LLM API route (``llm_api_routes``); derived from ``groups``.
     is_llm: bool = field(init=False, compare=False)
     #: Whether ``?key=`` may carry the credential (Gemini-style routes); derived from ``route``.
@@ -276,6 +279,15 @@ ATTR_EXEMPT = "_llmauth_exempt"
 ATTR_ROLES = "_llmauth_roles"
 ATTR_GROUPS = "_llmauth_groups"
 _MODEL_ARGS = ("model_name", "model", "deployment_id")
+
+
+def unsafe_only(rule: Rule) -> bool:
+    """Whether ``rule`` answers only unsafe methods (automatic ``OPTIONS`` never reaches the
+    policy: the extension lets Flask answer it)."""
+    methods = rule.methods or frozenset()
+    if methods & {"GET", "HEAD"}:
+        return False
+    return "OPTIONS" not in methods or bool(getattr(rule, "provide_automatic_options", False))
 
 
 class RouteTable:
@@ -326,4 +338,5 @@ class RouteTable:
         model_arg = next((a for a in _MODEL_ARGS if a in rule.arguments), None)
         return RouteInfo(route=route, endpoint=endpoint, groups=groups, public=public,
                          required_roles=frozenset(roles) if roles is not None else None,
-                         model_arg=model_arg if "llm_api_routes" in groups else None)
+                         model_arg=model_arg if "llm_api_routes" in groups else None,
+                         unsafe_only=unsafe_only(rule))
