@@ -202,3 +202,20 @@ def create_team(team_id: str, team_alias: str | None, models: str | None,
 @_service_command
 def show_config() -> None:
     _echo_json(state().settings.masked())
+
+
+@llmauth_cli.command(
+    "reset-budgets",
+    help="Reset every budget window that is over (spend back to 0, next reset set) and "
+         "release reservations that expired. Safe to run from cron at any interval.")
+@_service_command
+def reset_budgets() -> None:
+    from .budgets import Ledger
+
+    app_state = state()
+    ledger = app_state.budgets.ledger if app_state.budgets is not None else Ledger(
+        app_state.store, app_state.settings)
+    done = ledger.reset_due()
+    released = ledger.sweep()
+    click.echo(f"reset {sum(done.values())} budget window(s); released {released} expired "
+               "reservation(s)")

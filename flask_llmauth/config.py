@@ -365,6 +365,21 @@ def _price(value: Any) -> dict[str, Any] | None:
     return price
 
 
+# -- parsers of the budgets section (issue 4) --------------------------------------------------
+
+
+def _budget(value: Any) -> int | None:
+    """Like :func:`_money`, but 0 means no budget (LiteLLM's ``max_budget``)."""
+    return _money(value) or None
+
+
+def _duration_text(value: Any) -> str | None:
+    """A ``budget_duration`` string (``30s``, ``10m``, ``24h``, ``7d``, ``30d``, ``1mo``)."""
+    if value is None or value == "":
+        return None
+    return parse_duration(value).text
+
+
 # -- parsers of the OAuth2 / proxy-header / custom-auth section (issue 3) ------------------------
 
 
@@ -1055,6 +1070,40 @@ class Settings:
         100_000, _number(int, 100),
         "Spend events a process queues while the database cannot be written; beyond it new "
         "events are dropped (logged).",
+    )
+
+    # -- budgets (issue 4) ----------------------------------------------------------------------
+    budgets_enabled: bool = setting(
+        True, _bool,
+        "Enforce budgets (global, team, team member, user, key, end user, per model per key) "
+        "with reservations (docs/budgets.md).",
+    )
+    max_budget: int | None = setting(
+        None, _budget,
+        "Budget of the whole deployment in USD; every LLM request is then checked against "
+        "it. Unset or 0: no global budget (as LiteLLM).",
+        yaml=("litellm_settings.max_budget",),
+    )
+    budget_duration: str | None = setting(
+        None, _duration_text,
+        "Window of the global budget (`30s`, `10m`, `24h`, `7d`, `30d`, `1mo`); unset: it "
+        "never resets.",
+        yaml=("litellm_settings.budget_duration",),
+    )
+    end_user_budget_duration: str | None = setting(
+        None, _duration_text,
+        "Window of the default end-user budget (`LLMAUTH_MAX_END_USER_BUDGET`).",
+    )
+    budget_reservation_ttl: int = setting(
+        3600, _number(int, 10),
+        "Seconds after which the reservation of a request that never settled (its process "
+        "crashed) is released; keep it above your longest stream.",
+    )
+    budget_reset_interval: float = setting(
+        0.0, _number(float, 0),
+        "Seconds between runs of the in-process budget reset job (what `flask llmauth "
+        "reset-budgets` does). 0: off; windows still reset on the next request that meets "
+        "them.",
     )
 
     # -- rate limits (issue 4) ------------------------------------------------------------------

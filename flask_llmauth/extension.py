@@ -39,6 +39,7 @@ from .authz.policy import Policy
 from .authz.routes import ATTR_EXEMPT, ATTR_GROUPS, RoutePatterns, RouteTable, group_name
 from .background import Background
 from .bodies import INVALID, get_json
+from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import Settings, check_secrets, load_settings
 from .credentials import read_credentials
@@ -161,6 +162,8 @@ class LLMAuthState:
         self.auth_failures: Any = None
         #: Set by :func:`flask_llmauth.spend.install` (``None`` when spend tracking is off).
         self.spend_ledger: Any = None
+        #: Set by :func:`flask_llmauth.budgets.install` in ``init_app``.
+        self.budgets: Any = None
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
                               self.invalidation_log.poll)
@@ -356,7 +359,7 @@ AUTHENTICATOR_FACTORIES: dict[str, Callable[[LLMAuthState, LLMAuth], Authenticat
 GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] = (
     ("customers", install_customers),  # end user: resolved first, blocked → 403
     ("rate_limits", install_ratelimits),  # rpm/tpm/parallel limits → 429
-    ("budgets", lambda state, app: None),  # budget reservation → 429 budget_exceeded
+    ("budgets", install_budgets),  # budget reservation → 429 budget_exceeded
     ("spend", install_spend),  # prices the request, queues its spend event (never refuses)
 )
 

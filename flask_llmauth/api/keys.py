@@ -126,6 +126,13 @@ def register(route: Callable[..., Any]) -> None:
     def key_regenerate_path(key: str) -> Any:
         return regenerate(key)
 
+    @route("/key/{key}/reset_spend", ("POST",))
+    def key_reset_spend(key: str) -> Any:
+        from ..budgets import reset_key_spend
+
+        params = check(json_body(), {"reset_to": Field(money, required=True)})
+        return ok(reset_key_spend(state(), require_principal(), key, params["reset_to"]))
+
     @route("/key/delete", ("POST",))
     def key_delete() -> Any:
         params = check(json_body(), {"keys": Field(string_list), "key_aliases": Field(string_list)})

@@ -45,6 +45,8 @@ class KeyRecord:
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
     spend: int = 0
+    reserved: int = 0
+    soft_alerted: bool = False
     tpm_limit: int | None = None
     rpm_limit: int | None = None
     max_parallel_requests: int | None = None
@@ -74,6 +76,8 @@ class UserRecord:
     max_budget: int | None = None
     soft_budget: int | None = None
     spend: int = 0
+    reserved: int = 0
+    soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
     tpm_limit: int | None = None
@@ -98,6 +102,8 @@ class TeamRecord:
     max_budget: int | None = None
     soft_budget: int | None = None
     spend: int = 0
+    reserved: int = 0
+    soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
     tpm_limit: int | None = None
@@ -125,6 +131,8 @@ class MembershipRecord:
     role: str = "user"
     max_budget: int | None = None
     spend: int = 0
+    reserved: int = 0
+    soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
     tpm_limit: int | None = None

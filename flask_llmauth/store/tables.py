@@ -40,6 +40,9 @@ class Table(Model):
     class Meta:
         model_metadata_class = ThreadSafeDatabaseMetadata
         legacy_table_names = False
+        #: ``save()`` writes the fields that were set, never a stale copy of the counters
+        #: (``spend``, ``reserved``) other transactions update in place.
+        only_save_dirty = True
 
 
 class Key(Table):
@@ -60,6 +63,8 @@ class Key(Table):
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
     spend = BigIntegerField(default=0)
+    reserved = BigIntegerField(default=0)
+    soft_alerted = BooleanField(default=False)
     tpm_limit = BigIntegerField(null=True)
     rpm_limit = BigIntegerField(null=True)
     max_parallel_requests = IntegerField(null=True)
@@ -119,6 +124,8 @@ class User(Table):
     max_budget = BigIntegerField(null=True)
     soft_budget = BigIntegerField(null=True)
     spend = BigIntegerField(default=0)
+    reserved = BigIntegerField(default=0)
+    soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
     tpm_limit = BigIntegerField(null=True)
@@ -144,6 +151,8 @@ class Team(Table):
     max_budget = BigIntegerField(null=True)
     soft_budget = BigIntegerField(null=True)
     spend = BigIntegerField(default=0)
+    reserved = BigIntegerField(default=0)
+    soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
     tpm_limit = BigIntegerField(null=True)
@@ -172,6 +181,8 @@ class TeamMembership(Table):
     role = CharField(max_length=16, default="user")
     max_budget = BigIntegerField(null=True)
     spend = BigIntegerField(default=0)
+    reserved = BigIntegerField(default=0)
+    soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
     tpm_limit = BigIntegerField(null=True)
@@ -263,7 +274,40 @@ class SpendLog(Table):
         table_name = "llmauth_spend_log"
 
 
+class BudgetCounter(Table):
+    """Window spend and in-flight reservations of a budget with no row of its own: the
+    global budget (``scope="global"``), a key's per-model budget (``"key_model"``) and an
+    end user's budget (``"end_user"``)."""
+
+    scope = CharField(max_length=16)
+    entity_id = CharField(max_length=255)
+    model = CharField(max_length=255, default="")
+    spend = BigIntegerField(default=0)
+    reserved = BigIntegerField(default=0)
+    budget_duration = CharField(max_length=16, null=True)
+    budget_reset_at = DateTimeField(null=True)
+    soft_alerted = BooleanField(default=False)
+
+    class Meta:
+        table_name = "llmauth_budget_counter"
+        indexes = ((("scope", "entity_id", "model"), True),)
+
+
+class BudgetReservation(Table):
+    """What one request in flight reserved (``parts``), released when its spend is written
+    or, after a crash, when it expires."""
+
+    id = BigAutoField()
+    request_id = CharField(max_length=64, unique=True)
+    parts = JSONText()
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+
+    class Meta:
+        table_name = "llmauth_budget_reservation"
+
+
 ALL_TABLES: tuple[type[Table], ...] = (
     Key, KeyGrace, DeletedKey, User, Team, TeamMembership, AuditLog, CacheEvent, Customer,
-    SpendLog,
+    SpendLog, BudgetCounter, BudgetReservation,
 )

@@ -1,0 +1,750 @@
+"""Budgets: global, team, team member, user, key, end user and per-model key budgets, with
+``budget_duration`` windows, soft budgets and reservations that hold across processes.
+
+Which budgets apply to a request (LiteLLM's precedence, see docs/budgets.md):
+
+* the **global** budget (``LLMAUTH_MAX_BUDGET``), for every request;
+* the **key**'s own budget, and its **per-model** budgets (``model_max_budget``);
+* a key (or JWT) **with a team**: the **team** budget and the caller's **team member**
+  budget (its own ``max_budget_in_team``, else the team's ``team_member_budget``) — the
+  user's personal budget does *not* apply;
+* a key **without a team**: the **user**'s personal budget;
+* the **end user** (customer) the request is for: its own budget, else
+  ``LLMAUTH_MAX_END_USER_BUDGET``;
+* budgets a custom auth hook or proxy headers asserted (``principal.limits``).
+
+A budget is used up when ``spend >= max_budget``. Before the view runs, the guard reserves
+the request's worst-case cost (:func:`flask_llmauth.prices.worst_case_units`) against every
+budget at once, in one transaction of conditional updates::
+
+    UPDATE t SET reserved = reserved + :r
+     WHERE id = :id AND spend + reserved < :max AND spend + reserved + :r <= :max
+
+so the sum of spend and in-flight reservations never passes a budget, whatever the number of
+threads or processes (row locks on Postgres, the write lock on SQLite). The reservation is
+released in the same transaction that adds the request's real spend (the spend ledger's
+``on_batch``), or directly when the request was refused or no spend is written. What a
+crashed process had reserved expires after ``LLMAUTH_BUDGET_RESERVATION_TTL``.
+
+Windows reset lazily: a request that finds its window over resets it first (a conditional
+update, so exactly one process does). ``flask llmauth reset-budgets`` and the optional
+scheduler (``LLMAUTH_BUDGET_RESET_INTERVAL``) reset idle rows too. Principals without any
+budget cost nothing: the guard does not want their requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple
+
+import peewee
+from flask import Flask, current_app, request
+
+from .authz.routes import RouteInfo
+from .config import Settings
+from .durations import Duration, parse_duration, utcnow
+from .errors import BudgetExceeded
+from .guards import Admission
+from .money import to_units, to_usd
+from .principal import Principal
+from .signals import budget_exceeded, soft_budget_crossed
+from .store.tables import BudgetCounter, BudgetReservation, Key, Team, TeamMembership, User
+from .usage import Usage
+
+log = logging.getLogger("flask_llmauth")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: ``admission.scratch`` slot the spend guard copies into ``SpendEvent.reservations``.
+SCRATCH = "budget_reservations"
+#: Entity tables in lock order (the spend ledger updates them in this order too); counters
+#: (one table) come after them.
+ENTITY_TABLES = {
+    Key._meta.table_name: 0,
+    User._meta.table_name: 1,
+    Team._meta.table_name: 2,
+    TeamMembership._meta.table_name: 3,
+}
+COUNTER_TABLE = BudgetCounter._meta.table_name
+_RETRIES = 4
+
+
+# -- which budgets apply -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One budget a request is held to."""
+
+    level: str
+    #: Printable, non-secret name for messages and signals.
+    label: str
+    #: ``(table, id)`` of an entity row, or ``None`` for a counter row.
+    row: tuple[str, int] | None
+    #: ``(scope, entity_id, model)`` of a counter row.
+    counter: tuple[str, str, str] | None
+    max_budget: int | None
+    soft_budget: int | None
+    duration: str | None
+    #: The window end the cached record knows (entity rows).
+    reset_at: datetime | None = None
+
+    @property
+    def order(self) -> tuple[int, str, str, str, int]:
+        """Lock order: entity tables first (by table, then id), then counters."""
+        if self.row is not None:
+            return (ENTITY_TABLES[self.row[0]], "", "", "", self.row[1])
+        scope, entity, model = self.counter or ("", "", "")
+        return (9, scope, entity, model, 0)
+
+
+def _units(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    return None
+
+
+def _usd(value: Any) -> int | None:
+    try:
+        return to_units(value)
+    except ValueError:
+        return None
+
+
+def _duration(value: Any) -> str | None:
+    if not value:
+        return None
+    try:
+        return parse_duration(value).text
+    except ValueError:
+        return None
+
+
+def _entity(level: str, label: str, table: Any, record: Any, max_budget: int | None,
+            soft_budget: int | None, duration: str | None) -> Budget | None:
+    if max_budget is None and soft_budget is None:
+        return None
+    return Budget(level, label, (table._meta.table_name, record.id), None, max_budget,
+                  soft_budget, _duration(duration), record.budget_reset_at)
+
+
+def has_budget(principal: Principal) -> bool:
+    """Whether a budget of the principal's own records applies (end users and the global
+    budget are decided elsewhere)."""
+    key = principal.key
+    if key is not None and any(isinstance(spec, Mapping) for spec in
+                               (key.model_max_budget or {}).values()):
+        return True
+    return bool(resolve(principal, (), None, None, None))
+
+
+def resolve(principal: Principal, model_names: Sequence[str], end_user_id: str | None,
+            customer: Any, settings: Settings | None) -> list[Budget]:
+    """Every budget that applies to this request, in lock order."""
+    out: list[Budget] = []
+    key, user, team, member = principal.key, principal.user, principal.team, principal.membership
+    if key is not None:
+        found = _entity("key", key.key_name, Key, key, _units(key.max_budget),
+                        _units(key.soft_budget), key.budget_duration)
+        if found:
+            out.append(found)
+        budgets = key.model_max_budget or {}
+        for name in model_names:
+            spec = budgets.get(name)
+            if not isinstance(spec, Mapping):
+                continue
+            limit = _usd(spec.get("budget_limit", spec.get("max_budget")))
+            if limit is not None:
+                out.append(Budget("key_model", f"{key.key_name}:{name[:100]}", None,
+                                  ("key_model", key.key_id, name[:255]), limit, None,
+                                  _duration(spec.get("time_period")
+                                            or spec.get("budget_duration"))))
+                break
+    if team is not None:
+        found = _entity("team", team.team_id, Team, team, _units(team.max_budget),
+                        _units(team.soft_budget), team.budget_duration)
+        if found:
+            out.append(found)
+        if member is not None:
+            limit = _units(member.max_budget)
+            if limit is None:
+                limit = _units(team.team_member_budget)
+            found = _entity("team_member", f"{team.team_id}:{member.user_id}", TeamMembership,
+                            member, limit, None,
+                            member.budget_duration or team.team_member_budget_duration)
+            if found:
+                out.append(found)
+    elif user is not None:  # a team key is bound by the team budget, not the personal one
+        found = _entity("user", user.user_id, User, user, _units(user.max_budget),
+                        _units(user.soft_budget), user.budget_duration)
+        if found:
+            out.append(found)
+    asserted = principal.limits
+    if key is None and asserted:  # a custom auth hook or proxy headers asserted a budget
+        limit, soft = _units(asserted.get("max_budget")), _units(asserted.get("soft_budget"))
+        if limit is not None or soft is not None:
+            out.append(Budget("principal", principal.identity[:100], None,
+                              ("principal", f"{principal.method}:{principal.identity}"[:255],
+                               ""), limit, soft, _duration(asserted.get("budget_duration"))))
+    if end_user_id:
+        limit = soft = None
+        duration = None
+        if customer is not None:
+            limit = _units(getattr(customer, "max_budget", None))
+            soft = _units(getattr(customer, "soft_budget", None))
+            duration = getattr(customer, "budget_duration", None)
+        if limit is None and soft is None and settings is not None:
+            limit = settings.max_end_user_budget
+            duration = duration or settings.end_user_budget_duration
+        if limit is not None or soft is not None:
+            out.append(Budget("end_user", end_user_id[:100], None,
+                              ("end_user", end_user_id[:255], ""), limit, soft,
+                              _duration(duration)))
+    if settings is not None and settings.max_budget is not None:
+        out.append(Budget("global", "proxy", None, ("global", "all", ""), settings.max_budget,
+                          None, settings.budget_duration))
+    out.sort(key=lambda b: b.order)
+    return out
+
+
+# -- windows ---------------------------------------------------------------------------------------
+
+
+def next_reset(duration: str, previous: datetime | None, now: datetime) -> datetime:
+    """The end of the window that contains ``now``: ``previous`` stepped forward by whole
+    durations (the schedule is kept), or ``now + duration`` when there was none."""
+    parsed = parse_duration(duration)
+    if previous is None or previous > now + timedelta(days=400 * 100):
+        return parsed.after(now)
+    if previous > now:
+        return previous
+    if not parsed.months:
+        steps = int((now - previous).total_seconds() // parsed.seconds) + 1
+        return previous + timedelta(seconds=parsed.seconds * steps)
+    current = previous
+    for _ in range(20_000):
+        current = Duration(parsed.text, months=parsed.months).after(current)
+        if current > now:
+            return current
+    return parsed.after(now)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return BudgetCounter.budget_reset_at.python_value(value)
+
+
+# -- the reservation -------------------------------------------------------------------------------
+
+
+class Part(NamedTuple):
+    """What one request reserved on one row (kept in ``admission.scratch`` and the
+    reservation row)."""
+
+    table: str
+    id: int
+    amount: int
+    #: Counter rows get the request's spend from the budgets module (entity rows from the
+    #: spend ledger).
+    counter: bool
+    order: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one request reserved: released exactly once (the reservation row is deleted)."""
+
+    request_id: str
+    parts: tuple[Part, ...]
+
+
+class _Refusal(Exception):
+    def __init__(self, budget: Budget, spend: int, reserved: int, max_budget: int,
+                 reset_at: datetime | None, need: int) -> None:
+        super().__init__(budget.level)
+        self.budget, self.spend, self.reserved = budget, spend, reserved
+        self.max_budget, self.reset_at, self.need = max_budget, reset_at, need
+
+
+def _is_retryable(exc: Exception) -> bool:
+    """A Postgres deadlock or serialization failure, or SQLite's busy/locked."""
+    original = getattr(exc, "__cause__", None) or getattr(exc, "__context__", None)
+    code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
+    if code in ("40P01", "40001"):
+        return True
+    text = str(exc).lower()
+    return "deadlock" in text or "database is locked" in text or "database is busy" in text
+
+
+class Ledger:
+    """The SQL of budgets, bound to one app's store."""
+
+    def __init__(self, store: Any, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        p = store.db.param
+        self.p = p
+        self.reserved_once = False
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def _where(self, budget: Budget) -> tuple[str, list[Any]]:
+        p = self.p
+        if budget.row is not None:
+            return f'"id" = {p}', [budget.row[1]]
+        scope, entity, model = budget.counter  # type: ignore[misc]
+        return f'"scope" = {p} AND "entity_id" = {p} AND "model" = {p}', [scope, entity, model]
+
+    def _table(self, budget: Budget) -> str:
+        return budget.row[0] if budget.row is not None else COUNTER_TABLE
+
+    def _reserve_one(self, db: Any, budget: Budget, amount: int, now: datetime
+                     ) -> tuple[int, int, int, datetime | None, bool, bool] | None:
+        """One conditional update: reset the window if it is over, then reserve ``amount``
+        if it fits (soft-only budgets reserve nothing). Returns ``(id, spend, reserved,
+        reset_at, soft_alerted, was_reset)`` or ``None`` when it does not fit (or the counter
+        row does not exist yet)."""
+        p = self.p
+        where, args = self._where(budget)
+        sets: list[str] = []
+        values: list[Any] = []
+        if budget.duration is not None:
+            due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
+            new = next_reset(budget.duration, budget.reset_at, now)
+            spend = f'CASE WHEN {due} THEN 0 ELSE "spend" END'
+            sets += [f'"spend" = {spend}',
+                     f'"soft_alerted" = CASE WHEN {due} THEN {p} ELSE "soft_alerted" END',
+                     f'"budget_reset_at" = CASE WHEN {due} THEN {p} ELSE "budget_reset_at" END']
+            values += [now, now, False, now, new]
+            if budget.counter is not None:  # the CLI resets counters by their own duration
+                sets.append(f'"budget_duration" = {p}')
+                values.append(budget.duration)
+            spend_values = [now]
+        else:
+            spend, spend_values = '"spend"', []
+        condition, condition_values = "", []
+        if budget.max_budget is not None:
+            limit = budget.max_budget
+            sets.append(f'"reserved" = "reserved" + {p}')
+            values.append(amount)
+            condition = (f' AND {spend} + "reserved" < {p} '
+                         f'AND {spend} + "reserved" + {p} <= {p}')
+            condition_values = [*spend_values, limit, *spend_values, amount, limit]
+        else:
+            sets.append('"reserved" = "reserved"')
+        sql = (f'UPDATE "{self._table(budget)}" SET {", ".join(sets)} '  # noqa: S608
+               f'WHERE {where}{condition} RETURNING "id", "spend", "reserved", '
+               f'"budget_reset_at", "soft_alerted"')
+        row = db.execute_sql(sql, [*values, *args, *condition_values]).fetchone()
+        if row is None:
+            return None
+        reset_at = _as_datetime(row[3])
+        was_reset = budget.duration is not None and (
+            budget.reset_at is None or budget.reset_at <= now) and reset_at is not None and (
+            reset_at > now and reset_at != budget.reset_at)
+        return row[0], row[1], row[2], reset_at, bool(row[4]), was_reset
+
+    def _read(self, db: Any, budget: Budget) -> tuple[int, int, datetime | None] | None:
+        where, args = self._where(budget)
+        sql = (f'SELECT "spend", "reserved", "budget_reset_at" '  # noqa: S608
+               f'FROM "{self._table(budget)}" WHERE {where}')
+        row = db.execute_sql(sql, args).fetchone()
+        return None if row is None else (row[0], row[1], _as_datetime(row[2]))
+
+    def _create_counter(self, db: Any, budget: Budget, now: datetime) -> None:
+        p = self.p
+        scope, entity, model = budget.counter  # type: ignore[misc]
+        reset = parse_duration(budget.duration).after(now) if budget.duration else None
+        sql = (f'INSERT INTO "{COUNTER_TABLE}" ("scope", "entity_id", "model", "spend", '  # noqa: S608
+               f'"reserved", "budget_duration", "budget_reset_at", "soft_alerted") VALUES '
+               f'({p}, {p}, {p}, 0, 0, {p}, {p}, {p}) '
+               f'ON CONFLICT ("scope", "entity_id", "model") DO NOTHING')
+        db.execute_sql(sql, [scope, entity, model, budget.duration, reset, False])
+
+    def _mark_soft(self, db: Any, table: str, row_id: int) -> bool:
+        p = self.p
+        sql = (f'UPDATE "{table}" SET "soft_alerted" = {p} '  # noqa: S608
+               f'WHERE "id" = {p} AND "soft_alerted" = {p}')
+        return bool(db.execute_sql(sql, [True, row_id, False]).rowcount)
+
+    # -- reserve / release ---------------------------------------------------------------------
+
+    def reserve(self, request_id: str, budgets: Sequence[Budget], amount: int
+                ) -> tuple[Reservation, list[tuple[Budget, int]], list[Budget]]:
+        """Reserve ``amount`` on every budget, all or nothing.
+
+        Returns the reservation, the soft budgets this request saw crossed (for the signal,
+        once per window) and the budgets whose window was reset. Raises :class:`_Refusal`.
+        """
+        for attempt in range(_RETRIES):
+            try:
+                return self._reserve(request_id, budgets, amount)
+            except peewee.OperationalError as exc:  # deadlock / busy: all rolled back
+                if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _reserve(self, request_id: str, budgets: Sequence[Budget], amount: int
+                 ) -> tuple[Reservation, list[tuple[Budget, int]], list[Budget]]:
+        now = utcnow()
+        parts: list[Part] = []
+        crossed: list[tuple[Budget, int]] = []
+        reset: list[Budget] = []
+        with self.store.use() as db, db.atomic():
+            for budget in budgets:
+                got = self._reserve_one(db, budget, amount, now)
+                if got is None and budget.counter is not None and self._read(db, budget) is None:
+                    self._create_counter(db, budget, now)
+                    got = self._reserve_one(db, budget, amount, now)
+                if got is None:
+                    state = self._read(db, budget)
+                    spend, reserved, reset_at = state if state is not None else (0, 0, None)
+                    if budget.duration and (reset_at is None or reset_at <= now):
+                        spend, reset_at = 0, next_reset(budget.duration, reset_at, now)
+                    raise _Refusal(budget, spend, reserved, budget.max_budget or 0, reset_at,
+                                   amount)
+                row_id, spend, _reserved, reset_at, alerted, was_reset = got
+                if was_reset:
+                    reset.append(budget)
+                table = self._table(budget)
+                held = amount if budget.max_budget is not None else 0  # soft only: spend
+                parts.append(Part(table, row_id, held, budget.counter is not None,
+                                  budget.order))
+                if (budget.soft_budget is not None and spend >= budget.soft_budget
+                        and not alerted and self._mark_soft(db, table, row_id)):
+                    crossed.append((budget, spend))
+            if parts:
+                expires = now + timedelta(seconds=self.settings.budget_reservation_ttl)
+                BudgetReservation.insert(
+                    request_id=request_id, parts=[list(part[:4]) for part in parts],
+                    created_at=now, expires_at=expires).execute()
+        self.reserved_once = self.reserved_once or bool(parts)
+        return Reservation(request_id, tuple(parts)), crossed, reset
+
+    def release_in(self, db: Any, items: Iterable[tuple[Reservation, int]]) -> None:
+        """Inside the caller's transaction: release each reservation (once: its row is
+        deleted) and add the request's cost to the counter rows it reserved on."""
+        p = self.p
+        releases: dict[tuple[str, int], int] = {}
+        spends: dict[tuple[str, int], int] = {}
+        orders: dict[tuple[str, int], tuple[Any, ...]] = {}
+        for reservation, cost in items:
+            if not reservation.parts:
+                continue
+            deleted = db.execute_sql(
+                f'DELETE FROM "{BudgetReservation._meta.table_name}" '  # noqa: S608
+                f'WHERE "request_id" = {p}', [reservation.request_id]).rowcount
+            for part in reservation.parts:
+                where = (part.table, part.id)
+                orders[where] = part.order
+                if deleted:
+                    releases[where] = releases.get(where, 0) + part.amount
+                if part.counter and cost:
+                    spends[where] = spends.get(where, 0) + cost
+        for where in sorted(set(releases) | set(spends), key=lambda w: orders[w]):
+            table, row_id = where
+            sql = (f'UPDATE "{table}" SET "reserved" = "reserved" - {p}, '  # noqa: S608
+                   f'"spend" = "spend" + {p} WHERE "id" = {p}')
+            db.execute_sql(sql, [releases.get(where, 0), spends.get(where, 0), row_id])
+
+    def release(self, reservation: Reservation, cost: int = 0, *,
+                entity_spend: bool = False) -> None:
+        """Release one reservation in its own transaction (refused requests, or no spend
+        ledger). ``entity_spend`` also adds ``cost`` to the entity rows."""
+        for attempt in range(_RETRIES):
+            try:
+                with self.store.use() as db, db.atomic():
+                    if entity_spend and cost:
+                        p = self.p
+                        for part in sorted(reservation.parts, key=lambda x: x.order):
+                            if not part.counter:
+                                db.execute_sql(
+                                    f'UPDATE "{part.table}" SET "spend" = "spend" + {p} '  # noqa: S608
+                                    f'WHERE "id" = {p}', [cost, part.id])
+                    self.release_in(db, [(reservation, cost)])
+                return
+            except peewee.OperationalError as exc:
+                if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+
+    def sweep(self, now: datetime | None = None) -> int:
+        """Release reservations past their expiry (their process crashed, or a stream ran
+        longer than ``LLMAUTH_BUDGET_RESERVATION_TTL``); return how many."""
+        now = now or utcnow()
+        count = 0
+        with self.store.use():
+            expired = list(BudgetReservation.select(BudgetReservation.request_id,
+                                                    BudgetReservation.parts)
+                           .where(BudgetReservation.expires_at <= now).limit(10_000))
+        for row in expired:
+            parts = tuple(Part(t, i, a, bool(c), (ENTITY_TABLES.get(t, 9), i))
+                          for t, i, a, c in row.parts)
+            self.release(Reservation(row.request_id, parts))
+            count += 1
+        if count:
+            log.warning("llmauth: released %d expired budget reservation(s)", count)
+        return count
+
+    # -- resets --------------------------------------------------------------------------------
+
+    def reset_due(self, now: datetime | None = None) -> dict[str, int]:
+        """Reset every budget window that is over (all levels); return counts per table."""
+        now = now or utcnow()
+        done: dict[str, int] = {}
+        p = self.p
+        with self.store.use() as db:
+            for table in (*ENTITY_TABLES, COUNTER_TABLE):
+                rows = db.execute_sql(
+                    f'SELECT "id", "budget_reset_at", "budget_duration" FROM "{table}" '  # noqa: S608
+                    f'WHERE "budget_duration" IS NOT NULL AND ("budget_reset_at" IS NULL '
+                    f'OR "budget_reset_at" <= {p})', [now]).fetchall()
+                count = 0
+                for row_id, previous, duration in rows:
+                    duration = _duration(duration)
+                    if duration is None:
+                        continue
+                    new = next_reset(duration, _as_datetime(previous), now)
+                    with db.atomic():
+                        cursor = db.execute_sql(
+                            f'UPDATE "{table}" SET "spend" = 0, "soft_alerted" = {p}, '  # noqa: S608
+                            f'"budget_reset_at" = {p} WHERE "id" = {p} AND '
+                            f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
+                            [False, new, row_id, now])
+                    count += cursor.rowcount
+                done[table] = count
+        return done
+
+
+# -- the guard -------------------------------------------------------------------------------------
+
+
+def _fmt(units: int) -> str:
+    value = to_usd(units) or 0.0
+    return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+
+
+_NAMES = {"key": "Key", "user": "User", "team": "Team", "team_member": "Team member",
+          "end_user": "End User", "key_model": "Key model", "global": "Proxy",
+          "principal": "Caller"}
+
+
+class Budgets:
+    """The budget guard (after rate limits, before spend)."""
+
+    name = "budgets"
+
+    def __init__(self, state: Any, app: Flask) -> None:
+        self.state = state
+        self.settings: Settings = state.settings
+        self.ledger = Ledger(state.store, self.settings)
+        self.app = app
+        self._model_names = state.models.names_for
+        self._plans: dict[tuple[Any, ...], tuple[Any, Any, list[Budget]]] = {}
+        self._budgeted: dict[int, tuple[Principal, bool]] = {}
+        #: Every LLM request must be seen: a global budget, or end users (whose budgets are
+        #: known only once the customers guard has run).
+        self.always = self.settings.max_budget is not None or (
+            self.settings.max_end_user_budget is not None)
+        #: Set when the spend ledger takes over settlement (``ledger.on_batch``).
+        self.spend_ledger: Any = None
+
+    # -- Guard protocol ------------------------------------------------------------------------
+
+    def wants(self, principal: Principal, route: RouteInfo) -> bool:
+        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+            return False
+        if self.always:
+            return True
+        hit = self._budgeted.get(id(principal))
+        if hit is None or hit[0] is not principal:
+            if len(self._budgeted) >= 10_000:
+                self._budgeted.clear()
+            hit = self._budgeted[id(principal)] = (principal, has_budget(principal))
+        return hit[1]
+
+    def admit(self, admission: Admission) -> None:
+        budgets = self._plan(admission)
+        if not budgets:
+            return
+        from .prices import worst_case_units
+
+        amount = worst_case_units(admission.model, admission.body, self.settings)
+        try:
+            reservation, crossed, reset = self.ledger.reserve(
+                admission.request_id, budgets, amount)
+        except _Refusal as refusal:
+            self._refuse(admission, refusal)
+        if reservation.parts:
+            admission.scratch[SCRATCH] = reservation
+        if crossed and soft_budget_crossed.receivers:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            for budget, spend in crossed:
+                soft_budget_crossed.send(app, principal=admission.principal,
+                                         level=budget.level, entity_id=budget.label,
+                                         spend=to_usd(spend),
+                                         soft_budget=to_usd(budget.soft_budget))
+
+    def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
+        reservation: Reservation | None = admission.scratch.get(SCRATCH)
+        if reservation is None:
+            return
+        if admission.scratch.get("_refused"):  # never reached the view: nothing was spent
+            self.ledger.release(reservation)
+            return
+        if self._spend_writes_event(admission):
+            return  # released with the spend, in the ledger's transaction (on_batch)
+        cost = 0
+        if usage is not None:
+            from .prices import cost_units
+
+            cost = cost_units(admission.model, usage, self.settings)
+        self.ledger.release(reservation, cost, entity_spend=True)
+
+    def headers(self, admission: Admission) -> Mapping[str, str]:
+        return {}
+
+    # -- spend ledger --------------------------------------------------------------------------
+
+    def on_batch(self, events: Sequence[Any], db: Any) -> None:
+        """``SpendLedger.on_batch`` callback: release the reservations of the batch's new
+        events and add their cost to the counter budgets, in the ledger's transaction."""
+        items = []
+        for event in events:
+            reservation = getattr(event, "reservations", None)
+            if isinstance(reservation, Reservation):
+                items.append((reservation, int(getattr(event, "spend", 0) or 0)))
+        if items:
+            self.ledger.release_in(db, items)
+
+    def _spend_writes_event(self, admission: Admission) -> bool:
+        if self.spend_ledger is None:
+            return False
+        return any(guard.name == "spend" for guard in admission.scratch.get("_guards", ()))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _plan(self, admission: Admission) -> list[Budget]:
+        principal, customer = admission.principal, admission.customer
+        cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
+        hit = self._plans.get(cache_key)
+        if hit is not None and hit[0] is principal and hit[1] is customer:
+            return hit[2]
+        names: Sequence[str] = ()
+        if admission.model and principal.key is not None and principal.key.model_max_budget:
+            names = self._model_names(principal, admission.model) or (admission.model,)
+        budgets = resolve(principal, names, admission.end_user_id, customer, self.settings)
+        if len(self._plans) >= 10_000:
+            self._plans.clear()
+        self._plans[cache_key] = (principal, customer, budgets)
+        return budgets
+
+    def _refuse(self, admission: Admission, refusal: _Refusal) -> None:
+        budget = refusal.budget
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        spend, reserved, limit = refusal.spend, refusal.reserved, refusal.max_budget
+        name = _NAMES.get(budget.level, budget.level)
+        headers: dict[str, str] = {}
+        resets = refusal.reset_at is not None and budget.duration is not None
+        when = ""
+        if resets:
+            seconds = max(1, math.ceil((refusal.reset_at - now).total_seconds()))  # type: ignore[operator]
+            stamp = refusal.reset_at.strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[union-attr]
+            when = f" Budget resets at: {stamp} UTC ({budget.duration} window)."
+        if spend >= limit or spend + refusal.need > limit:
+            if spend >= limit:
+                message = (f"Budget has been exceeded! {name}={budget.label} Current cost: "
+                           f"{_fmt(spend)}, Max budget: {_fmt(limit)}.")
+            else:
+                message = (f"Budget too small for this request: {name}={budget.label} "
+                           f"Current cost: {_fmt(spend)}, Max budget: {_fmt(limit)}, this "
+                           f"request may cost up to {_fmt(refusal.need)}. Lower max_tokens "
+                           "or raise the budget.")
+            if resets and refusal.need <= limit:
+                headers["Retry-After"] = str(seconds)
+                message += when
+            else:
+                headers["x-should-retry"] = "false"
+                if spend >= limit:
+                    message += " This budget does not reset; ask an admin to raise it."
+        else:
+            message = (f"Budget has been exceeded! {name}={budget.label} is held by requests "
+                       f"in flight: Current cost: {_fmt(spend)}, reserved: {_fmt(reserved)}, "
+                       f"Max budget: {_fmt(limit)}. Retry shortly.")
+            headers["Retry-After"] = "1"
+        if budget_exceeded.receivers:
+            budget_exceeded.send(current_app._get_current_object(),  # type: ignore[attr-defined]
+                                 principal=admission.principal, level=budget.level,
+                                 entity_id=budget.label, spend=to_usd(spend),
+                                 max_budget=to_usd(limit))
+        raise BudgetExceeded(message, headers=headers, reason=f"budget_exceeded_{budget.level}")
+
+
+def install(state: Any, app: Flask) -> None:
+    """Add the budget guard and its background work (called by ``init_app``)."""
+    settings: Settings = state.settings
+    state.budgets = None
+    if not settings.budgets_enabled:
+        return
+    guard = Budgets(state, app)
+    if any(g.name == "customers" for g in state.guards.guards):
+        guard.always = True  # end users may carry budgets
+    state.budgets = guard
+    state.guards.add(guard)
+    ledger = guard.ledger
+
+    def sweep() -> None:
+        if ledger.reserved_once:
+            ledger.sweep()
+
+    state.background.every(min(60.0, max(1.0, settings.budget_reservation_ttl / 4)),
+                           "budget-reservations", sweep)
+    if settings.budget_reset_interval:
+        state.background.every(settings.budget_reset_interval, "budget-reset",
+                               lambda: (ledger.reset_due(), ledger.sweep()))
+
+
+# -- /key/{key}/reset_spend ----------------------------------------------------------------------
+
+
+def reset_key_spend(state: Any, actor: Principal, identifier: str, reset_to: int
+                    ) -> dict[str, Any]:
+    """Set a key's spend back to ``reset_to`` (0 ≤ reset_to ≤ spend, and ≤ its budget), with
+    its per-model budget windows; proxy admins only; audited."""
+    from .audit import write_audit
+    from .durations import isoformat
+    from .errors import BadRequest, Forbidden
+    from .keys import KeyService
+
+    if not actor.is_admin:
+        raise Forbidden("Only a proxy admin can reset a key's spend.",
+                        reason="reset_spend_denied")
+    with state.store.use() as db, db.atomic():
+        key = KeyService(state)._get(identifier)
+        key = Key.select().where(Key.id == key.id).for_update().get() if not isinstance(
+            db, peewee.SqliteDatabase) else key
+        previous = key.spend
+        if reset_to > previous:
+            raise BadRequest(f"reset_to ({_fmt(reset_to)}) must not exceed the key's current "
+                             f"spend ({_fmt(previous)}).", param="reset_to")
+        if key.max_budget is not None and reset_to > key.max_budget:
+            raise BadRequest(f"reset_to ({_fmt(reset_to)}) must not exceed the key's "
+                             f"max_budget ({_fmt(key.max_budget)}).", param="reset_to")
+        Key.update(spend=reset_to, soft_alerted=False).where(Key.id == key.id).execute()
+        BudgetCounter.update(spend=0, soft_alerted=False).where(
+            (BudgetCounter.scope == "key_model") & (BudgetCounter.entity_id == key.key_id)
+        ).execute()
+        write_audit(state.settings.store_audit_logs, actor, "reset_spend", "key", key.key_id,
+                    before={"spend": to_usd(previous)}, after={"spend": to_usd(reset_to)})
+    state.invalidate(f"key:{key.key_id}")
+    return {"key_hash": key.key_id, "spend": to_usd(reset_to),
+            "previous_spend": to_usd(previous), "max_budget": to_usd(key.max_budget),
+            "budget_reset_at": isoformat(key.budget_reset_at)}

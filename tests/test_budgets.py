@@ -1,0 +1,612 @@
+"""Budgets: every level and window, LiteLLM's precedence, reservations, lazy and CLI resets,
+soft budgets, 429 + Retry-After, /key/{key}/reset_spend — on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify, request, stream_with_context
+
+from flask_llmauth import record_usage
+from flask_llmauth.budgets import next_reset, resolve
+from flask_llmauth.durations import utcnow
+from flask_llmauth.money import to_units
+from flask_llmauth.signals import budget_exceeded, soft_budget_crossed
+from flask_llmauth.store.tables import BudgetCounter, BudgetReservation, Key, Team, User
+from tests.helpers import ADMIN, assert_error, bearer, new_key
+
+CHAT = "/v1/chat/completions"
+#: The test price: 1 unit (1e-9 USD) per prompt token, 1000 units per completion token.
+PRICES = {"budget-model": {"input_cost_per_token": "0.000000001",
+                           "output_cost_per_token": "0.000001"}}
+
+
+def add_llm_routes(app: Flask) -> None:
+    """A gateway whose usage is what the request says (``completion``, ``prompt``)."""
+
+    @app.post(CHAT)
+    def chat() -> Any:
+        body = request.get_json()
+        usage = {"prompt_tokens": int(body.get("prompt", 0)),
+                 "completion_tokens": int(body.get("completion", 0))}
+        if body.get("fail"):
+            return jsonify(error={"message": "upstream failed"}), 502
+        if body.get("raise"):
+            raise RuntimeError("view failed")
+        if body.get("record"):
+            record_usage(usage["prompt_tokens"], usage["completion_tokens"])
+            return jsonify(ok=True)
+        if body.get("stream"):
+            def events() -> Iterator[str]:
+                yield 'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+                yield f'data: {{"choices":[],"usage":{json.dumps(usage)}}}\n\n'
+                yield "data: [DONE]\n\n"
+
+            return Response(stream_with_context(events()), mimetype="text/event-stream")
+        return jsonify(model=body.get("model"), choices=[], usage=usage)
+
+
+@pytest.fixture
+def make(app_factory: Any, db_url: str) -> Any:
+    def build(**config: Any) -> Flask:
+        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+                           **config}, db_url=db_url, routes=False)
+        add_llm_routes(app)
+        return app
+
+    return build
+
+
+def usd(units: int) -> float:
+    return units / 1e9
+
+
+def chat(client: Any, key: str, **body: Any) -> Any:
+    body.setdefault("max_tokens", 10)
+    return client.post(CHAT, json={"model": "budget-model", **body}, headers=bearer(key))
+
+
+def row(app: Flask, table: Any, **where: Any) -> Any:
+    with app.extensions["llmauth"].store.use():
+        query = table.select()
+        for name, value in where.items():
+            query = query.where(getattr(table, name) == value)
+        return query.get()
+
+
+def test_key_budget_reserves_and_settles_exactly(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    # worst case: prompt estimate (~1 token) + 10 completion tokens = ~10,001 units
+    key = new_key(client, max_budget=usd(20_000))
+    assert chat(client, key["key"], completion=3).status_code == 200
+    k = row(app, Key, key_id=key["key_id"])
+    assert k.reserved == 0
+    assert k.spend == 3000
+    assert chat(client, key["key"], completion=10).status_code == 200
+    assert row(app, Key, key_id=key["key_id"]).spend == 13_000
+    # 13,000 spent: a worst case of 10,00x no longer fits 20,000
+    error = assert_error(chat(client, key["key"], completion=1), 429, "budget_exceeded")
+    assert "may cost up to" in error["message"]
+    with app.extensions["llmauth"].store.use():
+        assert BudgetReservation.select().count() == 0
+
+
+def api(client: Any, path: str, **body: Any) -> Any:
+    response = client.post(path, json=body, headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+class EndUsers:
+    """Stands in for the customers guard: the end user is the body's ``user`` field."""
+
+    name = "customers"
+
+    def wants(self, principal: Any, route: Any) -> bool:
+        return False
+
+    def admit(self, admission: Any) -> None:
+        body = admission.body or {}
+        admission.end_user_id = body.get("user")
+
+    def settle(self, *args: Any) -> None:
+        pass
+
+    def headers(self, admission: Any) -> dict[str, str]:
+        return {}
+
+
+# -- levels and precedence -------------------------------------------------------------------------
+
+
+def test_spend_equal_to_the_budget_is_exceeded_even_for_a_free_request(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000))
+    assert chat(client, key["key"], completion=10).status_code == 200  # spend == budget
+    response = chat(client, key["key"], model="some-free-model", max_tokens=1)
+    error = assert_error(response, 429, "budget_exceeded")
+    assert error["message"].startswith("Budget has been exceeded! Key=")
+    assert "Current cost: 0.00001, Max budget: 0.00001" in error["message"]
+    assert "Retry-After" not in response.headers  # no window: it never resets
+    assert response.headers["x-should-retry"] == "false"
+    assert key["key"] not in response.get_data(as_text=True)
+
+
+def test_team_key_is_bound_by_the_team_budget_not_the_personal_one(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    api(client, "/user/new", user_id="ann", max_budget=usd(1))  # personal budget: 1 unit
+    api(client, "/team/new", team_id="t-budget", max_budget=usd(25_000))
+    api(client, "/team/member_add", team_id="t-budget", member=[{"user_id": "ann"}])
+    team_key = new_key(client, user_id="ann", team_id="t-budget")
+    personal = new_key(client, user_id="ann")
+    assert chat(client, team_key["key"], completion=10).status_code == 200
+    assert chat(client, team_key["key"], completion=10).status_code == 200
+    error = assert_error(chat(client, team_key["key"]), 429, "budget_exceeded")
+    assert "Team=t-budget" in error["message"]
+    # the personal key is bound by the personal budget (1 unit: the worst case never fits)
+    error = assert_error(chat(client, personal["key"]), 429, "budget_exceeded")
+    assert "User=ann" in error["message"]
+    assert row(app, Team, team_id="t-budget").spend == 20_000
+    assert row(app, User, user_id="ann").spend == 0
+
+
+def test_team_member_budget_own_and_team_default(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-m", team_member_budget=usd(15_000))
+    api(client, "/team/member_add", team_id="t-m", member=[{"user_id": "bob"}])
+    api(client, "/team/member_add", team_id="t-m", member=[{"user_id": "cat"}],
+        max_budget_in_team=usd(25_000))
+    bob = new_key(client, user_id="bob", team_id="t-m")
+    cat = new_key(client, user_id="cat", team_id="t-m")
+    assert chat(client, bob["key"], completion=10).status_code == 200
+    error = assert_error(chat(client, bob["key"]), 429, "budget_exceeded")
+    assert "Team member=t-m:bob" in error["message"]
+    assert chat(client, cat["key"], completion=10).status_code == 200
+    assert chat(client, cat["key"], completion=10).status_code == 200
+    assert_error(chat(client, cat["key"]), 429, "budget_exceeded")
+
+
+def test_global_budget_is_shared_by_every_caller(make: Any) -> None:
+    app = make(LLMAUTH_MAX_BUDGET=usd(25_000))
+    client = app.test_client()
+    one, two = new_key(client), new_key(client)
+    assert chat(client, one["key"], completion=10).status_code == 200
+    assert chat(client, two["key"], completion=10).status_code == 200
+    error = assert_error(chat(client, one["key"], completion=10), 429, "budget_exceeded")
+    assert "Proxy=proxy" in error["message"]
+    counter = row(app, BudgetCounter, scope="global")
+    assert (counter.spend, counter.reserved) == (20_000, 0)
+    # the master key is exempt
+    response = client.post(CHAT, json={"model": "budget-model", "completion": 1}, headers=ADMIN)
+    assert response.status_code == 200
+
+
+def test_zero_global_budget_means_none(make: Any) -> None:
+    app = make(LLMAUTH_MAX_BUDGET=0)
+    assert app.extensions["llmauth"].settings.max_budget is None
+    client = app.test_client()
+    assert chat(client, new_key(client)["key"]).status_code == 200
+
+
+def test_per_model_key_budget(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, model_max_budget={
+        "budget-model": {"budget_limit": usd(15_000), "time_period": "1d"}})
+    assert chat(client, key["key"], completion=10).status_code == 200
+    error = assert_error(chat(client, key["key"]), 429, "budget_exceeded")
+    assert "Key model=" in error["message"] and "budget-model" in error["message"]
+    assert 86_000 <= int(assert_retry_after(chat(client, key["key"]))) <= 86_400
+    # another model is not held by it
+    assert chat(client, key["key"], model="some-free-model").status_code == 200
+    counter = row(app, BudgetCounter, scope="key_model", entity_id=key["key_id"])
+    assert (counter.model, counter.spend, counter.reserved) == ("budget-model", 10_000, 0)
+
+
+def assert_retry_after(response: Any) -> str:
+    assert_error(response, 429, "budget_exceeded")
+    return response.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_end_user_budget_own_or_default(make: Any, own: bool) -> None:
+    from types import SimpleNamespace
+
+    app = make(LLMAUTH_MAX_END_USER_BUDGET=usd(15_000), LLMAUTH_END_USER_BUDGET_DURATION="7d")
+    state = app.extensions["llmauth"]
+    customers = EndUsers()
+    if own:
+        record = SimpleNamespace(max_budget=25_000, soft_budget=None, budget_duration=None)
+        customers.admit = lambda admission: (  # type: ignore[method-assign]
+            setattr(admission, "end_user_id", (admission.body or {}).get("user")),
+            setattr(admission, "customer", record))
+    customers.wants = lambda principal, route: True  # type: ignore[method-assign]
+    state.guards.guards = (customers, *state.guards.guards)
+    state.budgets.always = True  # as install() does when the customers guard is there
+    client = app.test_client()
+    key = new_key(client)
+    assert chat(client, key["key"], user="end-1", completion=10).status_code == 200
+    if own:
+        assert chat(client, key["key"], user="end-1", completion=10).status_code == 200
+    response = chat(client, key["key"], user="end-1")
+    error = assert_error(response, 429, "budget_exceeded")
+    assert "End User=end-1" in error["message"]
+    if not own:
+        assert 7 * 86_400 - 60 <= int(response.headers["Retry-After"]) <= 7 * 86_400
+    # another end user, and no end user at all, are not held by it
+    assert chat(client, key["key"], user="end-2").status_code == 200
+    assert chat(client, key["key"]).status_code == 200
+
+
+def test_asserted_budget_of_a_custom_auth_principal(make: Any) -> None:
+    from flask_llmauth.principal import Principal, Role
+
+    def hook(req: Any, api_key: str) -> Any:
+        return Principal(method="custom", role=Role.INTERNAL_USER, user_id="ext-user",
+                         limits={"max_budget": 15_000})
+
+    app = make(LLMAUTH_CUSTOM_AUTH=hook, LLMAUTH_AUTH_ORDER=["custom"])
+    client = app.test_client()
+    assert chat(client, "anything", completion=10).status_code == 200
+    error = assert_error(chat(client, "anything"), 429, "budget_exceeded")
+    assert "Caller=ext-user" in error["message"]
+
+
+def test_resolution_order_and_precedence_unit() -> None:
+    from flask_llmauth.principal import Principal, Role
+    from flask_llmauth.store.records import KeyRecord, MembershipRecord, TeamRecord, UserRecord
+
+    key = KeyRecord(id=1, key_id="k1", key_name="sk-...abcd", max_budget=5, team_id="t",
+                    model_max_budget={"m": {"budget_limit": 1.0}})
+    user = UserRecord(id=2, user_id="u", max_budget=7)
+    team = TeamRecord(id=3, team_id="t", max_budget=9, team_member_budget=4)
+    member = MembershipRecord(id=4, team_id="t", user_id="u")
+    principal = Principal(method="virtual_key", role=Role.INTERNAL_USER, user_id="u",
+                          team_id="t", key=key, user=user, team=team, membership=member)
+    levels = [(b.level, b.max_budget) for b in resolve(principal, ("m",), None, None, None)]
+    assert levels == [("key", 5), ("team", 9), ("team_member", 4), ("key_model", 10**9)]
+    personal = Principal(method="virtual_key", role=Role.INTERNAL_USER, user_id="u",
+                         key=KeyRecord(id=1, key_id="k1", key_name="x"), user=user)
+    assert [b.level for b in resolve(personal, (), None, None, None)] == ["user"]
+    nothing = Principal(method="virtual_key", role=Role.INTERNAL_USER, user_id="u",
+                        key=KeyRecord(id=1, key_id="k1", key_name="x"),
+                        user=UserRecord(id=2, user_id="u"))
+    assert resolve(nothing, ("m",), "end", None, None) == []
+
+
+# -- windows ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("duration", "seconds"), [
+    ("30s", 30), ("10m", 600), ("24h", 86_400), ("7d", 7 * 86_400), ("30d", 30 * 86_400)])
+def test_next_reset_keeps_the_schedule(duration: str, seconds: int) -> None:
+    now = utcnow()
+    assert next_reset(duration, None, now) == now + timedelta(seconds=seconds)
+    previous = now - timedelta(seconds=seconds * 2.5)
+    assert next_reset(duration, previous, now) == previous + timedelta(seconds=seconds * 3)
+    later = now + timedelta(seconds=5)
+    assert next_reset(duration, later, now) == later
+
+
+def test_next_reset_months_clamp_to_the_month_end() -> None:
+    from datetime import datetime
+
+    assert next_reset("1mo", datetime(2026, 1, 31), datetime(2026, 2, 3)) == datetime(2026, 2, 28)
+    assert next_reset("1mo", datetime(2026, 1, 15), datetime(2026, 4, 20)) == datetime(2026, 5, 15)
+    assert next_reset("1mo", None, datetime(2024, 1, 31)) == datetime(2024, 2, 29)
+
+
+def set_reset_at(app: Flask, table: Any, when: Any, **where: Any) -> None:
+    with app.extensions["llmauth"].store.use():
+        query = table.update(budget_reset_at=when)
+        for name, value in where.items():
+            query = query.where(getattr(table, name) == value)
+        assert query.execute() == 1
+
+
+def test_window_refuses_with_retry_after_until_the_reset_then_resets_lazily(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000), budget_duration="30s")
+    assert chat(client, key["key"], completion=10).status_code == 200
+    response = chat(client, key["key"], completion=1)
+    retry = int(assert_retry_after(response))
+    assert 1 <= retry <= 30
+    assert "Budget resets at:" in response.get_json()["error"]["message"]
+    # the window ends (no job runs): the next request resets it first
+    past = utcnow() - timedelta(seconds=1)
+    set_reset_at(app, Key, past, key_id=key["key_id"])
+    assert chat(client, key["key"], completion=2).status_code == 200
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (2000, 0)
+    assert past + timedelta(seconds=29) <= k.budget_reset_at <= past + timedelta(seconds=31)
+
+
+def test_cli_reset_budgets(make: Any) -> None:
+    app = make(LLMAUTH_MAX_BUDGET=usd(100_000), LLMAUTH_BUDGET_DURATION="10m")
+    client = app.test_client()
+    api(client, "/user/new", user_id="dora", max_budget=usd(50_000), budget_duration="24h")
+    api(client, "/team/new", team_id="t-cli", max_budget=usd(50_000), budget_duration="7d")
+    personal = new_key(client, user_id="dora", max_budget=usd(50_000), budget_duration="30d")
+    team_key = new_key(client, team_id="t-cli")
+    assert chat(client, personal["key"], completion=5).status_code == 200
+    assert chat(client, team_key["key"], completion=5).status_code == 200
+    past = utcnow() - timedelta(seconds=5)
+    set_reset_at(app, Key, past, key_id=personal["key_id"])
+    set_reset_at(app, User, past, user_id="dora")
+    set_reset_at(app, Team, past, team_id="t-cli")
+    set_reset_at(app, BudgetCounter, past, scope="global")
+    result = app.test_cli_runner().invoke(args=["llmauth", "reset-budgets"])
+    assert result.exit_code == 0, result.output
+    assert "reset 4 budget window(s)" in result.output
+    now = utcnow()
+    for table, where, seconds in ((Key, {"key_id": personal["key_id"]}, 30 * 86_400),
+                                  (User, {"user_id": "dora"}, 86_400),
+                                  (Team, {"team_id": "t-cli"}, 7 * 86_400),
+                                  (BudgetCounter, {"scope": "global"}, 600)):
+        r = row(app, table, **where)
+        assert r.spend == 0, table
+        assert now < r.budget_reset_at <= now + timedelta(seconds=seconds), table
+    again = app.test_cli_runner().invoke(args=["llmauth", "reset-budgets"])
+    assert "reset 0 budget window(s)" in again.output
+
+
+def test_scheduler_setting_resets_in_the_background(make: Any) -> None:
+    app = make(LLMAUTH_BUDGET_RESET_INTERVAL=0.2)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(50_000), budget_duration="24h")
+    assert chat(client, key["key"], completion=5).status_code == 200
+    set_reset_at(app, Key, utcnow() - timedelta(seconds=1), key_id=key["key_id"])
+    names = [t.name for t in app.extensions["llmauth"].background._tasks]
+    assert "budget-reset" in names
+    deadline = utcnow() + timedelta(seconds=5)
+    while row(app, Key, key_id=key["key_id"]).spend and utcnow() < deadline:
+        import time
+
+        time.sleep(0.05)
+    assert row(app, Key, key_id=key["key_id"]).spend == 0
+    assert "budget-reset" not in [t.name for t in make().extensions["llmauth"].background._tasks]
+
+
+# -- soft budgets, signals -------------------------------------------------------------------------
+
+
+def test_soft_budget_fires_once_per_window_and_never_blocks(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, soft_budget=usd(5_000), budget_duration="24h")
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **data: Any) -> None:
+        seen.append(data)
+
+    with soft_budget_crossed.connected_to(receiver, app):
+        assert chat(client, key["key"], completion=4).status_code == 200  # 4,000 < 5,000
+        assert chat(client, key["key"], completion=4).status_code == 200  # sees 4,000
+        assert seen == []
+        for _ in range(3):  # sees 8,000 >= 5,000: once
+            assert chat(client, key["key"], completion=4).status_code == 200
+        assert len(seen) == 1
+        assert seen[0]["level"] == "key" and seen[0]["spend"] == usd(8_000)
+        assert seen[0]["soft_budget"] == usd(5_000)
+        assert seen[0]["principal"].key_id == key["key_id"]
+        # a new window: it may fire again
+        set_reset_at(app, Key, utcnow() - timedelta(seconds=1), key_id=key["key_id"])
+        assert chat(client, key["key"], completion=6).status_code == 200
+        assert chat(client, key["key"], completion=1).status_code == 200
+        assert len(seen) == 2
+
+
+def test_budget_exceeded_signal(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000))
+    seen: list[dict[str, Any]] = []
+    with budget_exceeded.connected_to(lambda sender, **data: seen.append(data), app):
+        assert chat(client, key["key"], completion=10).status_code == 200
+        assert_error(chat(client, key["key"]), 429, "budget_exceeded")
+    assert len(seen) == 1
+    assert (seen[0]["level"], seen[0]["spend"], seen[0]["max_budget"]) == (
+        "key", usd(10_000), usd(10_000))
+
+
+# -- reservations ----------------------------------------------------------------------------------
+
+
+def test_reservations_are_released_on_errors_and_refusals(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-rel", max_budget=usd(5_000))  # worst case never fits
+    key = new_key(client, max_budget=usd(50_000))
+    team_key = new_key(client, team_id="t-rel", max_budget=usd(50_000))
+    assert client.post(CHAT, json={"model": "budget-model", "fail": True, "completion": 5},
+                       headers=bearer(key["key"])).status_code == 502
+    with pytest.raises(RuntimeError):
+        client.post(CHAT, json={"model": "budget-model", "raise": True},
+                    headers=bearer(key["key"]))
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (0, 0)
+    # the team refuses after the key reserved: the key's reservation is rolled back
+    assert_error(chat(client, team_key["key"]), 429, "budget_exceeded")
+    k = row(app, Key, key_id=team_key["key_id"])
+    assert (k.spend, k.reserved) == (0, 0)
+    with app.extensions["llmauth"].store.use():
+        assert BudgetReservation.select().count() == 0
+
+
+def test_host_reported_usage_and_streams_settle_at_the_end(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(100_000))
+    assert chat(client, key["key"], record=True, prompt=7, completion=2).status_code == 200
+    assert row(app, Key, key_id=key["key_id"]).spend == 2007
+    response = chat(client, key["key"], stream=True, completion=3)
+    k = row(app, Key, key_id=key["key_id"])
+    assert k.reserved > 0  # held while the stream is open
+    assert b"[DONE]" in response.get_data()
+    response.close()
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (5007, 0)
+
+
+def test_concurrent_requests_never_pass_the_budget(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    # each worst case is ~10,001 units; actual cost 6,000; budget 55,000:
+    # 5 reservations fit at once, but never more than the budget in total
+    key = new_key(client, max_budget=usd(55_000))
+    results: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(12)
+
+    def worker() -> None:
+        c = app.test_client()
+        barrier.wait()
+        for _ in range(3):
+            status = chat(c, key["key"], completion=6).status_code
+            with lock:
+                results.append(status)
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    admitted = results.count(200)
+    assert set(results) <= {200, 429}
+    k = row(app, Key, key_id=key["key_id"])
+    assert k.reserved == 0
+    assert k.spend == admitted * 6000
+    assert k.spend <= 55_000
+    assert admitted >= 5  # at least what fits when every reservation is at its worst
+
+
+def test_expired_reservations_of_a_crashed_process_are_released(make: Any) -> None:
+    app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(50_000))
+    state = app.extensions["llmauth"]
+    ledger = state.budgets.ledger
+    from flask_llmauth.budgets import resolve as plan
+
+    with app.test_request_context():
+        principal = state.virtual_key_authenticator  # noqa: F841 - only the key row matters
+    k = row(app, Key, key_id=key["key_id"])
+    from flask_llmauth.principal import Principal, Role
+    from flask_llmauth.store.records import KeyRecord
+
+    record = KeyRecord(id=k.id, key_id=k.key_id, key_name=k.key_name, max_budget=k.max_budget)
+    budgets = plan(Principal(method="virtual_key", role=Role.INTERNAL_USER, key=record), (),
+                   None, None, state.settings)
+    reservation, _, _ = ledger.reserve("crashed-request", budgets, 30_000)
+    assert row(app, Key, key_id=key["key_id"]).reserved == 30_000
+    expires = row(app, BudgetReservation, request_id="crashed-request").expires_at
+    assert timedelta(seconds=59) <= expires - utcnow() <= timedelta(seconds=61)
+    assert ledger.sweep() == 0  # not expired yet
+    assert ledger.sweep(utcnow() + timedelta(seconds=61)) == 1
+    assert row(app, Key, key_id=key["key_id"]).reserved == 0
+    ledger.release(reservation)  # a late settle of the same request releases nothing twice
+    assert row(app, Key, key_id=key["key_id"]).reserved == 0
+
+
+def test_key_update_does_not_clobber_reservations_in_flight(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(100_000))
+    response = chat(client, key["key"], stream=True, completion=3)  # holds a reservation
+    held = row(app, Key, key_id=key["key_id"]).reserved
+    assert held > 0
+    api(client, "/key/update", key=key["key_id"], key_alias="renamed", max_budget=usd(90_000))
+    assert row(app, Key, key_id=key["key_id"]).reserved == held
+    response.get_data()
+    response.close()
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (3000, 0)
+
+
+def test_principals_without_budgets_cost_no_query(make: Any, caplog: Any) -> None:
+    import logging
+
+    app = make()
+    client = app.test_client()
+    key = new_key(client)
+    assert chat(client, key["key"]).status_code == 200  # warms the key cache
+    guard = app.extensions["llmauth"].budgets
+    caplog.set_level(logging.DEBUG, logger="peewee")
+    caplog.clear()
+    assert chat(client, key["key"]).status_code == 200
+    assert [r for r in caplog.records if r.name == "peewee"] == []
+    assert any(hit[1] is False for hit in guard._budgeted.values())
+
+
+def test_budgets_can_be_disabled(make: Any) -> None:
+    app = make(LLMAUTH_BUDGETS_ENABLED=False)
+    client = app.test_client()
+    key = new_key(client, max_budget=0)
+    assert chat(client, key["key"]).status_code == 200
+    assert app.extensions["llmauth"].budgets is None
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("LLMAUTH_MAX_BUDGET", "lots"), ("LLMAUTH_MAX_BUDGET", -1),
+    ("LLMAUTH_BUDGET_DURATION", "3 fortnights"), ("LLMAUTH_MAX_END_USER_BUDGET", "x"),
+    ("LLMAUTH_END_USER_BUDGET_DURATION", "0d"), ("LLMAUTH_BUDGET_RESERVATION_TTL", 1),
+    ("LLMAUTH_BUDGET_RESET_INTERVAL", -1), ("LLMAUTH_BUDGETS_ENABLED", "maybe")])
+def test_bad_budget_settings_are_refused_at_start(app_factory: Any, name: str,
+                                                  value: Any) -> None:
+    from flask_llmauth import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=name):
+        app_factory({name: value})
+
+
+def test_budget_settings_from_litellm_yaml(tmp_path: Any, app_factory: Any) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("litellm_settings:\n  max_budget: 12.5\n  budget_duration: 30d\n"
+                      "  max_end_user_budget: 0.25\n")
+    settings = app_factory({"LLMAUTH_CONFIG_FILE": str(config)}).extensions["llmauth"].settings
+    assert settings.max_budget == to_units("12.5")
+    assert settings.budget_duration == "30d"
+    assert settings.max_end_user_budget == to_units("0.25")
+
+
+# -- /key/{key}/reset_spend ------------------------------------------------------------------------
+
+
+def test_reset_spend(make: Any) -> None:
+    from flask_llmauth.store.tables import AuditLog
+
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(20_000), model_max_budget={
+        "budget-model": {"budget_limit": usd(50_000)}})
+    assert chat(client, key["key"], completion=11).status_code == 200
+    assert_error(chat(client, key["key"]), 429, "budget_exceeded")
+    path = f"/key/{key['key']}/reset_spend"
+    # only a proxy admin; bad input is a clean 400
+    other = new_key(client)
+    assert client.post(path, json={"reset_to": 0}, headers=bearer(other["key"])).status_code in (
+        401, 403)
+    for body in ({}, {"reset_to": -1}, {"reset_to": "x"}, {"reset_to": usd(11_001)}):
+        assert_error(client.post(path, json=body, headers=ADMIN), 400)
+    assert_error(client.post("/key/sk-unknown/reset_spend", json={"reset_to": 0},
+                             headers=ADMIN), 404)
+    done = api(client, f"/key/{key['key_id']}/reset_spend", reset_to=usd(1_000))
+    assert done == {"key_hash": key["key_id"], "spend": usd(1_000),
+                    "previous_spend": usd(11_000), "max_budget": usd(20_000),
+                    "budget_reset_at": None}
+    assert row(app, Key, key_id=key["key_id"]).spend == 1_000
+    assert row(app, BudgetCounter, scope="key_model", entity_id=key["key_id"]).spend == 0
+    assert chat(client, key["key"], completion=1).status_code == 200
+    audit = row(app, AuditLog, action="reset_spend")
+    assert audit.object_id == key["key_id"] and audit.after == {"spend": usd(1_000)}
+    assert key["key"] not in json.dumps([audit.before, audit.after])
