@@ -16,7 +16,11 @@ JSON with a ``usage`` block) is driven through the WSGI app directly with a prep
   ``max_parallel_requests`` on ``memory://`` — per request: rpm increment, tpm read, parallel
   slot, then after the response the tpm charge (usage read from the body) and the slot
   release;
-* ``key+limits/redis``: the same on Redis (each of those is a round trip).
+* ``key+limits/redis``: the same on Redis (each of those is a round trip);
+* ``key+budget+limits/memory`` and ``/redis``: the same key with a ``max_budget`` too — per
+  request one database transaction reserves the worst-case cost (SQLite here: ``--db-url``
+  for Postgres), and the settlement releases it with the real spend (in the spend ledger's
+  batch when the spend ledger runs, else directly).
 
 Rounds are interleaved in a shuffled order; the report gives the median µs per request and
 the median of the per-round ratios to ``bare``. Redis keys are written under a unique prefix
@@ -70,12 +74,13 @@ def bare_app() -> Flask:
     return app
 
 
-def auth_app(instance: str, storage: str, prefix: str, **config: Any) -> Flask:
+def auth_app(instance: str, storage: str, prefix: str, db_url: str | None = None,
+             **config: Any) -> Flask:
     os.makedirs(instance, exist_ok=True)
     app = Flask(f"bench_{prefix}", instance_path=instance)
     app.config.update(
         LLMAUTH_MASTER_KEY=MASTER_KEY,
-        LLMAUTH_DATABASE_URL=f"sqlite:///{instance}/bench.db",
+        LLMAUTH_DATABASE_URL=db_url or f"sqlite:///{instance}/bench.db",
         LLMAUTH_LAST_USED_FLUSH_INTERVAL=3600,
         LLMAUTH_RATELIMIT_STORAGE_URI=storage,
         LLMAUTH_RATELIMIT_KEY_PREFIX=prefix,
@@ -144,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--redis-url", default=os.environ.get(
         "LLMAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--db-url", default=None,
+                        help="database of the budget variants (default: a SQLite file)")
     args = parser.parse_args(argv)
 
     instance = tempfile.mkdtemp(prefix="llmauth-limits-bench-")
@@ -158,11 +165,19 @@ def main(argv: Sequence[str] | None = None) -> str:
                  "key, rate limits off": environ(new_key(off_app)),
                  "key": environ(new_key(memory_app)),
                  "key+limits/memory": environ(new_key(memory_app, **limits))}
+    budget = {**limits, "max_budget": 10**6}
+    budget_app = auth_app(f"{instance}/b", "memory://", prefix, args.db_url)
+    apps["key+budget+limits/memory"] = budget_app
+    templates["key+budget+limits/memory"] = environ(new_key(budget_app, **budget))
     use_redis = redis_answers(args.redis_url)
+    redis_budget_app = None
     if use_redis:
         redis_app = auth_app(f"{instance}/r", args.redis_url, prefix)
         apps["key+limits/redis"] = redis_app
         templates["key+limits/redis"] = environ(new_key(redis_app, **limits))
+        redis_budget_app = auth_app(f"{instance}/rb", args.redis_url, prefix, args.db_url)
+        apps["key+budget+limits/redis"] = redis_budget_app
+        templates["key+budget+limits/redis"] = environ(new_key(redis_budget_app, **budget))
     variants = list(templates)
     for variant in variants:  # warm up: caches filled, code paths loaded
         run(apps[variant], templates[variant], 200)
@@ -196,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         lines.append(f"| {v} | {med(samples[v], 0):.1f} | {med(ratios[v], 0):.2f}× | "
                      f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | "
                      f"{TARGET.get(v, '')} |")
-    for app in (memory_app, off_app, apps.get("key+limits/redis")):
+    for app in (memory_app, off_app, apps.get("key+limits/redis"), budget_app,
+                redis_budget_app):
         if app is not None:
             app.extensions["llmauth"].close()
     if use_redis:

@@ -383,22 +383,23 @@ class Ledger:
         Returns the reservation, the soft budgets this request saw crossed (for the signal,
         once per window) and the budgets whose window was reset. Raises :class:`_Refusal`.
         """
-        for attempt in range(_RETRIES):
-            try:
-                return self._reserve(request_id, budgets, amount)
-            except peewee.OperationalError as exc:  # deadlock / busy: all rolled back
-                if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                    raise
-                time.sleep(0.005 * (attempt + 1))
+        with self.store.use() as db:  # a pooled connection for every attempt
+            for attempt in range(_RETRIES):
+                try:
+                    return self._reserve(db, request_id, budgets, amount)
+                except peewee.OperationalError as exc:  # deadlock / busy: all rolled back
+                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _reserve(self, request_id: str, budgets: Sequence[Budget], amount: int
+    def _reserve(self, db: Any, request_id: str, budgets: Sequence[Budget], amount: int
                  ) -> tuple[Reservation, list[tuple[Budget, int]], list[Budget]]:
         now = utcnow()
         parts: list[Part] = []
         crossed: list[tuple[Budget, int]] = []
         reset: list[Budget] = []
-        with self.store.use() as db, db.atomic():
+        with db.atomic():
             for budget in budgets:
                 got = self._reserve_one(db, budget, amount, now)
                 if got is None and budget.counter is not None and self._read(db, budget) is None:
@@ -459,22 +460,23 @@ class Ledger:
                 entity_spend: bool = False) -> None:
         """Release one reservation in its own transaction (refused requests, or no spend
         ledger). ``entity_spend`` also adds ``cost`` to the entity rows."""
-        for attempt in range(_RETRIES):
-            try:
-                with self.store.use() as db, db.atomic():
-                    if entity_spend and cost:
-                        p = self.p
-                        for part in sorted(reservation.parts, key=lambda x: x.order):
-                            if not part.counter:
-                                db.execute_sql(
-                                    f'UPDATE "{part.table}" SET "spend" = "spend" + {p} '  # noqa: S608
-                                    f'WHERE "id" = {p}', [cost, part.id])
-                    self.release_in(db, [(reservation, cost)])
-                return
-            except peewee.OperationalError as exc:
-                if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                    raise
-                time.sleep(0.005 * (attempt + 1))
+        p = self.p
+        with self.store.use() as db:
+            for attempt in range(_RETRIES):
+                try:
+                    with db.atomic():
+                        if entity_spend and cost:
+                            for part in sorted(reservation.parts, key=lambda x: x.order):
+                                if not part.counter:
+                                    db.execute_sql(
+                                        f'UPDATE "{part.table}" SET "spend" = "spend" + {p} '  # noqa: S608
+                                        f'WHERE "id" = {p}', [cost, part.id])
+                        self.release_in(db, [(reservation, cost)])
+                    return
+                except peewee.OperationalError as exc:
+                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
 
     def sweep(self, now: datetime | None = None) -> int:
         """Release reservations past their expiry (their process crashed, or a stream ran
@@ -550,10 +552,8 @@ class Budgets:
         self._model_names = state.models.names_for
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, list[Budget]]] = {}
         self._budgeted: dict[int, tuple[Principal, bool]] = {}
-        #: Every LLM request must be seen: a global budget, or end users (whose budgets are
-        #: known only once the customers guard has run).
-        self.always = self.settings.max_budget is not None or (
-            self.settings.max_end_user_budget is not None)
+        #: Every LLM request must be seen: there is a global budget.
+        self.always = self.settings.max_budget is not None
         #: Set when the spend ledger takes over settlement (``ledger.on_batch``).
         self.spend_ledger: Any = None
 
@@ -570,6 +570,16 @@ class Budgets:
                 self._budgeted.clear()
             hit = self._budgeted[id(principal)] = (principal, has_budget(principal))
         return hit[1]
+
+    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
+        """A request naming an end user that has a budget (its own, or the default)."""
+        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+            return False
+        if self.settings.max_end_user_budget is not None:
+            return True
+        return customer is not None and (
+            _units(getattr(customer, "max_budget", None)) is not None
+            or _units(getattr(customer, "soft_budget", None)) is not None)
 
     def admit(self, admission: Admission) -> None:
         budgets = self._plan(admission)
@@ -695,8 +705,6 @@ def install(state: Any, app: Flask) -> None:
     if not settings.budgets_enabled:
         return
     guard = Budgets(state, app)
-    if any(g.name == "customers" for g in state.guards.guards):
-        guard.always = True  # end users may carry budgets
     state.budgets = guard
     state.guards.add(guard)
     ledger = guard.ledger

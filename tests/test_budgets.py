@@ -231,7 +231,7 @@ def test_end_user_budget_own_or_default(make: Any, own: bool) -> None:
             setattr(admission, "customer", record))
     customers.wants = lambda principal, route: True  # type: ignore[method-assign]
     state.guards.guards = (customers, *state.guards.guards)
-    state.budgets.always = True  # as install() does when the customers guard is there
+    state.budgets.always = True  # (the real customers guard asks wants_end_user)
     client = app.test_client()
     key = new_key(client)
     assert chat(client, key["key"], user="end-1", completion=10).status_code == 200

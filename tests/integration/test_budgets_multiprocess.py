@@ -1,0 +1,164 @@
+# ruff: noqa: F811 - pytest fixtures imported from the rate-limit module are parameters here
+"""Budgets across processes: the example gateway under gunicorn (2 workers x 8 threads) on
+the real Postgres (SQLite without it). A burst whose reservations exceed the budget admits
+spend within it, the spend equals the sum of the admitted requests' costs, nothing stays
+reserved; the openai SDK sees an exhausted budget as ``RateLimitError``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from flask_llmauth.money import to_units
+from flask_llmauth.store.tables import BudgetReservation, Key, Team
+from tests.conftest import POSTGRES_URL
+from tests.helpers import MASTER_KEY, bearer, new_key
+from tests.integration.test_ratelimits_multiprocess import (  # noqa: F401 - fixtures
+    WORKERS,
+    Gateway,
+    admin,
+    database,
+)
+
+pytestmark = [pytest.mark.integration]
+
+#: Prompt tokens are free here, so a request's real cost (completion tokens, at most its
+#: max_tokens) never passes its reservation: the test checks the reservations, not the
+#: prompt estimate.
+OUTPUT_PRICE = Decimal("0.00001")  # USD per completion token
+PRICES = {"gpt-4o": {"input_cost_per_token": "0", "output_cost_per_token": str(OUTPUT_PRICE)}}
+MAX_TOKENS = 20
+CHAT = {"model": "gpt-4o", "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture(scope="module")
+def start(database: str, admin: Any, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(**env: Any) -> Gateway:
+        values = {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_DATABASE_URL": database,
+                  "LLMAUTH_RATELIMIT_ENABLED": "false", "LLMAUTH_CACHE_SYNC_INTERVAL": "0.2",
+                  "LLMAUTH_MODEL_PRICES": json.dumps(PRICES)}
+        values.update({k: str(v) for k, v in env.items()})
+        gw = Gateway(tmp_path_factory.mktemp("gateway"), values)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+def cost(response: requests.Response) -> int:
+    return to_units(response.json()["usage"]["completion_tokens"] * OUTPUT_PRICE)
+
+
+def burst(url: str, key: str, n: int) -> list[Any]:
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def send(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = requests.post(url + "/v1/chat/completions", json=CHAT,
+                                       headers=bearer(key), timeout=30)
+        except requests.RequestException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def settled(app: Any, key_id: str, timeout: float = 20.0) -> Any:
+    """The key row once nothing is reserved or waiting to be written any more."""
+    deadline = time.time() + timeout
+    while True:
+        with app.extensions["llmauth"].store.use():
+            row = Key.get(Key.key_id == key_id)
+            pending = BudgetReservation.select().count()
+        if (row.reserved == 0 and pending == 0) or time.time() > deadline:
+            return row
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="LLMAUTH_TEST_POSTGRES_URL is not set "
+                    "(.ci/run sets it); the SQLite variant runs in tests/test_budgets.py")
+def test_burst_over_the_budget_admits_spend_within_it(start: Callable[..., Gateway],
+                                                      admin: Any) -> None:
+    gw = start()
+    app = admin.application
+    admin.post("/team/new", json={"team_id": "mp-team", "max_budget": 1.0},
+               headers={"Authorization": f"Bearer {MASTER_KEY}"})
+    worst = to_units(MAX_TOKENS * OUTPUT_PRICE)
+    budget = 10 * worst  # ten reservations fit at once; the burst asks for sixty
+    body = new_key(admin, max_budget=float(Decimal(budget) / 10**9), team_id="mp-team")
+    key, key_id = body["key"], body["key_id"]
+    admitted_cost = 0
+    responses = burst(gw.url, key, 60)
+    statuses = [getattr(r, "status_code", -1) for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    for r in responses:
+        if r.status_code == 200:
+            admitted_cost += cost(r)
+        else:
+            assert r.json()["error"]["type"] == "budget_exceeded"
+    assert statuses.count(200) >= 10
+    assert statuses.count(429) > 0
+    # then one at a time until the budget refuses for good
+    for _ in range(40):
+        r = requests.post(gw.url + "/v1/chat/completions", json=CHAT, headers={
+            **bearer(key), "Connection": "close"}, timeout=10)
+        if r.status_code == 200:
+            admitted_cost += cost(r)
+            continue
+        assert r.status_code == 429
+        if "in flight" not in r.json()["error"]["message"]:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the budget never refused")
+    row = settled(app, key_id)
+    assert row.reserved == 0
+    assert row.spend == admitted_cost  # exactly the sum of the admitted requests' costs
+    assert admitted_cost <= budget
+    assert admitted_cost + worst > budget  # and it was used up, not refused early
+    with app.extensions["llmauth"].store.use():
+        team = Team.get(Team.team_id == "mp-team")
+    assert (team.spend, team.reserved) == (admitted_cost, 0)
+    assert len(gw.served_by()) == WORKERS
+
+
+def test_openai_sdk_sees_an_exhausted_budget_as_rate_limit_error(
+        start: Callable[..., Gateway], admin: Any) -> None:
+    gw = start()
+    worst = to_units(MAX_TOKENS * OUTPUT_PRICE)
+    body = new_key(admin, max_budget=float(Decimal(worst) / 10**9))
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=body["key"], max_retries=2,
+                           timeout=10)
+    first = client.chat.completions.create(**CHAT)
+    assert first.usage is not None and first.usage.completion_tokens > 0
+    before = sum(gw.served_by().values())
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**CHAT)
+    error = caught.value
+    assert error.status_code == 429
+    assert error.body["type"] == "budget_exceeded"  # type: ignore[index]
+    assert "Budget" in error.message and "Max budget: 0.0002" in error.message
+    assert body["key"] not in error.message
+    # the budget never resets: the SDK is told not to retry
+    time.sleep(0.5)
+    assert sum(gw.served_by().values()) == before + 1
