@@ -66,12 +66,23 @@ def usd(units: int) -> float:
     return units / 1e9
 
 
+def flush(app: Flask) -> None:
+    """Write the spend the spend ledger holds (when it runs): settlement is then done."""
+    ledger = getattr(app.extensions["llmauth"], "spend_ledger", None)
+    if ledger is not None:
+        ledger.flush()
+
+
 def chat(client: Any, key: str, **body: Any) -> Any:
     body.setdefault("max_tokens", 10)
-    return client.post(CHAT, json={"model": "budget-model", **body}, headers=bearer(key))
+    response = client.post(CHAT, json={"model": "budget-model", **body}, headers=bearer(key))
+    if not body.get("stream"):
+        flush(client.application)
+    return response
 
 
 def row(app: Flask, table: Any, **where: Any) -> Any:
+    flush(app)
     with app.extensions["llmauth"].store.use():
         query = table.select()
         for name, value in where.items():
@@ -543,7 +554,9 @@ def test_principals_without_budgets_cost_no_query(make: Any, caplog: Any) -> Non
     guard = app.extensions["llmauth"].budgets
     caplog.set_level(logging.DEBUG, logger="peewee")
     caplog.clear()
-    assert chat(client, key["key"]).status_code == 200
+    response = client.post(CHAT, json={"model": "budget-model", "max_tokens": 10},
+                           headers=bearer(key["key"]))
+    assert response.status_code == 200
     assert [r for r in caplog.records if r.name == "peewee"] == []
     assert any(hit[1] is False for hit in guard._budgeted.values())
 
@@ -610,3 +623,33 @@ def test_reset_spend(make: Any) -> None:
     audit = row(app, AuditLog, action="reset_spend")
     assert audit.object_id == key["key_id"] and audit.after == {"spend": usd(1_000)}
     assert key["key"] not in json.dumps([audit.before, audit.after])
+
+
+def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, postgres_url: str
+                                                          ) -> None:
+    """A budget that cannot be checked fails closed: 503, never a 200 and never a 500;
+    callers without a budget keep working from the key cache."""
+    from tests.helpers import TcpProxy
+
+    host_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    proxy = TcpProxy(host, int(port or 5432))
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10},
+                      db_url=proxy.url(postgres_url), routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    try:
+        budgeted = new_key(client, max_budget=1.0)["key"]
+        free = new_key(client)["key"]
+        for key in (budgeted, free):
+            assert client.post(CHAT, json={"model": "budget-model"},
+                               headers=bearer(key)).status_code == 200
+        proxy.cut()
+        response = client.post(CHAT, json={"model": "budget-model"}, headers=bearer(budgeted))
+        assert_error(response, 503, "db_unavailable")
+        assert client.post(CHAT, json={"model": "budget-model"},
+                           headers=bearer(free)).status_code == 200
+    finally:
+        proxy.cut()
+        app.extensions["llmauth"].close()
+        proxy.restore()
