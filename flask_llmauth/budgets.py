@@ -53,7 +53,15 @@ from .guards import Admission
 from .money import to_units, to_usd
 from .principal import Principal
 from .signals import budget_exceeded, soft_budget_crossed
-from .store.tables import BudgetCounter, BudgetReservation, Key, Team, TeamMembership, User
+from .store.tables import (
+    BudgetCounter,
+    BudgetReservation,
+    Customer,
+    Key,
+    Team,
+    TeamMembership,
+    User,
+)
 from .usage import Usage
 
 log = logging.getLogger("flask_llmauth")
@@ -504,7 +512,8 @@ class Ledger:
         done: dict[str, int] = {}
         p = self.p
         with self.store.use() as db:
-            for table in (*ENTITY_TABLES, COUNTER_TABLE):
+            for table in (*ENTITY_TABLES, COUNTER_TABLE, Customer._meta.table_name):
+                soft = '"soft_alerted" = ' + p + ", " if table != Customer._meta.table_name else ""
                 rows = db.execute_sql(
                     f'SELECT "id", "budget_reset_at", "budget_duration" FROM "{table}" '  # noqa: S608
                     f'WHERE "budget_duration" IS NOT NULL AND ("budget_reset_at" IS NULL '
@@ -517,10 +526,10 @@ class Ledger:
                     new = next_reset(duration, _as_datetime(previous), now)
                     with db.atomic():
                         cursor = db.execute_sql(
-                            f'UPDATE "{table}" SET "spend" = 0, "soft_alerted" = {p}, '  # noqa: S608
+                            f'UPDATE "{table}" SET "spend" = 0, {soft}'  # noqa: S608
                             f'"budget_reset_at" = {p} WHERE "id" = {p} AND '
                             f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
-                            [False, new, row_id, now])
+                            [*([False] if soft else []), new, row_id, now])
                     count += cursor.rowcount
                 done[table] = count
         return done

@@ -17,7 +17,14 @@ from flask_llmauth.budgets import next_reset, resolve
 from flask_llmauth.durations import utcnow
 from flask_llmauth.money import to_units
 from flask_llmauth.signals import budget_exceeded, soft_budget_crossed
-from flask_llmauth.store.tables import BudgetCounter, BudgetReservation, Key, Team, User
+from flask_llmauth.store.tables import (
+    BudgetCounter,
+    BudgetReservation,
+    Customer,
+    Key,
+    Team,
+    User,
+)
 from tests.helpers import ADMIN, assert_error, bearer, new_key
 
 CHAT = "/v1/chat/completions"
@@ -112,25 +119,6 @@ def api(client: Any, path: str, **body: Any) -> Any:
     response = client.post(path, json=body, headers=ADMIN)
     assert response.status_code == 200, response.get_json()
     return response.get_json()
-
-
-class EndUsers:
-    """Stands in for the customers guard: the end user is the body's ``user`` field."""
-
-    name = "customers"
-
-    def wants(self, principal: Any, route: Any) -> bool:
-        return False
-
-    def admit(self, admission: Any) -> None:
-        body = admission.body or {}
-        admission.end_user_id = body.get("user")
-
-    def settle(self, *args: Any) -> None:
-        pass
-
-    def headers(self, admission: Any) -> dict[str, str]:
-        return {}
 
 
 # -- levels and precedence -------------------------------------------------------------------------
@@ -230,20 +218,10 @@ def assert_retry_after(response: Any) -> str:
 
 @pytest.mark.parametrize("own", [True, False])
 def test_end_user_budget_own_or_default(make: Any, own: bool) -> None:
-    from types import SimpleNamespace
-
     app = make(LLMAUTH_MAX_END_USER_BUDGET=usd(15_000), LLMAUTH_END_USER_BUDGET_DURATION="7d")
-    state = app.extensions["llmauth"]
-    customers = EndUsers()
-    if own:
-        record = SimpleNamespace(max_budget=25_000, soft_budget=None, budget_duration=None)
-        customers.admit = lambda admission: (  # type: ignore[method-assign]
-            setattr(admission, "end_user_id", (admission.body or {}).get("user")),
-            setattr(admission, "customer", record))
-    customers.wants = lambda principal, route: True  # type: ignore[method-assign]
-    state.guards.guards = (customers, *state.guards.guards)
-    state.budgets.always = True  # (the real customers guard asks wants_end_user)
     client = app.test_client()
+    if own:
+        api(client, "/customer/new", user_id="end-1", max_budget=usd(25_000))
     key = new_key(client)
     assert chat(client, key["key"], user="end-1", completion=10).status_code == 200
     if own:
@@ -253,6 +231,8 @@ def test_end_user_budget_own_or_default(make: Any, own: bool) -> None:
     assert "End User=end-1" in error["message"]
     if not own:
         assert 7 * 86_400 - 60 <= int(response.headers["Retry-After"]) <= 7 * 86_400
+    counter = row(app, BudgetCounter, scope="end_user", entity_id="end-1")
+    assert (counter.spend, counter.reserved) == (20_000 if own else 10_000, 0)
     # another end user, and no end user at all, are not held by it
     assert chat(client, key["key"], user="end-2").status_code == 200
     assert chat(client, key["key"]).status_code == 200
@@ -356,14 +336,19 @@ def test_cli_reset_budgets(make: Any) -> None:
     set_reset_at(app, User, past, user_id="dora")
     set_reset_at(app, Team, past, team_id="t-cli")
     set_reset_at(app, BudgetCounter, past, scope="global")
+    api(client, "/customer/new", user_id="cust-cli", max_budget=1.0, budget_duration="1mo")
+    with app.extensions["llmauth"].store.use():
+        Customer.update(spend=123).where(Customer.user_id == "cust-cli").execute()
+    set_reset_at(app, Customer, past, user_id="cust-cli")
     result = app.test_cli_runner().invoke(args=["llmauth", "reset-budgets"])
     assert result.exit_code == 0, result.output
-    assert "reset 4 budget window(s)" in result.output
+    assert "reset 5 budget window(s)" in result.output
     now = utcnow()
     for table, where, seconds in ((Key, {"key_id": personal["key_id"]}, 30 * 86_400),
                                   (User, {"user_id": "dora"}, 86_400),
                                   (Team, {"team_id": "t-cli"}, 7 * 86_400),
-                                  (BudgetCounter, {"scope": "global"}, 600)):
+                                  (BudgetCounter, {"scope": "global"}, 600),
+                                  (Customer, {"user_id": "cust-cli"}, 31 * 86_400)):
         r = row(app, table, **where)
         assert r.spend == 0, table
         assert now < r.budget_reset_at <= now + timedelta(seconds=seconds), table

@@ -113,6 +113,12 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "spend_flush_interval": (0.25, 0.25),
     "spend_batch_size": (100, 100),
     "spend_queue_limit": (5000, 5000),
+    "budgets_enabled": (False, False),
+    "max_budget": ("12.5", 12_500_000_000),
+    "budget_duration": ("30d", "30d"),
+    "end_user_budget_duration": ("7d", "7d"),
+    "budget_reservation_ttl": (600, 600),
+    "budget_reset_interval": (60.0, 60.0),
     "enable_oauth2_auth": (True, True),
     "oauth2_token_info_endpoint": ("https://idp.example/oauth2/introspect",
                                    "https://idp.example/oauth2/introspect"),
@@ -194,6 +200,9 @@ ENV_SAMPLES: dict[str, str] = {
     "store_audit_logs": "false",
     "ratelimit_window": "30",
     "default_max_tokens": "1024",
+    "budgets_enabled": "false",
+    "budget_reservation_ttl": "600",
+    "budget_reset_interval": "60",
 }
 FIELDS = {f.name: f for f in Settings.table()}
 
@@ -634,6 +643,12 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("user_header_name", "x user", "must be an HTTP header name"),
     ("max_end_user_budget", -1, "must not be negative"),
     ("max_end_user_budget", "lots", "must be a number"),
+    ("max_budget", -1, "must not be negative"),
+    ("budget_duration", "3 fortnights", "invalid duration"),
+    ("end_user_budget_duration", "0d", "greater than zero"),
+    ("budget_reservation_ttl", 5, "must be at least 10"),
+    ("budget_reset_interval", -1, "must be at least 0"),
+    ("budgets_enabled", "maybe", "must be a boolean"),
 ]
 
 
