@@ -232,7 +232,7 @@ def test_refusal_by_a_later_guard_is_not_counted(make: Any) -> None:
     refuse = Refuse()
     app.extensions["llmauth"].guards.add(refuse)
     assert [g.name for g in app.extensions["llmauth"].guards.guards] == [
-        "customers", "rate_limits", "spend", "refuse"]
+        "customers", "rate_limits", "budgets", "spend", "refuse"]
     client = app.test_client()
     key = new_key(client, rpm_limit=2, max_parallel_requests=1)["key"]
     for _ in range(4):
