@@ -152,6 +152,7 @@ def test_openai_sdk_sees_an_exhausted_budget_as_rate_limit_error(
                            timeout=10)
     first = client.chat.completions.create(**CHAT)
     assert first.usage is not None and first.usage.completion_tokens > 0
+    settled(admin.application, body["key_id"])  # its real spend replaced its reservation
     before = sum(gw.served_by().values())
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(**CHAT)
