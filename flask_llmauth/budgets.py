@@ -569,20 +569,23 @@ class Budgets:
     # -- Guard protocol ------------------------------------------------------------------------
 
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+        if not route.is_llm or principal.is_master_key:
             return False
-        if self.always:
-            return True
-        hit = self._budgeted.get(id(principal))
-        if hit is None or hit[0] is not principal:
-            if len(self._budgeted) >= 10_000:
-                self._budgeted.clear()
-            hit = self._budgeted[id(principal)] = (principal, has_budget(principal))
-        return hit[1]
+        if not self.always:
+            hit = self._budgeted.get(id(principal))
+            if hit is None or hit[0] is not principal:
+                if len(self._budgeted) >= 10_000:
+                    self._budgeted.clear()
+                hit = self._budgeted[id(principal)] = (principal, has_budget(principal))
+            if not hit[1]:
+                return False
+        return route.unsafe_only or request.method not in SAFE_METHODS
 
     def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
         """A request naming an end user that has a budget (its own, or the default)."""
-        if not route.is_llm or principal.is_master_key or request.method in SAFE_METHODS:
+        if not route.is_llm or principal.is_master_key:
+            return False
+        if not route.unsafe_only and request.method in SAFE_METHODS:
             return False
         if self.settings.max_end_user_budget is not None:
             return True
