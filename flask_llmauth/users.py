@@ -128,7 +128,9 @@ class UserService:
                 key_params.update(user_id=user_id, models=list(user.models or []))
                 result.update(KeyService(state).generate(actor, key_params))
                 result.update(info)
-        state.invalidate(*(f"team:{t}" for t in teams))
+        # The user's tag too: a caller seen before the row existed (JWT, OAuth2, headers)
+        # has "no user" cached, which must not outlive the new row's role and limits.
+        state.invalidate(f"user:{user_id}", *(f"team:{t}" for t in teams))
         return result
 
     def provision(self, user_id: str, *, user_email: str | None = None,

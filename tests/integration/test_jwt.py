@@ -169,6 +169,17 @@ def test_resolved_user_principal_follows_the_stored_user(make_app: Any, idp: IdP
     assert ok(call(client, token))["role"] == "proxy_admin"
 
 
+def test_user_created_after_the_token_was_seen_applies_at_once(make_app: Any, idp: IdP) -> None:
+    client = make_app(admin_allowed_routes=["info_routes", "openai_routes"]).test_client()
+    token = idp.token(extra_claims={"email": "newcomer@corp.example"})
+    assert ok(call(client, token))["role"] == "internal_user"  # no user row yet (cached)
+    created = client.post("/user/new", json={"user_id": "newcomer@corp.example",
+                                             "user_role": "proxy_admin",
+                                             "auto_create_key": False}, headers=ADMIN)
+    assert created.status_code == 200, created.get_json()
+    assert ok(call(client, token))["role"] == "proxy_admin"
+
+
 def test_typ_at_jwt_can_be_required(make_app: Any, idp: IdP) -> None:
     client = make_app(require_at_jwt_typ=True).test_client()
     assert ok(call(client, idp.token(extra_claims={"email": "a@corp.example"})))

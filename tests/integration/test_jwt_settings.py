@@ -175,7 +175,7 @@ def test_userinfo_cache_ttl(make_app: Any, idp_factory: Any) -> None:
     assert_error(call(client, access), 503, "auth_provider_unavailable")
 
 
-# -- fetching ---------------------------------------------------------------------------------------
+# -- fetching ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
