@@ -51,7 +51,7 @@ from .durations import Duration, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
-from .principal import Principal
+from .principal import Principal, PrincipalMemo
 from .signals import budget_exceeded, soft_budget_crossed
 from .store.tables import (
     BudgetCounter,
@@ -560,7 +560,7 @@ class Budgets:
         self.app = app
         self._model_names = state.models.names_for
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, list[Budget]]] = {}
-        self._budgeted: dict[int, tuple[Principal, bool]] = {}
+        self._budgeted = PrincipalMemo(has_budget)
         #: Every LLM request must be seen: there is a global budget.
         self.always = self.settings.max_budget is not None
         #: Set when the spend ledger takes over settlement (``ledger.on_batch``).
@@ -572,12 +572,7 @@ class Budgets:
         if not route.is_llm or principal.is_master_key:
             return False
         if not self.always:
-            hit = self._budgeted.get(id(principal))
-            if hit is None or hit[0] is not principal:
-                if len(self._budgeted) >= 10_000:
-                    self._budgeted.clear()
-                hit = self._budgeted[id(principal)] = (principal, has_budget(principal))
-            if not hit[1]:
+            if not self._budgeted(principal):
                 return False
         return route.unsafe_only or request.method not in SAFE_METHODS
 

@@ -46,7 +46,7 @@ from .config import Settings
 from .errors import ConfigurationError, ServiceUnavailable, TooManyRequests
 from .guards import Admission
 from .network import client_ip
-from .principal import Principal, get_principal
+from .principal import Principal, PrincipalMemo, get_principal
 from .signals import rate_limited
 from .usage import Usage, estimate_prompt_tokens, requested_max_tokens
 
@@ -603,7 +603,7 @@ class RateLimits:
         #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
         self._model_names = model_names
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, tuple[_Step, ...]]] = {}
-        self._limited: dict[int, tuple[Principal, bool]] = {}
+        self._limited = PrincipalMemo(has_limits)
         #: Whether every LLM request must be seen: a global limit is set. (End users with
         #: limits of their own are found by ``wants_end_user``.)
         self.always = bool(settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
@@ -615,12 +615,7 @@ class RateLimits:
         if not route.is_llm or principal.is_master_key:
             return False
         if not self.always:  # global limits
-            hit = self._limited.get(id(principal))
-            if hit is None or hit[0] is not principal:
-                if len(self._limited) >= 10_000:
-                    self._limited.clear()
-                hit = self._limited[id(principal)] = (principal, has_limits(principal))
-            if not hit[1]:
+            if not self._limited(principal):
                 return False
         return route.unsafe_only or request.method not in SAFE_METHODS
 

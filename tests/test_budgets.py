@@ -545,7 +545,7 @@ def test_principals_without_budgets_cost_no_query(make: Any, caplog: Any) -> Non
                            headers=bearer(key["key"]))
     assert response.status_code == 200
     assert [r for r in caplog.records if r.name == "peewee"] == []
-    assert any(hit[1] is False for hit in guard._budgeted.values())
+    assert any(answer is False for _, answer in guard._budgeted._answers.values())
 
 
 def test_budgets_can_be_disabled(make: Any) -> None:
