@@ -320,3 +320,13 @@ def test_own_rows_of_each_kind_of_caller() -> None:
     assert "team_id" in sql(Principal(method="jwt", role=Role.TEAM, team_id="t"))
     with pytest.raises(Forbidden):
         SpendReports.own_rows(Principal(method="custom", role=Role.INTERNAL_USER))
+
+
+def test_global_spend_reports_the_global_budget(app_factory: Any) -> None:
+    from flask_llmauth.config import Settings
+
+    if "max_budget" not in {f.name for f in Settings.table()}:
+        pytest.skip("no global budget setting (the budgets are not installed)")
+    app = app_factory(config={"LLMAUTH_MAX_BUDGET": 12.5})
+    body = ok(app.test_client().get("/global/spend", headers=ADMIN))
+    assert body == {"spend": 0.0, "max_budget": 12.5}
