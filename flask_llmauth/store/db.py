@@ -47,6 +47,10 @@ def open_database(url: str) -> peewee.Database:
         return db_url.connect(
             url,
             pragmas={"journal_mode": "wal", "busy_timeout": 10000, "synchronous": "normal"},
+            # Transactions take the write lock when they begin: a deferred one that reads
+            # and then writes fails at once with SQLITE_BUSY (its snapshot is stale) when
+            # another process wrote meanwhile — the busy timeout never applies to it.
+            lock_type="IMMEDIATE",
             check_same_thread=False,
         )
     return db_url.connect(url)
