@@ -40,8 +40,11 @@ class Background:
         self._lock = threading.Lock()
         #: False until the thread runs in this process; reset in a forked child.
         self.started = False
+        #: True once :meth:`stop` ran its final pass and no thread started since: the exit
+        #: hook then has nothing left to do (the app closed its store already).
+        self.stopped = False
         ref = weakref.ref(self)
-        atexit.register(lambda: (obj := ref()) is not None and obj.stop())
+        atexit.register(lambda: (obj := ref()) is not None and not obj.stopped and obj.stop())
         os.register_at_fork(after_in_child=lambda: (obj := ref()) is not None and obj._forked())
 
     def _forked(self) -> None:
@@ -68,6 +71,7 @@ class Background:
             self._pid = os.getpid()
             self._thread.start()
             self.started = True
+            self.stopped = False
 
     def run_all(self) -> None:
         """Run every task now (tests, shutdown)."""
@@ -82,6 +86,7 @@ class Background:
         self._pid = None
         self.started = False
         self.run_all()
+        self.stopped = True
 
 
 def _run(task: _Task) -> None:
