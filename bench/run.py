@@ -118,25 +118,29 @@ def auth_app(database: Path, instance: str, extra_config: dict[str, Any] | None 
     return app
 
 
-class IntrospectionEndpoint:
-    """A loopback RFC 7662 endpoint for ``oauth2_cached``; counts the calls it answers."""
+class JSONEndpoint:
+    """A loopback HTTP endpoint answering every GET and POST with ``document()`` as JSON;
+    counts the calls it answers (the bench checks each cache filled exactly once)."""
+
+    path = "/"
 
     def __init__(self) -> None:
         self.calls = 0
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 endpoint.calls += 1
-                body = json.dumps({"active": True, "sub": "bench-user", "team_id": "bench-team",
-                                   "scope": "llm", "exp": int(time.time()) + 86400}).encode()
+                body = endpoint.document()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
+            do_POST = do_GET  # noqa: N815 - http.server's name
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -144,47 +148,44 @@ class IntrospectionEndpoint:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def document(self) -> bytes:
+        raise NotImplementedError
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/oauth2/introspect"
+        return f"http://127.0.0.1:{self.server.server_port}{self.path}"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
-class JwksEndpoint:
-    """A loopback JWKS endpoint for ``jwt_cached`` (one RSA key); counts the calls it
-    answers. The private key signs the bench token."""
+class IntrospectionEndpoint(JSONEndpoint):
+    """A loopback RFC 7662 endpoint for ``oauth2_cached``."""
+
+    path = "/oauth2/introspect"
+
+    def document(self) -> bytes:
+        return json.dumps({"active": True, "sub": "bench-user", "team_id": "bench-team",
+                           "scope": "llm", "exp": int(time.time()) + 86400}).encode()
+
+
+class JwksEndpoint(JSONEndpoint):
+    """A loopback JWKS endpoint for ``jwt_cached`` (one RSA key). The private key signs the
+    bench token."""
+
+    path = "/jwks.json"
 
     def __init__(self) -> None:
-        self.calls = 0
         self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.public_key = self.private_key.public_key()
         jwk = json.loads(RSAAlgorithm.to_jwk(self.public_key))
-        document = json.dumps({"keys": [{**jwk, "kid": JWT_KID, "use": "sig",
-                                         "alg": "RS256"}]}).encode()
-        endpoint = self
+        self._document = json.dumps({"keys": [{**jwk, "kid": JWT_KID, "use": "sig",
+                                               "alg": "RS256"}]}).encode()
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                endpoint.calls += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(document)))
-                self.end_headers()
-                self.wfile.write(document)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/jwks.json"
+    def document(self) -> bytes:
+        return self._document
 
     def token(self) -> str:
         """An RS256 access token for a user of the bench team (valid for a day)."""
@@ -199,10 +200,6 @@ class JwksEndpoint:
         """``jwt.decode`` with the checks the extension makes, from a ready key object."""
         return jwt.decode(token, self.public_key, algorithms=["RS256"], audience=JWT_AUDIENCE,
                           issuer=JWT_ISSUER, options={"require": ["exp", "iss", "aud"]})
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def add_team(app: Flask) -> None:
