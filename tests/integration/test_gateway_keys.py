@@ -41,6 +41,10 @@ def _start(tmp_path: Path, database_env: dict[str, str], workers: int,
     server = gunicorn(tmp_path / "gw", {
         **database_env, "LLMAUTH_MASTER_KEY": master_key, "LLMAUTH_CACHE_TTL": LONG_CACHE_TTL,
         "LLMAUTH_CACHE_SYNC_INTERVAL": str(SYNC_INTERVAL),
+        # probe_every_worker may send dozens of revoked-key requests before both workers
+        # answer; the per-IP failed-authentication limit (tested on its own in
+        # test_ratelimits_multiprocess) would turn the later ones into 429s.
+        "LLMAUTH_AUTH_FAILURE_LIMIT": "",
     }, workers=workers)
     with server.start():
         yield server, Admin(server, master_key)
