@@ -13,21 +13,17 @@ Which budgets apply to a request (LiteLLM's precedence, see docs/budgets.md):
   ``LLMAUTH_MAX_END_USER_BUDGET``;
 * budgets a custom auth hook or proxy headers asserted (``principal.limits``).
 
-A budget is used up when ``spend >= max_budget``. Before the view runs, the guard reserves
-the request's worst-case cost (:func:`flask_llmauth.prices.worst_case_units`) against every
-budget at once, in one transaction of conditional updates::
+A budget is used up when ``spend >= max_budget``. Before the view runs, the guard admits the
+request's worst-case cost (:func:`flask_llmauth.prices.worst_case_units`) against every
+budget, from this process's **lease** of it (:mod:`flask_llmauth.budget_leases`): a chunk
+reserved in the database with a conditional update, so ``spend + reserved <= max_budget``
+holds across processes, and spent in memory. Only a request that does not fit the lease
+costs a transaction. The spend ledger writes real spend (``on_batch`` adds it to the counter
+rows); the lease then drops the request's worst case. What a crashed process leased expires
+after ``LLMAUTH_BUDGET_RESERVATION_TTL``.
 
-    UPDATE t SET reserved = reserved + :r
-     WHERE id = :id AND spend + reserved < :max AND spend + reserved + :r <= :max
-
-so the sum of spend and in-flight reservations never passes a budget, whatever the number of
-threads or processes (row locks on Postgres, the write lock on SQLite). The reservation is
-released in the same transaction that adds the request's real spend (the spend ledger's
-``on_batch``), or directly when the request was refused or no spend is written. What a
-crashed process had reserved expires after ``LLMAUTH_BUDGET_RESERVATION_TTL``.
-
-Windows reset lazily: a request that finds its window over resets it first (a conditional
-update, so exactly one process does). ``flask llmauth reset-budgets`` and the optional
+Windows reset lazily: the first lease transaction after a window's end resets it (a
+conditional update, so exactly one process does). ``flask llmauth reset-budgets`` and the optional
 scheduler (``LLMAUTH_BUDGET_RESET_INTERVAL``) reset idle rows too. Principals without any
 budget cost nothing: the guard does not want their requests.
 """
@@ -51,6 +47,7 @@ from .durations import Duration, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
+from .prices import worst_case_units
 from .principal import Principal, PrincipalMemo
 from .signals import budget_exceeded, soft_budget_crossed
 from .store.tables import (
@@ -313,12 +310,11 @@ class Ledger:
     def _table(self, budget: Budget) -> str:
         return budget.row[0] if budget.row is not None else COUNTER_TABLE
 
-    def _reserve_one(self, db: Any, budget: Budget, amount: int, now: datetime
-                     ) -> tuple[int, int, int, datetime | None, bool, bool] | None:
-        """One conditional update: reset the window if it is over, then reserve ``amount``
-        if it fits (soft-only budgets reserve nothing). Returns ``(id, spend, reserved,
-        reset_at, soft_alerted, was_reset)`` or ``None`` when it does not fit (or the counter
-        row does not exist yet)."""
+    def _touch(self, db: Any, budget: Budget, now: datetime
+               ) -> tuple[int, int, int, datetime | None, bool, bool] | None:
+        """Reset the row's window if it is over, lock the row and read it, in one statement.
+        Returns ``(id, spend, reserved, reset_at, soft_alerted, was_reset)`` or ``None`` when
+        the row does not exist (a counter not created yet, a deleted entity)."""
         p = self.p
         where, args = self._where(budget)
         sets: list[str] = []
@@ -326,31 +322,19 @@ class Ledger:
         if budget.duration is not None:
             due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
             new = next_reset(budget.duration, budget.reset_at, now)
-            spend = f'CASE WHEN {due} THEN 0 ELSE "spend" END'
-            sets += [f'"spend" = {spend}',
+            sets += [f'"spend" = CASE WHEN {due} THEN 0 ELSE "spend" END',
                      f'"soft_alerted" = CASE WHEN {due} THEN {p} ELSE "soft_alerted" END',
                      f'"budget_reset_at" = CASE WHEN {due} THEN {p} ELSE "budget_reset_at" END']
             values += [now, now, False, now, new]
             if budget.counter is not None:  # the CLI resets counters by their own duration
                 sets.append(f'"budget_duration" = {p}')
                 values.append(budget.duration)
-            spend_values = [now]
-        else:
-            spend, spend_values = '"spend"', []
-        condition, condition_values = "", []
-        if budget.max_budget is not None:
-            limit = budget.max_budget
-            sets.append(f'"reserved" = "reserved" + {p}')
-            values.append(amount)
-            condition = (f' AND {spend} + "reserved" < {p} '
-                         f'AND {spend} + "reserved" + {p} <= {p}')
-            condition_values = [*spend_values, limit, *spend_values, amount, limit]
         else:
             sets.append('"reserved" = "reserved"')
         sql = (f'UPDATE "{self._table(budget)}" SET {", ".join(sets)} '  # noqa: S608
-               f'WHERE {where}{condition} RETURNING "id", "spend", "reserved", '
+               f'WHERE {where} RETURNING "id", "spend", "reserved", '
                f'"budget_reset_at", "soft_alerted"')
-        row = db.execute_sql(sql, [*values, *args, *condition_values]).fetchone()
+        row = db.execute_sql(sql, [*values, *args]).fetchone()
         if row is None:
             return None
         reset_at = _as_datetime(row[3])
@@ -382,61 +366,63 @@ class Ledger:
                f'WHERE "id" = {p} AND "soft_alerted" = {p}')
         return bool(db.execute_sql(sql, [True, row_id, False]).rowcount)
 
-    # -- reserve / release ---------------------------------------------------------------------
+    # -- soft-only budgets, spend without the spend ledger ----------------------------------------
 
-    def reserve(self, request_id: str, budgets: Sequence[Budget], amount: int
-                ) -> tuple[Reservation, list[tuple[Budget, int]], list[Budget]]:
-        """Reserve ``amount`` on every budget, all or nothing.
-
-        Returns the reservation, the soft budgets this request saw crossed (for the signal,
-        once per window) and the budgets whose window was reset. Raises :class:`_Refusal`.
-        """
-        with self.store.use() as db:  # a pooled connection for every attempt
+    def touch_soft(self, budgets: Sequence[Budget]
+                   ) -> tuple[list[tuple[str, int, tuple[Any, ...], bool]],
+                              list[tuple[Budget, int]]]:
+        """Budgets without a limit (soft budgets only) reserve nothing: one transaction
+        resets their windows and reads their spend for the soft-budget signal (once per
+        window). Returns their rows ``(table, id, order, is_counter)`` and the crossings."""
+        with self.store.use() as db:
             for attempt in range(_RETRIES):
                 try:
-                    return self._reserve(db, request_id, budgets, amount)
-                except peewee.OperationalError as exc:  # deadlock / busy: all rolled back
+                    with db.atomic():
+                        return self._touch_soft(db, budgets)
+                except peewee.OperationalError as exc:
                     if attempt == _RETRIES - 1 or not _is_retryable(exc):
                         raise
                     time.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _reserve(self, db: Any, request_id: str, budgets: Sequence[Budget], amount: int
-                 ) -> tuple[Reservation, list[tuple[Budget, int]], list[Budget]]:
+    def _touch_soft(self, db: Any, budgets: Sequence[Budget]
+                    ) -> tuple[list[tuple[str, int, tuple[Any, ...], bool]],
+                               list[tuple[Budget, int]]]:
         now = utcnow()
-        parts: list[Part] = []
+        rows: list[tuple[str, int, tuple[Any, ...], bool]] = []
         crossed: list[tuple[Budget, int]] = []
-        reset: list[Budget] = []
-        with db.atomic():
-            for budget in budgets:
-                got = self._reserve_one(db, budget, amount, now)
-                if got is None and budget.counter is not None and self._read(db, budget) is None:
-                    self._create_counter(db, budget, now)
-                    got = self._reserve_one(db, budget, amount, now)
-                if got is None:
-                    state = self._read(db, budget)
-                    spend, reserved, reset_at = state if state is not None else (0, 0, None)
-                    if budget.duration and (reset_at is None or reset_at <= now):
-                        spend, reset_at = 0, next_reset(budget.duration, reset_at, now)
-                    raise _Refusal(budget, spend, reserved, budget.max_budget or 0, reset_at,
-                                   amount)
-                row_id, spend, _reserved, reset_at, alerted, was_reset = got
-                if was_reset:
-                    reset.append(budget)
-                table = self._table(budget)
-                held = amount if budget.max_budget is not None else 0  # soft only: spend
-                parts.append(Part(table, row_id, held, budget.counter is not None,
-                                  budget.order))
-                if (budget.soft_budget is not None and spend >= budget.soft_budget
-                        and not alerted and self._mark_soft(db, table, row_id)):
-                    crossed.append((budget, spend))
-            if parts:
-                expires = now + timedelta(seconds=self.settings.budget_reservation_ttl)
-                BudgetReservation.insert(
-                    request_id=request_id, parts=[list(part[:4]) for part in parts],
-                    created_at=now, expires_at=expires).execute()
-        self.reserved_once = self.reserved_once or bool(parts)
-        return Reservation(request_id, tuple(parts)), crossed, reset
+        for budget in budgets:
+            got = self._touch(db, budget, now)
+            if got is None and budget.counter is not None:
+                self._create_counter(db, budget, now)
+                got = self._touch(db, budget, now)
+            if got is None:
+                continue
+            row_id, spend, _reserved, _reset_at, alerted, _was_reset = got
+            table = self._table(budget)
+            rows.append((table, row_id, budget.order, budget.counter is not None))
+            if (budget.soft_budget is not None and spend >= budget.soft_budget
+                    and not alerted and self._mark_soft(db, table, row_id)):
+                crossed.append((budget, spend))
+        return rows, crossed
+
+    def add_spend(self, rows: Iterable[tuple[str, int, tuple[Any, ...]]], cost: int) -> None:
+        """Add one request's cost to its budget rows, in lock order, in one transaction
+        (requests settled without the spend ledger)."""
+        p = self.p
+        ordered = sorted(set(rows), key=lambda r: r[2])
+        with self.store.use() as db:
+            for attempt in range(_RETRIES):
+                try:
+                    with db.atomic():
+                        for table, row_id, _order in ordered:
+                            db.execute_sql(f'UPDATE "{table}" SET "spend" = "spend" + {p} '  # noqa: S608
+                                           f'WHERE "id" = {p}', [cost, row_id])
+                    return
+                except peewee.OperationalError as exc:
+                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
 
     def release_in(self, db: Any, items: Iterable[tuple[Reservation, int]]) -> None:
         """Inside the caller's transaction: release each reservation (once: its row is
@@ -557,6 +543,9 @@ class Budgets:
         self.state = state
         self.settings: Settings = state.settings
         self.ledger = Ledger(state.store, self.settings)
+        from .budget_leases import Leases
+
+        self.leases = Leases(self.ledger, self.settings)
         self.app = app
         self._model_names = state.models.names_for
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, list[Budget]]] = {}
@@ -592,16 +581,31 @@ class Budgets:
         budgets = self._plan(admission)
         if not budgets:
             return
-        from .prices import worst_case_units
-
         amount = worst_case_units(admission.model, admission.body, self.settings)
+        request_id = admission.request_id
+        leases: list[Lease] = []
+        crossed: list[tuple[Budget, int]] = []
+        soft_only: list[Budget] = []
+        now = time.time()
         try:
-            reservation, crossed, reset = self.ledger.reserve(
-                admission.request_id, budgets, amount)
-        except _Refusal as refusal:
-            self._refuse(admission, refusal)
-        if reservation.parts:
-            admission.scratch[SCRATCH] = reservation
+            for budget in budgets:
+                if budget.max_budget is None:
+                    soft_only.append(budget)
+                    continue
+                lease, seen, _reset = self.leases.admit(request_id, budget, amount, now)
+                leases.append(lease)
+                crossed += seen
+            rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
+            if soft_only:
+                rows, seen = self.ledger.touch_soft(soft_only)
+                crossed += seen
+        except BaseException as exc:
+            for lease in leases:
+                lease.release(request_id)
+            if isinstance(exc, _Refusal):
+                self._refuse(admission, exc)
+            raise
+        admission.scratch[SCRATCH] = Ticket(request_id, leases, rows)
         if crossed and soft_budget_crossed.receivers:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
             for budget, spend in crossed:
@@ -611,20 +615,35 @@ class Budgets:
                                          soft_budget=to_usd(budget.soft_budget))
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        reservation: Reservation | None = admission.scratch.get(SCRATCH)
-        if reservation is None:
+        ticket: Ticket | None = admission.scratch.get(SCRATCH)
+        if ticket is None:
             return
+        request_id = ticket.request_id
         if admission.scratch.get("_refused"):  # never reached the view: nothing was spent
-            self.ledger.release(reservation)
+            for lease in ticket.leases:
+                lease.release(request_id)
             return
         if self._spend_writes_event(admission):
-            return  # released with the spend, in the ledger's transaction (on_batch)
+            # the spend ledger writes the spend; the lease learns it from its batch
+            for lease in ticket.leases:
+                lease.finish(request_id, written=False)
+            return
         cost = 0
         if usage is not None:
             from .prices import cost_units
 
             cost = cost_units(admission.model, usage, self.settings)
-        self.ledger.release(reservation, cost, entity_spend=True)
+        if not cost:
+            for lease in ticket.leases:
+                lease.release(request_id)
+            return
+        written = False
+        try:
+            self.ledger.add_spend(ticket.rows(False) + ticket.rows(True), cost)
+            written = True
+        finally:
+            for lease in ticket.leases:
+                lease.finish(request_id, written)
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         return {}
@@ -632,15 +651,26 @@ class Budgets:
     # -- spend ledger --------------------------------------------------------------------------
 
     def on_batch(self, events: Sequence[Any], db: Any) -> None:
-        """``SpendLedger.on_batch`` callback: release the reservations of the batch's new
-        events and add their cost to the counter budgets, in the ledger's transaction."""
-        items = []
+        """``SpendLedger.on_batch`` callback, in the ledger's transaction: add the batch's
+        costs to the counter budgets (the ledger adds them to the entity rows) and tell
+        each lease which of its requests' spend is being written."""
+        p = self.ledger.p
+        spends: dict[tuple[str, int], int] = {}
+        orders: dict[tuple[str, int], tuple[Any, ...]] = {}
         for event in events:
-            reservation = getattr(event, "reservations", None)
-            if isinstance(reservation, Reservation):
-                items.append((reservation, int(getattr(event, "spend", 0) or 0)))
-        if items:
-            self.ledger.release_in(db, items)
+            ticket = getattr(event, "reservations", None)
+            if not isinstance(ticket, Ticket):
+                continue
+            for lease in ticket.leases:
+                lease.written.append(ticket.request_id)  # no lock here: see Lease.written
+            cost = int(getattr(event, "spend", 0) or 0)
+            if cost:
+                for table, row_id, order in ticket.rows(True):
+                    spends[(table, row_id)] = spends.get((table, row_id), 0) + cost
+                    orders[(table, row_id)] = order
+        for where in sorted(spends, key=lambda w: orders[w]):
+            db.execute_sql(f'UPDATE "{where[0]}" SET "spend" = "spend" + {p} '  # noqa: S608
+                           f'WHERE "id" = {p}', [spends[where], where[1]])
 
     def _spend_writes_event(self, admission: Admission) -> bool:
         if self.spend_ledger is None:
@@ -694,7 +724,8 @@ class Budgets:
                     message += " This budget does not reset; ask an admin to raise it."
         else:
             message = (f"Budget has been exceeded! {name}={budget.label} is held by requests "
-                       f"in flight: Current cost: {_fmt(spend)}, reserved: {_fmt(reserved)}, "
+                       f"in flight (and budget leases of other processes): Current cost: "
+                       f"{_fmt(spend)}, reserved: {_fmt(reserved)}, "
                        f"Max budget: {_fmt(limit)}. Retry shortly.")
             headers["Retry-After"] = "1"
         if budget_exceeded.receivers:
@@ -720,8 +751,15 @@ def install(state: Any, app: Flask) -> None:
         if ledger.reserved_once:
             ledger.sweep()
 
+    def leases() -> None:
+        final = not state.background.started  # the last pass (shutdown)
+        if final and guard.spend_ledger is not None and guard.leases.has_leases:
+            guard.spend_ledger.flush()  # so what finished is taken out of the leases
+        guard.leases.sweep(final=final)
+
     state.background.every(min(60.0, max(1.0, settings.budget_reservation_ttl / 4)),
                            "budget-reservations", sweep)
+    state.background.every(settings.budget_lease_idle, "budget-leases", leases)
     if settings.budget_reset_interval:
         state.background.every(settings.budget_reset_interval, "budget-reset",
                                lambda: (ledger.reset_due(), ledger.sweep()))
@@ -763,3 +801,7 @@ def reset_key_spend(state: Any, actor: Principal, identifier: str, reset_to: int
     return {"key_hash": key.key_id, "spend": to_usd(reset_to),
             "previous_spend": to_usd(previous), "max_budget": to_usd(key.max_budget),
             "budget_reset_at": isoformat(key.budget_reset_at)}
+
+
+# The leases use the statements above (a circular import, resolved here at the end).
+from .budget_leases import Lease, Ticket  # noqa: E402

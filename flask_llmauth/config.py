@@ -91,6 +91,13 @@ def _number(kind: type, minimum: float | None = None) -> Parser:
     return parse
 
 
+def _fraction(value: Any) -> float:
+    number = _number(float)(value)
+    if number is None or not 0 < number <= 1:
+        raise ValueError("must be a number above 0 and at most 1")
+    return float(number)
+
+
 def _nonempty_str(value: Any) -> str:
     text = _str(value)
     if not text or not text.strip():
@@ -1104,6 +1111,23 @@ class Settings:
         "Seconds between runs of the in-process budget reset job (what `flask llmauth "
         "reset-budgets` does). 0: off; windows still reset on the next request that meets "
         "them.",
+    )
+    budget_lease_requests: int = setting(
+        100, _number(int, 0),
+        "Worst cases of the request at hand a process adds to its lease of a budget when the "
+        "request does not fit (one database transaction per that many requests); also "
+        "bounded by `LLMAUTH_BUDGET_LEASE_FRACTION`. 0: no leases, one reservation "
+        "transaction per request (docs/budgets.md).",
+    )
+    budget_lease_fraction: float = setting(
+        0.1, _fraction,
+        "Largest share (0 < x <= 1) of a budget's room left that one lease extension may "
+        "take beyond the request's own worst case.",
+    )
+    budget_lease_idle: float = setting(
+        1.0, _number(float, 0.05),
+        "Seconds after which a process gives back the unused part of an idle budget lease; "
+        "also how often settled spend is taken out of the leases.",
     )
 
     # -- rate limits (issue 4) ------------------------------------------------------------------

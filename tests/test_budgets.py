@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
@@ -88,8 +88,17 @@ def chat(client: Any, key: str, **body: Any) -> Any:
     return response
 
 
-def row(app: Flask, table: Any, **where: Any) -> Any:
+def give_back(app: Flask) -> None:
+    """Write the queued spend, then take it out of this process's budget leases and give
+    their unused part back (what the background sweep does once a lease is idle)."""
     flush(app)
+    budgets = app.extensions["llmauth"].budgets
+    if budgets is not None:
+        budgets.leases.sweep(final=True)
+
+
+def row(app: Flask, table: Any, **where: Any) -> Any:
+    give_back(app)
     with app.extensions["llmauth"].store.use():
         query = table.select()
         for name, value in where.items():
@@ -488,32 +497,40 @@ def test_concurrent_requests_never_pass_the_budget(make: Any) -> None:
     assert admitted >= 5  # at least what fits when every reservation is at its worst
 
 
-def test_expired_reservations_of_a_crashed_process_are_released(make: Any) -> None:
+def test_the_lease_of_a_crashed_process_expires_and_is_released(make: Any) -> None:
     app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
     client = app.test_client()
-    key = new_key(client, max_budget=usd(50_000))
+    key = new_key(client, max_budget=usd(10_000_000))
+    assert chat(client, key["key"], completion=3).status_code == 200
     state = app.extensions["llmauth"]
+    flush(app)  # the spend is written; the lease still holds its reservation
+    held = row_without_give_back(app, Key, key_id=key["key_id"])
+    assert held.spend == 3000 and held.reserved > 10_000  # a lease: more than one request
+    lease_row = row_without_give_back(app, BudgetReservation)
+    assert lease_row.request_id.startswith("lease:")
+    assert lease_row.parts == [["llmauth_key", held.id, held.reserved, False]]
+    assert timedelta(seconds=59) <= lease_row.expires_at - utcnow() <= timedelta(seconds=61)
+    state.budgets.leases._reseed()  # the process is gone: nobody gives this lease back
     ledger = state.budgets.ledger
-    from flask_llmauth.budgets import resolve as plan
-
-    with app.test_request_context():
-        principal = state.virtual_key_authenticator  # noqa: F841 - only the key row matters
-    k = row(app, Key, key_id=key["key_id"])
-    from flask_llmauth.principal import Principal, Role
-    from flask_llmauth.store.records import KeyRecord
-
-    record = KeyRecord(id=k.id, key_id=k.key_id, key_name=k.key_name, max_budget=k.max_budget)
-    budgets = plan(Principal(method="virtual_key", role=Role.INTERNAL_USER, key=record), (),
-                   None, None, state.settings)
-    reservation, _, _ = ledger.reserve("crashed-request", budgets, 30_000)
-    assert row(app, Key, key_id=key["key_id"]).reserved == 30_000
-    expires = row(app, BudgetReservation, request_id="crashed-request").expires_at
-    assert timedelta(seconds=59) <= expires - utcnow() <= timedelta(seconds=61)
     assert ledger.sweep() == 0  # not expired yet
+    assert row_without_give_back(app, Key, key_id=key["key_id"]).reserved == held.reserved
     assert ledger.sweep(utcnow() + timedelta(seconds=61)) == 1
-    assert row(app, Key, key_id=key["key_id"]).reserved == 0
-    ledger.release(reservation)  # a late settle of the same request releases nothing twice
-    assert row(app, Key, key_id=key["key_id"]).reserved == 0
+    k = row_without_give_back(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (3000, 0)
+    # the next process leases again, and gives back exactly what it holds
+    assert chat(client, key["key"], completion=2).status_code == 200
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (5000, 0)
+    with state.store.use():
+        assert BudgetReservation.select().count() == 0
+
+
+def row_without_give_back(app: Flask, table: Any, **where: Any) -> Any:
+    with app.extensions["llmauth"].store.use():
+        query = table.select()
+        for name, value in where.items():
+            query = query.where(getattr(table, name) == value)
+        return query.get()
 
 
 def test_key_update_does_not_clobber_reservations_in_flight(make: Any) -> None:
@@ -560,7 +577,10 @@ def test_budgets_can_be_disabled(make: Any) -> None:
     ("LLMAUTH_MAX_BUDGET", "lots"), ("LLMAUTH_MAX_BUDGET", -1),
     ("LLMAUTH_BUDGET_DURATION", "3 fortnights"), ("LLMAUTH_MAX_END_USER_BUDGET", "x"),
     ("LLMAUTH_END_USER_BUDGET_DURATION", "0d"), ("LLMAUTH_BUDGET_RESERVATION_TTL", 1),
-    ("LLMAUTH_BUDGET_RESET_INTERVAL", -1), ("LLMAUTH_BUDGETS_ENABLED", "maybe")])
+    ("LLMAUTH_BUDGET_RESET_INTERVAL", -1), ("LLMAUTH_BUDGETS_ENABLED", "maybe"),
+    ("LLMAUTH_BUDGET_LEASE_REQUESTS", -1), ("LLMAUTH_BUDGET_LEASE_REQUESTS", 1.5),
+    ("LLMAUTH_BUDGET_LEASE_FRACTION", 0), ("LLMAUTH_BUDGET_LEASE_FRACTION", 1.5),
+    ("LLMAUTH_BUDGET_LEASE_FRACTION", "half"), ("LLMAUTH_BUDGET_LEASE_IDLE", 0)])
 def test_bad_budget_settings_are_refused_at_start(app_factory: Any, name: str,
                                                   value: Any) -> None:
     from flask_llmauth import ConfigurationError
@@ -577,6 +597,193 @@ def test_budget_settings_from_litellm_yaml(tmp_path: Any, app_factory: Any) -> N
     assert settings.max_budget == to_units("12.5")
     assert settings.budget_duration == "30d"
     assert settings.max_end_user_budget == to_units("0.25")
+
+
+# -- leases ----------------------------------------------------------------------------------------
+
+
+def worst(app: Flask, **body: Any) -> int:
+    """The worst case ``chat`` reserves for ``body``."""
+    from flask_llmauth.prices import worst_case_units
+
+    body = {"model": "budget-model", "max_tokens": 10, **body}
+    return worst_case_units("budget-model", body, app.extensions["llmauth"].settings)
+
+
+def reserved_now(app: Flask, key_id: str) -> int:
+    return row_without_give_back(app, Key, key_id=key_id).reserved
+
+
+def test_lease_settings(app_factory: Any) -> None:
+    settings = app_factory().extensions["llmauth"].settings
+    assert (settings.budget_lease_requests, settings.budget_lease_fraction,
+            settings.budget_lease_idle) == (100, 0.1, 1.0)
+    settings = app_factory({"LLMAUTH_BUDGET_LEASE_REQUESTS": "0",
+                            "LLMAUTH_BUDGET_LEASE_FRACTION": "1",
+                            "LLMAUTH_BUDGET_LEASE_IDLE": 0.25}).extensions["llmauth"].settings
+    assert (settings.budget_lease_requests, settings.budget_lease_fraction,
+            settings.budget_lease_idle) == (0, 1.0, 0.25)
+
+
+def test_requests_admitted_from_a_lease_run_no_query(make: Any, caplog: Any) -> None:
+    import logging
+
+    app = make(LLMAUTH_MAX_BUDGET=usd(10**12), LLMAUTH_MAX_END_USER_BUDGET=usd(10**12))
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-lease", max_budget=usd(10**12))
+    key = new_key(client, team_id="t-lease", max_budget=usd(10**12), model_max_budget={
+        "budget-model": {"budget_limit": usd(10**12)}})
+    assert chat(client, key["key"], user="end-lease", completion=2).status_code == 200  # leased
+    caplog.set_level(logging.DEBUG, logger="peewee")
+    caplog.clear()
+    for _ in range(5):
+        response = client.post(CHAT, json={"model": "budget-model", "max_tokens": 10,
+                                           "user": "end-lease", "completion": 2},
+                               headers=bearer(key["key"]))
+        assert response.status_code == 200
+    mine = threading.get_ident()
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "peewee" and r.thread == mine] == []
+    # key, team, per-model key, end user and global: five budgets, five leases
+    assert len(app.extensions["llmauth"].budgets.leases._leases) == 5
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (12_000, 0)
+    for scope in ("global", "key_model", "end_user"):
+        counter = row(app, BudgetCounter, scope=scope)
+        assert (counter.spend, counter.reserved) == (12_000, 0), scope
+    team = row(app, Team, team_id="t-lease")
+    assert (team.spend, team.reserved) == (12_000, 0)
+
+
+def test_a_lease_grows_by_whole_worst_cases_and_not_near_the_limit(make: Any) -> None:
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=4, LLMAUTH_BUDGET_LEASE_FRACTION=0.5)
+    client = app.test_client()
+    w = worst(app, stream=True, completion=1)
+    far = new_key(client, max_budget=usd(1000 * w))
+    held = chat(client, far["key"], stream=True, completion=1)  # in flight
+    assert reserved_now(app, far["key_id"]) == 5 * w  # its worst case + 4 more
+    held.close()
+    # 2.5 worst cases: half of what is left after the request is less than one more
+    near = new_key(client, max_budget=usd(5 * w // 2))
+    first = chat(client, near["key"], stream=True, completion=1)
+    assert reserved_now(app, near["key_id"]) == w  # exactly the request's reservation
+    second = chat(client, near["key"], stream=True, completion=1)
+    assert second.status_code == 200
+    assert reserved_now(app, near["key_id"]) == 2 * w
+    error = assert_error(chat(client, near["key"], stream=True, completion=1), 429,
+                         "budget_exceeded")
+    assert "in flight" in error["message"]
+    second.close()  # streams close in the reverse order they opened (request contexts)
+    first.close()
+    k = row(app, Key, key_id=near["key_id"])
+    assert (k.spend, k.reserved) == (2000, 0)
+
+
+def test_without_leases_every_request_reserves_exactly(make: Any) -> None:
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=0)
+    client = app.test_client()
+    w = worst(app, stream=True, completion=1)
+    key = new_key(client, max_budget=usd(1000 * w))
+    held = chat(client, key["key"], stream=True, completion=1)
+    assert reserved_now(app, key["key_id"]) == w
+    held.close()
+
+
+def test_another_process_lease_refuses_early_until_it_is_given_back(make: Any) -> None:
+    one = make(LLMAUTH_BUDGET_LEASE_FRACTION=0.5)
+    two = make(LLMAUTH_BUDGET_LEASE_FRACTION=0.5)
+    w = worst(one, completion=10)  # a request costs its worst case: 10,000 units
+    key = new_key(one.test_client(), max_budget=usd(20 * w))
+    c1, c2 = one.test_client(), two.test_client()
+    assert chat(c1, key["key"], completion=10).status_code == 200
+    # the first process leased its request + half of the 19 worst cases left: 10 in all
+    assert reserved_now(one, key["key_id"]) == 10 * w
+    admitted = 1
+    while chat(c2, key["key"], completion=10).status_code == 200:
+        admitted += 1
+    # the second process had the other 10 worst cases, minus the first request's spend
+    assert admitted == 10
+    error = assert_error(chat(c2, key["key"], completion=10), 429, "budget_exceeded")
+    assert "in flight" in error["message"]  # held by the other process's unused lease
+    # the first process goes idle: the sweep gives back what it does not use
+    state = one.extensions["llmauth"]
+    lease = next(iter(state.budgets.leases._leases.values()))
+    lease.last_used -= 10 * state.settings.budget_lease_idle
+    assert state.budgets.leases.sweep() == 1
+    with state.store.use():
+        assert not BudgetReservation.select().where(
+            BudgetReservation.request_id == lease.lease_id).exists()
+    while chat(c2, key["key"], completion=10).status_code == 200:
+        admitted += 1
+    assert admitted == 20  # the whole budget: 20 requests of 10,000 units
+    error = assert_error(chat(c2, key["key"], completion=10), 429, "budget_exceeded")
+    assert error["message"].startswith("Budget has been exceeded! Key=")
+    assert "Current cost: 0.0002, Max budget: 0.0002" in error["message"]
+    give_back(two)
+    give_back(one)
+    k = row_without_give_back(one, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (admitted * 10_000, 0)
+    assert k.spend <= 20 * w
+
+
+def test_the_end_of_a_window_sends_a_lease_to_the_database(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10**9), budget_duration="30s")
+    assert chat(client, key["key"], completion=4).status_code == 200
+    flush(app)
+    assert row_without_give_back(app, Key, key_id=key["key_id"]).spend == 4000
+    # the window ends (the lease has room left, and would admit the next request in memory)
+    past = utcnow() - timedelta(seconds=1)
+    set_reset_at(app, Key, past, key_id=key["key_id"])
+    lease = next(iter(app.extensions["llmauth"].budgets.leases._leases.values()))
+    assert lease.held > lease.in_use
+    lease.window_end = past.replace(tzinfo=timezone.utc).timestamp()
+    assert chat(client, key["key"], completion=3).status_code == 200
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (3000, 0)
+    assert utcnow() < k.budget_reset_at <= utcnow() + timedelta(seconds=30)
+
+
+def test_a_lowered_limit_resizes_the_lease_before_admitting(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    w = worst(app, completion=1)
+    key = new_key(client, max_budget=usd(1000 * w))
+    assert chat(client, key["key"], completion=1).status_code == 200
+    assert reserved_now(app, key["key_id"]) > 2 * w
+    api(client, "/key/update", key=key["key_id"], max_budget=usd(w // 2))
+    error = assert_error(chat(client, key["key"], completion=1), 429, "budget_exceeded")
+    assert "may cost up to" in error["message"]
+    flush(app)
+    assert reserved_now(app, key["key_id"]) <= w  # the unused lease was given back
+
+
+def test_spend_without_the_spend_ledger_is_written_by_the_budgets(make: Any) -> None:
+    app = make(LLMAUTH_SPEND_ENABLED=False, LLMAUTH_MAX_BUDGET=usd(10**9))
+    assert app.extensions["llmauth"].spend_ledger is None
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10**9))
+    for completion in (3, 0, 4):
+        assert chat(client, key["key"], completion=completion).status_code == 200
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (7000, 0)
+    counter = row(app, BudgetCounter, scope="global")
+    assert (counter.spend, counter.reserved) == (7000, 0)
+
+
+def test_shutdown_gives_every_lease_back(make: Any, db_url: str) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10**9))
+    assert chat(client, key["key"], completion=5).status_code == 200
+    assert reserved_now(app, key["key_id"]) > 0
+    app.extensions["llmauth"].close()
+    other = make()
+    k = row_without_give_back(other, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (5000, 0)
+    with other.extensions["llmauth"].store.use():
+        assert BudgetReservation.select().count() == 0
 
 
 # -- /key/{key}/reset_spend ------------------------------------------------------------------------
@@ -614,14 +821,16 @@ def test_reset_spend(make: Any) -> None:
 
 def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, postgres_url: str
                                                           ) -> None:
-    """A budget that cannot be checked fails closed: 503, never a 200 and never a 500;
-    callers without a budget keep working from the key cache."""
+    """A budget that cannot be checked fails closed: 503, never a 500 — once the process's
+    lease (room already reserved in the database) is used up; callers without a budget keep
+    working from the key cache."""
     from tests.helpers import TcpProxy
 
     host_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
     host, _, port = host_port.partition(":")
     proxy = TcpProxy(host, int(port or 5432))
-    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10},
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+                       "LLMAUTH_BUDGET_LEASE_REQUESTS": 2},
                       db_url=proxy.url(postgres_url), routes=False)
     add_llm_routes(app)
     client = app.test_client()
@@ -632,6 +841,12 @@ def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, post
             assert client.post(CHAT, json={"model": "budget-model"},
                                headers=bearer(key)).status_code == 200
         proxy.cut()
+        # the lease took two more worst cases than the first request needed: at most two
+        # more are admitted from memory, then the lease cannot grow
+        statuses = [client.post(CHAT, json={"model": "budget-model"},
+                                headers=bearer(budgeted)).status_code for _ in range(4)]
+        assert statuses.count(200) <= 2
+        assert statuses == sorted(statuses) and statuses[-1] == 503
         response = client.post(CHAT, json={"model": "budget-model"}, headers=bearer(budgeted))
         assert_error(response, 503, "db_unavailable")
         assert client.post(CHAT, json={"model": "budget-model"},

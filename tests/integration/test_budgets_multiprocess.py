@@ -1,14 +1,16 @@
 # ruff: noqa: F811 - pytest fixtures imported from the rate-limit module are parameters here
 """Budgets across processes: the example gateway under gunicorn (2 workers x 8 threads) on
-the real Postgres (SQLite without it). A burst whose reservations exceed the budget admits
-spend within it, the spend equals the sum of the admitted requests' costs, nothing stays
-reserved; the openai SDK sees an exhausted budget as ``RateLimitError``."""
+the real Postgres and on SQLite. A burst whose reservations exceed the budget admits spend
+within it — near the limit (per-request reservations) and far from it (budget leases) — the
+spend equals the sum of the admitted requests' costs, nothing stays reserved once the
+workers are idle; the openai SDK sees an exhausted budget as ``RateLimitError``."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -18,14 +20,14 @@ import pytest
 import requests
 
 from flask_llmauth.money import to_units
+from flask_llmauth.store import db as store_db
 from flask_llmauth.store.tables import BudgetReservation, Key, Team
-from tests.conftest import POSTGRES_URL
+from tests.conftest import POSTGRES_URL, _admin_url, dump_database, find_leaks
 from tests.helpers import MASTER_KEY, bearer, new_key
 from tests.integration.test_ratelimits_multiprocess import (  # noqa: F401 - fixtures
     WORKERS,
     Gateway,
     admin,
-    database,
 )
 
 pytestmark = [pytest.mark.integration]
@@ -38,6 +40,31 @@ PRICES = {"gpt-4o": {"input_cost_per_token": "0", "output_cost_per_token": str(O
 MAX_TOKENS = 20
 CHAT = {"model": "gpt-4o", "max_tokens": MAX_TOKENS,
         "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[str]:
+    """The module runs on SQLite, then on a fresh Postgres database (when configured;
+    dumped for leaks, then dropped)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db')}/gateway.db"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
+    server = store_db.open_database(_admin_url(POSTGRES_URL))
+    server.execute_sql(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rpartition("/")[0] + "/" + name
+    try:
+        yield url
+    finally:
+        leaks = find_leaks(dump_database(url))
+        server.execute_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        server.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        server.close()
+        assert not leaks, f"raw secrets in database rows: {leaks}"
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +122,26 @@ def settled(app: Any, key_id: str, timeout: float = 20.0) -> Any:
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(not POSTGRES_URL, reason="LLMAUTH_TEST_POSTGRES_URL is not set "
-                    "(.ci/run sets it); the SQLite variant runs in tests/test_budgets.py")
-def test_burst_over_the_budget_admits_spend_within_it(start: Callable[..., Gateway],
-                                                      admin: Any) -> None:
-    gw = start()
+@pytest.mark.parametrize(("worst_cases", "burst_size", "lease_env"), [
+    # ten worst cases: near the limit, a lease holds exactly its requests' reservations
+    (10, 60, {}),
+    # two hundred: the workers lease chunks (up to 20 worst cases, half the room left)
+    (200, 300, {"LLMAUTH_BUDGET_LEASE_REQUESTS": 20, "LLMAUTH_BUDGET_LEASE_FRACTION": 0.5}),
+], ids=["near-the-limit", "leases"])
+def test_burst_over_the_budget_admits_spend_within_it(
+        start: Callable[..., Gateway], admin: Any, worst_cases: int, burst_size: int,
+        lease_env: dict[str, Any]) -> None:
+    gw = start(**lease_env)
     app = admin.application
-    admin.post("/team/new", json={"team_id": "mp-team", "max_budget": 1.0},
+    team_id = f"mp-team-{worst_cases}"
+    admin.post("/team/new", json={"team_id": team_id, "max_budget": 1.0},
                headers={"Authorization": f"Bearer {MASTER_KEY}"})
     worst = to_units(MAX_TOKENS * OUTPUT_PRICE)
-    budget = 10 * worst  # ten reservations fit at once; the burst asks for sixty
-    body = new_key(admin, max_budget=float(Decimal(budget) / 10**9), team_id="mp-team")
+    budget = worst_cases * worst  # the burst's reservations are six times or more the budget
+    body = new_key(admin, max_budget=float(Decimal(budget) / 10**9), team_id=team_id)
     key, key_id = body["key"], body["key_id"]
     admitted_cost = 0
-    responses = burst(gw.url, key, 60)
+    responses = burst(gw.url, key, burst_size)
     statuses = [getattr(r, "status_code", -1) for r in responses]
     assert set(statuses) <= {200, 429}, statuses
     for r in responses:
@@ -116,11 +149,13 @@ def test_burst_over_the_budget_admits_spend_within_it(start: Callable[..., Gatew
             admitted_cost += cost(r)
         else:
             assert r.json()["error"]["type"] == "budget_exceeded"
-    assert statuses.count(200) >= 10
+    assert admitted_cost <= budget
+    if worst_cases == 10:
+        assert statuses.count(200) >= 10  # exact: every reservation that fits is admitted
     assert statuses.count(429) > 0
     # then one at a time until the budget refuses for good (a refusal while finished
-    # requests' reservations wait for the spend ledger's flush says "in flight")
-    deadline = time.time() + 60
+    # requests' worst cases or another worker's unused lease hold the rest says "in flight")
+    deadline = time.time() + 90
     while True:
         assert time.time() < deadline, "the budget never refused"
         r = requests.post(gw.url + "/v1/chat/completions", json=CHAT, headers={
@@ -138,7 +173,7 @@ def test_burst_over_the_budget_admits_spend_within_it(start: Callable[..., Gatew
     assert admitted_cost <= budget
     assert admitted_cost + worst > budget  # and it was used up, not refused early
     with app.extensions["llmauth"].store.use():
-        team = Team.get(Team.team_id == "mp-team")
+        team = Team.get(Team.team_id == team_id)
     assert (team.spend, team.reserved) == (admitted_cost, 0)
     assert len(gw.served_by()) == WORKERS
 

@@ -1,0 +1,456 @@
+"""Per-process budget leases: budget admission without a database round trip per request.
+
+A process reserves a chunk of a budget in the database (a **lease**) with the same
+conditional update as a request's reservation, so ``spend + reserved <= max_budget`` still
+holds for the row across processes. It then admits requests against its lease in memory (a
+lock, no I/O) and goes back to the database only when a request does not fit. The lease's
+amount lives in the budget row's ``reserved`` and in one ``llmauth_budget_reservation`` row
+per process and budget (``request_id = "lease:..."``), changed together in one transaction,
+so a crashed process's lease expires like a request's reservation.
+
+Per lease, the process knows exactly what its row holds (``held``: only its own lease
+transactions change it) and what of it is in use (``in_use``): the worst cases of the
+requests in flight and of the finished requests whose spend is not yet known to be in the
+database. A finished request's worst case stays in use until its spend-log row is seen
+committed (the spend ledger writes the spend in the same transaction); the next lease
+transaction of the process then takes it out of the lease (``reserved -= worst``). Until
+then the request counts twice (spend and lease) — never less than once.
+
+A lease grows by whole worst cases of the request at hand: at most
+``LLMAUTH_BUDGET_LEASE_REQUESTS`` of them and at most ``LLMAUTH_BUDGET_LEASE_FRACTION`` of
+the room left. Near the limit (room under ``worst / fraction``) a lease holds only what its
+requests need: the per-request reservation, exact. Unused lease is given back when the lease
+is idle for ``LLMAUTH_BUDGET_LEASE_IDLE`` seconds, at shutdown, and when a request is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import peewee
+
+from .budgets import (
+    _RETRIES,
+    Budget,
+    Ledger,
+    _is_retryable,
+    _Refusal,
+    next_reset,
+)
+from .durations import utcnow
+from .store.tables import BudgetReservation, SpendLog
+
+log = logging.getLogger("flask_llmauth")
+
+_RESERVATIONS = BudgetReservation._meta.table_name
+_SPEND_LOG = SpendLog._meta.table_name
+#: Request ids checked against the spend log per statement.
+_CHUNK = 400
+_INF = math.inf
+
+
+def _epoch(value: datetime | None) -> float:
+    if value is None:
+        return _INF
+    return value.replace(tzinfo=timezone.utc).timestamp()
+
+
+class Lease:
+    """This process's lease of one budget row (all fields guarded by ``lock``)."""
+
+    __slots__ = ("ident", "lease_id", "lock", "held", "in_use", "in_flight", "pending",
+                 "max_budget", "window_end", "unit", "last_used", "row", "counter", "order",
+                 "dead", "refresh_at", "written", "done", "done_sum")
+
+    def __init__(self, ident: tuple[Any, ...], lease_id: str, budget: Budget) -> None:
+        self.ident = ident
+        self.lease_id = lease_id
+        self.lock = threading.Lock()
+        #: What this lease's reservation row holds (and adds to the row's ``reserved``).
+        self.held = 0
+        #: Worst cases of ``in_flight`` and ``pending``.
+        self.in_use = 0
+        #: request id -> worst case, admitted and not finished.
+        self.in_flight: dict[str, int] = {}
+        #: request id -> [worst case, finished at (monotonic), spend known to be written],
+        #: in the order they finished.
+        self.pending: dict[str, list[Any]] = {}
+        #: The pending requests whose spend is known to be written, and their worst cases.
+        self.done: list[str] = []
+        self.done_sum = 0
+        #: The limit and window end the last lease transaction saw (``-1``: none yet).
+        self.max_budget: int | None = -1
+        self.window_end = _INF
+        #: The last non-zero worst case admitted (sizes a free request's extension).
+        self.unit = 0
+        self.last_used = time.monotonic()
+        #: ``(table, id)`` of the budget row once a lease transaction found it.
+        self.row: tuple[str, int] | None = None
+        self.counter = budget.counter is not None
+        self.order = budget.order
+        #: Dropped from the process's table: look the lease up again.
+        self.dead = False
+        self.refresh_at = 0.0
+        #: Request ids the spend ledger wrote in a batch, maybe not committed yet (appended
+        #: by the ledger's thread without the lock: a deque's append/popleft are atomic).
+        self.written: deque[str] = deque()
+
+    def take(self, request_id: str, need: int, budget: Budget, now: float) -> bool | None:
+        """Admit ``need`` from the lease in memory. ``None``: the lease is dead; ``False``:
+        a lease transaction is needed (no room, a new window, another limit)."""
+        with self.lock:  # the body of _take, inlined: this is the hot path
+            if self.dead:
+                return None
+            if now >= self.window_end or self.max_budget != budget.max_budget:
+                return False
+            free = self.held - self.in_use
+            if free <= 0 or need > free:
+                return False
+            self.in_use += need
+            if need:
+                self.in_flight[request_id] = need
+                self.unit = need
+            self.last_used = time.monotonic()
+            return True
+
+    def _take(self, request_id: str, need: int, budget: Budget, now: float) -> bool:
+        if now >= self.window_end or self.max_budget != budget.max_budget:
+            return False
+        free = self.held - self.in_use
+        if free <= 0 or need > free:  # ``>=``: room must be left, even for a free request
+            return False
+        self.in_use += need
+        if need:
+            self.in_flight[request_id] = need
+            self.unit = need
+        self.last_used = time.monotonic()
+        return True
+
+    def release(self, request_id: str) -> None:
+        """The request spent nothing (refused later, or no spend is written): its worst case
+        is free again at once."""
+        with self.lock:
+            need = self.in_flight.pop(request_id, 0)
+            self.in_use -= need
+
+    def finish(self, request_id: str, written: bool) -> None:
+        """The request ended: its worst case stays in use until its spend is known to be
+        written (``written``: it is already)."""
+        with self.lock:
+            need = self.in_flight.pop(request_id, None)
+            if need:
+                self.pending[request_id] = [need, time.monotonic(), written]
+                if written:
+                    self.done.append(request_id)
+                    self.done_sum += need
+
+    def mark_done(self, request_id: str) -> None:
+        """Under ``lock``: the request's spend is in the database."""
+        item = self.pending.get(request_id)
+        if item is not None and not item[2]:
+            item[2] = True
+            self.done.append(request_id)
+            self.done_sum += item[0]
+
+
+class Ticket:
+    """What one admitted request holds (``admission.scratch``; the spend event carries it)."""
+
+    __slots__ = ("request_id", "leases", "soft_rows")
+
+    def __init__(self, request_id: str, leases: list[Lease],
+                 soft_rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()) -> None:
+        self.request_id = request_id
+        self.leases = leases
+        #: Rows of the soft-only budgets ``(table, id, lock order, is_counter)``.
+        self.soft_rows = soft_rows
+
+    def rows(self, counters: bool) -> list[tuple[str, int, tuple[Any, ...]]]:
+        """The counter rows (``counters``) or entity rows the request's cost goes to."""
+        out = [(lease.row[0], lease.row[1], lease.order) for lease in self.leases  # type: ignore[index]
+               if lease.counter is counters]
+        out += [row[:3] for row in self.soft_rows if row[3] is counters]
+        return out
+
+
+class Leases:
+    """The leases of one app in one process."""
+
+    def __init__(self, ledger: Ledger, settings: Any) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.requests = int(settings.budget_lease_requests)
+        self.fraction = float(settings.budget_lease_fraction)
+        self.idle = float(settings.budget_lease_idle)
+        self.ttl = int(settings.budget_reservation_ttl)
+        self._leases: dict[tuple[Any, ...], Lease] = {}
+        self._lock = threading.Lock()
+        self._reseed()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._reseed())
+
+    def _reseed(self) -> None:
+        """A new process: no lease of the parent is ours."""
+        self._token = uuid.uuid4().hex[:16]
+        self._leases = {}
+        self._lock = threading.Lock()
+
+    @property
+    def has_leases(self) -> bool:
+        return bool(self._leases)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def lease(self, budget: Budget) -> Lease:
+        ident = budget.row if budget.row is not None else ("counter", *budget.counter)  # type: ignore[misc]
+        found = self._leases.get(ident)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._leases.get(ident)
+            if found is None:
+                digest = hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
+                found = Lease(ident, f"lease:{self._token}:{digest}", budget)
+                self._leases[ident] = found
+            return found
+
+    def admit(self, request_id: str, budget: Budget, need: int, now: float
+              ) -> tuple[Lease, list[tuple[Budget, int]], bool]:
+        """Admit ``need`` against ``budget`` (in memory, else with a lease transaction).
+        Returns the lease, the soft budgets seen crossed and whether a window was reset;
+        raises :class:`_Refusal`."""
+        while True:
+            lease = self.lease(budget)
+            taken = lease.take(request_id, need, budget, now)
+            if taken:
+                return lease, [], False
+            if taken is None:
+                continue
+            with lease.lock:
+                if lease.dead:
+                    continue
+                if lease._take(request_id, need, budget, now):  # another thread extended it
+                    return lease, [], False
+                crossed, reset = self._transact(lease, budget, need, request_id,
+                                                give_back=False)
+                return lease, crossed, reset
+
+    # -- the lease transaction -----------------------------------------------------------------
+
+    def _transact(self, lease: Lease, budget: Budget, need: int | None, request_id: str,
+                  *, give_back: bool) -> tuple[list[tuple[Budget, int]], bool]:
+        """Under ``lease.lock``: one transaction that takes the finished requests whose
+        spend is written out of the lease, then admits ``need`` (``None``: none) with the
+        lease grown by a chunk, or gives back the unused part (``give_back``, or when
+        ``need`` does not fit: then raises :class:`_Refusal` after committing)."""
+        self._confirm(lease)
+        done, trimmed = lease.done, lease.done_sum
+        in_use = lease.in_use - trimmed
+        for attempt in range(_RETRIES):
+            try:
+                with self.ledger.store.use() as db, db.atomic():
+                    outcome = self._statements(db, lease, budget, need, in_use, give_back)
+                break
+            except peewee.OperationalError as exc:
+                if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        held, row, refusal, crossed, reset = outcome
+        for rid in done:
+            lease.pending.pop(rid, None)
+        lease.done, lease.done_sum = [], 0
+        lease.in_use = in_use
+        lease.held = held
+        lease.refresh_at = time.monotonic() + self.ttl / 2
+        if row is not None:
+            lease.row = row[0]
+            if need is not None:  # the sweep's transaction knows no limit or window
+                lease.max_budget, lease.window_end = row[1], row[2]
+        self.ledger.reserved_once = True
+        if refusal is not None:
+            raise refusal
+        if need is not None:
+            lease.in_use += need
+            if need:
+                lease.in_flight[request_id] = need
+                lease.unit = need
+            lease.last_used = time.monotonic()
+        return crossed, reset
+
+    def _statements(self, db: Any, lease: Lease, budget: Budget, need: int | None,
+                    in_use: int, give_back: bool) -> tuple[Any, ...]:
+        ledger, p = self.ledger, self.ledger.p
+        now = utcnow()
+        # 1. our reservation row first (lock order: reservation rows, then budget rows)
+        got = db.execute_sql(
+            f'UPDATE "{_RESERVATIONS}" SET "expires_at" = {p} '  # noqa: S608
+            f'WHERE "request_id" = {p} RETURNING "parts"',
+            [now + timedelta(seconds=self.ttl), lease.lease_id]).fetchone()
+        had = got is not None
+        held_db = 0
+        if had:
+            parts = BudgetReservation.parts.python_value(got[0]) or []
+            held_db = int(parts[0][2]) if parts else 0
+        elif lease.held:
+            log.warning("llmauth: a budget lease of this process expired while it was alive "
+                        "(stalled longer than LLMAUTH_BUDGET_RESERVATION_TTL / 2?); "
+                        "reserving what is in use again")
+        # 2. the budget row: reset its window if over, lock it, read it
+        state = ledger._touch(db, budget, now)
+        if state is None and budget.counter is not None:
+            ledger._create_counter(db, budget, now)
+            state = ledger._touch(db, budget, now)
+        refusal: _Refusal | None = None
+        crossed: list[tuple[Budget, int]] = []
+        if state is None:  # the row is gone (deleted entity): nothing can be admitted
+            new_held = 0
+            limit = budget.max_budget or 0
+            if need is not None:
+                refusal = _Refusal(budget, 0, 0, limit, None, need)
+            row = None
+            reset = False
+        else:
+            row_id, spend, reserved, reset_at, alerted, reset = state
+            limit = budget.max_budget if budget.max_budget is not None else 0
+            others = reserved - held_db  # what other processes' leases hold
+            room = limit - spend - others - in_use
+            if need is None:  # the sweep: keep the unused part unless giving it back
+                keep = 0 if give_back or not had else max(0, lease.held - lease.in_use)
+                new_held = in_use + keep
+            elif room > 0 and need <= room:  # ``>=``: a used-up budget refuses even 0
+                unit = need or lease.unit
+                chunk = 0
+                if unit > 0 and self.requests > 0:
+                    chunk = min(self.requests, int(self.fraction * (room - need)) // unit) * unit
+                new_held = in_use + need + chunk
+            else:
+                new_held = in_use  # refused: give back what is not in use
+                if budget.duration and (reset_at is None or reset_at <= now):
+                    reset_at = next_reset(budget.duration, reset_at, now)
+                refusal = _Refusal(budget, spend, others + in_use, limit, reset_at, need)
+            table = ledger._table(budget)
+            delta = new_held - held_db
+            if delta:
+                db.execute_sql(f'UPDATE "{table}" SET "reserved" = "reserved" + {p} '  # noqa: S608
+                               f'WHERE "id" = {p}', [delta, row_id])
+            if (budget.soft_budget is not None and spend >= budget.soft_budget
+                    and not alerted and ledger._mark_soft(db, table, row_id)):
+                crossed.append((budget, spend))
+            window_end = _epoch(reset_at) if budget.duration else _INF
+            row = ((table, row_id), budget.max_budget, window_end)
+        # 3. our reservation row follows the lease
+        if new_held and row is not None:
+            parts = [[row[0][0], row[0][1], new_held, lease.counter]]
+            if had:
+                BudgetReservation.update(parts=parts).where(
+                    BudgetReservation.request_id == lease.lease_id).execute()
+            else:
+                BudgetReservation.insert(request_id=lease.lease_id, parts=parts,
+                                         created_at=now,
+                                         expires_at=now + timedelta(seconds=self.ttl)).execute()
+        elif had:
+            BudgetReservation.delete().where(
+                BudgetReservation.request_id == lease.lease_id).execute()
+        return new_held, row, refusal, crossed, reset
+
+    # -- spend written -------------------------------------------------------------------------
+
+    def _confirm(self, lease: Lease) -> None:
+        """Under ``lease.lock``: mark the finished requests whose spend-log row is committed
+        (their spend is then in the budget rows). Only requests the spend ledger wrote in a
+        batch are looked up."""
+        ids: list[str] = []
+        early: list[str] = []
+        while lease.written:
+            rid = lease.written.popleft()
+            item = lease.pending.get(rid)
+            if item is not None and not item[2]:
+                ids.append(rid)
+            elif rid in lease.in_flight:  # written before this guard settled it
+                early.append(rid)
+        lease.written.extend(early)
+        if not ids:
+            return
+        found: set[str] = set()
+        p = self.ledger.p
+        with self.ledger.store.use() as db:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start:start + _CHUNK]
+                marks = ", ".join([p] * len(chunk))
+                rows = db.execute_sql(
+                    f'SELECT "request_id" FROM "{_SPEND_LOG}" '  # noqa: S608
+                    f'WHERE "request_id" IN ({marks})', chunk).fetchall()
+                found.update(r[0] for r in rows)
+        for rid in ids:
+            if rid in found:
+                lease.mark_done(rid)
+            else:  # its batch is not committed yet (or rolled back and will be retried)
+                lease.written.append(rid)
+
+    def _expire(self, lease: Lease) -> None:
+        """A finished request whose spend was not written within the reservation TTL (the
+        spend ledger dropped it) leaves the lease, as a crashed request's reservation does."""
+        limit = time.monotonic() - self.ttl
+        expired = []
+        for rid, item in lease.pending.items():  # oldest first
+            if item[1] > limit:
+                break
+            expired.append(rid)
+        for rid in expired:
+            lease.mark_done(rid)
+
+    # -- background ----------------------------------------------------------------------------
+
+    def sweep(self, *, final: bool = False) -> int:
+        """Take written spend out of the leases, give back idle leases' unused part (all of
+        it when ``final``), keep the rows of live leases from expiring and drop empty idle
+        leases. Returns how many lease transactions ran."""
+        now = time.monotonic()
+        leases = list(self._leases.values())
+        count = 0
+        for lease in leases:
+            with lease.lock:
+                if lease.dead:
+                    continue
+                self._confirm(lease)
+                self._expire(lease)
+                idle = final or now - lease.last_used >= self.idle
+                trim = bool(lease.done)
+                give_back = idle and lease.held > lease.in_use
+                refresh = lease.held > 0 and now >= lease.refresh_at
+                if trim or give_back or refresh:
+                    budget = _sweep_budget(lease)
+                    if budget is not None:
+                        self._transact(lease, budget, None, "", give_back=idle)
+                        count += 1
+                if (idle and not lease.held and not lease.in_flight and not lease.pending
+                        and not lease.in_use):
+                    lease.dead = True
+                    with self._lock:
+                        if self._leases.get(lease.ident) is lease:
+                            del self._leases[lease.ident]
+        return count
+
+    def close(self) -> None:
+        """Give every lease's unused part back (shutdown)."""
+        self.sweep(final=True)
+
+
+def _sweep_budget(lease: Lease) -> Budget | None:
+    """The budget of a sweep's lease transaction: it admits nothing and resets no window."""
+    if lease.row is None or lease.max_budget == -1:
+        return None
+    if lease.counter:
+        return Budget("sweep", "", None, lease.ident[1:], lease.max_budget, None, None)
+    return Budget("sweep", "", lease.ident, None, lease.max_budget, None, None)
