@@ -17,10 +17,12 @@ JSON with a ``usage`` block) is driven through the WSGI app directly with a prep
   slot, then after the response the tpm charge (usage read from the body) and the slot
   release;
 * ``key+limits/redis``: the same on Redis (each of those is a round trip);
-* ``key+budget+limits/memory`` and ``/redis``: the same key with a ``max_budget`` too — per
-  request one database transaction reserves the worst-case cost (SQLite here: ``--db-url``
-  for Postgres), and the settlement releases it with the real spend (in the spend ledger's
-  batch when the spend ledger runs, else directly).
+* ``key+budget+limits/memory`` and ``/redis``: the same key with a ``max_budget`` too — the
+  worst-case cost is admitted in memory against the process's budget lease (one database
+  transaction per ``LLMAUTH_BUDGET_LEASE_REQUESTS`` requests; SQLite here: ``--db-url`` for
+  Postgres), and the spend ledger's batch writes the real spend;
+* ``key+budget(no leases)+limits/memory``: the same with ``LLMAUTH_BUDGET_LEASE_REQUESTS=0``
+  — one reservation transaction per request (the exact mode).
 
 Rounds are interleaved in a shuffled order; the report gives the median µs per request and
 the median of the per-round ratios to ``bare``. Redis keys are written under a unique prefix
@@ -169,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     budget_app = auth_app(f"{instance}/b", "memory://", prefix, args.db_url)
     apps["key+budget+limits/memory"] = budget_app
     templates["key+budget+limits/memory"] = environ(new_key(budget_app, **budget))
+    exact_app = auth_app(f"{instance}/e", "memory://", prefix, args.db_url,
+                         LLMAUTH_BUDGET_LEASE_REQUESTS=0)
+    apps["key+budget(no leases)+limits/memory"] = exact_app
+    templates["key+budget(no leases)+limits/memory"] = environ(new_key(exact_app, **budget))
     use_redis = redis_answers(args.redis_url)
     redis_budget_app = None
     if use_redis:
@@ -211,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         lines.append(f"| {v} | {med(samples[v], 0):.1f} | {med(ratios[v], 0):.2f}× | "
                      f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | "
                      f"{TARGET.get(v, '')} |")
-    for app in (memory_app, off_app, apps.get("key+limits/redis"), budget_app,
+    for app in (memory_app, off_app, apps.get("key+limits/redis"), budget_app, exact_app,
                 redis_budget_app):
         if app is not None:
             app.extensions["llmauth"].close()
