@@ -119,6 +119,9 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "end_user_budget_duration": ("7d", "7d"),
     "budget_reservation_ttl": (600, 600),
     "budget_reset_interval": (60.0, 60.0),
+    "budget_lease_requests": (20, 20),
+    "budget_lease_fraction": (0.5, 0.5),
+    "budget_lease_idle": (2.5, 2.5),
     "enable_oauth2_auth": (True, True),
     "oauth2_token_info_endpoint": ("https://idp.example/oauth2/introspect",
                                    "https://idp.example/oauth2/introspect"),
@@ -203,6 +206,9 @@ ENV_SAMPLES: dict[str, str] = {
     "budgets_enabled": "false",
     "budget_reservation_ttl": "600",
     "budget_reset_interval": "60",
+    "budget_lease_requests": "20",
+    "budget_lease_fraction": "0.5",
+    "budget_lease_idle": "2.5",
 }
 FIELDS = {f.name: f for f in Settings.table()}
 
@@ -648,6 +654,10 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("end_user_budget_duration", "0d", "greater than zero"),
     ("budget_reservation_ttl", 5, "must be at least 10"),
     ("budget_reset_interval", -1, "must be at least 0"),
+    ("budget_lease_requests", -1, "must be at least 0"),
+    ("budget_lease_fraction", 0, "above 0 and at most 1"),
+    ("budget_lease_fraction", 2, "above 0 and at most 1"),
+    ("budget_lease_idle", 0, "must be at least 0.05"),
     ("budgets_enabled", "maybe", "must be a boolean"),
 ]
 
