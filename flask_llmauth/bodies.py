@@ -27,13 +27,40 @@ def get_json(request: Request, *, force: bool = False) -> Any:
     """The parsed body (cached by Flask), ``None`` when there is none, or :data:`INVALID`."""
     if not force and not request.is_json:
         return None
-    if not request.get_data(cache=True):
-        return None
     try:
-        body = request.get_json(silent=True, force=force)
+        body = request.get_json(silent=True, force=True)
     except RecursionError:
         return INVALID
-    return INVALID if body is None else body
+    if body is None:  # an empty body, or one that is not JSON (or is the literal ``null``)
+        return INVALID if request.get_data(cache=True) else None
+    return body
+
+
+class JSONBody:
+    """One request's JSON body, read at most once and shared by the policy and the guards.
+
+    :meth:`parsed` answers like ``get_json(request, force=True)`` (the body is read as JSON
+    whatever its ``Content-Type``, as the model check does); calling the object answers the
+    same but ``None`` for an invalid body.
+    """
+
+    __slots__ = ("request", "value")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.value: Any = _UNREAD
+
+    def parsed(self) -> Any:
+        if self.value is _UNREAD:
+            self.value = get_json(self.request, force=True)
+        return self.value
+
+    def __call__(self) -> Any:
+        value = self.parsed()
+        return None if value is INVALID else value
+
+
+_UNREAD: Any = object()
 
 
 def require_json_object(request: Request) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 from flask import Request
@@ -35,6 +35,9 @@ class Credentials(NamedTuple):
 
 
 NO_CREDENTIALS = Credentials(None)
+#: ``_credentials((token, source))``: builds one without the Python-level ``__new__`` of a
+#: named tuple (the per-request path builds one per request).
+_credentials = partial(tuple.__new__, Credentials)
 
 
 @lru_cache(maxsize=64)
@@ -64,7 +67,6 @@ def _bare_or_bearer(value: str) -> str:
 
 def read_credentials(
     request: Request,
-    *,
     max_length: int,
     custom_header: str | None = None,
     query_key_allowed: bool = False,
@@ -79,6 +81,13 @@ def read_credentials(
     A value longer than ``max_length`` is refused before it is parsed, hashed or logged.
     """
     environ = request.environ
+    if not custom_header and "HTTP_X_LITELLM_API_KEY" not in environ:
+        # The common case, read without parsing: ``Authorization: Bearer <token>`` with a
+        # plain token (anything else takes the general path below, which answers the same).
+        value = environ.get("HTTP_AUTHORIZATION")
+        if (value is not None and value[:7] == "Bearer " and 7 < len(value) <= max_length + 7
+                and value.isprintable() and " " not in value[7:]):
+            return _credentials((value[7:], "Authorization"))
     raw_limit = max_length + _SCHEME_ALLOWANCE
     token: str | None = None
     source: str | None = None
@@ -119,4 +128,4 @@ def read_credentials(
         raise Unauthenticated(reason="credential_too_long")
     if not token.isprintable() or " " in token:
         raise Unauthenticated(reason="credential_bad_characters")
-    return Credentials(token, source)
+    return _credentials((token, source))

@@ -27,7 +27,7 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException
 
-from .authn.base import AuthContext, Authenticator, Chain
+from .authn.base import Authenticator, Chain, new_context
 from .authn.custom import custom_factory, with_key_validation
 from .authn.jwt import jwt_factory
 from .authn.master_key import MasterKeyAuthenticator
@@ -36,9 +36,16 @@ from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
 from .authz.policy import Policy
-from .authz.routes import ATTR_EXEMPT, ATTR_GROUPS, RoutePatterns, RouteTable, group_name
+from .authz.routes import (
+    ATTR_EXEMPT,
+    ATTR_GROUPS,
+    RouteInfo,
+    RoutePatterns,
+    RouteTable,
+    group_name,
+)
 from .background import Background
-from .bodies import INVALID, get_json
+from .bodies import JSONBody
 from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import Settings, check_secrets, load_settings
@@ -197,22 +204,17 @@ class LLMAuthState:
     # -- the request hook -----------------------------------------------------------------------
 
     def before_request(self) -> Response | None:
-        response = self._before_request()
-        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran after this hook
-        if response is None and hooks is not None and hooks.active:
-            after_this_request(hooks.after)  # also adds the headers of a 429 it raises
-            hooks.before()
-        return response
-
-    def _before_request(self) -> Response | None:
+        """The app's one hook: classify → credential → chain → authorize → guards."""
         # The real request and ``g`` are fetched once: every attribute read through Flask's
         # context proxies costs a failed lookup first, and the hot path does dozens.
         req = request._get_current_object()  # type: ignore[attr-defined]
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
-        info = self.routes.cached(rule)
-        if info is None:
+        known = self.routes.by_rule_id.get(id(rule))
+        if known is not None and known[0] is rule:
+            info = known[1]
+        else:
             info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
         if self.policy.gated:
             try:
@@ -220,11 +222,22 @@ class LLMAuthState:
             except LLMAuthError as error:
                 self._log_failure(error, info.route, None)
                 return self.ext._error_callback(error)
-        if info.public:
-            return None
+        if not info.public:
+            response = self._authenticate(req, rule, info)
+            if response is not None:
+                return response
+        hooks = self.host_limit_hooks  # Flask-Limiter's, which ran after this hook
+        if hooks is not None and hooks.active:
+            after_this_request(hooks.after)  # also adds the headers of a 429 it raises
+            hooks.before()
+        return None
+
+    def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> Response | None:
         if req.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None
-        self.background.ensure_started()
+        background = self.background
+        if not background.started:
+            background.ensure_started()
         settings = self.settings
         if info.endpoint in self.api_endpoints:
             limit = req.max_content_length
@@ -236,17 +249,14 @@ class LLMAuthState:
             auth_failures = self.auth_failures
             if auth_failures is not None and auth_failures.blocking:  # before the credential
                 auth_failures.check(client_ip(req, settings.trusted_proxy_ranges))
-            credentials = read_credentials(
-                req, max_length=settings.max_credential_length,
-                custom_header=settings.key_header_name,
-                query_key_allowed=info.query_key_allowed,
-            )
-            principal = self.chain.authenticate(AuthContext(req, credentials, info))
-            model = self.policy.authorize(principal, info, req)
-            g_._llmauth_principal = principal
+            credentials = read_credentials(req, settings.max_credential_length,
+                                           settings.key_header_name, info.query_key_allowed)
+            principal = self.chain.authenticate(new_context((req, credentials, info)))
+            body = JSONBody(req)
+            model = self.policy.authorize(principal, info, req, body)
+            g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
             if self.guards.guards:
-                admission = self.guards.admit(principal, info, model,
-                                             _JSONBody(req), req.environ)
+                admission = self.guards.admit(principal, info, model, body, req.environ)
                 if admission is not None:
                     g_._llmauth_admission = admission
                     after_this_request(partial(self.guards.finish, admission))
@@ -306,22 +316,6 @@ class LLMAuthState:
         if auth_failed.receivers:
             auth_failed.send(current_app._get_current_object(), status=error.status,
                              reason=error.reason, route=route, ip=ip)
-
-
-class _JSONBody:
-    """The request's JSON body for the guards, read once (``None`` when absent or invalid)."""
-
-    __slots__ = ("request", "value")
-
-    def __init__(self, req: Any) -> None:
-        self.request = req
-        self.value: Any = INVALID
-
-    def __call__(self) -> Any:
-        if self.value is INVALID:
-            body = get_json(self.request)
-            self.value = None if body is INVALID else body
-        return self.value
 
 
 def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:

@@ -36,13 +36,13 @@ import itertools
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from flask import Response, g, request
 
+from .authz.policy import SAFE_METHODS
 from .authz.routes import RouteInfo
 from .principal import Principal
 from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_body
@@ -73,7 +73,7 @@ class Admission:
     """One authorized request on its way through the guards."""
 
     __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
-                 "end_user_id", "customer", "_request_id", "_settled", "_lock")
+                 "end_user_id", "customer", "_request_id", "_unsettled")
 
     def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
                  body: Any) -> None:
@@ -91,8 +91,8 @@ class Admission:
         self.end_user_id: str | None = None
         self.customer: Any = None
         self._request_id: str | None = None
-        self._settled = False
-        self._lock = threading.Lock()
+        #: Holds one token until settlement claims it (``list.pop`` is atomic).
+        self._unsettled = [True]
 
     @property
     def request_id(self) -> str:
@@ -104,15 +104,15 @@ class Admission:
 
     def claim_settlement(self) -> bool:
         """True for the first caller only: settlement happens exactly once."""
-        with self._lock:
-            if self._settled:
-                return False
-            self._settled = True
-            return True
+        try:
+            self._unsettled.pop()
+        except IndexError:
+            return False
+        return True
 
     @property
     def settled(self) -> bool:
-        return self._settled
+        return not self._unsettled
 
 
 class Guard(Protocol):
@@ -137,6 +137,17 @@ def _settle_all(guards: Iterable[Guard], admission: Admission, usage: Usage | No
                           admission.request_id)
 
 
+class _Plan(NamedTuple):
+    """Which guards one principal meets on one route (computed once per principal object)."""
+
+    principal: Principal
+    route: RouteInfo
+    #: Guards that want every such request.
+    wanted: tuple[Guard, ...]
+    #: The other guards that may still want it for its end user (``wants_end_user``).
+    by_end_user: tuple[Guard, ...]
+
+
 class Guards:
     """The guards of one app, run around each request."""
 
@@ -144,9 +155,31 @@ class Guards:
         self.guards: tuple[Guard, ...] = tuple(guards)
         #: Names the end user before the guards are asked (the customers guard sets it).
         self.end_users: Any = None
+        #: ``(id(principal), id(route), unsafe) -> _Plan``: the guards' ``wants`` answers
+        #: depend only on the principal (an immutable snapshot), the rule and whether the
+        #: method is safe, so they are asked once per principal object.
+        self._plans: dict[tuple[int, int, bool], _Plan] = {}
+        #: Guards whose ``headers`` may add something (``adds_headers``, default true).
+        self._with_headers: frozenset[int] = frozenset()
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
+        self._plans.clear()
+        self._with_headers = frozenset(
+            id(g) for g in self.guards if getattr(g, "adds_headers", True))
+
+    def _plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
+        plan_key = (id(principal), id(route), unsafe)
+        plan = self._plans.get(plan_key)
+        if plan is None or plan.principal is not principal or plan.route is not route:
+            wanted = tuple(guard for guard in self.guards if guard.wants(principal, route))
+            by_end_user = tuple(guard for guard in self.guards if guard not in wanted
+                                and hasattr(guard, "wants_end_user"))
+            if len(self._plans) >= 10_000:
+                self._plans.clear()
+            # The principal and route are kept in the plan, so their ids are not reused.
+            plan = self._plans[plan_key] = _Plan(principal, route, wanted, by_end_user)
+        return plan
 
     def admit(self, principal: Principal, route: RouteInfo, model: str | None,
               body: Callable[[], Any], environ: Mapping[str, Any] | None = None,
@@ -159,19 +192,22 @@ class Guards:
         is also asked ``wants_end_user(principal, route, customer)`` (if it has that
         method): a limit or budget may exist for the end user alone.
         """
+        if environ is None:
+            environ = request.environ
+        unsafe = route.unsafe_only or environ["REQUEST_METHOD"].upper() not in SAFE_METHODS
+        plan = self._plan(principal, route, unsafe)
         end_user = None
         resolver = self.end_users
         if resolver is not None and route.is_llm:
-            if environ is None:
-                environ = request.environ
             end_user = resolver.resolve(principal, environ, body)
-        if end_user is None:
-            wanted = [guard for guard in self.guards if guard.wants(principal, route)]
-        else:
+        wanted = plan.wanted
+        if end_user is not None and plan.by_end_user:
             customer = end_user[1]
-            wanted = [guard for guard in self.guards if guard.wants(principal, route) or (
-                hasattr(guard, "wants_end_user")
-                and guard.wants_end_user(principal, route, customer))]
+            extra = [guard for guard in plan.by_end_user
+                     if guard.wants_end_user(principal, route, customer)]  # type: ignore[attr-defined]
+            if extra:
+                wanted = tuple(guard for guard in self.guards
+                               if guard in wanted or guard in extra)
         if not wanted:
             return None
         admission = Admission(principal, route, model, body())
@@ -192,8 +228,11 @@ class Guards:
 
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
-        guards: list[Guard] = admission.scratch["_guards"]
+        guards: tuple[Guard, ...] = admission.scratch["_guards"]
+        with_headers = self._with_headers
         for guard in guards:
+            if id(guard) not in with_headers:
+                continue
             try:
                 headers = guard.headers(admission)
                 if headers:
@@ -213,7 +252,7 @@ class Guards:
             )
             return response
         usage = admission.usage
-        if usage is None and not failed and response.mimetype == "application/json":
+        if usage is None and not failed and _is_json(response):
             data = response.get_data()
             if b'"usage"' in data:  # no usage block, nothing to parse
                 try:
@@ -232,6 +271,15 @@ class Guards:
         stream still being sent) took care of it."""
         if not admission.settled and not admission.scratch.get("_streaming"):
             self.settle(admission, admission.usage, True)
+
+
+def _is_json(response: Response) -> bool:
+    """Whether the response's media type is ``application/json`` (read without parsing
+    the header's parameters)."""
+    content_type = response.headers.get("Content-Type")
+    if not content_type:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
 class _ObservedStream:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from flask import Request
@@ -29,6 +30,11 @@ class AuthContext(NamedTuple):
     request: Request
     credentials: Credentials
     route: RouteInfo
+
+
+#: ``new_context((request, credentials, route))``: an :class:`AuthContext` built without the
+#: Python-level ``__new__`` of a named tuple (one is built per request).
+new_context = partial(tuple.__new__, AuthContext)
 
 
 class Authenticator(Protocol):
@@ -52,9 +58,14 @@ def has_identity(principal: object) -> bool:
 class Chain:
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self.authenticators = tuple(authenticators)
+        #: ``(authenticator, checked)``: the principal of an authenticator that declares
+        #: ``yields_identity = True`` (built-ins whose principals always carry one) is not
+        #: checked again per request; every other one is.
+        self._steps = tuple((a, not getattr(a, "yields_identity", False))
+                            for a in self.authenticators)
 
     def authenticate(self, ctx: AuthContext) -> Principal:
-        for authenticator in self.authenticators:
+        for authenticator, checked in self._steps:
             try:
                 result = authenticator.authenticate(ctx)
             except LLMAuthError as error:
@@ -67,7 +78,7 @@ class Chain:
                 raise Unauthenticated(reason=f"{authenticator.name}_error") from None
             if result is None:
                 continue
-            if not has_identity(result):
+            if checked and not has_identity(result):
                 raise Unauthenticated(reason=f"{authenticator.name}_empty_identity")
             return result
         if ctx.credentials.token is None:

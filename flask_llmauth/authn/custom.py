@@ -267,6 +267,9 @@ def _mapping_values(data: Mapping[str, Any]) -> dict[str, Any]:
 class KeyValidation:
     """Wraps the virtual-key authenticator: every key principal passes the hook or is a 403."""
 
+    #: A key's principal always names its key (see :class:`~.base.Chain`).
+    yields_identity = True
+
     def __init__(self, inner: Authenticator, ext: LLMAuth,
                  configured: Callable[..., Any] | None) -> None:
         self.inner = inner

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from ..crypto import constant_time_equals, secret_bytes
+from hmac import compare_digest
+
+from ..crypto import secret_bytes
 from ..principal import Principal, Role
 from .base import AuthContext
 
 
 class MasterKeyAuthenticator:
     name = "master_key"
+    #: Its one principal names the proxy admin (see :class:`~.base.Chain`).
+    yields_identity = True
 
     def __init__(self, master_key: str, admin_name: str, alias: str) -> None:
         self._master_key = secret_bytes(master_key)
@@ -18,6 +22,7 @@ class MasterKeyAuthenticator:
 
     def authenticate(self, ctx: AuthContext) -> Principal | None:
         token = ctx.credentials.token
-        if token is not None and constant_time_equals(token, self._master_key):
+        if token is not None and compare_digest(token.encode("utf-8", "surrogatepass"),
+                                                self._master_key):
             return self._principal
         return None

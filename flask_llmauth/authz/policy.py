@@ -77,6 +77,9 @@ class Policy:
         self._key_routes: dict[tuple[tuple[str, ...], str, frozenset[str]], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
         self._exposed: dict[str, bool] = {}
+        #: ``(id(principal), id(route info), unsafe) -> (principal, info, denial)``: checks
+        #: 3–5 per principal object (principals and route infos are immutable).
+        self._decisions: dict[tuple[int, int, bool], tuple[Principal, RouteInfo, Any]] = {}
         #: ``(id(principal), model) -> principal`` for models that principal may call.
         #: Principals are immutable snapshots (a changed key gets a new one), and the model
         #: rules are fixed at start, so an allowed answer stays right for that object.
@@ -102,49 +105,71 @@ class Policy:
                 raise Forbidden(f"Access forbidden: Route {info.route} not allowed",
                                 reason="route_not_in_allowed_routes")
 
-    def authorize(self, principal: Principal, info: RouteInfo, request: Request) -> str | None:
+    def authorize(self, principal: Principal, info: RouteInfo, request: Request,
+                  body: Any = None) -> str | None:
         """Raise :class:`Forbidden` (or :class:`BadRequest`) unless the request may proceed;
         return the model the request asks for (LLM routes; the URL's when it names one),
-        if any. :meth:`gate` has already run for this request.
+        if any. :meth:`gate` has already run for this request. ``body``, when given, returns
+        the request's parsed JSON body (see :func:`~flask_llmauth.bodies.get_json`).
         """
         if principal.key is not None and principal.key.allowed_ips:
             self._check_key_ip(principal, request)
-        if "master_key_only_routes" in info.groups and not principal.is_master_key:
-            raise Forbidden(f"Tried to access route={info.route}, which is only for MASTER KEY",
-                            reason="master_key_only_route")
-        if principal.allowed_routes and not self.key_route_allowed(principal, info.route,
-                                                                   info.groups):
-            raise Forbidden(
-                "Virtual key is not allowed to call this route. Only allowed to call routes: "
-                f"{list(principal.allowed_routes)}. Tried to call route: {info.route}",
-                reason="key_route_denied",
-            )
-        if not principal.is_admin:
-            if self.admin_only and self.admin_only.matches(info.route):
-                raise _admin_only(info.route)
-            if info.required_roles is not None:
-                if principal.role.value not in info.required_roles:
-                    raise Forbidden(
-                        f"This route needs one of the roles {sorted(info.required_roles)}; "
-                        f"your role is {principal.role.value}.", reason="required_role_missing",
-                    )
-            else:
-                self._check_role_table(principal, info, request)
-        if info.is_llm and request.method not in SAFE_METHODS:
-            models = requested_models(request, info)
+        unsafe = info.unsafe_only or request.method not in SAFE_METHODS
+        decided = self._decisions.get((id(principal), id(info), unsafe))
+        if decided is None or decided[0] is not principal or decided[1] is not info:
+            if len(self._decisions) >= 10_000:
+                self._decisions.clear()
+            decided = (principal, info, self._route_denial(principal, info, not unsafe))
+            # The principal and the route info are kept, so their ids are not reused.
+            self._decisions[(id(principal), id(info), unsafe)] = decided
+        denial = decided[2]
+        if denial is not None:
+            if denial is not _BODY_DEPENDENT:
+                raise denial
+            self._check_viewer_user_update(principal, info, request)
+        if info.is_llm and unsafe:
+            models = requested_models(request, info, body)
             allowed = self._models_allowed
             for model in models:
                 cache_key = (id(principal), model)
                 if allowed.get(cache_key) is principal:
                     continue
-                denial = self.models.denial(principal, model)
-                if denial is not None:
-                    raise denial
+                model_denial = self.models.denial(principal, model)
+                if model_denial is not None:
+                    raise model_denial
                 if len(allowed) >= 10_000:
                     allowed.clear()
                 allowed[cache_key] = principal  # kept alive, so its id is not reused
             return models[0] if models else None
         return None
+
+    def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
+                      ) -> Forbidden | None:
+        """Checks 3–5 (see the module docstring): they depend only on the principal, the
+        rule and whether the method is safe, so :meth:`authorize` keeps the answer per
+        principal object. :data:`_BODY_DEPENDENT` defers to the request body."""
+        if "master_key_only_routes" in info.groups and not principal.is_master_key:
+            return Forbidden(f"Tried to access route={info.route}, which is only for MASTER KEY",
+                             reason="master_key_only_route")
+        if principal.allowed_routes and not self.key_route_allowed(principal, info.route,
+                                                                   info.groups):
+            return Forbidden(
+                "Virtual key is not allowed to call this route. Only allowed to call routes: "
+                f"{list(principal.allowed_routes)}. Tried to call route: {info.route}",
+                reason="key_route_denied",
+            )
+        if principal.is_admin:
+            return None
+        if self.admin_only and self.admin_only.matches(info.route):
+            return _admin_only(info.route)
+        if info.required_roles is not None:
+            if principal.role.value not in info.required_roles:
+                return Forbidden(
+                    f"This route needs one of the roles {sorted(info.required_roles)}; "
+                    f"your role is {principal.role.value}.", reason="required_role_missing",
+                )
+            return None
+        return self._role_table_denial(principal, info, safe)
 
     # -- parts ------------------------------------------------------------------------------------
 
@@ -174,23 +199,27 @@ class Policy:
                 patterns.matches(route) or bool(patterns.groups & groups))
         return allowed
 
-    def _check_role_table(self, principal: Principal, info: RouteInfo, request: Request) -> None:
-        safe = request.method in SAFE_METHODS
+    def _role_table_denial(self, principal: Principal, info: RouteInfo, safe: bool,
+                           ) -> Forbidden | None:
         cache_key = (principal.role, info.route, safe)
         try:
             denial = self._role_decisions[cache_key]
         except KeyError:
             denial = self._role_decisions[cache_key] = self._role_table(principal.role, info, safe)
-        if denial is _BODY_DEPENDENT:
-            body = get_json(request, force=True)
-            if isinstance(body, Mapping) and set(body) <= _VIEWER_USER_UPDATE_FIELDS:
-                return
-            denial = _route_denied(info.route, principal.role, "viewer_route_denied")
-        if denial is not None and not (  # a key's allowed_routes grant, as in LiteLLM
-            denial.reason == _GRANTABLE and principal.allowed_routes
-            and self.key_route_allowed(principal, info.route, info.groups)
-        ):
-            raise denial
+        if denial is None or denial is _BODY_DEPENDENT:
+            return denial
+        if denial.reason == _GRANTABLE and principal.allowed_routes and self.key_route_allowed(
+                principal, info.route, info.groups):
+            return None  # a key's allowed_routes grant, as in LiteLLM
+        return denial
+
+    def _check_viewer_user_update(self, principal: Principal, info: RouteInfo,
+                                  request: Request) -> None:
+        """A proxy_admin_viewer's ``/user/update``: allowed for its own profile fields only."""
+        body = get_json(request, force=True)
+        if isinstance(body, Mapping) and set(body) <= _VIEWER_USER_UPDATE_FIELDS:
+            return
+        raise _route_denied(info.route, principal.role, "viewer_route_denied")
 
     def role_allows(self, role: Role, info: RouteInfo, safe: bool) -> bool:
         """Whether the role table lets ``role`` call this route (ignoring body and key)."""
@@ -244,7 +273,8 @@ def _admin_only(route: str) -> Forbidden:
 _MAX_MODEL_NAME = 512
 
 
-def requested_models(request: Request, info: RouteInfo) -> tuple[str, ...]:
+def requested_models(request: Request, info: RouteInfo,
+                     body_reader: Any = None) -> tuple[str, ...]:
     """Every model a request names: the URL's (Gemini/Azure style) and the body's ``model``.
 
     Both are checked when both are present, so a view cannot be steered by the one the
@@ -257,18 +287,22 @@ def requested_models(request: Request, info: RouteInfo) -> tuple[str, ...]:
     models: list[str] = []
     if info.model_arg and request.view_args and info.model_arg in request.view_args:
         models.append(_model_name(request.view_args[info.model_arg]))
-    if request.mimetype.startswith("multipart/"):
+    # The media type is parsed only when it may be multipart ("application/..." cannot be).
+    if (not request.environ.get("CONTENT_TYPE", "").startswith("application/")
+            and request.mimetype.startswith("multipart/")):
         models += [_model_name(m) for m in request.form.getlist("model")]
         return tuple(models)
-    body = get_json(request, force=True)
+    body = get_json(request, force=True) if body_reader is None else body_reader.parsed()
     if body is INVALID:
         if request.is_json:
             raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
         if request.mimetype == "application/x-www-form-urlencoded":
             models += [_model_name(m) for m in request.form.getlist("model")]
-    elif isinstance(body, Mapping):
-        if body.get("model") is not None:
-            models.append(_model_name(body["model"]))
+    elif type(body) is dict or isinstance(body, Mapping):
+        model = body.get("model")
+        if model is not None:
+            models.append(model if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME
+                          else _model_name(model))
     elif body is not None and request.is_json:
         raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
     return tuple(models)

@@ -302,8 +302,14 @@ class RouteTable:
         self.exempt_blueprints = exempt_blueprints
         self._infos: dict[int, tuple[Rule, RouteInfo]] = {}
 
+    @property
+    def by_rule_id(self) -> dict[int, tuple[Rule, RouteInfo]]:
+        """``id(rule) -> (rule, info)`` of the rules classified so far (the per-request path
+        reads it directly; check that the rule is the same object)."""
+        return self._infos
+
     def cached(self, rule: Rule) -> RouteInfo | None:
-        """The classification of ``rule`` if it was already made (the per-request path)."""
+        """The classification of ``rule`` if it was already made."""
         cached = self._infos.get(id(rule))
         return cached[1] if cached is not None and cached[0] is rule else None
 
