@@ -300,6 +300,8 @@ class CustomersGuard:
     """
 
     name = "customers"
+    #: :meth:`headers` adds nothing (see :class:`~flask_llmauth.guards.Guards`).
+    adds_headers = False
 
     def __init__(self, state: LLMAuthState) -> None:
         self.store = state.store

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from functools import partial
 from typing import Any, TypeVar
 
 from flask import (
@@ -258,8 +257,8 @@ class LLMAuthState:
             if self.guards.guards:
                 admission = self.guards.admit(principal, info, model, body, req.environ)
                 if admission is not None:
-                    g_._llmauth_admission = admission
-                    after_this_request(partial(self.guards.finish, admission))
+                    g_.__dict__["_llmauth_admission"] = admission
+                    after_this_request(self.guards.finisher(admission))
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)

@@ -226,6 +226,19 @@ class Guards:
             raise
         return admission
 
+    def finisher(self, admission: Admission) -> Callable[[Response], Response]:
+        """The after-request function of one admitted request (for ``after_this_request``).
+
+        A plain function: Flask asks each after-request function whether it is a coroutine
+        function, which costs least for a plain function.
+        """
+        finish = self.finish
+
+        def finish_admission(response: Response) -> Response:
+            return finish(admission, response)
+
+        return finish_admission
+
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
         guards: tuple[Guard, ...] = admission.scratch["_guards"]
@@ -253,7 +266,7 @@ class Guards:
             return response
         usage = admission.usage
         if usage is None and not failed and _is_json(response):
-            data = response.get_data()
+            data = _body_bytes(response)
             if b'"usage"' in data:  # no usage block, nothing to parse
                 try:
                     usage = usage_from_body(json.loads(data), admission.model)
@@ -271,6 +284,15 @@ class Guards:
         stream still being sent) took care of it."""
         if not admission.settled and not admission.scratch.get("_streaming"):
             self.settle(admission, admission.usage, True)
+
+
+def _body_bytes(response: Response) -> bytes:
+    """The body of a response that is not streamed: what ``get_data()`` answers, without
+    its conversions when the body is one ``bytes`` object (as ``jsonify`` makes it)."""
+    body = response.response
+    if type(body) is list and len(body) == 1 and type(body[0]) is bytes:
+        return body[0]
+    return response.get_data()
 
 
 def _is_json(response: Response) -> bool:

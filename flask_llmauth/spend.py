@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, NamedTuple
 
 import peewee
@@ -114,6 +115,11 @@ def _clip(value: str | None) -> str | None:
 
 
 # -- the ledger ---------------------------------------------------------------------------------
+
+
+#: ``_spend_event((all 18 fields))``: a :class:`SpendEvent` built without the Python-level
+#: ``__new__`` of a named tuple (one per LLM request).
+_spend_event = partial(tuple.__new__, SpendEvent)
 
 
 class SpendLedger:
@@ -300,6 +306,8 @@ class SpendGuard:
     """Prices each settled LLM request and queues its :class:`SpendEvent` (last guard)."""
 
     name = "spend"
+    #: :meth:`headers` adds nothing (see :class:`~flask_llmauth.guards.Guards`).
+    adds_headers = False
 
     def __init__(self, settings: Any, ledger: SpendLedger) -> None:
         self.settings = settings
@@ -325,14 +333,14 @@ class SpendGuard:
             if estimated:  # which the ledger computes later, off the request path
                 body = admission.body
         principal = admission.principal
-        self.ledger.record(SpendEvent(
+        self.ledger.record(_spend_event((
             admission.request_id, admission.started, time.time(), principal.key_id,
             principal.user_id, principal.team_id, principal.org_id,
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
             "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
             body,
-        ))
+        )))
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         return {}
