@@ -17,6 +17,10 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
 3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
 
 No guard runs for a request none of them wants, so unconfigured features cost nothing.
+``wants(principal, route)`` must answer from the principal, the route and whether the
+request's method is safe, nothing else: the answers are kept per principal object (a
+principal is an immutable snapshot; a changed key, user or team gets a new one). A guard
+whose headers are always empty declares ``adds_headers = False``.
 
 Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
 rate limits, budgets, spend — so cheap refusals happen before money is reserved. The customers

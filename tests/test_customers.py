@@ -202,6 +202,24 @@ def test_blocked_end_user_is_refused_by_body_field_and_headers(client: Any) -> N
     assert_error(chat(client, key, user="bad-user"), 403)
 
 
+def test_blocked_end_user_in_a_body_sent_without_a_json_content_type(client: Any) -> None:
+    """The model check reads the body as JSON whatever its Content-Type (as LiteLLM does),
+    so the end user is read from the same parse: a client cannot slip a blocked end user
+    past the check by labelling the body text/plain."""
+    import json
+
+    key = new_key(client)["key"]
+    ok(post(client, "/customer/block", {"user_ids": ["bad-user"]}))
+    for content_type in ("text/plain", "application/octet-stream", None):
+        headers = {**bearer(key), **({"Content-Type": content_type} if content_type else {})}
+        response = client.post(CHAT, data=json.dumps({"model": "gpt-4o", "user": "bad-user"}),
+                               headers=headers)
+        assert_error(response, 403, "permission_error")
+        good = client.post(CHAT, data=json.dumps({"model": "gpt-4o", "user": "good-user"}),
+                           headers=headers)
+        assert good.status_code == 200, (content_type, good.get_data())
+
+
 def test_configured_headers_name_the_end_user(app_factory: Any) -> None:
     app = app_factory(config={"LLMAUTH_USER_HEADER_MAPPINGS": [
         {"header_name": "x-openwebui-user-id", "litellm_user_role": "internal_user"},
