@@ -417,6 +417,33 @@ def measure_any(work: Workload, driver: str, variant: str, count: int,
     return measure(work, driver, variant, count, marker)
 
 
+def measure_spend_write(work: Workload, variant: str, count: int,
+                        marker: Callable[[], object] = int) -> float | None:
+    """µs per spend event of the ledger's batched write (the background thread's work for
+    each LLM request when spend tracking is on; not in the per-request figures): ``count``
+    requests of ``variant``, then one timed flush. ``None`` when spend tracking is off."""
+    ledger = work.app_for(variant).extensions["llmauth"].spend_ledger
+    if ledger is None:
+        return None
+    ledger.flush()
+    measure(work, "wsgi", variant, count)
+    pending = ledger.pending
+    gc.collect()
+    marker()
+    started = time.perf_counter_ns()
+    ledger.flush()
+    elapsed = time.perf_counter_ns() - started
+    marker()
+    if ledger.pending or not pending:
+        raise SystemExit(f"spend write: {pending} events queued, {ledger.pending} left")
+    return elapsed / pending / 1000
+
+
+#: Paths whose spend write is timed (a cached key's events update one key row per batch; cold
+#: keys' events each update a different one of the 1,000,000 rows).
+SPEND_WRITE_VARIANTS = ("virtual_key_cached", "virtual_key_cold")
+
+
 # -- the report ------------------------------------------------------------------------------------
 
 
@@ -451,7 +478,8 @@ def jwt_verdict(jwt_values: Sequence[float], bare: Sequence[float],
 
 
 def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
-           instructions: dict[str, float] | None) -> str:
+           instructions: dict[str, float] | None,
+           spend_write: dict[str, float | None] | None = None) -> str:
     lines = ["| path | driver | median µs/request | min | × bare (median of rounds) | target |",
              "|---|---|---:|---:|---:|---|"]
     for driver in DRIVERS:
@@ -473,6 +501,16 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
                  f"| {min(decode):.1f} | | |")
     out = "\n".join(lines)
     out += f"\n\n{rounds} interleaved rounds × {count} requests per variant and driver.\n"
+    if spend_write and any(v is not None for v in spend_write.values()):
+        out += ("\nSpend ledger's batched write, per event (background thread, not in the "
+                "figures above):\n\n| path | µs per event | instructions per event |\n"
+                "|---|---:|---:|\n")
+        for variant in SPEND_WRITE_VARIANTS:
+            value = spend_write.get(variant)
+            counted = (instructions or {}).get(f"spend_write:{variant}")
+            if value is not None:
+                out += (f"| {variant} | {value:.1f} | "
+                        f"{'' if counted is None else f'{counted:,.0f}'} |\n")
     if instructions:
         base = instructions["bare"]
         rows = ["| path | instructions/request (wsgi) | × bare | added |", "|---|---:|---:|---:|"]
@@ -523,6 +561,12 @@ def instructions(database: Path, count: int, warmup: int,
         if match is None:
             raise SystemExit("unexpected callgrind output")
         result["jwt_decode"] = int(match.group(1)) / count
+        for index, variant in enumerate(SPEND_WRITE_VARIANTS):
+            dump = Path(f"{out}.{2 * (len(VARIANTS) + 1 + index) + 2}")
+            if dump.exists():  # absent when spend tracking is off
+                found = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)
+                if found is not None:
+                    result[f"spend_write:{variant}"] = int(found.group(1)) / count
         return result
 
 
@@ -543,6 +587,8 @@ def callgrind_child(database: Path, count: int, warmup: int,
         for variant in VARIANTS:
             measure(work, "wsgi", variant, count, marker=os.getppid)
         measure_decode(work, count, marker=os.getppid)
+        for variant in SPEND_WRITE_VARIANTS:
+            measure_spend_write(work, variant, count, marker=os.getppid)
         work.check_cached()
     finally:
         work.close()
@@ -593,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                     measure_any(work, driver, variant, args.requests))
             print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
         work.check_cached()
+        spend_write = {variant: measure_spend_write(work, variant, args.requests)
+                       for variant in SPEND_WRITE_VARIANTS}
     finally:
         work.close()
     print(f"load average at end: {load()}")
@@ -603,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         else:
             print("counting instructions under valgrind (a few minutes) ...", file=sys.stderr)
             counts = instructions(database, count=1000, warmup=300, config=args.config)
-    text = report(samples, args.rounds, args.requests, counts)
+    text = report(samples, args.rounds, args.requests, counts, spend_write)
     print()
     print(text)
     return text

@@ -126,3 +126,16 @@ def test_report(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "adds ≤ 50 µs" in text
     assert "| jwt.decode alone (RS256, same token) | raw |" in text
     assert "≤ bare + 1.15 × jwt.decode: adds" in text
+    # spend tracking is on by default: its batched write is timed per event, for both paths
+    assert "Spend ledger's batched write, per event" in text
+    for variant in bench.SPEND_WRITE_VARIANTS:
+        assert f"| {variant} | " in text.split("batched write, per event")[1]
+
+
+def test_spend_write_is_not_timed_when_spend_tracking_is_off(bench: ModuleType,
+                                                             tmp_path: Path) -> None:
+    text = bench.main(["--keys", "200", "--rounds", "1", "--requests", "5",
+                       "--db-dir", str(tmp_path), "--config",
+                       '{"LLMAUTH_SPEND_ENABLED": false}'])
+    assert "| virtual_key_cached | wsgi |" in text
+    assert "batched write" not in text
