@@ -58,6 +58,7 @@ _SPEND_LOG = SpendLog._meta.table_name
 #: Request ids checked against the spend log per statement.
 _CHUNK = 400
 _INF = math.inf
+_NONE: list[Any] = []  # no soft budget crossed (never appended to)
 
 
 def _epoch(value: datetime | None) -> float:
@@ -70,7 +71,8 @@ class Lease:
     """This process's lease of one budget row (all fields guarded by ``lock``)."""
 
     __slots__ = ("ident", "lease_id", "lock", "held", "in_use", "in_flight", "pending",
-                 "max_budget", "window_end", "unit", "last_used", "row", "counter", "order",
+                 "max_budget", "duration", "window_end", "unit", "last_used", "row", "counter",
+                 "order",
                  "dead", "refresh_at", "written", "done", "done_sum")
 
     def __init__(self, ident: tuple[Any, ...], lease_id: str, budget: Budget) -> None:
@@ -89,12 +91,13 @@ class Lease:
         #: The pending requests whose spend is known to be written, and their worst cases.
         self.done: list[str] = []
         self.done_sum = 0
-        #: The limit and window end the last lease transaction saw (``-1``: none yet).
+        #: The limit, window and window end the last lease transaction saw (``-1``: none).
         self.max_budget: int | None = -1
+        self.duration: str | None = None
         self.window_end = _INF
         #: The last non-zero worst case admitted (sizes a free request's extension).
         self.unit = 0
-        self.last_used = time.monotonic()
+        self.last_used = time.time()
         #: ``(table, id)`` of the budget row once a lease transaction found it.
         self.row: tuple[str, int] | None = None
         self.counter = budget.counter is not None
@@ -112,7 +115,8 @@ class Lease:
         with self.lock:  # the body of _take, inlined: this is the hot path
             if self.dead:
                 return None
-            if now >= self.window_end or self.max_budget != budget.max_budget:
+            if (now >= self.window_end or self.max_budget != budget.max_budget
+                    or self.duration != budget.duration):
                 return False
             free = self.held - self.in_use
             if free <= 0 or need > free:
@@ -121,11 +125,12 @@ class Lease:
             if need:
                 self.in_flight[request_id] = need
                 self.unit = need
-            self.last_used = time.monotonic()
+            self.last_used = now
             return True
 
     def _take(self, request_id: str, need: int, budget: Budget, now: float) -> bool:
-        if now >= self.window_end or self.max_budget != budget.max_budget:
+        if (now >= self.window_end or self.max_budget != budget.max_budget
+                or self.duration != budget.duration):
             return False
         free = self.held - self.in_use
         if free <= 0 or need > free:  # ``>=``: room must be left, even for a free request
@@ -134,7 +139,7 @@ class Lease:
         if need:
             self.in_flight[request_id] = need
             self.unit = need
-        self.last_used = time.monotonic()
+        self.last_used = now
         return True
 
     def release(self, request_id: str) -> None:
@@ -213,7 +218,7 @@ class Leases:
     # -- admission -----------------------------------------------------------------------------
 
     def lease(self, budget: Budget) -> Lease:
-        ident = budget.row if budget.row is not None else ("counter", *budget.counter)  # type: ignore[misc]
+        ident = budget.ident
         found = self._leases.get(ident)
         if found is not None:
             return found
@@ -226,30 +231,27 @@ class Leases:
             return found
 
     def admit(self, request_id: str, budget: Budget, need: int, now: float
-              ) -> tuple[Lease, list[tuple[Budget, int]], bool]:
+              ) -> tuple[Lease, list[tuple[Budget, int]]]:
         """Admit ``need`` against ``budget`` (in memory, else with a lease transaction).
-        Returns the lease, the soft budgets seen crossed and whether a window was reset;
-        raises :class:`_Refusal`."""
+        Returns the lease and the soft budgets seen crossed; raises :class:`_Refusal`."""
         while True:
-            lease = self.lease(budget)
+            lease = self._leases.get(budget.ident) or self.lease(budget)
             taken = lease.take(request_id, need, budget, now)
             if taken:
-                return lease, [], False
+                return lease, _NONE
             if taken is None:
                 continue
             with lease.lock:
                 if lease.dead:
                     continue
                 if lease._take(request_id, need, budget, now):  # another thread extended it
-                    return lease, [], False
-                crossed, reset = self._transact(lease, budget, need, request_id,
-                                                give_back=False)
-                return lease, crossed, reset
+                    return lease, _NONE
+                return lease, self._transact(lease, budget, need, request_id, give_back=False)
 
     # -- the lease transaction -----------------------------------------------------------------
 
     def _transact(self, lease: Lease, budget: Budget, need: int | None, request_id: str,
-                  *, give_back: bool) -> tuple[list[tuple[Budget, int]], bool]:
+                  *, give_back: bool) -> list[tuple[Budget, int]]:
         """Under ``lease.lock``: one transaction that takes the finished requests whose
         spend is written out of the lease, then admits ``need`` (``None``: none) with the
         lease grown by a chunk, or gives back the unused part (``give_back``, or when
@@ -266,7 +268,7 @@ class Leases:
                 if attempt == _RETRIES - 1 or not _is_retryable(exc):
                     raise
                 time.sleep(0.005 * (attempt + 1))
-        held, row, refusal, crossed, reset = outcome
+        held, row, refusal, crossed = outcome
         for rid in done:
             lease.pending.pop(rid, None)
         lease.done, lease.done_sum = [], 0
@@ -277,6 +279,7 @@ class Leases:
             lease.row = row[0]
             if need is not None:  # the sweep's transaction knows no limit or window
                 lease.max_budget, lease.window_end = row[1], row[2]
+                lease.duration = budget.duration
         self.ledger.reserved_once = True
         if refusal is not None:
             raise refusal
@@ -285,8 +288,8 @@ class Leases:
             if need:
                 lease.in_flight[request_id] = need
                 lease.unit = need
-            lease.last_used = time.monotonic()
-        return crossed, reset
+            lease.last_used = time.time()
+        return crossed
 
     def _statements(self, db: Any, lease: Lease, budget: Budget, need: int | None,
                     in_use: int, give_back: bool) -> tuple[Any, ...]:
@@ -319,9 +322,8 @@ class Leases:
             if need is not None:
                 refusal = _Refusal(budget, 0, 0, limit, None, need)
             row = None
-            reset = False
         else:
-            row_id, spend, reserved, reset_at, alerted, reset = state
+            row_id, spend, reserved, reset_at, alerted, _was_reset = state
             limit = budget.max_budget if budget.max_budget is not None else 0
             others = reserved - held_db  # what other processes' leases hold
             room = limit - spend - others - in_use
@@ -362,7 +364,7 @@ class Leases:
         elif had:
             BudgetReservation.delete().where(
                 BudgetReservation.request_id == lease.lease_id).execute()
-        return new_held, row, refusal, crossed, reset
+        return new_held, row, refusal, crossed
 
     # -- spend written -------------------------------------------------------------------------
 
@@ -416,7 +418,7 @@ class Leases:
         """Take written spend out of the leases, give back idle leases' unused part (all of
         it when ``final``), keep the rows of live leases from expiring and drop empty idle
         leases. Returns how many lease transactions ran."""
-        now = time.monotonic()
+        now = time.time()
         leases = list(self._leases.values())
         count = 0
         for lease in leases:
@@ -428,7 +430,7 @@ class Leases:
                 idle = final or now - lease.last_used >= self.idle
                 trim = bool(lease.done)
                 give_back = idle and lease.held > lease.in_use
-                refresh = lease.held > 0 and now >= lease.refresh_at
+                refresh = lease.held > 0 and time.monotonic() >= lease.refresh_at
                 if trim or give_back or refresh:
                     budget = _sweep_budget(lease)
                     if budget is not None:

@@ -97,6 +97,12 @@ class Budget:
     duration: str | None
     #: The window end the cached record knows (entity rows).
     reset_at: datetime | None = None
+    #: The row's identity (the key of this process's lease of it).
+    ident: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        ident = self.row if self.row is not None else ("counter", *(self.counter or ()))
+        object.__setattr__(self, "ident", ident)
 
     @property
     def order(self) -> tuple[int, str, str, str, int]:
@@ -586,16 +592,17 @@ class Budgets:
         leases: list[Lease] = []
         crossed: list[tuple[Budget, int]] = []
         soft_only: list[Budget] = []
+        rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
         now = time.time()
         try:
             for budget in budgets:
                 if budget.max_budget is None:
                     soft_only.append(budget)
                     continue
-                lease, seen, _reset = self.leases.admit(request_id, budget, amount, now)
+                lease, seen = self.leases.admit(request_id, budget, amount, now)
                 leases.append(lease)
-                crossed += seen
-            rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
+                if seen:
+                    crossed += seen
             if soft_only:
                 rows, seen = self.ledger.touch_soft(soft_only)
                 crossed += seen
@@ -675,7 +682,10 @@ class Budgets:
     def _spend_writes_event(self, admission: Admission) -> bool:
         if self.spend_ledger is None:
             return False
-        return any(guard.name == "spend" for guard in admission.scratch.get("_guards", ()))
+        for guard in admission.scratch.get("_guards", ()):
+            if guard.name == "spend":
+                return True
+        return False
 
     # -- internals -----------------------------------------------------------------------------
 

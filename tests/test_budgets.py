@@ -759,6 +759,21 @@ def test_a_lowered_limit_resizes_the_lease_before_admitting(make: Any) -> None:
     assert reserved_now(app, key["key_id"]) <= w  # the unused lease was given back
 
 
+def test_a_new_window_setting_sends_the_lease_to_the_database(make: Any) -> None:
+    import time
+
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10**9))
+    assert chat(client, key["key"], completion=1).status_code == 200
+    lease = next(iter(app.extensions["llmauth"].budgets.leases._leases.values()))
+    assert (lease.duration, lease.window_end) == (None, float("inf"))
+    api(client, "/key/update", key=key["key_id"], budget_duration="30s")
+    assert chat(client, key["key"], completion=1).status_code == 200
+    assert lease.duration == "30s"
+    assert time.time() < lease.window_end <= time.time() + 30
+
+
 def test_spend_without_the_spend_ledger_is_written_by_the_budgets(make: Any) -> None:
     app = make(LLMAUTH_SPEND_ENABLED=False, LLMAUTH_MAX_BUDGET=usd(10**9))
     assert app.extensions["llmauth"].spend_ledger is None
