@@ -544,6 +544,8 @@ class Budgets:
     """The budget guard (after rate limits, before spend)."""
 
     name = "budgets"
+    #: Budgets add no response headers (refusals carry theirs on the error).
+    adds_headers = False
 
     def __init__(self, state: Any, app: Flask) -> None:
         self.state = state
