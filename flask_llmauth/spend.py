@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -88,11 +88,17 @@ class SpendEvent(NamedTuple):
 
     def values(self) -> tuple[Any, ...]:
         """The spend-log row's values, in the order of ``_COLUMNS``."""
-        return (self.request_id, _naive_utc(self.created_at), _naive_utc(self.started_at),
-                _clip(self.key_id), _clip(self.user_id), _clip(self.team_id),
-                _clip(self.organization_id), _clip(self.end_user_id), _clip(self.model),
-                self.route[:255], self.auth_method[:32], self.prompt_tokens,
-                self.completion_tokens, self.spend, self.estimated, self.status)
+        (request_id, started_at, created_at, key_id, user_id, team_id, organization_id,
+         end_user_id, model, route, auth_method, prompt_tokens, completion_tokens, spend,
+         estimated, status) = self[:16]
+        return (request_id, _EPOCH + timedelta(seconds=created_at),
+                _EPOCH + timedelta(seconds=started_at),
+                key_id[:255] if key_id else None, user_id[:255] if user_id else None,
+                team_id[:255] if team_id else None,
+                organization_id[:255] if organization_id else None,
+                end_user_id[:255] if end_user_id else None, model[:255] if model else None,
+                route[:255], auth_method[:32], prompt_tokens, completion_tokens, spend,
+                estimated, status)
 
 
 _COLUMNS = tuple(f'"{name}"' for name in (
@@ -106,12 +112,8 @@ _PG_TYPES = ("varchar", "timestamp", "timestamp", "varchar", "varchar", "varchar
 _TABLE = f'"{SpendLog._meta.table_name}"'
 
 
-def _naive_utc(stamp: float) -> datetime:
-    return datetime.fromtimestamp(stamp, timezone.utc).replace(tzinfo=None)
-
-
-def _clip(value: str | None) -> str | None:
-    return value[:255] if value else None
+#: Unix time 0 as a naive UTC datetime (the columns hold naive UTC).
+_EPOCH = datetime(1970, 1, 1)
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -214,7 +216,8 @@ class SpendLedger:
     def _estimate(self, event: SpendEvent) -> SpendEvent:
         prompt = estimate_prompt_tokens(event.prompt_body)
         cost = 0 if self.price is None else self.price(event.model, Usage(prompt, 0, event.model))
-        return event._replace(prompt_tokens=prompt, spend=cost, prompt_body=None)
+        # event._replace(prompt_tokens=prompt, spend=cost, prompt_body=None), by position
+        return _spend_event((*event[:11], prompt, event[12], cost, *event[14:17], None))
 
     def _write(self, batch: Sequence[SpendEvent]) -> int:
         unique: dict[str, SpendEvent] = {}
