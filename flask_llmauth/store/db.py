@@ -9,12 +9,13 @@ a Peewee query costs about ten times more than running it.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,6 +62,19 @@ def _unavailable() -> ServiceUnavailable:
                               error_type="db_unavailable")
 
 
+def _failure(exc: peewee.DatabaseError) -> Exception:
+    """What a database error becomes for the caller: a logged 503 when the database cannot
+    answer now or has no llmauth tables yet, otherwise the error itself."""
+    if isinstance(exc, DB_ERRORS):
+        log.error("llmauth: database unavailable: %s", type(exc).__name__)
+        return _unavailable()
+    if isinstance(exc, peewee.ProgrammingError) and _missing_table(exc):
+        log.error("llmauth: the database has no llmauth tables yet: run "
+                  "`flask llmauth init-db` (or leave LLMAUTH_AUTO_MIGRATE on)")
+        return _unavailable()
+    return exc
+
+
 def _missing_table(exc: peewee.ProgrammingError) -> bool:
     """Postgres' "relation does not exist" (SQLSTATE 42P01): the schema is not migrated.
     (SQLite reports it as an OperationalError, which is already a 503.)"""
@@ -70,46 +84,81 @@ def _missing_table(exc: peewee.ProgrammingError) -> bool:
     return False
 
 
-def _converter(field: peewee.Field) -> Any:
-    """A fast equivalent of the field's ``python_value`` for the cold key lookup (``None``:
-    take the driver's value as it is).
+_decode = json.JSONDecoder().raw_decode
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column's value; the empty values most rows hold skip the parser (a fresh object
+    each time: records never share a mutable value)."""
+    if value == "[]":
+        return []
+    if value == "{}":
+        return {}
+    try:  # raw_decode skips json.loads' wrappers (about half its cost on short text)
+        parsed, end = _decode(value)
+    except ValueError:
+        end = -1
+    return parsed if end == len(value) else json.loads(value)
+
+
+def _converters(field: peewee.Field, packed: bool) -> tuple[Any, Any] | None:
+    """``(fast, exact)``: fast equivalents of the field's ``python_value`` for the cold key
+    lookup, applied to values that are not ``None`` (``exact`` when ``fast`` raises
+    ``TypeError``/``ValueError``); ``None``: take the driver's value as it is.
 
     Text and integer columns come back from both drivers as ``str``/``int`` already;
-    booleans come back as 0/1 from SQLite; timestamps as ISO strings from SQLite (parsed with
-    :meth:`datetime.fromisoformat`, falling back to Peewee's parser); JSON columns have a
-    fast path for the empty values most rows hold (a fresh object each time: records never
-    share a mutable value).
+    booleans as 0/1 from SQLite; timestamps as ISO text from SQLite (``packed``: always
+    text) and as ``datetime`` from Postgres; JSON columns as text.
     """
-    convert = field.python_value
+    exact = field.python_value
     if isinstance(field, JSONText):
-        def json_value(value: Any) -> Any:
-            if value == "[]":
-                return []
-            if value == "{}":
-                return {}
-            return convert(value)
-
-        return json_value
+        return _json_value, exact
     if isinstance(field, peewee.BooleanField):
-        return lambda value: value if value is None else bool(value)
+        return bool, exact
     if isinstance(field, peewee.DateTimeField):
-        def datetime_value(value: Any) -> Any:
-            if value is None or isinstance(value, datetime):
-                return value
-            try:
-                return datetime.fromisoformat(value)
-            except (TypeError, ValueError):
-                return convert(value)
+        if packed:
+            return datetime.fromisoformat, exact
 
-        return datetime_value
+        def datetime_value(value: Any) -> Any:
+            return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+        return datetime_value, exact
     if isinstance(field, (peewee.IntegerField, peewee.CharField)) and type(
             field).python_value in _PLAIN_PYTHON_VALUES:
         return None  # the driver's value is the Python value: no call at all
-    return convert
+    return exact, exact
 
 
 _PLAIN_PYTHON_VALUES = (peewee.Field.python_value, peewee.IntegerField.python_value,
                         peewee.CharField.python_value, peewee.BigIntegerField.python_value)
+
+
+@dataclass(frozen=True, slots=True)
+class _RecordReader:
+    """Turns the values of one joined table (in the record's field order) into its record."""
+
+    record_type: Any
+    #: ``(position, fast, exact)`` of each value that needs converting (see _converters).
+    converters: tuple[tuple[int, Any, Any], ...]
+
+    def read(self, values: list[Any]) -> Any:
+        for position, fast, exact in self.converters:
+            value = values[position]
+            if value is not None:
+                try:
+                    values[position] = fast(value)
+                except (TypeError, ValueError):
+                    values[position] = exact(value)
+        return tuple.__new__(self.record_type, values)  # a record is a named tuple
+
+
+def _sqlite_has_json() -> bool:
+    """Whether this SQLite library has the JSON functions (built in since 3.38)."""
+    try:
+        with closing(sqlite3.connect(":memory:")) as conn:
+            return conn.execute("SELECT json_array(1, 'a', NULL)").fetchone()[0] == '[1,"a",null]'
+    except sqlite3.Error:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,21 +179,19 @@ class Store:
         self.db = open_database(url)
         self.pooled = isinstance(self.db, PooledDatabase)
         self._local = threading.local()
-        self._parts = [(Key, KeyRecord, "k"), (Team, TeamRecord, "t"), (User, UserRecord, "u"),
-                       (TeamMembership, MembershipRecord, "m")]
-        self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
-        #: Per joined table: (record type, index of its first column, then the row index,
-        #: field name and converter of each column the record has), so turning a row into
-        #: records does no lookups. Columns a record lacks are skipped (as ``from_values``).
-        self._readers: list[tuple[Any, int, tuple[tuple[int, str, Any], ...]]] = []
-        offset = 0
-        for table, record_type, _ in self._parts:
-            fields = table._meta.sorted_fields
-            wanted = {f.name for f in dataclasses.fields(record_type)}
-            columns = tuple((offset + i, f.name, _converter(f)) for i, f in enumerate(fields)
-                            if f.name in wanted)
-            self._readers.append((record_type, offset, columns))
-            offset += len(fields)
+        #: Each joined table with its alias and the fields its record has, in the record's
+        #: field order (a record mirrors its table, less columns like ``digest``).
+        self._parts: list[tuple[type[peewee.Model], str, list[peewee.Field]]] = []
+        for table, record_type, alias in ((Key, KeyRecord, "k"), (Team, TeamRecord, "t"),
+                                          (User, UserRecord, "u"),
+                                          (TeamMembership, MembershipRecord, "m")):
+            self._parts.append((table, alias, [table._meta.fields[name]
+                                               for name in record_type._fields]))
+        #: SQLite packs each table's values into one JSON array (one text column each):
+        #: the driver then fetches 4 columns, not ~100 (it drops and retakes the GIL and
+        #: builds ``cursor.description`` per column), and one JSON parse splits each.
+        self._packed = isinstance(self.db, peewee.SqliteDatabase) and _sqlite_has_json()
+        self._prepare_key_lookup()
         p = self.db.param
         # Identifiers are constants and the value is a bound parameter.
         self._grace_sql = (
@@ -167,15 +214,11 @@ class Store:
         self._local.depth = depth + 1
         try:
             yield self.db
-        except DB_ERRORS as exc:
-            log.error("llmauth: database unavailable: %s", type(exc).__name__)
-            raise _unavailable() from None
-        except peewee.ProgrammingError as exc:
-            if not _missing_table(exc):
+        except (*DB_ERRORS, peewee.ProgrammingError) as exc:
+            failure = _failure(exc)
+            if failure is exc:
                 raise
-            log.error("llmauth: the database has no llmauth tables yet: run "
-                      "`flask llmauth init-db` (or leave LLMAUTH_AUTO_MIGRATE on)")
-            raise _unavailable() from None
+            raise failure from None
         finally:
             self._local.depth = depth
             if depth == 0 and self.pooled and not self.db.is_closed():
@@ -216,14 +259,31 @@ class Store:
 
     # -- the key lookup (cold path of virtual-key authentication) -------------------------------
 
+    def _prepare_key_lookup(self) -> None:
+        """The lookup statements and, per joined table, how its values become a record."""
+        self._readers = [
+            _RecordReader(table_record, tuple(
+                (i, *pair) for i, f in enumerate(fields)
+                if (pair := _converters(f, self._packed)) is not None))
+            for (_, _, fields), table_record in zip(
+                self._parts, (KeyRecord, TeamRecord, UserRecord, MembershipRecord), strict=True)]
+        self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
+
     def _build_key_sql(self, where_column: str) -> str:
-        columns = []
-        for table, _, alias in self._parts:
-            columns += [f'{alias}."{f.column_name}"' for f in table._meta.sorted_fields]
+        selected = []
+        for table, alias, fields in self._parts:
+            columns = [f'{alias}."{f.column_name}"' for f in fields]
+            if not self._packed:
+                selected += columns
+            elif table is Key:  # the row found: always there
+                selected.append(f"json_array({', '.join(columns)})")
+            else:  # NULL when the joined row is absent
+                selected.append(f'CASE WHEN {alias}."id" IS NULL THEN NULL '
+                                f"ELSE json_array({', '.join(columns)}) END")
         p = self.db.param
         # Identifiers are constants and the value is a bound parameter.
         return (
-            f"SELECT {', '.join(columns)} "  # noqa: S608
+            f"SELECT {', '.join(selected)} "  # noqa: S608
             f'FROM "{Key._meta.table_name}" AS k '
             f'LEFT JOIN "{Team._meta.table_name}" AS t ON t."team_id" = k."team_id" '
             f'LEFT JOIN "{User._meta.table_name}" AS u ON u."user_id" = k."user_id" '
@@ -232,20 +292,40 @@ class Store:
             f'WHERE k."{where_column}" = {p}'
         )
 
+    def _fetch_row(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """The first row of a prebuilt statement (which names its tables, so the models need
+        no binding). Errors are reported as :meth:`use` reports them."""
+        if self.pooled:  # a pooled connection is checked out and returned by use()
+            with self.use() as db:
+                return db.execute_sql(sql, params).fetchone()
+        try:
+            try:
+                cursor = self.db.cursor()
+                cursor.execute(sql, params)
+                return cursor.fetchone()
+            except Exception:
+                with peewee.__exception_wrapper__:  # the driver's error as Peewee's
+                    raise
+        except (*DB_ERRORS, peewee.ProgrammingError) as exc:
+            failure = _failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
+
     def _fetch_key(self, column: str, value: str) -> KeyRow | None:
-        with self.use() as db:
-            row = db.execute_sql(self._key_sql[column], (value,)).fetchone()
+        row = self._fetch_row(self._key_sql[column], (value,))
         if row is None:
             return None
+        readers = self._readers
+        if self._packed:  # SQLite's own JSON: raw_decode parses all of it
+            return KeyRow(*[None if text is None else reader.read(_decode(text)[0])
+                            for reader, text in zip(readers, row, strict=True)])
         records: list[Any] = []
-        for record_type, start, columns in self._readers:
-            if row[start] is None:  # no team / user / membership row
-                records.append(None)
-                continue
-            records.append(record_type(**{
-                name: row[index] if convert is None else convert(row[index])
-                for index, name, convert in columns
-            }))
+        start = 0
+        for reader, (_, _, fields) in zip(readers, self._parts, strict=True):
+            end = start + len(fields)
+            records.append(None if row[start] is None else reader.read(list(row[start:end])))
+            start = end
         return KeyRow(*records)
 
     def key_by_digest(self, digest: str) -> KeyRow | None:
@@ -256,8 +336,7 @@ class Store:
 
     def grace_by_digest(self, digest: str) -> tuple[str, Any] | None:
         """``(key_id, revoke_at)`` of a rotated-out secret, or ``None``."""
-        with self.use() as db:
-            row = db.execute_sql(self._grace_sql, (digest,)).fetchone()
+        row = self._fetch_row(self._grace_sql, (digest,))
         if row is None:
             return None
         return row[0], KeyGrace.revoke_at.python_value(row[1])
