@@ -49,15 +49,21 @@ class TTLCache(Generic[V]):
         if ttl <= 0:
             return
         tags = tuple(tags)
+        data, index = self._data, self._tags
         with self._lock:
             if generation is not None and generation != self.generation:
                 return
-            self._drop(key)
-            while len(self._data) >= self.max_size:
-                self._drop(next(iter(self._data)))
-            self._data[key] = (self._clock() + ttl, value, tags)
+            if key in data:
+                self._drop(key)
+            while len(data) >= self.max_size:
+                self._drop(next(iter(data)))
+            data[key] = (self._clock() + ttl, value, tags)
             for tag in tags:
-                self._tags.setdefault(tag, set()).add(key)
+                members = index.get(tag)
+                if members is None:
+                    index[tag] = {key}
+                else:
+                    members.add(key)
 
     def discard(self, key: Hashable) -> None:
         with self._lock:

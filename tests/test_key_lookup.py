@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flask_llmauth.store.db import KeyRow, Store
+from flask_llmauth.store.db import SQLITE_MMAP_SIZE, KeyRow, Store
 from flask_llmauth.store.records import (
     KeyRecord,
     MembershipRecord,
@@ -147,3 +147,15 @@ def test_records_are_immutable_and_built_by_keyword_with_fresh_defaults() -> Non
     member = from_values(MembershipRecord, {"id": 3, "team_id": "t", "user_id": "u",
                                             "not_a_field": 1})
     assert (member.role, member.allowed_models) == ("user", [])
+
+
+def test_sqlite_reads_through_a_memory_map_and_writes_through_the_wal(tmp_path: Any) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'mapped.db'}")
+    try:
+        store.migrate()
+        with store.use() as db:
+            assert db.execute_sql("PRAGMA mmap_size").fetchone()[0] == SQLITE_MMAP_SIZE
+            assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        store.close()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from ..cache import TTLCache
 from ..crypto import KEY_PREFIX, KeyDigester
@@ -23,8 +23,9 @@ from ..store.db import KeyRow, Store
 from .base import AuthContext
 
 
-@dataclass(frozen=True, slots=True)
-class CachedKey:
+class CachedKey(NamedTuple):
+    """What the key cache holds per digest (a named tuple: built once per cold lookup)."""
+
     principal: Principal
     #: Epoch seconds from which this secret no longer works (expiry or grace end).
     deadline: float
@@ -45,8 +46,14 @@ def key_tags(principal: Principal) -> tuple[str, ...]:
     return tuple(tags)
 
 
+_ROLE_OF_VALUE: dict[object, Role] = {role.value: role for role in Role}
+
+
 def stored_role(value: str | None) -> Role:
     """A role string from the database; unknown strings count as ``internal_user``."""
+    role = _ROLE_OF_VALUE.get(value)  # the stored form, without Role.parse's loop
+    if role is not None:
+        return role
     try:
         return Role.parse(value)
     except ValueError:
