@@ -386,14 +386,18 @@ class Leases:
             return
         found: set[str] = set()
         p = self.ledger.p
-        with self.ledger.store.use() as db:
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start:start + _CHUNK]
-                marks = ", ".join([p] * len(chunk))
-                rows = db.execute_sql(
-                    f'SELECT "request_id" FROM "{_SPEND_LOG}" '  # noqa: S608
-                    f'WHERE "request_id" IN ({marks})', chunk).fetchall()
-                found.update(r[0] for r in rows)
+        try:
+            with self.ledger.store.use() as db:
+                for start in range(0, len(ids), _CHUNK):
+                    chunk = ids[start:start + _CHUNK]
+                    marks = ", ".join([p] * len(chunk))
+                    rows = db.execute_sql(
+                        f'SELECT "request_id" FROM "{_SPEND_LOG}" '  # noqa: S608
+                        f'WHERE "request_id" IN ({marks})', chunk).fetchall()
+                    found.update(r[0] for r in rows)
+        except BaseException:  # the database is down: look them up again next time
+            lease.written.extend(ids)
+            raise
         for rid in ids:
             if rid in found:
                 lease.mark_done(rid)
