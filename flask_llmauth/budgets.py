@@ -488,13 +488,37 @@ class Ledger:
                                                     BudgetReservation.parts)
                            .where(BudgetReservation.expires_at <= now).limit(10_000))
         for row in expired:
-            parts = tuple(Part(t, i, a, bool(c), (ENTITY_TABLES.get(t, 9), i))
-                          for t, i, a, c in row.parts)
-            self.release(Reservation(row.request_id, parts))
-            count += 1
+            count += self._release_expired(row.request_id, now)
         if count:
             log.warning("llmauth: released %d expired budget reservation(s)", count)
         return count
+
+    def _release_expired(self, request_id: str, now: datetime) -> int:
+        """Release one reservation if it is still expired, by what its row holds when it is
+        deleted (a lease's owner may have refreshed or resized it since it was read)."""
+        p = self.p
+        table = BudgetReservation._meta.table_name
+        with self.store.use() as db:
+            for attempt in range(_RETRIES):
+                try:
+                    with db.atomic():
+                        got = db.execute_sql(
+                            f'DELETE FROM "{table}" WHERE "request_id" = {p} '  # noqa: S608
+                            f'AND "expires_at" <= {p} RETURNING "parts"',
+                            [request_id, now]).fetchone()
+                        if got is None:
+                            return 0
+                        parts = BudgetReservation.parts.python_value(got[0]) or []
+                        for name, row_id, amount, _counter in sorted(
+                                parts, key=lambda x: (ENTITY_TABLES.get(x[0], 9), x[1])):
+                            db.execute_sql(f'UPDATE "{name}" SET "reserved" = "reserved" - {p} '  # noqa: S608
+                                           f'WHERE "id" = {p}', [amount, row_id])
+                    return 1
+                except peewee.OperationalError as exc:
+                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
+        return 0
 
     # -- resets --------------------------------------------------------------------------------
 

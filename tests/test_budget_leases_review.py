@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import peewee
 import pytest
 from flask import Flask
 
+from flask_llmauth.durations import utcnow
 from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.store.tables import BudgetReservation, Key, TeamMembership
 from tests.test_budgets import (
@@ -149,3 +151,49 @@ def test_the_lease_of_a_deleted_key_is_dropped_with_its_reservation_row(make: An
     assert not leases.has_leases
     with app.extensions["llmauth"].store.use():
         assert BudgetReservation.select().count() == 0
+
+
+def test_the_expiry_sweep_releases_what_the_reservation_row_holds_when_it_deletes_it(
+        make: Any) -> None:
+    """The expiry sweep reads the expired reservation rows, then releases them one by one.
+    A lease's owner (alive, only late) may refresh and resize its row in between: the sweep
+    must then leave the row alone, and never take a stale amount off the budget row (that
+    would leave ``reserved`` wrong for good: below what is held, the budget admits more
+    than its limit)."""
+    app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
+    client = app.test_client()
+    key = new_key_with_budget(client, usd(10**9))
+    assert chat(client, key["key"], completion=1).status_code == 200
+    stream = chat(client, key["key"], stream=True, completion=1)  # in flight: holds w
+    w = worst(app, stream=True, completion=1)
+    state = app.extensions["llmauth"]
+    ledger, leases = state.budgets.ledger, state.budgets.leases
+    flush(app)
+    stale = row_without_give_back(app, Key, key_id=key["key_id"]).reserved
+    assert stale > w  # the lease holds a chunk beyond the request in flight
+    store = state.store
+    real_use = store.use
+    uses: list[int] = []
+
+    @contextmanager
+    def use() -> Iterator[Any]:
+        uses.append(1)
+        if len(uses) == 2:  # the sweep read the expired rows and goes on to release them
+            del store.use
+            leases.sweep(final=True)  # the owner gives back all but the stream's w
+            assert row_without_give_back(app, Key, key_id=key["key_id"]).reserved == w
+        with real_use() as db:
+            yield db
+
+    with state.store.use():  # the owner was late: its lease row expired
+        BudgetReservation.update(expires_at=utcnow() - timedelta(seconds=1)).execute()
+    store.use = use
+    released = ledger.sweep()
+    assert len(uses) >= 2
+    # the row the sweep found expired was refreshed before it was deleted: it is kept
+    assert released == 0
+    assert row_without_give_back(app, Key, key_id=key["key_id"]).reserved == w
+    assert b"[DONE]" in stream.get_data()
+    stream.close()
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (2000, 0)
