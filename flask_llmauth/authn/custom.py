@@ -34,7 +34,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -189,9 +188,9 @@ class CustomAuthenticator:
                 allowed_routes=principal.allowed_routes, scopes=principal.scopes,
                 limits=principal.limits, claims=principal.claims, metadata=principal.metadata,
             )
-            return replace(rebuilt, key_id=principal.key_id, key_name=principal.key_name,
+            return rebuilt.replace(key_id=principal.key_id, key_name=principal.key_name,
                            key_alias=principal.key_alias)
-        return replace(principal, method=self.name)
+        return principal.replace(method=self.name)
 
     def _as_virtual_key(self, key: str, ctx: AuthContext) -> Principal:
         if not key or len(key) > self.state.settings.max_credential_length:

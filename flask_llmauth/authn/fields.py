@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from ..durations import parse_duration
@@ -133,5 +132,5 @@ def build_principal(
     )
     models = tuple(models)
     if models or limits:
-        principal = replace(principal, models=models, limits=dict(limits or {}))
+        principal = principal.replace(models=models, limits=dict(limits or {}))
     return principal

@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -630,7 +630,7 @@ class JWTAuthenticator:
 
     def _build(self, role: Role, *, models: tuple[str, ...] = (), **fields: Any) -> Principal:
         principal = self.state.identities.principal(METHOD, role, **fields)
-        return replace(principal, models=models) if models else principal
+        return principal.replace(models=models) if models else principal
 
     def _admin(self, claims: Mapping[str, Any], issuer: IssuerConfig, ctx: AuthContext,
                user_id: str | None, models: tuple[str, ...],
