@@ -425,27 +425,38 @@ class Leases:
         now = time.time()
         leases = list(self._leases.values())
         count = 0
+        failure: BaseException | None = None
         for lease in leases:
-            with lease.lock:
-                if lease.dead:
-                    continue
-                self._confirm(lease)
-                self._expire(lease)
-                idle = final or now - lease.last_used >= self.idle
-                trim = bool(lease.done)
-                give_back = idle and lease.held > lease.in_use
-                refresh = lease.held > 0 and time.monotonic() >= lease.refresh_at
-                if trim or give_back or refresh:
-                    budget = _sweep_budget(lease)
-                    if budget is not None:
-                        self._transact(lease, budget, None, "", give_back=idle)
-                        count += 1
-                if (idle and not lease.held and not lease.in_flight and not lease.pending
-                        and not lease.in_use):
-                    lease.dead = True
-                    with self._lock:
-                        if self._leases.get(lease.ident) is lease:
-                            del self._leases[lease.ident]
+            try:
+                count += self._sweep_one(lease, now, final)
+            except Exception as exc:  # the database is down: try the other leases, report
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return count
+
+    def _sweep_one(self, lease: Lease, now: float, final: bool) -> int:
+        count = 0
+        with lease.lock:
+            if lease.dead:
+                return 0
+            self._confirm(lease)
+            self._expire(lease)
+            idle = final or now - lease.last_used >= self.idle
+            trim = bool(lease.done)
+            give_back = idle and lease.held > lease.in_use
+            refresh = lease.held > 0 and time.monotonic() >= lease.refresh_at
+            if trim or give_back or refresh:
+                budget = _sweep_budget(lease)
+                if budget is not None:
+                    self._transact(lease, budget, None, "", give_back=idle)
+                    count = 1
+            if (idle and not lease.held and not lease.in_flight and not lease.pending
+                    and not lease.in_use):
+                lease.dead = True
+                with self._lock:
+                    if self._leases.get(lease.ident) is lease:
+                        del self._leases[lease.ident]
         return count
 
     def close(self) -> None:

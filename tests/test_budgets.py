@@ -774,6 +774,28 @@ def test_a_new_window_setting_sends_the_lease_to_the_database(make: Any) -> None
     assert time.time() < lease.window_end <= time.time() + 30
 
 
+def test_a_live_process_whose_lease_expired_reserves_what_is_in_use_again(
+        make: Any, caplog: Any) -> None:
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=0)
+    client = app.test_client()
+    w = worst(app, stream=True, completion=1)
+    key = new_key(client, max_budget=usd(1000 * w))
+    held = chat(client, key["key"], stream=True, completion=1)  # in flight
+    assert reserved_now(app, key["key_id"]) == w
+    ledger = app.extensions["llmauth"].budgets.ledger
+    assert ledger.sweep(utcnow() + timedelta(hours=2)) == 1  # released as if it crashed
+    assert reserved_now(app, key["key_id"]) == 0
+    caplog.set_level("WARNING", logger="flask_llmauth")
+    second = chat(client, key["key"], stream=True, completion=1)
+    assert second.status_code == 200
+    assert "expired while it was alive" in caplog.text
+    assert reserved_now(app, key["key_id"]) == 2 * w  # the first request's again, and its own
+    second.close()
+    held.close()
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (2000, 0)
+
+
 def test_spend_without_the_spend_ledger_is_written_by_the_budgets(make: Any) -> None:
     app = make(LLMAUTH_SPEND_ENABLED=False, LLMAUTH_MAX_BUDGET=usd(10**9))
     assert app.extensions["llmauth"].spend_ledger is None
