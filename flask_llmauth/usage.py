@@ -50,23 +50,37 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _text_length(content: Any) -> int:
+    """``len(_text(content))``, without building the text for plain strings."""
+    return len(content) if type(content) is str else len(_text(content))
+
+
 def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
-    """A request's prompt size in tokens (messages, prompt, input or system text)."""
-    if not isinstance(body, Mapping):
+    """A request's prompt size in tokens (messages, prompt, input or system text).
+
+    The estimate is the length of the text ``" ".join`` of the messages' contents, 12
+    characters of framing per message, then ``prompt``, ``input`` and ``system``, at
+    :data:`CHARS_PER_TOKEN`; only the length is computed.
+    """
+    if type(body) is not dict and not isinstance(body, Mapping):
         return 0
-    text = ""
+    length = 0
     messages = body.get("messages")
-    if isinstance(messages, list):
-        text += " ".join(_text(m.get("content")) for m in messages if isinstance(m, Mapping))
-        text += " " * 12 * len(messages)  # role and framing overhead per message
+    if type(messages) is list or isinstance(messages, list):
+        joined = 0  # messages that take part in the join (mappings)
+        for message in messages:
+            if type(message) is dict or isinstance(message, Mapping):
+                length += _text_length(message.get("content"))
+                joined += 1
+        length += max(joined - 1, 0) + 12 * len(messages)  # separators, framing
     for name in ("prompt", "input", "system"):
         value = body.get(name)
         if isinstance(value, str):
-            text += value
+            length += len(value)
         elif isinstance(value, list):
-            text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
-                str(v) for v in value)
-    return estimate_tokens(text)
+            length += len(_text(value) if value and isinstance(value[0], Mapping) else " ".join(
+                str(v) for v in value))
+    return math.ceil(length / CHARS_PER_TOKEN) if length else 0
 
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:

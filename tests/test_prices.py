@@ -7,6 +7,7 @@ import logging
 import math
 from decimal import Decimal
 from importlib import resources
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,63 @@ def test_memo_of_model_names_is_bounded() -> None:
     for i in range(5000):
         table.price(f"hostile-{i}")
     assert len(table._resolved) <= 4096 and len(table._warned) <= 4096
+
+
+def _reference_prompt_estimate(body: Any) -> int:
+    """The prompt estimate as first written: build the text, then count it."""
+    from collections.abc import Mapping
+
+    from flask_llmauth.usage import _text, estimate_tokens
+
+    if not isinstance(body, Mapping):
+        return 0
+    text = ""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        text += " ".join(_text(m.get("content")) for m in messages if isinstance(m, Mapping))
+        text += " " * 12 * len(messages)
+    for name in ("prompt", "input", "system"):
+        value = body.get(name)
+        if isinstance(value, str):
+            text += value
+        elif isinstance(value, list):
+            text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
+                str(v) for v in value)
+    return estimate_tokens(text)
+
+
+def test_prompt_estimate_counts_what_the_text_would_hold() -> None:
+    """The estimate computes only the text's length: it must equal counting the text built
+    the long way, for every shape of body (plain and multi-part contents, non-mapping
+    messages, prompt/input/system strings and lists, bodies that are not objects)."""
+    import random
+
+    from flask_llmauth.usage import estimate_prompt_tokens
+
+    rng = random.Random(7)
+
+    def content(depth: int = 0) -> Any:
+        pick = rng.random()
+        if pick < 0.5:
+            return "x" * rng.randint(0, 30)
+        if pick < 0.7 and depth < 3:
+            return [{"type": "text", "text": content(depth + 1)} if rng.random() < 0.7
+                    else content(depth + 1) for _ in range(rng.randint(0, 3))]
+        return rng.choice([None, 5, {"a": 1}, ""])
+
+    def body() -> Any:
+        made: dict[str, Any] = {}
+        if rng.random() < 0.8:
+            made["messages"] = [{"role": "user", "content": content()} if rng.random() < 0.85
+                                else rng.choice(["s", 3, None])
+                                for _ in range(rng.randint(0, 5))]
+        for name in ("prompt", "input", "system"):
+            if rng.random() < 0.3:
+                made[name] = rng.choice(["abc" * rng.randint(0, 5), [1, "a", 2.5],
+                                         [{"text": "hi"}], [], 7])
+        return made if rng.random() < 0.97 else rng.choice([None, [], "x"])
+
+    for _ in range(5000):
+        sample = body()
+        assert estimate_prompt_tokens(sample) == _reference_prompt_estimate(sample), sample
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": "a" * 40}]}) == 13
