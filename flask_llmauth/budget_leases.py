@@ -259,15 +259,18 @@ class Leases:
         self._confirm(lease)
         done, trimmed = lease.done, lease.done_sum
         in_use = lease.in_use - trimmed
-        for attempt in range(_RETRIES):
-            try:
-                with self.ledger.store.use() as db, db.atomic():
-                    outcome = self._statements(db, lease, budget, need, in_use, give_back)
-                break
-            except peewee.OperationalError as exc:
-                if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                    raise
-                time.sleep(0.005 * (attempt + 1))
+        # use() outside the loop: it turns a database error into a 503, which must not
+        # happen before a busy/locked database or a deadlock is retried
+        with self.ledger.store.use() as db:
+            for attempt in range(_RETRIES):
+                try:
+                    with db.atomic():
+                        outcome = self._statements(db, lease, budget, need, in_use, give_back)
+                    break
+                except peewee.OperationalError as exc:
+                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
         held, row, refusal, crossed = outcome
         for rid in done:
             lease.pending.pop(rid, None)
@@ -344,8 +347,9 @@ class Leases:
             table = ledger._table(budget)
             delta = new_held - held_db
             if delta:
+                where, args = ledger.row_where(row_id, budget.born)
                 db.execute_sql(f'UPDATE "{table}" SET "reserved" = "reserved" + {p} '  # noqa: S608
-                               f'WHERE "id" = {p}', [delta, row_id])
+                               f'WHERE {where}', [delta, *args])
             if (budget.soft_budget is not None and spend >= budget.soft_budget
                     and not alerted and ledger._mark_soft(db, table, row_id)):
                 crossed.append((budget, spend))
@@ -353,7 +357,9 @@ class Leases:
             row = ((table, row_id), budget.max_budget, window_end)
         # 3. our reservation row follows the lease
         if new_held and row is not None:
-            parts = [[row[0][0], row[0][1], new_held, lease.counter]]
+            # the incarnation too: the expiry sweep releases it from this row only
+            born = None if budget.born is None else budget.born.isoformat()
+            parts = [[row[0][0], row[0][1], new_held, lease.counter, born]]
             if had:
                 BudgetReservation.update(parts=parts).where(
                     BudgetReservation.request_id == lease.lease_id).execute()
@@ -470,4 +476,6 @@ def _sweep_budget(lease: Lease) -> Budget | None:
         return None
     if lease.counter:
         return Budget("sweep", "", None, lease.ident[1:], lease.max_budget, None, None)
-    return Budget("sweep", "", lease.ident, None, lease.max_budget, None, None)
+    table, row_id, born = lease.ident
+    return Budget("sweep", "", (table, row_id), None, lease.max_budget, None, None,
+                  born=born)

@@ -97,11 +97,16 @@ class Budget:
     duration: str | None
     #: The window end the cached record knows (entity rows).
     reset_at: datetime | None = None
+    #: The entity row's ``created_at``: which incarnation of ``row`` this is. SQLite gives a
+    #: new row the id of a deleted newest row, so statements on the row match it too
+    #: (``None``: by id alone).
+    born: datetime | None = None
     #: The row's identity (the key of this process's lease of it).
     ident: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
-        ident = self.row if self.row is not None else ("counter", *(self.counter or ()))
+        ident = ((*self.row, self.born) if self.row is not None
+                 else ("counter", *(self.counter or ())))
         object.__setattr__(self, "ident", ident)
 
     @property
@@ -142,7 +147,8 @@ def _entity(level: str, label: str, table: Any, record: Any, max_budget: int | N
     if max_budget is None and soft_budget is None:
         return None
     return Budget(level, label, (table._meta.table_name, record.id), None, max_budget,
-                  soft_budget, _duration(duration), record.budget_reset_at)
+                  soft_budget, _duration(duration), record.budget_reset_at,
+                  getattr(record, "created_at", None))
 
 
 def has_budget(principal: Principal) -> bool:
@@ -309,9 +315,16 @@ class Ledger:
     def _where(self, budget: Budget) -> tuple[str, list[Any]]:
         p = self.p
         if budget.row is not None:
-            return f'"id" = {p}', [budget.row[1]]
+            return self.row_where(budget.row[1], budget.born)
         scope, entity, model = budget.counter  # type: ignore[misc]
         return f'"scope" = {p} AND "entity_id" = {p} AND "model" = {p}', [scope, entity, model]
+
+    def row_where(self, row_id: int, born: datetime | None) -> tuple[str, list[Any]]:
+        """An entity row by id and, when known, by incarnation (``created_at``)."""
+        p = self.p
+        if born is None:
+            return f'"id" = {p}', [row_id]
+        return f'"id" = {p} AND "created_at" = {p}', [row_id, born]
 
     def _table(self, budget: Budget) -> str:
         return budget.row[0] if budget.row is not None else COUNTER_TABLE
@@ -509,10 +522,14 @@ class Ledger:
                         if got is None:
                             return 0
                         parts = BudgetReservation.parts.python_value(got[0]) or []
-                        for name, row_id, amount, _counter in sorted(
+                        for name, row_id, amount, *rest in sorted(
                                 parts, key=lambda x: (ENTITY_TABLES.get(x[0], 9), x[1])):
+                            # parts written before the incarnation was recorded: by id
+                            born = rest[1] if len(rest) > 1 and name in ENTITY_TABLES else None
+                            where, args = self.row_where(
+                                row_id, None if born is None else datetime.fromisoformat(born))
                             db.execute_sql(f'UPDATE "{name}" SET "reserved" = "reserved" - {p} '  # noqa: S608
-                                           f'WHERE "id" = {p}', [amount, row_id])
+                                           f'WHERE {where}', [amount, *args])
                     return 1
                 except peewee.OperationalError as exc:
                     if attempt == _RETRIES - 1 or not _is_retryable(exc):

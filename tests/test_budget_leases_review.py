@@ -13,6 +13,7 @@ import peewee
 import pytest
 from flask import Flask
 
+from flask_llmauth.budgets import _RETRIES
 from flask_llmauth.durations import utcnow
 from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.store.tables import BudgetReservation, Key, TeamMembership
@@ -99,16 +100,12 @@ def new_key_with_budget(client: Any, budget: float, **fields: Any) -> dict[str, 
 
 
 def test_a_member_deleted_and_added_again_starts_with_no_lease_of_the_old_row(
-        make: Any, db_url: str, request: pytest.FixtureRequest) -> None:
+        make: Any, db_url: str) -> None:
     """A process's lease of a budget row must not carry over to another row that gets the
     same id. SQLite gives a new row the highest id + 1, so a team member removed and added
-    again (the newest membership) gets the id of the old row back; the lease of the old row
-    (keyed by table and id, and whose reservation row names that id) then admits, in memory
-    and in its next lease transaction, against room it never reserved on the new row."""
-    if db_url.startswith("sqlite"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "leases are keyed by (table, id), and SQLite reuses the id of the newest row: "
-            "the lease of a deleted membership/key/team/user row is taken for the new row")))
+    again (the newest membership) gets the id of the old row back; a lease of the old row
+    would then admit, in memory and in its next lease transaction, against room it never
+    reserved on the new row. Leases are keyed by the row's incarnation (``created_at``)."""
     one = make(LLMAUTH_BUDGET_LEASE_FRACTION=0.5)
     two = make(LLMAUTH_BUDGET_LEASE_FRACTION=0.5)
     c1, c2 = one.test_client(), two.test_client()
@@ -126,6 +123,8 @@ def test_a_member_deleted_and_added_again_starts_with_no_lease_of_the_old_row(
         max_budget_in_team=budget)
     new = row_without_give_back(one, TeamMembership, team_id="t-reuse", user_id="ann")
     assert (new.spend, new.reserved) == (0, 0)  # a fresh budget row
+    if db_url.startswith("sqlite"):
+        assert new.id == old.id  # the case at hand: the old row's id again
     admitted = 0
     for client in (c2, c1, c2, c1):  # both processes spend until they are refused
         while chat(client, key["key"], completion=10).status_code == 200:
@@ -197,3 +196,102 @@ def test_the_expiry_sweep_releases_what_the_reservation_row_holds_when_it_delete
     stream.close()
     k = row(app, Key, key_id=key["key_id"])
     assert (k.spend, k.reserved) == (2000, 0)
+
+
+def test_a_crashed_lease_of_a_deleted_row_is_not_released_from_the_row_with_its_id(
+        make: Any, db_url: str) -> None:
+    """The expiry sweep releases a crashed process's lease row from the budget row it was
+    reserved on: not from a row created since with the same id (SQLite), whose ``reserved``
+    holds other processes' leases — taken off it, that room would be admitted twice."""
+    one = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
+    two = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
+    c1, c2 = one.test_client(), two.test_client()
+    w = worst(one, completion=10)
+    api(c1, "/team/new", team_id="t-crash")
+    api(c1, "/team/member_add", team_id="t-crash", member=[{"user_id": "bob"}],
+        max_budget_in_team=usd(1000 * w))
+    key = new_key_with_budget(c1, None, user_id="bob", team_id="t-crash")
+    assert chat(c1, key["key"], completion=10).status_code == 200
+    old = row_without_give_back(one, TeamMembership, team_id="t-crash", user_id="bob")
+    assert old.reserved > w
+    crashed = row_without_give_back(one, BudgetReservation).request_id
+    leases_of(one)._reseed()  # process one is gone: nobody gives its lease back
+    api(c1, "/team/member_delete", team_id="t-crash", user_id="bob")
+    api(c1, "/team/member_add", team_id="t-crash", member=[{"user_id": "bob"}],
+        max_budget_in_team=usd(1000 * w))
+    new = row_without_give_back(one, TeamMembership, team_id="t-crash", user_id="bob")
+    if db_url.startswith("sqlite"):
+        assert new.id == old.id
+    assert chat(c2, key["key"], completion=10).status_code == 200  # process two leases
+    held = row_without_give_back(two, TeamMembership, team_id="t-crash", user_id="bob")
+    assert held.reserved > w
+    state = one.extensions["llmauth"]
+    with state.store.use():
+        BudgetReservation.update(expires_at=utcnow() - timedelta(seconds=1)).where(
+            BudgetReservation.request_id == crashed).execute()
+    assert state.budgets.ledger.sweep() == 1
+    now = row_without_give_back(two, TeamMembership, team_id="t-crash", user_id="bob")
+    assert now.reserved == held.reserved  # process two's lease, untouched
+    m = row(two, TeamMembership, team_id="t-crash", user_id="bob")
+    assert (m.spend, m.reserved) == (10_000, 0)
+
+
+def test_a_lease_row_written_before_incarnations_were_recorded_is_released_by_id(
+        make: Any) -> None:
+    """Lease rows whose parts name no incarnation (``[table, id, amount, counter]``, written
+    by an earlier version) are still released from their row by the expiry sweep."""
+    app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
+    client = app.test_client()
+    key = new_key_with_budget(client, usd(10**9))
+    assert chat(client, key["key"], completion=3).status_code == 200
+    held = row_without_give_back(app, Key, key_id=key["key_id"])
+    assert held.reserved > 0
+    state = app.extensions["llmauth"]
+    state.budgets.leases._reseed()  # the process is gone
+    with state.store.use():
+        BudgetReservation.update(parts=[["llmauth_key", held.id, held.reserved, False]],
+                                 expires_at=utcnow() - timedelta(seconds=1)).execute()
+    assert state.budgets.ledger.sweep() == 1
+    k = row_without_give_back(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (3000, 0)
+
+
+@pytest.mark.parametrize("failures", [1, 1000])
+def test_a_locked_database_in_the_lease_transaction_is_retried_then_fails_closed(
+        make: Any, monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    """A busy/locked database (SQLite's ``database is locked``) fails the lease transaction's
+    first statement: the transaction is retried and the request admitted; when it stays
+    locked the request is refused with a 503 and nothing is admitted or reserved."""
+    app = make()
+    client = app.test_client()
+    key = new_key_with_budget(client, usd(10**9))
+    db = app.extensions["llmauth"].store.db
+    real = db.execute_sql
+    calls: list[str] = []
+    lease_refresh = 'UPDATE "' + BudgetReservation._meta.table_name + '" SET "expires_at"'  # noqa: S608
+
+    def execute_sql(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql.startswith(lease_refresh):  # the lease transaction's first statement
+            calls.append(sql)
+            if len(calls) <= failures:
+                raise peewee.OperationalError("database is locked")
+        return real(sql, *args, **kwargs)
+
+    monkeypatch.setattr(db, "execute_sql", execute_sql)
+    response = chat(client, key["key"], completion=4)
+    monkeypatch.undo()
+    if failures == 1:
+        assert response.status_code == 200
+        assert len(calls) == 2  # locked once, then the retry
+        k = row(app, Key, key_id=key["key_id"])
+        assert (k.spend, k.reserved) == (4000, 0)
+    else:
+        assert response.status_code == 503
+        assert response.get_json()["error"]["type"] != "budget_exceeded"
+        assert len(calls) == _RETRIES
+        k = row(app, Key, key_id=key["key_id"])
+        assert (k.spend, k.reserved) == (0, 0)
+        lease = next(iter(leases_of(app)._leases.values()), None)
+        assert lease is None or (lease.held, lease.in_use, lease.in_flight) == (0, 0, {})
+        with app.extensions["llmauth"].store.use():
+            assert BudgetReservation.select().count() == 0

@@ -508,7 +508,8 @@ def test_the_lease_of_a_crashed_process_expires_and_is_released(make: Any) -> No
     assert held.spend == 3000 and held.reserved > 10_000  # a lease: more than one request
     lease_row = row_without_give_back(app, BudgetReservation)
     assert lease_row.request_id.startswith("lease:")
-    assert lease_row.parts == [["llmauth_key", held.id, held.reserved, False]]
+    assert lease_row.parts == [["llmauth_key", held.id, held.reserved, False,
+                                held.created_at.isoformat()]]
     assert timedelta(seconds=59) <= lease_row.expires_at - utcnow() <= timedelta(seconds=61)
     state.budgets.leases._reseed()  # the process is gone: nobody gives this lease back
     ledger = state.budgets.ledger
