@@ -112,21 +112,10 @@ class Lease:
     def take(self, request_id: str, need: int, budget: Budget, now: float) -> bool | None:
         """Admit ``need`` from the lease in memory. ``None``: the lease is dead; ``False``:
         a lease transaction is needed (no room, a new window, another limit)."""
-        with self.lock:  # the body of _take, inlined: this is the hot path
+        with self.lock:
             if self.dead:
                 return None
-            if (now >= self.window_end or self.max_budget != budget.max_budget
-                    or self.duration != budget.duration):
-                return False
-            free = self.held - self.in_use
-            if free <= 0 or need > free:
-                return False
-            self.in_use += need
-            if need:
-                self.in_flight[request_id] = need
-                self.unit = need
-            self.last_used = now
-            return True
+            return self._take(request_id, need, budget, now)
 
     def _take(self, request_id: str, need: int, budget: Budget, now: float) -> bool:
         if (now >= self.window_end or self.max_budget != budget.max_budget
