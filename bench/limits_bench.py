@@ -3,6 +3,7 @@
 
     python bench/limits_bench.py                       # memory:// and Redis (if it answers)
     python bench/limits_bench.py --redis-url redis://127.0.0.1:6379/0 --rounds 15
+    python bench/limits_bench.py --callgrind           # instructions per request (valgrind)
 
 The same view (``POST /v1/chat/completions``: parse the JSON body, answer an OpenAI-shaped
 JSON with a ``usage`` block) is driven through the WSGI app directly with a prepared environ:
@@ -25,8 +26,13 @@ JSON with a ``usage`` block) is driven through the WSGI app directly with a prep
   — one reservation transaction per request (the exact mode).
 
 Rounds are interleaved in a shuffled order; the report gives the median µs per request and
-the median of the per-round ratios to ``bare``. Redis keys are written under a unique prefix
-and deleted afterwards (never a FLUSH).
+the median of the per-round ratios to ``bare``, and for the Redis variants the commands sent
+to Redis per request (counted in the client: each is one round trip). Redis keys are written
+under a unique prefix and deleted afterwards (never a FLUSH).
+
+``--callgrind`` counts instructions per request instead (deterministic, unlike time): one
+valgrind run warms every variant up, then runs ``--requests`` requests of each between two
+markers.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ import gc
 import os
 import platform
 import random
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -108,16 +117,19 @@ def environ(key: str) -> dict[str, Any]:
     return env
 
 
-def run(app: Flask, template: dict[str, Any], count: int) -> tuple[float, float]:
+def run(app: Flask, template: dict[str, Any], count: int,
+        marker: Callable[[], object] = int) -> tuple[float, float]:
     """``(wall, CPU)`` µs per request for ``count`` requests (fails loudly on any non-200).
 
-    CPU is this thread's CPU time: on a busy machine it moves far less than wall time."""
+    CPU is this thread's CPU time: on a busy machine it moves far less than wall time.
+    ``marker`` is called right before and right after the loop."""
     statuses: list[str] = []
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
         statuses.append(status)
 
     gc.collect()
+    marker()
     started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
     for _ in range(count):
         env = dict(template)
@@ -130,6 +142,7 @@ def run(app: Flask, template: dict[str, Any], count: int) -> tuple[float, float]
             close()
     elapsed = time.perf_counter_ns() - started
     cpu = time.thread_time_ns() - cpu_started
+    marker()
     bad = [s for s in statuses if not s.startswith("200")]
     if bad:
         raise SystemExit(f"{len(bad)} of {count} requests failed: {bad[0]}")
@@ -145,6 +158,130 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+class RoundTrips:
+    """Counts the commands the Redis client sends (a pipeline or script call is one)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        try:
+            from redis.connection import AbstractConnection
+        except ImportError:  # no redis client: nothing to count
+            return
+        send = AbstractConnection.send_packed_command
+
+        def counted(connection: Any, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            send(connection, command, check_health)
+
+        AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+
+
+class Bench:
+    """The apps and request templates of every variant."""
+
+    def __init__(self, redis_url: str, db_url: str | None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.instance = tempfile.mkdtemp(prefix="llmauth-limits-bench-")
+        self.prefix = prefix = f"llmauth-bench-{uuid.uuid4().hex[:8]}"
+        self.redis_url = redis_url
+        instance = self.instance
+        extra = config or {}
+        limits = {"rpm_limit": 10**9, "tpm_limit": 10**12, "max_parallel_requests": 1000}
+        self.apps: dict[str, Flask] = {"bare": bare_app()}
+        memory_app = auth_app(f"{instance}/m", "memory://", prefix, **extra)
+        self.apps["key"] = self.apps["key+limits/memory"] = memory_app
+        self.apps["key, rate limits off"] = off_app = auth_app(
+            f"{instance}/off", "memory://", prefix, LLMAUTH_RATELIMIT_ENABLED=False,
+            **extra)
+        self.templates = {"bare": environ(new_key(memory_app)),
+                          "key, rate limits off": environ(new_key(off_app)),
+                          "key": environ(new_key(memory_app)),
+                          "key+limits/memory": environ(new_key(memory_app, **limits))}
+        budget = {**limits, "max_budget": 10**6}
+        budget_app = auth_app(f"{instance}/b", "memory://", prefix, db_url, **extra)
+        self.apps["key+budget+limits/memory"] = budget_app
+        self.templates["key+budget+limits/memory"] = environ(new_key(budget_app, **budget))
+        exact_app = auth_app(f"{instance}/e", "memory://", prefix, db_url,
+                             LLMAUTH_BUDGET_LEASE_REQUESTS=0, **extra)
+        self.apps["key+budget(no leases)+limits/memory"] = exact_app
+        self.templates["key+budget(no leases)+limits/memory"] = environ(
+            new_key(exact_app, **budget))
+        self.use_redis = redis_answers(redis_url)
+        if self.use_redis:
+            redis_app = auth_app(f"{instance}/r", redis_url, prefix, **extra)
+            self.apps["key+limits/redis"] = redis_app
+            self.templates["key+limits/redis"] = environ(new_key(redis_app, **limits))
+            redis_budget_app = auth_app(f"{instance}/rb", redis_url, prefix, db_url, **extra)
+            self.apps["key+budget+limits/redis"] = redis_budget_app
+            self.templates["key+budget+limits/redis"] = environ(
+                new_key(redis_budget_app, **budget))
+        self.variants = list(self.templates)
+
+    def run(self, variant: str, count: int,
+            marker: Callable[[], object] = int) -> tuple[float, float]:
+        return run(self.apps[variant], self.templates[variant], count, marker)
+
+    def close(self) -> None:
+        for app in {id(app): app for app in self.apps.values()}.values():
+            state = app.extensions.get("llmauth")
+            if state is not None:
+                state.close()
+        if self.use_redis:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            for key in client.scan_iter(f"LIMITS:LLMAUTH/{self.prefix}/*"):
+                client.delete(key)
+
+
+#: callgrind dumps its counters whenever this libc function is entered; the child process
+#: calls it (``os.getppid()``) right before and right after each measured loop.
+_MARKER = "getppid"
+
+
+def instructions(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
+    """Instructions per request of each variant, from one callgrind run of this script."""
+    with tempfile.TemporaryDirectory(prefix="llmauth-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        argv = ["valgrind", "--tool=callgrind", f"--dump-before={_MARKER}",
+                f"--callgrind-out-file={out}", sys.executable, str(Path(__file__).resolve()),
+                "--callgrind-child", "--requests", str(args.requests),
+                "--redis-url", args.redis_url]
+        if args.db_url:
+            argv += ["--db-url", args.db_url]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"callgrind run failed:\n{done.stderr[-3000:]}")
+        variants = done.stdout.split()
+        result = {}
+        for index, variant in enumerate(variants):
+            # dump 2k+1 ends at the marker before loop k, dump 2k+2 at the one after it
+            text = Path(f"{out}.{2 * index + 2}").read_text()
+            match = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+            if match is None:
+                raise SystemExit("unexpected callgrind output")
+            result[variant.replace("_", " ")] = int(match.group(1)) / args.requests
+        return [v.replace("_", " ") for v in variants], result
+
+
+#: Background work runs by wall-clock time, and a run under valgrind is ~50x slower: keep
+#: it out of the per-request counts (as bench/run.py does).
+QUIET_BACKGROUND = {"LLMAUTH_CACHE_SYNC_INTERVAL": 3600, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600,
+                    "LLMAUTH_BUDGET_RESET_INTERVAL": 0}
+
+
+def callgrind_child(args: argparse.Namespace) -> None:
+    bench = Bench(args.redis_url, args.db_url, QUIET_BACKGROUND)
+    try:
+        for variant in bench.variants:
+            bench.run(variant, 300)
+        for variant in bench.variants:
+            bench.run(variant, args.requests, marker=os.getppid)
+    finally:
+        bench.close()
+    print(" ".join(v.replace(" ", "_") for v in bench.variants))
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per batch")
@@ -153,48 +290,48 @@ def main(argv: Sequence[str] | None = None) -> str:
         "LLMAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--db-url", default=None,
                         help="database of the budget variants (default: a SQLite file)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per request with valgrind instead of time")
+    parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    instance = tempfile.mkdtemp(prefix="llmauth-limits-bench-")
-    prefix = f"llmauth-bench-{uuid.uuid4().hex[:8]}"
-    limits = {"rpm_limit": 10**9, "tpm_limit": 10**12, "max_parallel_requests": 1000}
-    apps: dict[str, Flask] = {"bare": bare_app()}
-    memory_app = auth_app(f"{instance}/m", "memory://", prefix)
-    apps["key"] = apps["key+limits/memory"] = memory_app
-    apps["key, rate limits off"] = off_app = auth_app(f"{instance}/off", "memory://", prefix,
-                                                       LLMAUTH_RATELIMIT_ENABLED=False)
-    templates = {"bare": environ(new_key(memory_app)),
-                 "key, rate limits off": environ(new_key(off_app)),
-                 "key": environ(new_key(memory_app)),
-                 "key+limits/memory": environ(new_key(memory_app, **limits))}
-    budget = {**limits, "max_budget": 10**6}
-    budget_app = auth_app(f"{instance}/b", "memory://", prefix, args.db_url)
-    apps["key+budget+limits/memory"] = budget_app
-    templates["key+budget+limits/memory"] = environ(new_key(budget_app, **budget))
-    exact_app = auth_app(f"{instance}/e", "memory://", prefix, args.db_url,
-                         LLMAUTH_BUDGET_LEASE_REQUESTS=0)
-    apps["key+budget(no leases)+limits/memory"] = exact_app
-    templates["key+budget(no leases)+limits/memory"] = environ(new_key(exact_app, **budget))
-    use_redis = redis_answers(args.redis_url)
-    redis_budget_app = None
-    if use_redis:
-        redis_app = auth_app(f"{instance}/r", args.redis_url, prefix)
-        apps["key+limits/redis"] = redis_app
-        templates["key+limits/redis"] = environ(new_key(redis_app, **limits))
-        redis_budget_app = auth_app(f"{instance}/rb", args.redis_url, prefix, args.db_url)
-        apps["key+budget+limits/redis"] = redis_budget_app
-        templates["key+budget+limits/redis"] = environ(new_key(redis_budget_app, **budget))
-    variants = list(templates)
+    if args.callgrind_child:
+        callgrind_child(args)
+        return ""
+    if args.callgrind:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind not found")
+        variants, counts = instructions(args)
+        base = counts["bare"]
+        lines = [f"flask_llmauth rate-limit bench — instructions per request (valgrind "
+                 f"--tool=callgrind, {args.requests} requests per variant, WSGI direct)", "",
+                 "| variant | instructions/request | × bare | over bare | target |",
+                 "|---|---|---|---|---|"]
+        for v in variants:
+            lines.append(f"| {v} | {counts[v]:,.0f} | {counts[v] / base:.3f}× | "
+                         f"{counts[v] - base:+,.0f} | {TARGET.get(v, '')} |")
+        report = "\n".join(lines)
+        print(report)
+        return report
+
+    trips = RoundTrips()
+    bench = Bench(args.redis_url, args.db_url)
+    variants = bench.variants
     for variant in variants:  # warm up: caches filled, code paths loaded
-        run(apps[variant], templates[variant], 200)
+        bench.run(variant, 200)
 
     samples: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     ratios: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    commands: dict[str, float] = {}
     order = random.Random(7)
     for _ in range(args.rounds):
         shuffled = variants[:]
         order.shuffle(shuffled)
-        this_round = {v: run(apps[v], templates[v], args.requests) for v in shuffled}
+        this_round = {}
+        for v in shuffled:
+            sent = trips.count
+            this_round[v] = bench.run(v, args.requests)
+            commands[v] = (trips.count - sent) / args.requests
         for v in variants:
             samples[v].append(this_round[v])
             ratios[v].append((this_round[v][0] / this_round["bare"][0],
@@ -204,29 +341,22 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"flask_llmauth rate-limit bench — {platform.python_implementation()} "
         f"{platform.python_version()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
         f"{args.rounds} interleaved rounds x {args.requests} requests, WSGI direct, "
-        f"medians{'' if use_redis else '; Redis not reachable: redis row skipped'}",
+        f"medians{'' if bench.use_redis else '; Redis not reachable: redis row skipped'}",
         "",
-        "| variant | wall µs/request | × bare (wall) | CPU µs/request | × bare (CPU) | target |",
-        "|---|---|---|---|---|---|",
+        "| variant | wall µs/request | × bare (wall) | CPU µs/request | × bare (CPU) | "
+        "Redis commands/request | target |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def med(values: list[tuple[float, float]], i: int) -> float:
         return statistics.median(v[i] for v in values)
 
     for v in variants:
+        sent = f"{commands[v]:.2f}" if "redis" in v else ""
         lines.append(f"| {v} | {med(samples[v], 0):.1f} | {med(ratios[v], 0):.2f}× | "
-                     f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | "
+                     f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | {sent} | "
                      f"{TARGET.get(v, '')} |")
-    for app in (memory_app, off_app, apps.get("key+limits/redis"), budget_app, exact_app,
-                redis_budget_app):
-        if app is not None:
-            app.extensions["llmauth"].close()
-    if use_redis:
-        import redis
-
-        client = redis.Redis.from_url(args.redis_url)
-        for key in client.scan_iter(f"LIMITS:LLMAUTH/{prefix}/*"):
-            client.delete(key)
+    bench.close()
     report = "\n".join(lines)
     print(report)
     return report

@@ -31,14 +31,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
 from limits.errors import StorageError
-from limits.storage import MemoryStorage, Storage
+from limits.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from .authz.routes import RouteInfo
@@ -131,6 +132,11 @@ def _limits_declared(limiter: Limiter) -> bool:
         return True
 
 
+#: The ``LimitManager`` methods through which Flask-Limiter records a declared limit.
+_DECLARING_METHODS = ("set_application_limits", "set_default_limits", "add_decorated_limit",
+                      "add_blueprint_limit")
+
+
 class HostLimitHooks:
     """Flask-Limiter's three request hooks, taken off the app; once the host has declared a
     limit, the extension's ``before_request`` runs the first and registers the second for
@@ -138,9 +144,11 @@ class HostLimitHooks:
     with the request context, so it is not needed.
 
     Without a declared limit they do nothing, yet they cost about as much as authenticating
-    the request, and even an idle Flask hook costs a call. Whether a limit is declared is
-    checked per request, so a limit declared later applies at once. The extension's own limits
-    drive the storage directly and never needed these hooks.
+    the request, and even an idle Flask hook costs a call. ``active`` (whether a limit is
+    declared) is a plain attribute, recomputed whenever the limiter's limit manager records
+    a limit, so a limit declared later applies at once and a request pays one attribute
+    read. A limiter whose manager cannot be watched (another Flask-Limiter version) keeps
+    its hooks active.
     """
 
     def __init__(self, limiter: Limiter, before: Any, after: Any, teardown: Any) -> None:
@@ -148,10 +156,23 @@ class HostLimitHooks:
         self.before = before
         self.after = after
         self.teardown = teardown
+        self.active = True
+        manager = getattr(limiter, "limit_manager", None)
+        methods = [getattr(manager, name, None) for name in _DECLARING_METHODS]
+        if manager is None or not all(callable(method) for method in methods):
+            return
+        for name, method in zip(_DECLARING_METHODS, methods, strict=True):
+            setattr(manager, name, self._watching(method))
+        self.active = _limits_declared(limiter)
 
-    @property
-    def active(self) -> bool:
-        return _limits_declared(self.limiter)
+    def _watching(self, method: Any) -> Any:
+        def declare(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.active = _limits_declared(self.limiter)
+
+        return declare
 
     @classmethod
     def take(cls, app: Flask, limiter: Limiter) -> HostLimitHooks | None:
@@ -412,9 +433,47 @@ class StorageDown(Exception):
     """The rate-limit storage did not answer."""
 
 
+class _Limit:
+    """One limit of a request's plan: its descriptor, the storage key and the value."""
+
+    __slots__ = ("descriptor", "key", "limit", "shown")
+
+    def __init__(self, descriptor: Descriptor, key: str, limit: int) -> None:
+        self.descriptor = descriptor
+        self.key = key
+        self.limit = limit
+        #: In the headers of admitted requests (never the deployment's global window).
+        self.shown = descriptor.kind != "global"
+
+
+class _Plan:
+    """The limits of one request, in the order they are checked (narrowest descriptor
+    first): tpm windows, rpm windows, parallel slots. Built once per principal, model and
+    end user; ``prepared`` is what a storage-specific backend derives from it once."""
+
+    __slots__ = ("tpm", "rpm", "parallel", "prepared")
+
+    def __init__(self, tpm: tuple[_Limit, ...], rpm: tuple[_Limit, ...],
+                 parallel: tuple[_Limit, ...]) -> None:
+        self.tpm = tpm
+        self.rpm = rpm
+        self.parallel = parallel
+        self.prepared: Any = None
+
+
+#: ``Counters.acquire`` outcomes: admitted, or refused by a tpm window, an rpm window or a
+#: parallel-slot count (with the index of the refusing limit in its tuple of the plan).
+ADMITTED, TPM_REFUSED, RPM_REFUSED, PARALLEL_REFUSED = 0, 1, 2, 3
+
+
 class Counters:
     """Fixed-window counters on a limits storage (what ``FixedWindowRateLimiter`` does, but
-    returning the count, so one round trip both decides and fills the headers)."""
+    returning the count, so one storage call both decides and fills the headers).
+
+    :meth:`acquire` and :meth:`settle` are a request's two steps. This base class makes one
+    storage call per counter and works on every limits storage; :class:`MemoryCounters`
+    and :class:`RedisCounters` do each step in one locked pass / one Lua script.
+    """
 
     def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
         self.strategy = strategy
@@ -432,6 +491,76 @@ class Counters:
 
     def key(self, item: RateLimitItem, *parts: str) -> str:
         return item.key_for(self.prefix, *parts)
+
+    # -- one request's two steps ---------------------------------------------------------------
+
+    def acquire(self, plan: _Plan, need: int, window: int,
+                lease: int) -> tuple[int, int, list[float]]:
+        """Check every tpm window (refused when fewer than ``need`` tokens are left), count
+        the request in every rpm window, take every parallel slot — all of it or, when a
+        limit refuses, none of it (every increment is undone).
+
+        Returns ``(outcome, index, values)``: ``values`` holds ``used, reset_at`` of each tpm
+        window checked, then ``count, reset_at`` of each rpm window counted (up to the
+        refusing one)."""
+        values: list[float] = []
+        for i, line in enumerate(plan.tpm):
+            used = self.get(line.key)
+            values += (used, self.reset_at(line.key, window))
+            if line.limit - used < need:
+                return TPM_REFUSED, i, values
+        counted: list[_Limit] = []
+        taken: list[_Limit] = []
+        try:
+            for i, line in enumerate(plan.rpm):
+                count = self.incr(line.key, window, 1)
+                counted.append(line)
+                values += (count, self.reset_at(line.key, window))
+                if count > line.limit:
+                    self._undo(counted, taken, window, lease)
+                    return RPM_REFUSED, i, values
+            for i, line in enumerate(plan.parallel):
+                in_flight = self.incr(line.key, lease, 1)
+                taken.append(line)
+                if in_flight > line.limit:
+                    self._undo(counted, taken, window, lease)
+                    return PARALLEL_REFUSED, i, values
+        except StorageDown:
+            try:
+                self._undo(counted, taken, window, lease)
+            except StorageDown:
+                pass
+            raise
+        return ADMITTED, 0, values
+
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
+               lease: int) -> None:
+        """Release the parallel slots; then undo the rpm counts (``uncount``: a later guard
+        refused the request) or charge ``tokens`` to every tpm window."""
+        for line in plan.parallel:
+            self._release(line.key, lease)
+        if uncount:
+            for line in plan.rpm:
+                self.incr(line.key, window, -1)
+        elif tokens > 0:
+            for line in plan.tpm:
+                self.incr(line.key, window, tokens)
+
+    def _undo(self, counted: list[_Limit], taken: list[_Limit], window: int,
+              lease: int) -> None:
+        for line in counted:
+            self.incr(line.key, window, -1)
+        for line in taken:
+            self._release(line.key, lease)
+        counted.clear()
+        taken.clear()
+
+    def _release(self, key: str, lease: int) -> None:
+        left = self.incr(key, lease, -1)
+        if left < 0:  # the counter expired under a request in flight: do not go negative
+            self.incr(key, lease, -left)
+
+    # -- single counters -----------------------------------------------------------------------
 
     def incr(self, key: str, seconds: int, amount: int) -> int:
         try:
@@ -470,6 +599,260 @@ class Counters:
             if len(self._resets) > 50_000:
                 self._resets.clear()
         self._resets[key] = reset
+
+
+class MemoryCounters(Counters):
+    """Counters on limits' ``MemoryStorage``, read and written in its own tables (the count
+    table and the expiry table, so ``storage.get``, ``get_expiry``, ``reset`` and its purge
+    see them) under one lock: each step is one pass over plain dicts, atomic.
+
+    Same rules as ``MemoryStorage.incr``: an expired counter counts as 0, and an increment
+    that brings a counter to exactly its amount starts a new window. The storage's purge of
+    expired keys takes the same lock, so it cannot drop a counter being written.
+    """
+
+    def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
+        super().__init__(strategy, prefix)
+        storage = self.storage
+        self._counts: dict[str, int] = storage.storage  # type: ignore[attr-defined]
+        self._ends: dict[str, float] = storage.expirations  # type: ignore[attr-defined]
+        self._lock = threading.Lock()
+        self._purge = getattr(storage, "_MemoryStorage__schedule_expiry", None)
+        self._purge_due = 0.0
+        purge = getattr(storage, "_MemoryStorage__expire_events", None)
+        if purge is not None:
+            lock = self._lock
+
+            def locked_purge() -> None:
+                with lock:
+                    purge()
+
+            storage._MemoryStorage__expire_events = locked_purge  # type: ignore[attr-defined]
+
+    @staticmethod
+    def supports(storage: Storage) -> bool:
+        return (isinstance(storage, MemoryStorage)
+                and isinstance(getattr(storage, "storage", None), dict)
+                and isinstance(getattr(storage, "expirations", None), dict))
+
+    def _add(self, key: str, amount: int, seconds: int, now: float) -> tuple[int, float]:
+        """``MemoryStorage.incr`` under the lock: the new count and the window's end."""
+        end = self._ends.get(key)
+        count = amount
+        if end is not None and end > now:
+            count += self._counts.get(key, 0)
+        self._counts[key] = count
+        if count == amount:
+            self._ends[key] = end = now + seconds
+        return count, end  # type: ignore[return-value]
+
+    def acquire(self, plan: _Plan, need: int, window: int,
+                lease: int) -> tuple[int, int, list[float]]:
+        values: list[float] = []
+        counts, ends, add = self._counts, self._ends, self._add
+        with self._lock:
+            now = time.time()
+            for i, line in enumerate(plan.tpm):
+                end = ends.get(line.key)
+                if end is None or end <= now:
+                    used, end = 0, now + window
+                else:
+                    used = counts.get(line.key, 0)
+                values += (used, end)
+                if line.limit - used < need:
+                    return TPM_REFUSED, i, values
+            for i, line in enumerate(plan.rpm):
+                count, end = add(line.key, 1, window, now)
+                values += (count, end)
+                if count > line.limit:
+                    for undo in plan.rpm[:i + 1]:
+                        add(undo.key, -1, window, now)
+                    return RPM_REFUSED, i, values
+            for i, line in enumerate(plan.parallel):
+                if add(line.key, 1, lease, now)[0] > line.limit:
+                    for undo in plan.rpm:
+                        add(undo.key, -1, window, now)
+                    for undo in plan.parallel[:i + 1]:
+                        add(undo.key, -1, lease, now)
+                    return PARALLEL_REFUSED, i, values
+        if now >= self._purge_due and self._purge is not None:
+            self._purge_due = now + 1.0
+            self._purge()
+        return ADMITTED, 0, values
+
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
+               lease: int) -> None:
+        add = self._add
+        with self._lock:
+            now = time.time()
+            for line in plan.parallel:
+                left = add(line.key, -1, lease, now)[0]
+                if left < 0:  # the counter expired under a request in flight
+                    add(line.key, -left, lease, now)
+            if uncount:
+                for line in plan.rpm:
+                    add(line.key, -1, window, now)
+            elif tokens > 0:
+                for line in plan.tpm:
+                    add(line.key, tokens, window, now)
+
+
+#: One request's admission on Redis, atomic. ``KEYS``: its tpm, rpm and parallel keys;
+#: ``ARGV[1]``: the tokens the request needs; ``ARGV[2]``: "#tpm #rpm #parallel window lease"
+#: and each key's limit, space-separated (two arguments: the client encodes less). The rules
+#: of limits' ``incr_expire`` script: an increment bringing a counter to exactly its amount
+#: sets the expiry. Returns "outcome index" then "used|count pttl" per window reached.
+_ACQUIRE_LUA = """
+local spec = {}
+for word in string.gmatch(ARGV[2], '%S+') do spec[#spec + 1] = tonumber(word) end
+local need, ntpm, nrpm, npar = tonumber(ARGV[1]), spec[1], spec[2], spec[3]
+local window, lease = spec[4], spec[5]
+local out = {0, 0}
+local function reply(outcome, index)
+  out[1], out[2] = outcome, index
+  return table.concat(out, ' ')
+end
+for i = 1, ntpm do
+  local used = tonumber(redis.call('get', KEYS[i]) or 0)
+  out[#out + 1] = used
+  out[#out + 1] = redis.call('pttl', KEYS[i])
+  if spec[5 + i] - used < need then return reply(1, i - 1) end
+end
+for i = 1, nrpm do
+  local key = KEYS[ntpm + i]
+  local count = redis.call('incrby', key, 1)
+  if count == 1 then redis.call('expire', key, window) end
+  out[#out + 1] = count
+  out[#out + 1] = redis.call('pttl', key)
+  if count > spec[5 + ntpm + i] then
+    for j = 1, i do redis.call('decrby', KEYS[ntpm + j], 1) end
+    return reply(2, i - 1)
+  end
+end
+local base = ntpm + nrpm
+for i = 1, npar do
+  local key = KEYS[base + i]
+  local in_flight = redis.call('incrby', key, 1)
+  if in_flight == 1 then redis.call('expire', key, lease) end
+  if in_flight > spec[5 + base + i] then
+    for j = 1, nrpm do redis.call('decrby', KEYS[ntpm + j], 1) end
+    for j = 1, i do redis.call('decrby', KEYS[base + j], 1) end
+    return reply(3, i - 1)
+  end
+end
+return reply(0, 0)
+"""
+
+#: One request's settlement on Redis, atomic. ``KEYS``: the parallel slots to release, then
+#: the windows to add to; ``ARGV``: "#slots lease window", the amount to add.
+_SETTLE_LUA = """
+local spec = {}
+for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(word) end
+local nrelease, lease, window = spec[1], spec[2], spec[3]
+local amount = tonumber(ARGV[2])
+for i = 1, nrelease do
+  local left = redis.call('incrby', KEYS[i], -1)
+  if left == -1 then redis.call('expire', KEYS[i], lease) end
+  if left < 0 then redis.call('incrby', KEYS[i], -left) end
+end
+for i = nrelease + 1, #KEYS do
+  local value = redis.call('incrby', KEYS[i], amount)
+  if value == amount then redis.call('expire', KEYS[i], window) end
+end
+return 0
+"""
+
+
+class _RedisPlan:
+    """A plan's keys and arguments, encoded once."""
+
+    __slots__ = ("keys", "spec", "release", "charge", "uncount", "release_only")
+
+    def __init__(self, plan: _Plan, prefixed: Any, window: int, lease: int) -> None:
+        def encoded(lines: tuple[_Limit, ...]) -> tuple[bytes, ...]:
+            return tuple(prefixed(line.key).encode() for line in lines)
+
+        lines = plan.tpm + plan.rpm + plan.parallel
+        self.keys = encoded(lines)
+        self.spec = " ".join(str(n) for n in (
+            len(plan.tpm), len(plan.rpm), len(plan.parallel), window, lease,
+            *(line.limit for line in lines))).encode()
+        self.release = encoded(plan.parallel)
+        settle_spec = f"{len(plan.parallel)} {lease} {window}".encode()
+        #: ``(keys, spec)`` of the settlement that charges tokens / undoes the rpm counts.
+        self.charge = (self.release + encoded(plan.tpm), settle_spec)
+        self.uncount = (self.release + encoded(plan.rpm), settle_spec)
+        self.release_only = (self.release, settle_spec)
+
+
+class RedisCounters(Counters):
+    """Counters on limits' ``RedisStorage`` (also Sentinel; not Cluster, whose keys may sit on
+    different nodes): each step is one Lua script, one round trip, atomic — on the keys
+    limits itself would use (``storage.prefixed_key``)."""
+
+    def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
+        super().__init__(strategy, prefix)
+        storage: Any = self.storage
+        self._prefixed = storage.prefixed_key
+        self._client = client = storage.get_connection()
+        self._acquire_script = client.register_script(_ACQUIRE_LUA)
+        self._settle_script = client.register_script(_SETTLE_LUA)
+        exceptions = getattr(storage.dependency, "exceptions", None)
+        self._no_script: type[BaseException] = getattr(exceptions, "NoScriptError",
+                                                        _NeverRaised)
+
+    @staticmethod
+    def supports(storage: Storage) -> bool:
+        return isinstance(storage, RedisStorage) and not isinstance(storage,
+                                                                    RedisClusterStorage)
+
+    def _run(self, script: Any, keys: tuple[bytes, ...], args: tuple[Any, ...]) -> Any:
+        """EVALSHA without the script object's per-call work; it loads the script when the
+        server does not know it (a restarted Redis)."""
+        try:
+            try:
+                return self._client.execute_command("EVALSHA", script.sha, len(keys), *keys,
+                                                    *args)
+            except self._no_script:
+                return script(keys, args)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+
+    def _prepare(self, plan: _Plan, window: int, lease: int) -> _RedisPlan:
+        prepared = plan.prepared
+        if prepared is None:
+            prepared = plan.prepared = _RedisPlan(plan, self._prefixed, window, lease)
+        return prepared  # type: ignore[no-any-return]
+
+    def acquire(self, plan: _Plan, need: int, window: int,
+                lease: int) -> tuple[int, int, list[float]]:
+        prepared = self._prepare(plan, window, lease)
+        reply = self._run(self._acquire_script, prepared.keys, (need, prepared.spec)).split()
+        now = time.time()
+        values = [float(word) for word in reply[2:]]
+        for i in range(1, len(values), 2):  # pttl (ms; < 0: no window yet) -> window end
+            pttl = values[i]
+            values[i] = now + (pttl / 1000 if pttl > 0 else window)
+        return int(reply[0]), int(reply[1]), values
+
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
+               lease: int) -> None:
+        prepared = self._prepare(plan, window, lease)
+        if uncount:
+            keys, spec = prepared.uncount
+            amount = -1
+        elif tokens > 0:
+            keys, spec = prepared.charge
+            amount = tokens
+        else:
+            keys, spec = prepared.release_only
+            amount = 0
+        if keys:
+            self._run(self._settle_script, keys, (spec, amount))
+
+
+class _NeverRaised(Exception):
+    """Stands in for a client's ``NoScriptError`` when it has none."""
 
 
 class StorageHealth:
@@ -539,10 +922,20 @@ def quiet_memory_storage(storage: Storage, interval: float = 1.0) -> None:
     storage._MemoryStorage__schedule_expiry = throttled  # type: ignore[attr-defined]
 
 
+def counters_for(strategy: FixedWindowRateLimiter, prefix: str) -> Counters:
+    """The fastest counters the strategy's storage supports."""
+    storage = strategy.storage
+    if MemoryCounters.supports(storage):
+        return MemoryCounters(strategy, prefix)
+    if RedisCounters.supports(storage):
+        return RedisCounters(strategy, prefix)
+    return Counters(strategy, prefix)
+
+
 def _memory_counters(prefix: str) -> Counters:
     storage = MemoryStorage()
     quiet_memory_storage(storage)
-    return Counters(FixedWindowRateLimiter(storage), prefix)
+    return counters_for(FixedWindowRateLimiter(storage), prefix)
 
 
 # -- the guard -----------------------------------------------------------------------------------
@@ -555,28 +948,19 @@ _MODES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class _Step:
-    """One descriptor of a request's plan with the storage keys of its limits."""
-
-    descriptor: Descriptor
-    tpm: str | None
-    rpm: str | None
-    parallel: str | None
-
-
 class _Taken:
-    """What one admitted request holds: its counters' backend, its tpm windows, its parallel
-    slots, and what its headers say."""
+    """What one admitted request holds: its counters' backend, its plan (every window it
+    was counted in, every slot it took) and its headers."""
 
-    __slots__ = ("counters", "counted", "tpm", "parallel", "headers")
+    __slots__ = ("counters", "plan", "headers")
 
-    def __init__(self, counters: Counters | None) -> None:
+    def __init__(self, counters: Counters, plan: _Plan, headers: Mapping[str, str]) -> None:
         self.counters = counters
-        self.counted: list[tuple[str, int]] = []
-        self.tpm: list[tuple[str, int]] = []
-        self.parallel: list[tuple[str, int]] = []
-        self.headers: dict[str, str] = {}
+        self.plan = plan
+        self.headers = headers
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class RateLimits:
@@ -591,18 +975,20 @@ class RateLimits:
         self.lease = settings.ratelimit_parallel_lease
         self.mode = settings.ratelimit_storage_down
         self.headers_enabled = settings.ratelimit_headers_enabled
+        self.token_type = settings.ratelimit_token_type
+        self.tpm_estimate = settings.ratelimit_tpm_estimate
         strategy = limiter.limiter
         if not isinstance(strategy, FixedWindowRateLimiter):
             raise ConfigurationError(
                 "LLMAUTH_RATELIMIT_STORAGE_URI: rate limits need the fixed-window strategy "
                 f"(got {type(strategy).__name__})")
-        self.counters = Counters(strategy, settings.ratelimit_key_prefix)
+        self.counters = counters_for(strategy, settings.ratelimit_key_prefix)
         self.health = StorageHealth(settings.ratelimit_retry_interval, "rate-limit")
         self._fallback: Counters | None = None
         self._fallback_lock = threading.Lock()
         #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
         self._model_names = model_names
-        self._plans: dict[tuple[Any, ...], tuple[Any, Any, tuple[_Step, ...]]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, Any, _Plan]] = {}
         self._limited = PrincipalMemo(has_limits)
         #: Whether every LLM request must be seen: a global limit is set. (End users with
         #: limits of their own are found by ``wants_end_user``.)
@@ -630,7 +1016,7 @@ class RateLimits:
 
     def admit(self, admission: Admission) -> None:
         plan = self._plan(admission)
-        if not plan:
+        if plan is None:
             return
         counters = self._backend()
         if counters is None:
@@ -644,25 +1030,20 @@ class RateLimits:
                 return
             taken = self._acquire(counters, admission, plan)
         if counters is self.counters:
-            self.health.succeeded()
+            health = self.health
+            if health.down_since is not None:
+                health.succeeded()
         admission.scratch[_SCRATCH] = taken
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         taken: _Taken | None = admission.scratch.get(_SCRATCH)
-        if taken is None or taken.counters is None:
+        if taken is None:
             return
         counters = taken.counters
+        uncount = bool(admission.scratch.get("_refused"))  # a later guard refused it
         try:
-            for key, _limit in taken.parallel:
-                self._release(counters, key)
-            if admission.scratch.get("_refused"):  # a later guard refused it: not counted
-                for key, seconds in taken.counted:
-                    counters.incr(key, seconds, -1)
-                return
-            tokens = self._tokens(usage)
-            if tokens > 0:
-                for key, _limit in taken.tpm:
-                    counters.incr(key, self.window, tokens)
+            counters.settle(taken.plan, 0 if uncount else self._tokens(usage), uncount,
+                            self.window, self.lease)
         except StorageDown as exc:
             if counters is self.counters:
                 self.health.failed(exc, _MODES[self.mode])
@@ -671,12 +1052,12 @@ class RateLimits:
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         taken: _Taken | None = admission.scratch.get(_SCRATCH)
-        return taken.headers if taken is not None else {}
+        return taken.headers if taken is not None else _NO_HEADERS
 
     # -- internals ---------------------------------------------------------------------------
 
     def _backend(self, after_failure: bool = False) -> Counters | None:
-        if not after_failure and self.health.available():
+        if not after_failure and (self.health.down_since is None or self.health.available()):
             return self.counters
         if self.mode == "closed":
             raise ServiceUnavailable(
@@ -693,7 +1074,7 @@ class RateLimits:
     def _tokens(self, usage: Usage | None) -> int:
         if usage is None:
             return 0
-        kind = self.settings.ratelimit_token_type
+        kind = self.token_type
         if kind == "input":
             return usage.prompt_tokens
         if kind == "output":
@@ -701,21 +1082,17 @@ class RateLimits:
         return usage.total_tokens
 
     def _estimate(self, admission: Admission) -> int:
-        if not self.settings.ratelimit_tpm_estimate:
+        if not self.tpm_estimate:
             return 1
-        kind = self.settings.ratelimit_token_type
+        kind = self.token_type
         prompt = estimate_prompt_tokens(admission.body) if kind != "output" else 0
         completion = (requested_max_tokens(admission.body) or 0) if kind != "input" else 0
         return max(1, prompt + completion)
 
-    def _release(self, counters: Counters, key: str) -> None:
-        left = counters.incr(key, self.lease, -1)
-        if left < 0:  # the counter expired under a request in flight: do not go negative
-            counters.incr(key, self.lease, -left)
-
-    def _plan(self, admission: Admission) -> tuple[_Step, ...]:
-        """The descriptors of this request with their storage keys (cached per principal
-        object, model and end user: a cached key's principal is reused until it changes)."""
+    def _plan(self, admission: Admission) -> _Plan | None:
+        """The limits of this request with their storage keys (``None``: none applies), cached
+        per principal object, model and end user: a cached key's principal is reused until
+        it changes."""
         principal, customer = admission.principal, admission.customer
         cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
         hit = self._plans.get(cache_key)
@@ -727,97 +1104,43 @@ class RateLimits:
                      else (admission.model,))
         found = descriptors(principal, names, admission.end_user_id, customer, self.settings)
         counters, window, lease = self.counters, self.window, self.lease
-        plan = tuple(_Step(
-            d,
-            tpm=counters.key(counters.item(d.tpm, window), d.kind, d.ident, "tpm")
-            if d.tpm else None,
-            rpm=counters.key(counters.item(d.rpm, window), d.kind, d.ident, "rpm")
-            if d.rpm else None,
-            parallel=counters.key(counters.item(d.parallel, lease), d.kind, d.ident,
-                                  "parallel") if d.parallel else None,
-        ) for d in found)
+
+        def limits(field: str, seconds: int) -> tuple[_Limit, ...]:
+            return tuple(
+                _Limit(d, counters.key(counters.item(amount, seconds), d.kind, d.ident, field),
+                       amount)
+                for d in found if (amount := getattr(d, field)))
+
+        tpm, rpm, parallel = limits("tpm", window), limits("rpm", window), limits(
+            "parallel", lease)
+        plan = _Plan(tpm, rpm, parallel) if tpm or rpm or parallel else None
         if len(self._plans) >= 10_000:
             self._plans.clear()
         self._plans[cache_key] = (principal, customer, plan)
         return plan
 
-    def _acquire(self, counters: Counters, admission: Admission,
-                 plan: tuple[_Step, ...]) -> _Taken:
-        taken = _Taken(counters)
+    def _acquire(self, counters: Counters, admission: Admission, plan: _Plan) -> _Taken:
         window = self.window
-        # 1. tpm: refuse when the window is used up (or cannot fit the estimate)
-        need = self._estimate(admission)
-        tokens_shown: tuple[int, int, float] | None = None
-        for step in plan:
-            key = step.tpm
-            if key is None:
-                continue
-            d = step.descriptor
-            limit = d.tpm or 0
-            remaining = max(0, limit - counters.get(key))
-            if remaining < need:
-                self._refuse(admission, d, "tokens", limit, remaining,
-                             counters.reset_at(key, window))
-            taken.tpm.append((key, limit))
-            if d.kind != "global" and (tokens_shown is None or remaining < tokens_shown[1]):
-                tokens_shown = (limit, remaining, counters.reset_at(key, window))
-        # 2. rpm: count this request; undo everything on a refusal
-        counted = taken.counted
-        requests_shown: tuple[int, int, float] | None = None
-        try:
-            for step in plan:
-                key = step.rpm
-                if key is None:
-                    continue
-                d = step.descriptor
-                limit = d.rpm or 0
-                count = counters.incr(key, window, 1)
-                counted.append((key, window))
-                if count > limit:
-                    self._refuse(admission, d, "requests", limit, 0,
-                                 counters.reset_at(key, window))
-                remaining = limit - count
-                if d.kind != "global" and (requests_shown is None
-                                           or remaining < requests_shown[1]):
-                    requests_shown = (limit, remaining, counters.reset_at(key, window))
-            # 3. max_parallel_requests: take a slot
-            for step in plan:
-                key = step.parallel
-                if key is None:
-                    continue
-                d = step.descriptor
-                in_flight = counters.incr(key, self.lease, 1)
-                taken.parallel.append((key, d.parallel or 0))
-                if in_flight > (d.parallel or 0):
-                    self._refuse(admission, d, "max_parallel_requests", d.parallel or 0, 0,
-                                 None)
-        except TooManyRequests:
-            self._undo(counters, counted, taken.parallel)
-            raise
-        except StorageDown:
-            try:
-                self._undo(counters, counted, taken.parallel)
-            except StorageDown:
-                pass
-            raise
-        if self.headers_enabled:
-            now = time.time()
-            if requests_shown is not None:
-                taken.headers.update(_window_headers("requests", *requests_shown, now))
-            if tokens_shown is not None:
-                taken.headers.update(_window_headers("tokens", *tokens_shown, now))
-        return taken
-
-    def _undo(self, counters: Counters, counted: list[tuple[str, int]],
-              parallel: list[tuple[str, int]]) -> None:
-        for key, seconds in counted:
-            counters.incr(key, seconds, -1)
-        for key, _limit in parallel:
-            self._release(counters, key)
-        parallel.clear()
+        outcome, index, values = counters.acquire(plan, self._estimate(admission), window,
+                                                  self.lease)
+        if outcome != ADMITTED:
+            if outcome == TPM_REFUSED:
+                line, used, reset = plan.tpm[index], values[2 * index], values[2 * index + 1]
+                self._refuse(admission, line.descriptor, "tokens", line.limit,
+                             max(0, line.limit - int(used)), reset)
+            if outcome == RPM_REFUSED:
+                line = plan.rpm[index]
+                reset = values[2 * (len(plan.tpm) + index) + 1]
+                self._refuse(admission, line.descriptor, "requests", line.limit, 0, reset)
+            line = plan.parallel[index]
+            self._refuse(admission, line.descriptor, "max_parallel_requests", line.limit, 0,
+                         None)
+        if not self.headers_enabled:
+            return _Taken(counters, plan, _NO_HEADERS)
+        return _Taken(counters, plan, _success_headers(plan, values))
 
     def _refuse(self, admission: Admission, d: Descriptor, limit_type: str, limit: int,
-                remaining: int, reset: float | None) -> None:
+                remaining: int, reset: float | None) -> NoReturn:
         now = time.time()
         breach = RateLimitBreach(d.kind, d.label, limit_type, limit, remaining, reset)
         if reset is None:
@@ -839,27 +1162,60 @@ class RateLimits:
             headers=headers, reason=f"rate_limited_{d.kind}_{limit_type}")
 
 
+def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of an admitted request: for requests and for tokens,
+    the window with the least left (the first of equals) among the non-global ones."""
+    headers: dict[str, str] = {}
+    now = time.time()
+    for kind, lines, base in (("requests", plan.rpm, 2 * len(plan.tpm)),
+                              ("tokens", plan.tpm, 0)):
+        shown: tuple[_Limit, int, float] | None = None
+        for i, line in enumerate(lines):
+            if line.shown:
+                left = line.limit - int(values[base + 2 * i])
+                if shown is None or left < shown[1]:
+                    shown = (line, left, values[base + 2 * i + 1])
+        if shown is not None:
+            line, left, reset = shown
+            headers.update(_window_headers(kind, line.limit, left, reset, now))
+    return headers
+
+
 def _window_headers(kind: str, limit: int, remaining: int, reset: float,
                     now: float) -> dict[str, str]:
+    names = _HEADER_NAMES[kind]
     return {
-        f"x-ratelimit-limit-{kind}": str(limit),
-        f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
-        f"x-ratelimit-reset-{kind}": openai_duration(max(0.0, reset - now)),
+        names[0]: str(limit),
+        names[1]: str(remaining) if remaining > 0 else "0",
+        names[2]: openai_duration(reset - now),
     }
 
 
+_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+                        f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
+#: ``openai_duration`` of whole seconds, computed once each.
+_WHOLE_SECONDS: dict[int, str] = {}
+
+
 def openai_duration(seconds: float) -> str:
-    """A duration as OpenAI writes its reset headers: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    """A duration as OpenAI writes its reset headers: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``
+    (a negative duration is ``0ms``)."""
     if seconds < 1:
-        return f"{int(seconds * 1000)}ms"
+        return f"{int(seconds * 1000)}ms" if seconds > 0 else "0ms"
     whole = math.ceil(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
+    text = _WHOLE_SECONDS.get(whole)
+    if text is None:
+        hours, rest = divmod(whole, 3600)
+        minutes, secs = divmod(rest, 60)
+        if hours:
+            text = f"{hours}h{minutes}m{secs}s"
+        elif minutes:
+            text = f"{minutes}m{secs}s"
+        else:
+            text = f"{secs}s"
+        if len(_WHOLE_SECONDS) < 100_000:
+            _WHOLE_SECONDS[whole] = text
+    return text
 
 
 # -- failed authentications per client IP ---------------------------------------------------------
@@ -885,11 +1241,9 @@ class AuthFailureLimiter:
         self._fallback: Counters | None = None
         self._blocked: dict[str, float] = {}
         self._lock = threading.Lock()
-
-    @property
-    def blocking(self) -> bool:
-        """Whether any address is blocked now (else :meth:`check` has nothing to do)."""
-        return bool(self._blocked)
+        #: Whether any address is blocked (else :meth:`check` has nothing to do): a plain
+        #: attribute, read on every authenticated request.
+        self.blocking = False
 
     def check(self, ip: str | None) -> None:
         """Raise 429 if ``ip`` is blocked (call before reading the credential)."""
@@ -900,7 +1254,9 @@ class AuthFailureLimiter:
             return
         now = time.time()
         if until <= now:
-            self._blocked.pop(ip or "unknown", None)
+            with self._lock:
+                self._blocked.pop(ip or "unknown", None)
+                self.blocking = bool(self._blocked)
             return
         raise TooManyRequests(
             "Too many failed authentication attempts from this address. Try again in "
@@ -926,6 +1282,7 @@ class AuthFailureLimiter:
                 now = time.time()
                 self._blocked = {k: v for k, v in self._blocked.items() if v > now}
             self._blocked[address] = until
+            self.blocking = True
         log.warning("llmauth: blocking %s for %.0fs after too many failed authentications",
                     address, until - time.time())
         if rate_limited.receivers:

@@ -617,6 +617,124 @@ def test_requests_without_any_limit_skip_the_guard(make: Any) -> None:
     assert global_app.extensions["llmauth"].ratelimits.always
 
 
+def _window_stats(app: Flask, body: dict[str, Any], field: str, amount: int,
+                  seconds: int) -> tuple[float, int]:
+    """limits' own view (``FixedWindowRateLimiter.get_window_stats``) of a key's window."""
+    from limits import RateLimitItemPerSecond
+
+    from flask_llmauth.ratelimits import _ident
+
+    state = app.extensions["llmauth"]
+    item = RateLimitItemPerSecond(amount, seconds, namespace="LLMAUTH")
+    stats = state.limiter.limiter.get_window_stats(
+        item, state.settings.ratelimit_key_prefix, "key", _ident(body["key_id"]), field)
+    return stats.reset_time, stats.remaining
+
+
+def test_counters_are_limits_own_fixed_windows(make: Any) -> None:
+    """The one-pass counters (memory) and scripts (Redis) write the keys limits' fixed-window
+    strategy reads, with its numbers: the host's tools (``get_window_stats``,
+    ``limiter.reset()``) see the same windows."""
+    app = make()
+    client = app.test_client()
+    body = new_key(client, rpm_limit=100, tpm_limit=10_000, max_parallel_requests=5)
+    started = time.time()
+    for _ in range(3):
+        assert chat(client, body["key"], tokens=7).status_code == 200
+    reset, remaining = _window_stats(app, body, "rpm", 100, 60)
+    assert remaining == 97
+    assert started + 58 <= reset <= time.time() + 61
+    assert _window_stats(app, body, "tpm", 10_000, 60)[1] == 10_000 - 21
+    assert _window_stats(app, body, "parallel", 5, 600)[1] == 5  # every slot released
+    app.extensions["llmauth"].limiter.reset()
+    assert _window_stats(app, body, "rpm", 100, 60)[1] == 100
+
+
+def test_a_refused_request_leaves_every_counter_as_it_was(make: Any) -> None:
+    app = make()
+    client = app.test_client()
+    assert client.post("/team/new", json={"team_id": "t-par", "max_parallel_requests": 1},
+                       headers=ADMIN).status_code == 200
+    body = new_key(client, team_id="t-par", rpm_limit=50, max_parallel_requests=3)
+    holder = new_key(client, team_id="t-par")["key"]
+    stream = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
+                         headers=bearer(holder), buffered=False)  # the team's only slot
+    refused = chat(client, body["key"])
+    assert message(refused).startswith(
+        "Rate limit exceeded for team: t-par. Limit type: max_parallel_requests.")
+    # the key's rpm count and parallel slot, taken before the team's slot refused, undone
+    assert _window_stats(app, body, "rpm", 50, 60)[1] == 50
+    assert _window_stats(app, body, "parallel", 3, 600)[1] == 3
+    next(iter(stream.response))
+    stream.close()
+    assert chat(client, body["key"]).status_code == 200
+    assert _window_stats(app, body, "rpm", 50, 60)[1] == 49
+
+
+@pytest.mark.redis
+def test_redis_decides_and_settles_a_request_in_one_round_trip_each(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL,
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": redis_prefix}, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    body = new_key(client, rpm_limit=100, tpm_limit=10_000, max_parallel_requests=5)
+    counters = app.extensions["llmauth"].ratelimits.counters
+    sent: list[Any] = []
+    execute = counters._client.execute_command
+    monkeypatch.setattr(counters._client, "execute_command",
+                        lambda *args, **options: sent.append(args[0]) or execute(*args,
+                                                                                   **options))
+    response = chat(client, body["key"], tokens=7)
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-requests"] == "99"
+    assert response.headers["x-ratelimit-remaining-tokens"] == "10000"
+    assert sent == ["EVALSHA", "EVALSHA"]  # admission (3 counters), settlement (2)
+    assert _window_stats(app, body, "tpm", 10_000, 60)[1] == 10_000 - 7
+
+
+@pytest.mark.redis
+def test_redis_scripts_are_loaded_again_when_the_server_forgot_them(
+        app_factory: Any, redis_prefix: str) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL,
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": redis_prefix}, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    key = new_key(client, rpm_limit=2, tpm_limit=10_000)["key"]
+    counters = app.extensions["llmauth"].ratelimits.counters
+    for script in (counters._acquire_script, counters._settle_script):
+        script.sha = "0" * 40  # what a restarted Redis (empty script cache) answers to
+    assert statuses(client, key, 3) == [200, 200, 429]
+    assert counters._acquire_script.sha != "0" * 40
+
+
+def test_memory_counters_restart_an_expired_window(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_WINDOW=1).test_client()
+    key = new_key(client, rpm_limit=2, tpm_limit=25)["key"]
+    assert statuses(client, key, 3, tokens=10) == [200, 200, 429]
+    time.sleep(1.1)
+    assert statuses(client, key, 3, tokens=10) == [200, 200, 429]
+    assert statuses(client, key, 1, tokens=10) == [429]
+
+
+def test_host_limit_hooks_start_when_the_host_declares_a_limit(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"})
+    hooks = app.extensions["llmauth"].host_limit_hooks
+    assert hooks is not None and hooks.active is False  # nothing declared: one read
+    limiter = app.extensions["llmauth"].limiter
+
+    @app.get("/custom/later")
+    @app.llmauth.route_group("llm_api_routes")
+    @limiter.limit("1/minute")
+    def later() -> Any:
+        return jsonify(ok=True)
+
+    assert hooks.active is True
+    client = app.test_client()
+    assert [client.get("/custom/later", headers=ADMIN).status_code
+            for _ in range(2)] == [200, 429]
+
+
 def test_memory_storage_purges_expired_keys_without_a_thread_per_request(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from limits.storage import MemoryStorage
