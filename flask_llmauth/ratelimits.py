@@ -433,15 +433,21 @@ class StorageDown(Exception):
     """The rate-limit storage did not answer."""
 
 
+#: The ``x-ratelimit-*`` header names (OpenAI's) of each limit type.
+_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+                        f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
+
+
 class _Limit:
     """One limit of a request's plan: its descriptor, the storage key and the value."""
 
-    __slots__ = ("descriptor", "key", "limit", "shown")
+    __slots__ = ("descriptor", "key", "limit", "text", "shown")
 
     def __init__(self, descriptor: Descriptor, key: str, limit: int) -> None:
         self.descriptor = descriptor
         self.key = key
         self.limit = limit
+        self.text = str(limit)
         #: In the headers of admitted requests (never the deployment's global window).
         self.shown = descriptor.kind != "global"
 
@@ -451,13 +457,20 @@ class _Plan:
     first): tpm windows, rpm windows, parallel slots. Built once per principal, model and
     end user; ``prepared`` is what a storage-specific backend derives from it once."""
 
-    __slots__ = ("tpm", "rpm", "parallel", "prepared")
+    __slots__ = ("tpm", "rpm", "parallel", "shown", "prepared")
 
     def __init__(self, tpm: tuple[_Limit, ...], rpm: tuple[_Limit, ...],
                  parallel: tuple[_Limit, ...]) -> None:
         self.tpm = tpm
         self.rpm = rpm
         self.parallel = parallel
+        #: For the headers of admitted requests, per kind (requests first): the windows
+        #: shown, each with the position of its count in ``Counters.acquire``'s values.
+        self.shown = tuple((kind, names, tuple((base + 2 * i, line) for i, line in
+                                               enumerate(lines) if line.shown))
+                           for kind, names, lines, base in (
+                               ("requests", _HEADER_NAMES["requests"], rpm, 2 * len(tpm)),
+                               ("tokens", _HEADER_NAMES["tokens"], tpm, 0)))
         self.prepared: Any = None
 
 
@@ -649,31 +662,44 @@ class MemoryCounters(Counters):
     def acquire(self, plan: _Plan, need: int, window: int,
                 lease: int) -> tuple[int, int, list[float]]:
         values: list[float] = []
-        counts, ends, add = self._counts, self._ends, self._add
+        counts, ends = self._counts, self._ends
         with self._lock:
             now = time.time()
             for i, line in enumerate(plan.tpm):
-                end = ends.get(line.key)
+                key = line.key
+                end = ends.get(key)
                 if end is None or end <= now:
                     used, end = 0, now + window
                 else:
-                    used = counts.get(line.key, 0)
+                    used = counts.get(key, 0)
                 values += (used, end)
                 if line.limit - used < need:
                     return TPM_REFUSED, i, values
+            # the increments of MemoryStorage.incr, inline (see _add)
             for i, line in enumerate(plan.rpm):
-                count, end = add(line.key, 1, window, now)
+                key = line.key
+                end = ends.get(key)
+                count = counts.get(key, 0) + 1 if end is not None and end > now else 1
+                counts[key] = count
+                if count == 1:
+                    ends[key] = end = now + window
                 values += (count, end)
                 if count > line.limit:
                     for undo in plan.rpm[:i + 1]:
-                        add(undo.key, -1, window, now)
+                        self._add(undo.key, -1, window, now)
                     return RPM_REFUSED, i, values
             for i, line in enumerate(plan.parallel):
-                if add(line.key, 1, lease, now)[0] > line.limit:
+                key = line.key
+                end = ends.get(key)
+                count = counts.get(key, 0) + 1 if end is not None and end > now else 1
+                counts[key] = count
+                if count == 1:
+                    ends[key] = now + lease
+                if count > line.limit:
                     for undo in plan.rpm:
-                        add(undo.key, -1, window, now)
+                        self._add(undo.key, -1, window, now)
                     for undo in plan.parallel[:i + 1]:
-                        add(undo.key, -1, lease, now)
+                        self._add(undo.key, -1, lease, now)
                     return PARALLEL_REFUSED, i, values
         if now >= self._purge_due and self._purge is not None:
             self._purge_due = now + 1.0
@@ -682,19 +708,28 @@ class MemoryCounters(Counters):
 
     def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
                lease: int) -> None:
-        add = self._add
+        counts, ends = self._counts, self._ends
         with self._lock:
             now = time.time()
-            for line in plan.parallel:
-                left = add(line.key, -1, lease, now)[0]
-                if left < 0:  # the counter expired under a request in flight
-                    add(line.key, -left, lease, now)
+            for line in plan.parallel:  # _add(key, -1), then back to 0 if it went below
+                key = line.key
+                end = ends.get(key)
+                left = (counts.get(key, 0) if end is not None and end > now else 0) - 1
+                if left == -1:
+                    ends[key] = now + lease
+                counts[key] = left if left > 0 else 0
             if uncount:
                 for line in plan.rpm:
-                    add(line.key, -1, window, now)
+                    self._add(line.key, -1, window, now)
             elif tokens > 0:
                 for line in plan.tpm:
-                    add(line.key, tokens, window, now)
+                    key = line.key
+                    end = ends.get(key)
+                    count = tokens + (counts.get(key, 0) if end is not None and end > now
+                                      else 0)
+                    counts[key] = count
+                    if count == tokens:
+                        ends[key] = now + window
 
 
 #: One request's admission on Redis, atomic. ``KEYS``: its tpm, rpm and parallel keys;
@@ -714,7 +749,7 @@ local function reply(outcome, index)
 end
 for i = 1, ntpm do
   local used = tonumber(redis.call('get', KEYS[i]) or 0)
-  out[#out + 1] = used
+  out[#out + 1] = string.format('%d', used)
   out[#out + 1] = redis.call('pttl', KEYS[i])
   if spec[5 + i] - used < need then return reply(1, i - 1) end
 end
@@ -722,7 +757,7 @@ for i = 1, nrpm do
   local key = KEYS[ntpm + i]
   local count = redis.call('incrby', key, 1)
   if count == 1 then redis.call('expire', key, window) end
-  out[#out + 1] = count
+  out[#out + 1] = string.format('%d', count)
   out[#out + 1] = redis.call('pttl', key)
   if count > spec[5 + ntpm + i] then
     for j = 1, i do redis.call('decrby', KEYS[ntpm + j], 1) end
@@ -829,7 +864,7 @@ class RedisCounters(Counters):
         prepared = self._prepare(plan, window, lease)
         reply = self._run(self._acquire_script, prepared.keys, (need, prepared.spec)).split()
         now = time.time()
-        values = [float(word) for word in reply[2:]]
+        values: list[float] = [int(word) for word in reply[2:]]
         for i in range(1, len(values), 2):  # pttl (ms; < 0: no window yet) -> window end
             pttl = values[i]
             values[i] = now + (pttl / 1000 if pttl > 0 else window)
@@ -948,18 +983,6 @@ _MODES = {
 }
 
 
-class _Taken:
-    """What one admitted request holds: its counters' backend, its plan (every window it
-    was counted in, every slot it took) and its headers."""
-
-    __slots__ = ("counters", "plan", "headers")
-
-    def __init__(self, counters: Counters, plan: _Plan, headers: Mapping[str, str]) -> None:
-        self.counters = counters
-        self.plan = plan
-        self.headers = headers
-
-
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -975,7 +998,7 @@ class RateLimits:
         self.lease = settings.ratelimit_parallel_lease
         self.mode = settings.ratelimit_storage_down
         self.headers_enabled = settings.ratelimit_headers_enabled
-        self.token_type = settings.ratelimit_token_type
+        self.tokens_counted = settings.ratelimit_token_type
         self.tpm_estimate = settings.ratelimit_tpm_estimate
         strategy = limiter.limiter
         if not isinstance(strategy, FixedWindowRateLimiter):
@@ -1015,35 +1038,47 @@ class RateLimits:
                     or _positive(customer.max_parallel_requests))
 
     def admit(self, admission: Admission) -> None:
-        plan = self._plan(admission)
+        principal, customer = admission.principal, admission.customer
+        hit = self._plans.get((id(principal), admission.model, admission.end_user_id,
+                               id(customer)))
+        if hit is not None and hit[0] is principal and hit[1] is customer:
+            plan = hit[2]
+        else:
+            plan = self._plan(admission)
         if plan is None:
             return
-        counters = self._backend()
+        health = self.health
+        counters = self.counters if health.down_since is None else self._backend()
         if counters is None:
             return  # storage down, fail open (logged)
+        need = self._estimate(admission) if self.tpm_estimate else 1
         try:
-            taken = self._acquire(counters, admission, plan)
+            outcome, index, values = counters.acquire(plan, need, self.window, self.lease)
         except StorageDown as exc:
-            self.health.failed(exc, _MODES[self.mode])
+            health.failed(exc, _MODES[self.mode])
             counters = self._backend(after_failure=True)
             if counters is None:
                 return
-            taken = self._acquire(counters, admission, plan)
-        if counters is self.counters:
-            health = self.health
-            if health.down_since is not None:
-                health.succeeded()
-        admission.scratch[_SCRATCH] = taken
+            outcome, index, values = counters.acquire(plan, need, self.window, self.lease)
+        if health.down_since is not None and counters is self.counters:
+            health.succeeded()
+        if outcome != ADMITTED:
+            self._refuse_outcome(admission, plan, outcome, index, values)
+        admission.scratch[_SCRATCH] = (
+            counters, plan,
+            _success_headers(plan, values) if self.headers_enabled else _NO_HEADERS)
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        taken: _Taken | None = admission.scratch.get(_SCRATCH)
+        scratch = admission.scratch
+        taken: tuple[Counters, _Plan, Mapping[str, str]] | None = scratch.get(_SCRATCH)
         if taken is None:
             return
-        counters = taken.counters
-        uncount = bool(admission.scratch.get("_refused"))  # a later guard refused it
+        counters, plan, _headers = taken
+        uncount = bool(scratch.get("_refused"))  # a later guard refused it: not counted
+        tokens = 0 if uncount or usage is None else (
+            usage.total_tokens if self.tokens_counted == "total" else self._tokens(usage))
         try:
-            counters.settle(taken.plan, 0 if uncount else self._tokens(usage), uncount,
-                            self.window, self.lease)
+            counters.settle(plan, tokens, uncount, self.window, self.lease)
         except StorageDown as exc:
             if counters is self.counters:
                 self.health.failed(exc, _MODES[self.mode])
@@ -1051,8 +1086,8 @@ class RateLimits:
                       "expire after %ss)", admission.request_id, self.lease)
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
-        taken: _Taken | None = admission.scratch.get(_SCRATCH)
-        return taken.headers if taken is not None else _NO_HEADERS
+        taken = admission.scratch.get(_SCRATCH)
+        return taken[2] if taken is not None else _NO_HEADERS
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -1074,7 +1109,7 @@ class RateLimits:
     def _tokens(self, usage: Usage | None) -> int:
         if usage is None:
             return 0
-        kind = self.token_type
+        kind = self.tokens_counted
         if kind == "input":
             return usage.prompt_tokens
         if kind == "output":
@@ -1084,20 +1119,17 @@ class RateLimits:
     def _estimate(self, admission: Admission) -> int:
         if not self.tpm_estimate:
             return 1
-        kind = self.token_type
+        kind = self.tokens_counted
         prompt = estimate_prompt_tokens(admission.body) if kind != "output" else 0
         completion = (requested_max_tokens(admission.body) or 0) if kind != "input" else 0
         return max(1, prompt + completion)
 
     def _plan(self, admission: Admission) -> _Plan | None:
-        """The limits of this request with their storage keys (``None``: none applies), cached
-        per principal object, model and end user: a cached key's principal is reused until
-        it changes."""
+        """The limits of this request with their storage keys (``None``: none applies), kept
+        per principal object, model and end user (``admit`` looks there first): a cached
+        key's principal is reused until it changes."""
         principal, customer = admission.principal, admission.customer
         cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
-        hit = self._plans.get(cache_key)
-        if hit is not None and hit[0] is principal and hit[1] is customer:
-            return hit[2]
         names: Sequence[str] = ()
         if admission.model and principal.key is not None:
             names = (self._model_names(principal, admission.model) if self._model_names
@@ -1119,25 +1151,19 @@ class RateLimits:
         self._plans[cache_key] = (principal, customer, plan)
         return plan
 
-    def _acquire(self, counters: Counters, admission: Admission, plan: _Plan) -> _Taken:
-        window = self.window
-        outcome, index, values = counters.acquire(plan, self._estimate(admission), window,
-                                                  self.lease)
-        if outcome != ADMITTED:
-            if outcome == TPM_REFUSED:
-                line, used, reset = plan.tpm[index], values[2 * index], values[2 * index + 1]
-                self._refuse(admission, line.descriptor, "tokens", line.limit,
-                             max(0, line.limit - int(used)), reset)
-            if outcome == RPM_REFUSED:
-                line = plan.rpm[index]
-                reset = values[2 * (len(plan.tpm) + index) + 1]
-                self._refuse(admission, line.descriptor, "requests", line.limit, 0, reset)
-            line = plan.parallel[index]
-            self._refuse(admission, line.descriptor, "max_parallel_requests", line.limit, 0,
-                         None)
-        if not self.headers_enabled:
-            return _Taken(counters, plan, _NO_HEADERS)
-        return _Taken(counters, plan, _success_headers(plan, values))
+    def _refuse_outcome(self, admission: Admission, plan: _Plan, outcome: int, index: int,
+                        values: list[float]) -> NoReturn:
+        """Raise the 429 of a refused ``Counters.acquire``."""
+        if outcome == TPM_REFUSED:
+            line, used, reset = plan.tpm[index], values[2 * index], values[2 * index + 1]
+            self._refuse(admission, line.descriptor, "tokens", line.limit,
+                         max(0, line.limit - int(used)), reset)
+        if outcome == RPM_REFUSED:
+            line = plan.rpm[index]
+            reset = values[2 * (len(plan.tpm) + index) + 1]
+            self._refuse(admission, line.descriptor, "requests", line.limit, 0, reset)
+        line = plan.parallel[index]
+        self._refuse(admission, line.descriptor, "max_parallel_requests", line.limit, 0, None)
 
     def _refuse(self, admission: Admission, d: Descriptor, limit_type: str, limit: int,
                 remaining: int, reset: float | None) -> NoReturn:
@@ -1167,17 +1193,18 @@ def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
     the window with the least left (the first of equals) among the non-global ones."""
     headers: dict[str, str] = {}
     now = time.time()
-    for kind, lines, base in (("requests", plan.rpm, 2 * len(plan.tpm)),
-                              ("tokens", plan.tpm, 0)):
-        shown: tuple[_Limit, int, float] | None = None
-        for i, line in enumerate(lines):
-            if line.shown:
-                left = line.limit - int(values[base + 2 * i])
-                if shown is None or left < shown[1]:
-                    shown = (line, left, values[base + 2 * i + 1])
-        if shown is not None:
-            line, left, reset = shown
-            headers.update(_window_headers(kind, line.limit, left, reset, now))
+    for _kind, names, shown in plan.shown:
+        best: _Limit | None = None
+        least = 0
+        at = 0
+        for position, line in shown:
+            left = line.limit - int(values[position])
+            if best is None or left < least:
+                best, least, at = line, left, position
+        if best is not None:
+            headers[names[0]] = best.text
+            headers[names[1]] = str(least) if least > 0 else "0"
+            headers[names[2]] = openai_duration(values[at + 1] - now)
     return headers
 
 
@@ -1191,8 +1218,6 @@ def _window_headers(kind: str, limit: int, remaining: int, reset: float,
     }
 
 
-_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
-                        f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
 #: ``openai_duration`` of whole seconds, computed once each.
 _WHOLE_SECONDS: dict[int, str] = {}
 
