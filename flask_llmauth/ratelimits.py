@@ -11,14 +11,19 @@ Per request (LLM API routes with a body-carrying method; the master key is exemp
 
 1. **tpm pre-check**: refuse when a token window is already used up (or, with
    ``LLMAUTH_RATELIMIT_TPM_ESTIMATE``, cannot fit the prompt estimate + ``max_tokens``).
-2. **rpm**: one atomic increment per descriptor (a Lua script on Redis); a count above the
-   limit refuses the request.
-3. **max_parallel_requests**: one atomic increment per descriptor, released in ``settle``.
+2. **rpm**: one increment per descriptor; a count above the limit refuses the request.
+3. **max_parallel_requests**: one increment per descriptor, released in ``settle``.
 
 A refused request is not counted: every increment it made is undone. ``settle`` (exactly
 once per admitted request, at the end of the stream for streams) charges the real token
 count to every tpm window — fixed windows keep an overshoot, so the next request is refused
 — and releases the parallel slots.
+
+Each of the two steps is one storage call (:class:`Counters`): on Redis one Lua script
+(steps 1-3 with their undo, atomic; then the settlement), on ``memory://`` one locked pass
+over ``MemoryStorage``'s own tables; other storages (memcached, MongoDB, Redis Cluster) get
+one call per counter. The keys and values are limits' fixed-window ones, so limits'
+``get_window_stats`` and ``limiter.reset()`` see the same windows.
 """
 
 from __future__ import annotations
@@ -464,13 +469,16 @@ class _Plan:
         self.tpm = tpm
         self.rpm = rpm
         self.parallel = parallel
-        #: For the headers of admitted requests, per kind (requests first): the windows
-        #: shown, each with the position of its count in ``Counters.acquire``'s values.
-        self.shown = tuple((kind, names, tuple((base + 2 * i, line) for i, line in
-                                               enumerate(lines) if line.shown))
-                           for kind, names, lines, base in (
-                               ("requests", _HEADER_NAMES["requests"], rpm, 2 * len(tpm)),
-                               ("tokens", _HEADER_NAMES["tokens"], tpm, 0)))
+        #: For the headers of admitted requests, per kind (requests first, kinds without a
+        #: window left out): the header names and the windows shown, each with the position
+        #: of its count in ``Counters.acquire``'s values.
+        self.shown = tuple(
+            (names, shown) for names, shown in (
+                (_HEADER_NAMES["requests"], tuple((2 * len(tpm) + 2 * i, line)
+                                                  for i, line in enumerate(rpm) if line.shown)),
+                (_HEADER_NAMES["tokens"], tuple((2 * i, line)
+                                                for i, line in enumerate(tpm) if line.shown)))
+            if shown)
         self.prepared: Any = None
 
 
@@ -1193,18 +1201,16 @@ def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
     the window with the least left (the first of equals) among the non-global ones."""
     headers: dict[str, str] = {}
     now = time.time()
-    for _kind, names, shown in plan.shown:
-        best: _Limit | None = None
-        least = 0
-        at = 0
-        for position, line in shown:
-            left = line.limit - int(values[position])
-            if best is None or left < least:
-                best, least, at = line, left, position
-        if best is not None:
-            headers[names[0]] = best.text
-            headers[names[1]] = str(least) if least > 0 else "0"
-            headers[names[2]] = openai_duration(values[at + 1] - now)
+    for names, shown in plan.shown:
+        position, best = shown[0]
+        least = best.limit - values[position]
+        for at, line in shown[1:]:
+            left = line.limit - values[at]
+            if left < least:
+                position, best, least = at, line, left
+        headers[names[0]] = best.text
+        headers[names[1]] = str(int(least)) if least > 0 else "0"
+        headers[names[2]] = openai_duration(values[position + 1] - now)
     return headers
 
 
