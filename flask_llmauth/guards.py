@@ -253,8 +253,7 @@ class Guards:
             try:
                 headers = guard.headers(admission)
                 if headers:
-                    for name, value in headers.items():
-                        response.headers[name] = value
+                    _set_headers(response, headers)
             except Exception:
                 log.exception("llmauth: guard %s failed to add headers", guard.name)
         if admission.settled:
@@ -288,6 +287,19 @@ class Guards:
         stream still being sent) took care of it."""
         if not admission.settled and not admission.scratch.get("_streaming"):
             self.settle(admission, admission.usage, True)
+
+
+def _set_headers(response: Response, headers: Mapping[str, str]) -> None:
+    """``response.headers[name] = value`` for each header: names the response does not
+    have yet are added without the search for an existing one that each assignment does."""
+    target = response.headers
+    present = {name.lower() for name, _ in target.items()}
+    for name, value in headers.items():
+        if name.lower() in present:
+            target[name] = value
+        else:
+            target.add(name, value)
+            present.add(name.lower())
 
 
 def _body_bytes(response: Response) -> bytes:

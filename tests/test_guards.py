@@ -202,3 +202,27 @@ def test_record_usage_validates_its_arguments() -> None:
         record_usage(-1)
     with pytest.raises(ValueError):
         record_usage(1, True)
+
+
+def test_guard_headers_are_set_as_item_assignment_would_set_them() -> None:
+    """Headers a guard adds replace any the response has (case-insensitively, one value
+    left) and are added when new: the same result as ``response.headers[name] = value``."""
+    from flask import Response
+
+    from flask_llmauth.guards import _set_headers
+
+    added = {"x-ratelimit-limit-requests": "10", "Retry-After": "3",
+             "x-ratelimit-remaining-requests": "9", "X-New": "a"}
+
+    def response() -> Response:
+        made = Response("x", headers=[("X-RateLimit-Limit-Requests", "old"),
+                                      ("retry-after", "9"), ("Retry-After", "8")])
+        return made
+
+    expected = response()
+    for name, value in added.items():
+        expected.headers[name] = value
+    actual = response()
+    _set_headers(actual, added)
+    assert list(actual.headers.items()) == list(expected.headers.items())
+    assert actual.headers.getlist("Retry-After") == ["3"]
