@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any
 
 import peewee
 from flask import Flask, current_app, request
@@ -261,27 +261,6 @@ def _as_datetime(value: Any) -> datetime | None:
 # -- the reservation -------------------------------------------------------------------------------
 
 
-class Part(NamedTuple):
-    """What one request reserved on one row (kept in ``admission.scratch`` and the
-    reservation row)."""
-
-    table: str
-    id: int
-    amount: int
-    #: Counter rows get the request's spend from the budgets module (entity rows from the
-    #: spend ledger).
-    counter: bool
-    order: tuple[Any, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What one request reserved: released exactly once (the reservation row is deleted)."""
-
-    request_id: str
-    parts: tuple[Part, ...]
-
-
 class _Refusal(Exception):
     def __init__(self, budget: Budget, spend: int, reserved: int, max_budget: int,
                  reset_at: datetime | None, need: int) -> None:
@@ -437,54 +416,6 @@ class Ledger:
                         for table, row_id, _order in ordered:
                             db.execute_sql(f'UPDATE "{table}" SET "spend" = "spend" + {p} '  # noqa: S608
                                            f'WHERE "id" = {p}', [cost, row_id])
-                    return
-                except peewee.OperationalError as exc:
-                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
-
-    def release_in(self, db: Any, items: Iterable[tuple[Reservation, int]]) -> None:
-        """Inside the caller's transaction: release each reservation (once: its row is
-        deleted) and add the request's cost to the counter rows it reserved on."""
-        p = self.p
-        releases: dict[tuple[str, int], int] = {}
-        spends: dict[tuple[str, int], int] = {}
-        orders: dict[tuple[str, int], tuple[Any, ...]] = {}
-        for reservation, cost in items:
-            if not reservation.parts:
-                continue
-            deleted = db.execute_sql(
-                f'DELETE FROM "{BudgetReservation._meta.table_name}" '  # noqa: S608
-                f'WHERE "request_id" = {p}', [reservation.request_id]).rowcount
-            for part in reservation.parts:
-                where = (part.table, part.id)
-                orders[where] = part.order
-                if deleted:
-                    releases[where] = releases.get(where, 0) + part.amount
-                if part.counter and cost:
-                    spends[where] = spends.get(where, 0) + cost
-        for where in sorted(set(releases) | set(spends), key=lambda w: orders[w]):
-            table, row_id = where
-            sql = (f'UPDATE "{table}" SET "reserved" = "reserved" - {p}, '  # noqa: S608
-                   f'"spend" = "spend" + {p} WHERE "id" = {p}')
-            db.execute_sql(sql, [releases.get(where, 0), spends.get(where, 0), row_id])
-
-    def release(self, reservation: Reservation, cost: int = 0, *,
-                entity_spend: bool = False) -> None:
-        """Release one reservation in its own transaction (refused requests, or no spend
-        ledger). ``entity_spend`` also adds ``cost`` to the entity rows."""
-        p = self.p
-        with self.store.use() as db:
-            for attempt in range(_RETRIES):
-                try:
-                    with db.atomic():
-                        if entity_spend and cost:
-                            for part in sorted(reservation.parts, key=lambda x: x.order):
-                                if not part.counter:
-                                    db.execute_sql(
-                                        f'UPDATE "{part.table}" SET "spend" = "spend" + {p} '  # noqa: S608
-                                        f'WHERE "id" = {p}', [cost, part.id])
-                        self.release_in(db, [(reservation, cost)])
                     return
                 except peewee.OperationalError as exc:
                     if attempt == _RETRIES - 1 or not _is_retryable(exc):

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -125,11 +126,11 @@ def _admin_url(url: str) -> str:
     return base + "/postgres"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty Postgres database for one test (dumped for leaks, then dropped)."""
-    if not POSTGRES_URL:
-        missing_peer("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A fresh, empty database on the test Postgres server: its URL, then, on exit, its
+    rows are dumped and searched for raw secrets and it is dropped."""
+    assert POSTGRES_URL
     name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
     admin = store_db.open_database(_admin_url(POSTGRES_URL))
     admin.execute_sql(f'CREATE DATABASE "{name}"')
@@ -143,6 +144,15 @@ def postgres_url() -> Iterator[str]:
         admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close_all() if hasattr(admin, "close_all") else admin.close()
         assert not leaks, f"raw secrets in database rows: {leaks}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for one test (dumped for leaks, then dropped)."""
+    if not POSTGRES_URL:
+        missing_peer("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    with fresh_postgres_database() as url:
+        yield url
 
 
 _SQLITE_TEMPLATE: list[str] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -20,9 +19,8 @@ import pytest
 import requests
 
 from flask_llmauth.money import to_units
-from flask_llmauth.store import db as store_db
 from flask_llmauth.store.tables import BudgetReservation, Key, Team
-from tests.conftest import POSTGRES_URL, _admin_url, dump_database, find_leaks
+from tests.conftest import POSTGRES_URL, fresh_postgres_database
 from tests.helpers import MASTER_KEY, bearer, new_key
 from tests.integration.test_ratelimits_multiprocess import (  # noqa: F401 - fixtures
     WORKERS,
@@ -52,19 +50,8 @@ def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         return
     if not POSTGRES_URL:
         pytest.skip("LLMAUTH_TEST_POSTGRES_URL is not set (.ci/run sets it)")
-    name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
-    server = store_db.open_database(_admin_url(POSTGRES_URL))
-    server.execute_sql(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_URL.rpartition("/")[0] + "/" + name
-    try:
+    with fresh_postgres_database() as url:
         yield url
-    finally:
-        leaks = find_leaks(dump_database(url))
-        server.execute_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        server.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        server.close()
-        assert not leaks, f"raw secrets in database rows: {leaks}"
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ import requests
 from flask import Flask
 
 from flask_llmauth import LLMAuth
-from flask_llmauth.store import db as store_db
-from tests.conftest import POSTGRES_URL, REDIS_URL, _admin_url, dump_database, find_leaks
+from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
 from tests.helpers import MASTER_KEY, bearer, new_key, random_key
 from tests.idp_fixture import peer_missing
 
@@ -134,19 +133,8 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not POSTGRES_URL:
         yield f"sqlite:///{tmp_path_factory.mktemp('db')}/gateway.db"
         return
-    name = f"llmauth_test_{uuid.uuid4().hex[:12]}"
-    admin = store_db.open_database(_admin_url(POSTGRES_URL))
-    admin.execute_sql(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_URL.rpartition("/")[0] + "/" + name
-    try:
+    with fresh_postgres_database() as url:
         yield url
-    finally:
-        leaks = find_leaks(dump_database(url))
-        admin.execute_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        admin.execute_sql(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
-        assert not leaks, f"raw secrets in database rows: {leaks}"
 
 
 @pytest.fixture(scope="module")
