@@ -118,7 +118,9 @@ class PriceTable:
     def __init__(self, prices: Mapping[str, Price], unknown: Price = FREE) -> None:
         self.prices = dict(prices)
         self.unknown = unknown
-        self._resolved: dict[str, Price | None] = {}
+        #: Model name -> its price, or ``None`` when the table does not know it (what
+        #: :meth:`lookup` found; a hot path may read it first).
+        self.memo: dict[str, Price | None] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -136,12 +138,12 @@ class PriceTable:
         if not model:
             return None
         try:
-            return self._resolved[model]
+            return self.memo[model]
         except KeyError:
             pass
         price = self._find(model)
-        if len(self._resolved) < _MEMO_LIMIT:
-            self._resolved[model] = price
+        if len(self.memo) < _MEMO_LIMIT:
+            self.memo[model] = price
         return price
 
     def _find(self, model: str) -> Price | None:
@@ -205,6 +207,10 @@ def cost_units(model: str | None, usage: Usage, settings: Any) -> int:
 def worst_case_units(model: str | None, body: Any, settings: Any) -> int:
     """The most a request can cost: its prompt estimate plus ``max_tokens`` (or
     ``LLMAUTH_DEFAULT_MAX_TOKENS`` when it asks for none) at ``model``'s price."""
-    price = prices_for(settings).price(model)
+    table = prices_for(settings)
+    price = table.memo.get(model) if model else None
+    if price is None:
+        price = table.price(model)
     completion = requested_max_tokens(body) or int(getattr(settings, "default_max_tokens", 0))
-    return _units(price, estimate_prompt_tokens(body), completion)
+    femto = estimate_prompt_tokens(body) * price.input + completion * price.output
+    return -(-femto // FEMTO_PER_UNIT)  # _units, inline

@@ -40,7 +40,7 @@ from flask import Flask, request
 from .authz.routes import RouteInfo
 from .errors import ConfigurationError, ServiceUnavailable
 from .guards import Admission
-from .prices import cost_units, prices_for
+from .prices import FEMTO_PER_UNIT, cost_units, prices_for
 from .principal import Principal
 from .store.db import Store
 from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
@@ -315,6 +315,7 @@ class SpendGuard:
     def __init__(self, settings: Any, ledger: SpendLedger) -> None:
         self.settings = settings
         self.ledger = ledger
+        self.prices = prices_for(settings)
 
     def wants(self, principal: Principal, route: RouteInfo) -> bool:
         return route.is_llm and (route.unsafe_only or request.method not in SAFE_METHODS)
@@ -326,24 +327,33 @@ class SpendGuard:
         model = admission.model
         body = None
         if usage is not None:
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            estimated = usage.estimated
-            cost = cost_units(model, usage, self.settings)
-            model = model or usage.model
+            prompt, completion, reported, estimated = usage
+            # cost_units(model, usage, settings), with the memo of known names read first
+            price = self.prices.memo.get(model) if model else None
+            if price is None:
+                price = self.prices.price(model, reported)
+            cost = -(-(prompt * price[0] + completion * price[1]) // FEMTO_PER_UNIT)
+            model = model or reported
         else:
             prompt = completion = cost = 0
             estimated = not failed  # an answer without usage: charged its prompt estimate,
             if estimated:  # which the ledger computes later, off the request path
                 body = admission.body
         principal = admission.principal
-        self.ledger.record(_spend_event((
+        event = _spend_event((
             admission.request_id, admission.started, time.time(), principal.key_id,
             principal.user_id, principal.team_id, principal.org_id,
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
             "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
             body,
-        )))
+        ))
+        ledger = self.ledger
+        queue = ledger._queue
+        if len(queue) < ledger.queue_limit:  # ledger.record(event), inline
+            queue.append(event)
+        else:
+            ledger.record(event)
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         return {}

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 #: Characters per token for estimates (the rule of thumb OpenAI documents for English).
 CHARS_PER_TOKEN = 4
 _MAX_EVENT_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
+    """Tokens one request used (immutable). A named tuple: one is built per LLM request,
+    and a frozen dataclass costs several times more to build."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str | None = None
@@ -33,7 +35,15 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+#: ``_usage((prompt, completion, model, estimated))``: a :class:`Usage` built without the
+#: Python-level ``__new__`` of a named tuple.
+_usage = partial(tuple.__new__, Usage)
+
+
 def _int(value: Any) -> int:
+    """A positive token count, else 0 (``bool`` is not a count)."""
+    if type(value) is int:
+        return value if value > 0 else 0
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -85,7 +95,7 @@ def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
     """The completion cap a request asks for (``max_tokens``/``max_completion_tokens``)."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return None
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = _int(body.get(name))
@@ -96,20 +106,24 @@ def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
 
 def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
     """Usage reported in a JSON response body (OpenAI or Anthropic shape), if any."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return None
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
-    model = body.get("model") if isinstance(body.get("model"), str) else model
+    reported = body.get("model")
+    if type(reported) is str or isinstance(reported, str):
+        model = reported
     if "input_tokens" in usage or "output_tokens" in usage:  # Anthropic, OpenAI Responses
         prompt = (_int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
                   + _int(usage.get("cache_read_input_tokens")))
-        return Usage(prompt, _int(usage.get("output_tokens")), model)
+        return _usage((prompt, _int(usage.get("output_tokens")), model, False))
     prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-    if not completion and _int(usage.get("total_tokens")) > prompt:
-        completion = _int(usage["total_tokens"]) - prompt
-    return Usage(prompt, completion, model)
+    if not completion:
+        total = _int(usage.get("total_tokens"))
+        if total > prompt:
+            completion = total - prompt
+    return _usage((prompt, completion, model, False))
 
 
 class StreamUsage:

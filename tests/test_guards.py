@@ -170,9 +170,34 @@ def test_guards_only_see_requests_they_want(guarded: Any) -> None:
     ({"usage": {"prompt_tokens": -5, "completion_tokens": True}}, Usage(0, 0, None)),
     ({"usage": "lots"}, None),
     ([], None),
+    ({"model": 7, "usage": {"prompt_tokens": 2.5, "completion_tokens": "3"}}, Usage(0, 0, None)),
+    ({"usage": {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 3}}, Usage(4, 0)),
+    ({"usage": {"input_tokens": 3, "cache_read_input_tokens": 5, "output_tokens": False}},
+     Usage(8, 0)),
 ])
 def test_usage_from_body(body: Any, expected: Usage | None) -> None:
     assert usage_from_body(body) == expected
+
+
+class _IntCount(int):
+    pass
+
+
+class _Name(str):
+    pass
+
+
+def test_usage_from_body_reads_any_mapping_int_and_str_subclass() -> None:
+    """The fast paths for plain dicts, ints and strs answer what the general ones do."""
+    from types import MappingProxyType
+
+    body = MappingProxyType({"model": _Name("m2"), "usage": MappingProxyType(
+        {"prompt_tokens": _IntCount(5), "total_tokens": _IntCount(9)})})
+    usage = usage_from_body(body, "m1")
+    assert usage == Usage(5, 4, "m2") and type(usage) is Usage
+    assert (usage.total_tokens, usage.estimated) == (9, False)
+    with pytest.raises(AttributeError):
+        usage.prompt_tokens = 1  # type: ignore[misc]
 
 
 def test_anthropic_stream_usage_across_events_and_split_chunks() -> None:

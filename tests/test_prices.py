@@ -147,7 +147,17 @@ def test_worst_case_of_an_unknown_model_uses_the_unknown_price() -> None:
     s = settings(unknown_model_price={"output_cost_per_token": "0.000001"},
                  default_max_tokens=100)
     assert worst_case_units("mystery", {}, s) == 100_000
+    assert worst_case_units("mystery", {}, s) == 100_000  # the memo knows it is unknown
     assert worst_case_units("mystery", {}, settings()) == 0
+
+
+def test_worst_case_is_the_same_with_the_price_memo_cold_and_warm() -> None:
+    s = settings(default_max_tokens=100)
+    body = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 7}
+    for model in ("openai/gpt-4o", "gpt-4o-2099-01-01", "gpt-4o", None, ""):
+        expected = cost_units(model, Usage(13, 7), s)
+        assert [worst_case_units(model, body, s) for _ in range(2)] == [expected] * 2, model
+    assert worst_case_units("gpt-4o", body, s) > 0
 
 
 @pytest.mark.parametrize("bad,fragment", [
@@ -166,7 +176,7 @@ def test_memo_of_model_names_is_bounded() -> None:
     table = PriceTable({})
     for i in range(5000):
         table.price(f"hostile-{i}")
-    assert len(table._resolved) <= 4096 and len(table._warned) <= 4096
+    assert len(table.memo) <= 4096 and len(table._warned) <= 4096
 
 
 def _reference_prompt_estimate(body: Any) -> int:

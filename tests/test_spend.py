@@ -546,3 +546,24 @@ def test_database_outage_keeps_events_queued_until_it_is_back(app_factory: Any,
         proxy.cut()
         state.close()
         proxy.restore()
+
+
+def test_price_of_the_requested_name_then_the_reported_one_cold_and_memoised(
+        app_factory: Any, db_url: str) -> None:
+    """A request model the table does not know is priced by the model the response names,
+    the same on the first request (no memo yet) and after (the memo holds ``None``)."""
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600,
+                       "LLMAUTH_UNKNOWN_MODEL_PRICE": {"input_cost_per_token": "0.000005"}},
+                      db_url=db_url, routes=False)
+    add_views(app)
+    client = app.test_client()
+    auth = bearer(new_key(client, models=[])["key"])
+    for model in ("alias-of-m-in", "alias-of-m-in", "m-in", "m-in", "nowhere"):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+    body = {"model": "nowhere", "messages": []}
+    assert client.post("/v1/embeddings", json=body, headers=auth).status_code == 200
+    assert flush(app) == 6
+    # the response names m-in (chat) or emb (embeddings): its price applies whenever the
+    # requested name is unknown; a known requested name wins
+    assert [r.spend for r in rows(app)] == [11 * IN + 7 * OUT] * 5 + [40 * 100]
