@@ -528,12 +528,14 @@ class Budgets:
         self.leases = Leases(self.ledger, self.settings)
         self.app = app
         self._model_names = state.models.names_for
-        self._plans: dict[tuple[Any, ...], tuple[Any, Any, list[Budget]]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
         self._budgeted = PrincipalMemo(has_budget)
         #: Every LLM request must be seen: there is a global budget.
         self.always = self.settings.max_budget is not None
-        #: Set when the spend ledger takes over settlement (``ledger.on_batch``).
+        #: Set when the spend ledger takes over settlement (``ledger.on_batch``): the
+        #: ledger and the spend guard, whose events write the spend of the requests it sees.
         self.spend_ledger: Any = None
+        self.spend_guard: Any = None
 
     # -- Guard protocol ------------------------------------------------------------------------
 
@@ -558,27 +560,25 @@ class Budgets:
             or _units(getattr(customer, "soft_budget", None)) is not None)
 
     def admit(self, admission: Admission) -> None:
-        budgets = self._plan(admission)
-        if not budgets:
+        plan = self._plan(admission)
+        if plan is None:
             return
+        limited, soft_only = plan
         amount = worst_case_units(admission.model, admission.body, self.settings)
         request_id = admission.request_id
         leases: list[Lease] = []
         crossed: list[tuple[Budget, int]] = []
-        soft_only: list[Budget] = []
         rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
         now = time.time()
+        admit = self.leases.admit
         try:
-            for budget in budgets:
-                if budget.max_budget is None:
-                    soft_only.append(budget)
-                    continue
-                lease, seen = self.leases.admit(request_id, budget, amount, now)
+            for budget in limited:  # in lock order; the soft-only rows after them
+                lease, seen = admit(request_id, budget, amount, now)
                 leases.append(lease)
                 if seen:
                     crossed += seen
             if soft_only:
-                rows, seen = self.ledger.touch_soft(soft_only)
+                rows, seen = self.ledger.touch_soft(list(soft_only))
                 crossed += seen
         except BaseException as exc:
             for lease in leases:
@@ -604,7 +604,8 @@ class Budgets:
             for lease in ticket.leases:
                 lease.release(request_id)
             return
-        if self._spend_writes_event(admission):
+        if self.spend_guard is not None and self.spend_guard in admission.scratch.get(
+                "_guards", ()):
             # the spend ledger writes the spend; the lease learns it from its batch
             for lease in ticket.leases:
                 lease.finish(request_id, written=False)
@@ -653,17 +654,12 @@ class Budgets:
             db.execute_sql(f'UPDATE "{where[0]}" SET "spend" = "spend" + {p} '  # noqa: S608
                            f'WHERE "id" = {p}', [spends[where], where[1]])
 
-    def _spend_writes_event(self, admission: Admission) -> bool:
-        if self.spend_ledger is None:
-            return False
-        for guard in admission.scratch.get("_guards", ()):
-            if guard.name == "spend":
-                return True
-        return False
-
     # -- internals -----------------------------------------------------------------------------
 
-    def _plan(self, admission: Admission) -> list[Budget]:
+    def _plan(self, admission: Admission) -> tuple[tuple[Budget, ...], tuple[Budget, ...]] | None:
+        """The budgets of this request, in lock order: those with a limit (admitted from
+        leases) and the soft-only ones; ``None`` when none applies. Kept per principal
+        object, model and end user (a cached key's principal is reused until it changes)."""
         principal, customer = admission.principal, admission.customer
         cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
         hit = self._plans.get(cache_key)
@@ -673,10 +669,12 @@ class Budgets:
         if admission.model and principal.key is not None and principal.key.model_max_budget:
             names = self._model_names(principal, admission.model) or (admission.model,)
         budgets = resolve(principal, names, admission.end_user_id, customer, self.settings)
+        plan = (tuple(b for b in budgets if b.max_budget is not None),
+                tuple(b for b in budgets if b.max_budget is None)) if budgets else None
         if len(self._plans) >= 10_000:
             self._plans.clear()
-        self._plans[cache_key] = (principal, customer, budgets)
-        return budgets
+        self._plans[cache_key] = (principal, customer, plan)
+        return plan
 
     def _refuse(self, admission: Admission, refusal: _Refusal) -> None:
         budget = refusal.budget

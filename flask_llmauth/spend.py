@@ -373,11 +373,13 @@ def install(state: Any, app: Flask) -> None:
                          queue_limit=settings.spend_queue_limit,
                          price=lambda model, usage: cost_units(model, usage, settings))
     state.spend_ledger = ledger
-    state.guards.add(SpendGuard(settings, ledger))
+    guard = SpendGuard(settings, ledger)
+    state.guards.add(guard)
     state.background.every(settings.spend_flush_interval, "spend", ledger.flush)
     budgets = getattr(state, "budgets", None)
     if budgets is not None and callable(getattr(budgets, "on_batch", None)):
         budgets.spend_ledger = ledger  # budgets release reservations in the batch
+        budgets.spend_guard = guard
         ledger.on_batch(budgets.on_batch)
 
 
