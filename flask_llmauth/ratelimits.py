@@ -1084,7 +1084,8 @@ class RateLimits:
         counters, plan, _headers = taken
         uncount = bool(scratch.get("_refused"))  # a later guard refused it: not counted
         tokens = 0 if uncount or usage is None else (
-            usage.total_tokens if self.tokens_counted == "total" else self._tokens(usage))
+            usage.prompt_tokens + usage.completion_tokens if self.tokens_counted == "total"
+            else self._tokens(usage))
         try:
             counters.settle(plan, tokens, uncount, self.window, self.lease)
         except StorageDown as exc:
