@@ -497,6 +497,29 @@ def test_concurrent_requests_never_pass_the_budget(make: Any) -> None:
     assert admitted >= 5  # at least what fits when every reservation is at its worst
 
 
+def test_an_extended_lease_row_holds_what_its_budget_row_holds_for_it(make: Any) -> None:
+    """Each lease transaction after the first rewrites the lease row's parts: they always
+    name what the lease adds to the budget row's ``reserved``, so an expired lease is
+    released exactly."""
+    app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60, LLMAUTH_BUDGET_LEASE_REQUESTS=2)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000_000))
+    state = app.extensions["llmauth"]
+    amounts = set()
+    for i in range(7):  # several extensions of the lease (2 worst cases at a time)
+        assert chat(client, key["key"], completion=3, max_tokens=10 + 5 * i).status_code == 200
+        held = row_without_give_back(app, Key, key_id=key["key_id"])
+        lease_row = row_without_give_back(app, BudgetReservation)
+        assert lease_row.parts == [["llmauth_key", held.id, held.reserved, False,
+                                    held.created_at.isoformat()]]
+        amounts.add(held.reserved)
+    assert len(amounts) > 1  # the row was rewritten, not only written once
+    state.budgets.leases._reseed()  # the process is gone: nobody gives this lease back
+    assert state.budgets.ledger.sweep(utcnow() + timedelta(seconds=61)) == 1
+    k = row_without_give_back(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (7 * 3000, 0)
+
+
 def test_the_lease_of_a_crashed_process_expires_and_is_released(make: Any) -> None:
     app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
     client = app.test_client()
