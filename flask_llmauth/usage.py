@@ -126,6 +126,34 @@ def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
     return _usage((prompt, completion, model, False))
 
 
+#: The scanner ``json.loads`` ends up in (the default decoder's settings).
+_scan_once = json.JSONDecoder().scan_once
+
+
+def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
+    """``usage_from_body(json.loads(data), model)`` for a response body, ``None`` when the
+    body is not JSON (or has no usage). A body without the bytes ``"usage"`` is not parsed.
+
+    A body that starts with ``{`` followed by a non-zero byte (which ``json.loads`` reads
+    as UTF-8) goes straight to the scanner ``json.loads`` uses, without its encoding
+    detection and whitespace matches; trailing data other than JSON whitespace is refused
+    as ``json.loads`` refuses it. Anything else goes through ``json.loads``.
+    """
+    if b'"usage"' not in data:
+        return None
+    try:
+        if data[:1] == b"{" and data[1:2] != b"\x00":
+            text = data.decode("utf-8", "surrogatepass")
+            body, end = _scan_once(text, 0)
+            if end != len(text) and text[end:].strip(" \t\n\r"):
+                return None  # json.loads: "Extra data"
+        else:
+            body = json.loads(data)
+    except (ValueError, StopIteration):
+        return None
+    return usage_from_body(body, model)
+
+
 class StreamUsage:
     """Reads server-sent events as they pass and keeps the usage they report."""
 

@@ -251,3 +251,58 @@ def test_guard_headers_are_set_as_item_assignment_would_set_them() -> None:
     _set_headers(actual, added)
     assert list(actual.headers.items()) == list(expected.headers.items())
     assert actual.headers.getlist("Retry-After") == ["3"]
+
+
+def _reference_usage_from_json(data: bytes, model: str | None) -> Usage | None:
+    """What the guards did before ``usage_from_json``: ``json.loads`` then the body."""
+    if b'"usage"' not in data:
+        return None
+    try:
+        return usage_from_body(json.loads(data), model)
+    except ValueError:
+        return None
+
+
+def _usage_samples() -> list[bytes]:
+    import random
+
+    rng = random.Random(11)
+    usage_blocks = [{"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+                    {"input_tokens": 4, "output_tokens": 2, "cache_read_input_tokens": 1},
+                    {"prompt_tokens": 5, "total_tokens": 8}, "none", None, [1]]
+    bodies: list[Any] = []
+    for _ in range(300):
+        body: dict[str, Any] = {"object": "chat.completion", "choices": [
+            {"message": {"content": rng.choice(["hi", '"usage": {"x": 1}', "é\u2028\U0001f600"]),
+                         "usage": {"prompt_tokens": 999}}}]}
+        if rng.random() < 0.8:
+            body["usage"] = rng.choice(usage_blocks)
+        if rng.random() < 0.5:
+            body["model"] = rng.choice(["gpt-4o", 7, "m\u00e9"])
+        bodies.append(body)
+    samples = []
+    for body in bodies:
+        text = json.dumps(body, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 2]), sort_keys=rng.random() < 0.5)
+        text = rng.choice(["", " ", "\n\t"]) + text + rng.choice(["", "\n", " \r\n", " x", "{}"])
+        encoding = rng.choice(["utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-32"])
+        samples.append(text.encode(encoding))
+    samples += [b'{"usage": {"prompt_tokens": 1}', b'{"usage"', b'{"usage": 1}} ', b"[]",
+                b'["usage"]', b'{"usage": {"prompt_tokens": 2}}\x00', b'{\x00"usage"',
+                b'{"usage": {"prompt_tokens": 3}, "usage": {"prompt_tokens": 4}}',
+                b'{"usage": {"prompt_tokens": 5}}\xff', b'{"a": "\xff", "usage": {}}',
+                b'{"usage": {"prompt_tokens": 6}, "model": "\\ud800"}', b"", b"{",
+                b'{"usage": {"prompt_tokens": NaN, "completion_tokens": 1e400}}']
+    return samples
+
+
+def test_usage_from_json_answers_what_json_loads_and_usage_from_body_answer() -> None:
+    from flask_llmauth.usage import usage_from_json
+
+    samples = _usage_samples()
+    found = 0
+    for data in samples:
+        expected = _reference_usage_from_json(data, "asked")
+        assert usage_from_json(data, "asked") == expected, data
+        found += expected is not None
+    assert 30 < found < len(samples) - 30  # both outcomes are exercised
