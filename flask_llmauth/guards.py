@@ -37,7 +37,6 @@ guard runs first and fills two slots later guards read:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -49,7 +48,7 @@ from flask import Response, g, request
 from .authz.policy import SAFE_METHODS
 from .authz.routes import RouteInfo
 from .principal import Principal
-from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_body
+from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_json
 
 log = logging.getLogger("flask_llmauth")
 
@@ -269,12 +268,7 @@ class Guards:
             return response
         usage = admission.usage
         if usage is None and not failed and _is_json(response):
-            data = _body_bytes(response)
-            if b'"usage"' in data:  # no usage block, nothing to parse
-                try:
-                    usage = usage_from_body(json.loads(data), admission.model)
-                except ValueError:
-                    usage = None
+            usage = usage_from_json(_body_bytes(response), admission.model)
         self.settle(admission, usage, failed)
         return response
 
