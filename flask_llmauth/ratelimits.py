@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from math import ceil
 from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -1211,7 +1212,10 @@ def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
                 position, best, least = at, line, left
         headers[names[0]] = best.text
         headers[names[1]] = str(int(least)) if least > 0 else "0"
-        headers[names[2]] = openai_duration(values[position + 1] - now)
+        wait = values[position + 1] - now
+        # openai_duration(wait), its memo of whole seconds read first
+        text = _WHOLE_SECONDS.get(ceil(wait)) if wait >= 1 else None
+        headers[names[2]] = text if text is not None else openai_duration(wait)
     return headers
 
 

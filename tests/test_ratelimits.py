@@ -773,3 +773,18 @@ def test_memory_storage_purges_expired_keys_without_a_thread_per_request(
                                           (360, "6m0s"), (3723, "1h2m3s")])
 def test_openai_duration(seconds: float, text: str) -> None:
     assert openai_duration(seconds) == text
+
+
+def test_reset_headers_of_a_new_window_with_the_duration_memo_cold_and_warm(make: Any) -> None:
+    from flask_llmauth import ratelimits
+
+    client = make().test_client()
+    key = new_key(client, rpm_limit=5, tpm_limit=1000)["key"]
+    ratelimits._WHOLE_SECONDS.clear()
+    for _ in range(2):  # computed, then read from the memo
+        response = chat(client, key)
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-reset-requests"] in ("1m0s", "59s")
+        assert response.headers["x-ratelimit-reset-tokens"] in ("1m0s", "59s")
+    assert set(ratelimits._WHOLE_SECONDS.values()) <= {"1m0s", "59s"}
+    assert ratelimits._WHOLE_SECONDS
