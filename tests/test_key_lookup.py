@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from flask_llmauth.authn.virtual_key import key_principal, key_tags
+from flask_llmauth.principal import Principal, Role
 from flask_llmauth.store.db import SQLITE_MMAP_SIZE, KeyRow, Store
 from flask_llmauth.store.records import (
     KeyRecord,
@@ -122,6 +124,20 @@ def test_the_lookup_returns_what_peewee_reads(store: Store) -> None:
     assert store.key_by_id("k-missing") is None
 
 
+def test_a_value_the_fast_conversion_refuses_gets_peewees_conversion(store: Store) -> None:
+    if not store.url.startswith("sqlite"):
+        pytest.skip("only SQLite stores a timestamp column as free text")
+    _fill(store)
+    with store.use() as db:
+        db.execute_sql('UPDATE "llmauth_key" SET "created_at" = ?, "blocked" = ? '
+                       'WHERE "key_id" = ?', ("not a timestamp", 1, "k-bare"))
+        expected = _expected("d-bare")
+    # datetime.fromisoformat refuses the text; Peewee's own conversion keeps it as text.
+    assert expected.key.created_at == "not a timestamp" and expected.key.blocked is True
+    assert store.key_by_digest("d-bare") == expected
+    assert store.key_by_id("k-bare") == expected
+
+
 def test_records_of_two_lookups_share_no_mutable_value(store: Store) -> None:
     _fill(store)
     first, second = store.key_by_digest("d-full"), store.key_by_digest("d-full")
@@ -159,3 +175,32 @@ def test_sqlite_reads_through_a_memory_map_and_writes_through_the_wal(tmp_path: 
             assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     finally:
         store.close()
+
+
+def test_the_principal_of_a_looked_up_key(store: Store) -> None:
+    """key_principal builds the tuple positionally: it must equal the keyword-built one."""
+    _fill(store)
+    full = store.key_by_digest("d-full")
+    assert full is not None and full.user is not None and full.team is not None
+    assert key_principal(full) == Principal(
+        method="virtual_key", role=Role.INTERNAL_USER, user_id="u-full",
+        user_email="u@example.com", team_id="t-full", org_id="org-1", key_id="k-full",
+        key_name="sk-...full", key_alias=ODD_TEXT, allowed_routes=("llm_api_routes",),
+        key=full.key, team=full.team, user=full.user, membership=full.membership,
+        metadata={"tags": [ODD_TEXT], "n": -0.5})
+    assert key_tags(key_principal(full)) == ("key:k-full", "team:t-full", "user:u-full")
+    bare = store.key_by_digest("d-bare")
+    assert bare is not None
+    principal = key_principal(bare)
+    assert principal == Principal(method="virtual_key", role=Role.INTERNAL_USER_VIEWER,
+                                  key_id="k-bare", key_name="sk-...bare", key=bare.key)
+    assert principal.metadata == {} and principal.limits == {} and principal.scopes == set()
+    assert key_tags(principal) == ("key:k-bare",)
+    team_only = store.key_by_digest("d-team-only")
+    assert team_only is not None
+    assert key_principal(team_only).role is Role.TEAM
+    assert key_tags(key_principal(team_only)) == ("key:k-team-only", "team:t-full")
+    dangling = store.key_by_digest("d-dangling")
+    assert dangling is not None
+    assert key_principal(dangling).role is Role.INTERNAL_USER
+    assert key_tags(key_principal(dangling)) == ("key:k-dangling", "team:t-none", "user:u-none")

@@ -38,12 +38,14 @@ def epoch(value: datetime | None) -> float:
 
 
 def key_tags(principal: Principal) -> tuple[str, ...]:
-    tags = [f"key:{principal.key_id}"]
-    if principal.team_id:
-        tags.append(f"team:{principal.team_id}")
-    if principal.user_id:
-        tags.append(f"user:{principal.user_id}")
-    return tuple(tags)
+    key_id, team_id, user_id = principal.key_id, principal.team_id, principal.user_id
+    if team_id:
+        if user_id:
+            return (f"key:{key_id}", f"team:{team_id}", f"user:{user_id}")
+        return (f"key:{key_id}", f"team:{team_id}")
+    if user_id:
+        return (f"key:{key_id}", f"user:{user_id}")
+    return (f"key:{key_id}",)
 
 
 _ROLE_OF_VALUE: dict[object, Role] = {role.value: role for role in Role}
@@ -60,9 +62,23 @@ def stored_role(value: str | None) -> Role:
         return Role.INTERNAL_USER
 
 
+#: Principal's fields in the order :func:`key_principal` fills them (it builds the tuple
+#: positionally, one C call instead of a keyword ``__new__`` per cold lookup).
+_PRINCIPAL_ORDER = ("method", "role", "user_id", "user_email", "team_id", "org_id",
+                    "end_user_id", "key_id", "key_name", "key_alias", "scopes",
+                    "allowed_routes", "models", "key", "team", "user", "membership", "claims",
+                    "metadata", "limits")
+if Principal._fields != _PRINCIPAL_ORDER:  # pragma: no cover - guards an edit of Principal
+    raise ImportError("Principal's fields changed: update key_principal")
+_SCOPES = Principal._field_defaults["scopes"]
+_MODELS = Principal._field_defaults["models"]
+_LIMITS = Principal._field_defaults["limits"]
+_new = tuple.__new__
+
+
 def key_principal(row: KeyRow) -> Principal:
     """The principal a key stands for, built once per cache fill."""
-    key, user, team = row.key, row.user, row.team
+    key, team, user, membership = row
     if user is not None:
         role = stored_role(user.user_role)
     elif key.user_id:
@@ -71,23 +87,13 @@ def key_principal(row: KeyRow) -> Principal:
         role = Role.TEAM
     else:
         role = Role.INTERNAL_USER_VIEWER
-    return Principal(
-        method="virtual_key",
-        role=role,
-        user_id=key.user_id,
-        user_email=user.user_email if user else None,
-        team_id=key.team_id,
-        org_id=key.organization_id or (team.organization_id if team else None),
-        key_id=key.key_id,
-        key_name=key.key_name,
-        key_alias=key.key_alias,
-        allowed_routes=tuple(key.allowed_routes or ()),
-        key=key,
-        team=team,
-        user=user,
-        membership=row.membership,
-        metadata=key.metadata or {},
-    )
+    routes = key.allowed_routes
+    return _new(Principal, (  # type: ignore[return-value]
+        "virtual_key", role, key.user_id, None if user is None else user.user_email,
+        key.team_id, key.organization_id or (None if team is None else team.organization_id),
+        None, key.key_id, key.key_name, key.key_alias, _SCOPES,
+        tuple(routes) if routes else (), _MODELS, key, team, user, membership, None,
+        key.metadata or {}, _LIMITS))
 
 
 def _denial(row: KeyRow) -> tuple[str, str] | None:
@@ -162,6 +168,9 @@ class VirtualKeyAuthenticator:
                                     generation=negative_generation)
             raise Unauthenticated(reason="unknown_key")
         principal = key_principal(row)
-        entry = CachedKey(principal, min(deadline, epoch(row.key.expires)), _denial(row))
+        expires = row.key.expires
+        if expires is not None:
+            deadline = min(deadline, epoch(expires))
+        entry = _new(CachedKey, (principal, deadline, _denial(row)))
         self.cache.set(digest, entry, self.ttl, key_tags(principal), generation=generation)
         return entry

@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,6 +158,28 @@ class _RecordReader:
                     values[position] = exact(value)
         return tuple.__new__(self.record_type, values)  # a record is a named tuple
 
+    def compile(self, width: int) -> Callable[[list[Any]], Any]:
+        """The same as :meth:`read`, as one generated function without a loop: each value
+        that needs converting is converted inline (``None`` kept), the record is built from
+        one tuple display. ``values`` may be any sequence. A value the fast converter refuses
+        sends the whole row to :meth:`read` (the fast path changes nothing in ``values``, so
+        it starts over from the driver's values)."""
+        fast = {position: convert for position, convert, _ in self.converters}
+        items = [f"v[{i}]" if i not in fast else f"(None if v[{i}] is None else f{i}(v[{i}]))"
+                 for i in range(width)]
+        source = ("def read(v):\n"
+                  "    try:\n"
+                  f"        return new(record, ({', '.join(items)},))\n"
+                  "    except (TypeError, ValueError):\n"
+                  "        return slow(v)\n")
+        namespace: dict[str, Any] = {f"f{i}": convert for i, convert in fast.items()}
+        namespace.update(new=tuple.__new__, record=self.record_type,
+                         slow=lambda values: self.read(list(values)))
+        exec(compile(source, f"<{self.record_type.__name__} reader>", "exec"),  # noqa: S102
+             namespace)
+        read: Callable[[list[Any]], Any] = namespace["read"]
+        return read
+
 
 def _sqlite_has_json() -> bool:
     """Whether this SQLite library has the JSON functions (built in since 3.38)."""
@@ -273,6 +295,10 @@ class Store:
                 if (pair := _converters(f, self._packed)) is not None))
             for (_, _, fields), table_record in zip(
                 self._parts, (KeyRecord, TeamRecord, UserRecord, MembershipRecord), strict=True)]
+        #: One generated function per joined table (see _RecordReader.compile).
+        self._key_reader, self._team_reader, self._user_reader, self._member_reader = (
+            reader.compile(len(fields))
+            for reader, (_, _, fields) in zip(self._readers, self._parts, strict=True))
         self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
 
     def _build_key_sql(self, where_column: str) -> str:
@@ -298,6 +324,16 @@ class Store:
             f'WHERE k."{where_column}" = {p}'
         )
 
+    def _cursor(self) -> Any:
+        """This thread's cursor for the prebuilt statements, kept per connection: a new
+        cursor per lookup costs an object and the weak reference its connection keeps."""
+        connection = self.db.connection()
+        local = self._local
+        cursor = getattr(local, "cursor", None)
+        if cursor is None or cursor.connection is not connection:
+            cursor = local.cursor = connection.cursor()
+        return cursor
+
     def _fetch_row(self, sql: str, params: tuple[Any, ...]) -> Any:
         """The first row of a prebuilt statement (which names its tables, so the models need
         no binding). Errors are reported as :meth:`use` reports them."""
@@ -306,7 +342,7 @@ class Store:
                 return db.execute_sql(sql, params).fetchone()
         try:
             try:
-                cursor = self.db.cursor()
+                cursor = self._cursor()
                 cursor.execute(sql, params)
                 return cursor.fetchone()
             except Exception:
@@ -322,15 +358,19 @@ class Store:
         row = self._fetch_row(self._key_sql[column], (value,))
         if row is None:
             return None
-        readers = self._readers
-        if self._packed:  # SQLite's own JSON: raw_decode parses all of it
-            return KeyRow(*[None if text is None else reader.read(_decode(text)[0])
-                            for reader, text in zip(readers, row, strict=True)])
+        if self._packed:  # SQLite's own JSON: raw_decode parses each table's array
+            key, team, user, member = row
+            return tuple.__new__(KeyRow, (  # type: ignore[return-value]
+                self._key_reader(_decode(key)[0]),
+                None if team is None else self._team_reader(_decode(team)[0]),
+                None if user is None else self._user_reader(_decode(user)[0]),
+                None if member is None else self._member_reader(_decode(member)[0])))
         records: list[Any] = []
         start = 0
-        for reader, (_, _, fields) in zip(readers, self._parts, strict=True):
+        for read, (_, _, fields) in zip((self._key_reader, self._team_reader, self._user_reader,
+                                         self._member_reader), self._parts, strict=True):
             end = start + len(fields)
-            records.append(None if row[start] is None else reader.read(list(row[start:end])))
+            records.append(None if row[start] is None else read(row[start:end]))
             start = end
         return KeyRow(*records)
 
