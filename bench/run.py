@@ -40,6 +40,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -329,6 +330,22 @@ class Workload:
 
 # -- drivers -------------------------------------------------------------------------------
 
+#: ``--gc-off``: the cyclic garbage collector is disabled during each timed loop (and run
+#: between loops), which shows how much of a path's time its collections take.
+GC_OFF = False
+#: Minor page faults per request of each timed batch, by (driver, variant).
+FAULTS: dict[tuple[str, str], list[float]] = {}
+
+
+def _timed_loop_starts() -> None:
+    gc.collect()
+    if GC_OFF:
+        gc.disable()
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
 
 def run_wsgi(app: Flask, headers: Sequence[dict[str, str]],
              marker: Callable[[], object] = int) -> tuple[int, int]:
@@ -342,7 +359,7 @@ def run_wsgi(app: Flask, headers: Sequence[dict[str, str]],
     def start_response(status: str, response_headers: Any, exc_info: Any = None) -> Any:
         append(status)
 
-    gc.collect()
+    _timed_loop_starts()
     marker()
     started = time.perf_counter_ns()
     for template in templates:
@@ -356,6 +373,7 @@ def run_wsgi(app: Flask, headers: Sequence[dict[str, str]],
             close()
     elapsed = time.perf_counter_ns() - started
     marker()
+    gc.enable()
     return elapsed, sum(1 for s in statuses if not s.startswith("200"))
 
 
@@ -363,7 +381,7 @@ def run_test_client(app: Flask, headers: Sequence[dict[str, str]],
                     marker: Callable[[], object] = int) -> tuple[int, int]:
     client = app.test_client()
     bad = 0
-    gc.collect()
+    _timed_loop_starts()
     marker()
     started = time.perf_counter_ns()
     for h in headers:
@@ -373,6 +391,7 @@ def run_test_client(app: Flask, headers: Sequence[dict[str, str]],
         response.close()
     elapsed = time.perf_counter_ns() - started
     marker()
+    gc.enable()
     return elapsed, bad
 
 
@@ -384,8 +403,10 @@ DRIVER_FUNCTIONS: dict[str, Callable[..., tuple[int, int]]] = {
 def measure(work: Workload, driver: str, variant: str, count: int,
             marker: Callable[[], object] = int) -> float:
     """µs per request for one batch (fails loudly if any request was not a 200)."""
-    elapsed, bad = DRIVER_FUNCTIONS[driver](work.app_for(variant),
-                                            work.request_headers(variant, count), marker)
+    headers = work.request_headers(variant, count)
+    faults = _minor_faults()
+    elapsed, bad = DRIVER_FUNCTIONS[driver](work.app_for(variant), headers, marker)
+    FAULTS.setdefault((driver, variant), []).append((_minor_faults() - faults) / count)
     if bad:
         raise SystemExit(f"{variant}/{driver}: {bad} of {count} requests were not 200")
     return elapsed / count / 1000
@@ -500,7 +521,13 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
     lines.append(f"| jwt.decode alone (RS256, same token) | raw | {statistics.median(decode):.1f} "
                  f"| {min(decode):.1f} | | |")
     out = "\n".join(lines)
-    out += f"\n\n{rounds} interleaved rounds × {count} requests per variant and driver.\n"
+    out += f"\n\n{rounds} interleaved rounds × {count} requests per variant and driver"
+    out += " (cyclic garbage collector off in the timed loops).\n" if GC_OFF else ".\n"
+    faults = [f"{variant} {statistics.median(FAULTS[('wsgi', variant)]):.2f}"
+              for variant in ("virtual_key_cached", "virtual_key_cold")
+              if FAULTS.get(("wsgi", variant))]
+    if faults:
+        out += f"Minor page faults per request (wsgi, median of batches): {', '.join(faults)}.\n"
     if spend_write and any(v is not None for v in spend_write.values()):
         out += ("\nSpend ledger's batched write, per event (background thread, not in the "
                 "figures above):\n\n| path | µs per event | instructions per event |\n"
@@ -610,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="extra settings for the extension's app, as a JSON object "
                              "(e.g. '{\"LLMAUTH_RATELIMIT_ENABLED\": false}')")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--gc-off", action="store_true",
+                        help="disable the cyclic garbage collector during the timed loops "
+                             "(shows what its collections cost each path)")
     parser.add_argument("--db-dir", type=Path, default=HERE,
                         help="where the key database is built and kept (bench/)")
     parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
@@ -622,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         callgrind_child(args.database, args.count, args.warmup, args.config)
         return ""
 
+    global GC_OFF
+    GC_OFF = args.gc_off
     database = keydb.ensure(args.db_dir / f"keys-{args.keys}.db", args.keys)
     print(f"machine: {machine()}")
     print(f"load average at start: {load()}")
