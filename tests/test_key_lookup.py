@@ -4,6 +4,8 @@ JSON arrays, and unpacked) and on Postgres."""
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
@@ -204,3 +206,25 @@ def test_the_principal_of_a_looked_up_key(store: Store) -> None:
     assert dangling is not None
     assert key_principal(dangling).role is Role.INTERNAL_USER
     assert key_tags(key_principal(dangling)) == ("key:k-dangling", "team:t-none", "user:u-none")
+
+
+def test_the_kept_lookup_cursor_holds_no_read_transaction(tmp_path: Any) -> None:
+    """Between lookups the thread's cursor pins no WAL snapshot: another connection's write
+    is seen at once and a checkpoint can truncate the WAL."""
+    path = tmp_path / "kept.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        store.migrate()
+        with store.use():
+            Key.create(key_id="k-1", digest="d-1", key_name="sk-...k1")
+        found = store.key_by_digest("d-1")
+        assert found is not None and found.key.spend == 0
+        assert store.key_by_digest("d-missing") is None
+        with closing(sqlite3.connect(path)) as other:
+            other.execute('UPDATE "llmauth_key" SET "spend" = 5')
+            other.commit()
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        again = store.key_by_digest("d-1")
+        assert again is not None and again.key.spend == 5
+    finally:
+        store.close()
