@@ -225,15 +225,10 @@ class Leases:
         Returns the lease and the soft budgets seen crossed; raises :class:`_Refusal`."""
         while True:
             lease = self._leases.get(budget.ident) or self.lease(budget)
-            taken = lease.take(request_id, need, budget, now)
-            if taken:
-                return lease, _NONE
-            if taken is None:
-                continue
-            with lease.lock:
-                if lease.dead:
+            with lease.lock:  # one acquisition: in memory, else the lease transaction
+                if lease.dead:  # dropped from the table: look it up again
                     continue
-                if lease._take(request_id, need, budget, now):  # another thread extended it
+                if lease._take(request_id, need, budget, now):
                     return lease, _NONE
                 return lease, self._transact(lease, budget, need, request_id, give_back=False)
 

@@ -608,7 +608,7 @@ class Budgets:
                 "_guards", ()):
             # the spend ledger writes the spend; the lease learns it from its batch
             for lease in ticket.leases:
-                lease.finish(request_id, written=False)
+                lease.finish(request_id, False)  # not written yet
             return
         cost = 0
         if usage is not None:

@@ -916,3 +916,32 @@ def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, post
         proxy.cut()
         app.extensions["llmauth"].close()
         proxy.restore()
+
+
+def test_an_admission_that_finds_a_dropped_lease_looks_the_lease_up_again(make: Any) -> None:
+    """A lease the idle sweep drops while a request is being admitted is never admitted
+    from: the request takes (or makes) the lease now in the table."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000_000))
+    assert chat(client, key["key"], completion=3).status_code == 200
+    leases = app.extensions["llmauth"].budgets.leases
+    (old,) = leases._leases.values()
+    give_back(app)  # idle: given back and dropped
+    assert old.dead and not leases._leases
+
+    class StaleOnce(dict):  # the first look-up still sees the dropped lease
+        stale = True
+
+        def get(self, ident: Any, default: Any = None) -> Any:
+            if self.stale:
+                self.stale = False
+                return old
+            return super().get(ident, default)
+
+    leases._leases = StaleOnce()
+    assert chat(client, key["key"], completion=3).status_code == 200
+    (new,) = leases._leases.values()
+    assert new is not old and not new.dead and not old.in_flight and old.held == 0
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (6000, 0)
