@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 KEY_PREFIX = "sk-"
 #: Purposes of derived secrets. A value made for one purpose is useless for another.
 PURPOSE_KEY_DIGEST = "virtual-key-digest"
+PURPOSE_KEY_CACHE = "virtual-key-cache-id"
 PURPOSE_SESSION = "dashboard-session"
 PURPOSE_CSRF = "dashboard-csrf"
 
@@ -62,6 +63,26 @@ class KeyDigester:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()
+
+
+class CacheKeyer:
+    """Keyed BLAKE2s of virtual keys under a secret of its own: the in-process cache key.
+
+    The stored digest stays HMAC-SHA256 (:class:`KeyDigester`); a request whose key is in
+    the in-process cache computes only this MAC, which costs about a third of the HMAC
+    (BLAKE2s is keyed natively and its keyed state is prepared once, so a MAC is one state
+    copy, one update and one 32-byte digest). Never stored, never logged.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, server_secret: str) -> None:
+        self._state = hashlib.blake2s(key=derive_secret(server_secret, PURPOSE_KEY_CACHE))
+
+    def __call__(self, raw_key: str) -> bytes:
+        mac = self._state.copy()
+        mac.update(raw_key.encode("utf-8", "surrogatepass"))
+        return mac.digest()
 
 
 def secret_bytes(value: str) -> bytes:

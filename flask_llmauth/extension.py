@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from flask import (
     Blueprint,
@@ -24,6 +24,7 @@ from flask import (
     got_request_exception,
     request,
 )
+from flask.globals import _cv_app, _cv_request
 from werkzeug.exceptions import HTTPException
 
 from .authn.base import Authenticator, Chain, new_context
@@ -34,7 +35,7 @@ from .authn.oauth2 import oauth2_factory
 from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
-from .authz.policy import Policy
+from .authz.policy import SAFE_METHODS, Policy
 from .authz.routes import (
     ATTR_EXEMPT,
     ATTR_GROUPS,
@@ -49,7 +50,7 @@ from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import Settings, check_secrets, load_settings
 from .credentials import read_credentials
-from .crypto import KEY_PREFIX, KeyDigester
+from .crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from .customers import install as install_customers
 from .errors import (
     ConfigurationError,
@@ -141,6 +142,7 @@ class LLMAuthState:
                         "survive a restart (dev mode)")
             server_secret = secrets.token_urlsafe(32)
         self.digester = KeyDigester(server_secret)
+        self.cache_keyer = CacheKeyer(server_secret)
         self.key_cache: TTLCache[CachedKey] = TTLCache(settings.cache_max_size)
         self.negative_cache: TTLCache[bool] = TTLCache(10_000)
         self.identity_cache: TTLCache[Records] = TTLCache(settings.cache_max_size)
@@ -155,6 +157,10 @@ class LLMAuthState:
         self.models = ModelAccess(settings.model_access_groups, settings.model_alias_map,
                                   settings.model_list)
         self.policy = Policy(settings, self.models)
+        #: ``(id(principal), id(route info), unsafe) -> _Verdict`` (see :meth:`_verdict`).
+        self._verdicts: dict[tuple[int, int, bool], _Verdict] = {}
+        self._max_credential_length = settings.max_credential_length
+        self._key_header_name = settings.key_header_name
         self.last_used = LastUsedRecorder()
         #: Budgets and rate limits register here (see :mod:`flask_llmauth.guards`).
         self.guards = Guards()
@@ -183,6 +189,7 @@ class LLMAuthState:
         self.authenticators = self._build_authenticators(ext)
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
                             if name in self.authenticators])
+        ext.callbacks.on_change(self.chain.refresh)
 
     def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
         built: dict[str, Authenticator] = {}
@@ -204,9 +211,9 @@ class LLMAuthState:
 
     def before_request(self) -> Response | None:
         """The app's one hook: classify → credential → chain → authorize → guards."""
-        # The real request and ``g`` are fetched once: every attribute read through Flask's
-        # context proxies costs a failed lookup first, and the hot path does dozens.
-        req = request._get_current_object()  # type: ignore[attr-defined]
+        # The request context is fetched once: every attribute read through Flask's context
+        # proxies costs a failed lookup first, and the hot path does dozens.
+        req = _current_request()
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
@@ -232,30 +239,40 @@ class LLMAuthState:
         return None
 
     def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> Response | None:
-        if req.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+        method = req.method
+        if method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None
-        background = self.background
-        if not background.started:
-            background.ensure_started()
-        settings = self.settings
+        if not self.background.started:
+            self.background.ensure_started()
         if info.endpoint in self.api_endpoints:
             limit = req.max_content_length
-            if limit is None or limit > settings.max_api_body_size:
-                req.max_content_length = settings.max_api_body_size
+            if limit is None or limit > self.settings.max_api_body_size:
+                req.max_content_length = self.settings.max_api_body_size
         credentials = None
-        g_ = g._get_current_object()  # type: ignore[attr-defined]
+        g_ = _current_g()
         try:
-            auth_failures = self.auth_failures
-            if auth_failures is not None and auth_failures.blocking:  # before the credential
-                auth_failures.check(client_ip(req, settings.trusted_proxy_ranges))
-            credentials = read_credentials(req, settings.max_credential_length,
-                                           settings.key_header_name, info.query_key_allowed)
+            if self.auth_failures is not None and self.auth_failures.blocking:
+                # Before the credential is read.
+                self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
+            credentials = read_credentials(req, self._max_credential_length,
+                                           self._key_header_name, info.query_key_allowed)
             principal = self.chain.authenticate(new_context((req, credentials, info)))
+            unsafe = info.unsafe_only or method not in SAFE_METHODS
+            verdict = self._verdicts.get((id(principal), id(info), unsafe))
+            if verdict is None or verdict[0] is not principal or verdict[1] is not info:
+                verdict = self._verdict(principal, info, unsafe)
+            if verdict.key_ips:
+                self.policy.check_key_ip(principal, req)
+            if verdict.denial is not None:
+                self.policy.refuse(verdict.denial, principal, info, req)
             body = JSONBody(req)
-            model = self.policy.authorize(principal, info, req, body)
+            model = None
+            if verdict.check_models:
+                model = self.policy.check_models(principal, req, info, body, verdict.models,
+                                                 verdict.models_unrestricted)
             g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
-            if self.guards.guards:
-                admission = self.guards.admit(principal, info, model, body, req.environ)
+            if verdict.plan is not None:
+                admission = self.guards.admit_planned(verdict.plan, model, body, req.environ)
                 if admission is not None:
                     g_.__dict__["_llmauth_admission"] = admission
                     after_this_request(self.guards.finisher(admission))
@@ -273,6 +290,37 @@ class LLMAuthState:
             return self.ext._error_callback(error)
         if auth_succeeded.receivers:
             auth_succeeded.send(current_app._get_current_object(), principal=principal)
+        return None
+
+    def _verdict(self, principal: Principal, info: RouteInfo, unsafe: bool) -> _Verdict:
+        """Everything about a request that depends only on its principal (an immutable
+        snapshot: a changed key, user or team gets a new object), its rule and whether its
+        method is safe; kept per principal object so a request looks it up once."""
+        verdicts = self._verdicts
+        if len(verdicts) >= 10_000:
+            verdicts.clear()
+        verdict = _Verdict(
+            principal, info,
+            denial=self.policy.route_denial(principal, info, unsafe),
+            key_ips=bool(principal.key is not None and principal.key.allowed_ips),
+            check_models=info.is_llm and unsafe,
+            models_unrestricted=self.policy.models_unrestricted(principal),
+            models=set(),
+            plan=self._guard_plan(principal, info, unsafe),
+        )
+        # The principal and the route info are kept, so their ids are not reused.
+        verdicts[(id(principal), id(info), unsafe)] = verdict
+        return verdict
+
+    def _guard_plan(self, principal: Principal, info: RouteInfo, unsafe: bool) -> Any:
+        """The guards' plan, or ``None`` when nothing could run: no guard wants the request,
+        none may want it for its end user, and no end user is resolved (LLM routes only)."""
+        guards = self.guards
+        if not guards.guards:
+            return None
+        plan = guards.plan(principal, info, unsafe)
+        if plan.wanted or plan.by_end_user or (guards.end_users is not None and info.is_llm):
+            return plan
         return None
 
     def request_failed(self, sender: Flask, exception: BaseException, **_: Any) -> None:
@@ -330,7 +378,7 @@ def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
     authenticator = VirtualKeyAuthenticator(
         state.store, state.digester, state.key_cache, state.negative_cache,
         ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl,
-        touch=state.last_used.touch,
+        touch=state.last_used.touch, cache_keyer=state.cache_keyer,
     )
     return with_key_validation(authenticator, state, ext)  # custom_key_validate
 
@@ -357,6 +405,64 @@ GUARD_INSTALLERS: tuple[tuple[str, Callable[[LLMAuthState, Flask], None]], ...] 
 )
 
 
+class _Verdict(NamedTuple):
+    """What :meth:`LLMAuthState._verdict` keeps per (principal, rule, safe method)."""
+
+    principal: Principal
+    info: RouteInfo
+    #: Checks 3–5 (see :meth:`~flask_llmauth.authz.policy.Policy.route_denial`).
+    denial: Any
+    #: Whether the key's own ``allowed_ips`` must be checked.
+    key_ips: bool
+    #: Whether the models the request names must be checked (LLM routes, unsafe methods).
+    check_models: bool
+    #: Whether no model list bounds the principal.
+    models_unrestricted: bool
+    #: Models already allowed to this principal on this rule (grows; bounded).
+    models: set[str]
+    #: The guards' plan (:meth:`~flask_llmauth.guards.Guards.plan`), ``None`` if none runs.
+    plan: Any
+
+
+def _current_request() -> Any:
+    """The request being handled (what ``flask.request`` proxies to)."""
+    return _cv_request.get().request
+
+
+def _current_g() -> Any:
+    """The app context's ``g`` (what ``flask.g`` proxies to)."""
+    return _cv_app.get().g
+
+
+class Callbacks(dict[str, Callable[..., Any]]):
+    """The registered hooks by name; each change is announced to the apps' authenticator
+    chains, which skip a custom-auth step whose hook is absent (see :class:`Chain`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def __setitem__(self, name: str, hook: Callable[..., Any]) -> None:
+        super().__setitem__(name, hook)
+        self._changed()
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._changed()
+
+    def pop(self, name: str, *default: Any) -> Any:
+        value = super().pop(name, *default)
+        self._changed()
+        return value
+
+
 class LLMAuth:
     """LiteLLM-style authentication and authorization for a Flask app.
 
@@ -372,7 +478,7 @@ class LLMAuth:
         self._secret_loader = secret_loader
         self._error_callback: ErrorCallback = error_response
         self._exempt_blueprints: set[str] = set()
-        self.callbacks: dict[str, Callable[..., Any]] = {}
+        self.callbacks = Callbacks()
         if app is not None:
             self.init_app(app)
 

@@ -171,17 +171,22 @@ class Guards:
         self._with_headers = frozenset(
             id(g) for g in self.guards if getattr(g, "adds_headers", True))
 
+    def plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
+        """Which guards want ``principal`` on ``route`` (asked anew: callers keep the answer
+        per principal object, as :meth:`admit` does)."""
+        wanted = tuple(guard for guard in self.guards if guard.wants(principal, route))
+        by_end_user = tuple(guard for guard in self.guards if guard not in wanted
+                            and hasattr(guard, "wants_end_user"))
+        return _Plan(principal, route, wanted, by_end_user)
+
     def _plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         plan_key = (id(principal), id(route), unsafe)
         plan = self._plans.get(plan_key)
         if plan is None or plan.principal is not principal or plan.route is not route:
-            wanted = tuple(guard for guard in self.guards if guard.wants(principal, route))
-            by_end_user = tuple(guard for guard in self.guards if guard not in wanted
-                                and hasattr(guard, "wants_end_user"))
             if len(self._plans) >= 10_000:
                 self._plans.clear()
             # The principal and route are kept in the plan, so their ids are not reused.
-            plan = self._plans[plan_key] = _Plan(principal, route, wanted, by_end_user)
+            plan = self._plans[plan_key] = self.plan(principal, route, unsafe)
         return plan
 
     def admit(self, principal: Principal, route: RouteInfo, model: str | None,
@@ -198,7 +203,12 @@ class Guards:
         if environ is None:
             environ = request.environ
         unsafe = route.unsafe_only or environ["REQUEST_METHOD"].upper() not in SAFE_METHODS
-        plan = self._plan(principal, route, unsafe)
+        return self.admit_planned(self._plan(principal, route, unsafe), model, body, environ)
+
+    def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
+                      environ: Mapping[str, Any]) -> Admission | None:
+        """:meth:`admit` with the plan of this principal on this route already known."""
+        principal, route = plan.principal, plan.route
         end_user = None
         resolver = self.end_users
         if resolver is not None and route.is_llm:

@@ -212,3 +212,33 @@ def test_unknown_or_repeated_names_fail_at_init_app(app_factory: Any) -> None:
         app_factory({"LLMAUTH_AUTH_ORDER": ["master_key", "virtual_key", "master_key"]})
     with pytest.raises(ConfigurationError, match="at least one authenticator"):
         app_factory({"LLMAUTH_AUTH_ORDER": ""})
+
+
+def test_hooks_registered_after_the_first_request_join_the_chain(app_factory: Any) -> None:
+    """An idle custom-auth step is skipped per request; registering its hook (or the key
+    validation hook) later, even after requests were served, puts it back at once."""
+    app = app_factory(custom_auth_mode="auto")
+    client = app.test_client()
+    key = new_key(client)["key"]
+    state = app.extensions["llmauth"]
+    assert [a.name for a, _ in state.chain._steps] == ["master_key", "virtual_key"]
+    assert client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200
+    hook_token = "opaque-" + "Zq4" * 12
+
+    @app.llmauth.custom_auth
+    def custom(request: Any, api_key: str) -> Any:
+        return {"user_id": "hooked", "user_role": "internal_user"} if api_key == hook_token \
+            else None
+
+    assert [a.name for a, _ in state.chain._steps][0] == "custom"
+    response = client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(hook_token))
+    assert response.status_code == 200, response.get_json()
+    assert client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200
+
+    @app.llmauth.custom_key_validate
+    def refuse_keys(request: Any, principal: Any) -> bool:
+        return False
+
+    assert_error(client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)), 403)
+    del app.llmauth.callbacks["custom_key_validate"]
+    assert client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200

@@ -101,3 +101,22 @@ def test_looked_up_records_never_share_mutable_values(app: Any) -> None:
     assert first.key.models is not second.key.models
     assert first.key.metadata is not second.key.metadata
     assert first.key.aliases is not second.key.aliases
+
+
+def test_key_cache_is_keyed_by_its_own_mac_not_the_stored_digest(app_factory: Any) -> None:
+    """The in-process key cache is keyed by a keyed BLAKE2s under a secret of its own: the
+    stored HMAC digest is not what the cache holds, and a server secret change changes it."""
+    from flask_llmauth.crypto import CacheKeyer, KeyDigester
+
+    app = app_factory()
+    client = app.test_client()
+    key = new_key(client)["key"]
+    assert client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                       headers=bearer(key)).status_code == 200
+    state = app.extensions["llmauth"]
+    cache_keys = list(state.key_cache._data)
+    assert cache_keys == [state.cache_keyer(key)]
+    assert state.digester.digest(key) not in cache_keys
+    assert key.encode() not in cache_keys[0] and len(cache_keys[0]) == 32
+    assert CacheKeyer("another server secret")(key) != cache_keys[0]
+    assert KeyDigester("s").digest(key) != CacheKeyer("s")(key).hex()

@@ -58,11 +58,26 @@ def has_identity(principal: object) -> bool:
 class Chain:
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self.authenticators = tuple(authenticators)
-        #: ``(authenticator, checked)``: the principal of an authenticator that declares
-        #: ``yields_identity = True`` (built-ins whose principals always carry one) is not
-        #: checked again per request; every other one is.
-        self._steps = tuple((a, not getattr(a, "yields_identity", False))
-                            for a in self.authenticators)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the steps run per request (again whenever a callback is registered).
+
+        An authenticator with an ``active_step()`` method answers which object runs for it
+        now: itself, a cheaper equivalent (a wrapper whose hook is not registered answers
+        with what it wraps) or ``None`` (idle: a custom-auth method with no hook would
+        return ``None`` on every request). Each step is ``(authenticator, checked)``: the
+        principal of an authenticator that declares ``yields_identity = True`` (built-ins
+        whose principals always carry one) is not checked again per request; every other
+        one is.
+        """
+        steps = []
+        for authenticator in self.authenticators:
+            active_step = getattr(authenticator, "active_step", None)
+            step = authenticator if active_step is None else active_step()
+            if step is not None:
+                steps.append((step, not getattr(step, "yields_identity", False)))
+        self._steps: tuple[tuple[Authenticator, bool], ...] = tuple(steps)
 
     def authenticate(self, ctx: AuthContext) -> Principal:
         for authenticator, checked in self._steps:

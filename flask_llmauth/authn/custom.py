@@ -147,6 +147,10 @@ class CustomAuthenticator:
         self.configured = configured
         self.auto = mode == "auto"
 
+    def active_step(self) -> CustomAuthenticator | None:
+        """Idle (``None``) while no hook is configured or registered (see :class:`~.base.Chain`)."""
+        return self if self.callbacks.get("custom_auth") or self.configured else None
+
     def authenticate(self, ctx: AuthContext) -> Principal | None:
         hook = self.callbacks.get("custom_auth") or self.configured
         if hook is None:
@@ -278,6 +282,10 @@ class KeyValidation:
 
     def __getattr__(self, name: str) -> Any:  # the wrapped authenticator's API (cache, load)
         return getattr(self.inner, name)
+
+    def active_step(self) -> Authenticator:
+        """The wrapped authenticator itself while no hook is configured or registered."""
+        return self if self.callbacks.get("custom_key_validate") or self.configured else self.inner
 
     def authenticate(self, ctx: AuthContext) -> Principal | None:
         principal = self.inner.authenticate(ctx)

@@ -1,8 +1,10 @@
-"""Virtual keys (``sk-...``): keyed digest → in-process cache → one prebuilt SQL lookup.
+"""Virtual keys (``sk-...``): keyed MAC → in-process cache → one prebuilt SQL lookup.
 
-On a cache hit the cost is one HMAC, one dict lookup and one clock read: no database, no
-network. Unknown, deleted, rotated-out and expired keys all get the same 401 body; the
-reason goes to the log only. A rotated key's old secret keeps working until its grace
+On a cache hit the cost is one keyed BLAKE2s (the cache key, see
+:class:`~flask_llmauth.crypto.CacheKeyer`), one dict lookup and one clock read: no
+database, no network; the stored HMAC-SHA256 digest is computed on a miss only. Unknown,
+deleted, rotated-out and expired keys all get the same 401 body; the reason goes to the
+log only. A rotated key's old secret keeps working until its grace
 period ends, as the same key.
 """
 
@@ -15,7 +17,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from ..cache import TTLCache
-from ..crypto import KEY_PREFIX, KeyDigester
+from ..crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from ..durations import utcnow
 from ..errors import Unauthenticated
 from ..principal import Principal, Role
@@ -110,6 +112,8 @@ def _denial(row: KeyRow) -> tuple[str, str] | None:
 
 class VirtualKeyAuthenticator:
     name = "virtual_key"
+    #: Its principals always name their key (see :class:`~.base.Chain`).
+    yields_identity = True
 
     def __init__(
         self,
@@ -122,9 +126,12 @@ class VirtualKeyAuthenticator:
         negative_ttl: float,
         touch: Callable[[str], None],
         clock: Callable[[], float] = time.time,
+        cache_keyer: CacheKeyer | None = None,
     ) -> None:
         self.store = store
         self.digester = digester
+        #: The in-process cache's key of a raw key (the stored digest when not given).
+        self.cache_key: Callable[[str], bytes | str] = cache_keyer or digester.digest
         self.cache = cache
         self.negative_cache = negative_cache
         self.ttl = ttl
@@ -138,10 +145,10 @@ class VirtualKeyAuthenticator:
             return None
         if not token.startswith(KEY_PREFIX):
             raise Unauthenticated(reason="not_a_virtual_key")
-        digest = self.digester.digest(token)
-        entry = self.cache.get(digest)
+        cache_key = self.cache_key(token)
+        entry = self.cache.get(cache_key)
         if entry is None:
-            entry = self.load(digest)
+            entry = self.load(self.digester.digest(token), cache_key)
         if entry.deadline <= self.clock():
             raise Unauthenticated(reason="expired_or_rotated_key")
         if entry.denial is not None:
@@ -149,9 +156,12 @@ class VirtualKeyAuthenticator:
         self.touch(entry.principal.key_id)  # type: ignore[arg-type]
         return entry.principal
 
-    def load(self, digest: str) -> CachedKey:
-        """The cold path: look the digest up (also among rotated-out secrets) and cache it."""
-        if self.negative_cache.get(digest):
+    def load(self, digest: str, cache_key: bytes | str | None = None) -> CachedKey:
+        """The cold path: look the digest up (also among rotated-out secrets) and cache the
+        answer under ``cache_key`` (the digest itself when not given)."""
+        if cache_key is None:
+            cache_key = digest
+        if self.negative_cache.get(cache_key):
             raise Unauthenticated(reason="unknown_key")
         generation = self.cache.generation
         negative_generation = self.negative_cache.generation
@@ -164,7 +174,7 @@ class VirtualKeyAuthenticator:
                 deadline = epoch(grace[1])
         if row is None:
             # Tagged so that creating a key (which may have this very value) drops it.
-            self.negative_cache.set(digest, True, self.negative_ttl, ("negative",),
+            self.negative_cache.set(cache_key, True, self.negative_ttl, ("negative",),
                                     generation=negative_generation)
             raise Unauthenticated(reason="unknown_key")
         principal = key_principal(row)
@@ -172,5 +182,5 @@ class VirtualKeyAuthenticator:
         if expires is not None:
             deadline = min(deadline, epoch(expires))
         entry = _new(CachedKey, (principal, deadline, _denial(row)))
-        self.cache.set(digest, entry, self.ttl, key_tags(principal), generation=generation)
+        self.cache.set(cache_key, entry, self.ttl, key_tags(principal), generation=generation)
         return entry

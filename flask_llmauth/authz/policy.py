@@ -113,35 +113,72 @@ class Policy:
         the request's parsed JSON body (see :func:`~flask_llmauth.bodies.get_json`).
         """
         if principal.key is not None and principal.key.allowed_ips:
-            self._check_key_ip(principal, request)
+            self.check_key_ip(principal, request)
         unsafe = info.unsafe_only or request.method not in SAFE_METHODS
         decided = self._decisions.get((id(principal), id(info), unsafe))
         if decided is None or decided[0] is not principal or decided[1] is not info:
             if len(self._decisions) >= 10_000:
                 self._decisions.clear()
-            decided = (principal, info, self._route_denial(principal, info, not unsafe))
+            decided = (principal, info, self.route_denial(principal, info, unsafe))
             # The principal and the route info are kept, so their ids are not reused.
             self._decisions[(id(principal), id(info), unsafe)] = decided
         denial = decided[2]
         if denial is not None:
-            if denial is not _BODY_DEPENDENT:
-                raise denial
-            self._check_viewer_user_update(principal, info, request)
+            self.refuse(denial, principal, info, request)
         if info.is_llm and unsafe:
-            models = requested_models(request, info, body)
-            allowed = self._models_allowed
-            for model in models:
-                cache_key = (id(principal), model)
-                if allowed.get(cache_key) is principal:
-                    continue
-                model_denial = self.models.denial(principal, model)
-                if model_denial is not None:
-                    raise model_denial
-                if len(allowed) >= 10_000:
-                    allowed.clear()
-                allowed[cache_key] = principal  # kept alive, so its id is not reused
-            return models[0] if models else None
+            return self.check_models(principal, request, info, body)
         return None
+
+    def route_denial(self, principal: Principal, info: RouteInfo, unsafe: bool) -> Any:
+        """Checks 3–5 for a principal on a rule: ``None`` (allowed), the :class:`Forbidden`
+        to raise, or a marker that :meth:`refuse` resolves from the request body. Depends
+        only on its arguments (principals and route infos are immutable): callers keep it."""
+        return self._route_denial(principal, info, not unsafe)
+
+    def refuse(self, denial: Any, principal: Principal, info: RouteInfo,
+               request: Request) -> None:
+        """Raise a :meth:`route_denial` answer, or resolve the body-dependent one."""
+        if denial is not _BODY_DEPENDENT:
+            raise denial
+        self._check_viewer_user_update(principal, info, request)
+
+    def models_unrestricted(self, principal: Principal) -> bool:
+        """Whether every model is allowed to ``principal`` (no list bounds it)."""
+        return self.models.unrestricted(principal)
+
+    def check_models(self, principal: Principal, request: Request, info: RouteInfo,
+                     body: Any = None, allowed: set[str] | None = None,
+                     unrestricted: bool = False) -> str | None:
+        """Check 6: every model the request names (see :func:`requested_models`, which
+        also refuses a malformed body or ``model``); return the first, if any.
+        ``unrestricted`` (see :meth:`models_unrestricted`) skips the lists; ``allowed``,
+        when given, holds models already allowed to this principal object and receives the
+        newly allowed ones (the caller keeps it with the principal); without it a
+        per-policy table is used."""
+        models = requested_models(request, info, body)
+        if unrestricted:
+            return models[0] if models else None
+        if allowed is not None:
+            for model in models:
+                if model not in allowed:
+                    model_denial = self.models.denial(principal, model)
+                    if model_denial is not None:
+                        raise model_denial
+                    if len(allowed) < 1_000:
+                        allowed.add(model)
+            return models[0] if models else None
+        table = self._models_allowed
+        for model in models:
+            cache_key = (id(principal), model)
+            if table.get(cache_key) is principal:
+                continue
+            model_denial = self.models.denial(principal, model)
+            if model_denial is not None:
+                raise model_denial
+            if len(table) >= 10_000:
+                table.clear()
+            table[cache_key] = principal  # kept alive, so its id is not reused
+        return models[0] if models else None
 
     def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
                       ) -> Forbidden | None:
@@ -173,7 +210,8 @@ class Policy:
 
     # -- parts ------------------------------------------------------------------------------------
 
-    def _check_key_ip(self, principal: Principal, request: Request) -> None:
+    def check_key_ip(self, principal: Principal, request: Request) -> None:
+        """Check 2: the key's own ``allowed_ips``."""
         ip = client_ip(request, self.settings.trusted_proxy_ranges)
         key_ips = principal.key.allowed_ips if principal.key else None
         if key_ips and not in_networks(ip, parse_networks(key_ips)):
