@@ -46,9 +46,11 @@ class JSONBody:
 
     __slots__ = ("request", "value")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, value: Any = None, read: bool = False) -> None:
         self.request = request
-        self.value: Any = _UNREAD
+        #: The parsed body once read (``read=True``: ``value`` is what :func:`get_json`
+        #: with ``force=True`` answered for this request).
+        self.value: Any = value if read else _UNREAD
 
     def parsed(self) -> Any:
         if self.value is _UNREAD:

@@ -269,13 +269,18 @@ def _checked(value: Any, param: str) -> str | None:
     return value
 
 
+def body_may_name_end_user(body: dict[str, Any]) -> bool:
+    """Whether a JSON object has a field :func:`end_user_from_body` reads (nothing else
+    checked: four membership tests answer the common body that names no end user)."""
+    return ("user" in body or "safety_identifier" in body or "metadata" in body
+            or "litellm_metadata" in body)
+
+
 def end_user_from_body(body: Any) -> str | None:
     """The end user a JSON body names (LiteLLM's order), or ``None``."""
     if type(body) is not dict:
         return None
-    # Most bodies name no end user: four membership tests answer them.
-    if ("user" not in body and "safety_identifier" not in body and "metadata" not in body
-            and "litellm_metadata" not in body):
+    if not body_may_name_end_user(body):  # most bodies name none
         return None
     found = body.get("user")
     if found is not None and (found := _checked(found, "user")) is not None:
@@ -327,6 +332,14 @@ class CustomersGuard:
         return {}
 
     # -- resolution ------------------------------------------------------------------------------
+
+    def may_name_end_user(self, environ: Mapping[str, Any], body: Any) -> bool:
+        """Whether :meth:`resolve` could find an end user for a principal that names none:
+        a configured header is present, or the parsed JSON ``body`` has an end-user field."""
+        for key, _ in self.header_keys:
+            if environ.get(key):
+                return True
+        return type(body) is dict and body_may_name_end_user(body)
 
     def resolve(self, principal: Principal, environ: Mapping[str, Any],
                 body: Callable[[], Any]) -> tuple[str, CustomerRecord | None] | None:

@@ -211,9 +211,9 @@ class LLMAuthState:
 
     def before_request(self) -> Response | None:
         """The app's one hook: classify → credential → chain → authorize → guards."""
-        # The request context is fetched once: every attribute read through Flask's context
-        # proxies costs a failed lookup first, and the hot path does dozens.
-        req = _current_request()
+        # The request is fetched once, from its context variable: every attribute read
+        # through Flask's context proxies costs a lookup first, and the hot path does dozens.
+        req = _cv_request.get().request
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
@@ -249,7 +249,7 @@ class LLMAuthState:
             if limit is None or limit > self.settings.max_api_body_size:
                 req.max_content_length = self.settings.max_api_body_size
         credentials = None
-        g_ = _current_g()
+        g_ = _cv_app.get().g
         try:
             if self.auth_failures is not None and self.auth_failures.blocking:
                 # Before the credential is read.
@@ -265,17 +265,18 @@ class LLMAuthState:
                 self.policy.check_key_ip(principal, req)
             if verdict.denial is not None:
                 self.policy.refuse(verdict.denial, principal, info, req)
-            body = JSONBody(req)
-            model = None
+            plan = verdict.plan
             if verdict.check_models:
-                model = self.policy.check_models(principal, req, info, body, verdict.models,
-                                                 verdict.models_unrestricted)
-            g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
-            if verdict.plan is not None:
-                admission = self.guards.admit_planned(verdict.plan, model, body, req.environ)
-                if admission is not None:
-                    g_.__dict__["_llmauth_admission"] = admission
-                    after_this_request(self.guards.finisher(admission))
+                model, parsed = self.policy.check_models(
+                    principal, req, info, None, verdict.models, verdict.models_unrestricted)
+                g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
+                if plan is not None and (not verdict.only_for_end_user or
+                                         self.customers.may_name_end_user(req.environ, parsed)):
+                    self._admit(g_, plan, model, JSONBody(req, parsed, read=True), req)
+            else:
+                g_.__dict__["_llmauth_principal"] = principal
+                if plan is not None:
+                    self._admit(g_, plan, None, JSONBody(req), req)
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
@@ -292,6 +293,12 @@ class LLMAuthState:
             auth_succeeded.send(current_app._get_current_object(), principal=principal)
         return None
 
+    def _admit(self, g_: Any, plan: Any, model: str | None, body: JSONBody, req: Any) -> None:
+        admission = self.guards.admit_planned(plan, model, body, req.environ)
+        if admission is not None:
+            g_.__dict__["_llmauth_admission"] = admission
+            after_this_request(self.guards.finisher(admission))
+
     def _verdict(self, principal: Principal, info: RouteInfo, unsafe: bool) -> _Verdict:
         """Everything about a request that depends only on its principal (an immutable
         snapshot: a changed key, user or team gets a new object), its rule and whether its
@@ -299,6 +306,7 @@ class LLMAuthState:
         verdicts = self._verdicts
         if len(verdicts) >= 10_000:
             verdicts.clear()
+        plan = self._guard_plan(principal, info, unsafe)
         verdict = _Verdict(
             principal, info,
             denial=self.policy.route_denial(principal, info, unsafe),
@@ -306,7 +314,10 @@ class LLMAuthState:
             check_models=info.is_llm and unsafe,
             models_unrestricted=self.policy.models_unrestricted(principal),
             models=set(),
-            plan=self._guard_plan(principal, info, unsafe),
+            plan=plan,
+            only_for_end_user=bool(plan is not None and not plan.wanted
+                                   and principal.end_user_id is None
+                                   and self.guards.end_users is self.customers is not None),
         )
         # The principal and the route info are kept, so their ids are not reused.
         verdicts[(id(principal), id(info), unsafe)] = verdict
@@ -422,16 +433,10 @@ class _Verdict(NamedTuple):
     models: set[str]
     #: The guards' plan (:meth:`~flask_llmauth.guards.Guards.plan`), ``None`` if none runs.
     plan: Any
-
-
-def _current_request() -> Any:
-    """The request being handled (what ``flask.request`` proxies to)."""
-    return _cv_request.get().request
-
-
-def _current_g() -> Any:
-    """The app context's ``g`` (what ``flask.g`` proxies to)."""
-    return _cv_app.get().g
+    #: Whether the plan matters only if the request names an end user (no guard wants it
+    #: otherwise and the principal names none): a request where
+    #: :meth:`~flask_llmauth.customers.CustomersGuard.may_name_end_user` finds none skips it.
+    only_for_end_user: bool
 
 
 class Callbacks(dict[str, Callable[..., Any]]):

@@ -126,7 +126,7 @@ class Policy:
         if denial is not None:
             self.refuse(denial, principal, info, request)
         if info.is_llm and unsafe:
-            return self.check_models(principal, request, info, body)
+            return self.check_models(principal, request, info, body)[0]
         return None
 
     def route_denial(self, principal: Principal, info: RouteInfo, unsafe: bool) -> Any:
@@ -148,16 +148,20 @@ class Policy:
 
     def check_models(self, principal: Principal, request: Request, info: RouteInfo,
                      body: Any = None, allowed: set[str] | None = None,
-                     unrestricted: bool = False) -> str | None:
+                     unrestricted: bool = False) -> tuple[str | None, Any]:
         """Check 6: every model the request names (see :func:`requested_models`, which
-        also refuses a malformed body or ``model``); return the first, if any.
-        ``unrestricted`` (see :meth:`models_unrestricted`) skips the lists; ``allowed``,
-        when given, holds models already allowed to this principal object and receives the
-        newly allowed ones (the caller keeps it with the principal); without it a
-        per-policy table is used."""
-        models = requested_models(request, info, body)
+        also refuses a malformed body or ``model``). Return the first model, if any, and
+        the parsed JSON body (``None`` when the body was read as a form).
+
+        ``body`` is a :class:`~flask_llmauth.bodies.JSONBody` or ``None`` (the body is then
+        read here; Flask keeps it). ``unrestricted`` (see :meth:`models_unrestricted`) skips
+        the lists; ``allowed``, when given, holds models already allowed to this principal
+        object and receives the newly allowed ones (the caller keeps it with the
+        principal); without it a per-policy table is used.
+        """
+        models, parsed = models_and_body(request, info, body)
         if unrestricted:
-            return models[0] if models else None
+            return (models[0] if models else None), parsed
         if allowed is not None:
             for model in models:
                 if model not in allowed:
@@ -166,7 +170,7 @@ class Policy:
                         raise model_denial
                     if len(allowed) < 1_000:
                         allowed.add(model)
-            return models[0] if models else None
+            return (models[0] if models else None), parsed
         table = self._models_allowed
         for model in models:
             cache_key = (id(principal), model)
@@ -178,7 +182,7 @@ class Policy:
             if len(table) >= 10_000:
                 table.clear()
             table[cache_key] = principal  # kept alive, so its id is not reused
-        return models[0] if models else None
+        return (models[0] if models else None), parsed
 
     def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
                       ) -> Forbidden | None:
@@ -322,14 +326,33 @@ def requested_models(request: Request, info: RouteInfo,
     is parsed at most once (Flask caches it); a JSON-typed body that does not parse, or is
     not an object, is a 400 once the caller is authenticated.
     """
+    return models_and_body(request, info, body_reader)[0]
+
+
+def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
+                    ) -> tuple[tuple[str, ...], Any]:
+    """:func:`requested_models` and the parsed JSON body it read (``None`` for a form or
+    multipart body, :data:`~flask_llmauth.bodies.INVALID` for one that does not parse)."""
+    environ = request.environ
+    if not info.model_arg and environ.get("CONTENT_TYPE", "").startswith("application/"):
+        # The common case: a JSON object naming its model (``application/...`` cannot be
+        # multipart, so the media type need not be parsed).
+        body = get_json(request, force=True) if body_reader is None else body_reader.parsed()
+        if type(body) is dict:
+            model = body.get("model")
+            if model is None:
+                return (), body
+            if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME:
+                return (model,), body
+            return (_model_name(model),), body
     models: list[str] = []
     if info.model_arg and request.view_args and info.model_arg in request.view_args:
         models.append(_model_name(request.view_args[info.model_arg]))
     # The media type is parsed only when it may be multipart ("application/..." cannot be).
-    if (not request.environ.get("CONTENT_TYPE", "").startswith("application/")
+    if (not environ.get("CONTENT_TYPE", "").startswith("application/")
             and request.mimetype.startswith("multipart/")):
         models += [_model_name(m) for m in request.form.getlist("model")]
-        return tuple(models)
+        return tuple(models), None
     body = get_json(request, force=True) if body_reader is None else body_reader.parsed()
     if body is INVALID:
         if request.is_json:
@@ -343,7 +366,7 @@ def requested_models(request: Request, info: RouteInfo,
                           else _model_name(model))
     elif body is not None and request.is_json:
         raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
-    return tuple(models)
+    return tuple(models), body
 
 
 def _model_name(value: Any) -> str:
