@@ -339,7 +339,9 @@ class CustomersGuard:
         for key, _ in self.header_keys:
             if environ.get(key):
                 return True
-        return type(body) is dict and body_may_name_end_user(body)
+        return type(body) is dict and (  # body_may_name_end_user, inline: once per request
+            "user" in body or "safety_identifier" in body or "metadata" in body
+            or "litellm_metadata" in body)
 
     def resolve(self, principal: Principal, environ: Mapping[str, Any],
                 body: Callable[[], Any]) -> tuple[str, CustomerRecord | None] | None:

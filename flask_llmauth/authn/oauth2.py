@@ -39,17 +39,18 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from hmac import compare_digest
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import requests
 
 from ..cache import TTLCache
-from ..crypto import KEY_PREFIX, constant_time_equals
+from ..crypto import KEY_PREFIX, secret_bytes
 from ..errors import ConfigurationError, Unauthenticated
 from ..identities import IdentityLoader
 from ..principal import Principal, Role
-from .base import AuthContext
+from .base import AuthContext, has_identity
 from .fields import build_principal, identity_value
 from .jwks import check_fetch_url, provider_unavailable
 
@@ -114,6 +115,9 @@ class TokenInfo:
 
 class OAuth2Authenticator:
     name = "oauth2"
+    #: Its principals are checked for an identity once, when they are built (see
+    #: :class:`~.base.Chain`).
+    yields_identity = True
 
     def __init__(
         self,
@@ -131,7 +135,7 @@ class OAuth2Authenticator:
         self.introspection = introspection
         self.client_id = settings.oauth2_client_id
         self.client_secret = settings.oauth2_client_secret
-        self.master_key = settings.master_key
+        self._master_key = secret_bytes(settings.master_key) if settings.master_key else None
         self.id_field = settings.oauth2_user_id_field_name
         self.role_field = settings.oauth2_user_role_field_name
         self.team_field = settings.oauth2_user_team_id_field_name
@@ -153,13 +157,13 @@ class OAuth2Authenticator:
         route = ctx.route
         if not (route.is_llm or "info_routes" in route.groups):
             return None
-        credentials = ctx.credentials
-        token = credentials.token
-        if token is None or credentials.looks_like_jwt or token.startswith(KEY_PREFIX):
+        token = ctx.credentials.token
+        if token is None or token.count(".") == 2 or token.startswith(KEY_PREFIX):
+            return None  # no credential, a JWT, or a virtual key
+        encoded = token.encode("utf-8", "surrogatepass")
+        if self._master_key is not None and compare_digest(encoded, self._master_key):
             return None
-        if self.master_key and constant_time_equals(token, self.master_key):
-            return None
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = hashlib.sha256(encoded).hexdigest()
         now = self.clock()
         cached = self.principals.get(digest)
         if cached is not None:
@@ -181,6 +185,8 @@ class OAuth2Authenticator:
             team_id=info.team_id, user_email=info.user_email, scopes=info.scopes,
             claims=info.claims,
         )
+        if not has_identity(principal):  # checked once here, not per request by the chain
+            raise Unauthenticated(reason=f"{self.name}_empty_identity")
         tags = [f"user:{info.user_id}"] if info.user_id else []
         tags += [f"team:{info.team_id}"] if info.team_id else []
         self.principals.set(digest, (principal, info.exp), min(self.ttl, info.exp - now), tags,

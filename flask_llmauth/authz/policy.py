@@ -159,6 +159,19 @@ class Policy:
         object and receives the newly allowed ones (the caller keeps it with the
         principal); without it a per-policy table is used.
         """
+        if (body is None and not info.model_arg
+                and request.environ.get("CONTENT_TYPE", "").startswith("application/")):
+            # The common case, without the general reader's calls: a JSON object (Flask
+            # keeps the parse for the view) naming its model by a plain name.
+            try:
+                parsed = request.get_json(silent=True, force=True)
+            except RecursionError:
+                parsed = None
+            if type(parsed) is dict:
+                model = parsed.get("model")
+                if model is None or (type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME
+                                     and (unrestricted or model in allowed)):
+                    return model, parsed
         models, parsed = models_and_body(request, info, body)
         if unrestricted:
             return (models[0] if models else None), parsed
@@ -334,17 +347,6 @@ def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
     """:func:`requested_models` and the parsed JSON body it read (``None`` for a form or
     multipart body, :data:`~flask_llmauth.bodies.INVALID` for one that does not parse)."""
     environ = request.environ
-    if not info.model_arg and environ.get("CONTENT_TYPE", "").startswith("application/"):
-        # The common case: a JSON object naming its model (``application/...`` cannot be
-        # multipart, so the media type need not be parsed).
-        body = get_json(request, force=True) if body_reader is None else body_reader.parsed()
-        if type(body) is dict:
-            model = body.get("model")
-            if model is None:
-                return (), body
-            if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME:
-                return (model,), body
-            return (_model_name(model),), body
     models: list[str] = []
     if info.model_arg and request.view_args and info.model_arg in request.view_args:
         models.append(_model_name(request.view_args[info.model_arg]))
