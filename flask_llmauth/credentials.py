@@ -85,9 +85,10 @@ def read_credentials(
         # The common case, read without parsing: ``Authorization: Bearer <token>`` with a
         # plain token (anything else takes the general path below, which answers the same).
         value = environ.get("HTTP_AUTHORIZATION")
-        if (value is not None and value[:7] == "Bearer " and 7 < len(value) <= max_length + 7
-                and value.isprintable() and " " not in value[7:]):
-            return _credentials((value[7:], "Authorization"))
+        if value is not None and value[:7] == "Bearer ":
+            token = value[7:]
+            if 0 < len(token) <= max_length and " " not in token and token.isprintable():
+                return _credentials((token, "Authorization"))
     raw_limit = max_length + _SCHEME_ALLOWANCE
     token: str | None = None
     source: str | None = None

@@ -389,7 +389,7 @@ def _virtual_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator:
     authenticator = VirtualKeyAuthenticator(
         state.store, state.digester, state.key_cache, state.negative_cache,
         ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl,
-        touch=state.last_used.touch, cache_keyer=state.cache_keyer,
+        last_used=state.last_used.pending, cache_keyer=state.cache_keyer,
     )
     return with_key_validation(authenticator, state, ext)  # custom_key_validate
 

@@ -93,20 +93,29 @@ def key_info(key: Any) -> dict[str, Any]:
 class LastUsedRecorder:
     """Remembers when keys were used and writes ``last_used_at`` in batches.
 
-    ``touch`` is a dict store on the request path; ``flush`` runs in the background thread
-    (and at exit), one UPDATE per key used since the last flush.
+    The request path stores ``pending[key_id] = epoch seconds`` (one dict store: the virtual
+    key authenticator holds this very dict); ``flush`` runs in the background thread (and at
+    exit), one UPDATE per key used since the last flush. It takes the entries out one
+    ``dict.pop`` at a time, each atomic, so a use recorded meanwhile is never lost: it stays
+    for the next flush.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, float] = {}
+        #: ``key_id -> last use`` (epoch seconds) since the last flush.
+        self.pending: dict[str, float] = {}
 
     def touch(self, key_id: str) -> None:
-        self._pending[key_id] = time.time()
+        self.pending[key_id] = time.time()
 
     def flush(self, state: LLMAuthState) -> int:
-        if not self._pending:
+        source = self.pending
+        if not source:
             return 0
-        pending, self._pending = self._pending, {}
+        pending: dict[str, float] = {}
+        for key_id in list(source):
+            when = source.pop(key_id, None)
+            if when is not None:
+                pending[key_id] = when
         with state.store.use() as db, db.atomic():
             for key_id in sorted(pending):
                 when = datetime.fromtimestamp(pending[key_id], timezone.utc).replace(tzinfo=None)

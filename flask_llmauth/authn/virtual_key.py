@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -124,7 +124,7 @@ class VirtualKeyAuthenticator:
         *,
         ttl: float,
         negative_ttl: float,
-        touch: Callable[[str], None],
+        last_used: MutableMapping[str, float],
         clock: Callable[[], float] = time.time,
         cache_keyer: CacheKeyer | None = None,
     ) -> None:
@@ -136,7 +136,9 @@ class VirtualKeyAuthenticator:
         self.negative_cache = negative_cache
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self.touch = touch
+        #: ``key_id -> epoch seconds`` of its last use (written in batches, see
+        #: :class:`~flask_llmauth.keys.LastUsedRecorder`).
+        self.last_used = last_used
         self.clock = clock
 
     def authenticate(self, ctx: AuthContext) -> Principal | None:
@@ -149,12 +151,14 @@ class VirtualKeyAuthenticator:
         entry = self.cache.get(cache_key)
         if entry is None:
             entry = self.load(self.digester.digest(token), cache_key)
-        if entry.deadline <= self.clock():
+        now = self.clock()
+        if entry.deadline <= now:
             raise Unauthenticated(reason="expired_or_rotated_key")
         if entry.denial is not None:
             raise Unauthenticated(entry.denial[0], reason=entry.denial[1])
-        self.touch(entry.principal.key_id)  # type: ignore[arg-type]
-        return entry.principal
+        principal = entry.principal
+        self.last_used[principal.key_id] = now  # type: ignore[index]
+        return principal
 
     def load(self, digest: str, cache_key: bytes | str | None = None) -> CachedKey:
         """The cold path: look the digest up (also among rotated-out secrets) and cache the
