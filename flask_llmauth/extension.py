@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 from flask import (
@@ -268,7 +269,7 @@ class LLMAuthState:
             plan = verdict.plan
             if verdict.check_models:
                 model, parsed = self.policy.check_models(
-                    principal, req, info, None, verdict.models, verdict.models_unrestricted)
+                    principal, req, info, None, verdict.models)
                 g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
                 if plan is not None and (not verdict.only_for_end_user or
                                          self.customers.may_name_end_user(req.environ, parsed)):
@@ -307,18 +308,17 @@ class LLMAuthState:
         if len(verdicts) >= 10_000:
             verdicts.clear()
         plan = self._guard_plan(principal, info, unsafe)
-        verdict = _Verdict(
+        # Built positionally (``_new_verdict``): a cold key meets this once per request.
+        verdict = _new_verdict((
             principal, info,
-            denial=self.policy.route_denial(principal, info, unsafe),
-            key_ips=bool(principal.key is not None and principal.key.allowed_ips),
-            check_models=info.is_llm and unsafe,
-            models_unrestricted=self.policy.models_unrestricted(principal),
-            models=set(),
-            plan=plan,
-            only_for_end_user=bool(plan is not None and not plan.wanted
-                                   and principal.end_user_id is None
-                                   and self.guards.end_users is self.customers is not None),
-        )
+            self.policy.route_denial(principal, info, unsafe),  # denial
+            bool(principal.key is not None and principal.key.allowed_ips),  # key_ips
+            info.is_llm and unsafe,  # check_models
+            set(),  # models
+            plan,
+            bool(plan is not None and not plan.wanted and principal.end_user_id is None
+                 and self.guards.end_users is self.customers is not None),  # only_for_end_user
+        ))
         # The principal and the route info are kept, so their ids are not reused.
         verdicts[(id(principal), id(info), unsafe)] = verdict
         return verdict
@@ -427,8 +427,6 @@ class _Verdict(NamedTuple):
     key_ips: bool
     #: Whether the models the request names must be checked (LLM routes, unsafe methods).
     check_models: bool
-    #: Whether no model list bounds the principal.
-    models_unrestricted: bool
     #: Models already allowed to this principal on this rule (grows; bounded).
     models: set[str]
     #: The guards' plan (:meth:`~flask_llmauth.guards.Guards.plan`), ``None`` if none runs.
@@ -437,6 +435,10 @@ class _Verdict(NamedTuple):
     #: otherwise and the principal names none): a request where
     #: :meth:`~flask_llmauth.customers.CustomersGuard.may_name_end_user` finds none skips it.
     only_for_end_user: bool
+
+
+#: ``_new_verdict(values)``: a :class:`_Verdict` without the named tuple's Python ``__new__``.
+_new_verdict = partial(tuple.__new__, _Verdict)
 
 
 class Callbacks(dict[str, Callable[..., Any]]):

@@ -174,10 +174,14 @@ class Guards:
     def plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         """Which guards want ``principal`` on ``route`` (asked anew: callers keep the answer
         per principal object, as :meth:`admit` does)."""
-        wanted = tuple(guard for guard in self.guards if guard.wants(principal, route))
-        by_end_user = tuple(guard for guard in self.guards if guard not in wanted
-                            and hasattr(guard, "wants_end_user"))
-        return _Plan(principal, route, wanted, by_end_user)
+        wanted: list[Guard] = []
+        by_end_user: list[Guard] = []
+        for guard in self.guards:  # a loop, not generators: a cold key meets this per request
+            if guard.wants(principal, route):
+                wanted.append(guard)
+            elif hasattr(guard, "wants_end_user"):
+                by_end_user.append(guard)
+        return _Plan(principal, route, tuple(wanted), tuple(by_end_user))
 
     def _plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         plan_key = (id(principal), id(route), unsafe)

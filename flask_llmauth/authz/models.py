@@ -139,10 +139,6 @@ class ModelAccess:
             out.append(("user", entries, user.models))
         return out
 
-    def unrestricted(self, principal: Principal) -> bool:
-        """Whether no list bounds ``principal`` (every model, under any name, is allowed)."""
-        return all(self._matcher(entries).everything for _, entries, _ in self.limits(principal))
-
     def denial(self, principal: Principal, model: str) -> Forbidden | None:
         """The error to raise if ``principal`` may not call ``model``, else ``None``."""
         names = self.names_for(principal, model)

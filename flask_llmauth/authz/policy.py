@@ -142,22 +142,17 @@ class Policy:
             raise denial
         self._check_viewer_user_update(principal, info, request)
 
-    def models_unrestricted(self, principal: Principal) -> bool:
-        """Whether every model is allowed to ``principal`` (no list bounds it)."""
-        return self.models.unrestricted(principal)
-
     def check_models(self, principal: Principal, request: Request, info: RouteInfo,
                      body: Any = None, allowed: set[str] | None = None,
-                     unrestricted: bool = False) -> tuple[str | None, Any]:
+                     ) -> tuple[str | None, Any]:
         """Check 6: every model the request names (see :func:`requested_models`, which
         also refuses a malformed body or ``model``). Return the first model, if any, and
         the parsed JSON body (``None`` when the body was read as a form).
 
         ``body`` is a :class:`~flask_llmauth.bodies.JSONBody` or ``None`` (the body is then
-        read here; Flask keeps it). ``unrestricted`` (see :meth:`models_unrestricted`) skips
-        the lists; ``allowed``, when given, holds models already allowed to this principal
-        object and receives the newly allowed ones (the caller keeps it with the
-        principal); without it a per-policy table is used.
+        read here; Flask keeps it). ``allowed``, when given, holds models already allowed to
+        this principal object and receives the newly allowed ones (the caller keeps it with
+        the principal); without it a per-policy table is used.
         """
         if (body is None and not info.model_arg
                 and request.environ.get("CONTENT_TYPE", "").startswith("application/")):
@@ -170,11 +165,9 @@ class Policy:
             if type(parsed) is dict:
                 model = parsed.get("model")
                 if model is None or (type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME
-                                     and (unrestricted or model in allowed)):
+                                     and allowed is not None and model in allowed):
                     return model, parsed
         models, parsed = models_and_body(request, info, body)
-        if unrestricted:
-            return (models[0] if models else None), parsed
         if allowed is not None:
             for model in models:
                 if model not in allowed:
