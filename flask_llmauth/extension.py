@@ -25,7 +25,6 @@ from flask import (
     got_request_exception,
     request,
 )
-from flask.globals import _cv_app, _cv_request
 from werkzeug.exceptions import HTTPException
 
 from .authn.base import Authenticator, Chain, new_context
@@ -73,6 +72,11 @@ from .store.db import Store
 from .sync import InvalidationLog
 
 log = logging.getLogger("flask_llmauth")
+
+try:  # what ``request`` and ``g`` proxy to, read without the proxies on the hot path
+    from flask.globals import _cv_app, _cv_request
+except ImportError:  # pragma: no cover - a Flask without them: the public proxies are used
+    _cv_app = _cv_request = None  # type: ignore[assignment]
 F = TypeVar("F", bound=Callable[..., Any])
 ErrorCallback = Callable[[LLMAuthError], Response]
 
@@ -214,7 +218,8 @@ class LLMAuthState:
         """The app's one hook: classify → credential → chain → authorize → guards."""
         # The request is fetched once, from its context variable: every attribute read
         # through Flask's context proxies costs a lookup first, and the hot path does dozens.
-        req = _cv_request.get().request
+        req = (_cv_request.get().request if _cv_request is not None
+               else request._get_current_object())  # type: ignore[attr-defined]
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return None
@@ -250,7 +255,7 @@ class LLMAuthState:
             if limit is None or limit > self.settings.max_api_body_size:
                 req.max_content_length = self.settings.max_api_body_size
         credentials = None
-        g_ = _cv_app.get().g
+        g_ = _cv_app.get().g if _cv_app is not None else g._get_current_object()  # type: ignore[attr-defined]
         try:
             if self.auth_failures is not None and self.auth_failures.blocking:
                 # Before the credential is read.

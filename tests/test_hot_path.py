@@ -120,3 +120,18 @@ def test_key_cache_is_keyed_by_its_own_mac_not_the_stored_digest(app_factory: An
     assert key.encode() not in cache_keys[0] and len(cache_keys[0]) == 32
     assert CacheKeyer("another server secret")(key) != cache_keys[0]
     assert KeyDigester("s").digest(key) != CacheKeyer("s")(key).hex()
+
+
+def test_requests_work_through_the_public_proxies_too(app_factory: Any, monkeypatch: Any) -> None:
+    """The hook reads the request and ``g`` from Flask's context variables; on a Flask
+    without them it falls back to the public proxies, with the same answers."""
+    import flask_llmauth.extension as extension
+
+    app = app_factory()
+    client = app.test_client()
+    key = new_key(client)["key"]
+    monkeypatch.setattr(extension, "_cv_request", None)
+    monkeypatch.setattr(extension, "_cv_app", None)
+    chat = "/v1/chat/completions"
+    assert client.post(chat, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200
+    assert client.post(chat, json={"model": "gpt-4o"}).status_code == 401
