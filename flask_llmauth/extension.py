@@ -273,8 +273,7 @@ class LLMAuthState:
                 self.policy.refuse(verdict.denial, principal, info, req)
             plan = verdict.plan
             if verdict.check_models:
-                model, parsed = self.policy.check_models(
-                    principal, req, info, None, verdict.models)
+                model, parsed = self.policy.check_models(principal, req, info, verdict.models)
                 g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
                 if plan is not None and (not verdict.only_for_end_user or
                                          self.customers.may_name_end_user(req.environ, parsed)):

@@ -43,9 +43,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
-from flask import Response, g, request
+from flask import Response, g
 
-from .authz.policy import SAFE_METHODS
 from .authz.routes import RouteInfo
 from .principal import Principal
 from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_json
@@ -158,22 +157,17 @@ class Guards:
         self.guards: tuple[Guard, ...] = tuple(guards)
         #: Names the end user before the guards are asked (the customers guard sets it).
         self.end_users: Any = None
-        #: ``(id(principal), id(route), unsafe) -> _Plan``: the guards' ``wants`` answers
-        #: depend only on the principal (an immutable snapshot), the rule and whether the
-        #: method is safe, so they are asked once per principal object.
-        self._plans: dict[tuple[int, int, bool], _Plan] = {}
         #: Guards whose ``headers`` may add something (``adds_headers``, default true).
         self._with_headers: frozenset[int] = frozenset()
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
-        self._plans.clear()
         self._with_headers = frozenset(
             id(g) for g in self.guards if getattr(g, "adds_headers", True))
 
     def plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         """Which guards want ``principal`` on ``route`` (asked anew: callers keep the answer
-        per principal object, as :meth:`admit` does)."""
+        per principal object: the extension keeps it in its per-request verdict)."""
         wanted: list[Guard] = []
         by_end_user: list[Guard] = []
         for guard in self.guards:  # a loop, not generators: a cold key meets this per request
@@ -183,35 +177,14 @@ class Guards:
                 by_end_user.append(guard)
         return _Plan(principal, route, tuple(wanted), tuple(by_end_user))
 
-    def _plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
-        plan_key = (id(principal), id(route), unsafe)
-        plan = self._plans.get(plan_key)
-        if plan is None or plan.principal is not principal or plan.route is not route:
-            if len(self._plans) >= 10_000:
-                self._plans.clear()
-            # The principal and route are kept in the plan, so their ids are not reused.
-            plan = self._plans[plan_key] = self.plan(principal, route, unsafe)
-        return plan
-
-    def admit(self, principal: Principal, route: RouteInfo, model: str | None,
-              body: Callable[[], Any], environ: Mapping[str, Any] | None = None,
-              ) -> Admission | None:
-        """Run ``admit`` of every guard that wants this request; ``None`` if none does.
-
-        ``body`` returns the parsed JSON request body; it is called only when needed. On
-        LLM routes the end user is resolved first (``end_users.resolve``, which may refuse
-        a blocked one); when the request names one, a guard that does not want the request
-        is also asked ``wants_end_user(principal, route, customer)`` (if it has that
-        method): a limit or budget may exist for the end user alone.
-        """
-        if environ is None:
-            environ = request.environ
-        unsafe = route.unsafe_only or environ["REQUEST_METHOD"].upper() not in SAFE_METHODS
-        return self.admit_planned(self._plan(principal, route, unsafe), model, body, environ)
-
     def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
                       environ: Mapping[str, Any]) -> Admission | None:
-        """:meth:`admit` with the plan of this principal on this route already known."""
+        """Run ``admit`` of every guard of ``plan`` that wants this request; ``None`` if
+        none does. ``body`` returns the parsed JSON request body; it is called only when
+        needed. On LLM routes the end user is resolved first (``end_users.resolve``, which
+        may refuse a blocked one); when the request names one, a guard that does not want
+        the request is also asked ``wants_end_user(principal, route, customer)`` (if it has
+        that method): a limit or budget may exist for the end user alone."""
         principal, route = plan.principal, plan.route
         end_user = None
         resolver = self.end_users

@@ -77,13 +77,6 @@ class Policy:
         self._key_routes: dict[tuple[tuple[str, ...], str, frozenset[str]], bool] = {}
         self._role_decisions: dict[tuple[Role, str, bool], Forbidden | None] = {}
         self._exposed: dict[str, bool] = {}
-        #: ``(id(principal), id(route info), unsafe) -> (principal, info, denial)``: checks
-        #: 3–5 per principal object (principals and route infos are immutable).
-        self._decisions: dict[tuple[int, int, bool], tuple[Principal, RouteInfo, Any]] = {}
-        #: ``(id(principal), model) -> principal`` for models that principal may call.
-        #: Principals are immutable snapshots (a changed key gets a new one), and the model
-        #: rules are fixed at start, so an allowed answer stays right for that object.
-        self._models_allowed: dict[tuple[int, str], Principal] = {}
         #: Whether :meth:`gate` has anything to check (settings do not change after start).
         self.gated = settings.allowed_ips is not None or bool(self.allowed_routes)
 
@@ -105,30 +98,6 @@ class Policy:
                 raise Forbidden(f"Access forbidden: Route {info.route} not allowed",
                                 reason="route_not_in_allowed_routes")
 
-    def authorize(self, principal: Principal, info: RouteInfo, request: Request,
-                  body: Any = None) -> str | None:
-        """Raise :class:`Forbidden` (or :class:`BadRequest`) unless the request may proceed;
-        return the model the request asks for (LLM routes; the URL's when it names one),
-        if any. :meth:`gate` has already run for this request. ``body``, when given, returns
-        the request's parsed JSON body (see :func:`~flask_llmauth.bodies.get_json`).
-        """
-        if principal.key is not None and principal.key.allowed_ips:
-            self.check_key_ip(principal, request)
-        unsafe = info.unsafe_only or request.method not in SAFE_METHODS
-        decided = self._decisions.get((id(principal), id(info), unsafe))
-        if decided is None or decided[0] is not principal or decided[1] is not info:
-            if len(self._decisions) >= 10_000:
-                self._decisions.clear()
-            decided = (principal, info, self.route_denial(principal, info, unsafe))
-            # The principal and the route info are kept, so their ids are not reused.
-            self._decisions[(id(principal), id(info), unsafe)] = decided
-        denial = decided[2]
-        if denial is not None:
-            self.refuse(denial, principal, info, request)
-        if info.is_llm and unsafe:
-            return self.check_models(principal, request, info, body)[0]
-        return None
-
     def route_denial(self, principal: Principal, info: RouteInfo, unsafe: bool) -> Any:
         """Checks 3–5 for a principal on a rule: ``None`` (allowed), the :class:`Forbidden`
         to raise, or a marker that :meth:`refuse` resolves from the request body. Depends
@@ -143,51 +112,33 @@ class Policy:
         self._check_viewer_user_update(principal, info, request)
 
     def check_models(self, principal: Principal, request: Request, info: RouteInfo,
-                     body: Any = None, allowed: set[str] | None = None,
-                     ) -> tuple[str | None, Any]:
+                     allowed: set[str]) -> tuple[str | None, Any]:
         """Check 6: every model the request names (see :func:`requested_models`, which
         also refuses a malformed body or ``model``). Return the first model, if any, and
-        the parsed JSON body (``None`` when the body was read as a form).
-
-        ``body`` is a :class:`~flask_llmauth.bodies.JSONBody` or ``None`` (the body is then
-        read here; Flask keeps it). ``allowed``, when given, holds models already allowed to
-        this principal object and receives the newly allowed ones (the caller keeps it with
-        the principal); without it a per-policy table is used.
+        the parsed JSON body (``None`` when the body was read as a form; Flask keeps the
+        parse). ``allowed`` holds models already allowed to this principal object and
+        receives the newly allowed ones (the caller keeps it with the principal).
         """
-        if (body is None and not info.model_arg
+        if (not info.model_arg
                 and request.environ.get("CONTENT_TYPE", "").startswith("application/")):
-            # The common case, without the general reader's calls: a JSON object (Flask
-            # keeps the parse for the view) naming its model by a plain name.
+            # The common case, without the general reader's calls: a JSON object naming an
+            # already allowed model by a plain name.
             try:
                 parsed = request.get_json(silent=True, force=True)
             except RecursionError:
                 parsed = None
             if type(parsed) is dict:
                 model = parsed.get("model")
-                if model is None or (type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME
-                                     and allowed is not None and model in allowed):
+                if model is None or (type(model) is str and model in allowed):
                     return model, parsed
-        models, parsed = models_and_body(request, info, body)
-        if allowed is not None:
-            for model in models:
-                if model not in allowed:
-                    model_denial = self.models.denial(principal, model)
-                    if model_denial is not None:
-                        raise model_denial
-                    if len(allowed) < 1_000:
-                        allowed.add(model)
-            return (models[0] if models else None), parsed
-        table = self._models_allowed
+        models, parsed = models_and_body(request, info)
         for model in models:
-            cache_key = (id(principal), model)
-            if table.get(cache_key) is principal:
-                continue
-            model_denial = self.models.denial(principal, model)
-            if model_denial is not None:
-                raise model_denial
-            if len(table) >= 10_000:
-                table.clear()
-            table[cache_key] = principal  # kept alive, so its id is not reused
+            if model not in allowed:
+                model_denial = self.models.denial(principal, model)
+                if model_denial is not None:
+                    raise model_denial
+                if len(allowed) < 1_000:
+                    allowed.add(model)
         return (models[0] if models else None), parsed
 
     def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
