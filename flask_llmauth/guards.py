@@ -47,7 +47,13 @@ from flask import Response, g
 
 from .authz.routes import RouteInfo
 from .principal import Principal
-from .usage import StreamUsage, Usage, estimate_prompt_tokens, usage_from_json
+from .usage import (
+    StreamUsage,
+    Usage,
+    estimate_prompt_tokens,
+    requested_max_tokens,
+    usage_from_json,
+)
 
 log = logging.getLogger("flask_llmauth")
 
@@ -75,7 +81,7 @@ class Admission:
     """One authorized request on its way through the guards."""
 
     __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
-                 "end_user_id", "customer", "_request_id", "_unsettled")
+                 "end_user_id", "customer", "_request_id", "_unsettled", "_sizes")
 
     def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
                  body: Any) -> None:
@@ -95,6 +101,19 @@ class Admission:
         self._request_id: str | None = None
         #: Holds one token until settlement claims it (``list.pop`` is atomic).
         self._unsettled = [True]
+        self._sizes: tuple[int, int] | None = None
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """``(prompt estimate, max tokens asked or 0)`` of the request body, in tokens
+        (:func:`~flask_llmauth.usage.estimate_prompt_tokens` and
+        :func:`~flask_llmauth.usage.requested_max_tokens`), computed once for every guard."""
+        sizes = self._sizes
+        if sizes is None:
+            body = self.body
+            sizes = self._sizes = (estimate_prompt_tokens(body),
+                                   requested_max_tokens(body) or 0)
+        return sizes
 
     @property
     def request_id(self) -> str:
@@ -247,7 +266,7 @@ class Guards:
         failed = response.status_code >= 400
         if response.is_streamed and not failed:
             admission.scratch["_streaming"] = True
-            stream = StreamUsage(admission.model, estimate_prompt_tokens(admission.body))
+            stream = StreamUsage(admission.model, admission.sizes[0])
             response.response = _ObservedStream(
                 response.response, stream.feed,
                 lambda: self.settle(admission, admission.usage or stream.result(), False),
@@ -270,17 +289,36 @@ class Guards:
             self.settle(admission, admission.usage, True)
 
 
-def _set_headers(response: Response, headers: Mapping[str, str]) -> None:
-    """``response.headers[name] = value`` for each header: names the response does not
-    have yet are added without the search for an existing one that each assignment does."""
+class HeaderPairs(list):  # type: ignore[type-arg]
+    """``(name, value)`` pairs a guard built from constants and numbers: no CR or LF in
+    them, and ``names`` holds every name, lower-cased. :func:`_set_headers` appends them to
+    the response's header list at once when it has none of those names."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], names: frozenset[str]) -> None:
+        super().__init__(pairs)
+        self.names = names
+
+
+def _set_headers(response: Response,
+                 headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
+    """``response.headers[name] = value`` for each header (a mapping or ``(name, value)``
+    pairs): the first header of that name replaced, the others dropped, else added."""
     target = response.headers
-    present = {name.lower() for name, _ in target.items()}
-    for name, value in headers.items():
-        if name.lower() in present:
-            target[name] = value
-        else:
-            target.add(name, value)
-            present.add(name.lower())
+    if type(headers) is HeaderPairs:
+        items = getattr(target, "_list", None)  # Werkzeug's own list of (name, value)
+        if type(items) is list:
+            names = headers.names
+            for name, _ in items:  # a response has a few headers
+                if name.lower() in names:
+                    break
+            else:
+                items += headers
+                return
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in pairs:
+        target[name] = value
 
 
 def _body_bytes(response: Response) -> bytes:

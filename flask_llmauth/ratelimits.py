@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from math import ceil
-from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -51,11 +50,11 @@ from limits.strategies import FixedWindowRateLimiter
 from .authz.routes import RouteInfo
 from .config import Settings
 from .errors import ConfigurationError, ServiceUnavailable, TooManyRequests
-from .guards import Admission
+from .guards import Admission, HeaderPairs
 from .network import client_ip
 from .principal import Principal, PrincipalMemo, get_principal
 from .signals import rate_limited
-from .usage import Usage, estimate_prompt_tokens, requested_max_tokens
+from .usage import Usage
 
 log = logging.getLogger("flask_llmauth")
 
@@ -442,6 +441,7 @@ class StorageDown(Exception):
 #: The ``x-ratelimit-*`` header names (OpenAI's) of each limit type.
 _HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
                         f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
+_ALL_HEADER_NAMES = frozenset(name for names in _HEADER_NAMES.values() for name in names)
 
 
 class _Limit:
@@ -992,7 +992,7 @@ _MODES = {
 }
 
 
-_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_NO_HEADERS: tuple[tuple[str, str], ...] = ()
 
 
 class RateLimits:
@@ -1079,7 +1079,8 @@ class RateLimits:
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         scratch = admission.scratch
-        taken: tuple[Counters, _Plan, Mapping[str, str]] | None = scratch.get(_SCRATCH)
+        taken: tuple[Counters, _Plan, Sequence[tuple[str, str]]] | None = scratch.get(
+            _SCRATCH)
         if taken is None:
             return
         counters, plan, _headers = taken
@@ -1095,7 +1096,7 @@ class RateLimits:
             log.error("llmauth: could not settle rate limits of request %s (parallel slots "
                       "expire after %ss)", admission.request_id, self.lease)
 
-    def headers(self, admission: Admission) -> Mapping[str, str]:
+    def headers(self, admission: Admission) -> Sequence[tuple[str, str]]:
         taken = admission.scratch.get(_SCRATCH)
         return taken[2] if taken is not None else _NO_HEADERS
 
@@ -1130,8 +1131,11 @@ class RateLimits:
         if not self.tpm_estimate:
             return 1
         kind = self.tokens_counted
-        prompt = estimate_prompt_tokens(admission.body) if kind != "output" else 0
-        completion = (requested_max_tokens(admission.body) or 0) if kind != "input" else 0
+        prompt, completion = admission.sizes
+        if kind == "output":
+            prompt = 0
+        elif kind == "input":
+            completion = 0
         return max(1, prompt + completion)
 
     def _plan(self, admission: Admission) -> _Plan | None:
@@ -1198,10 +1202,11 @@ class RateLimits:
             headers=headers, reason=f"rate_limited_{d.kind}_{limit_type}")
 
 
-def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
-    """The ``x-ratelimit-*`` headers of an admitted request: for requests and for tokens,
-    the window with the least left (the first of equals) among the non-global ones."""
-    headers: dict[str, str] = {}
+def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
+    """The ``x-ratelimit-*`` headers of an admitted request, as ``(name, value)`` pairs: for
+    requests and for tokens, the window with the least left (the first of equals) among the
+    non-global ones."""
+    headers = HeaderPairs((), _ALL_HEADER_NAMES)
     now = time.time()
     for names, shown in plan.shown:
         position, best = shown[0]
@@ -1210,12 +1215,12 @@ def _success_headers(plan: _Plan, values: list[float]) -> dict[str, str]:
             left = line.limit - values[at]
             if left < least:
                 position, best, least = at, line, left
-        headers[names[0]] = best.text
-        headers[names[1]] = str(int(least)) if least > 0 else "0"
         wait = values[position + 1] - now
         # openai_duration(wait), its memo of whole seconds read first
         text = _WHOLE_SECONDS.get(ceil(wait)) if wait >= 1 else None
-        headers[names[2]] = text if text is not None else openai_duration(wait)
+        headers += ((names[0], best.text),
+                    (names[1], str(int(least)) if least > 0 else "0"),
+                    (names[2], text if text is not None else openai_duration(wait)))
     return headers
 
 

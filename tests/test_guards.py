@@ -229,28 +229,38 @@ def test_record_usage_validates_its_arguments() -> None:
         record_usage(1, True)
 
 
-def test_guard_headers_are_set_as_item_assignment_would_set_them() -> None:
+@pytest.mark.parametrize("checked", [False, True], ids=["mapping", "header_pairs"])
+@pytest.mark.parametrize("present", [
+    [("X-RateLimit-Limit-Requests", "old"), ("retry-after", "9"), ("Retry-After", "8")],
+    [("Content-Type", "application/json"), ("X-Other", "1")],
+    [],
+], ids=["some_present", "none_present", "no_headers"])
+def test_guard_headers_are_set_as_item_assignment_would_set_them(
+        checked: bool, present: list[tuple[str, str]]) -> None:
     """Headers a guard adds replace any the response has (case-insensitively, one value
-    left) and are added when new: the same result as ``response.headers[name] = value``."""
+    left) and are added when new: the same result as ``response.headers[name] = value``,
+    whether the guard gives a mapping or checked ``HeaderPairs`` (appended at once when
+    the response has none of their names)."""
     from flask import Response
 
-    from flask_llmauth.guards import _set_headers
+    from flask_llmauth.guards import HeaderPairs, _set_headers
 
     added = {"x-ratelimit-limit-requests": "10", "Retry-After": "3",
              "x-ratelimit-remaining-requests": "9", "X-New": "a"}
+    given: Any = (HeaderPairs(added.items(), frozenset(name.lower() for name in added))
+                  if checked else added)
 
     def response() -> Response:
-        made = Response("x", headers=[("X-RateLimit-Limit-Requests", "old"),
-                                      ("retry-after", "9"), ("Retry-After", "8")])
-        return made
+        return Response("x", headers=list(present))
 
     expected = response()
     for name, value in added.items():
         expected.headers[name] = value
     actual = response()
-    _set_headers(actual, added)
+    _set_headers(actual, given)
     assert list(actual.headers.items()) == list(expected.headers.items())
     assert actual.headers.getlist("Retry-After") == ["3"]
+    assert actual.headers.get("x-new") == "a"
 
 
 def _reference_usage_from_json(data: bytes, model: str | None) -> Usage | None:
@@ -306,3 +316,24 @@ def test_usage_from_json_answers_what_json_loads_and_usage_from_body_answer() ->
         assert usage_from_json(data, "asked") == expected, data
         found += expected is not None
     assert 30 < found < len(samples) - 30  # both outcomes are exercised
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 64},
+    {"model": "m", "prompt": "x" * 401, "max_completion_tokens": 7},
+    {"model": "m", "input": ["a", "b"]},
+    None,
+    [1, 2],
+])
+def test_admission_sizes_are_the_body_estimates_computed_once(body: Any) -> None:
+    """``Admission.sizes`` is what the usage helpers answer for the body, and is not
+    recomputed when the body changes afterwards (every guard sees the same figures)."""
+    from flask_llmauth.usage import requested_max_tokens
+
+    admission = Admission(None, None, "m", body)  # type: ignore[arg-type]
+    expected = (estimate_prompt_tokens(body), requested_max_tokens(body) or 0)
+    assert admission.sizes == expected
+    if isinstance(body, dict):
+        body["messages"] = [{"role": "user", "content": "y" * 4000}]
+        body["max_tokens"] = 9999
+        assert admission.sizes == expected
