@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
+from itertools import islice
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("flask_llmauth")
@@ -25,7 +26,11 @@ class TTLCache(Generic[V]):
         self.max_size = max_size
         self._clock = clock
         self._data: dict[Hashable, tuple[float, V, tuple[str, ...]]] = {}
-        self._tags: dict[str, set[Hashable]] = {}
+        #: tag -> the one key carrying it, or the set of keys when several do. Most tags
+        #: (``key:<id>``) name one entry: no set per entry, so a cold key's fill leaves one
+        #: object fewer for the cyclic garbage collector to traverse (a key is hashable,
+        #: so it is never a ``set``).
+        self._tags: dict[str, Hashable | set[Hashable]] = {}
         self._lock = threading.Lock()
         #: Bumped by every invalidation; a fill that started before one is not stored.
         self.generation = 0
@@ -48,22 +53,25 @@ class TTLCache(Generic[V]):
         if an invalidation happened meanwhile, so a stale read is never cached."""
         if ttl <= 0:
             return
-        tags = tuple(tags)
+        if type(tags) is not tuple:
+            tags = tuple(tags)
         data, index = self._data, self._tags
         with self._lock:
             if generation is not None and generation != self.generation:
                 return
             if key in data:
                 self._drop(key)
-            while len(data) >= self.max_size:
-                self._drop(next(iter(data)))
-            data[key] = (self._clock() + ttl, value, tags)
+            if len(data) >= self.max_size:
+                self._evict()
+            data[key] = (self._clock() + ttl, value, tags)  # type: ignore[assignment]
             for tag in tags:
                 members = index.get(tag)
                 if members is None:
-                    index[tag] = {key}
-                else:
+                    index[tag] = key
+                elif type(members) is set:
                     members.add(key)
+                elif members != key:
+                    index[tag] = {members, key}
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
@@ -73,8 +81,11 @@ class TTLCache(Generic[V]):
         """Drop every entry carrying ``tag``; return how many were dropped."""
         with self._lock:
             self.generation += 1
-            keys = self._tags.pop(tag, ())
-            for key in list(keys):
+            members = self._tags.pop(tag, None)
+            if members is None:
+                return 0
+            keys = list(members) if type(members) is set else [members]
+            for key in keys:
                 self._drop(key)
             return len(keys)
 
@@ -84,16 +95,33 @@ class TTLCache(Generic[V]):
             self._data.clear()
             self._tags.clear()
 
+    def _evict(self) -> None:
+        """Make room at the size bound: drop the oldest entries (insertion order), a
+        sixty-fourth of the bound at a time. One batch walks the dict's front once: a
+        dict skips the slots of deleted entries when iterated, so dropping one entry per
+        insertion through ``next(iter(data))`` would walk ever more of them each time."""
+        data = self._data
+        excess = len(data) - self.max_size + 1
+        for key in list(islice(data, max(excess, self.max_size // 64, 1))):
+            self._drop(key)
+
     def _drop(self, key: Hashable) -> None:
         entry = self._data.pop(key, None)
         if entry is None:
             return
+        index = self._tags
         for tag in entry[2]:
-            members = self._tags.get(tag)
-            if members is not None:
+            members = index.get(tag)
+            if members is None:
+                continue
+            if type(members) is set:
                 members.discard(key)
-                if not members:
-                    del self._tags[tag]
+                if len(members) == 1:
+                    index[tag] = next(iter(members))
+                elif not members:
+                    del index[tag]
+            elif members == key:
+                del index[tag]
 
 
 class Invalidator:

@@ -303,7 +303,7 @@ class KeyService:
             if not narrowing and not (requested and _networks_within(requested,
                                                                      own.allowed_ips)):
                 raise Forbidden(f"A key you create or change must stay inside your own "
-                                f"allowed_ips={own.allowed_ips}.", param="allowed_ips",
+                                f"allowed_ips={list(own.allowed_ips)}.", param="allowed_ips",
                                 reason="ips_escalation")
         if own.expires is not None and "duration" in params:
             duration = params["duration"]

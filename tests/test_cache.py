@@ -62,3 +62,30 @@ def test_the_oldest_entries_make_room_at_the_size_bound() -> None:
         cache.set(n, n, 60, (f"key:{n}",))
     assert len(cache) == 3 and [cache.get(n) for n in range(5)] == [None, None, 2, 3, 4]
     assert set(cache._tags) == {"key:2", "key:3", "key:4"}
+
+
+def test_a_tag_shared_by_entries_reaches_those_left_after_one_is_dropped() -> None:
+    clock = Clock()
+    cache: TTLCache[str] = TTLCache(10, clock=clock)
+    cache.set("k1", "one", 60, ("key:1", "user:u"))
+    cache.set("k2", "two", 60, ("key:2", "user:u"))
+    cache.set("k3", "three", 60, ("key:3", "user:u"))
+    assert cache.invalidate("key:1") == 1  # user:u still names k2 and k3
+    cache.set("k2", "two again", 60, ("key:2", "user:u"))  # a refill keeps its tags
+    assert cache.invalidate("key:3") == 1
+    assert cache.invalidate("user:u") == 1 and cache.get("k2") is None
+    cache.set("k4", "four", 60, ("user:v", "user:v"))  # a repeated tag counts once
+    assert cache.invalidate("user:v") == 1 and len(cache) == 0
+    assert cache._tags == {}
+
+
+def test_the_size_bound_evicts_the_oldest_in_batches_and_keeps_the_tags_exact() -> None:
+    cache: TTLCache[int] = TTLCache(128, clock=Clock())
+    for n in range(300):
+        cache.set(n, n, 60, (f"key:{n}", f"user:{n % 7}"))
+        assert len(cache) <= 128
+    kept = [n for n in range(300) if cache.get(n) is not None]
+    assert kept == list(range(300 - len(kept), 300)) and len(kept) >= 128 - 128 // 64
+    assert set(cache._tags) == {f"key:{n}" for n in kept} | {f"user:{n % 7}" for n in kept}
+    assert sum(cache.invalidate(f"user:{u}") for u in range(7)) == len(kept)
+    assert len(cache) == 0 and cache._tags == {}

@@ -97,8 +97,7 @@ def test_looked_up_records_never_share_mutable_values(app: Any) -> None:
     store = app.extensions["llmauth"].store
     first, second = store.key_by_id(created["key_id"]), store.key_by_id(created["key_id"])
     assert first is not None and second is not None
-    assert first.key.models == [] and first.key.metadata == {}
-    assert first.key.models is not second.key.models
+    assert first.key.models == () and first.key.metadata == {}  # arrays as tuples: immutable
     assert first.key.metadata is not second.key.metadata
     assert first.key.aliases is not second.key.aliases
 

@@ -95,17 +95,26 @@ _decode = json.JSONDecoder().raw_decode
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON column's value; the empty values most rows hold skip the parser (a fresh object
-    each time: records never share a mutable value)."""
-    if value == "[]":
-        return []
+    """A JSON column's value as a record holds it: an array as a tuple (see
+    :mod:`.records`); the empty values most rows hold skip the parser (a fresh dict each
+    time: records never share a mutable value)."""
     if value == "{}":
         return {}
+    if value == "[]":
+        return ()
     try:  # raw_decode skips json.loads' wrappers (about half its cost on short text)
         parsed, end = _decode(value)
     except ValueError:
         end = -1
-    return parsed if end == len(value) else json.loads(value)
+    if end != len(value):
+        parsed = json.loads(value)
+    return tuple(parsed) if type(parsed) is list else parsed
+
+
+def _json_exact(value: Any) -> Any:
+    """:meth:`JSONText.python_value`, an array as a tuple (the exact conversion)."""
+    parsed = json.loads(value)
+    return tuple(parsed) if type(parsed) is list else parsed
 
 
 def _converters(field: peewee.Field, packed: bool) -> tuple[Any, Any] | None:
@@ -119,7 +128,7 @@ def _converters(field: peewee.Field, packed: bool) -> tuple[Any, Any] | None:
     """
     exact = field.python_value
     if isinstance(field, JSONText):
-        return _json_value, exact
+        return _json_value, _json_exact
     if isinstance(field, peewee.BooleanField):
         return bool, exact
     if isinstance(field, peewee.DateTimeField):

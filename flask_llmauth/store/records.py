@@ -4,9 +4,14 @@ A record mirrors its table column for column, so nothing that reads a cached rec
 change the row (or another request's view of it) by accident. Records are named tuples:
 the cold key lookup builds one from a row's values in a single C call
 (``tuple.__new__(KeyRecord, values)``), where a frozen dataclass's ``__init__`` makes one
-``object.__setattr__`` call per field (~50,000 instructions for a key's 35 fields). Built
-by keyword, each record gets its own empty list and dict defaults, as with a dataclass's
-``default_factory``.
+``object.__setattr__`` call per field (~50,000 instructions for a key's 35 fields).
+
+A JSON array column (``models``, ``allowed_routes``, ...) is held as a tuple, not a list:
+immutable like the record, and not one more object for the cyclic garbage collector to
+traverse in every collection it lives through (a list is always tracked; a tuple of
+strings is untracked at its first collection, and so is a dict of atomic values). The
+record itself, an instance of a tuple subclass, stays tracked. Built by keyword, each
+record gets its own empty dict defaults, as with a dataclass's ``default_factory``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ T = TypeVar("T", bound=type)
 
 
 class _Factory(tuple):  # type: ignore[type-arg]
-    """Marks a field default that each record gets a fresh copy of (an empty list or dict)."""
+    """Marks a field default that each record gets a fresh copy of (an empty dict)."""
 
     __slots__ = ()
 
@@ -28,7 +33,6 @@ class _Factory(tuple):  # type: ignore[type-arg]
         return f"<new {self[0].__name__}>"
 
 
-_NEW_LIST: Any = _Factory((list,))
 _NEW_DICT: Any = _Factory((dict,))
 
 
@@ -52,9 +56,12 @@ def _record(cls: T) -> T:
 
 
 def from_values(record_type: type[R], values: Mapping[str, Any]) -> R:
-    """Build a record from a column->value mapping, ignoring columns the record lacks."""
+    """Build a record from a column->value mapping, ignoring columns the record lacks (a
+    list value, a JSON array column, is held as a tuple)."""
     names: tuple[str, ...] = record_type._fields  # type: ignore[attr-defined]
-    return record_type(**{name: values[name] for name in names if name in values})
+    return record_type(**{name: tuple(value) if type(value) is list else value
+                          for name in names if name in values
+                          for value in (values[name],)})
 
 
 @_record
@@ -66,11 +73,11 @@ class KeyRecord(NamedTuple):
     user_id: str | None = None
     team_id: str | None = None
     organization_id: str | None = None
-    models: list[str] = _NEW_LIST
+    models: tuple[str, ...] = ()
     aliases: dict[str, str] = _NEW_DICT
-    allowed_routes: list[str] = _NEW_LIST
+    allowed_routes: tuple[str, ...] = ()
     key_type: str = "default"
-    allowed_ips: list[str] | None = None
+    allowed_ips: tuple[str, ...] | None = None
     max_budget: int | None = None
     soft_budget: int | None = None
     budget_duration: str | None = None
@@ -103,7 +110,7 @@ class UserRecord(NamedTuple):
     user_email: str | None = None
     user_alias: str | None = None
     user_role: str = "internal_user"
-    models: list[str] = _NEW_LIST
+    models: tuple[str, ...] = ()
     max_budget: int | None = None
     soft_budget: int | None = None
     spend: int = 0
@@ -128,7 +135,7 @@ class TeamRecord(NamedTuple):
     team_id: str
     team_alias: str | None = None
     organization_id: str | None = None
-    models: list[str] = _NEW_LIST
+    models: tuple[str, ...] = ()
     model_aliases: dict[str, str] = _NEW_DICT
     max_budget: int | None = None
     soft_budget: int | None = None
@@ -142,7 +149,7 @@ class TeamRecord(NamedTuple):
     max_parallel_requests: int | None = None
     model_rpm_limit: dict[str, int] = _NEW_DICT
     model_tpm_limit: dict[str, int] = _NEW_DICT
-    team_member_permissions: list[str] | None = None
+    team_member_permissions: tuple[str, ...] | None = None
     team_member_budget: int | None = None
     team_member_budget_duration: str | None = None
     team_member_rpm_limit: int | None = None
@@ -168,7 +175,7 @@ class MembershipRecord(NamedTuple):
     budget_reset_at: datetime | None = None
     tpm_limit: int | None = None
     rpm_limit: int | None = None
-    allowed_models: list[str] = _NEW_LIST
+    allowed_models: tuple[str, ...] = ()
     created_at: datetime | None = None
 
 
