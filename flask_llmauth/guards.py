@@ -41,19 +41,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from flask import Response, g
 
 from .authz.routes import RouteInfo
 from .principal import Principal
-from .usage import (
-    StreamUsage,
-    Usage,
-    estimate_prompt_tokens,
-    requested_max_tokens,
-    usage_from_json,
-)
+from .usage import StreamUsage, Usage, body_sizes, usage_from_json
 
 log = logging.getLogger("flask_llmauth")
 
@@ -67,11 +61,12 @@ class _RequestIds:
         os.register_at_fork(after_in_child=self.reseed)
 
     def reseed(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count()
+        self.prefix = os.urandom(8).hex()
+        #: From 2**64: ``hex(n)[3:]`` is the counter as 16 digits (cheaper than a format).
+        self.counter = itertools.count(1 << 64)
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
+        return self.prefix + hex(next(self.counter))[3:]
 
 
 _request_ids = _RequestIds()
@@ -110,18 +105,18 @@ class Admission:
         :func:`~flask_llmauth.usage.requested_max_tokens`), computed once for every guard."""
         sizes = self._sizes
         if sizes is None:
-            body = self.body
-            sizes = self._sizes = (estimate_prompt_tokens(body),
-                                   requested_max_tokens(body) or 0)
+            sizes = self._sizes = body_sizes(self.body)
         return sizes
 
     @property
     def request_id(self) -> str:
         """A unique id for this request (spend rows are keyed by it, so a retried write
         never counts twice)."""
-        if self._request_id is None:
-            self._request_id = _request_ids.next()
-        return self._request_id
+        request_id = self._request_id
+        if request_id is None:  # _request_ids.next(), inline
+            ids = _request_ids
+            request_id = self._request_id = ids.prefix + hex(next(ids.counter))[3:]
+        return request_id
 
     def claim_settlement(self) -> bool:
         """True for the first caller only: settlement happens exactly once."""
@@ -291,14 +286,12 @@ class Guards:
 
 class HeaderPairs(list):  # type: ignore[type-arg]
     """``(name, value)`` pairs a guard built from constants and numbers: no CR or LF in
-    them, and ``names`` holds every name, lower-cased. :func:`_set_headers` appends them to
-    the response's header list at once when it has none of those names."""
+    them, and every name, lower-cased, in the subclass's ``names``. :func:`_set_headers`
+    appends them to the response's header list at once when it has none of those names.
+    (A subclass per guard, so making one costs no Python ``__init__``.)"""
 
-    __slots__ = ("names",)
-
-    def __init__(self, pairs: Iterable[tuple[str, str]], names: frozenset[str]) -> None:
-        super().__init__(pairs)
-        self.names = names
+    __slots__ = ()
+    names: ClassVar[frozenset[str]] = frozenset()
 
 
 def _set_headers(response: Response,
@@ -306,7 +299,7 @@ def _set_headers(response: Response,
     """``response.headers[name] = value`` for each header (a mapping or ``(name, value)``
     pairs): the first header of that name replaced, the others dropped, else added."""
     target = response.headers
-    if type(headers) is HeaderPairs:
+    if isinstance(headers, HeaderPairs):
         items = getattr(target, "_list", None)  # Werkzeug's own list of (name, value)
         if type(items) is list:
             names = headers.names

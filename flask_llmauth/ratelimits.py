@@ -441,7 +441,11 @@ class StorageDown(Exception):
 #: The ``x-ratelimit-*`` header names (OpenAI's) of each limit type.
 _HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
                         f"x-ratelimit-reset-{kind}") for kind in ("requests", "tokens")}
-_ALL_HEADER_NAMES = frozenset(name for names in _HEADER_NAMES.values() for name in names)
+
+
+class _RateLimitHeaders(HeaderPairs):
+    __slots__ = ()
+    names = frozenset(name for names in _HEADER_NAMES.values() for name in names)
 
 
 class _Limit:
@@ -1206,20 +1210,22 @@ def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
     """The ``x-ratelimit-*`` headers of an admitted request, as ``(name, value)`` pairs: for
     requests and for tokens, the window with the least left (the first of equals) among the
     non-global ones."""
-    headers = HeaderPairs((), _ALL_HEADER_NAMES)
+    headers = _RateLimitHeaders()
     now = time.time()
     for names, shown in plan.shown:
         position, best = shown[0]
         least = best.limit - values[position]
-        for at, line in shown[1:]:
-            left = line.limit - values[at]
-            if left < least:
-                position, best, least = at, line, left
+        if len(shown) > 1:
+            for at, line in shown[1:]:
+                left = line.limit - values[at]
+                if left < least:
+                    position, best, least = at, line, left
         wait = values[position + 1] - now
         # openai_duration(wait), its memo of whole seconds read first
         text = _WHOLE_SECONDS.get(ceil(wait)) if wait >= 1 else None
         headers += ((names[0], best.text),
-                    (names[1], str(int(least)) if least > 0 else "0"),
+                    (names[1], "0" if least <= 0 else str(least if type(least) is int
+                                                          else int(least))),
                     (names[2], text if text is not None else openai_duration(wait)))
     return headers
 

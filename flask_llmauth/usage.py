@@ -60,11 +60,6 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _text_length(content: Any) -> int:
-    """``len(_text(content))``, without building the text for plain strings."""
-    return len(content) if type(content) is str else len(_text(content))
-
-
 def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
     """A request's prompt size in tokens (messages, prompt, input or system text).
 
@@ -74,15 +69,24 @@ def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
     """
     if type(body) is not dict and not isinstance(body, Mapping):
         return 0
+    length = _messages_length(body.get("messages")) + _other_text_length(body)
+    return math.ceil(length / CHARS_PER_TOKEN) if length else 0
+
+
+def _messages_length(messages: Any) -> int:
+    if type(messages) is not list and not isinstance(messages, list):
+        return 0
+    length = joined = 0  # joined: messages that take part in the join (mappings)
+    for message in messages:
+        if type(message) is dict or isinstance(message, Mapping):
+            content = message.get("content")
+            length += len(content) if type(content) is str else len(_text(content))
+            joined += 1
+    return length + max(joined - 1, 0) + 12 * len(messages)  # separators, framing
+
+
+def _other_text_length(body: Mapping[str, Any]) -> int:
     length = 0
-    messages = body.get("messages")
-    if type(messages) is list or isinstance(messages, list):
-        joined = 0  # messages that take part in the join (mappings)
-        for message in messages:
-            if type(message) is dict or isinstance(message, Mapping):
-                length += _text_length(message.get("content"))
-                joined += 1
-        length += max(joined - 1, 0) + 12 * len(messages)  # separators, framing
     for name in ("prompt", "input", "system"):
         value = body.get(name)
         if isinstance(value, str):
@@ -90,18 +94,51 @@ def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
         elif isinstance(value, list):
             length += len(_text(value) if value and isinstance(value[0], Mapping) else " ".join(
                 str(v) for v in value))
-    return math.ceil(length / CHARS_PER_TOKEN) if length else 0
+    return length
+
+
+_CAP_NAMES = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
     """The completion cap a request asks for (``max_tokens``/``max_completion_tokens``)."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+    for name in _CAP_NAMES:
         value = _int(body.get(name))
         if value:
             return value
     return None
+
+
+def body_sizes(body: Any) -> tuple[int, int]:
+    """``(estimate_prompt_tokens(body), requested_max_tokens(body) or 0)``, in one pass
+    that reads only the fields a JSON object has (a request's guards all need both)."""
+    if type(body) is not dict:
+        return estimate_prompt_tokens(body), requested_max_tokens(body) or 0
+    length = 0
+    messages = body.get("messages")
+    if type(messages) is list:  # _messages_length(messages), inline: once per request
+        joined = 0
+        for message in messages:
+            if type(message) is dict or isinstance(message, Mapping):
+                content = message.get("content")
+                length += len(content) if type(content) is str else len(_text(content))
+                joined += 1
+        length += 12 * len(messages) + (joined - 1 if joined else 0)
+    elif messages is not None:
+        length = _messages_length(messages)
+    if "prompt" in body or "input" in body or "system" in body:
+        length += _other_text_length(body)
+    cap = 0
+    for name in _CAP_NAMES:
+        value = body.get(name)
+        if value is not None:
+            value = value if type(value) is int else _int(value)
+            if value > 0:
+                cap = value
+                break
+    return -(-length // CHARS_PER_TOKEN), cap  # the ceiling, as estimate_prompt_tokens
 
 
 def usage_from_body(body: Any, model: str | None = None) -> Usage | None:

@@ -247,8 +247,10 @@ def test_guard_headers_are_set_as_item_assignment_would_set_them(
 
     added = {"x-ratelimit-limit-requests": "10", "Retry-After": "3",
              "x-ratelimit-remaining-requests": "9", "X-New": "a"}
-    given: Any = (HeaderPairs(added.items(), frozenset(name.lower() for name in added))
-                  if checked else added)
+    class Pairs(HeaderPairs):
+        names = frozenset(name.lower() for name in added)
+
+    given: Any = Pairs(added.items()) if checked else added
 
     def response() -> Response:
         return Response("x", headers=list(present))
@@ -337,3 +339,45 @@ def test_admission_sizes_are_the_body_estimates_computed_once(body: Any) -> None
         body["messages"] = [{"role": "user", "content": "y" * 4000}]
         body["max_tokens"] = 9999
         assert admission.sizes == expected
+
+
+_SIZE_BODIES: list[Any] = [
+    {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 64},
+    {"messages": [{"content": [{"type": "text", "text": "ab"}, "cd"]}, "x", None, {}]},
+    {"messages": "not a list", "prompt": ["a", 1, None], "max_tokens": True,
+     "max_output_tokens": 5},
+    {"messages": [], "input": [{"text": "abc"}, {"text": "de"}], "system": "sys" * 7},
+    {"prompt": "p" * 13, "max_completion_tokens": 0, "max_tokens": -3},
+    {"max_completion_tokens": 2.5, "max_tokens": "9", "max_output_tokens": 11},
+    {"input": [], "system": None, "max_tokens": 10**9},
+    {}, None, [], "text", 7,
+]
+
+
+@pytest.mark.parametrize("body", _SIZE_BODIES)
+def test_body_sizes_agree_with_the_two_estimates(body: Any) -> None:
+    """``body_sizes`` (one pass, used per admission) answers exactly what
+    ``estimate_prompt_tokens`` and ``requested_max_tokens`` answer, for odd bodies too."""
+    from flask_llmauth.usage import body_sizes, requested_max_tokens
+
+    assert body_sizes(body) == (estimate_prompt_tokens(body), requested_max_tokens(body) or 0)
+
+
+def test_request_ids_are_32_hex_digits_unique_and_new_after_a_fork() -> None:
+    """Each admission gets its own id (32 lower-case hex digits: 64 random bits, then a
+    counter); a forked child draws new random bits, so it never repeats its parent's ids."""
+    import re
+
+    from flask_llmauth.guards import _request_ids
+
+    ids = [Admission(None, None, None, None).request_id  # type: ignore[arg-type]
+           for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in ids)
+    assert len({rid[:16] for rid in ids}) == 1
+    assert int(ids[-1][16:], 16) - int(ids[0][16:], 16) == 999
+    admission = Admission(None, None, None, None)  # type: ignore[arg-type]
+    assert admission.request_id == admission.request_id  # drawn once
+    _request_ids.reseed()  # what runs in a forked child
+    after = Admission(None, None, None, None).request_id  # type: ignore[arg-type]
+    assert after[:16] != ids[0][:16] and after not in ids
