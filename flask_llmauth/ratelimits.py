@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from math import ceil
+from time import time as _now
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -677,8 +678,8 @@ class MemoryCounters(Counters):
         values: list[float] = []
         counts, ends = self._counts, self._ends
         with self._lock:
-            now = time.time()
-            for i, line in enumerate(plan.tpm):
+            now = _now()
+            for line in plan.tpm:
                 key = line.key
                 end = ends.get(key)
                 if end is None or end <= now:
@@ -687,9 +688,9 @@ class MemoryCounters(Counters):
                     used = counts.get(key, 0)
                 values += (used, end)
                 if line.limit - used < need:
-                    return TPM_REFUSED, i, values
+                    return TPM_REFUSED, plan.tpm.index(line), values
             # the increments of MemoryStorage.incr, inline (see _add)
-            for i, line in enumerate(plan.rpm):
+            for line in plan.rpm:
                 key = line.key
                 end = ends.get(key)
                 count = counts.get(key, 0) + 1 if end is not None and end > now else 1
@@ -698,10 +699,11 @@ class MemoryCounters(Counters):
                     ends[key] = end = now + window
                 values += (count, end)
                 if count > line.limit:
-                    for undo in plan.rpm[:i + 1]:
+                    index = plan.rpm.index(line)
+                    for undo in plan.rpm[:index + 1]:
                         self._add(undo.key, -1, window, now)
-                    return RPM_REFUSED, i, values
-            for i, line in enumerate(plan.parallel):
+                    return RPM_REFUSED, index, values
+            for line in plan.parallel:
                 key = line.key
                 end = ends.get(key)
                 count = counts.get(key, 0) + 1 if end is not None and end > now else 1
@@ -709,11 +711,12 @@ class MemoryCounters(Counters):
                 if count == 1:
                     ends[key] = now + lease
                 if count > line.limit:
+                    index = plan.parallel.index(line)
                     for undo in plan.rpm:
                         self._add(undo.key, -1, window, now)
-                    for undo in plan.parallel[:i + 1]:
+                    for undo in plan.parallel[:index + 1]:
                         self._add(undo.key, -1, lease, now)
-                    return PARALLEL_REFUSED, i, values
+                    return PARALLEL_REFUSED, index, values
         if now >= self._purge_due and self._purge is not None:
             self._purge_due = now + 1.0
             self._purge()
@@ -723,7 +726,7 @@ class MemoryCounters(Counters):
                lease: int) -> None:
         counts, ends = self._counts, self._ends
         with self._lock:
-            now = time.time()
+            now = _now()
             for line in plan.parallel:  # _add(key, -1), then back to 0 if it went below
                 key = line.key
                 end = ends.get(key)
