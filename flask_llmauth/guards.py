@@ -325,8 +325,18 @@ def _body_bytes(response: Response) -> bytes:
 
 def _is_json(response: Response) -> bool:
     """Whether the response's media type is ``application/json`` (read without parsing
-    the header's parameters)."""
-    content_type = response.headers.get("Content-Type")
+    the header's parameters; the header list is walked directly when it is Werkzeug's)."""
+    headers = response.headers
+    items = getattr(headers, "_list", None)
+    if type(items) is list:
+        for name, value in items:  # Content-Type is usually the first
+            if len(name) == 12 and name.lower() == "content-type":
+                content_type = value
+                break
+        else:
+            return False
+    else:
+        content_type = headers.get("Content-Type")
     if not content_type:
         return False
     return content_type.partition(";")[0].strip().lower() == "application/json"

@@ -155,7 +155,11 @@ def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
         prompt = (_int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
                   + _int(usage.get("cache_read_input_tokens")))
         return _usage((prompt, _int(usage.get("output_tokens")), model, False))
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    # _int() of each count, its plain-int case inline (every OpenAI response meets this)
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt = (prompt if prompt > 0 else 0) if type(prompt) is int else _int(prompt)
+    completion = ((completion if completion > 0 else 0) if type(completion) is int
+                  else _int(completion))
     if not completion:
         total = _int(usage.get("total_tokens"))
         if total > prompt:

@@ -381,3 +381,25 @@ def test_request_ids_are_32_hex_digits_unique_and_new_after_a_fork() -> None:
     _request_ids.reseed()  # what runs in a forked child
     after = Admission(None, None, None, None).request_id  # type: ignore[arg-type]
     assert after[:16] != ids[0][:16] and after not in ids
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ([("Content-Type", "application/json")], True),
+    ([("X-A", "1"), ("content-type", "Application/JSON ; charset=utf-8")], True),
+    ([("Content-Type", "application/jsonx")], False),
+    ([("Content-Types", "application/json")], False),
+    ([("X-Content-Typ", "application/json")], False),
+    ([("Content-Type", "")], False),
+    ([], False),
+])
+def test_is_json_reads_the_media_type_only(headers: list[tuple[str, str]],
+                                           expected: bool) -> None:
+    """Usage is read from a response whose media type is ``application/json`` (any case,
+    any parameters), from no other."""
+    from flask_llmauth.guards import _is_json
+
+    response = Response(b"{}")
+    response.headers.clear()
+    for name, value in headers:
+        response.headers.add(name, value)
+    assert _is_json(response) is expected
