@@ -162,6 +162,8 @@ class _Plan(NamedTuple):
     wanted: tuple[Guard, ...]
     #: The other guards that may still want it for its end user (``wants_end_user``).
     by_end_user: tuple[Guard, ...]
+    #: Those of ``wanted`` whose ``headers`` may add something.
+    with_headers: tuple[Guard, ...] = ()
 
 
 class Guards:
@@ -189,7 +191,12 @@ class Guards:
                 wanted.append(guard)
             elif hasattr(guard, "wants_end_user"):
                 by_end_user.append(guard)
-        return _Plan(principal, route, tuple(wanted), tuple(by_end_user))
+        return _Plan(principal, route, tuple(wanted), tuple(by_end_user),
+                     self._headers_of(wanted))
+
+    def _headers_of(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
+        with_headers = self._with_headers
+        return tuple(guard for guard in guards if id(guard) in with_headers)
 
     def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
                       environ: Mapping[str, Any]) -> Admission | None:
@@ -204,7 +211,7 @@ class Guards:
         resolver = self.end_users
         if resolver is not None and route.is_llm:
             end_user = resolver.resolve(principal, environ, body)
-        wanted = plan.wanted
+        wanted, with_headers = plan.wanted, plan.with_headers
         if end_user is not None and plan.by_end_user:
             customer = end_user[1]
             extra = [guard for guard in plan.by_end_user
@@ -212,21 +219,24 @@ class Guards:
             if extra:
                 wanted = tuple(guard for guard in self.guards
                                if guard in wanted or guard in extra)
+                with_headers = self._headers_of(wanted)
         if not wanted:
             return None
         admission = Admission(principal, route, model, body())
         if end_user is not None:
             admission.end_user_id, admission.customer = end_user
-        admission.scratch["_guards"] = wanted
-        admitted: list[Guard] = []
+        scratch = admission.scratch
+        scratch["_guards"] = wanted
+        scratch["_headers"] = with_headers
+        admitted = 0
         try:
             for guard in wanted:
                 guard.admit(admission)
-                admitted.append(guard)
+                admitted += 1
         except BaseException:
-            admission.scratch["_refused"] = True  # never reached the view
+            scratch["_refused"] = True  # never reached the view
             if admission.claim_settlement():
-                _settle_all(reversed(admitted), admission, None, True)
+                _settle_all(reversed(wanted[:admitted]), admission, None, True)
             raise
         return admission
 
@@ -245,18 +255,14 @@ class Guards:
 
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
-        guards: tuple[Guard, ...] = admission.scratch["_guards"]
-        with_headers = self._with_headers
-        for guard in guards:
-            if id(guard) not in with_headers:
-                continue
+        for guard in admission.scratch["_headers"]:
             try:
                 headers = guard.headers(admission)
                 if headers:
                     _set_headers(response, headers)
             except Exception:
                 log.exception("llmauth: guard %s failed to add headers", guard.name)
-        if admission.settled:
+        if not admission._unsettled:  # settled already (``settled``, inline)
             return response
         failed = response.status_code >= 400
         if response.is_streamed and not failed:
@@ -274,8 +280,11 @@ class Guards:
         return response
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        if admission.claim_settlement():
-            _settle_all(admission.scratch["_guards"], admission, usage, failed)
+        try:  # admission.claim_settlement(), inline
+            admission._unsettled.pop()
+        except IndexError:
+            return
+        _settle_all(admission.scratch["_guards"], admission, usage, failed)
 
     def teardown(self, admission: Admission) -> None:
         """The request failed with an exception: settle as failed unless a response (or a
