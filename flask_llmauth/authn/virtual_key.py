@@ -90,12 +90,13 @@ def key_principal(row: KeyRow) -> Principal:
     else:
         role = Role.INTERNAL_USER_VIEWER
     routes = key.allowed_routes
+    metadata = key.metadata  # the record's own dict, even empty (no second empty dict)
     return _new(Principal, (  # type: ignore[return-value]
         "virtual_key", role, key.user_id, None if user is None else user.user_email,
         key.team_id, key.organization_id or (None if team is None else team.organization_id),
         None, key.key_id, key.key_name, key.key_alias, _SCOPES,
         tuple(routes) if routes else (), _MODELS, key, team, user, membership, None,
-        key.metadata or {}, _LIMITS))
+        metadata if metadata or type(metadata) is dict else {}, _LIMITS))
 
 
 def _denial(row: KeyRow) -> tuple[str, str] | None:

@@ -131,15 +131,25 @@ class Policy:
                 model = parsed.get("model")
                 if model is None or (type(model) is str and model in allowed):
                     return model, parsed
+                if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME:
+                    # What models_and_body finds here (no URL model, a JSON object naming
+                    # one plain name), without reading the request again: a new principal
+                    # (a cold key) meets this on its first request.
+                    self._allow_model(principal, model, allowed)
+                    return model, parsed
         models, parsed = models_and_body(request, info)
         for model in models:
             if model not in allowed:
-                model_denial = self.models.denial(principal, model)
-                if model_denial is not None:
-                    raise model_denial
-                if len(allowed) < 1_000:
-                    allowed.add(model)
+                self._allow_model(principal, model, allowed)
         return (models[0] if models else None), parsed
+
+    def _allow_model(self, principal: Principal, model: str, allowed: set[str]) -> None:
+        """Raise the denial of ``model`` for ``principal``, else remember it in ``allowed``."""
+        model_denial = self.models.denial(principal, model)
+        if model_denial is not None:
+            raise model_denial
+        if len(allowed) < 1_000:
+            allowed.add(model)
 
     def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
                       ) -> Forbidden | None:

@@ -174,7 +174,7 @@ class _RecordReader:
         sends the whole row to :meth:`read` (the fast path changes nothing in ``values``, so
         it starts over from the driver's values)."""
         fast = {position: convert for position, convert, _ in self.converters}
-        items = [f"v[{i}]" if i not in fast else f"(None if v[{i}] is None else f{i}(v[{i}]))"
+        items = [f"v[{i}]" if i not in fast else _INLINE.get(fast[i], _CALL).format(i)
                  for i in range(width)]
         source = ("def read(v):\n"
                   "    try:\n"
@@ -188,6 +188,17 @@ class _RecordReader:
              namespace)
         read: Callable[[list[Any]], Any] = namespace["read"]
         return read
+
+
+#: How the generated reader converts a value, by fast converter (``{0}``: its position):
+#: calls made inline where they are cheap to spell out. ``bool`` is a truth test; a JSON
+#: column's empty object and array (what most rows hold) skip :func:`_json_value`.
+_CALL = "(None if v[{0}] is None else f{0}(v[{0}]))"
+_INLINE: dict[Any, str] = {
+    bool: "(None if v[{0}] is None else True if v[{0}] else False)",
+    _json_value: ("({{}} if v[{0}] == '{{}}' else () if v[{0}] == '[]' "
+                  "else None if v[{0}] is None else f{0}(v[{0}]))"),
+}
 
 
 def _sqlite_has_json() -> bool:
@@ -309,6 +320,7 @@ class Store:
             reader.compile(len(fields))
             for reader, (_, _, fields) in zip(self._readers, self._parts, strict=True))
         self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
+        self._digest_sql = self._key_sql["digest"]
 
     def _build_key_sql(self, where_column: str) -> str:
         selected = []
@@ -363,8 +375,8 @@ class Store:
                 raise
             raise failure from None
 
-    def _fetch_key(self, column: str, value: str) -> KeyRow | None:
-        row = self._fetch_row(self._key_sql[column], (value,))
+    def _fetch_key(self, sql: str, value: str) -> KeyRow | None:
+        row = self._fetch_row(sql, (value,))
         if row is None:
             return None
         if self._packed:  # SQLite's own JSON: raw_decode parses each table's array
@@ -384,10 +396,10 @@ class Store:
         return KeyRow(*records)
 
     def key_by_digest(self, digest: str) -> KeyRow | None:
-        return self._fetch_key("digest", digest)
+        return self._fetch_key(self._digest_sql, digest)
 
     def key_by_id(self, key_id: str) -> KeyRow | None:
-        return self._fetch_key("key_id", key_id)
+        return self._fetch_key(self._key_sql["key_id"], key_id)
 
     def grace_by_digest(self, digest: str) -> tuple[str, Any] | None:
         """``(key_id, revoke_at)`` of a rotated-out secret, or ``None``."""
