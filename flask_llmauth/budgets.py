@@ -154,7 +154,13 @@ def _entity(level: str, label: str, table: Any, record: Any, max_budget: int | N
 def has_budget(principal: Principal) -> bool:
     """Whether a budget of the principal's own records applies (end users and the global
     budget are decided elsewhere)."""
-    key = principal.key
+    key, user = principal.key, principal.user
+    # The common case in one expression: no team, no budget field set at all.
+    if (principal.team is None and (key is not None or not principal.limits)
+            and (key is None or (key.max_budget is None and key.soft_budget is None
+                                 and not key.model_max_budget))
+            and (user is None or (user.max_budget is None and user.soft_budget is None))):
+        return False
     if key is not None and any(isinstance(spec, Mapping) for spec in
                                (key.model_max_budget or {}).values()):
         return True

@@ -343,6 +343,15 @@ def has_limits(principal: Principal) -> bool:
     cold key lookup makes one): plain loops, most fields are ``None``."""
     key, user, team, member = principal.key, principal.user, principal.team, principal.membership
     limits = principal.limits
+    # The common case in one expression: no team, no membership, no limit field set at all.
+    if (not limits and team is None and member is None
+            and (user is None or (user.rpm_limit is None and user.tpm_limit is None
+                                  and user.max_parallel_requests is None))
+            and (key is None or (key.rpm_limit is None and key.tpm_limit is None
+                                 and key.max_parallel_requests is None
+                                 and not key.model_rpm_limit and not key.model_tpm_limit
+                                 and not key.metadata and not key.model_max_budget))):
+        return False
     if limits and _any_positive(limits.get(name) for name in _LIMIT_FIELDS):
         return True
     for record in (key, user, team):
