@@ -70,10 +70,9 @@ def _epoch(value: datetime | None) -> float:
 class Lease:
     """This process's lease of one budget row (all fields guarded by ``lock``)."""
 
-    __slots__ = ("ident", "lease_id", "lock", "held", "in_use", "in_flight", "pending",
-                 "max_budget", "duration", "window_end", "unit", "last_used", "row", "counter",
-                 "order",
-                 "dead", "refresh_at", "written", "done", "done_sum")
+    __slots__ = ("ident", "lease_id", "lock", "held", "in_use", "in_flight", "max_budget",
+                 "duration", "window_end", "unit", "last_used", "row", "counter", "order",
+                 "dead", "refresh_at", "written", "done_sum")
 
     def __init__(self, ident: tuple[Any, ...], lease_id: str, budget: Budget) -> None:
         self.ident = ident
@@ -81,15 +80,15 @@ class Lease:
         self.lock = threading.Lock()
         #: What this lease's reservation row holds (and adds to the row's ``reserved``).
         self.held = 0
-        #: Worst cases of ``in_flight`` and ``pending``.
+        #: Worst cases of ``in_flight``, and of the requests whose spend is known to be
+        #: written (``done_sum``) until a lease transaction takes them out.
         self.in_use = 0
-        #: request id -> worst case, admitted and not finished.
-        self.in_flight: dict[str, int] = {}
-        #: request id -> [worst case, finished at (monotonic), spend known to be written],
-        #: in the order they finished.
-        self.pending: dict[str, list[Any]] = {}
-        #: The pending requests whose spend is known to be written, and their worst cases.
-        self.done: list[str] = []
+        #: request id -> ticket of the requests admitted (worst case > 0) whose spend is not
+        #: known to be written: in flight, or finished (``ticket.finished``) and not written
+        #: yet; in the order they were admitted.
+        self.in_flight: dict[str, Ticket] = {}
+        #: Worst cases of the requests whose spend is known to be written (out of
+        #: ``in_flight``), still in ``in_use``: the next lease transaction takes them out.
         self.done_sum = 0
         #: The limit, window and window end the last lease transaction saw (``-1``: none).
         self.max_budget: int | None = -1
@@ -102,73 +101,80 @@ class Lease:
         self.row: tuple[str, int] | None = None
         self.counter = budget.counter is not None
         self.order = budget.order
-        #: Dropped from the process's table: look the lease up again.
+        #: Dropped from the process's table (or inherited by a forked child): look the
+        #: lease up again. Read without the lock first, so a child never takes the lock of
+        #: a lease it inherited; set under the lock (or in a fresh child).
         self.dead = False
         self.refresh_at = 0.0
         #: Request ids the spend ledger wrote in a batch, maybe not committed yet (appended
         #: by the ledger's thread without the lock: a deque's append/popleft are atomic).
         self.written: deque[str] = deque()
 
-    def take(self, request_id: str, need: int, budget: Budget, now: float) -> bool | None:
-        """Admit ``need`` from the lease in memory. ``None``: the lease is dead; ``False``:
+    def _take(self, ticket: Ticket, budget: Budget, now: float) -> bool:
+        """Under ``lock``: admit the ticket's worst case from the lease in memory; ``False``:
         a lease transaction is needed (no room, a new window, another limit)."""
-        with self.lock:
-            if self.dead:
-                return None
-            return self._take(request_id, need, budget, now)
-
-    def _take(self, request_id: str, need: int, budget: Budget, now: float) -> bool:
         if (now >= self.window_end or self.max_budget != budget.max_budget
                 or self.duration != budget.duration):
             return False
+        need = ticket.need
         free = self.held - self.in_use
         if free <= 0 or need > free:  # ``>=``: room must be left, even for a free request
             return False
         self.in_use += need
         if need:
-            self.in_flight[request_id] = need
+            self.in_flight[ticket.request_id] = ticket
             self.unit = need
         self.last_used = now
         return True
 
-    def release(self, request_id: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         """The request spent nothing (refused later, or no spend is written): its worst case
         is free again at once."""
         with self.lock:
-            need = self.in_flight.pop(request_id, 0)
-            self.in_use -= need
+            found = self.in_flight.pop(ticket.request_id, None)
+            if found is not None:
+                self.in_use -= found.need
 
-    def finish(self, request_id: str, written: bool) -> None:
-        """The request ended: its worst case stays in use until its spend is known to be
-        written (``written``: it is already)."""
+    def written_now(self, ticket: Ticket) -> None:
+        """The request's spend is in the database (written without the spend ledger)."""
         with self.lock:
-            need = self.in_flight.pop(request_id, None)
-            if need:
-                self.pending[request_id] = [need, time.monotonic(), written]
-                if written:
-                    self.done.append(request_id)
-                    self.done_sum += need
+            self.mark_done(ticket.request_id)
 
     def mark_done(self, request_id: str) -> None:
-        """Under ``lock``: the request's spend is in the database."""
-        item = self.pending.get(request_id)
-        if item is not None and not item[2]:
-            item[2] = True
-            self.done.append(request_id)
-            self.done_sum += item[0]
+        """Under ``lock``: the request's spend is in the database; its worst case leaves the
+        lease with the next lease transaction."""
+        found = self.in_flight.pop(request_id, None)
+        if found is not None:
+            self.done_sum += found.need
 
 
 class Ticket:
-    """What one admitted request holds (``admission.scratch``; the spend event carries it)."""
+    """What one admitted request holds (``admission.scratch``; the spend event carries it).
 
-    __slots__ = ("request_id", "leases", "soft_rows")
+    A request that ends sets ``finished`` (no lock, no lease touched): its worst case stays
+    in its leases until its spend is known to be written, or ``LLMAUTH_BUDGET_RESERVATION_TTL``
+    after ``finished`` (the spend ledger dropped it)."""
 
-    def __init__(self, request_id: str, leases: list[Lease],
-                 soft_rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()) -> None:
+    __slots__ = ("request_id", "leases", "need", "admitted", "finished", "soft_rows")
+
+    def __init__(self, request_id: str, leases: tuple[Lease, ...], need: int,
+                 admitted: float) -> None:
         self.request_id = request_id
+        #: The leases the request was admitted from.
         self.leases = leases
+        #: Its worst case, in money units (the same for every budget).
+        self.need = need
+        #: ``time.time()`` when it was admitted.
+        self.admitted = admitted
+        #: ``time.monotonic()`` when it ended (``None``: in flight).
+        self.finished: float | None = None
         #: Rows of the soft-only budgets ``(table, id, lock order, is_counter)``.
-        self.soft_rows = soft_rows
+        self.soft_rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
+
+    def release(self) -> None:
+        """Nothing was spent: free the worst case in every lease at once."""
+        for lease in self.leases:
+            lease.release(self)
 
     def rows(self, counters: bool) -> list[tuple[str, int, tuple[Any, ...]]]:
         """The counter rows (``counters``) or entity rows the request's cost goes to."""
@@ -195,7 +201,10 @@ class Leases:
         os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._reseed())
 
     def _reseed(self) -> None:
-        """A new process: no lease of the parent is ours."""
+        """A new process: no lease of the parent is ours (the guard's plans may still point
+        at them: they are marked dead, so they are looked up again, without their locks)."""
+        for lease in self._leases.values():
+            lease.dead = True
         self._token = uuid.uuid4().hex[:16]
         self._leases = {}
         self._lock = threading.Lock()
@@ -219,29 +228,30 @@ class Leases:
                 self._leases[ident] = found
             return found
 
-    def admit(self, request_id: str, budget: Budget, need: int, now: float
-              ) -> tuple[Lease, list[tuple[Budget, int]]]:
-        """Admit ``need`` against ``budget`` (in memory, else with a lease transaction).
-        Returns the lease and the soft budgets seen crossed; raises :class:`_Refusal`."""
+    def admit(self, ticket: Ticket, budget: Budget) -> tuple[Lease, list[tuple[Budget, int]]]:
+        """Admit the ticket's worst case against ``budget`` (in memory, else with a lease
+        transaction). Returns the lease and the soft budgets seen crossed; raises
+        :class:`_Refusal`. (The guard admits from the leases it knows first, inline.)"""
         while True:
             lease = self._leases.get(budget.ident) or self.lease(budget)
             with lease.lock:  # one acquisition: in memory, else the lease transaction
                 if lease.dead:  # dropped from the table: look it up again
                     continue
-                if lease._take(request_id, need, budget, now):
+                if lease._take(ticket, budget, ticket.admitted):
                     return lease, _NONE
-                return lease, self._transact(lease, budget, need, request_id, give_back=False)
+                return lease, self._transact(lease, budget, ticket.need, ticket,
+                                             give_back=False)
 
     # -- the lease transaction -----------------------------------------------------------------
 
-    def _transact(self, lease: Lease, budget: Budget, need: int | None, request_id: str,
-                  *, give_back: bool) -> list[tuple[Budget, int]]:
+    def _transact(self, lease: Lease, budget: Budget, need: int | None,
+                  ticket: Ticket | None, *, give_back: bool) -> list[tuple[Budget, int]]:
         """Under ``lease.lock``: one transaction that takes the finished requests whose
         spend is written out of the lease, then admits ``need`` (``None``: none) with the
         lease grown by a chunk, or gives back the unused part (``give_back``, or when
         ``need`` does not fit: then raises :class:`_Refusal` after committing)."""
         self._confirm(lease)
-        done, trimmed = lease.done, lease.done_sum
+        trimmed = lease.done_sum
         in_use = lease.in_use - trimmed
         # use() outside the loop: it turns a database error into a 503, which must not
         # happen before a busy/locked database or a deadlock is retried
@@ -256,9 +266,7 @@ class Leases:
                         raise
                     time.sleep(0.005 * (attempt + 1))
         held, row, refusal, crossed = outcome
-        for rid in done:
-            lease.pending.pop(rid, None)
-        lease.done, lease.done_sum = [], 0
+        lease.done_sum = 0
         lease.in_use = in_use
         lease.held = held
         lease.refresh_at = time.monotonic() + self.ttl / 2
@@ -273,7 +281,7 @@ class Leases:
         if need is not None:
             lease.in_use += need
             if need:
-                lease.in_flight[request_id] = need
+                lease.in_flight[ticket.request_id] = ticket  # type: ignore[union-attr]
                 lease.unit = need
             lease.last_used = time.time()
         return crossed
@@ -361,19 +369,15 @@ class Leases:
     # -- spend written -------------------------------------------------------------------------
 
     def _confirm(self, lease: Lease) -> None:
-        """Under ``lease.lock``: mark the finished requests whose spend-log row is committed
-        (their spend is then in the budget rows). Only requests the spend ledger wrote in a
-        batch are looked up."""
+        """Under ``lease.lock``: mark the requests whose spend-log row is committed (their
+        spend is then in the budget rows). Only requests the spend ledger wrote in a batch
+        are looked up."""
         ids: list[str] = []
-        early: list[str] = []
+        in_flight = lease.in_flight
         while lease.written:
             rid = lease.written.popleft()
-            item = lease.pending.get(rid)
-            if item is not None and not item[2]:
+            if rid in in_flight:  # else released, expired or marked already
                 ids.append(rid)
-            elif rid in lease.in_flight:  # written before this guard settled it
-                early.append(rid)
-        lease.written.extend(early)
         if not ids:
             return
         found: set[str] = set()
@@ -397,14 +401,18 @@ class Leases:
                 lease.written.append(rid)
 
     def _expire(self, lease: Lease) -> None:
-        """A finished request whose spend was not written within the reservation TTL (the
-        spend ledger dropped it) leaves the lease, as a crashed request's reservation does."""
+        """Under ``lease.lock``: a finished request whose spend was not written within the
+        reservation TTL (the spend ledger dropped it) leaves the lease, as a crashed
+        request's reservation does. Requests in flight stay."""
         limit = time.monotonic() - self.ttl
+        admitted_by = time.time() - self.ttl
         expired = []
-        for rid, item in lease.pending.items():  # oldest first
-            if item[1] > limit:
-                break
-            expired.append(rid)
+        for rid, ticket in lease.in_flight.items():  # in the order they were admitted
+            if ticket.admitted > admitted_by:  # the rest cannot have finished before limit
+                break  # (a wall clock set back only delays this: never too early)
+            finished = ticket.finished
+            if finished is not None and finished <= limit:
+                expired.append(rid)
         for rid in expired:
             lease.mark_done(rid)
 
@@ -435,16 +443,15 @@ class Leases:
             self._confirm(lease)
             self._expire(lease)
             idle = final or now - lease.last_used >= self.idle
-            trim = bool(lease.done)
+            trim = bool(lease.done_sum)
             give_back = idle and lease.held > lease.in_use
             refresh = lease.held > 0 and time.monotonic() >= lease.refresh_at
             if trim or give_back or refresh:
                 budget = _sweep_budget(lease)
                 if budget is not None:
-                    self._transact(lease, budget, None, "", give_back=idle)
+                    self._transact(lease, budget, None, None, give_back=idle)
                     count = 1
-            if (idle and not lease.held and not lease.in_flight and not lease.pending
-                    and not lease.in_use):
+            if idle and not lease.held and not lease.in_flight and not lease.in_use:
                 lease.dead = True
                 with self._lock:
                     if self._leases.get(lease.ident) is lease:

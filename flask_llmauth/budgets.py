@@ -47,7 +47,7 @@ from .durations import Duration, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
-from .prices import worst_case_units
+from .prices import FEMTO_PER_UNIT, Price, prices_for
 from .principal import Principal, PrincipalMemo
 from .signals import budget_exceeded, soft_budget_crossed
 from .store.tables import (
@@ -513,6 +513,40 @@ def _fmt(units: int) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
 
 
+class _BudgetPlan:
+    """The budgets of one principal object, model and end user, with this process's leases
+    of those with a limit (looked up again when one is dropped) and the model's price."""
+
+    __slots__ = ("principal", "model", "end_user_id", "customer", "limited", "soft_only",
+                 "leases", "pairs", "price", "per_token")
+
+    def __init__(self, principal: Principal, model: str | None, end_user_id: str | None,
+                 customer: Any, budgets: Sequence[Budget], leases: Any, price: Price) -> None:
+        self.principal = principal
+        self.model = model
+        self.end_user_id = end_user_id
+        self.customer = customer
+        #: Those with a limit (admitted from leases), in lock order.
+        self.limited = tuple(b for b in budgets if b.max_budget is not None)
+        #: Those with a soft budget only (read, not reserved).
+        self.soft_only = tuple(b for b in budgets if b.max_budget is None)
+        self.price = price
+        #: The price in whole money units per token, when it is one (most are: a price
+        #: with at most 9 decimals): the worst case is then exact without rounding.
+        self.per_token = ((price.input // FEMTO_PER_UNIT, price.output // FEMTO_PER_UNIT)
+                          if not price.input % FEMTO_PER_UNIT
+                          and not price.output % FEMTO_PER_UNIT else None)
+        self.leases: tuple[Lease, ...] = ()
+        #: ``(lease, budget)`` of ``limited``; ``None`` when no budget applies.
+        self.pairs: tuple[tuple[Lease, Budget], ...] | None = None
+        if budgets:
+            self.use(tuple(leases.lease(b) for b in self.limited))
+
+    def use(self, leases: tuple[Lease, ...]) -> None:
+        self.leases = leases
+        self.pairs = tuple(zip(leases, self.limited, strict=True))
+
+
 _NAMES = {"key": "Key", "user": "User", "team": "Team", "team_member": "Team member",
           "end_user": "End User", "key_model": "Key model", "global": "Proxy",
           "principal": "Caller"}
@@ -534,7 +568,11 @@ class Budgets:
         self.leases = Leases(self.ledger, self.settings)
         self.app = app
         self._model_names = state.models.names_for
-        self._plans: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+        #: ``(id(principal), model, end user, id(customer))`` -> plan.
+        self._plans: dict[tuple[Any, ...], _BudgetPlan] = {}
+        #: ``id(principal)`` -> its plan used last (a cheaper look-up than the tuple's).
+        self._latest: dict[int, _BudgetPlan] = {}
+        self.default_max_tokens = int(self.settings.default_max_tokens or 0)
         self._budgeted = PrincipalMemo(has_budget)
         #: Every LLM request must be seen: there is a global budget.
         self.always = self.settings.max_budget is not None
@@ -566,33 +604,80 @@ class Budgets:
             or _units(getattr(customer, "soft_budget", None)) is not None)
 
     def admit(self, admission: Admission) -> None:
-        plan = self._plan(admission)
-        if plan is None:
+        principal = admission.principal
+        plan = self._latest.get(id(principal))  # the principal's last plan, else by model...
+        if (plan is None or plan.principal is not principal or plan.model != admission.model
+                or plan.end_user_id != admission.end_user_id
+                or plan.customer is not admission.customer):
+            plan = self._plan(admission)
+        pairs = plan.pairs
+        if pairs is None:  # no budget applies
             return
-        limited, soft_only = plan
-        amount = worst_case_units(admission.model, admission.body, self.settings)
+        # worst_case_units(model, body, settings), with the plan's price and the
+        # admission's token estimate (which the rate-limit guard may read too)
+        prompt, asked = admission.sizes
+        per_token = plan.per_token
+        if per_token is not None:  # whole units per token: small integers, no rounding
+            need = prompt * per_token[0] + (asked or self.default_max_tokens) * per_token[1]
+        else:
+            price = plan.price
+            need = -(-(prompt * price[0] + (asked or self.default_max_tokens) * price[1])
+                     // FEMTO_PER_UNIT)
+        now = admission.started
         request_id = admission.request_id
-        leases: list[Lease] = []
+        ticket = Ticket(request_id, plan.leases, need, now)
+        taken = 0
+        for lease, budget in pairs:  # in lock order: in memory from the plan's leases
+            if lease.dead:
+                break
+            lock = lease.lock
+            lock.acquire()
+            try:  # Lease._take, inline
+                free = lease.held - lease.in_use
+                if (free <= 0 or need > free or now >= lease.window_end or lease.dead
+                        or lease.max_budget != budget.max_budget
+                        or lease.duration != budget.duration):
+                    break
+                lease.in_use += need
+                if need:
+                    lease.in_flight[request_id] = ticket
+                    lease.unit = need
+                lease.last_used = now
+            finally:
+                lock.release()
+            taken += 1
+        else:
+            if not plan.soft_only:
+                admission.scratch[SCRATCH] = ticket
+                return
+        self._admit_rest(admission, plan, ticket, taken)
+
+    def _admit_rest(self, admission: Admission, plan: _BudgetPlan, ticket: Ticket,
+                    taken: int) -> None:
+        """Admit the ticket from its plan's leases after the first ``taken`` (a lease
+        transaction, or a lease looked up again) and its soft-only budgets."""
+        leases = list(plan.leases[:taken])
         crossed: list[tuple[Budget, int]] = []
-        rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
-        now = time.time()
         admit = self.leases.admit
         try:
-            for budget in limited:  # in lock order; the soft-only rows after them
-                lease, seen = admit(request_id, budget, amount, now)
+            for budget in plan.limited[taken:]:  # in lock order; the soft-only rows after them
+                lease, seen = admit(ticket, budget)
                 leases.append(lease)
                 if seen:
                     crossed += seen
-            if soft_only:
-                rows, seen = self.ledger.touch_soft(list(soft_only))
+            if plan.soft_only:
+                ticket.soft_rows, seen = self.ledger.touch_soft(list(plan.soft_only))
                 crossed += seen
         except BaseException as exc:
             for lease in leases:
-                lease.release(request_id)
+                lease.release(ticket)
             if isinstance(exc, _Refusal):
                 self._refuse(admission, exc)
             raise
-        admission.scratch[SCRATCH] = Ticket(request_id, leases, rows)
+        if leases != list(plan.leases):  # a lease was replaced: the plan uses the new one
+            plan.use(tuple(leases))
+        ticket.leases = tuple(leases)
+        admission.scratch[SCRATCH] = ticket
         if crossed and soft_budget_crossed.receivers:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
             for budget, spend in crossed:
@@ -602,19 +687,17 @@ class Budgets:
                                          soft_budget=to_usd(budget.soft_budget))
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        ticket: Ticket | None = admission.scratch.get(SCRATCH)
+        scratch = admission.scratch
+        ticket: Ticket | None = scratch.get(SCRATCH)
         if ticket is None:
             return
-        request_id = ticket.request_id
-        if admission.scratch.get("_refused"):  # never reached the view: nothing was spent
-            for lease in ticket.leases:
-                lease.release(request_id)
+        if scratch.get("_refused"):  # never reached the view: nothing was spent
+            ticket.release()
             return
-        if self.spend_guard is not None and self.spend_guard in admission.scratch.get(
-                "_guards", ()):
-            # the spend ledger writes the spend; the lease learns it from its batch
-            for lease in ticket.leases:
-                lease.finish(request_id, False)  # not written yet
+        spend_guard = self.spend_guard
+        if spend_guard is not None and spend_guard in scratch.get("_guards", ()):
+            # the spend ledger writes the spend; the leases learn it from its batch
+            ticket.finished = time.monotonic()
             return
         cost = 0
         if usage is not None:
@@ -622,16 +705,18 @@ class Budgets:
 
             cost = cost_units(admission.model, usage, self.settings)
         if not cost:
-            for lease in ticket.leases:
-                lease.release(request_id)
+            ticket.release()
             return
         written = False
         try:
             self.ledger.add_spend(ticket.rows(False) + ticket.rows(True), cost)
             written = True
         finally:
-            for lease in ticket.leases:
-                lease.finish(request_id, written)
+            if written:
+                for lease in ticket.leases:
+                    lease.written_now(ticket)
+            else:  # in use until the reservation TTL
+                ticket.finished = time.monotonic()
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         return {}
@@ -662,25 +747,31 @@ class Budgets:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _plan(self, admission: Admission) -> tuple[tuple[Budget, ...], tuple[Budget, ...]] | None:
-        """The budgets of this request, in lock order: those with a limit (admitted from
-        leases) and the soft-only ones; ``None`` when none applies. Kept per principal
-        object, model and end user (a cached key's principal is reused until it changes)."""
+    def _plan(self, admission: Admission) -> _BudgetPlan:
+        """The budgets of this request, kept per principal object, model and end user (a
+        cached key's principal is reused until it changes); ``admit`` looks at the
+        principal's last plan first."""
         principal, customer = admission.principal, admission.customer
         cache_key = (id(principal), admission.model, admission.end_user_id, id(customer))
-        hit = self._plans.get(cache_key)
-        if hit is not None and hit[0] is principal and hit[1] is customer:
-            return hit[2]
+        plan = self._plans.get(cache_key)
+        if plan is None or plan.principal is not principal or plan.customer is not customer:
+            plan = self._new_plan(admission)
+            if len(self._plans) >= 10_000:
+                self._plans.clear()
+            self._plans[cache_key] = plan
+        if len(self._latest) >= 10_000:
+            self._latest.clear()
+        self._latest[id(principal)] = plan
+        return plan
+
+    def _new_plan(self, admission: Admission) -> _BudgetPlan:
+        principal, customer = admission.principal, admission.customer
         names: Sequence[str] = ()
         if admission.model and principal.key is not None and principal.key.model_max_budget:
             names = self._model_names(principal, admission.model) or (admission.model,)
         budgets = resolve(principal, names, admission.end_user_id, customer, self.settings)
-        plan = (tuple(b for b in budgets if b.max_budget is not None),
-                tuple(b for b in budgets if b.max_budget is None)) if budgets else None
-        if len(self._plans) >= 10_000:
-            self._plans.clear()
-        self._plans[cache_key] = (principal, customer, plan)
-        return plan
+        return _BudgetPlan(principal, admission.model, admission.end_user_id, customer,
+                           budgets, self.leases, prices_for(self.settings).price(admission.model))
 
     def _refuse(self, admission: Admission, refusal: _Refusal) -> None:
         budget = refusal.budget

@@ -88,7 +88,7 @@ def test_a_database_error_while_checking_written_spend_does_not_hold_the_lease(
         leases.sweep()  # the background pass during the outage
     assert calls == [1]
     leases.sweep(final=True)  # the database is back
-    assert (lease.in_use, lease.pending) == (0, {})
+    assert (lease.in_use, lease.in_flight, lease.done_sum) == (0, {}, 0)
     k = row_without_give_back(app, Key, key_id=key["key_id"])
     assert (k.spend, k.reserved) == (4000, 0)
 
