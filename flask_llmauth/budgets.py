@@ -547,6 +547,8 @@ class _BudgetPlan:
         self.pairs = tuple(zip(leases, self.limited, strict=True))
 
 
+_new_ticket = object.__new__
+
 _NAMES = {"key": "Key", "user": "User", "team": "Team", "team_member": "Team member",
           "end_user": "End User", "key_model": "Key model", "global": "Proxy",
           "principal": "Caller"}
@@ -625,7 +627,13 @@ class Budgets:
                      // FEMTO_PER_UNIT)
         now = admission.started
         request_id = admission.request_id
-        ticket = Ticket(request_id, plan.leases, need, now)
+        ticket = _new_ticket(Ticket)  # Ticket(request_id, plan.leases, need, now), inline
+        ticket.request_id = request_id
+        ticket.leases = plan.leases
+        ticket.need = need
+        ticket.admitted = now
+        ticket.finished = None
+        ticket.soft_rows = ()
         taken = 0
         for lease, budget in pairs:  # in lock order: in memory from the plan's leases
             if lease.dead:
