@@ -518,7 +518,7 @@ class _BudgetPlan:
     of those with a limit (looked up again when one is dropped) and the model's price."""
 
     __slots__ = ("principal", "model", "end_user_id", "customer", "limited", "soft_only",
-                 "leases", "pairs", "price", "per_token")
+                 "using", "price", "per_token")
 
     def __init__(self, principal: Principal, model: str | None, end_user_id: str | None,
                  customer: Any, budgets: Sequence[Budget], leases: Any, price: Price) -> None:
@@ -536,15 +536,14 @@ class _BudgetPlan:
         self.per_token = ((price.input // FEMTO_PER_UNIT, price.output // FEMTO_PER_UNIT)
                           if not price.input % FEMTO_PER_UNIT
                           and not price.output % FEMTO_PER_UNIT else None)
-        self.leases: tuple[Lease, ...] = ()
-        #: ``(lease, budget)`` of ``limited``; ``None`` when no budget applies.
-        self.pairs: tuple[tuple[Lease, Budget], ...] | None = None
+        #: The leases of ``limited`` and their ``(lease, budget)`` pairs, replaced together
+        #: (one attribute: a request reads one consistent pair); ``None``: no budget applies.
+        self.using: tuple[tuple[Lease, ...], tuple[tuple[Lease, Budget], ...]] | None = None
         if budgets:
             self.use(tuple(leases.lease(b) for b in self.limited))
 
     def use(self, leases: tuple[Lease, ...]) -> None:
-        self.leases = leases
-        self.pairs = tuple(zip(leases, self.limited, strict=True))
+        self.using = (leases, tuple(zip(leases, self.limited, strict=True)))
 
 
 _new_ticket = object.__new__
@@ -612,9 +611,10 @@ class Budgets:
                 or plan.end_user_id != admission.end_user_id
                 or plan.customer is not admission.customer):
             plan = self._plan(admission)
-        pairs = plan.pairs
-        if pairs is None:  # no budget applies
+        using = plan.using
+        if using is None:  # no budget applies
             return
+        leases, pairs = using
         # worst_case_units(model, body, settings), with the plan's price and the
         # admission's token estimate (which the rate-limit guard may read too)
         prompt, asked = admission.sizes
@@ -627,9 +627,9 @@ class Budgets:
                      // FEMTO_PER_UNIT)
         now = admission.started
         request_id = admission.request_id
-        ticket = _new_ticket(Ticket)  # Ticket(request_id, plan.leases, need, now), inline
+        ticket = _new_ticket(Ticket)  # Ticket(request_id, leases, need, now), inline
         ticket.request_id = request_id
-        ticket.leases = plan.leases
+        ticket.leases = leases
         ticket.need = need
         ticket.admitted = now
         ticket.finished = None
@@ -664,7 +664,7 @@ class Budgets:
                     taken: int) -> None:
         """Admit the ticket from its plan's leases after the first ``taken`` (a lease
         transaction, or a lease looked up again) and its soft-only budgets."""
-        leases = list(plan.leases[:taken])
+        leases = list(ticket.leases[:taken])  # the plan's, when the ticket was made
         crossed: list[tuple[Budget, int]] = []
         admit = self.leases.admit
         try:
@@ -682,7 +682,7 @@ class Budgets:
             if isinstance(exc, _Refusal):
                 self._refuse(admission, exc)
             raise
-        if leases != list(plan.leases):  # a lease was replaced: the plan uses the new one
+        if leases != list(ticket.leases):  # a lease was replaced: the plan uses the new one
             plan.use(tuple(leases))
         ticket.leases = tuple(leases)
         admission.scratch[SCRATCH] = ticket
