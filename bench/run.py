@@ -303,8 +303,8 @@ class Workload:
         self.check_introspection_cached()
         self.check_jwks_cached()
 
-    def cold_headers(self, count: int) -> list[dict[str, str]]:
-        """Headers with ``count`` stored keys never presented before."""
+    def cold_keys(self, count: int) -> list[str]:
+        """``count`` stored keys never presented before."""
         if len(self._cold_seen) + count > self.key_count:
             raise SystemExit("not enough distinct keys: raise --keys or lower --requests")
         out = []
@@ -312,8 +312,12 @@ class Workload:
             index = self._cold.randrange(1, self.key_count)
             if index not in self._cold_seen:
                 self._cold_seen.add(index)
-                out.append(bearer(keydb.raw_key(index)))
+                out.append(keydb.raw_key(index))
         return out
+
+    def cold_headers(self, count: int) -> list[dict[str, str]]:
+        """Headers with ``count`` stored keys never presented before."""
+        return [bearer(key) for key in self.cold_keys(count)]
 
     def request_headers(self, variant: str, count: int) -> list[dict[str, str]]:
         if variant == "virtual_key_cold":
@@ -553,10 +557,71 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
         out += ("\nInstructions per request (valgrind --tool=callgrind, counted between "
                 "markers around each timed loop of 1,000 requests):\n\n")
         out += "\n".join(rows) + "\n" + verdict
+        parts = [(label, instructions[f"cold_part:{part}"]) for part, label in COLD_PARTS.items()
+                 if f"cold_part:{part}" in instructions]
+        if parts:
+            added = instructions["virtual_key_cold"] - instructions["virtual_key_cached"]
+            out += (f"\nWhere a cold key's {added:,.0f} instructions over a cached one go "
+                    "(per call, each on a fresh key, 1,000 calls):\n\n"
+                    "| piece | instructions/call |\n|---|---:|\n")
+            out += "".join(f"| {label} | {value:,.0f} |\n" for label, value in parts)
     return out
 
 
 # -- instruction counts ----------------------------------------------------------------------------
+
+def _cold_part(work: Workload, part: str, count: int) -> Callable[[], object]:
+    """``count`` calls of one piece of a cold key's request, each on a fresh key (the inputs
+    are prepared here, outside the count)."""
+    app = work.apps["auth"]
+    state = app.extensions["llmauth"]
+    store, digester = state.store, state.digester
+    authenticator = state.authenticators["virtual_key"]
+    authenticator = getattr(authenticator, "inner", authenticator)  # KeyValidation's
+    keys = work.cold_keys(count)
+    if part == "digest":
+        return lambda: [digester.digest(key) for key in keys]
+    digests = [digester.digest(key) for key in keys]
+    if part == "statement":
+        sql = store._key_sql["digest"]
+
+        def statement() -> None:
+            for digest in digests:
+                store._cursor().execute(sql, (digest,)).fetchone()
+        return statement
+    if part == "lookup":
+        return lambda: [store.key_by_digest(digest) for digest in digests]
+    if part == "load":
+        pairs = [(digest, state.cache_keyer(key))
+                 for digest, key in zip(digests, keys, strict=True)]
+        return lambda: [authenticator.load(digest, cache_key) for digest, cache_key in pairs]
+    from flask_llmauth.authn.virtual_key import key_principal
+
+    principals = [key_principal(store.key_by_digest(digest)) for digest in digests]
+    if part == "denial":
+        return lambda: [state.models.denial(principal, "gpt-4o") for principal in principals]
+    rule = next(r for r in app.url_map.iter_rules() if r.rule == PATH)
+    info = state.routes.info(rule, app.view_functions[rule.endpoint])
+    call = state._verdict if part == "verdict" else state.guards.plan
+
+    def in_request() -> None:
+        with app.test_request_context(PATH, method="POST"):
+            for principal in principals:
+                call(principal, info, True)
+    return in_request
+
+
+#: ``--cold-parts``: pieces of a cold key's request counted one by one under callgrind.
+COLD_PARTS = {
+    "digest": "HMAC digest of the presented key (`KeyDigester.digest`)",
+    "statement": "the lookup statement, executed and fetched",
+    "lookup": "`Store.key_by_digest` (the statement and the records)",
+    "load": "`VirtualKeyAuthenticator.load` (lookup, principal, cache fill)",
+    "verdict": "a new principal's verdict (`LLMAuthState._verdict`)",
+    "plan": "of which the guards' plan (`Guards.plan`)",
+    "denial": "a new principal's model check (`ModelAccess.denial`)",
+}
+
 
 #: callgrind dumps its counters whenever this libc function is entered; the child process
 #: calls it (``os.getppid()``) right before and right after each timed loop.
@@ -564,14 +629,18 @@ _MARKER = "getppid"
 
 
 def instructions(database: Path, count: int, warmup: int,
-                 config: dict[str, Any] | None = None) -> dict[str, float]:
-    """Instructions per request of each variant (wsgi driver), from one callgrind run."""
+                 config: dict[str, Any] | None = None,
+                 cold_parts: bool = False) -> dict[str, float]:
+    """Instructions per request of each variant (wsgi driver), from one callgrind run (and
+    per call of each of :data:`COLD_PARTS`, run last, when ``cold_parts``)."""
     with tempfile.TemporaryDirectory(prefix="llmauth-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         argv = ["valgrind", "--tool=callgrind", f"--dump-before={_MARKER}",
                 f"--callgrind-out-file={out}", sys.executable, str(Path(__file__).resolve()),
                 "--callgrind-child", "--count", str(count), "--warmup", str(warmup),
                 "--database", str(database), "--config", json.dumps(config or {})]
+        if cold_parts:
+            argv.append("--cold-parts")
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"callgrind run failed:\n{done.stderr[-3000:]}")
@@ -594,11 +663,19 @@ def instructions(database: Path, count: int, warmup: int,
                 found = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)
                 if found is not None:
                     result[f"spend_write:{variant}"] = int(found.group(1)) / count
+        if cold_parts:  # the last loops: dump 2k (numbered from 1) ends loop k
+            last = max(int(p.suffix[1:]) for p in Path(tmp).glob("callgrind.out.*"))
+            for index, part in enumerate(COLD_PARTS):
+                dump = Path(f"{out}.{last - 2 * len(COLD_PARTS) + 2 * index + 2}")
+                found = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)
+                if found is None:
+                    raise SystemExit("unexpected callgrind output")
+                result[f"cold_part:{part}"] = int(found.group(1)) / count
         return result
 
 
 def callgrind_child(database: Path, count: int, warmup: int,
-                    config: dict[str, Any]) -> None:
+                    config: dict[str, Any], cold_parts: bool = False) -> None:
     """Warm every variant up, then run ``count`` requests of each between two markers."""
     key_count = int(keydb._meta(database).get("count", "0"))
     # The invalidation-log poll and the spend flush run once a second of wall-clock time,
@@ -616,6 +693,14 @@ def callgrind_child(database: Path, count: int, warmup: int,
         measure_decode(work, count, marker=os.getppid)
         for variant in SPEND_WRITE_VARIANTS:
             measure_spend_write(work, variant, count, marker=os.getppid)
+        for part in COLD_PARTS if cold_parts else ():
+            run = _cold_part(work, part, count)
+            run()  # the code warm, a first batch of fresh keys (not counted)
+            run = _cold_part(work, part, count)
+            gc.collect()
+            os.getppid()
+            run()
+            os.getppid()
         work.check_cached()
     finally:
         work.close()
@@ -642,6 +727,10 @@ def main(argv: Sequence[str] | None = None) -> str:
                              "(shows what its collections cost each path)")
     parser.add_argument("--db-dir", type=Path, default=HERE,
                         help="where the key database is built and kept (bench/)")
+    parser.add_argument("--cold-parts", action="store_true",
+                        help="with --callgrind: also count the pieces of a cold key's request "
+                             "one by one (digest, statement, lookup, load, verdict, model "
+                             "check)")
     parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=200, help=argparse.SUPPRESS)
@@ -649,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     if args.callgrind_child:
-        callgrind_child(args.database, args.count, args.warmup, args.config)
+        callgrind_child(args.database, args.count, args.warmup, args.config, args.cold_parts)
         return ""
 
     global GC_OFF
@@ -682,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             print("valgrind not found: no instruction counts")
         else:
             print("counting instructions under valgrind (a few minutes) ...", file=sys.stderr)
-            counts = instructions(database, count=1000, warmup=300, config=args.config)
+            counts = instructions(database, count=1000, warmup=300, config=args.config,
+                                  cold_parts=args.cold_parts)
     text = report(samples, args.rounds, args.requests, counts, spend_write)
     print()
     print(text)

@@ -139,3 +139,27 @@ def test_spend_write_is_not_timed_when_spend_tracking_is_off(bench: ModuleType,
                        '{"LLMAUTH_SPEND_ENABLED": false}'])
     assert "| virtual_key_cached | wsgi |" in text
     assert "batched write" not in text
+
+
+def test_every_cold_part_runs_its_calls_on_fresh_keys(bench: ModuleType, tmp_path: Path) -> None:
+    """``--cold-parts`` counts each piece of a cold request under callgrind: each piece runs
+    here as it would there (no valgrind), on keys the run never presented before."""
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 300, log=lambda *a: None)
+    work = bench.Workload(path, 300)
+    try:
+        state = work.apps["auth"].extensions["llmauth"]
+        for part in bench.COLD_PARTS:
+            seen = len(work._cold_seen)
+            run = bench._cold_part(work, part, 4)
+            assert len(work._cold_seen) == seen + 4
+            cached = len(state.key_cache)
+            results = run()
+            if part == "load":  # four fills of the key cache, every one a key found
+                assert len(state.key_cache) == cached + 4
+            if part == "lookup":
+                assert results is not None and all(row is not None for row in results)
+            if part == "denial":  # the bench's keys may call the model the count asks for
+                assert results == [None] * 4
+    finally:
+        work.close()
