@@ -256,3 +256,31 @@ def test_model_access_helpers_for_host_views(app_factory: Any) -> None:
                  403, "key_model_access_denied")
     assert_error(client.post("/custom/default-model", headers=bearer(key)), 403)
     assert client.post("/custom/default-model", headers=ADMIN).status_code == 200
+
+
+def test_names_for_answers_what_the_full_resolution_answers() -> None:
+    """``names_for`` answers a name nothing resolves further without the general walk: the
+    same names as ``_names`` for every alias table and deployment combination."""
+    from flask_llmauth.authz.models import ModelAccess
+    from flask_llmauth.principal import Principal, Role
+    from flask_llmauth.store.records import KeyRecord, TeamRecord
+
+    access = ModelAccess({}, {"cheap": "gpt-4o-mini"}, CONFIG["LLMAUTH_MODEL_LIST"])
+    key = KeyRecord(id=1, key_id="k", key_name="n", aliases={"fast": "gpt-4o", "odd": 5})
+    team = TeamRecord(id=2, team_id="t", model_aliases={"smart": "sonnet", "fast": "o3"})
+    principals = [
+        Principal(method="virtual_key", role=Role.INTERNAL_USER),
+        Principal(method="virtual_key", role=Role.INTERNAL_USER, key=key),
+        Principal(method="virtual_key", role=Role.INTERNAL_USER, key=key, team=team),
+        Principal(method="jwt", role=Role.INTERNAL_USER, team=team),
+    ]
+    for principal in principals:
+        tables = (principal.key.aliases if principal.key else None,
+                  principal.team.model_aliases if principal.team else None)
+        for model in (*UNIVERSE, "fast", "smart", "odd", "unknown"):
+            assert access.names_for(principal, model) == access._names(model, tables)
+    assert access.names_for(principals[0], "mistral-large") == ("mistral-large",)
+    assert access.names_for(principals[0], "gpt-4o") == ("gpt-4o", "openai/gpt-4o")
+    assert access.names_for(principals[2], "fast") == ("fast", "gpt-4o", "o3",
+                                                       "openai/gpt-4o")
+    assert access.names_for(principals[1], "cheap") == ("cheap", "gpt-4o-mini")

@@ -94,10 +94,14 @@ class ModelAccess:
 
     def names_for(self, principal: Principal, model: str) -> tuple[str, ...]:
         """The requested name plus every alias target and deployment it resolves to."""
-        return self._names(model, (
-            principal.key.aliases if principal.key else None,
-            principal.team.model_aliases if principal.team else None,
-        ))
+        key, team = principal.key, principal.team
+        key_aliases = key.aliases if key else None
+        team_aliases = team.model_aliases if team else None
+        if (model not in self.deployments and model not in self.aliases
+                and not (key_aliases and model in key_aliases)
+                and not (team_aliases and model in team_aliases)):
+            return (model,)  # what _names answers when nothing resolves the name further
+        return self._names(model, (key_aliases, team_aliases))
 
     def _names(self, model: str, tables: Iterable[Mapping[str, str] | None] = ()
                ) -> tuple[str, ...]:
