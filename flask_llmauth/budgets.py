@@ -699,7 +699,7 @@ class Budgets:
         ticket: Ticket | None = scratch.get(SCRATCH)
         if ticket is None:
             return
-        if scratch.get("_refused"):  # never reached the view: nothing was spent
+        if "_refused" in scratch:  # never reached the view: nothing was spent (only set True)
             ticket.release()
             return
         spend_guard = self.spend_guard
