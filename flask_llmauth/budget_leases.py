@@ -277,6 +277,7 @@ class Leases:
                 lease.duration = budget.duration
         self.ledger.reserved_once = True
         if refusal is not None:
+            refusal.crossed = crossed  # marked in the row: the caller signals them
             raise refusal
         if need is not None:
             lease.in_use += need

@@ -273,6 +273,8 @@ class _Refusal(Exception):
         super().__init__(budget.level)
         self.budget, self.spend, self.reserved = budget, spend, reserved
         self.max_budget, self.reset_at, self.need = max_budget, reset_at, need
+        #: Soft budgets the refusing transaction marked crossed (committed with it).
+        self.crossed: list[tuple[Budget, int]] = []
 
 
 def _is_retryable(exc: Exception) -> bool:
@@ -679,13 +681,30 @@ class Budgets:
         except BaseException as exc:
             for lease in leases:
                 lease.release(ticket)
+            # the crossings seen are marked in their rows (once per window): signal them
+            # now, or they are never signalled in this window
             if isinstance(exc, _Refusal):
+                self._crossed(admission, crossed + exc.crossed)
                 self._refuse(admission, exc)
+            elif crossed:
+                try:
+                    self._crossed(admission, crossed)
+                except Exception:
+                    log.exception("llmauth: a soft_budget_crossed receiver failed")
             raise
         if leases != list(ticket.leases):  # a lease was replaced: the plan uses the new one
             plan.use(tuple(leases))
         ticket.leases = tuple(leases)
+        if crossed:
+            try:  # before the ticket is the request's: a failing receiver denies it unsettled
+                self._crossed(admission, crossed)
+            except BaseException:
+                ticket.release()
+                raise
         admission.scratch[SCRATCH] = ticket
+
+    def _crossed(self, admission: Admission, crossed: list[tuple[Budget, int]]) -> None:
+        """Send ``soft_budget_crossed`` for the soft budgets a transaction marked crossed."""
         if crossed and soft_budget_crossed.receivers:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
             for budget, spend in crossed:

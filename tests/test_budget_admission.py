@@ -13,12 +13,14 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.prices import cost_units, worst_case_units
-from flask_llmauth.store.tables import BudgetCounter, Key
+from flask_llmauth.signals import soft_budget_crossed
+from flask_llmauth.store.tables import BudgetCounter, Key, Team
 from flask_llmauth.usage import Usage
 from tests.helpers import assert_error, new_key
 from tests.test_budgets import (
     PRICES,
     add_llm_routes,
+    api,
     chat,
     give_back,
     reserved_now,
@@ -181,3 +183,70 @@ def test_a_forked_child_never_takes_the_lock_of_a_lease_it_inherited(make: Any) 
     give_back(app)
     k = row(app, Key, key_id=key["key_id"])
     assert k.spend == 3000
+
+
+# -- soft budgets seen by a lease transaction that does not admit --------------------------------
+
+
+@pytest.mark.parametrize("lease_requests", [0, 100])
+def test_a_soft_budget_crossing_seen_by_a_refused_request_is_signalled(
+        make: Any, lease_requests: int) -> None:
+    """The lease transaction that refuses a request marks the row's soft budget crossed (once
+    per window, across processes): the signal is sent then, or never in this window."""
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=lease_requests)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(30_000), soft_budget=usd(5_000))
+    seen: list[dict[str, Any]] = []
+    with soft_budget_crossed.connected_to(lambda sender, **data: seen.append(data), app):
+        assert chat(client, key["key"], completion=6).status_code == 200  # saw 0
+        assert seen == []
+        # spend 6,000 >= 5,000; a worst case of 100,000 does not fit 30,000
+        assert_error(chat(client, key["key"], max_tokens=100), 429, "budget_exceeded")
+        assert [(s["level"], s["spend"]) for s in seen] == [("key", usd(6_000))]
+        assert chat(client, key["key"], completion=1).status_code == 200
+        assert len(seen) == 1
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved, k.soft_alerted) == (7_000, 0, True)
+
+
+@pytest.mark.parametrize("lease_requests", [0, 100])
+def test_a_soft_budget_crossing_is_signalled_when_a_later_budget_refuses(
+        make: Any, lease_requests: int) -> None:
+    """The key's lease transaction sees its soft budget crossed and admits; the team's (later
+    in lock order) refuses: the key's crossing is marked, so it is signalled now."""
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=lease_requests)
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-soft", max_budget=usd(30_000))
+    key = new_key(client, team_id="t-soft", max_budget=usd(10**6), soft_budget=usd(5_000))
+    seen: list[dict[str, Any]] = []
+    with soft_budget_crossed.connected_to(lambda sender, **data: seen.append(data), app):
+        assert chat(client, key["key"], completion=6).status_code == 200
+        assert seen == []
+        refused = assert_error(chat(client, key["key"], max_tokens=100), 429,
+                               "budget_exceeded")
+        assert "Team" in refused["message"]
+        assert [(s["level"], s["spend"]) for s in seen] == [("key", usd(6_000))]
+        assert chat(client, key["key"], completion=1).status_code == 200
+        assert len(seen) == 1
+    assert row(app, Key, key_id=key["key_id"]).reserved == 0
+    assert row(app, Team, team_id="t-soft").reserved == 0
+
+
+def test_a_failing_soft_budget_receiver_does_not_keep_the_reservation(make: Any) -> None:
+    """A ``soft_budget_crossed`` receiver that raises denies the request before the guard
+    counts as admitted (so it is never settled): the worst case must leave the lease."""
+    app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=0)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10**6), soft_budget=usd(5_000))
+
+    def receiver(sender: Any, **data: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    assert chat(client, key["key"], completion=6).status_code == 200
+    with soft_budget_crossed.connected_to(receiver, app):
+        assert chat(client, key["key"], completion=1).status_code == 403  # denied
+    (lease,) = leases_of(app)._leases.values()
+    give_back(app)
+    assert (lease.in_use, lease.in_flight, lease.held) == (0, {}, 0)
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (6_000, 0)
