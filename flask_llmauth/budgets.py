@@ -638,23 +638,11 @@ class Budgets:
         ticket.soft_rows = ()
         taken = 0
         for lease, budget in pairs:  # in lock order: in memory from the plan's leases
-            if lease.dead:
+            if lease.dead:  # read before the lock: a forked child never takes it
                 break
-            lock = lease.lock
-            lock.acquire()
-            try:  # Lease._take, inline
-                free = lease.held - lease.in_use
-                if (free <= 0 or need > free or now >= lease.window_end or lease.dead
-                        or lease.max_budget != budget.max_budget
-                        or lease.duration != budget.duration):
+            with lease.lock:
+                if lease.dead or not lease._take(ticket, budget, now):
                     break
-                lease.in_use += need
-                if need:
-                    lease.in_flight[request_id] = ticket
-                    lease.unit = need
-                lease.last_used = now
-            finally:
-                lock.release()
             taken += 1
         else:
             if not plan.soft_only:

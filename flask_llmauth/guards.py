@@ -112,11 +112,9 @@ class Admission:
     def request_id(self) -> str:
         """A unique id for this request (spend rows are keyed by it, so a retried write
         never counts twice)."""
-        request_id = self._request_id
-        if request_id is None:  # _request_ids.next(), inline
-            ids = _request_ids
-            request_id = self._request_id = ids.prefix + hex(next(ids.counter))[3:]
-        return request_id
+        if self._request_id is None:
+            self._request_id = _request_ids.next()
+        return self._request_id
 
     def claim_settlement(self) -> bool:
         """True for the first caller only: settlement happens exactly once."""
@@ -262,7 +260,7 @@ class Guards:
                     _set_headers(response, headers)
             except Exception:
                 log.exception("llmauth: guard %s failed to add headers", guard.name)
-        if not admission._unsettled:  # settled already (``settled``, inline)
+        if admission.settled:
             return response
         failed = response.status_code >= 400
         if response.is_streamed and not failed:
@@ -280,11 +278,8 @@ class Guards:
         return response
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
-        try:  # admission.claim_settlement(), inline
-            admission._unsettled.pop()
-        except IndexError:
-            return
-        _settle_all(admission.scratch["_guards"], admission, usage, failed)
+        if admission.claim_settlement():
+            _settle_all(admission.scratch["_guards"], admission, usage, failed)
 
     def teardown(self, admission: Admission) -> None:
         """The request failed with an exception: settle as failed unless a response (or a

@@ -1227,7 +1227,7 @@ def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
     for names, shown in plan.shown:
         position, best = shown[0]
         least = best.limit - values[position]
-        if len(shown) > 1:
+        if len(shown) > 1:  # one window per kind is the common case: no slice made
             for at, line in shown[1:]:
                 left = line.limit - values[at]
                 if left < least:
@@ -1236,8 +1236,7 @@ def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
         # openai_duration(wait), its memo of whole seconds read first
         text = _WHOLE_SECONDS.get(ceil(wait)) if wait >= 1 else None
         headers += ((names[0], best.text),
-                    (names[1], "0" if least <= 0 else str(least if type(least) is int
-                                                          else int(least))),
+                    (names[1], str(int(least)) if least > 0 else "0"),
                     (names[2], text if text is not None else openai_duration(wait)))
     return headers
 

@@ -116,18 +116,8 @@ def body_sizes(body: Any) -> tuple[int, int]:
     that reads only the fields a JSON object has (a request's guards all need both)."""
     if type(body) is not dict:
         return estimate_prompt_tokens(body), requested_max_tokens(body) or 0
-    length = 0
     messages = body.get("messages")
-    if type(messages) is list:  # _messages_length(messages), inline: once per request
-        joined = 0
-        for message in messages:
-            if type(message) is dict or isinstance(message, Mapping):
-                content = message.get("content")
-                length += len(content) if type(content) is str else len(_text(content))
-                joined += 1
-        length += 12 * len(messages) + (joined - 1 if joined else 0)
-    elif messages is not None:
-        length = _messages_length(messages)
+    length = 0 if messages is None else _messages_length(messages)
     if "prompt" in body or "input" in body or "system" in body:
         length += _other_text_length(body)
     cap = 0
@@ -155,11 +145,7 @@ def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
         prompt = (_int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
                   + _int(usage.get("cache_read_input_tokens")))
         return _usage((prompt, _int(usage.get("output_tokens")), model, False))
-    # _int() of each count, its plain-int case inline (every OpenAI response meets this)
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    prompt = (prompt if prompt > 0 else 0) if type(prompt) is int else _int(prompt)
-    completion = ((completion if completion > 0 else 0) if type(completion) is int
-                  else _int(completion))
+    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
     if not completion:
         total = _int(usage.get("total_tokens"))
         if total > prompt:
