@@ -181,11 +181,11 @@ class TeamService:
             team = Team(team_id=team_id, created_by=actor.identity, created_at=now)
             self._apply(team, params)
             team.save(force_insert=True)
-            for member in members:
-                self._add_member(team, member, None)
+            added = [self._add_member(team, member, None) for member in members]
             info = team_info(team, self._members(team_id))
             write_audit(state.settings.store_audit_logs, actor, "created", "team", team_id,
                         after=info)
+        state.invalidate(f"team:{team_id}", *(f"user:{m.user_id}" for m in added))
         return info
 
     def provision(self, team_id: str, *, source: str) -> Team:

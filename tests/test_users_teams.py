@@ -527,3 +527,18 @@ def test_team_admins_add_existing_users_only(client: Any, app: Any) -> None:
     assert updated.status_code == 200 and updated.get_json()["user_email"] == "dora@example.com"
     assert client.post("/team/member_delete", headers=lead,
                        json={"team_id": "t1", "user_id": "dora"}).status_code == 200
+
+
+def test_creating_a_team_is_seen_at_once_by_a_process_that_looked_it_up_before(
+        client: Any, app: Any) -> None:
+    """A team (and a member user) looked up while absent — a JWT listing the team, a custom
+    auth hook naming it — is seen as soon as ``/team/new`` returns, not after
+    ``LLMAUTH_CACHE_TTL``."""
+    identities = app.extensions["llmauth"].identities
+    user, team = 0, 1  # positions in the loaded records
+    assert identities.load(None, "t-late")[team] is None
+    assert identities.load("late-admin", None)[user] is None
+    admin(client, "/team/new", team_id="t-late",
+          members_with_roles=[{"user_id": "late-admin", "role": "admin"}])
+    assert identities.load(None, "t-late")[team].team_id == "t-late"
+    assert identities.load("late-admin", None)[user].user_id == "late-admin"
