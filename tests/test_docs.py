@@ -1,12 +1,20 @@
-"""Docs are part of the feature: the configuration table is generated from the code."""
+"""Docs are part of the feature: the configuration table is generated from the code, and the
+CLI's documented sessions print what they show."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
+import pytest
+
+from example_app import create_app
 from flask_llmauth.config import PREFIX, Settings, documentation_table
+from tests.helpers import record_secret
 
 ROOT = Path(__file__).resolve().parent.parent
+MASTER_KEY = "sk-CliDocsSession-" + "w4Rt7Yu1Io3Pa5Sd8Fg0Hj2Kl6Zx9Cv"
 
 
 def test_configuration_doc_lists_every_setting_as_generated() -> None:
@@ -14,3 +22,48 @@ def test_configuration_doc_lists_every_setting_as_generated() -> None:
     assert documentation_table() in doc, "regenerate: python docs/generate.py"
     for field in Settings.table():
         assert f"`{PREFIX}{field.name.upper()}`" in doc
+
+
+def console_sessions(text: str) -> list[tuple[str, list[str]]]:
+    """``(command, documented output lines)`` of every ``$ flask llmauth ...`` line in the
+    doc's ``console`` blocks, in order (a trailing ``# comment`` dropped)."""
+    sessions: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                sessions.append((line[2:].split("#")[0].strip(), []))
+            elif sessions:
+                sessions[-1][1].append(line)
+    return [s for s in sessions if s[0].startswith("flask llmauth ")]
+
+
+def matches(documented: str, printed: str) -> bool:
+    """A documented line matches when equal up to its numbers; a line with ``...`` is an
+    abridged illustration (a random key or id) and matches any line."""
+    if "..." in documented:
+        return True
+    pattern = r"\d+".join(re.escape(part) for part in re.split(r"\d+", documented))
+    return re.fullmatch(pattern, printed) is not None
+
+
+def test_the_cli_doc_sessions_print_what_they_show(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/cli.md's ``$ flask llmauth ...`` sessions, run in order against a fresh example
+    gateway with ``LLMAUTH_AUTO_MIGRATE=False`` (as the doc's first session sets), print
+    the lines shown (the database-down one is left out: it needs a database that is down)."""
+    monkeypatch.setenv("GATEWAY_INSTANCE_PATH", str(tmp_path / "instance"))
+    app = create_app({"LLMAUTH_MASTER_KEY": record_secret(MASTER_KEY),
+                      "LLMAUTH_AUTO_MIGRATE": False})
+    runner = app.test_cli_runner()
+    sessions = console_sessions((ROOT / "docs" / "cli.md").read_text(encoding="utf-8"))
+    assert len(sessions) >= 7
+    for command, documented in sessions:
+        result = runner.invoke(args=shlex.split(command)[1:])
+        printed = result.output.splitlines()
+        if documented and documented[0].startswith("sk-"):
+            record_secret(printed[0])
+        assert len(printed) == len(documented), (command, printed)
+        for want, got in zip(documented, printed, strict=True):
+            assert matches(want, got), (command, want, got)
+        assert result.exit_code == (1 if documented[0].startswith("Error:") else 0), command
+    app.extensions["llmauth"].close()
