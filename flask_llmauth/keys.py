@@ -488,21 +488,7 @@ class KeyService:
             key = self._get(identifier)
             self._require_modify(actor, key, "/key/update", "update")
             before = key_info(key)
-            new_team = None
-            if "team_id" in params and params["team_id"] != key.team_id:
-                new_team = self._check_team_move(actor, key, params)
-            team = new_team or (Team.get_or_none(Team.team_id == key.team_id)
-                                if key.team_id else None)
-            if "user_id" in params and params["user_id"] != key.user_id and not actor.is_admin:
-                if not (team is not None and self._is_team_admin(actor, team.team_id)) or (
-                    params["user_id"] is not None
-                    and self._membership(team.team_id, params["user_id"]) is None
-                ):
-                    raise Forbidden(
-                        f"User={actor.user_id} is not allowed to update key={key.key_id} to "
-                        f"belong to user={params['user_id']}", param="user_id",
-                        reason="key_reassign",
-                    )
+            team = self._check_owner_change(actor, key, params)
             self._check_grants(actor, params, team, key)
             if "key_alias" in params:
                 self._check_alias_free(params["key_alias"], key.key_id)
@@ -517,6 +503,27 @@ class KeyService:
                         before=before, after=info)
         state.invalidate(f"key:{key.key_id}")
         return {**info, "key": key.key_id}
+
+    def _check_owner_change(self, actor: Principal, key: Key, params: dict[str, Any]
+                            ) -> Team | None:
+        """Check a change of the key's ``team_id`` or ``user_id`` (``/key/update`` and
+        ``/key/regenerate`` alike); return the team the key will belong to."""
+        new_team = None
+        if "team_id" in params and params["team_id"] != key.team_id:
+            new_team = self._check_team_move(actor, key, params)
+        team = new_team or (Team.get_or_none(Team.team_id == key.team_id)
+                            if key.team_id else None)
+        if "user_id" in params and params["user_id"] != key.user_id and not actor.is_admin:
+            if not (team is not None and self._is_team_admin(actor, team.team_id)) or (
+                params["user_id"] is not None
+                and self._membership(team.team_id, params["user_id"]) is None
+            ):
+                raise Forbidden(
+                    f"User={actor.user_id} is not allowed to update key={key.key_id} to "
+                    f"belong to user={params['user_id']}", param="user_id",
+                    reason="key_reassign",
+                )
+        return team
 
     def _check_team_move(self, actor: Principal, key: Key, params: dict[str, Any]) -> Team | None:
         team_id = params["team_id"]
@@ -558,8 +565,12 @@ class KeyService:
             if not self.can_modify(actor, key, "/key/regenerate"):
                 raise Forbidden("You are not authorized to regenerate this key",
                                 reason="key_not_yours")
-            team = Team.get_or_none(Team.team_id == key.team_id) if key.team_id else None
+            team = self._check_owner_change(actor, key, params)
             self._check_grants(actor, params, team, key)
+            if "key_alias" in params:
+                self._check_alias_free(params["key_alias"], key.key_id)
+            if params.get("user_id"):
+                self._ensure_user(params["user_id"], actor)
             raw = (self._custom_key(new_raw, "new_key") if new_raw is not None
                    else generate_key(state.settings.key_entropy_bytes))
             now = utcnow()

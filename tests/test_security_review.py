@@ -1,0 +1,79 @@
+"""Escalation paths found by an adversarial reading of the key, user and team services.
+
+Each test names the path it closes; each refusal must leave the database as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import assert_error, bearer, record_secret
+from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
+
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+def is_proxy_admin(client: Any, key: str) -> bool:
+    """Whether ``key`` may do what only a proxy admin may: list every user."""
+    return bool(client.get("/user/list", headers=bearer(key)).status_code == 200)
+
+
+@SQLITE_ONLY
+def test_regenerate_cannot_reassign_a_key_to_another_user(client: Any, app: Any) -> None:
+    """``/key/regenerate`` accepts the key fields of ``/key/update``: giving a personal key
+    to a proxy-admin user through it made its holder a proxy admin."""
+    make_user(client, "root", role="proxy_admin")
+    make_user(client, "mallory")
+    own = admin_key(client, user_id="mallory")
+    before = snapshot(app)
+    error = assert_error(as_key(client, own["key"], "/key/regenerate", key=own["key_id"],
+                                user_id="root"), 403)
+    assert error["param"] == "user_id"
+    assert_error(as_key(client, own["key"], f"/key/{own['key_id']}/regenerate",
+                        user_id="root"), 403)
+    assert snapshot(app) == before
+    assert not is_proxy_admin(client, own["key"])
+
+
+@SQLITE_ONLY
+def test_regenerate_cannot_move_a_key_into_a_foreign_team(client: Any, app: Any) -> None:
+    make_user(client, "mallory")
+    admin(client, "/team/new", team_id="rich", max_budget=1000)
+    own = admin_key(client, user_id="mallory")
+    before = snapshot(app)
+    error = assert_error(as_key(client, own["key"], "/key/regenerate", key=own["key_id"],
+                                team_id="rich"), 403)
+    assert error["param"] == "team_id"
+    assert snapshot(app) == before
+
+
+@SQLITE_ONLY
+def test_regenerate_keeps_key_aliases_unique(client: Any, app: Any) -> None:
+    make_user(client, "mallory")
+    admin_key(client, user_id="mallory", key_alias="taken")
+    own = admin_key(client, user_id="mallory")
+    before = snapshot(app)
+    error = assert_error(as_key(client, own["key"], "/key/regenerate", key=own["key_id"],
+                                key_alias="taken"), 400)
+    assert error["param"] == "key_alias"
+    assert snapshot(app) == before
+
+
+@SQLITE_ONLY
+def test_team_admin_regenerate_follows_the_update_rules(client: Any, app: Any) -> None:
+    """A team admin may give a team key to a team member through regenerate, as through
+    update; never to an outsider."""
+    for user_id in ("alice", "bob", "carol"):
+        make_user(client, user_id)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    alice = admin_key(client, user_id="alice")["key"]
+    team_key = admin_key(client, user_id="bob", team_id="t1")
+    assert_error(as_key(client, alice, "/key/regenerate", key=team_key["key_id"],
+                        user_id="carol"), 403)
+    moved = as_key(client, alice, "/key/regenerate", key=team_key["key_id"], user_id="alice")
+    assert moved.status_code == 200, moved.get_json()
+    record_secret(moved.get_json()["key"])
+    assert moved.get_json()["user_id"] == "alice"
