@@ -23,6 +23,7 @@ import peewee
 from flask import current_app
 
 from .audit import write_audit
+from .authn.virtual_key import stored_role
 from .authz.routes import RouteInfo, classify, expand
 from .crypto import KEY_PREFIX, abbreviate, generate_key
 from .durations import Duration, isoformat, parse_duration, utcnow
@@ -192,6 +193,18 @@ class KeyService:
                 return True
             return key.user_id == actor.user_id and self._member_may(actor, key, route)
         return key.user_id == actor.user_id
+
+    def _check_subject(self, actor: Principal, user_id: str | None) -> None:
+        """A key of user ``user_id`` carries that user's role. A non-admin never creates,
+        takes over (regenerates) or is given the power to hand out such a key when that
+        role outranks its own: a team admin could otherwise mint a proxy admin's key."""
+        if actor.is_admin or not user_id or user_id == actor.user_id:
+            return
+        user = User.get_or_none(User.user_id == user_id)
+        if user is not None and outranks(stored_role(user.user_role), actor.role):
+            raise Forbidden(
+                f"User={user_id} has a role above yours: only a proxy admin can create or "
+                "hand over that user's keys.", param="user_id", reason="privileged_user_key")
 
     def _require_modify(self, actor: Principal, key: Key, route: str, verb: str) -> None:
         if not self.can_modify(actor, key, route):
@@ -474,7 +487,9 @@ class KeyService:
                     f"team {team.team_id}.", error_type="team_member_permission_error",
                 )
             if member.role == "admin":
-                return  # a team admin may create keys for team members and service accounts
+                # A team admin may create keys for team members and service accounts.
+                self._check_subject(actor, requested)
+                return
         if requested is not None and requested != actor.user_id:
             raise Forbidden(
                 f"User can only create keys for themselves. Got user_id={requested}, "
@@ -514,6 +529,7 @@ class KeyService:
         team = new_team or (Team.get_or_none(Team.team_id == key.team_id)
                             if key.team_id else None)
         if "user_id" in params and params["user_id"] != key.user_id and not actor.is_admin:
+            self._check_subject(actor, params["user_id"])
             if not (team is not None and self._is_team_admin(actor, team.team_id)) or (
                 params["user_id"] is not None
                 and self._membership(team.team_id, params["user_id"]) is None
@@ -565,6 +581,7 @@ class KeyService:
             if not self.can_modify(actor, key, "/key/regenerate"):
                 raise Forbidden("You are not authorized to regenerate this key",
                                 reason="key_not_yours")
+            self._check_subject(actor, key.user_id)  # the new secret goes to the actor
             team = self._check_owner_change(actor, key, params)
             self._check_grants(actor, params, team, key)
             if "key_alias" in params:
@@ -732,6 +749,18 @@ class KeyService:
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
         return scope
+
+
+#: How much a role may do, for "does this user's role outrank the actor's" (a key of a
+#: user carries that user's role).
+_ROLE_RANK = {Role.PROXY_ADMIN: 4, Role.PROXY_ADMIN_VIEWER: 3, Role.ORG_ADMIN: 2,
+              Role.INTERNAL_USER: 1, Role.INTERNAL_USER_VIEWER: 0, Role.TEAM: 0,
+              Role.CUSTOMER: 0}
+
+
+def outranks(role: Role, other: Role) -> bool:
+    """Whether ``role`` may do more than ``other``."""
+    return _ROLE_RANK[role] > _ROLE_RANK[other]
 
 
 #: Numeric limits a non-admin's key can never exceed (compared with the actor's own key).

@@ -77,3 +77,56 @@ def test_team_admin_regenerate_follows_the_update_rules(client: Any, app: Any) -
     assert moved.status_code == 200, moved.get_json()
     record_secret(moved.get_json()["key"])
     assert moved.get_json()["user_id"] == "alice"
+
+
+@pytest.fixture
+def admin_in_team(client: Any) -> dict[str, Any]:
+    """Team t1: alice (internal user) its admin; root, a proxy-admin user, a plain member
+    with a team key; vic, a proxy-admin viewer, a member too."""
+    make_user(client, "alice")
+    make_user(client, "root", role="proxy_admin")
+    make_user(client, "vic", role="proxy_admin_viewer")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "root", "role": "user"},
+        {"user_id": "vic", "role": "user"}])
+    return {"alice": admin_key(client, user_id="alice")["key"],
+            "roots_team_key": admin_key(client, user_id="root", team_id="t1")}
+
+
+@SQLITE_ONLY
+def test_team_admin_cannot_mint_a_key_for_a_more_privileged_member(
+        client: Any, app: Any, admin_in_team: Any) -> None:
+    """A key of a user carries that user's role: a team admin minting one for a proxy-admin
+    member held a proxy-admin key."""
+    alice = admin_in_team["alice"]
+    before = snapshot(app)
+    for user_id in ("root", "vic"):
+        error = assert_error(as_key(client, alice, "/key/generate", team_id="t1",
+                                    user_id=user_id), 403)
+        assert error["param"] == "user_id"
+    assert snapshot(app) == before
+    # Members of her own rank are still hers to serve.
+    make_user(client, "bob")
+    admin(client, "/team/member_add", team_id="t1", member={"user_id": "bob"})
+    for_bob = as_key(client, alice, "/key/generate", team_id="t1", user_id="bob")
+    assert for_bob.status_code == 200, for_bob.get_json()
+    assert not is_proxy_admin(client, record_secret(for_bob.get_json()["key"]))
+
+
+@SQLITE_ONLY
+def test_team_admin_cannot_take_over_or_hand_out_a_privileged_members_key(
+        client: Any, app: Any, admin_in_team: Any) -> None:
+    alice, roots = admin_in_team["alice"], admin_in_team["roots_team_key"]
+    own_team_key = admin_key(client, user_id="alice", team_id="t1")
+    before = snapshot(app)
+    # Regenerating root's team key would hand alice its new secret.
+    assert_error(as_key(client, alice, "/key/regenerate", key=roots["key_id"]), 403)
+    # Giving her own team key (whose secret she holds) to root, by update or regenerate.
+    for path in ("/key/update", "/key/regenerate"):
+        assert_error(as_key(client, alice, path, key=own_team_key["key_id"], user_id="root"),
+                     403)
+    assert snapshot(app) == before
+    assert not is_proxy_admin(client, own_team_key["key"])
+    # A proxy admin still may.
+    moved = admin(client, "/key/update", key=own_team_key["key_id"], user_id="root")
+    assert moved["user_id"] == "root"
