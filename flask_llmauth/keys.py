@@ -7,7 +7,11 @@ Rules (LiteLLM's, with its escalation bugs closed):
 * a non-admin creates keys only for itself, never reassigns a key to another user, never
   mints a key for models or routes beyond its own, never sets ``spend`` or unblocks;
 * a team admin manages every key of its team; a plain member only what the team's
-  ``team_member_permissions`` allow (default: ``/key/info``, ``/key/health``).
+  ``team_member_permissions`` allow (default: ``/key/info``, ``/key/health``);
+* a key carries its user's role, so a non-admin never mints, regenerates or hands over a
+  key of a user whose role outranks its own;
+* a team key (which the team's admins can mint and regenerate) acts for its user inside
+  its team only (:func:`team_confinement`).
 """
 
 from __future__ import annotations
@@ -158,10 +162,14 @@ class KeyService:
     # -- who may do this to whom ---------------------------------------------------------------
 
     def _is_team_admin(self, actor: Principal, team_id: str | None) -> bool:
+        if acts_outside(actor, team_id):
+            return False
         member = self._membership(team_id, actor.user_id)
         return member is not None and member.role == "admin"
 
     def _member_may(self, actor: Principal, key: Key, route: str) -> bool:
+        if acts_outside(actor, key.team_id):
+            return False
         team = Team.get_or_none(Team.team_id == key.team_id)
         if team is None or self._membership(key.team_id, actor.user_id) is None:
             return False
@@ -173,7 +181,7 @@ class KeyService:
     def can_view(self, actor: Principal, key: Key) -> bool:
         if actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER or actor.key_id == key.key_id:
             return True
-        if actor.user_id is None:
+        if actor.user_id is None or acts_outside(actor, key.team_id):
             return False
         if key.user_id == actor.user_id:
             return True
@@ -187,6 +195,8 @@ class KeyService:
         if actor.is_admin:
             return True
         if actor.role in (Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER) or not actor.user_id:
+            return False
+        if acts_outside(actor, key.team_id):
             return False
         if key.team_id:
             if self._is_team_admin(actor, key.team_id):
@@ -472,6 +482,10 @@ class KeyService:
             raise Forbidden("No 'user_id' is associated with your credential; only keys of a "
                             "user can create keys.", reason="no_user_id")
         requested = params.get("user_id")
+        confined = team_confinement(actor)
+        if confined is not None and (team is None or team.team_id != confined):
+            raise Forbidden(f"A key of team={confined} creates keys of that team only.",
+                            param="team_id", reason="team_key_outside_team")
         if team is not None:
             member = self._membership(team.team_id, actor.user_id)
             if member is None:
@@ -735,7 +749,9 @@ class KeyService:
         if query.get("user_id") not in (None, actor.user_id):
             raise Forbidden("You are not authorized to check another user's keys",
                             param="user_id", reason="other_users_keys")
-        memberships = list(TeamMembership.select().where(TeamMembership.user_id == actor.user_id))
+        confined = team_confinement(actor)
+        memberships = [m for m in TeamMembership.select().where(
+            TeamMembership.user_id == actor.user_id) if confined in (None, m.team_id)]
         team_id = query.get("team_id")
         if team_id is not None and team_id not in {m.team_id for m in memberships}:
             raise Forbidden(f"You are not a member of team={team_id}", param="team_id",
@@ -748,7 +764,29 @@ class KeyService:
                 scope |= table.team_id.in_(admin_of)
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
+        if confined is not None:
+            scope &= table.team_id == confined
         return scope
+
+
+def team_confinement(actor: Principal) -> str | None:
+    """The team a non-admin's *team key* acts in (``None``: not confined).
+
+    The admins of a team can mint and regenerate keys of the team for any member, and a
+    team admin can add any existing user to the team; so a team key speaks for its user
+    inside that team only: it never manages the user's personal keys, keys of other teams,
+    other teams, or the user itself. A personal key, a JWT or a session is not confined.
+    """
+    key = actor.key
+    if key is None or actor.is_admin:
+        return None
+    return key.team_id or None
+
+
+def acts_outside(actor: Principal, team_id: str | None) -> bool:
+    """Whether ``team_id`` (``None``: personal scope) lies outside the actor's confinement."""
+    confined = team_confinement(actor)
+    return confined is not None and team_id != confined
 
 
 #: How much a role may do, for "does this user's role outrank the actor's" (a key of a

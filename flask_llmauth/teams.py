@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .audit import write_audit
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden, NotFound
-from .keys import KeyService, key_info
+from .keys import KeyService, acts_outside, key_info, team_confinement
 from .money import to_usd
 from .principal import Principal, Role
 from .store.tables import Key, Team, TeamMembership, User
@@ -109,7 +109,7 @@ class TeamService:
         if actor.is_admin:
             return
         member = self._membership(team_id, actor.user_id)
-        if member is None or member.role != "admin":
+        if member is None or member.role != "admin" or acts_outside(actor, team_id):
             raise Forbidden(f"Only a proxy admin or an admin of team={team_id} can do this.",
                             reason="team_admin_required")
 
@@ -205,6 +205,8 @@ class TeamService:
         with self.state.store.use():
             member = self._membership(team_id, actor.user_id)
             # Outsiders are refused before the lookup: no oracle for which teams exist.
+            if acts_outside(actor, team_id) and actor.role is not Role.PROXY_ADMIN_VIEWER:
+                member = None
             if not (actor.is_admin or actor.role is Role.PROXY_ADMIN_VIEWER or member
                     or actor.team_id == team_id):
                 raise Forbidden(f"You are not a member of team={team_id}.",
@@ -286,6 +288,9 @@ class TeamService:
                 mine = TeamMembership.select(TeamMembership.team_id).where(
                     TeamMembership.user_id == (actor.user_id or ""))
                 select = select.where(Team.team_id.in_(mine) | (Team.team_id == actor.team_id))
+                confined = team_confinement(actor)
+                if confined is not None:
+                    select = select.where(Team.team_id == confined)
             if query.get("user_id") is not None:
                 of_user = TeamMembership.select(TeamMembership.team_id).where(
                     TeamMembership.user_id == query["user_id"])

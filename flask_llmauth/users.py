@@ -17,7 +17,7 @@ from flask import current_app
 from .audit import write_audit
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden, NotFound
-from .keys import KeyService, key_info
+from .keys import KeyService, key_info, team_confinement
 from .money import to_usd
 from .principal import USER_ROLES, Principal, Role
 from .signals import user_provisioned
@@ -181,6 +181,9 @@ class UserService:
                 if actor.user_id is None or user_id not in (None, actor.user_id):
                     raise Forbidden("You can only update your own user.", param="user_id",
                                     reason="other_user_update")
+                if team_confinement(actor) is not None:
+                    raise Forbidden("A team key cannot change its user: use a personal key.",
+                                    reason="team_key_user_update")
                 refused = sorted(set(params) - SELF_SERVICE_FIELDS)
                 if refused:
                     raise Forbidden(

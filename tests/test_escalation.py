@@ -175,6 +175,11 @@ def test_property_granted_models_are_within_the_creators(app_factory: Any) -> No
         if rng.random() < 0.4:
             request["team_id"] = team_id
         response = as_key(client, creator, "/key/generate", **request)
+        if "team_id" in creator_fields and "team_id" not in request:
+            # A team key creates keys of its own team only (test_security_review).
+            assert_error(response, 403)
+            assert response.get_json()["error"]["param"] == "team_id", response.get_json()
+            continue
         if response.status_code == 403:
             refused += 1
             assert response.get_json()["error"]["param"] == "models", response.get_json()

@@ -130,3 +130,64 @@ def test_team_admin_cannot_take_over_or_hand_out_a_privileged_members_key(
     # A proxy admin still may.
     moved = admin(client, "/key/update", key=own_team_key["key_id"], user_id="root")
     assert moved["user_id"] == "root"
+
+
+@SQLITE_ONLY
+def test_a_team_key_speaks_for_its_user_inside_its_team_only(client: Any, app: Any) -> None:
+    """A team admin can add any existing user to its team and mint a team key for them (or
+    regenerate their team key): with it, alice acted as carol everywhere, regenerating
+    carol's personal key (and holding its secret), running carol's other team, changing
+    carol's e-mail address."""
+    for user_id in ("alice", "carol", "dave"):
+        make_user(client, user_id)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}])
+    admin(client, "/team/new", team_id="t2", members_with_roles=[
+        {"user_id": "carol", "role": "admin"}, {"user_id": "dave", "role": "user"}])
+    alice = admin_key(client, user_id="alice")["key"]
+    carol_personal = admin_key(client, user_id="carol", models=["gpt-4o"])
+    t2_key = admin_key(client, user_id="dave", team_id="t2")
+    assert as_key(client, alice, "/team/member_add", team_id="t1",
+                  member={"user_id": "carol"}).status_code == 200
+    minted = as_key(client, alice, "/key/generate", team_id="t1", user_id="carol")
+    assert minted.status_code == 200, minted.get_json()
+    as_carol = record_secret(minted.get_json()["key"])
+    before = snapshot(app)
+    for path, body in (
+        ("/key/regenerate", {"key": carol_personal["key_id"]}),
+        ("/key/update", {"key": carol_personal["key_id"], "key_alias": "x"}),
+        ("/key/delete", {"keys": [carol_personal["key_id"]]}),
+        ("/key/generate", {}),
+        ("/key/generate", {"team_id": "t2"}),
+        ("/key/regenerate", {"key": t2_key["key_id"]}),
+        ("/key/block", {"key": t2_key["key_id"]}),
+        ("/team/member_add", {"team_id": "t2", "member": {"user_id": "alice",
+                                                          "role": "admin"}}),
+        ("/team/member_update", {"team_id": "t2", "user_id": "dave", "role": "admin"}),
+        ("/user/update", {"user_email": "alice@evil.example"}),
+    ):
+        assert_error(as_key(client, as_carol, path, **body), 403)
+    for path, query in (("/key/info", {"key": carol_personal["key_id"]}),
+                        ("/key/info", {"key": t2_key["key_id"]}),
+                        ("/team/info", {"team_id": "t2"})):
+        assert_error(client.get(path, query_string=query, headers=bearer(as_carol)), 403)
+    assert_error(client.get("/key/list", query_string={"team_id": "t2"},
+                            headers=bearer(as_carol)), 403)
+    assert snapshot(app) == before
+    listed = client.get("/key/list", query_string={"include_team_keys": "true",
+                                                   "return_full_object": "true"},
+                        headers=bearer(as_carol)).get_json()["keys"]
+    assert listed and {k["team_id"] for k in listed} == {"t1"}
+    teams = client.get("/team/list", headers=bearer(as_carol)).get_json()
+    assert [t["team_id"] for t in teams] == ["t1"]
+    # Inside its team the key is carol's as before ...
+    assert client.get("/team/info", query_string={"team_id": "t1"},
+                      headers=bearer(as_carol)).status_code == 200
+    # ... and carol's personal key still manages everything that is hers.
+    carol = carol_personal["key"]
+    assert client.get("/team/info", query_string={"team_id": "t2"},
+                      headers=bearer(carol)).status_code == 200
+    regenerated = as_key(client, carol, "/key/regenerate", key=t2_key["key_id"])
+    assert regenerated.status_code == 200, regenerated.get_json()
+    record_secret(regenerated.get_json()["key"])
+    assert as_key(client, carol, "/user/update", user_alias="C").status_code == 200
