@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import assert_error, bearer, record_secret
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -191,3 +191,25 @@ def test_a_team_key_speaks_for_its_user_inside_its_team_only(client: Any, app: A
     assert regenerated.status_code == 200, regenerated.get_json()
     record_secret(regenerated.get_json()["key"])
     assert as_key(client, carol, "/user/update", user_alias="C").status_code == 200
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("budgets", [
+    {"gpt-4o": {"budget_limit": "x"}}, {"gpt-4o": {"budget_limit": -5}}, {"gpt-4o": 5},
+    {"gpt-4o": {}}, {"gpt-4o": {"budget_limit": 1, "time_period": "zz"}},
+    {"gpt-4o": {"budget_limt": 1}}, {"gpt-4o": {"budget_limit": 1, "rpm_limit": "many"}},
+])
+def test_malformed_model_budgets_are_refused(client: Any, app: Any, budgets: Any) -> None:
+    """A malformed per-model budget was stored and then silently not enforced."""
+    before = snapshot(app)
+    error = assert_error(client.post("/key/generate", json={"model_max_budget": budgets},
+                                     headers=ADMIN), 400)
+    assert error["param"] == "model_max_budget"
+    assert snapshot(app) == before
+
+
+@SQLITE_ONLY
+def test_well_formed_model_budgets_are_kept_as_given(client: Any) -> None:
+    budgets = {"gpt-4o": {"budget_limit": 5.0, "time_period": "1d", "rpm_limit": 3},
+               "o3": {"max_budget": 1, "budget_duration": "30d", "tpm_limit": 100}}
+    assert admin_key(client, model_max_budget=budgets)["model_max_budget"] == budgets

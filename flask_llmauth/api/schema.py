@@ -163,6 +163,32 @@ def json_object(value: Any) -> dict[str, Any]:
     return value
 
 
+_MODEL_BUDGET_FIELDS = {
+    "budget_limit": money, "max_budget": money, "time_period": parse_duration,
+    "budget_duration": parse_duration, "rpm_limit": integer(), "tpm_limit": integer(),
+}
+
+
+def model_budgets(value: Any) -> dict[str, Any]:
+    """A key's ``model_max_budget``: ``{model: {"budget_limit": USD, "time_period": "1d",
+    "rpm_limit": n, "tpm_limit": n}}`` (``max_budget``/``budget_duration`` as aliases).
+    Stored as given; a typo here would otherwise leave the model without its budget."""
+    value = json_object(value)
+    for model, spec in value.items():
+        if not model or not isinstance(spec, dict) or not spec:
+            raise ValueError(f"{str(model)[:64]!r} must map to an object such as "
+                             '{"budget_limit": 5.0, "time_period": "1d"}')
+        for name, item in spec.items():
+            parse = _MODEL_BUDGET_FIELDS.get(name)
+            if parse is None:
+                raise ValueError(f"{str(model)[:64]!r}: unknown field {str(name)[:64]!r}")
+            try:
+                parse(item)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{str(model)[:64]!r}: {name} {exc}") from None
+    return value
+
+
 def string_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
