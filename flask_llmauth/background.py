@@ -51,6 +51,11 @@ class Background:
         self.started = False
         self._lock = threading.Lock()
 
+    @property
+    def stopping(self) -> bool:
+        """True during :meth:`stop`'s last pass of the tasks (and after it)."""
+        return self._stop.is_set()
+
     def every(self, interval: float, name: str, run: Callable[[], object]) -> None:
         """Run ``run`` every ``interval`` seconds (and once more at shutdown)."""
         self._tasks.append(_Task(name, interval, run, time.monotonic() + interval))

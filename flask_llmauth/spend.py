@@ -26,8 +26,10 @@ docs/spend.md.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -44,7 +46,7 @@ from .prices import FEMTO_PER_UNIT, cost_units, prices_for
 from .principal import Principal
 from .store.db import Store
 from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
-from .usage import Usage, estimate_prompt_tokens
+from .usage import CHARS_PER_TOKEN, Usage, estimate_prompt_tokens
 
 log = logging.getLogger("flask_llmauth")
 
@@ -114,6 +116,11 @@ _TABLE = f'"{SpendLog._meta.table_name}"'
 
 #: Unix time 0 as a naive UTC datetime (the columns hold naive UTC).
 _EPOCH = datetime(1970, 1, 1)
+#: The most a token count column holds (32-bit on Postgres): larger counts are clipped.
+MAX_TOKENS = 2**31 - 1
+#: The most one event charges (the columns are 64-bit: half of it, so a row's sum still
+#: fits): a larger cost is clipped instead of the database refusing the event.
+MAX_SPEND = 2**62
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -144,6 +151,17 @@ class SpendLedger:
         self.duplicates = 0
         #: Events dropped because they could not be written (see :meth:`flush`).
         self.failed = 0
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._forked())
+
+    def _forked(self) -> None:
+        """A forked child: the flush lock may have been held by the parent's background
+        thread (which the child does not have), and the queued events are the parent's to
+        write (its ``on_batch`` callbacks hold their reservations). Start empty."""
+        self._flush_lock = threading.Lock()
+        self._queue = deque()
+        self._dropped = 0
+        self.written = self.duplicates = self.failed = 0
 
     def on_batch(self, fn: BatchCallback) -> BatchCallback:
         """Register ``fn(events, db)``, run in each batch's transaction with the events it
@@ -204,18 +222,30 @@ class SpendLedger:
         return inserted
 
     def _take(self) -> list[SpendEvent]:
+        """The next batch, estimated and within the columns' ranges; never raises (an
+        event taken off the queue is in the batch)."""
         batch: list[SpendEvent] = []
         queue = self._queue
         while queue and len(batch) < self.batch_size:
             event = queue.popleft()
             if event.prompt_body is not None:
                 event = self._estimate(event)
-            batch.append(event)
+            batch.append(_fit(event))
         return batch
 
     def _estimate(self, event: SpendEvent) -> SpendEvent:
-        prompt = estimate_prompt_tokens(event.prompt_body)
-        cost = 0 if self.price is None else self.price(event.model, Usage(prompt, 0, event.model))
+        body = event.prompt_body
+        try:
+            prompt = estimate_prompt_tokens(body)
+        except Exception:  # e.g. content nested deeper than the recursion limit
+            prompt = _flat_prompt_tokens(body)
+        try:
+            cost = (0 if self.price is None
+                    else self.price(event.model, Usage(prompt, 0, event.model)))
+        except Exception:
+            log.exception("llmauth: the estimated prompt of request %s (model %r) cannot be "
+                          "priced; it is logged at no cost", event.request_id, event.model)
+            cost = 0
         # event._replace(prompt_tokens=prompt, spend=cost, prompt_body=None), by position
         return _spend_event((*event[:11], prompt, event[12], cost, *event[14:17], None))
 
@@ -302,6 +332,43 @@ class SpendLedger:
                       self.queue_limit, self._dropped, event.request_id, event.spend)
 
 
+def _fit(event: SpendEvent) -> SpendEvent:
+    """``event`` with what its columns cannot hold made to fit, so the database never
+    refuses it (and the request goes uncharged): token counts and cost clipped, NUL
+    characters (which Postgres text cannot hold; a request's ``model`` may bring one)
+    replaced by U+FFFD."""
+    prompt, completion, spend = event[11:14]
+    texts = event[3:11]  # key_id ... auth_method
+    if (prompt <= MAX_TOKENS and completion <= MAX_TOKENS and spend <= MAX_SPEND
+            and not any(text and "\x00" in text for text in texts)):
+        return event
+    texts = tuple(text.replace("\x00", "\ufffd") if text else text for text in texts)
+    return _spend_event((*event[:3], *texts, min(prompt, MAX_TOKENS),
+                         min(completion, MAX_TOKENS), min(spend, MAX_SPEND), *event[14:]))
+
+
+def _flat_prompt_tokens(body: Any) -> int:
+    """:func:`~flask_llmauth.usage.estimate_prompt_tokens` of a body it cannot walk: the
+    strings of the messages' contents (and their parts' ``text``), ``prompt``, ``input``
+    and ``system``, with 12 characters of framing per message, walked without recursion."""
+    if not isinstance(body, Mapping):
+        return 0
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    stack = [m.get("content") for m in messages if isinstance(m, Mapping)]
+    stack += [body.get(name) for name in ("prompt", "input", "system")]
+    length = 12 * len(messages)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            length += len(value)
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, Mapping):
+            stack.append(value.get("text"))
+    return -(-length // CHARS_PER_TOKEN)
+
+
 # -- the guard ----------------------------------------------------------------------------------
 
 
@@ -375,7 +442,19 @@ def install(state: Any, app: Flask) -> None:
     state.spend_ledger = ledger
     guard = SpendGuard(settings, ledger)
     state.guards.add(guard)
-    state.background.every(settings.spend_flush_interval, "spend", ledger.flush)
+    background = state.background
+
+    def write() -> None:
+        try:
+            ledger.flush()
+        except ServiceUnavailable:
+            if background.stopping:  # the last pass: no flush comes after this one
+                log.error("llmauth: the database did not answer the last spend flush: %d "
+                          "spend event(s) are lost (%d units)", ledger.pending,
+                          sum(e.spend for e in ledger._queue))
+            raise
+
+    background.every(settings.spend_flush_interval, "spend", write)
     budgets = getattr(state, "budgets", None)
     if budgets is not None and callable(getattr(budgets, "on_batch", None)):
         budgets.spend_ledger = ledger  # budgets release reservations in the batch
