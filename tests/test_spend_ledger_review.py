@@ -136,14 +136,12 @@ def fork_child(work: Any) -> str:
 
 
 def test_a_child_forked_mid_flush_writes_its_own_spend_and_not_its_parents(
-        spend_app: Flask, tmp_path: Any) -> None:
+        spend_app: Flask) -> None:
     """A fork while the parent's background thread was flushing (its lock held) used to
     leave the child a lock nobody would release: the child's every flush — the background
     one and the one at exit — waited forever, so the child wrote no spend and never exited
     cleanly. The child also inherited the parent's queue and wrote the parent's events
     (ahead of the parent, so the parent's ``on_batch`` never ran for them)."""
-    if spend_app.extensions["llmauth"].store.pooled:
-        pytest.skip("a forked child must not use its parent's pooled connections")
     ledger = ledger_of(spend_app)
     ledger.record(event("parent-1", 5))
     assert ledger._flush_lock.acquire(timeout=5)  # a flush in progress in another thread
@@ -164,6 +162,36 @@ def test_a_child_forked_mid_flush_writes_its_own_spend_and_not_its_parents(
     assert answer == "(1, [1])"  # its own event only, written
     assert ledger.pending == 1 and ledger.flush() == 1
     assert {r.request_id: r.spend for r in rows(spend_app)} == {"child-1": 7, "parent-1": 5}
+
+
+@pytest.mark.postgres
+def test_a_forked_child_uses_postgres_connections_of_its_own(app_factory: Any,
+                                                             postgres_url: str) -> None:
+    """The pool of a Postgres store keeps the connection a request (or ``init_app``'s
+    migration) used. A child forked after that (gunicorn ``--preload``) used to take it
+    from the pool: two processes on one socket, each reading the other's answers and
+    committing the other's transactions — the ledger's batches included. The child now
+    opens its own; whatever it does with the inherited ones never reaches the parent's
+    session."""
+    app = app_factory({"LLMAUTH_SPEND_FLUSH_INTERVAL": 3600}, db_url=postgres_url,
+                      routes=False)
+    store = app.extensions["llmauth"].store
+    backend = "SELECT pg_backend_pid()"
+    with store.use() as db:
+        parent = db.execute_sql(backend).fetchone()[0]
+
+    def child() -> Any:
+        with store.use() as db:
+            own = db.execute_sql(backend).fetchone()[0]
+        store.close()
+        for conn in getattr(store, "_inherited", ()):  # what its exit may do to them
+            conn.close()
+        return own
+
+    answer = fork_child(child)
+    assert answer.isdigit() and int(answer) != parent, answer
+    with store.use() as db:  # the parent's session is whole, and still the same one
+        assert db.execute_sql(backend).fetchone()[0] == parent
 
 
 # -- the last flush at exit -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -227,6 +228,11 @@ class Store:
         self.db = open_database(url)
         self.pooled = isinstance(self.db, PooledDatabase)
         self._local = threading.local()
+        if self.pooled:
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._forked())
+        #: Connections a forked child inherited: kept, never used nor closed (see _forked).
+        self._inherited: list[Any] = []
         #: Each joined table with its alias and the fields its record has, in the record's
         #: field order (a record mirrors its table, less columns like ``digest``).
         self._parts: list[tuple[type[peewee.Model], str, list[peewee.Field]]] = []
@@ -246,6 +252,34 @@ class Store:
             f'SELECT "key_id", "revoke_at" FROM "{KeyGrace._meta.table_name}" '  # noqa: S608
             f'WHERE "digest" = {p}'
         )
+
+    def _forked(self) -> None:
+        """A forked child must not use its parent's pooled connections: the two processes
+        would share their sockets (one reading the other's answers, committing the other's
+        transaction). The pool forgets them; in this process their descriptors are pointed
+        at ``/dev/null``, so nothing the child does with them (a close sends the server a
+        terminate message) reaches the parent's sessions; they are kept referenced."""
+        db: Any = self.db
+        inherited = [conn for _ts, _n, conn in db._connections]
+        inherited += [held.connection for held in db._in_use.values()]
+        if db._state.conn is not None:
+            inherited.append(db._state.conn)
+        if inherited:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                for conn in inherited:
+                    try:
+                        os.dup2(null, conn.fileno())
+                    except Exception:  # noqa: S112 (already closed: no descriptor)
+                        continue
+            finally:
+                os.close(null)
+        self._inherited += inherited
+        db._connections, db._in_use = [], {}
+        db._state.reset()
+        db._lock = threading.Lock()  # any of these may have been held by a parent's thread
+        db._pool_lock = threading.RLock()
+        db._pool_available = threading.Condition(db._pool_lock)
 
     # -- connection scope -----------------------------------------------------------------------
 
