@@ -16,9 +16,9 @@ from flask import Flask
 
 from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.spend import SpendLedger, flush
-from flask_llmauth.store.tables import Key
-from tests.helpers import bearer, new_key
-from tests.test_spend import IN, PRICES, add_views, event, rows, spend_of
+from flask_llmauth.store.tables import Key, User
+from tests.helpers import ADMIN, bearer, new_key
+from tests.test_spend import IN, OUT, PRICES, add_views, event, rows, spend_of
 
 
 @pytest.fixture
@@ -110,6 +110,22 @@ def test_a_model_name_with_a_nul_character_is_charged(app_factory: Any, db_url: 
     (row,) = rows(app)
     assert (row.model, row.spend) == ("m-in\ufffdx", 100 * 3000)
     assert spend_of(app, Key, key_id=key["key_id"]) == 100 * 3000
+
+
+def test_master_key_spend_is_the_admin_names(spend_app: Flask) -> None:
+    """As docs/spend.md says: a master-key request is logged under the proxy admin name,
+    adds to that user's row when one exists, and to no key or team."""
+    client = spend_app.test_client()
+    assert client.post("/user/new", json={"user_id": "default_user_id",
+                                          "auto_create_key": False},
+                       headers=ADMIN).status_code == 200
+    assert client.post("/v1/chat/completions", json={"model": "m-in"},
+                       headers=ADMIN).status_code == 200  # 11 prompt, 7 completion tokens
+    flush(spend_app)
+    (row,) = rows(spend_app)
+    assert (row.user_id, row.key_id, row.team_id) == ("default_user_id", None, None)
+    assert spend_of(spend_app, User, user_id="default_user_id") == row.spend == (
+        11 * IN + 7 * OUT)
 
 
 # -- fork ---------------------------------------------------------------------------------------
