@@ -736,23 +736,38 @@ class JWTAuthenticator:
 
     def _first_serving_team(self, team_ids: list[str], ctx: AuthContext,
                             models: tuple[str, ...]) -> str:
+        """The first listed team that exists, is not blocked and may serve this request's
+        models; else a 403 naming why none could (a route without a model never names one)."""
         info, request = ctx.route, ctx.request
         wanted: tuple[str, ...] = ()
         if info.is_llm and request.method not in SAFE_METHODS:
             wanted = requested_models(request, info)
-        if self.team_routes.allows(info):
-            for team_id in team_ids:
-                _, team, _ = self.state.identities.load(None, team_id)
-                if team is None or team.blocked:
-                    continue
-                probe = Principal(method=METHOD, role=Role.TEAM, team_id=team_id, team=team,
-                                  models=models)
-                if all(self.state.models.denial(probe, m) is None for m in wanted):
-                    return team_id
-        model = wanted[0] if wanted else None
+        checked = team_ids[:20]
+        if not self.team_routes.allows(info):
+            raise Forbidden(
+                f"Team not allowed to access this route. Route={info.route}, Allowed "
+                f"Routes={list(self.settings.jwt_team_allowed_routes)}",
+                reason="jwt_team_route")
+        existing = usable = 0
+        for team_id in team_ids:
+            _, team, _ = self.state.identities.load(None, team_id)
+            if team is None:
+                continue
+            existing += 1
+            if team.blocked:
+                continue
+            usable += 1
+            probe = Principal(method=METHOD, role=Role.TEAM, team_id=team_id, team=team,
+                              models=models)
+            if all(self.state.models.denial(probe, m) is None for m in wanted):
+                return team_id
+        if not usable:
+            why = ("Every team listed in the token that exists is blocked" if existing
+                   else "None of the teams listed in the token exists")
+            raise Forbidden(f"{why}. Checked teams={checked}.", reason="jwt_no_usable_team")
         raise Forbidden(
-            f"No team has access to the requested model: {str(model)[:200]}. Checked "
-            f"teams={team_ids[:20]}. Check `/models` to see all available models.",
+            f"No team has access to the requested model: {wanted[0][:200]}. Checked "
+            f"teams={checked}. Check `/models` to see all available models.",
             reason="jwt_no_team_with_access")
 
     # -- provisioning ---------------------------------------------------------------------------

@@ -283,6 +283,28 @@ def test_team_ids_field_picks_the_first_team_that_may_serve(make_app: Any, idp: 
     assert_error(call(client, token, model="gpt-4o"), 403)
 
 
+def test_team_ids_field_on_a_route_without_a_model_names_the_reason(make_app: Any,
+                                                                   idp: IdP) -> None:
+    client = make_app(team_ids_field="groups").test_client()
+    token = idp.token(extra_claims={"groups": ["g-missing", "g-gone"]})
+    error = assert_error(client.get("/user/info", headers=bearer(token)), 403)
+    assert "None of the teams listed in the token exists" in error["message"]
+    assert "None" not in error["message"].replace("None of the teams", "")
+    assert "g-missing" in error["message"]
+    new_team(client, "g-gone")
+    blocked = client.post("/team/block", json={"team_id": "g-gone"}, headers=ADMIN)
+    assert blocked.status_code == 200
+    error = assert_error(client.get("/user/info", headers=bearer(token)), 403)
+    assert "Every team listed in the token that exists is blocked" in error["message"]
+    error = assert_error(client.post("/key/generate", json={}, headers=bearer(token)), 403)
+    assert "Team not allowed to access this route. Route=/key/generate" in error["message"]
+    new_team(client, "g-live", models=["gpt-4o"])
+    live = idp.token(extra_claims={"groups": ["g-missing", "g-live"]})
+    assert client.get("/user/info", headers=bearer(live)).status_code != 403
+    error = assert_error(call(client, live, model="gemini-pro"), 403)
+    assert "No team has access to the requested model: gemini-pro" in error["message"]
+
+
 def test_enforce_team_based_model_access(make_app: Any, idp: IdP) -> None:
     client = make_app(team_ids_field="groups", enforce_team_based_model_access=True).test_client()
     error = assert_error(call(client, idp.token(extra_claims={"email": "a@corp.example"})), 403)
