@@ -278,21 +278,32 @@ def body_may_name_end_user(body: dict[str, Any]) -> bool:
 
 def end_user_from_body(body: Any) -> str | None:
     """The end user a JSON body names (LiteLLM's order), or ``None``."""
+    found = end_user_field_of_body(body)
+    return None if found is None else found[0]
+
+
+def end_user_field_of_body(body: Any) -> tuple[str, str] | None:
+    """``(end user, the field naming it)`` for a JSON body that names one (LiteLLM's
+    order: ``user``, ``litellm_metadata.user``, ``metadata.user_id``,
+    ``safety_identifier``), else ``None``."""
     if type(body) is not dict:
         return None
     if not body_may_name_end_user(body):  # most bodies name none
         return None
     found = body.get("user")
     if found is not None and (found := _checked(found, "user")) is not None:
-        return found
+        return found, "user"
     for container, name in _BODY_CONTAINERS:
         inner = body.get(container)
         if type(inner) is dict and inner.get(name) is not None:
-            found = _checked(inner[name], f"{container}.{name}")
+            field = f"{container}.{name}"
+            found = _checked(inner[name], field)
             if found is not None:
-                return found
+                return found, field
     found = body.get("safety_identifier")
-    return None if found is None else _checked(found, "safety_identifier")
+    if found is None or (found := _checked(found, "safety_identifier")) is None:
+        return None
+    return found, "safety_identifier"
 
 
 _BODY_CONTAINERS = (("litellm_metadata", "user"), ("metadata", "user_id"))
@@ -348,21 +359,23 @@ class CustomersGuard:
         """``(end_user_id, row or None)`` for a request that names an end user, else
         ``None``; 403 for a blocked one, 400 for a malformed id."""
         end_user_id = principal.end_user_id
+        source: str | None = None  # the request field naming the end user (the error's param)
         if end_user_id is None:
             for key, header in self.header_keys:
                 value = environ.get(key)
                 if value:
-                    end_user_id = _checked(value, header)
+                    end_user_id, source = _checked(value, header), header
                     break
             else:
-                end_user_id = end_user_from_body(body())
-                if end_user_id is None:
+                found = end_user_field_of_body(body())
+                if found is None:
                     return None
+                end_user_id, source = found
         customer = self.lookup(end_user_id)
         if customer is not None and customer.blocked:
             raise Forbidden(f"End user={end_user_id} is blocked. Update via "
                             "`/customer/unblock` if you're an admin.",
-                            param="user", reason="end_user_blocked")
+                            param=source, reason="end_user_blocked")
         return end_user_id, customer
 
     def lookup(self, end_user_id: str) -> CustomerRecord | None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import jsonify
 
-from flask_llmauth.customers import end_user_budget, end_user_from_body
+from flask_llmauth.customers import end_user_budget, end_user_field_of_body, end_user_from_body
 from flask_llmauth.errors import BadRequest
 from flask_llmauth.guards import current_admission
 from flask_llmauth.principal import Principal, Role
@@ -180,15 +180,18 @@ def test_bad_queries_and_bodies(client: Any) -> None:
 def test_blocked_end_user_is_refused_by_body_field_and_headers(client: Any) -> None:
     key = new_key(client)["key"]
     ok(post(client, "/customer/block", {"user_ids": ["bad-user"]}))
-    for body, headers in (({"user": "bad-user"}, {}),
-                          ({"metadata": {"user_id": "bad-user"}}, {}),
-                          ({"litellm_metadata": {"user": "bad-user"}}, {}),
-                          ({"safety_identifier": "bad-user"}, {}),
-                          ({}, {"x-litellm-customer-id": "bad-user"}),
-                          ({}, {"x-litellm-end-user-id": "bad-user"}),
-                          ({"user": "someone-else"}, {"x-litellm-customer-id": "bad-user"})):
+    for body, headers, param in (
+            ({"user": "bad-user"}, {}, "user"),
+            ({"metadata": {"user_id": "bad-user"}}, {}, "metadata.user_id"),
+            ({"litellm_metadata": {"user": "bad-user"}}, {}, "litellm_metadata.user"),
+            ({"safety_identifier": "bad-user"}, {}, "safety_identifier"),
+            ({}, {"x-litellm-customer-id": "bad-user"}, "x-litellm-customer-id"),
+            ({}, {"X-LiteLLM-End-User-Id": "bad-user"}, "x-litellm-end-user-id"),
+            ({"user": "someone-else"}, {"x-litellm-customer-id": "bad-user"},
+             "x-litellm-customer-id")):
         error = assert_error(chat(client, key, headers, **body), 403, "permission_error")
         assert "bad-user" in error["message"] and "/customer/unblock" in error["message"]
+        assert error["param"] == param, (body, headers, error)
     # others pass; the header wins over the body
     assert chat(client, key, user="good-user").status_code == 200
     assert chat(client, key, {"x-litellm-customer-id": "good-user"},
@@ -228,8 +231,10 @@ def test_configured_headers_name_the_end_user(app_factory: Any) -> None:
     client = app.test_client()
     key = new_key(client)["key"]
     ok(post(client, "/customer/block", {"user_ids": ["eve@example.com", "legacy"]}))
-    assert_error(chat(client, key, {"x-openwebui-user-email": "eve@example.com"}), 403)
-    assert_error(chat(client, key, {"x-legacy-end-user": "legacy"}), 403)
+    error = assert_error(chat(client, key, {"x-openwebui-user-email": "eve@example.com"}), 403)
+    assert error["param"] == "x-openwebui-user-email"
+    error = assert_error(chat(client, key, {"x-legacy-end-user": "legacy"}), 403)
+    assert error["param"] == "x-legacy-end-user"
     # an internal_user mapping never names the end user (nor the caller)
     assert chat(client, key, {"x-openwebui-user-id": "eve@example.com"}).status_code == 200
     # the mapped header comes before the body
@@ -253,6 +258,10 @@ def test_end_user_from_body_order() -> None:
                                "metadata": {"user_id": "b"}}) == "c"
     assert end_user_from_body({"metadata": {"user_id": "b"}, "safety_identifier": "d"}) == "b"
     assert end_user_from_body({"safety_identifier": "d"}) == "d"
+    assert end_user_field_of_body({"safety_identifier": "d"}) == ("d", "safety_identifier")
+    assert end_user_field_of_body({"user": "", "metadata": {"user_id": "b"}}) == (
+        "b", "metadata.user_id")
+    assert end_user_field_of_body({"safety_identifier": ""}) is None
     assert end_user_from_body({"metadata": "x"}) is None
     assert end_user_from_body(["user"]) is None and end_user_from_body(None) is None
     with pytest.raises(BadRequest):
