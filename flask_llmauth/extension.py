@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
+import peewee
 from flask import (
     Blueprint,
     Flask,
@@ -66,6 +67,7 @@ from .keys import LastUsedRecorder
 from .network import client_ip
 from .principal import Principal, get_principal
 from .ratelimits import install as install_ratelimits
+from .ratelimits import storage_uri
 from .signals import auth_failed, auth_succeeded
 from .spend import install as install_spend
 from .store.db import Store
@@ -108,29 +110,57 @@ def _open_store(app: Flask, settings: Settings) -> Store:
     """Open (and migrate) the database; a failure is a start-up error naming the setting.
 
     The message carries the error's type only: driver messages can repeat the URL, which
-    may hold a password.
+    may hold a password. A Postgres URL without its driver installed names the extra to
+    install (checked here, before any connection: without auto-migration the first
+    connection would come later).
     """
     url = settings.database_url
     source = settings.source("database_url")
     if url is None:
         os.makedirs(app.instance_path, exist_ok=True)
         url = "sqlite:///" + os.path.join(app.instance_path, "llmauth.db")
+    no_driver = ConfigurationError(
+        f"LLMAUTH_DATABASE_URL (from {source}): the Postgres driver (psycopg) is not "
+        "installed: pip install 'flask-llmauth[postgres]'")
     try:
         store = Store(url)
+    except peewee.ImproperlyConfigured:
+        raise no_driver from None
     except Exception as exc:
         raise ConfigurationError(
             f"LLMAUTH_DATABASE_URL (from {source}): cannot open the database "
             f"({type(exc).__name__}; is its driver installed?)") from None
-    if settings.auto_migrate:
-        try:
+    check_driver = getattr(getattr(store.db, "_adapter", None), "check_driver", None)
+    try:
+        if check_driver is not None:  # Postgres: psycopg (3) or psycopg2 importable
+            check_driver()
+        if settings.auto_migrate:
             store.migrate()
-        except ServiceUnavailable:
-            store.close()
-            raise ConfigurationError(
-                f"LLMAUTH_DATABASE_URL (from {source}): the database is unreachable, so "
-                "its migrations cannot be checked. Start it first, or set "
-                "LLMAUTH_AUTO_MIGRATE=False and run `flask llmauth init-db` later.") from None
+    except peewee.ImproperlyConfigured:
+        store.close()
+        raise no_driver from None
+    except ServiceUnavailable:
+        store.close()
+        raise ConfigurationError(
+            f"LLMAUTH_DATABASE_URL (from {source}): the database is unreachable, so "
+            "its migrations cannot be checked. Start it first, or set "
+            "LLMAUTH_AUTO_MIGRATE=False and run `flask llmauth init-db` later.") from None
     return store
+
+
+def _check_rate_limit_storage(settings: Settings) -> None:
+    """A Redis rate-limit storage needs the ``redis`` package: without it, a start-up
+    error naming the setting and the extra to install (not the ``limits`` traceback)."""
+    uri = storage_uri(settings)
+    if not uri.partition("://")[0].lower().startswith("redis"):
+        return
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        name = "ratelimit_storage_uri" if settings.ratelimit_storage_uri else "redis_url"
+        raise ConfigurationError(
+            f"LLMAUTH_{name.upper()} (from {settings.source(name)}): a Redis storage needs "
+            "the redis package: pip install 'flask-llmauth[redis]'") from None
 
 
 class LLMAuthState:
@@ -140,6 +170,7 @@ class LLMAuthState:
         self.ext = ext
         self.settings = settings
         _check_auth_order(settings)
+        _check_rate_limit_storage(settings)
         self.store = _open_store(app, settings)
         server_secret = settings.salt_key or settings.master_key
         if server_secret is None:

@@ -727,6 +727,44 @@ def test_unreachable_database_fails_init_app_naming_the_setting(tmp_path: Path) 
     assert DB_PASSWORD not in message
 
 
+@pytest.mark.parametrize("auto_migrate", [True, False])
+def test_missing_postgres_driver_fails_init_app_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auto_migrate: bool) -> None:
+    import peewee
+
+    monkeypatch.setattr(peewee, "psycopg", None)
+    monkeypatch.setattr(peewee, "psycopg2", None)
+    url = f"postgresql://llmauth:{DB_PASSWORD}@127.0.0.1:9/llmauth"
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_DATABASE_URL": url,
+                            "LLMAUTH_AUTO_MIGRATE": auto_migrate})
+    assert str(info.value) == (
+        "LLMAUTH_DATABASE_URL (from LLMAUTH_DATABASE_URL): the Postgres driver (psycopg) is "
+        "not installed: pip install 'flask-llmauth[postgres]'")
+
+
+@pytest.mark.parametrize("config,setting", [
+    ({"LLMAUTH_REDIS_URL": "redis://127.0.0.1:6379/0"}, "LLMAUTH_REDIS_URL"),
+    ({"LLMAUTH_RATELIMIT_STORAGE_URI": "redis+sentinel://127.0.0.1:26379/main"},
+     "LLMAUTH_RATELIMIT_STORAGE_URI"),
+    ({"LLMAUTH_REDIS_URL": "memory://", "LLMAUTH_RATELIMIT_STORAGE_URI": "rediss://h:6380/0"},
+     "LLMAUTH_RATELIMIT_STORAGE_URI"),
+])
+def test_missing_redis_package_fails_init_app_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any],
+        setting: str) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis: ImportError
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, **config})
+    assert str(info.value) == (
+        f"{setting} (from {setting}): a Redis storage needs the redis package: "
+        "pip install 'flask-llmauth[redis]'")
+    assert not (tmp_path / "cfg.db").exists()  # refused before the database is touched
+    make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY})  # memory:// needs no package
+
+
 # -- master key and salt key ---------------------------------------------------------------------
 
 
