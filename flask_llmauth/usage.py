@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -51,13 +52,24 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(_text(part.get("text")) if isinstance(part, Mapping) else _text(part)
-                        for part in content)
-    return ""
+def _text_length(content: Any) -> int:
+    """The length of a content's text: a string, or a list of parts (strings, ``{"text":
+    ...}`` objects, lists) joined by spaces; anything else has none. Walked without
+    recursion: a client may nest lists as deep as the JSON parser goes."""
+    if type(content) is str:
+        return len(content)
+    length = 0
+    stack = [content]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            length += len(value)
+        elif isinstance(value, list):
+            if value:
+                length += len(value) - 1  # the separators
+            for part in value:
+                stack.append(part.get("text") if isinstance(part, Mapping) else part)
+    return length
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
@@ -80,7 +92,7 @@ def _messages_length(messages: Any) -> int:
     for message in messages:
         if type(message) is dict or isinstance(message, Mapping):
             content = message.get("content")
-            length += len(content) if type(content) is str else len(_text(content))
+            length += len(content) if type(content) is str else _text_length(content)
             joined += 1
     return length + max(joined - 1, 0) + 12 * len(messages)  # separators, framing
 
@@ -92,9 +104,18 @@ def _other_text_length(body: Mapping[str, Any]) -> int:
         if isinstance(value, str):
             length += len(value)
         elif isinstance(value, list):
-            length += len(_text(value) if value and isinstance(value[0], Mapping) else " ".join(
-                str(v) for v in value))
+            length += _text_length(value) if value and isinstance(value[0], Mapping) else (
+                _items_length(value))
     return length
+
+
+def _items_length(items: list[Any]) -> int:
+    """The length of ``" ".join(str(item) for item in items)`` (token ids, or strings); for
+    items nested too deep to print, their text's length (:func:`_text_length`)."""
+    try:
+        return len(" ".join([str(item) for item in items]))
+    except RecursionError:
+        return _text_length(items)
 
 
 _CAP_NAMES = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -135,10 +156,13 @@ def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
     """Usage reported in a JSON response body (OpenAI or Anthropic shape), if any."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
-    usage = body.get("usage")
+    return _usage_of(body.get("usage"), body.get("model"), model)
+
+
+def _usage_of(usage: Any, reported: Any, model: str | None) -> Usage | None:
+    """A body's ``usage`` block read; the body's ``model``, when a string, names the model."""
     if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
-    reported = body.get("model")
     if type(reported) is str or isinstance(reported, str):
         model = reported
     if "input_tokens" in usage or "output_tokens" in usage:  # Anthropic, OpenAI Responses
@@ -155,30 +179,129 @@ def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
 
 #: The scanner ``json.loads`` ends up in (the default decoder's settings).
 _scan_once = json.JSONDecoder().scan_once
+_skip_space = re.compile(r"[ \t\n\r]*").match
+_SPACE = " \t\n\r"
+_SPACE_BYTES = b" \t\n\r"
+#: Bodies this long or longer are read from their end first (:func:`usage_from_json`):
+#: below it, parsing the whole body costs no more than reading its end does.
+TAIL_READ_MIN_BYTES = 1024
+#: What :func:`_usage_from_tail` answers when the tail alone cannot tell.
+_UNDECIDED: Any = object()
 
 
 def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
     """``usage_from_body(json.loads(data), model)`` for a response body, ``None`` when the
     body is not JSON (or has no usage). A body without the bytes ``"usage"`` is not parsed.
 
-    A body that starts with ``{`` followed by a non-zero byte (which ``json.loads`` reads
-    as UTF-8) goes straight to the scanner ``json.loads`` uses, without its encoding
-    detection and whitespace matches; trailing data other than JSON whitespace is refused
-    as ``json.loads`` refuses it. Anything else goes through ``json.loads``.
+    A body that starts with ``{`` followed by a non-zero byte is read as UTF-8, as
+    ``json.loads`` reads it. One of :data:`TAIL_READ_MIN_BYTES` or more is first read from
+    its end (:func:`_usage_from_tail`): the completion before the ``usage`` member is not
+    parsed, so reading the usage of a long answer costs what a short one's does. Otherwise
+    it goes straight to the scanner ``json.loads`` uses, without its encoding detection and
+    whitespace matches; trailing data other than JSON whitespace is refused as
+    ``json.loads`` refuses it. Anything else goes through ``json.loads``.
     """
-    if b'"usage"' not in data:
+    at = data.rfind(b'"usage"')
+    if at < 0:
         return None
     try:
         if data[:1] == b"{" and data[1:2] != b"\x00":
+            if len(data) >= TAIL_READ_MIN_BYTES:
+                if not data.isascii():
+                    data.decode("utf-8", "surrogatepass")  # not UTF-8: not JSON
+                usage = _usage_from_tail(data, at, model)
+                if usage is not _UNDECIDED:
+                    return usage  # type: ignore[no-any-return]
             text = data.decode("utf-8", "surrogatepass")
             body, end = _scan_once(text, 0)
-            if end != len(text) and text[end:].strip(" \t\n\r"):
+            if end != len(text) and text[end:].strip(_SPACE):
                 return None  # json.loads: "Extra data"
         else:
             body = json.loads(data)
     except (ValueError, StopIteration):
         return None
     return usage_from_body(body, model)
+
+
+def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
+    """The usage of the UTF-8 JSON object ``data`` when the bytes ``"usage"`` at ``at``
+    (their last occurrence) name one of its top-level members, read without parsing the
+    members before that one; :data:`_UNDECIDED` when this cannot be told from the tail.
+
+    Why that is what ``json.loads`` answers for a JSON text: an unescaped ``"`` cannot occur
+    inside a string, so ``"usage"`` after ``{`` or ``,`` and before ``:`` starts a member;
+    its value and what follows it, read as the members of one more object (or a lone
+    ``}``), close exactly one level: the top one. No later member is called ``usage``
+    (these are the last such bytes); a later ``model`` member is in what follows, an
+    earlier one is read by :func:`_top_level_model`.
+    Not checked: the syntax of the members between the first non-scalar member (the
+    choices or content) and ``usage`` — a body malformed only there yields the usage it
+    reports where ``json.loads`` would refuse it.
+    """
+    try:
+        before = at - 1
+        while data[before] in _SPACE_BYTES:
+            before -= 1
+        if data[before] != 44 and data[before] != 123:  # "," or "{"
+            return _UNDECIDED
+        tail = data[at + 7:].decode("utf-8", "surrogatepass")
+        colon = tail.find(":")
+        if colon < 0 or colon and tail[:colon].strip(_SPACE):
+            return _UNDECIDED
+        start = colon + 1
+        if tail[start] in _SPACE:
+            start = _skip_space(tail, start).end()
+        usage, end = _scan_once(tail, start)
+        after = tail[end:].lstrip(_SPACE)
+        if after[:1] == "}":
+            if after[1:].strip(_SPACE):
+                return _UNDECIDED  # a nested "usage", or extra data: parse it all
+            rest: dict[str, Any] = {}
+        elif after[:1] == ",":
+            more = "{" + after[1:].lstrip(_SPACE)
+            if more[1:2] != '"':
+                return _UNDECIDED
+            rest, close = _scan_once(more, 0)
+            if close != len(more) and more[close:].strip(_SPACE):
+                return _UNDECIDED
+        else:
+            return _UNDECIDED
+        if "model" in rest:
+            return _usage_of(usage, rest["model"], model)
+        if type(usage) is not dict:
+            return None
+        named = data.find(b'"model"', 1, at)
+        if named < 0:
+            return _usage_of(usage, None, model)
+        reported = _top_level_model(data, named)
+    except (ValueError, StopIteration, IndexError):
+        return _UNDECIDED
+    return reported if reported is _UNDECIDED else _usage_of(usage, reported, model)
+
+
+def _top_level_model(data: bytes, named: int) -> Any:
+    """The value of the member named by the first bytes ``"model"`` (at ``named``) when it
+    is a string without escapes and the text before it is the top-level object's first
+    members; otherwise :data:`_UNDECIDED`.
+
+    The text up to that string, closed by a ``}``, reads as one whole object only when the
+    member is a top-level one. (Should a later top-level member be called ``model`` too,
+    this is the first one's value where ``json.loads`` keeps the last: RFC 8259 leaves
+    duplicate names' meaning to the reader, and finding out would mean scanning the whole
+    completion.)"""
+    value = data.find(b":", named + 7) + 1
+    while data[value] in _SPACE_BYTES:
+        value += 1
+    if data[value] != 34:  # '"'
+        return _UNDECIDED
+    close = data.index(b'"', value + 1) + 1
+    if data.find(b"\\", value, close) >= 0:
+        return _UNDECIDED
+    head = data[:close].decode("utf-8", "surrogatepass") + "}"
+    members, end = _scan_once(head, 0)
+    if end != len(head) or "model" not in members:
+        return _UNDECIDED
+    return members["model"]
 
 
 class StreamUsage:
@@ -242,7 +365,7 @@ class StreamUsage:
             self._reported = True
             return
         if kind == "content_block_delta":
-            self._text_chars += len(_text((payload.get("delta") or {}).get("text")))
+            self._text_chars += _text_length((payload.get("delta") or {}).get("text"))
             return
         reported = usage_from_body(payload, self.model)
         if reported is not None:
@@ -251,8 +374,8 @@ class StreamUsage:
         for choice in payload.get("choices") or ():
             if isinstance(choice, Mapping):
                 delta = choice.get("delta") or {}
-                self._text_chars += len(_text(delta.get("content")) if isinstance(
-                    delta, Mapping) else "") + len(_text(choice.get("text")))
+                self._text_chars += (_text_length(delta.get("content")) if isinstance(
+                    delta, Mapping) else 0) + _text_length(choice.get("text"))
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
 

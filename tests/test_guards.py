@@ -403,3 +403,17 @@ def test_is_json_reads_the_media_type_only(headers: list[tuple[str, str]],
     for name, value in headers:
         response.headers.add(name, value)
     assert _is_json(response) is expected
+
+
+def test_a_request_body_nested_deeper_than_the_recursion_limit_is_answered(
+        guarded: Any) -> None:
+    """The size estimates walk a message's content without recursion: nested lists as deep
+    as the JSON parser reads are admitted, not refused by a RecursionError."""
+    app, guard = guarded
+    content: Any = "hi"
+    for _ in range(700):
+        content = [content]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
+    response = app.test_client().post("/v1/completions", json=body, headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    assert [admission.sizes for admission in guard.admitted] == [(-(-(2 + 12) // 4), 0)]
