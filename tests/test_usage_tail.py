@@ -243,7 +243,7 @@ def test_a_body_nested_deeper_than_the_recursion_limit_is_estimated() -> None:
     assert usage_module.estimate_prompt_tokens(body) == expected
     assert usage_module.body_sizes(body) == (expected, 3)
     stream = usage_module.StreamUsage("m", 0)
-    event = {"choices": [{"delta": {"content": _deep(5000, "ab")}, "text": _deep(5000, "cd")}]}
+    event = {"choices": [{"delta": {"content": _deep(600, "ab")}, "text": _deep(600, "cd")}]}
     stream._event(b"data: " + json.dumps(event).encode())  # noqa: SLF001
     assert stream.result().completion_tokens == 1
 
