@@ -46,7 +46,7 @@ from .prices import FEMTO_PER_UNIT, cost_units, prices_for
 from .principal import Principal
 from .store.db import Store
 from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
-from .usage import CHARS_PER_TOKEN, Usage, estimate_prompt_tokens
+from .usage import Usage, estimate_prompt_tokens
 
 log = logging.getLogger("flask_llmauth")
 
@@ -235,10 +235,12 @@ class SpendLedger:
 
     def _estimate(self, event: SpendEvent) -> SpendEvent:
         body = event.prompt_body
-        try:
+        try:  # walks any JSON body without recursion; an event is never lost to it
             prompt = estimate_prompt_tokens(body)
-        except Exception:  # e.g. content nested deeper than the recursion limit
-            prompt = _flat_prompt_tokens(body)
+        except Exception:
+            log.exception("llmauth: the prompt of request %s cannot be estimated; it is "
+                          "logged with none", event.request_id)
+            prompt = 0
         try:
             cost = (0 if self.price is None
                     else self.price(event.model, Usage(prompt, 0, event.model)))
@@ -346,28 +348,6 @@ def _fit(event: SpendEvent) -> SpendEvent:
     texts = tuple(text.replace("\x00", "\ufffd") if text else text for text in texts)
     return _spend_event((*event[:3], *texts, min(prompt, MAX_TOKENS),
                          min(completion, MAX_TOKENS), min(spend, MAX_SPEND), *event[14:]))
-
-
-def _flat_prompt_tokens(body: Any) -> int:
-    """:func:`~flask_llmauth.usage.estimate_prompt_tokens` of a body it cannot walk: the
-    strings of the messages' contents (and their parts' ``text``), ``prompt``, ``input``
-    and ``system``, with 12 characters of framing per message, walked without recursion."""
-    if not isinstance(body, Mapping):
-        return 0
-    messages = body.get("messages")
-    messages = messages if isinstance(messages, list) else []
-    stack = [m.get("content") for m in messages if isinstance(m, Mapping)]
-    stack += [body.get(name) for name in ("prompt", "input", "system")]
-    length = 12 * len(messages)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            length += len(value)
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, Mapping):
-            stack.append(value.get("text"))
-    return -(-length // CHARS_PER_TOKEN)
 
 
 # -- the guard ----------------------------------------------------------------------------------
