@@ -16,6 +16,7 @@ from .extension import state
 from .keys import KeyService
 from .money import to_units
 from .principal import Principal, Role
+from .store.db import NotMigrated
 from .teams import TeamService
 from .users import UserService
 
@@ -32,6 +33,8 @@ def _service_command(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except NotMigrated:
+            raise click.ClickException(NotMigrated.hint) from None
         except LLMAuthError as exc:
             raise click.ClickException(exc.message) from None
         except ValueError as exc:
@@ -56,7 +59,10 @@ def llmauth_cli() -> None:
 @llmauth_cli.command("init-db", help="Create or upgrade the database tables.")
 @_service_command
 def init_db() -> None:
-    applied = state().store.migrate()
+    _echo_applied(state().store.migrate())
+
+
+def _echo_applied(applied: list[str]) -> None:
     click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied
                                                          else "; the database is up to date"))
 
@@ -69,8 +75,7 @@ def db_group() -> None:
 @db_group.command("upgrade", help="Apply pending migrations.")
 @_service_command
 def db_upgrade() -> None:
-    applied = state().store.migrate()
-    click.echo(f"applied {len(applied)} migration(s)")
+    _echo_applied(state().store.migrate())
 
 
 @db_group.command("status", help="List migrations and whether each is applied.")
@@ -109,6 +114,11 @@ def create_key(user_id: str | None, team_id: str | None, key_alias: str | None,
         click.echo(f"key_id: {result['key_id']}  (the key is shown only once)", err=True)
 
 
+#: What ``list-keys`` prints after a key's id and name, each only when the key has it.
+_KEY_FIELDS = (("alias", "key_alias"), ("user", "user_id"), ("team", "team_id"),
+               ("expires", "expires"))
+
+
 @llmauth_cli.command("list-keys", help="List keys (never their secrets).")
 @click.option("--user-id")
 @click.option("--team-id")
@@ -125,10 +135,10 @@ def list_keys(user_id: str | None, team_id: str | None, deleted: bool) -> None:
     while True:
         result = service.list(_actor(), {**query, "page": page})
         for key in result["keys"]:
-            flags = " blocked" if key.get("blocked") else ""
-            click.echo(f"{key['key_id']}  {key['key_name']}  alias={key.get('key_alias')}  "
-                       f"user={key.get('user_id')}  team={key.get('team_id')}  "
-                       f"expires={key.get('expires')}{flags}")
+            fields = [key["key_id"], key["key_name"]]
+            fields += [f"{label}={key[name]}" for label, name in _KEY_FIELDS
+                       if key.get(name) is not None]
+            click.echo("  ".join(fields) + (" blocked" if key.get("blocked") else ""))
         if page >= result["total_pages"]:
             break
         page += 1

@@ -16,7 +16,7 @@ from datetime import timedelta
 from .cache import Invalidator
 from .durations import utcnow
 from .errors import ServiceUnavailable
-from .store.db import Store
+from .store.db import NotMigrated, Store
 from .store.tables import CacheEvent
 
 log = logging.getLogger("flask_llmauth")
@@ -43,6 +43,8 @@ class InvalidationLog:
         database down the first successful poll sets the mark instead)."""
         try:
             self._baseline()
+        except NotMigrated:
+            pass  # the store logged what to do; the first poll that reaches the log sets the mark
         except ServiceUnavailable:
             log.warning("llmauth: invalidation log not reachable at start-up; the first poll "
                         "that reaches it clears the caches")

@@ -100,6 +100,25 @@ def test_list_keys_never_prints_a_secret_and_pages_through_everything(app: Flask
     assert len(term("list-keys").stdout.splitlines()) == 102
 
 
+def test_list_keys_prints_only_the_fields_a_key_has(sqlite_app: Flask) -> None:
+    term = Terminal(sqlite_app)
+    plain = record_secret(term("create-key", "--user-id", "bob").stdout.strip())
+    full = record_secret(term("create-key", "--user-id", "carol", "--alias", "ci",
+                              "--duration", "30d").stdout.strip())
+    term("revoke-key", full)
+    term("create-team", "t-cli")
+    team = record_secret(term("create-key", "--team-id", "t-cli").stdout.strip())
+    lines = {line.split()[1][-4:]: line for line in term("list-keys").stdout.splitlines()}
+    assert "None" not in term.transcript[-1]
+    plain_line = lines[plain[-4:]]
+    assert plain_line.split("  ")[1:] == [f"sk-...{plain[-4:]}", "user=bob"], plain_line
+    assert lines[team[-4:]].split("  ")[2:] == ["team=t-cli"]
+    deleted = term("list-keys", "--deleted").stdout.splitlines()
+    assert len(deleted) == 1
+    assert deleted[0].split("  ")[2:4] == ["alias=ci", "user=carol"]
+    assert deleted[0].split("  ")[4].startswith("expires=20")
+
+
 def test_rotate_key_with_and_without_grace_period(app: Flask) -> None:
     term = Terminal(app)
     old = record_secret(term("create-key", "--user-id", "alice").stdout.strip())

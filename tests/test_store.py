@@ -3,6 +3,7 @@ models, fail-closed behaviour with the database down, and cross-process invalida
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -93,12 +94,36 @@ def test_db_status_and_upgrade_commands(app_factory: Any, empty_db_url: str) -> 
     assert status.output.splitlines() == [f"pending  {name}" for name in MIGRATIONS]
     upgrade = runner.invoke(args=["llmauth", "db", "upgrade"])
     assert upgrade.exit_code == 0 and upgrade.output.strip() == \
-        f"applied {len(MIGRATIONS)} migration(s)"
+        f"applied {len(MIGRATIONS)} migration(s): {', '.join(MIGRATIONS)}"
     status = runner.invoke(args=["llmauth", "db", "status"])
     assert status.output.splitlines() == [f"applied  {name}" for name in MIGRATIONS]
-    again = runner.invoke(args=["llmauth", "init-db"])
-    assert again.exit_code == 0
-    assert again.output.strip() == "applied 0 migration(s); the database is up to date"
+    for command in (["init-db"], ["db", "upgrade"]):
+        again = runner.invoke(args=["llmauth", *command])
+        assert again.exit_code == 0
+        assert again.output.strip() == "applied 0 migration(s); the database is up to date"
+
+
+def test_an_unmigrated_database_is_named_as_such(app_factory: Any, empty_db_url: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """With LLMAUTH_AUTO_MIGRATE=False on a fresh database the log and the CLI say that the
+    tables are missing and how to create them (not that the database is unavailable); a
+    request gets the same 503 as during an outage."""
+    hint = ("the database has no llmauth tables yet: run `flask llmauth init-db` "
+            "(or leave LLMAUTH_AUTO_MIGRATE on)")
+    with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+        app = app_factory({"LLMAUTH_AUTO_MIGRATE": False}, db_url=empty_db_url)
+        result = app.test_cli_runner().invoke(args=["llmauth", "list-keys"])
+    assert result.exit_code == 1 and result.stderr == f"Error: {hint}\n"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"llmauth: {hint}" in messages
+    assert not [m for m in messages if "database unavailable" in m
+                or "invalidation log not reachable" in m], messages
+    response = app.test_client().post("/key/generate", json={}, headers=ADMIN)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["type"] == "db_unavailable"
+    init = app.test_cli_runner().invoke(args=["llmauth", "init-db"])
+    assert init.exit_code == 0, init.output
+    assert app.test_client().post("/key/generate", json={}, headers=ADMIN).status_code == 200
 
 
 def _subprocess_env(db_url: str, tmp_path: Path) -> dict[str, str]:

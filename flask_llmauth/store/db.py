@@ -65,6 +65,15 @@ def open_database(url: str) -> peewee.Database:
     return db_url.connect(url)
 
 
+class NotMigrated(ServiceUnavailable):
+    """The database answers but has no llmauth tables (``LLMAUTH_AUTO_MIGRATE=False`` and
+    ``flask llmauth init-db`` not run yet): a 503 like an outage for a request, named as
+    what it is in the log and on the command line (:attr:`hint`)."""
+
+    hint = ("the database has no llmauth tables yet: run `flask llmauth init-db` "
+            "(or leave LLMAUTH_AUTO_MIGRATE on)")
+
+
 def _unavailable() -> ServiceUnavailable:
     return ServiceUnavailable("Service Unavailable, the database is temporarily unreachable.",
                               error_type="db_unavailable")
@@ -73,19 +82,24 @@ def _unavailable() -> ServiceUnavailable:
 def _failure(exc: peewee.DatabaseError) -> Exception:
     """What a database error becomes for the caller: a logged 503 when the database cannot
     answer now or has no llmauth tables yet, otherwise the error itself."""
+    if _missing_table(exc):
+        log.error("llmauth: %s", NotMigrated.hint)
+        return NotMigrated("Service Unavailable, the database is temporarily unreachable.",
+                           error_type="db_unavailable")
     if isinstance(exc, DB_ERRORS):
         log.error("llmauth: database unavailable: %s", type(exc).__name__)
-        return _unavailable()
-    if isinstance(exc, peewee.ProgrammingError) and _missing_table(exc):
-        log.error("llmauth: the database has no llmauth tables yet: run "
-                  "`flask llmauth init-db` (or leave LLMAUTH_AUTO_MIGRATE on)")
         return _unavailable()
     return exc
 
 
-def _missing_table(exc: peewee.ProgrammingError) -> bool:
-    """Postgres' "relation does not exist" (SQLSTATE 42P01): the schema is not migrated.
-    (SQLite reports it as an OperationalError, which is already a 503.)"""
+def _missing_table(exc: peewee.DatabaseError) -> bool:
+    """Whether the error is a missing table: the schema is not migrated. Postgres reports
+    "relation does not exist" (SQLSTATE 42P01) as a ProgrammingError, SQLite "no such
+    table: ..." as an OperationalError."""
+    if isinstance(exc, peewee.OperationalError):
+        return str(exc).startswith("no such table: ")
+    if not isinstance(exc, peewee.ProgrammingError):
+        return False
     for original in (exc.args[0] if exc.args else None, exc.__cause__, exc.__context__):
         if getattr(original, "sqlstate", None) == "42P01":
             return True
