@@ -28,6 +28,10 @@ _PLAIN_FIELDS = ("team_alias", "organization_id", "models", "model_aliases", "ma
                  "team_member_budget", "team_member_rpm_limit", "team_member_tpm_limit",
                  "metadata", "blocked")
 
+#: What ``/team/member_update`` changes; a non-admin never changes them on its own membership.
+_MEMBER_FIELDS = ("role", "max_budget_in_team", "budget_duration", "tpm_limit", "rpm_limit",
+                  "allowed_models")
+
 
 def membership_info(member: Any) -> dict[str, Any]:
     return {
@@ -343,6 +347,19 @@ class TeamService:
         state.invalidate(f"team:{team_id}", f"user:{member.user_id}")
         return info
 
+    @staticmethod
+    def _refuse_own_membership_change(actor: Principal, member: TeamMembership,
+                                      params: Mapping[str, Any]) -> None:
+        """A team admin changes other members' role, budget, limits and models, never its
+        own (a proxy admin may): it would raise its own budget or limits at will."""
+        if actor.is_admin or member.user_id != actor.user_id:
+            return
+        fields = [name for name in _MEMBER_FIELDS if name in params]
+        if fields:
+            raise Forbidden(f"A team admin cannot change its own membership ({', '.join(fields)})"
+                            f" in team={member.team_id}: ask a proxy admin.",
+                            param=fields[0], reason="own_membership_update")
+
     def member_update(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
         state = self.state
         team_id = params["team_id"]
@@ -350,6 +367,7 @@ class TeamService:
             self._get(team_id)
             self._require_team_admin(actor, team_id)
             member = self._member_for(team_id, params)
+            self._refuse_own_membership_change(actor, member, params)
             before = membership_info(member)
             if "role" in params:
                 member.role = params["role"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flask_llmauth.store.tables import Key, User
+from flask_llmauth.store.tables import Key, TeamMembership, User
 from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_models_access import CONFIG, UNIVERSE, allowed
 
@@ -420,6 +420,45 @@ def test_outsiders_get_nothing_from_a_team(client: Any, team: Any) -> None:
     assert_error(as_key(client, team["bob"], "/team/member_update", team_id="t1",
                         user_id="bob", role="admin"), 403)
     assert_error(as_key(client, team["alice"], "/team/update", team_id="t1", max_budget=1e6), 403)
+
+
+def memberships(app: Any, team_id: str) -> dict[str, dict[str, Any]]:
+    with app.extensions["llmauth"].store.use():
+        return {m.user_id: {**m.__data__} for m in
+                TeamMembership.select().where(TeamMembership.team_id == team_id)}
+
+
+@pytest.mark.parametrize("ref,fields", [
+    ({"user_id": "alice"}, {"max_budget_in_team": 1e6}),
+    ({"user_id": "alice"}, {"rpm_limit": 100000}),
+    ({"user_id": "alice"}, {"tpm_limit": 10**9}),
+    ({"user_id": "alice"}, {"allowed_models": ["o3"]}),
+    ({"user_id": "alice"}, {"budget_duration": "1s"}),
+    ({"user_id": "alice"}, {"role": "user"}),
+    ({"user_email": "alice@example.com"}, {"max_budget_in_team": 5.0, "rpm_limit": 1}),
+])
+def test_team_admin_cannot_change_its_own_membership(client: Any, app: Any, team: Any,
+                                                     ref: dict[str, str],
+                                                     fields: dict[str, Any]) -> None:
+    """A team admin raised its own max_budget_in_team, limits or models through
+    /team/member_update (by user_id, by e-mail, or with its team key)."""
+    admin(client, "/user/update", user_id="alice", user_email="alice@example.com")
+    team_key = admin_key(client, user_id="alice", team_id="t1")["key"]
+    before = memberships(app, "t1")
+    for key in (team["alice"], team_key):
+        error = assert_error(as_key(client, key, "/team/member_update", team_id="t1",
+                                    **ref, **fields), 403)
+        assert "cannot change its own membership" in error["message"]
+        assert error["param"] == next(iter(fields))
+    assert memberships(app, "t1") == before
+    # Other members are still the team admin's to manage, and a proxy admin manages hers.
+    body = {**fields, "role": "user"} if "role" not in fields else {"role": "admin"}
+    done = as_key(client, team["alice"], "/team/member_update", team_id="t1", user_id="bob",
+                  **body)
+    assert done.status_code == 200, done.get_json()
+    assert memberships(app, "t1")["alice"] == before["alice"]
+    admin(client, "/team/member_update", team_id="t1", user_id="alice", **fields)
+    assert memberships(app, "t1")["alice"] != before["alice"]
 
 
 @SQLITE_ONLY
