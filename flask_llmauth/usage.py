@@ -305,7 +305,16 @@ def _top_level_model(data: bytes, named: int) -> Any:
 
 
 class StreamUsage:
-    """Reads server-sent events as they pass and keeps the usage they report."""
+    """Reads server-sent events as they pass and keeps the usage they report.
+
+    Most events of a stream are text deltas: an event that cannot report usage (no
+    ``"usage"`` bytes but ``"usage": null``, no Anthropic ``message_delta``) is kept as it
+    came and parsed only if the stream's result needs it — for the text it adds when the
+    stream reports no usage, or for the model it names when it is the last to name one. A
+    stream that reports its usage (OpenAI's ``stream_options.include_usage``, Anthropic)
+    thus parses the events that carry usage, not the text's. Kept events are parsed at
+    once when they pass :data:`_MAX_KEPT_BYTES`.
+    """
 
     def __init__(self, model: str | None, prompt_estimate: int) -> None:
         self.model = model
@@ -315,6 +324,12 @@ class StreamUsage:
         self._completion = 0
         self._reported = False
         self._text_chars = 0
+        #: Events not parsed yet (they can only add text or name the model), in order.
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        #: Kept events before this index are older than the last parsed event that named
+        #: the model: their model no longer counts.
+        self._model_from = 0
 
     def feed(self, chunk: bytes | str) -> None:
         if isinstance(chunk, str):
@@ -327,7 +342,15 @@ class StreamUsage:
                     self._buffer = b""
                 return
             event, self._buffer = self._buffer[:end[0]], self._buffer[end[1]:]
-            self._event(event)
+            if _adds_text_or_model_only(event):
+                if self._reported and b'"model"' not in event:
+                    continue  # its text no longer counts, and it names no model
+                self._kept.append(event)
+                self._kept_bytes += len(event)
+                if self._kept_bytes > _MAX_KEPT_BYTES:
+                    self._parse_kept()
+            elif self._event(event):
+                self._model_from = len(self._kept)
 
     def _find_event_end(self) -> tuple[int, int] | None:
         for separator in (b"\n\n", b"\r\n\r\n"):
@@ -336,17 +359,28 @@ class StreamUsage:
                 return index, index + len(separator)
         return None
 
-    def _event(self, raw: bytes) -> None:
+    def _parse_kept(self) -> None:
+        """Parse the kept events in order (a model they name counts only where no later
+        parsed event named one)."""
+        kept, model_from = self._kept, self._model_from
+        self._kept, self._kept_bytes, self._model_from = [], 0, 0
+        for index, event in enumerate(kept):
+            model = self.model
+            if self._event(event) and index < model_from:
+                self.model = model
+
+    def _event(self, raw: bytes) -> bool:
+        """Apply one event; whether it named the model."""
         data = b"\n".join(line[5:].strip() for line in raw.splitlines()
                           if line.startswith(b"data:"))
         if not data or data == b"[DONE]":
-            return
+            return False
         try:
             payload = json.loads(data)
         except ValueError:
-            return
+            return False
         if not isinstance(payload, Mapping):
-            return
+            return False
         kind = payload.get("type")
         if kind == "message_start":  # Anthropic
             message = payload.get("message") or {}
@@ -358,15 +392,16 @@ class StreamUsage:
             self._reported = self._reported or bool(self._prompt)
             if isinstance(message.get("model"), str):
                 self.model = message["model"]
-            return
+                return True
+            return False
         if kind == "message_delta":
             usage = payload.get("usage") or {}
             self._completion = max(self._completion, _int(usage.get("output_tokens")))
             self._reported = True
-            return
+            return False
         if kind == "content_block_delta":
             self._text_chars += _text_length((payload.get("delta") or {}).get("text"))
-            return
+            return False
         reported = usage_from_body(payload, self.model)
         if reported is not None:
             self._prompt, self._completion = reported.prompt_tokens, reported.completion_tokens
@@ -378,10 +413,37 @@ class StreamUsage:
                     delta, Mapping) else 0) + _text_length(choice.get("text"))
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
+            return True
+        return False
 
     def result(self) -> Usage:
         """What the stream reported, or an estimate of what it delivered so far."""
-        if self._reported:
+        if self._reported:  # only the model of the kept events may still count
+            kept = self._kept[self._model_from:]
+            self._kept, self._kept_bytes, self._model_from = [], 0, 0
+            for event in reversed(kept):  # one without the bytes "model" names none
+                if b'"model"' in event and self._event(event):
+                    break
             return Usage(self._prompt or self.prompt_estimate, self._completion, self.model)
+        self._parse_kept()
         return Usage(self.prompt_estimate, math.ceil(self._text_chars / CHARS_PER_TOKEN),
                      self.model, estimated=True)
+
+
+#: Kept stream events are parsed once they hold this many bytes (a stream's memory bound).
+_MAX_KEPT_BYTES = 1 << 20
+
+
+def _adds_text_or_model_only(event: bytes) -> bool:
+    """Whether an event can only add text or name the model: it is no Anthropic
+    ``message_delta`` (which marks the usage reported) and every ``"usage"`` in it is
+    followed by ``null`` (an unescaped ``"`` cannot occur inside a JSON string, so these
+    bytes are the only way to write a member called ``usage``)."""
+    if b'"message_delta"' in event:
+        return False
+    at = event.find(b'"usage"')
+    while at >= 0:
+        if not event[at + 7:at + 24].lstrip(b" \t:").startswith(b"null"):
+            return False
+        at = event.find(b'"usage"', at + 7)
+    return True
