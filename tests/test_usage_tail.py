@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from flask_llmauth import usage as usage_module
-from flask_llmauth.usage import TAIL_READ_MIN_BYTES, Usage, usage_from_body, usage_from_json
+from flask_llmauth.usage import TAIL_READ_MIN_BYTES, Usage, usage_from_json
+from tests.test_guards import _reference_usage_from_json
 
 _TRICKY_TEXT = ['"usage": {"prompt_tokens": 77}', 'a\\"usage\\": {', '\\\\', '"model": "evil"',
                 "é\u2028\U0001f600", '}], "usage": {"prompt_tokens": 5}}', "plain words " * 9]
@@ -23,14 +24,8 @@ _USAGE_BLOCKS: list[Any] = [
 _MODELS: list[Any] = ["gpt-4o-2024-08-06", "m\u00e9", 'q"uote', "back\\slash", 7, None, ["x"]]
 
 
-def _reference(data: bytes, model: str | None) -> Usage | None:
-    """What ``usage_from_json`` answers by definition: ``json.loads``, then the body."""
-    if b'"usage"' not in data:
-        return None
-    try:
-        return usage_from_body(json.loads(data), model)
-    except ValueError:
-        return None
+#: What ``usage_from_json`` answers by definition: ``json.loads``, then the body.
+_reference = _reference_usage_from_json
 
 
 def _nested(rng: random.Random, depth: int = 0) -> Any:
