@@ -50,6 +50,7 @@ from .money import to_units, to_usd
 from .prices import FEMTO_PER_UNIT, Price, prices_for
 from .principal import Principal, PrincipalMemo
 from .signals import budget_exceeded, soft_budget_crossed
+from .signals import send as send_signal
 from .store.tables import (
     BudgetCounter,
     BudgetReservation,
@@ -674,32 +675,23 @@ class Budgets:
             if isinstance(exc, _Refusal):
                 self._crossed(admission, crossed + exc.crossed)
                 self._refuse(admission, exc)
-            elif crossed:
-                try:
-                    self._crossed(admission, crossed)
-                except Exception:
-                    log.exception("llmauth: a soft_budget_crossed receiver failed")
+            else:
+                self._crossed(admission, crossed)
             raise
         if leases != list(ticket.leases):  # a lease was replaced: the plan uses the new one
             plan.use(tuple(leases))
         ticket.leases = tuple(leases)
-        if crossed:
-            try:  # before the ticket is the request's: a failing receiver denies it unsettled
-                self._crossed(admission, crossed)
-            except BaseException:
-                ticket.release()
-                raise
         admission.scratch[SCRATCH] = ticket
+        self._crossed(admission, crossed)
 
     def _crossed(self, admission: Admission, crossed: list[tuple[Budget, int]]) -> None:
         """Send ``soft_budget_crossed`` for the soft budgets a transaction marked crossed."""
         if crossed and soft_budget_crossed.receivers:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
             for budget, spend in crossed:
-                soft_budget_crossed.send(app, principal=admission.principal,
-                                         level=budget.level, entity_id=budget.label,
-                                         spend=to_usd(spend),
-                                         soft_budget=to_usd(budget.soft_budget))
+                send_signal(soft_budget_crossed, app, principal=admission.principal,
+                            level=budget.level, entity_id=budget.label, spend=to_usd(spend),
+                            soft_budget=to_usd(budget.soft_budget))
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         scratch = admission.scratch
@@ -823,10 +815,9 @@ class Budgets:
                        f"Max budget: {_fmt(limit)}. Retry shortly.")
             headers["Retry-After"] = "1"
         if budget_exceeded.receivers:
-            budget_exceeded.send(current_app._get_current_object(),  # type: ignore[attr-defined]
-                                 principal=admission.principal, level=budget.level,
-                                 entity_id=budget.label, spend=to_usd(spend),
-                                 max_budget=to_usd(limit))
+            send_signal(budget_exceeded, current_app._get_current_object(),  # type: ignore[attr-defined]
+                        principal=admission.principal, level=budget.level,
+                        entity_id=budget.label, spend=to_usd(spend), max_budget=to_usd(limit))
         raise BudgetExceeded(message, headers=headers, reason=f"budget_exceeded_{budget.level}")
 
 

@@ -69,6 +69,7 @@ from .principal import Principal, get_principal
 from .ratelimits import install as install_ratelimits
 from .ratelimits import storage_uri
 from .signals import auth_failed, auth_succeeded
+from .signals import send as send_signal
 from .spend import install as install_spend
 from .store.db import Store
 from .sync import InvalidationLog
@@ -326,7 +327,7 @@ class LLMAuthState:
             self._log_failure(error, info.route, credentials)
             return self.ext._error_callback(error)
         if auth_succeeded.receivers:
-            auth_succeeded.send(current_app._get_current_object(), principal=principal)
+            send_signal(auth_succeeded, current_app._get_current_object(), principal=principal)
         return None
 
     def _admit(self, g_: Any, plan: Any, model: str | None, body: JSONBody, req: Any) -> None:
@@ -407,8 +408,8 @@ class LLMAuthState:
         if error.status == 401 and token and self.auth_failures is not None:
             self.auth_failures.record(ip)
         if auth_failed.receivers:
-            auth_failed.send(current_app._get_current_object(), status=error.status,
-                             reason=error.reason, route=route, ip=ip)
+            send_signal(auth_failed, current_app._get_current_object(), status=error.status,
+                        reason=error.reason, route=route, ip=ip)
 
 
 def _master_key_factory(state: LLMAuthState, ext: LLMAuth) -> Authenticator | None:

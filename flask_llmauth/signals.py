@@ -1,9 +1,18 @@
-"""Blinker signals. The sender is the Flask app; keyword data never holds a secret."""
+"""Blinker signals. The sender is the Flask app; keyword data never holds a secret.
+
+Signals notify, they do not decide: a receiver that raises is logged (with its traceback)
+and changes nothing about the request — no 500, no refused request, no lost key.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from blinker import NamedSignal
 from flask.signals import Namespace
 
+log = logging.getLogger("flask_llmauth")
 _signals = Namespace()
 
 #: ``principal=`` — a request was authenticated and authorized.
@@ -24,3 +33,12 @@ soft_budget_crossed = _signals.signal("llmauth-soft-budget-crossed")
 rate_limited = _signals.signal("llmauth-rate-limited")
 #: ``user_id=, source=`` — a user row was created on first sight (JWT, SSO).
 user_provisioned = _signals.signal("llmauth-user-provisioned")
+
+
+def send(signal: NamedSignal, sender: Any, **data: Any) -> None:
+    """``signal.send(sender, **data)``; a receiver's exception is logged, not raised (the
+    receivers after it in blinker's order are then not called)."""
+    try:
+        signal.send(sender, **data)
+    except Exception:
+        log.exception("llmauth: a receiver of the %s signal failed", signal.name)

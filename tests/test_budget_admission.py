@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.prices import cost_units, worst_case_units
-from flask_llmauth.signals import soft_budget_crossed
+from flask_llmauth.signals import budget_exceeded, soft_budget_crossed
 from flask_llmauth.store.tables import BudgetCounter, Key, Team
 from flask_llmauth.usage import Usage
 from tests.helpers import assert_error, new_key
@@ -232,9 +232,10 @@ def test_a_soft_budget_crossing_is_signalled_when_a_later_budget_refuses(
     assert row(app, Team, team_id="t-soft").reserved == 0
 
 
-def test_a_failing_soft_budget_receiver_does_not_keep_the_reservation(make: Any) -> None:
-    """A ``soft_budget_crossed`` receiver that raises denies the request before the guard
-    counts as admitted (so it is never settled): the worst case must leave the lease."""
+def test_a_failing_soft_budget_receiver_neither_blocks_nor_keeps_a_reservation(
+        make: Any, caplog: Any) -> None:
+    """Soft budgets never block: a ``soft_budget_crossed`` receiver that raises is logged,
+    the request is answered and settled, and its worst case leaves the lease."""
     app = make(LLMAUTH_BUDGET_LEASE_REQUESTS=0)
     client = app.test_client()
     key = new_key(client, max_budget=usd(10**6), soft_budget=usd(5_000))
@@ -244,9 +245,25 @@ def test_a_failing_soft_budget_receiver_does_not_keep_the_reservation(make: Any)
 
     assert chat(client, key["key"], completion=6).status_code == 200
     with soft_budget_crossed.connected_to(receiver, app):
-        assert chat(client, key["key"], completion=1).status_code == 403  # denied
+        assert chat(client, key["key"], completion=1).status_code == 200
+    assert "a receiver of the llmauth-soft-budget-crossed signal failed" in caplog.text
     (lease,) = leases_of(app)._leases.values()
     give_back(app)
     assert (lease.in_use, lease.in_flight, lease.held) == (0, {}, 0)
     k = row(app, Key, key_id=key["key_id"])
-    assert (k.spend, k.reserved) == (6_000, 0)
+    assert (k.spend, k.reserved) == (7_000, 0)
+
+
+def test_a_failing_budget_exceeded_receiver_leaves_the_429(make: Any, caplog: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(30_000))
+
+    def receiver(sender: Any, **data: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    assert chat(client, key["key"], completion=6).status_code == 200
+    with budget_exceeded.connected_to(receiver, app):  # a worst case of 100,000 does not fit
+        assert_error(chat(client, key["key"], max_tokens=100), 429, "budget_exceeded")
+    assert "a receiver of the llmauth-budget-exceeded signal failed" in caplog.text
+    assert row(app, Key, key_id=key["key_id"]).reserved == 0

@@ -153,3 +153,21 @@ def test_cli_commands_send_the_same_signals(app: Flask, received: Any) -> None:
     runner.invoke(args=["llmauth", "revoke-key", event["key_id"]])
     assert received["key_revoked"] == [{"key_id": event["key_id"], "actor": "default_user_id"}]
     assert_no_secret(received, created.stdout.strip(), rotated.stdout.strip())
+
+
+def test_a_failing_receiver_changes_no_answer(app: Flask, caplog: Any) -> None:
+    """Signals notify, they do not decide: a receiver that raises is logged, and the
+    request gets the answer it would have got without it (no 500)."""
+    client = app.test_client()
+    key = new_key(client)
+
+    def receiver(sender: Any, **data: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    with signals.auth_succeeded.connected_to(receiver, app), \
+            signals.auth_failed.connected_to(receiver, app):
+        ok = client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key["key"]))
+        assert ok.status_code == 200, ok.get_json()
+        assert_error(client.post(CHAT, json={"model": "gpt-4o"}), 401)
+    for name in ("llmauth-auth-succeeded", "llmauth-auth-failed"):
+        assert f"a receiver of the {name} signal failed" in caplog.text
