@@ -332,8 +332,11 @@ class StreamUsage:
         self._model_from = 0
 
     def feed(self, chunk: bytes | str) -> None:
-        if isinstance(chunk, str):
-            chunk = chunk.encode()
+        if type(chunk) is not bytes:
+            chunk = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+        if not self._buffer and len(chunk) > 1 and chunk.find(b"\n\n") == len(chunk) - 2:
+            self._take(chunk[:-2])  # one whole event, as most servers send them
+            return
         self._buffer += chunk
         while True:
             end = self._find_event_end()
@@ -342,15 +345,19 @@ class StreamUsage:
                     self._buffer = b""
                 return
             event, self._buffer = self._buffer[:end[0]], self._buffer[end[1]:]
-            if _adds_text_or_model_only(event):
-                if self._reported and b'"model"' not in event:
-                    continue  # its text no longer counts, and it names no model
-                self._kept.append(event)
-                self._kept_bytes += len(event)
-                if self._kept_bytes > _MAX_KEPT_BYTES:
-                    self._parse_kept()
-            elif self._event(event):
-                self._model_from = len(self._kept)
+            self._take(event)
+
+    def _take(self, event: bytes) -> None:
+        """Keep an event that can only add text or name the model; parse any other now."""
+        if _adds_text_or_model_only(event):
+            if self._reported and b'"model"' not in event:
+                return  # its text no longer counts, and it names no model
+            self._kept.append(event)
+            self._kept_bytes += len(event)
+            if self._kept_bytes > _MAX_KEPT_BYTES:
+                self._parse_kept()
+        elif self._event(event):
+            self._model_from = len(self._kept)
 
     def _find_event_end(self) -> tuple[int, int] | None:
         for separator in (b"\n\n", b"\r\n\r\n"):

@@ -159,3 +159,18 @@ def test_kept_events_are_bounded(monkeypatch) -> None:
         stream.feed(b'data: {"choices":[{"delta":{"content":"abcd"}}]}\n\n')
         assert stream._kept_bytes <= 1000  # noqa: SLF001
     assert stream.result() == Usage(11, 200, "asked", estimated=True)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_stream_fed_a_byte_or_two_at_a_time_loses_none(step: int) -> None:
+    raw = (b'data: {"model":"gpt-4o-1","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+           b'data: {"model":"gpt-4o-1","choices":[],"usage":{"prompt_tokens":8,'
+           b'"completion_tokens":2}}\n\n')
+    stream = StreamUsage("asked", prompt_estimate=11)
+    for at in range(0, len(raw), step):
+        stream.feed(raw[at:at + step])
+    assert stream.result() == Usage(8, 2, "gpt-4o-1")
+    stream = StreamUsage("asked", prompt_estimate=11)
+    stream.feed(b"d")  # a first chunk of one byte
+    stream.feed(raw[1:])
+    assert stream.result() == Usage(8, 2, "gpt-4o-1")
