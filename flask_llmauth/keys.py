@@ -34,7 +34,7 @@ from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
 from .network import parse_networks
-from .principal import Principal, Role
+from .principal import Principal, Role, outranks, role_cap
 from .signals import key_created, key_revoked, key_rotated
 from .store.tables import DeletedKey, Key, KeyGrace, Team, TeamMembership, User
 
@@ -89,6 +89,7 @@ def key_info(key: Any) -> dict[str, Any]:
         "last_active": isoformat(key.last_used_at),
         "rotation_count": key.rotation_count,
         "last_rotation_at": isoformat(key.last_rotation_at),
+        "max_role": key.max_role,
         "config": {},
         "permissions": {},
         "litellm_budget_table": None,
@@ -465,6 +466,7 @@ class KeyService:
             if not actor.is_admin and own is not None and own.expires is not None and (
                     key.expires is None or key.expires > own.expires):
                 key.expires = own.expires  # inherited: never outlives its creator's key
+            _cap_role(actor, key)
             key.save(force_insert=True)
             info = key_info(key)
             write_audit(state.settings.store_audit_logs, actor, "created", "key", key.key_id,
@@ -524,7 +526,10 @@ class KeyService:
             if params.get("user_id"):
                 self._ensure_user(params["user_id"], actor)
             now = utcnow()
+            handed_over = "user_id" in params and params["user_id"] != key.user_id
             self._apply(key, params, now)
+            if handed_over:  # the actor may hold the secret it hands to the new user
+                _cap_role(actor, key)
             key.updated_at, key.updated_by = now, actor.identity
             key.save()
             info = key_info(key)
@@ -612,6 +617,7 @@ class KeyService:
             before = key_info(key)
             self._apply(key, params, now)
             key.digest, key.key_name = state.digester.digest(raw), abbreviate(raw)
+            _cap_role(actor, key)  # the new secret goes to the actor
             key.rotation_count += 1
             key.last_rotation_at = key.updated_at = now
             key.updated_by = actor.identity
@@ -783,22 +789,28 @@ def team_confinement(actor: Principal) -> str | None:
     return key.team_id or None
 
 
+def _cap_role(actor: Principal, key: Key) -> None:
+    """Record on ``key`` (about to be saved with a secret the actor holds) the most it may
+    act as: a non-admin who mints, regenerates or hands over another user's key caps it at
+    its own role, and a capped key passes its cap on to the keys it mints for its user. So
+    a key a team admin made for a member never gains proxy-admin power when that member is
+    promoted later. A cap only narrows; a proxy admin adds none."""
+    if actor.is_admin or not key.user_id:
+        return
+    own_cap = actor.key.max_role if actor.key is not None else None
+    if key.user_id == actor.user_id and own_cap is None:
+        return  # the user's own, uncapped credential: the key follows the user's role
+    cap = role_cap(actor.role)
+    if cap is None:
+        return
+    if key.max_role is None or outranks(stored_role(key.max_role), cap):
+        key.max_role = cap.value
+
+
 def acts_outside(actor: Principal, team_id: str | None) -> bool:
     """Whether ``team_id`` (``None``: personal scope) lies outside the actor's confinement."""
     confined = team_confinement(actor)
     return confined is not None and team_id != confined
-
-
-#: How much a role may do, for "does this user's role outrank the actor's" (a key of a
-#: user carries that user's role).
-_ROLE_RANK = {Role.PROXY_ADMIN: 4, Role.PROXY_ADMIN_VIEWER: 3, Role.ORG_ADMIN: 2,
-              Role.INTERNAL_USER: 1, Role.INTERNAL_USER_VIEWER: 0, Role.TEAM: 0,
-              Role.CUSTOMER: 0}
-
-
-def outranks(role: Role, other: Role) -> bool:
-    """Whether ``role`` may do more than ``other``."""
-    return _ROLE_RANK[role] > _ROLE_RANK[other]
 
 
 #: Numeric limits a non-admin's key can never exceed (compared with the actor's own key).

@@ -51,6 +51,25 @@ USER_ROLES = (
     Role.INTERNAL_USER, Role.INTERNAL_USER_VIEWER,
 )
 
+#: How much a role may do, for "does this role outrank that one" (a key of a user carries
+#: that user's role, capped by the key's ``max_role``).
+ROLE_RANK = {Role.PROXY_ADMIN: 4, Role.PROXY_ADMIN_VIEWER: 3, Role.ORG_ADMIN: 2,
+             Role.INTERNAL_USER: 1, Role.INTERNAL_USER_VIEWER: 0, Role.TEAM: 0,
+             Role.CUSTOMER: 0}
+
+
+def outranks(role: Role, other: Role) -> bool:
+    """Whether ``role`` may do more than ``other``."""
+    return ROLE_RANK[role] > ROLE_RANK[other]
+
+
+def role_cap(role: Role) -> Role | None:
+    """The most a key minted by a non-owner of ``role`` may ever act as (``None``: no cap,
+    the minter is a proxy admin); a role no user row holds caps at ``internal_user_viewer``."""
+    if role is Role.PROXY_ADMIN:
+        return None
+    return role if role in USER_ROLES else Role.INTERNAL_USER_VIEWER
+
 
 #: The default of a principal's mapping fields: empty and read-only.
 _EMPTY: Mapping[str, Any] = MappingProxyType({})

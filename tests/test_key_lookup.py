@@ -76,7 +76,7 @@ def _fill(store: Store) -> dict[str, str]:
                    model_tpm_limit={"m": 2}, model_max_budget={"m": {"budget_limit": 1}},
                    metadata={"tags": [ODD_TEXT], "n": -0.5}, expires=WHEN, blocked=True,
                    created_by="admin", updated_by=ODD_TEXT, last_used_at=WHEN,
-                   rotation_count=2, last_rotation_at=WHOLE_SECOND)
+                   rotation_count=2, last_rotation_at=WHOLE_SECOND, max_role="org_admin")
         # The user and team named by these keys have no rows; the last key names neither.
         Key.create(key_id="k-dangling", digest="d-dangling", key_name="sk-...dang",
                    user_id="u-none", team_id="t-none")

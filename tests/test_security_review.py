@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
+CHAT = "/v1/chat/completions"
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
@@ -213,3 +214,58 @@ def test_well_formed_model_budgets_are_kept_as_given(client: Any) -> None:
     budgets = {"gpt-4o": {"budget_limit": 5.0, "time_period": "1d", "rpm_limit": 3},
                "o3": {"max_budget": 1, "budget_duration": "30d", "tpm_limit": 100}}
     assert admin_key(client, model_max_budget=budgets)["model_max_budget"] == budgets
+
+
+def promote(client: Any, user_id: str, role: str = "proxy_admin") -> None:
+    admin(client, "/user/update", user_id=user_id, user_role=role)
+
+
+def test_a_key_a_team_admin_made_for_a_member_never_gains_a_later_promotion(
+        client: Any, app: Any) -> None:
+    """A team admin mints a team key for bob (or regenerates bob's key, or hands its own
+    key to bob) and keeps the secret; bob is promoted to proxy admin later: the key it
+    holds was a proxy-admin key. Such a key is capped at the role of whoever gave out its
+    secret, and keys it mints for its user inherit the cap."""
+    for user_id in ("alice", "bob"):
+        make_user(client, user_id)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}],
+          team_member_permissions=["/key/info", "/key/generate"])
+    alice = admin_key(client, user_id="alice")["key"]
+    minted = as_key(client, alice, "/key/generate", team_id="t1", user_id="bob").get_json()
+    assert minted["max_role"] == "internal_user" and minted["created_by"] == "alice"
+    record_secret(minted["key"])
+    bobs_admin_made = admin_key(client, user_id="bob", team_id="t1")  # a proxy admin's
+    assert bobs_admin_made["max_role"] is None
+    renamed = as_key(client, alice, "/key/update", key=bobs_admin_made["key_id"],
+                     key_alias="bob-t1")  # no secret changes hands: no cap
+    assert renamed.status_code == 200 and renamed.get_json()["max_role"] is None
+    regenerated = admin_key(client, user_id="bob", team_id="t1")
+    rotated = as_key(client, alice, "/key/regenerate", key=regenerated["key_id"]).get_json()
+    assert rotated["max_role"] == "internal_user"
+    record_secret(rotated["key"])
+    handed = admin_key(client, user_id="alice", team_id="t1")
+    moved = as_key(client, alice, "/key/update", key=handed["key_id"], user_id="bob")
+    assert moved.status_code == 200 and moved.get_json()["max_role"] == "internal_user"
+    # bob's capped key mints a team key for bob: the cap goes with it.
+    child = as_key(client, minted["key"], "/key/generate", team_id="t1").get_json()
+    assert child["user_id"] == "bob" and child["max_role"] == "internal_user"
+    record_secret(child["key"])
+
+    for key in (minted["key"], rotated["key"], handed["key"], child["key"]):
+        assert not is_proxy_admin(client, key)
+    promote(client, "bob")
+    assert is_proxy_admin(client, bobs_admin_made["key"])  # minted by a proxy admin
+    before = snapshot(app)
+    for key in (minted["key"], rotated["key"], handed["key"], child["key"]):
+        assert not is_proxy_admin(client, key)
+        assert_error(as_key(client, key, "/user/update", user_id="alice",
+                            user_role="proxy_admin"), 403)
+        assert client.post(CHAT, json={"model": "gpt-4o"},
+                           headers=bearer(key)).status_code == 200  # still bob's key
+    assert snapshot(app) == before
+    # A demotion below the cap still applies at once.
+    promote(client, "bob", "internal_user_viewer")
+    assert client.get("/key/info", query_string={"key": minted["key_id"]},
+                      headers=bearer(minted["key"])).status_code == 200
+    assert_error(as_key(client, minted["key"], "/key/generate", team_id="t1"), 403)

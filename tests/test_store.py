@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.store.db import MIGRATION_TABLE, MIGRATIONS_DIR, Store
-from flask_llmauth.store.tables import ALL_TABLES, CacheEvent
+from flask_llmauth.store.tables import ALL_TABLES, CacheEvent, Key, User
 from tests.helpers import (
     ADMIN,
     MASTER_KEY,
@@ -82,6 +82,34 @@ def test_migrations_reverse_and_reapply(db_url: str) -> None:
         remaining = set(store.db.get_tables()) - {MIGRATION_TABLE}
         assert remaining == set()
         assert store.migrate() == MIGRATIONS
+    finally:
+        store.close()
+
+
+def test_key_role_cap_migration_caps_keys_a_non_admin_made_for_another_user(
+        db_url: str) -> None:
+    """0005 gives existing keys the cap new keys get: the role of a creator with a user row
+    who is not the key's user, unless that creator is a proxy admin."""
+    store = Store(db_url)
+    try:
+        store.migrate()
+        with store.use() as db:
+            store._runner(db).down(target="0005_key_role_cap")
+            User.create(user_id="alice", user_role="internal_user")
+            User.create(user_id="root", user_role="proxy_admin")
+            for key_id, user_id, created_by in (("by-alice", "bob", "alice"),
+                                                ("by-root", "bob", "root"),
+                                                ("own", "alice", "alice"),
+                                                ("by-master", "bob", "default_user_id"),
+                                                ("service", None, "alice")):
+                # Key's columns less max_role (which 0005 adds): the row as 0004 had it.
+                Key.insert(key_id=key_id, digest="d-" + key_id, key_name="sk-...x",
+                           user_id=user_id, created_by=created_by).execute()
+        assert store.migrate() == ["0005_key_role_cap"]
+        with store.use():
+            caps = {k.key_id: k.max_role for k in Key.select()}
+        assert caps == {"by-alice": "internal_user", "by-root": None, "own": None,
+                        "by-master": None, "service": None}
     finally:
         store.close()
 

@@ -20,7 +20,7 @@ from ..cache import TTLCache
 from ..crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from ..durations import utcnow
 from ..errors import Unauthenticated
-from ..principal import Principal, Role
+from ..principal import Principal, Role, outranks
 from ..store.db import KeyRow, Store
 from .base import AuthContext
 
@@ -79,7 +79,8 @@ _new = tuple.__new__
 
 
 def key_principal(row: KeyRow) -> Principal:
-    """The principal a key stands for, built once per cache fill."""
+    """The principal a key stands for, built once per cache fill: its user's role, never
+    above the key's ``max_role`` (see :func:`~flask_llmauth.principal.role_cap`)."""
     key, team, user, membership = row
     if user is not None:
         role = stored_role(user.user_role)
@@ -89,6 +90,8 @@ def key_principal(row: KeyRow) -> Principal:
         role = Role.TEAM
     else:
         role = Role.INTERNAL_USER_VIEWER
+    if key.max_role is not None and outranks(role, cap := stored_role(key.max_role)):
+        role = cap
     routes = key.allowed_routes
     metadata = key.metadata  # the record's own dict, even empty (no second empty dict)
     return _new(Principal, (  # type: ignore[return-value]

@@ -101,6 +101,7 @@ class KeyRecord(NamedTuple):
     last_used_at: datetime | None = None
     rotation_count: int = 0
     last_rotation_at: datetime | None = None
+    max_role: str | None = None
 
 
 @_record

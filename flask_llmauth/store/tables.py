@@ -81,6 +81,10 @@ class Key(Table):
     last_used_at = DateTimeField(null=True)
     rotation_count = IntegerField(default=0)
     last_rotation_at = DateTimeField(null=True)
+    #: The most this key may act as, whatever its user's role becomes: the role of a
+    #: non-admin who minted, regenerated or handed over its secret for another user
+    #: (``None``: the user's role, uncapped). Never loosened.
+    max_role = CharField(max_length=32, null=True)
 
     class Meta:
         table_name = "llmauth_key"
