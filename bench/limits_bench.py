@@ -6,7 +6,8 @@
     python bench/limits_bench.py --callgrind           # instructions per request (valgrind)
 
 The same view (``POST /v1/chat/completions``: parse the JSON body, answer an OpenAI-shaped
-JSON with a ``usage`` block) is driven through the WSGI app directly with a prepared environ:
+JSON with a ``usage`` block; ``--answer-chars N`` puts an answer of N characters in it) is
+driven through the WSGI app directly with a prepared environ:
 
 * ``bare``: Flask without the extension;
 * ``key, rate limits off``: the extension, a cached virtual key (credential, chain, RBAC,
@@ -72,11 +73,17 @@ MASTER_KEY = "sk-bench-" + "Rl7Qw2Ex9Tn4Vb6Mc1Kd8Fh3Jg5Hs0Pa"
 TARGET = {"key+budget+limits/memory": "≤ 1.25×"}
 
 
+#: The answer's text (``--answer-chars``): none by default, the choices empty.
+ANSWER = ""
+
+
 def add_view(app: Flask) -> None:
     @app.post(PATH)
     def chat_completions() -> Any:
         body = request.get_json()
-        return {"object": "chat.completion", "model": body["model"], "choices": [],
+        choices = [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
+                    "finish_reason": "stop"}] if ANSWER else []
+        return {"object": "chat.completion", "model": body["model"], "choices": choices,
                 "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
 
 
@@ -247,7 +254,7 @@ def instructions(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]
         argv = ["valgrind", "--tool=callgrind", f"--dump-before={_MARKER}",
                 f"--callgrind-out-file={out}", sys.executable, str(Path(__file__).resolve()),
                 "--callgrind-child", "--requests", str(args.requests),
-                "--redis-url", args.redis_url]
+                "--redis-url", args.redis_url, "--answer-chars", str(args.answer_chars)]
         if args.db_url:
             argv += ["--db-url", args.db_url]
         # a fixed hash seed: dict and set layouts (so probe counts) are the same every run
@@ -299,8 +306,14 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="database of the budget variants (default: a SQLite file)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per request with valgrind instead of time")
+    parser.add_argument("--answer-chars", type=int, default=0,
+                        help="the answer's length in characters (default 0: no choices); "
+                             "a real answer is 1-10 KB of JSON")
     parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global ANSWER
+    ANSWER = ("A sentence of the model's answer, with \"quotes\". " * (
+        args.answer_chars // 48 + 1))[:args.answer_chars]
 
     if args.callgrind_child:
         callgrind_child(args)

@@ -163,3 +163,18 @@ def test_every_cold_part_runs_its_calls_on_fresh_keys(bench: ModuleType, tmp_pat
                 assert results == [None] * 4
     finally:
         work.close()
+
+
+def test_limits_bench_answers_with_the_asked_length(tmp_path: Path) -> None:
+    """``bench/limits_bench.py --answer-chars N``: every variant's view answers N characters
+    of text (and the report lists every variant it ran; a non-200 would fail the run)."""
+    limits = _load("limits_bench")
+    text = limits.main(["--rounds", "1", "--requests", "3", "--answer-chars", "2000",
+                        "--redis-url", "redis://127.0.0.1:1/0"])  # no Redis: memory only
+    assert len(limits.ANSWER) == 2000
+    for variant in ("bare", "key, rate limits off", "key+limits/memory",
+                    "key+budget+limits/memory"):
+        assert f"| {variant} |" in text
+    body = limits.bare_app().test_client().post(
+        limits.PATH, data=limits.BODY, content_type="application/json").get_json()
+    assert body["choices"][0]["message"]["content"] == limits.ANSWER
