@@ -179,11 +179,24 @@ def test_memo_of_model_names_is_bounded() -> None:
     assert len(table.memo) <= 4096 and len(table._warned) <= 4096
 
 
+def _reference_text(content: Any) -> str:
+    """A content's text as first written (recursively): strings, and lists of parts
+    (strings, ``{"text": ...}`` objects, lists) joined by spaces."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_reference_text(part.get("text")) if isinstance(part, dict)
+                        else _reference_text(part) for part in content)
+    return ""
+
+
 def _reference_prompt_estimate(body: Any) -> int:
     """The prompt estimate as first written: build the text, then count it."""
     from collections.abc import Mapping
 
-    from flask_llmauth.usage import _text, estimate_tokens
+    from flask_llmauth.usage import estimate_tokens
+
+    _text = _reference_text
 
     if not isinstance(body, Mapping):
         return 0

@@ -11,6 +11,7 @@ import pytest
 from flask_llmauth import usage as usage_module
 from flask_llmauth.usage import TAIL_READ_MIN_BYTES, Usage, usage_from_json
 from tests.test_guards import _reference_usage_from_json
+from tests.test_prices import _reference_text
 
 _TRICKY_TEXT = ['"usage": {"prompt_tokens": 77}', 'a\\"usage\\": {', '\\\\', '"model": "evil"',
                 "é\u2028\U0001f600", '}], "usage": {"prompt_tokens": 5}}', "plain words " * 9]
@@ -195,16 +196,6 @@ def test_a_long_body_that_is_not_json_has_no_usage(data: bytes) -> None:
     assert usage_from_json(data, "asked") is None
 
 
-def _recursive_text(content: Any) -> str:
-    """The recursive text walk the estimates used before (the reference for their sizes)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(_recursive_text(part.get("text")) if isinstance(part, dict)
-                        else _recursive_text(part) for part in content)
-    return ""
-
-
 def _content(rng: random.Random, depth: int = 0) -> Any:
     kind = rng.random()
     if depth > 3 or kind < 0.4:
@@ -218,7 +209,7 @@ def test_text_lengths_are_the_recursive_walk_s() -> None:
     rng = random.Random(3)
     for _ in range(3000):
         content = _content(rng)
-        assert usage_module._text_length(content) == len(_recursive_text(content)), content
+        assert usage_module._text_length(content) == len(_reference_text(content)), content
 
 
 def _deep(depth: int, leaf: Any) -> Any:
