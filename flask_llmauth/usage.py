@@ -233,10 +233,11 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
     its value and what follows it, read as the members of one more object (or a lone
     ``}``), close exactly one level: the top one. No later member is called ``usage``
     (these are the last such bytes); a later ``model`` member is in what follows, an
-    earlier one is read by :func:`_top_level_model`.
-    Not checked: the syntax of the members between the first non-scalar member (the
-    choices or content) and ``usage`` — a body malformed only there yields the usage it
-    reports where ``json.loads`` would refuse it.
+    earlier one is read from the text before it when it is the only one and nearer the
+    start (:func:`_top_level_model`), else from the last one on
+    (:func:`_last_top_level_model`). Not checked: the syntax of the members between the
+    choices (or content) and the text those read — a body malformed only there yields the
+    usage it reports where ``json.loads`` would refuse it.
     """
     try:
         before = at - 1
@@ -273,22 +274,34 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
         named = data.find(b'"model"', 1, at)
         if named < 0:
             return _usage_of(usage, None, model)
-        reported = _top_level_model(data, named)
+        last = data.rfind(b'"model"', named, at)
+        if last == named and named < at - named:  # one, nearer the start: read what precedes
+            reported = _top_level_model(data, named)
+        else:  # read from the last one on (sorted keys put "model" after "choices")
+            reported = _last_top_level_model(data, last)
     except (ValueError, StopIteration, IndexError):
         return _UNDECIDED
     return reported if reported is _UNDECIDED else _usage_of(usage, reported, model)
 
 
+def _last_top_level_model(data: bytes, named: int) -> Any:
+    """The value of the member named by the last bytes ``"model"`` before ``usage`` (at
+    ``named``) when it is a top-level member: the text from there to the end, opened by a
+    ``{``, reads as one whole object only then. Otherwise :data:`_UNDECIDED`."""
+    text = "{" + data[named:].decode("utf-8", "surrogatepass")
+    members, end = _scan_once(text, 0)
+    if end != len(text) and text[end:].strip(_SPACE):
+        return _UNDECIDED
+    return members.get("model", _UNDECIDED)
+
+
 def _top_level_model(data: bytes, named: int) -> Any:
-    """The value of the member named by the first bytes ``"model"`` (at ``named``) when it
-    is a string without escapes and the text before it is the top-level object's first
-    members; otherwise :data:`_UNDECIDED`.
+    """The value of the member named by the only bytes ``"model"`` before ``usage`` (at
+    ``named``) when it is a string without escapes and the text before it is the top-level
+    object's first members; otherwise :data:`_UNDECIDED`.
 
     The text up to that string, closed by a ``}``, reads as one whole object only when the
-    member is a top-level one. (Should a later top-level member be called ``model`` too,
-    this is the first one's value where ``json.loads`` keeps the last: RFC 8259 leaves
-    duplicate names' meaning to the reader, and finding out would mean scanning the whole
-    completion.)"""
+    member is a top-level one."""
     value = data.find(b":", named + 7) + 1
     while data[value] in _SPACE_BYTES:
         value += 1

@@ -101,7 +101,8 @@ def _realistic(rng: random.Random) -> bytes:
                 "content": [{"type": "text", "text": content}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": _USAGE_BLOCKS[2]}
     return json.dumps(body, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]),
-                      separators=(",", ":") if rng.random() < 0.5 else None).encode()
+                      separators=(",", ":") if rng.random() < 0.5 else None,
+                      sort_keys=rng.random() < 0.5).encode()  # sorted: as Flask's jsonify
 
 
 def test_the_tail_read_decides_every_realistic_long_body_itself() -> None:
@@ -140,7 +141,10 @@ def test_a_long_completion_is_not_parsed(monkeypatch) -> None:
         "content": [{"type": "text", "text": "é" * 30000}], "stop_reason": "end_turn",
         "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 7}},
         ensure_ascii=False).encode()
+    jsonified = json.dumps(_openai_body("word " * 20000), sort_keys=True).encode()
+    assert jsonified.index(b'"model"') > jsonified.index(b'"choices"')  # as jsonify sorts
     assert usage_from_json(openai, "asked") == Usage(11, 22, "gpt-4o-1")
+    assert usage_from_json(jsonified, "asked") == Usage(11, 22, "gpt-4o-1")
     assert usage_from_json(anthropic, "asked") == Usage(5, 7, "claude-x")
     assert seen and max(seen) < 200
 
@@ -159,6 +163,9 @@ _PAD = "x" * 1200
     {"choices": [{"model": "nested", "t": _PAD}], "usage": {"prompt_tokens": 5}},
     {"choices": _PAD, "usage": {"prompt_tokens": 5}, "tail": {"model": "nested"}},
     {"choices": _PAD, "usage": {"prompt_tokens": 5}, "model": "after"},
+    {"choices": _PAD, "model": "after-choices", "object": "x", "usage": {"prompt_tokens": 5}},
+    {"model": "first", "choices": _PAD, "model ": 1, "usage": {"prompt_tokens": 5}},
+    {"choices": [{"model": "nested", "t": _PAD}], "model": 7, "usage": {"prompt_tokens": 5}},
     {"model": "m\u0001x", "choices": _PAD, "usage": {"prompt_tokens": 5}},
 ])
 @pytest.mark.parametrize("indent", [None, 1])
@@ -169,17 +176,26 @@ def test_names_inside_strings_and_nested_members_are_not_taken_for_the_body_s(
     assert usage_from_json(data, "asked") == _reference(data, "asked")
 
 
+@pytest.mark.parametrize("data", [
+    b'{"model": "first", "choices": [{"content": "' + b"x" * 2000 + b'"}], "model": "second",'
+    b' "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
+    b'{"model": "first", "choices": [{"content": "' + b"x" * 2000 + b'"}], "usage": {},'
+    b' "model": "second"}',
+    b'{"model": "first", "model": "second", "choices": "' + b"x" * 2000 + b'", "usage": {}}',
+])
+def test_a_repeated_top_level_model_is_the_last_one_as_json_loads_reads_it(data: bytes
+                                                                           ) -> None:
+    assert usage_from_json(data, "asked") == _reference(data, "asked")
+    assert usage_from_json(data, "asked").model == "second"
+
+
 @pytest.mark.parametrize("data, expected", [
     # A body malformed only inside its choices: the usage it reports is read.
     (b'{"model": "m1", "choices": [{"content": "' + b"x" * 2000 + b'", oops}],'
      b' "usage": {"prompt_tokens": 3, "completion_tokens": 4}}', Usage(3, 4, "m1")),
-    # Two top-level members called "model" before the usage: the first one's value.
-    (b'{"model": "first", "choices": [{"content": "' + b"x" * 2000 + b'"}], "model": "second",'
-     b' "usage": {"prompt_tokens": 3, "completion_tokens": 4}}', Usage(3, 4, "first")),
 ])
 def test_what_the_tail_read_does_not_check(data: bytes, expected: Usage) -> None:
-    """The two documented differences from ``json.loads`` (which refuses the first body and
-    keeps the last ``model`` of the second)."""
+    """The documented difference from ``json.loads`` (which refuses this body)."""
     assert len(data) >= TAIL_READ_MIN_BYTES
     assert usage_from_json(data, "asked") == expected
 
