@@ -185,6 +185,8 @@ _SPACE_BYTES = b" \t\n\r"
 #: Bodies this long or longer are read from their end first (:func:`usage_from_json`):
 #: below it, parsing the whole body costs no more than reading its end does.
 TAIL_READ_MIN_BYTES = 1024
+#: How far before ``usage`` the tail read looks for a ``model`` member after the choices.
+_MODEL_NEAR_USAGE = 512
 #: What :func:`_usage_from_tail` answers when the tail alone cannot tell.
 _UNDECIDED: Any = object()
 
@@ -233,11 +235,14 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
     its value and what follows it, read as the members of one more object (or a lone
     ``}``), close exactly one level: the top one. No later member is called ``usage``
     (these are the last such bytes); a later ``model`` member is in what follows, an
-    earlier one is read from the text before it when it is the only one and nearer the
-    start (:func:`_top_level_model`), else from the last one on
-    (:func:`_last_top_level_model`). Not checked: the syntax of the members between the
-    choices (or content) and the text those read — a body malformed only there yields the
-    usage it reports where ``json.loads`` would refuse it.
+    earlier one is read from the last one on when it is close before ``usage``
+    (:func:`_last_top_level_model`), else from the text before the first one
+    (:func:`_top_level_model`). Not checked: the syntax of the members between the choices
+    (or content) and the text those read — a body malformed only there yields the usage
+    it reports where ``json.loads`` would refuse it —, and in the second case a repeated
+    top-level ``model`` member: the first one's value names the model where ``json.loads``
+    keeps the last (RFC 8259 leaves repeated names to the reader; finding out would mean
+    scanning the whole completion).
     """
     try:
         before = at - 1
@@ -271,14 +276,14 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
             return _usage_of(usage, rest["model"], model)
         if type(usage) is not dict:
             return None
-        named = data.find(b'"model"', 1, at)
-        if named < 0:
-            return _usage_of(usage, None, model)
-        last = data.rfind(b'"model"', named, at)
-        if last == named and named < at - named:  # one, nearer the start: read what precedes
+        named = data.rfind(b'"model"', max(1, at - _MODEL_NEAR_USAGE), at)
+        if named >= 0:  # the last one, after the choices (as Flask's jsonify sorts keys)
+            reported = _last_top_level_model(data, named)
+        else:  # before the choices, as providers send it
+            named = data.find(b'"model"', 1, at)
+            if named < 0:
+                return _usage_of(usage, None, model)
             reported = _top_level_model(data, named)
-        else:  # read from the last one on (sorted keys put "model" after "choices")
-            reported = _last_top_level_model(data, last)
     except (ValueError, StopIteration, IndexError):
         return _UNDECIDED
     return reported if reported is _UNDECIDED else _usage_of(usage, reported, model)
@@ -296,9 +301,9 @@ def _last_top_level_model(data: bytes, named: int) -> Any:
 
 
 def _top_level_model(data: bytes, named: int) -> Any:
-    """The value of the member named by the only bytes ``"model"`` before ``usage`` (at
-    ``named``) when it is a string without escapes and the text before it is the top-level
-    object's first members; otherwise :data:`_UNDECIDED`.
+    """The value of the member named by the first bytes ``"model"`` (at ``named``) when it
+    is a string without escapes and the text before it is the top-level object's first
+    members; otherwise :data:`_UNDECIDED`.
 
     The text up to that string, closed by a ``}``, reads as one whole object only when the
     member is a top-level one."""
