@@ -36,6 +36,7 @@ from .money import to_usd
 from .network import parse_networks
 from .principal import Principal, Role, outranks, role_cap
 from .signals import key_created, key_revoked, key_rotated
+from .signals import send as send_signal
 from .store.tables import DeletedKey, Key, KeyGrace, Team, TeamMembership, User
 
 if TYPE_CHECKING:
@@ -472,8 +473,8 @@ class KeyService:
             write_audit(state.settings.store_audit_logs, actor, "created", "key", key.key_id,
                         after=info)
         state.invalidate("negative")
-        key_created.send(current_app._get_current_object(), key_id=key.key_id,
-                         key_name=key.key_name, actor=actor.identity)
+        send_signal(key_created, current_app._get_current_object(), key_id=key.key_id,
+                    key_name=key.key_name, actor=actor.identity)
         return {**info, "key": raw}
 
     def _check_generate_rights(self, actor: Principal, params: dict[str, Any],
@@ -626,8 +627,8 @@ class KeyService:
             write_audit(state.settings.store_audit_logs, actor, "rotated", "key", key.key_id,
                         before=before, after={**info, "grace_until": isoformat(grace_until)})
         state.invalidate(f"key:{key.key_id}", "negative")
-        key_rotated.send(current_app._get_current_object(), key_id=key.key_id,
-                         key_name=key.key_name, actor=actor.identity, grace_until=grace_until)
+        send_signal(key_rotated, current_app._get_current_object(), key_id=key.key_id,
+                    key_name=key.key_name, actor=actor.identity, grace_until=grace_until)
         return {**info, "key": raw, "grace_period_ends_at": isoformat(grace_until)}
 
     def delete(self, actor: Principal, identifiers: Sequence[str] = (),
@@ -658,8 +659,8 @@ class KeyService:
         ``key_revoked`` (also for keys deleted with their user or team)."""
         for key_id in key_ids:
             self.state.invalidate(f"key:{key_id}")
-            key_revoked.send(current_app._get_current_object(), key_id=key_id,
-                             actor=actor.identity)
+            send_signal(key_revoked, current_app._get_current_object(), key_id=key_id,
+                        actor=actor.identity)
 
     def _delete_rows(self, actor: Principal, keys: Iterable[Key]) -> list[str]:
         """Move keys to the deleted-keys table (caller holds the transaction)."""

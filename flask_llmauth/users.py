@@ -20,6 +20,7 @@ from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, key_info, team_confinement
 from .money import to_usd
 from .principal import USER_ROLES, Principal, Role
+from .signals import send as send_signal
 from .signals import user_provisioned
 from .store.tables import Key, Team, TeamMembership, User
 from .teams import team_info
@@ -144,7 +145,8 @@ class UserService:
             now = utcnow()
             user = User.create(user_id=user_id, user_email=user_email, user_role=role.value,
                                created_at=now, updated_at=now)
-        user_provisioned.send(current_app._get_current_object(), user_id=user_id, source=source)
+        send_signal(user_provisioned, current_app._get_current_object(), user_id=user_id,
+                    source=source)
         return user
 
     def info(self, actor: Principal, user_id: str | None) -> dict[str, Any]:

@@ -171,3 +171,27 @@ def test_a_failing_receiver_changes_no_answer(app: Flask, caplog: Any) -> None:
         assert_error(client.post(CHAT, json={"model": "gpt-4o"}), 401)
     for name in ("llmauth-auth-succeeded", "llmauth-auth-failed"):
         assert f"a receiver of the {name} signal failed" in caplog.text
+
+
+def test_a_failing_key_signal_receiver_still_answers_with_the_key(app: Flask,
+                                                                  caplog: Any) -> None:
+    """A key is written before its signal: a receiver that raises must not turn the answer
+    into a 500 that hides the new secret (the key would exist, its secret lost)."""
+    client = app.test_client()
+
+    def receiver(sender: Any, **data: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    with signals.key_created.connected_to(receiver, app), \
+            signals.key_rotated.connected_to(receiver, app), \
+            signals.key_revoked.connected_to(receiver, app):
+        key = new_key(client)
+        assert client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key["key"])
+                           ).status_code == 200
+        rotated = client.post("/key/regenerate", json={"key": key["key_id"]}, headers=ADMIN)
+        assert rotated.status_code == 200 and rotated.get_json()["key"].startswith("sk-")
+        record_secret(rotated.get_json()["key"])
+        deleted = client.post("/key/delete", json={"keys": [key["key_id"]]}, headers=ADMIN)
+        assert deleted.status_code == 200
+    for name in ("key-created", "key-rotated", "key-revoked"):
+        assert f"a receiver of the llmauth-{name} signal failed" in caplog.text
