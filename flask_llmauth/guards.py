@@ -264,7 +264,6 @@ class Guards:
             return response
         failed = response.status_code >= 400
         if response.is_streamed and not failed:
-            admission.scratch["_streaming"] = True
             stream = StreamUsage(admission.model, admission.sizes[0])
             response.response = _ObservedStream(
                 response.response, stream.feed,
@@ -282,9 +281,11 @@ class Guards:
             _settle_all(admission.scratch["_guards"], admission, usage, failed)
 
     def teardown(self, admission: Admission) -> None:
-        """The request failed with an exception: settle as failed unless a response (or a
-        stream still being sent) took care of it."""
-        if not admission.settled and not admission.scratch.get("_streaming"):
+        """The request failed with an exception (Flask's ``got_request_exception``): settle
+        as failed unless a response took care of it. A streamed body wrapped before the
+        exception (a later after-request hook raised) is never sent — Flask answers 500
+        instead, or the exception propagates — so it is not waited for."""
+        if not admission.settled:
             self.settle(admission, admission.usage, True)
 
 

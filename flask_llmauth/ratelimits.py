@@ -12,7 +12,8 @@ Per request (LLM API routes with a body-carrying method; the master key is exemp
 1. **tpm pre-check**: refuse when a token window is already used up (or, with
    ``LLMAUTH_RATELIMIT_TPM_ESTIMATE``, cannot fit the prompt estimate + ``max_tokens``).
 2. **rpm**: one increment per descriptor; a count above the limit refuses the request.
-3. **max_parallel_requests**: one increment per descriptor, released in ``settle``.
+3. **max_parallel_requests**: one slot per descriptor, named by the request id and leased
+   on its own (``LLMAUTH_RATELIMIT_PARALLEL_LEASE``), released in ``settle``.
 
 A refused request is not counted: every increment it made is undone. ``settle`` (exactly
 once per admitted request, at the end of the stream for streams) charges the real token
@@ -530,15 +531,19 @@ class Counters:
 
     # -- one request's two steps ---------------------------------------------------------------
 
-    def acquire(self, plan: _Plan, need: int, window: int,
-                lease: int) -> tuple[int, int, list[float]]:
+    def acquire(self, plan: _Plan, need: int, window: int, lease: int,
+                member: str) -> tuple[int, int, list[float]]:
         """Check every tpm window (refused when fewer than ``need`` tokens are left), count
-        the request in every rpm window, take every parallel slot — all of it or, when a
-        limit refuses, none of it (every increment is undone).
+        the request in every rpm window, take every parallel slot (``member``: the request's
+        id) — all of it or, when a limit refuses, none of it (every increment is undone).
 
         Returns ``(outcome, index, values)``: ``values`` holds ``used, reset_at`` of each tpm
         window checked, then ``count, reset_at`` of each rpm window counted (up to the
-        refusing one)."""
+        refusing one).
+
+        This generic version (Redis Cluster, memcached, MongoDB) counts a descriptor's slots
+        in one counter whose lease starts when it goes from 0 to 1; the memory and Redis
+        versions lease each slot on its own."""
         values: list[float] = []
         for i, line in enumerate(plan.tpm):
             used = self.get(line.key)
@@ -569,15 +574,16 @@ class Counters:
             raise
         return ADMITTED, 0, values
 
-    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
-               lease: int) -> None:
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
+               member: str) -> None:
         """Release the parallel slots; then undo the rpm counts (``uncount``: a later guard
-        refused the request) or charge ``tokens`` to every tpm window."""
+        refused the request; a window that ended meanwhile is left alone) or charge
+        ``tokens`` to every tpm window."""
         for line in plan.parallel:
             self._release(line.key, lease)
         if uncount:
             for line in plan.rpm:
-                self.incr(line.key, window, -1)
+                self._release(line.key, window)
         elif tokens > 0:
             for line in plan.tpm:
                 self.incr(line.key, window, tokens)
@@ -591,10 +597,11 @@ class Counters:
         counted.clear()
         taken.clear()
 
-    def _release(self, key: str, lease: int) -> None:
-        left = self.incr(key, lease, -1)
-        if left < 0:  # the counter expired under a request in flight: do not go negative
-            self.incr(key, lease, -left)
+    def _release(self, key: str, seconds: int) -> None:
+        """Decrement a counter, never below 0 (it may have expired meanwhile)."""
+        left = self.incr(key, seconds, -1)
+        if left < 0:
+            self.incr(key, seconds, -left)
 
     # -- single counters -----------------------------------------------------------------------
 
@@ -645,6 +652,9 @@ class MemoryCounters(Counters):
     Same rules as ``MemoryStorage.incr``: an expired counter counts as 0, and an increment
     that brings a counter to exactly its amount starts a new window. The storage's purge of
     expired keys takes the same lock, so it cannot drop a counter being written.
+
+    Parallel slots are kept apart (``_slots``: per key, request id -> lease end, oldest
+    first), each with its own lease.
     """
 
     def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
@@ -653,6 +663,7 @@ class MemoryCounters(Counters):
         self._counts: dict[str, int] = storage.storage  # type: ignore[attr-defined]
         self._ends: dict[str, float] = storage.expirations  # type: ignore[attr-defined]
         self._lock = threading.Lock()
+        self._slots: dict[str, dict[str, float]] = {}
         self._purge = getattr(storage, "_MemoryStorage__schedule_expiry", None)
         self._purge_due = 0.0
         purge = getattr(storage, "_MemoryStorage__expire_events", None)
@@ -671,19 +682,27 @@ class MemoryCounters(Counters):
                 and isinstance(getattr(storage, "storage", None), dict)
                 and isinstance(getattr(storage, "expirations", None), dict))
 
-    def _add(self, key: str, amount: int, seconds: int, now: float) -> tuple[int, float]:
-        """``MemoryStorage.incr`` under the lock: the new count and the window's end."""
+    def _uncount(self, key: str, now: float) -> None:
+        """Take one back from a window's count, under the lock; a window that ended (or
+        was never opened) is left alone, so no window starts below 0."""
         end = self._ends.get(key)
-        count = amount
         if end is not None and end > now:
-            count += self._counts.get(key, 0)
-        self._counts[key] = count
-        if count == amount:
-            self._ends[key] = end = now + seconds
-        return count, end  # type: ignore[return-value]
+            count = self._counts.get(key, 0)
+            if count > 0:
+                self._counts[key] = count - 1
 
-    def acquire(self, plan: _Plan, need: int, window: int,
-                lease: int) -> tuple[int, int, list[float]]:
+    def _free(self, lines: Iterable[_Limit], member: str) -> None:
+        """Release ``member``'s slot on each limit, under the lock."""
+        slots_of = self._slots
+        for line in lines:
+            slots = slots_of.get(line.key)
+            if slots is not None:
+                slots.pop(member, None)
+                if not slots:
+                    del slots_of[line.key]
+
+    def acquire(self, plan: _Plan, need: int, window: int, lease: int,
+                member: str) -> tuple[int, int, list[float]]:
         values: list[float] = []
         counts, ends = self._counts, self._ends
         with self._lock:
@@ -710,42 +729,38 @@ class MemoryCounters(Counters):
                 if count > line.limit:
                     index = plan.rpm.index(line)
                     for undo in plan.rpm[:index + 1]:
-                        self._add(undo.key, -1, window, now)
+                        self._uncount(undo.key, now)
                     return RPM_REFUSED, index, values
+            slots_of = self._slots
             for line in plan.parallel:
-                key = line.key
-                end = ends.get(key)
-                count = counts.get(key, 0) + 1 if end is not None and end > now else 1
-                counts[key] = count
-                if count == 1:
-                    ends[key] = now + lease
-                if count > line.limit:
+                slots = slots_of.get(line.key)
+                if slots is None:
+                    slots = slots_of[line.key] = {}
+                elif slots and next(iter(slots.values())) <= now:  # the oldest lease ended
+                    for ended in [m for m, until in slots.items() if until <= now]:
+                        del slots[ended]
+                if len(slots) >= line.limit:
                     index = plan.parallel.index(line)
                     for undo in plan.rpm:
-                        self._add(undo.key, -1, window, now)
-                    for undo in plan.parallel[:index + 1]:
-                        self._add(undo.key, -1, lease, now)
+                        self._uncount(undo.key, now)
+                    self._free(plan.parallel[:index], member)
                     return PARALLEL_REFUSED, index, values
+                slots[member] = now + lease
         if now >= self._purge_due and self._purge is not None:
             self._purge_due = now + 1.0
             self._purge()
         return ADMITTED, 0, values
 
-    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
-               lease: int) -> None:
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
+               member: str) -> None:
         counts, ends = self._counts, self._ends
         with self._lock:
             now = _now()
-            for line in plan.parallel:  # _add(key, -1), then back to 0 if it went below
-                key = line.key
-                end = ends.get(key)
-                left = (counts.get(key, 0) if end is not None and end > now else 0) - 1
-                if left == -1:
-                    ends[key] = now + lease
-                counts[key] = left if left > 0 else 0
+            if plan.parallel:
+                self._free(plan.parallel, member)
             if uncount:
                 for line in plan.rpm:
-                    self._add(line.key, -1, window, now)
+                    self._uncount(line.key, now)
             elif tokens > 0:
                 for line in plan.tpm:
                     key = line.key
@@ -759,9 +774,11 @@ class MemoryCounters(Counters):
 
 #: One request's admission on Redis, atomic. ``KEYS``: its tpm, rpm and parallel keys;
 #: ``ARGV[1]``: the tokens the request needs; ``ARGV[2]``: "#tpm #rpm #parallel window lease"
-#: and each key's limit, space-separated (two arguments: the client encodes less). The rules
-#: of limits' ``incr_expire`` script: an increment bringing a counter to exactly its amount
-#: sets the expiry. Returns "outcome index" then "used|count pttl" per window reached.
+#: and each key's limit, space-separated (two arguments: the client encodes less);
+#: ``ARGV[3]``: the request id. The windows follow limits' ``incr_expire`` script: an
+#: increment bringing a counter to exactly its amount sets the expiry. A parallel key is a
+#: sorted set of request ids scored by their lease's end (server time): ended leases are
+#: dropped before counting. Returns "outcome index" then "used|count pttl" per window reached.
 _ACQUIRE_LUA = """
 local spec = {}
 for word in string.gmatch(ARGV[2], '%S+') do spec[#spec + 1] = tonumber(word) end
@@ -790,34 +807,41 @@ for i = 1, nrpm do
   end
 end
 local base = ntpm + nrpm
-for i = 1, npar do
-  local key = KEYS[base + i]
-  local in_flight = redis.call('incrby', key, 1)
-  if in_flight == 1 then redis.call('expire', key, lease) end
-  if in_flight > spec[5 + base + i] then
-    for j = 1, nrpm do redis.call('decrby', KEYS[ntpm + j], 1) end
-    for j = 1, i do redis.call('decrby', KEYS[base + j], 1) end
-    return reply(3, i - 1)
+if npar > 0 then
+  local clock = redis.call('time')
+  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  local member = ARGV[3]
+  for i = 1, npar do
+    local key = KEYS[base + i]
+    redis.call('zremrangebyscore', key, '-inf', now)
+    if redis.call('zcard', key) >= spec[5 + base + i] then
+      for j = 1, nrpm do redis.call('decrby', KEYS[ntpm + j], 1) end
+      for j = 1, i - 1 do redis.call('zrem', KEYS[base + j], member) end
+      return reply(3, i - 1)
+    end
+    redis.call('zadd', key, now + lease, member)
+    redis.call('expire', key, lease)
   end
 end
 return reply(0, 0)
 """
 
 #: One request's settlement on Redis, atomic. ``KEYS``: the parallel slots to release, then
-#: the windows to add to; ``ARGV``: "#slots lease window", the amount to add.
+#: the windows to add to; ``ARGV``: "#slots lease window", the amount to add (-1: undo an
+#: rpm count, never below 0 nor into a window that ended), the request id.
 _SETTLE_LUA = """
 local spec = {}
 for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(word) end
-local nrelease, lease, window = spec[1], spec[2], spec[3]
+local nrelease, window = spec[1], spec[3]
 local amount = tonumber(ARGV[2])
-for i = 1, nrelease do
-  local left = redis.call('incrby', KEYS[i], -1)
-  if left == -1 then redis.call('expire', KEYS[i], lease) end
-  if left < 0 then redis.call('incrby', KEYS[i], -left) end
-end
+for i = 1, nrelease do redis.call('zrem', KEYS[i], ARGV[3]) end
 for i = nrelease + 1, #KEYS do
-  local value = redis.call('incrby', KEYS[i], amount)
-  if value == amount then redis.call('expire', KEYS[i], window) end
+  if amount < 0 then
+    if tonumber(redis.call('get', KEYS[i]) or 0) > 0 then redis.call('decrby', KEYS[i], 1) end
+  else
+    local value = redis.call('incrby', KEYS[i], amount)
+    if value == amount then redis.call('expire', KEYS[i], window) end
+  end
 end
 return 0
 """
@@ -884,10 +908,11 @@ class RedisCounters(Counters):
             prepared = plan.prepared = _RedisPlan(plan, self._prefixed, window, lease)
         return prepared  # type: ignore[no-any-return]
 
-    def acquire(self, plan: _Plan, need: int, window: int,
-                lease: int) -> tuple[int, int, list[float]]:
+    def acquire(self, plan: _Plan, need: int, window: int, lease: int,
+                member: str) -> tuple[int, int, list[float]]:
         prepared = self._prepare(plan, window, lease)
-        reply = self._run(self._acquire_script, prepared.keys, (need, prepared.spec)).split()
+        reply = self._run(self._acquire_script, prepared.keys,
+                          (need, prepared.spec, member)).split()
         now = time.time()
         values: list[float] = [int(word) for word in reply[2:]]
         for i in range(1, len(values), 2):  # pttl (ms; < 0: no window yet) -> window end
@@ -895,8 +920,8 @@ class RedisCounters(Counters):
             values[i] = now + (pttl / 1000 if pttl > 0 else window)
         return int(reply[0]), int(reply[1]), values
 
-    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int,
-               lease: int) -> None:
+    def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
+               member: str) -> None:
         prepared = self._prepare(plan, window, lease)
         if uncount:
             keys, spec = prepared.uncount
@@ -908,7 +933,7 @@ class RedisCounters(Counters):
             keys, spec = prepared.release_only
             amount = 0
         if keys:
-            self._run(self._settle_script, keys, (spec, amount))
+            self._run(self._settle_script, keys, (spec, amount, member))
 
 
 class _NeverRaised(Exception):
@@ -1077,14 +1102,17 @@ class RateLimits:
         if counters is None:
             return  # storage down, fail open (logged)
         need = self._estimate(admission) if self.tpm_estimate else 1
+        member = admission.request_id if plan.parallel else ""
         try:
-            outcome, index, values = counters.acquire(plan, need, self.window, self.lease)
+            outcome, index, values = counters.acquire(plan, need, self.window, self.lease,
+                                                      member)
         except StorageDown as exc:
             health.failed(exc, _MODES[self.mode])
             counters = self._backend(after_failure=True)
             if counters is None:
                 return
-            outcome, index, values = counters.acquire(plan, need, self.window, self.lease)
+            outcome, index, values = counters.acquire(plan, need, self.window, self.lease,
+                                                      member)
         if health.down_since is not None and counters is self.counters:
             health.succeeded()
         if outcome != ADMITTED:
@@ -1105,7 +1133,8 @@ class RateLimits:
             usage.prompt_tokens + usage.completion_tokens if self.tokens_counted == "total"
             else self._tokens(usage))
         try:
-            counters.settle(plan, tokens, uncount, self.window, self.lease)
+            counters.settle(plan, tokens, uncount, self.window, self.lease,
+                            admission.request_id if plan.parallel else "")
         except StorageDown as exc:
             if counters is self.counters:
                 self.health.failed(exc, _MODES[self.mode])
@@ -1167,14 +1196,16 @@ class RateLimits:
         found = descriptors(principal, names, admission.end_user_id, customer, self.settings)
         counters, window, lease = self.counters, self.window, self.lease
 
-        def limits(field: str, seconds: int) -> tuple[_Limit, ...]:
+        def limits(field: str, seconds: int, name: str) -> tuple[_Limit, ...]:
             return tuple(
-                _Limit(d, counters.key(counters.item(amount, seconds), d.kind, d.ident, field),
+                _Limit(d, counters.key(counters.item(amount, seconds), d.kind, d.ident, name),
                        amount)
                 for d in found if (amount := getattr(d, field)))
 
-        tpm, rpm, parallel = limits("tpm", window), limits("rpm", window), limits(
-            "parallel", lease)
+        # parallel slots are stored under "slots": a sorted set of leased request ids on
+        # Redis (the "parallel" counters of earlier versions were strings)
+        tpm, rpm, parallel = (limits("tpm", window, "tpm"), limits("rpm", window, "rpm"),
+                              limits("parallel", lease, "slots"))
         plan = _Plan(tpm, rpm, parallel) if tpm or rpm or parallel else None
         if len(self._plans) >= 10_000:
             self._plans.clear()

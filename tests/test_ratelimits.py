@@ -631,6 +631,24 @@ def _window_stats(app: Flask, body: dict[str, Any], field: str, amount: int,
     return stats.reset_time, stats.remaining
 
 
+def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
+    """The parallel slots of a descriptor held now (request ids with a lease: a sorted set
+    on Redis, a dict per key in memory)."""
+    from limits import RateLimitItemPerSecond
+
+    from flask_llmauth.ratelimits import MemoryCounters, _ident
+
+    state = app.extensions["llmauth"]
+    counters = state.ratelimits.counters
+    item = RateLimitItemPerSecond(limit, state.settings.ratelimit_parallel_lease,
+                                  namespace="LLMAUTH")
+    key = counters.key(item, kind, _ident(key_id), "slots")
+    if isinstance(counters, MemoryCounters):
+        return len(counters._slots.get(key, {}))
+    storage = counters.storage
+    return int(storage.get_connection().zcard(storage.prefixed_key(key)))
+
+
 def test_counters_are_limits_own_fixed_windows(make: Any) -> None:
     """The one-pass counters (memory) and scripts (Redis) write the keys limits' fixed-window
     strategy reads, with its numbers: the host's tools (``get_window_stats``,
@@ -645,7 +663,7 @@ def test_counters_are_limits_own_fixed_windows(make: Any) -> None:
     assert remaining == 97
     assert started + 58 <= reset <= time.time() + 61
     assert _window_stats(app, body, "tpm", 10_000, 60)[1] == 10_000 - 21
-    assert _window_stats(app, body, "parallel", 5, 600)[1] == 5  # every slot released
+    assert slots_in_use(app, body["key_id"], 5) == 0  # every slot released
     app.extensions["llmauth"].limiter.reset()
     assert _window_stats(app, body, "rpm", 100, 60)[1] == 100
 
@@ -664,9 +682,11 @@ def test_a_refused_request_leaves_every_counter_as_it_was(make: Any) -> None:
         "Rate limit exceeded for team: t-par. Limit type: max_parallel_requests.")
     # the key's rpm count and parallel slot, taken before the team's slot refused, undone
     assert _window_stats(app, body, "rpm", 50, 60)[1] == 50
-    assert _window_stats(app, body, "parallel", 3, 600)[1] == 3
+    assert slots_in_use(app, body["key_id"], 3) == 0
+    assert slots_in_use(app, "t-par", 1, "team") == 1  # the holder's
     next(iter(stream.response))
     stream.close()
+    assert slots_in_use(app, "t-par", 1, "team") == 0
     assert chat(client, body["key"]).status_code == 200
     assert _window_stats(app, body, "rpm", 50, 60)[1] == 49
 
