@@ -808,6 +808,7 @@ for i = 1, nrpm do
 end
 local base = ntpm + nrpm
 if npar > 0 then
+  if redis.replicate_commands then redis.replicate_commands() end  -- writes after TIME
   local clock = redis.call('time')
   local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
   local member = ARGV[3]
