@@ -56,6 +56,7 @@ from .guards import Admission, HeaderPairs
 from .network import client_ip
 from .principal import Principal, PrincipalMemo, get_principal
 from .signals import rate_limited
+from .signals import send as send_signal
 from .usage import Usage
 
 log = logging.getLogger("flask_llmauth")
@@ -1242,8 +1243,8 @@ class RateLimits:
         if reset is not None and limit_type in ("requests", "tokens"):
             headers.update(_window_headers(limit_type, limit, remaining, reset, now))
         if rate_limited.receivers:
-            rate_limited.send(current_app._get_current_object(),
-                              principal=admission.principal, limit=breach)
+            send_signal(rate_limited, current_app._get_current_object(),
+                        principal=admission.principal, limit=breach)
         raise TooManyRequests(
             f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: {limit_type}. "
             f"Current limit: {limit}, Remaining: {remaining}. {when}",
@@ -1376,9 +1377,9 @@ class AuthFailureLimiter:
         log.warning("llmauth: blocking %s for %.0fs after too many failed authentications",
                     address, until - time.time())
         if rate_limited.receivers:
-            rate_limited.send(current_app._get_current_object(), principal=None,
-                              limit=RateLimitBreach("ip", address, "auth_failures",
-                                                    self.items[0].amount, 0, until))
+            send_signal(rate_limited, current_app._get_current_object(), principal=None,
+                        limit=RateLimitBreach("ip", address, "auth_failures",
+                                              self.items[0].amount, 0, until))
 
     def _count(self, counters: Counters, address: str) -> float | None:
         until: float | None = None

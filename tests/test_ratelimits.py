@@ -397,6 +397,19 @@ def test_rate_limited_signal(make: Any) -> None:
         "key", "requests", 1, 0)
 
 
+def test_a_failing_rate_limited_receiver_leaves_the_429(make: Any, caplog: Any) -> None:
+    app = make()
+    client = app.test_client()
+    key = new_key(client, rpm_limit=1)["key"]
+
+    def receiver(sender: Any, **data: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    with rate_limited.connected_to(receiver, app):
+        assert statuses(client, key, 2) == [200, 429]
+    assert "a receiver of the llmauth-rate-limited signal failed" in caplog.text
+
+
 @pytest.fixture
 def served(app_factory: Any) -> Iterator[tuple[str, Flask]]:
     """The app on a real socket (werkzeug, threaded)."""
