@@ -17,16 +17,11 @@ from flask import Flask
 from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.spend import SpendLedger, flush
 from flask_llmauth.store.tables import Key, User
+from tests import test_spend
 from tests.helpers import ADMIN, bearer, new_key
 from tests.test_spend import IN, OUT, PRICES, add_views, event, rows, spend_of
 
-
-@pytest.fixture
-def spend_app(app_factory: Any, db_url: str) -> Flask:
-    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600},
-                      db_url=db_url, routes=False)
-    add_views(app)
-    return app
+spend_app = test_spend.spend_app  # the same fixture
 
 
 def ledger_of(app: Flask) -> SpendLedger:
