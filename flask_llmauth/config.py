@@ -306,6 +306,13 @@ def _limit_string(value: Any) -> str:
     return value
 
 
+def _ipv6_prefix(value: Any) -> int:
+    number = _number(int)(value)
+    if number is None or not 1 <= number <= 128:
+        raise ValueError("must be a prefix length from 1 to 128")
+    return int(number)
+
+
 def _storage_uri(value: Any) -> str | None:
     text = _str(value)
     if text is None or text == "":
@@ -1203,6 +1210,12 @@ class Settings:
         "30/minute", _limit_string,
         "Failed authentications allowed per client IP (`limits` notation, e.g. "
         "`10/minute;100/hour`); then 429 until the window ends. Empty: off.",
+    )
+    auth_failure_ipv6_prefix: int = setting(
+        64, _ipv6_prefix,
+        "Prefix length under which IPv6 clients share one failed-authentication count (a "
+        "client usually holds a whole /64); 128: per address. IPv4 (and IPv4-mapped IPv6) "
+        "clients are counted per address.",
     )
 
     # -- management API -----------------------------------------------------------------------

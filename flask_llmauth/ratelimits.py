@@ -29,6 +29,7 @@ one call per counter. The keys and values are limits' fixed-window ones, so limi
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import sys
@@ -37,6 +38,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from math import ceil
 from time import time as _now
 from typing import Any, NoReturn
@@ -1312,10 +1314,30 @@ def openai_duration(seconds: float) -> str:
 # -- failed authentications per client IP ---------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
+def counted_address(ip: str | None, ipv6_prefix: int = 64) -> str:
+    """What failed authentications from ``ip`` are counted under: an IPv4 address (also
+    one mapped into IPv6) as itself, an IPv6 address by its ``/ipv6_prefix`` network (a
+    client usually holds a whole /64 and could rotate addresses in it), anything
+    unparsable as it is."""
+    if not ip:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(ip.strip().strip("[]").partition("%")[0])
+    except ValueError:
+        return ip[:100]
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
+
+
 class AuthFailureLimiter:
     """Counts failed authentications per client IP (``trusted_proxy_ranges`` decide which
-    IP that is) and refuses an IP that used up its allowance with 429 *before* its
-    credential is checked.
+    IP that is; an IPv6 client by its network, see :func:`counted_address`) and refuses an
+    IP that used up its allowance with 429 *before* its credential is checked.
 
     The count is in the shared storage; the block is remembered in-process until the window
     resets, so the check costs no round trip. Another process learns of the block at that
@@ -1325,6 +1347,7 @@ class AuthFailureLimiter:
 
     def __init__(self, settings: Settings, limiter: Limiter) -> None:
         self.items = tuple(parse_many(settings.auth_failure_limit))
+        self.ipv6_prefix = settings.auth_failure_ipv6_prefix
         strategy = limiter.limiter
         assert isinstance(strategy, FixedWindowRateLimiter)
         self.counters = Counters(strategy, settings.ratelimit_key_prefix)
@@ -1340,13 +1363,14 @@ class AuthFailureLimiter:
         """Raise 429 if ``ip`` is blocked (call before reading the credential)."""
         if not self._blocked:
             return
-        until = self._blocked.get(ip or "unknown")
+        address = counted_address(ip, self.ipv6_prefix)
+        until = self._blocked.get(address)
         if until is None:
             return
         now = time.time()
         if until <= now:
             with self._lock:
-                self._blocked.pop(ip or "unknown", None)
+                self._blocked.pop(address, None)
                 self.blocking = bool(self._blocked)
             return
         raise TooManyRequests(
@@ -1357,7 +1381,7 @@ class AuthFailureLimiter:
 
     def record(self, ip: str | None) -> None:
         """Count one failed authentication from ``ip``; block it once a limit is reached."""
-        address = ip or "unknown"
+        address = counted_address(ip, self.ipv6_prefix)
         counters = self.counters if self.health.available() else self._memory()
         try:
             until = self._count(counters, address)
