@@ -10,7 +10,8 @@ its records on every request.
 Per request (LLM API routes with a body-carrying method; the master key is exempt):
 
 1. **tpm pre-check**: refuse when a token window is already used up (or, with
-   ``LLMAUTH_RATELIMIT_TPM_ESTIMATE``, cannot fit the prompt estimate + ``max_tokens``).
+   ``LLMAUTH_RATELIMIT_TPM_ESTIMATE``, cannot fit the prompt estimate + ``max_tokens``;
+   an estimate above a tpm limit itself is refused without a storage call, not to retry).
 2. **rpm**: one increment per descriptor; a count above the limit refuses the request.
 3. **max_parallel_requests**: one slot per descriptor, named by the request id and leased
    on its own (``LLMAUTH_RATELIMIT_PARALLEL_LEASE``), released in ``settle``.
@@ -481,13 +482,15 @@ class _Plan:
     first): tpm windows, rpm windows, parallel slots. Built once per principal, model and
     end user; ``prepared`` is what a storage-specific backend derives from it once."""
 
-    __slots__ = ("tpm", "rpm", "parallel", "shown", "prepared")
+    __slots__ = ("tpm", "rpm", "parallel", "tpm_ceiling", "shown", "prepared")
 
     def __init__(self, tpm: tuple[_Limit, ...], rpm: tuple[_Limit, ...],
                  parallel: tuple[_Limit, ...]) -> None:
         self.tpm = tpm
         self.rpm = rpm
         self.parallel = parallel
+        #: The smallest tpm limit: a request estimated above it fits no window, ever.
+        self.tpm_ceiling = min((line.limit for line in tpm), default=sys.maxsize)
         #: For the headers of admitted requests, per kind (requests first, kinds without a
         #: window left out): the header names and the windows shown, each with the position
         #: of its count in ``Counters.acquire``'s values.
@@ -1105,7 +1108,12 @@ class RateLimits:
         counters = self.counters if health.down_since is None else self._backend()
         if counters is None:
             return  # storage down, fail open (logged)
-        need = self._estimate(admission) if self.tpm_estimate else 1
+        if self.tpm_estimate:
+            need = self._estimate(admission)
+            if need > plan.tpm_ceiling:
+                self._refuse_too_large(admission, plan, need)
+        else:
+            need = 1
         member = admission.request_id if plan.parallel else ""
         try:
             outcome, index, values = counters.acquire(plan, need, self.window, self.lease,
@@ -1229,6 +1237,24 @@ class RateLimits:
             self._refuse(admission, line.descriptor, "requests", line.limit, 0, reset)
         line = plan.parallel[index]
         self._refuse(admission, line.descriptor, "max_parallel_requests", line.limit, 0, None)
+
+    def _refuse_too_large(self, admission: Admission, plan: _Plan, need: int) -> NoReturn:
+        """Raise the 429 of a request whose own estimate exceeds a tpm limit: no window can
+        ever admit it, so it says so and tells clients not to retry (``x-should-retry:
+        false``, no ``Retry-After``); nothing was counted."""
+        line = next(line for line in plan.tpm if line.limit < need)
+        d = line.descriptor
+        if rate_limited.receivers:
+            send_signal(rate_limited, current_app._get_current_object(),
+                        principal=admission.principal,
+                        limit=RateLimitBreach(d.kind, d.label, "tokens", line.limit, 0, None))
+        raise TooManyRequests(
+            f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: tokens. Current limit: "
+            f"{line.limit}. This request alone needs an estimated {need} tokens, more than "
+            "the limit: no window can admit it, so retrying cannot succeed. Lower max_tokens "
+            "or shorten the input.",
+            headers={"x-should-retry": "false"},
+            reason=f"rate_limited_{d.kind}_tokens_request_too_large")
 
     def _refuse(self, admission: Admission, d: Descriptor, limit_type: str, limit: int,
                 remaining: int, reset: float | None) -> NoReturn:

@@ -279,8 +279,12 @@ def test_tpm_estimate_refuses_a_request_that_cannot_fit(make: Any) -> None:
     client = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True).test_client()
     key = new_key(client, tpm_limit=100)["key"]
     refused = chat(client, key, max_tokens=200, messages=[{"role": "user", "content": "hi"}])
-    assert "Limit type: tokens. Current limit: 100, Remaining: 100." in message(refused)
+    # larger than the limit itself: refused for good (tests/test_ratelimits_followup.py)
+    assert "Limit type: tokens. Current limit: 100. This request alone needs an estimated " \
+           in message(refused)
     assert chat(client, key, max_tokens=50).status_code == 200
+    refused = chat(client, key, max_tokens=95)  # fits the limit, not what is left
+    assert "Limit type: tokens. Current limit: 100, Remaining: 90." in message(refused)
 
 
 def test_stream_is_charged_when_it_ends(make: Any) -> None:

@@ -4,6 +4,7 @@ whose answer was lost — on memory:// and on the real Redis."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -11,8 +12,9 @@ from flask import Flask
 
 from flask_llmauth import ConfigurationError
 from flask_llmauth.ratelimits import counted_address
-from tests.helpers import ADMIN, bearer, random_key
-from tests.test_ratelimits import CHAT, add_llm_routes, storage  # noqa: F401
+from flask_llmauth.signals import rate_limited
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+from tests.test_ratelimits import CHAT, add_llm_routes, message, storage  # noqa: F401
 
 
 @pytest.fixture
@@ -109,3 +111,116 @@ def test_a_bad_ipv6_prefix_fails_init_naming_the_key(app_factory: Any, bad: Any)
         app_factory({"LLMAUTH_AUTH_FAILURE_IPV6_PREFIX": bad})
 
 
+
+
+# -- a request that alone exceeds a tpm limit ------------------------------------------------
+
+HUGE = {"max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat_as(client: Any, key: str, **body: Any) -> Any:
+    return client.post(CHAT, json={"model": "gpt-4o", **body}, headers=bearer(key))
+
+
+def test_a_request_larger_than_the_tpm_limit_is_told_not_to_retry(make: Any) -> None:
+    app = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True)
+    client = app.test_client()
+    key = new_key(client, tpm_limit=100, rpm_limit=10)["key"]
+    seen: list[Any] = []
+    with rate_limited.connected_to(lambda sender, **data: seen.append(data["limit"]), app):
+        refused = chat_as(client, key, **HUGE)
+    error = assert_error(refused, 429, "rate_limit_error")
+    assert error["message"].startswith("Rate limit exceeded for key: ")
+    assert "Limit type: tokens. Current limit: 100. This request alone needs an estimated " \
+           in error["message"]
+    assert "retrying cannot succeed" in error["message"]
+    assert "Retry-After" not in refused.headers
+    assert refused.headers["x-should-retry"] == "false"
+    assert [(b.descriptor, b.limit_type, b.limit, b.reset_at) for b in seen] == [
+        ("key", "tokens", 100, None)]
+    # nothing was counted: the rpm window is untouched
+    admitted = chat_as(client, key, max_tokens=50)
+    assert admitted.status_code == 200
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+def test_a_request_that_fits_the_limit_but_not_what_is_left_may_retry(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True).test_client()
+    key = new_key(client, tpm_limit=100)["key"]
+    assert chat_as(client, key, tokens=70).status_code == 200
+    refused = chat_as(client, key, max_tokens=50)
+    assert "Current limit: 100, Remaining: 30. Limit resets at: " in message(refused)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "x-should-retry" not in refused.headers
+
+
+def test_a_broader_limit_too_small_for_the_request_wins_over_a_used_up_narrow_one(
+        make: Any) -> None:
+    """The key's window is used up (retryable), but the team's limit is below the request's
+    estimate: waiting for the key's window would only lead to the team's refusal."""
+    client = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True).test_client()
+    assert client.post("/team/new", json={"team_id": "t-small", "tpm_limit": 200},
+                       headers=ADMIN).status_code == 200
+    key = new_key(client, team_id="t-small", tpm_limit=1000)["key"]
+    assert chat_as(client, key, tokens=1000).status_code == 200  # the key's window used up
+    refused = chat_as(client, key, max_tokens=300)
+    assert message(refused).startswith("Rate limit exceeded for team: t-small. Limit type: "
+                                       "tokens. Current limit: 200. This request alone")
+    assert refused.headers["x-should-retry"] == "false"
+    assert "Retry-After" not in refused.headers
+
+
+def test_without_the_estimate_a_large_request_is_admitted_and_charged(make: Any) -> None:
+    client = make().test_client()
+    key = new_key(client, tpm_limit=100)["key"]
+    assert chat_as(client, key, **HUGE).status_code == 200  # tpm is enforced one request late
+
+
+def test_the_openai_sdk_does_not_retry_a_request_larger_than_the_limit(
+        app_factory: Any) -> None:
+    import openai
+    from werkzeug.serving import make_server
+
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://",
+                       "LLMAUTH_RATELIMIT_TPM_ESTIMATE": True,
+                       "LLMAUTH_RATELIMIT_WINDOW": 2}, routes=False)
+    add_llm_routes(app)
+    arrived: list[str] = []
+    wsgi = app.wsgi_app
+
+    def counting(environ: Any, start_response: Any) -> Any:
+        arrived.append(environ["PATH_INFO"])
+        return wsgi(environ, start_response)
+
+    app.wsgi_app = counting  # type: ignore[method-assign]
+    key = new_key(app.test_client(), tpm_limit=100)["key"]
+    arrived.clear()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key=key,
+                            max_retries=3)
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(model="gpt-4o", max_tokens=500,
+                                        messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+        thread.join()
+    assert "retrying cannot succeed" in caught.value.message
+    assert arrived == [CHAT]  # one attempt, no retries
+
+
+def test_a_request_larger_than_the_limit_is_answered_while_the_storage_is_down(
+        app_factory: Any) -> None:
+    from tests.test_ratelimits import _dead_redis_url
+
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": _dead_redis_url(),
+                       "LLMAUTH_RATELIMIT_TPM_ESTIMATE": True}, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    key = new_key(client, tpm_limit=100)["key"]
+    refused = chat_as(client, key, **HUGE)
+    assert refused.status_code == 429
+    assert refused.headers["x-should-retry"] == "false"
+    assert chat_as(client, key, max_tokens=50).status_code == 503  # fail closed, as before
