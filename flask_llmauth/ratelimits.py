@@ -594,6 +594,11 @@ class Counters:
             for line in plan.tpm:
                 self.incr(line.key, window, tokens)
 
+    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> None:
+        """Remove ``member``'s parallel slots after an admission whose answer was lost
+        (nothing to do here: this version undoes its own increments when a call fails, and
+        its counters do not tell whose slot is whose)."""
+
     def _undo(self, counted: list[_Limit], taken: list[_Limit], window: int,
               lease: int) -> None:
         for line in counted:
@@ -927,6 +932,13 @@ class RedisCounters(Counters):
             values[i] = now + (pttl / 1000 if pttl > 0 else window)
         return int(reply[0]), int(reply[1]), values
 
+    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> None:
+        """Remove ``member``'s slots (whether or not the admission took them): one script,
+        the settlement's without a charge."""
+        keys, spec = self._prepare(plan, window, lease).release_only
+        if keys:
+            self._run(self._settle_script, keys, (spec, 0, member))
+
     def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
                member: str) -> None:
         prepared = self._prepare(plan, window, lease)
@@ -1120,6 +1132,8 @@ class RateLimits:
                                                       member)
         except StorageDown as exc:
             health.failed(exc, _MODES[self.mode])
+            if member:
+                self._forget_slots(counters, plan, member)
             counters = self._backend(after_failure=True)
             if counters is None:
                 return
@@ -1158,6 +1172,19 @@ class RateLimits:
         return taken[2] if taken is not None else _NO_HEADERS
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _forget_slots(self, counters: Counters, plan: _Plan, member: str) -> None:
+        """After a failed admission, remove the request's parallel slots at once, best
+        effort: the call may have failed after the admission ran (a timeout on the answer),
+        which would hold them until their leases end. Slots are named by the request id, so
+        nothing else is removed; a removal that fails too is logged, never raised."""
+        try:
+            counters.forget(plan, self.window, self.lease, member)
+        except Exception as exc:  # the slots' leases free them instead
+            cause = exc.__cause__ or exc
+            log.warning("llmauth: could not remove the parallel slots of request %s after a "
+                        "failed admission (%s); they expire after %ss", member,
+                        type(cause).__name__, self.lease)
 
     def _backend(self, after_failure: bool = False) -> Counters | None:
         if not after_failure and (self.health.down_since is None or self.health.available()):

@@ -4,7 +4,9 @@ whose answer was lost — on memory:// and on the real Redis."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,8 +15,15 @@ from flask import Flask
 from flask_llmauth import ConfigurationError
 from flask_llmauth.ratelimits import counted_address
 from flask_llmauth.signals import rate_limited
+from tests.conftest import REDIS_URL
 from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
-from tests.test_ratelimits import CHAT, add_llm_routes, message, storage  # noqa: F401
+from tests.test_ratelimits import (  # noqa: F401
+    CHAT,
+    add_llm_routes,
+    message,
+    slots_in_use,
+    storage,
+)
 
 
 @pytest.fixture
@@ -224,3 +233,149 @@ def test_a_request_larger_than_the_limit_is_answered_while_the_storage_is_down(
     assert refused.status_code == 429
     assert refused.headers["x-should-retry"] == "false"
     assert chat_as(client, key, max_tokens=50).status_code == 503  # fail closed, as before
+
+
+# -- an admission whose answer was lost ----------------------------------------------------------
+
+
+def lose_answers(monkeypatch: pytest.MonkeyPatch, app: Flask, then_down: bool = False
+                 ) -> list[str]:
+    """The next script sent to Redis runs, then its answer times out (the client raises as
+    on a socket timeout); with ``then_down`` every later script times out without running.
+    Returns the SHA1s of the scripts sent."""
+    import redis
+
+    counters = app.extensions["llmauth"].ratelimits.counters
+    execute = counters._client.execute_command
+    sent: list[str] = []
+
+    def answer_lost(*args: Any, **options: Any) -> Any:
+        if args[0] != "EVALSHA" or (sent and not then_down):
+            return execute(*args, **options)
+        sent.append(args[1])
+        if len(sent) == 1:
+            execute(*args, **options)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(counters._client, "execute_command", answer_lost)
+    return sent
+
+
+def redis_app(app_factory: Any, prefix: str, **config: Any) -> Flask:
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL,
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": prefix,
+                       "LLMAUTH_RATELIMIT_RETRY_INTERVAL": 0.05, **config}, routes=False)
+    add_llm_routes(app)
+    return app
+
+
+@pytest.mark.redis
+def test_a_slot_taken_by_an_admission_whose_answer_was_lost_is_removed(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = redis_app(app_factory, redis_prefix)
+    client = app.test_client()
+    body = new_key(client, max_parallel_requests=1)
+    sent = lose_answers(monkeypatch, app)
+    response = chat_as(client, body["key"])
+    assert_error(response, 503, "service_unavailable")  # LLMAUTH_RATELIMIT_STORAGE_DOWN=closed
+    counters = app.extensions["llmauth"].ratelimits.counters
+    assert sent == [counters._acquire_script.sha]  # the admission ran, its answer was lost
+    assert slots_in_use(app, body["key_id"], 1) == 0  # ... and its slot is gone
+    time.sleep(0.1)  # the retry interval
+    assert chat_as(client, body["key"]).status_code == 200
+
+
+@pytest.mark.redis
+def test_a_removal_that_fails_too_leaves_the_slot_to_its_lease(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    for mode, status in (("closed", 503), ("open", 200), ("memory", 200)):
+        app = redis_app(app_factory, f"{redis_prefix}-{mode}",
+                        LLMAUTH_RATELIMIT_STORAGE_DOWN=mode, LLMAUTH_RATELIMIT_PARALLEL_LEASE=1)
+        client = app.test_client()
+        body = new_key(client, max_parallel_requests=1)
+        with monkeypatch.context() as patch:
+            sent = lose_answers(patch, app, then_down=True)  # the removal times out too
+            assert chat_as(client, body["key"]).status_code == status, mode
+        counters = app.extensions["llmauth"].ratelimits.counters
+        assert sent == [counters._acquire_script.sha, counters._settle_script.sha]
+        assert "could not remove the parallel slots of request" in caplog.text
+        assert slots_in_use(app, body["key_id"], 1) == 1  # leaked, until its lease ends
+        time.sleep(1.2)
+        assert slots_in_use(app, body["key_id"], 1) == 0
+        assert chat_as(client, body["key"]).status_code == 200
+
+
+def test_memory_counters_have_no_lost_answers() -> None:
+    """memory:// never fails a call, so the removal is never needed there; the generic
+    counters (one call per counter) undo their own increments when a call fails."""
+    from flask_llmauth.ratelimits import Counters, MemoryCounters, RedisCounters
+
+    assert MemoryCounters.forget is Counters.forget
+    assert RedisCounters.forget is not Counters.forget
+
+
+class SlowProxy:
+    """A TCP proxy to the test Redis that can hold back the next reply (``hold_next``) past
+    the client's socket timeout: the command runs, its answer arrives too late."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream = upstream
+        self.delay = delay
+        self.hold_next = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += (client, server)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies and self.hold_next.is_set():
+                    self.hold_next.clear()
+                    time.sleep(self.delay)
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            end.close()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.mark.redis
+def test_a_real_socket_timeout_after_the_admission_ran_frees_the_slot(
+        app_factory: Any, redis_prefix: str) -> None:
+    """The same through the Redis client's own socket timeout: the connection that timed out
+    is dropped and the removal goes over a new one."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(REDIS_URL)
+    proxy = SlowProxy((url.hostname or "127.0.0.1", url.port or 6379), delay=0.6)
+    try:
+        app = redis_app(app_factory, redis_prefix,
+                        LLMAUTH_RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{proxy.port}{url.path}",
+                        LLMAUTH_RATELIMIT_STORAGE_OPTIONS={"socket_timeout": 0.3})
+        client = app.test_client()
+        body = new_key(client, max_parallel_requests=1)
+        assert chat_as(client, body["key"]).status_code == 200  # connected, scripts loaded
+        proxy.hold_next.set()
+        assert chat_as(client, body["key"]).status_code == 503
+        time.sleep(0.7)  # the held answer arrived (to a closed connection)
+        assert slots_in_use(app, body["key_id"], 1) == 0
+        assert chat_as(client, body["key"]).status_code == 200
+    finally:
+        proxy.close()
