@@ -231,23 +231,26 @@ class SpendReports:
         return {ident: int(total or 0) for ident, total in
                 select.group_by(column).tuples() if ident is not None}
 
-    def _ranked(self, rows: list[Any], id_field: str, info: Any, column: peewee.Field,
-                actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Entity rows with their spend: the row's running total, or with a date the
-        spend log's sum in the range; highest first."""
-        dated = query.get("start_date") is not None or query.get("end_date") is not None
-        out = []
-        if dated:  # the rows are already the caller's: sum each one's spend-log rows
-            sums = self._sums(column, date_range(query))
-            for row in rows:
-                item = info(row)
-                units = sums.get(getattr(row, id_field), 0)
-                item["spend"] = to_usd(units)
-                out.append((units, item))
-        else:
-            out = [(row.spend, info(row)) for row in rows]
-        out.sort(key=lambda pair: -pair[0])
+    def _ranked(self, select: peewee.ModelSelect, id_field: str, info: Any,
+                column: peewee.Field, actor: Principal, query: Mapping[str, Any]
+                ) -> list[dict[str, Any]]:
+        """Entity rows (``select``: the caller's, by row id) with their spend: the row's
+        running total, or with a date the spend log's sum in the range; highest first, then
+        oldest first. Without a date the database ranks and limits them: an admin's
+        ``?limit=10`` among a million keys reads ten rows."""
         limit = query.get("limit")
+        if query.get("start_date") is None and query.get("end_date") is None:
+            model = select.model
+            select = select.order_by(model.spend.desc(), model.id)
+            return [info(row) for row in (select.limit(limit) if limit else select)]
+        sums = self._sums(column, date_range(query))  # sum each row's spend-log rows
+        out = []
+        for row in select:
+            item = info(row)
+            units = sums.get(getattr(row, id_field), 0)
+            item["spend"] = to_usd(units)
+            out.append((units, item))
+        out.sort(key=lambda pair: -pair[0])
         return [item for _, item in (out[:limit] if limit else out)]
 
     def keys(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -260,7 +263,7 @@ class SpendReports:
                     select = select.where(Key.key_id == actor.key_id)
                 else:
                     raise Forbidden("This credential has no keys.", reason="no_spend_scope")
-            return self._ranked(list(select), "key_id", key_info, SpendLog.key_id, actor, query)
+            return self._ranked(select, "key_id", key_info, SpendLog.key_id, actor, query)
 
     def users(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         user_id = query.get("user_id")
@@ -273,8 +276,7 @@ class SpendReports:
             select = User.select().order_by(User.id)
             if user_id is not None:
                 select = select.where(User.user_id == user_id)
-            return self._ranked(list(select), "user_id", user_info, SpendLog.user_id, actor,
-                                query)
+            return self._ranked(select, "user_id", user_info, SpendLog.user_id, actor, query)
 
     def teams(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Teams with their spend; a non-admin sees the teams it belongs to, as
@@ -294,8 +296,7 @@ class SpendReports:
                     raise Forbidden("You are not a member of this team.", param="team_id",
                                     reason="other_team_spend")
                 select = select.where(Team.team_id.in_(sorted(mine) or [""]))
-            return self._ranked(list(select), "team_id", team_info, SpendLog.team_id, actor,
-                                query)
+            return self._ranked(select, "team_id", team_info, SpendLog.team_id, actor, query)
 
     def global_spend(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
         """LiteLLM's ``{spend, max_budget}``: every request's spend (a non-admin: its own)

@@ -330,3 +330,30 @@ def test_global_spend_reports_the_global_budget(app_factory: Any) -> None:
     app = app_factory(config={"LLMAUTH_MAX_BUDGET": 12.5})
     body = ok(app.test_client().get("/global/spend", headers=ADMIN))
     assert body == {"spend": 0.0, "max_budget": 12.5}
+
+
+@pytest.mark.parametrize("path, model, id_field", [("/spend/keys", Key, "key_id"),
+                                                   ("/spend/users", User, "user_id"),
+                                                   ("/spend/teams", Team, "team_id")])
+def test_undated_rankings_are_highest_spend_first_then_oldest_with_any_limit(
+        app: Any, client: Any, path: str, model: Any, id_field: str) -> None:
+    """Without a date the database ranks and limits the rows: the same order as ranking
+    every row (highest spend first, ties oldest first), for every limit."""
+    import random
+
+    rng = random.Random(5)
+    for i in range(12):
+        ok(client.post("/team/new", json={"team_id": f"rank-t{i}"}, headers=ADMIN))
+        new_key(client, user_id=f"rank-u{i}")
+    with app.extensions["llmauth"].store.use():
+        rows = list(model.select().order_by(model.id))
+        for row in rows:
+            row.spend = rng.choice([0, 5, 5, 7, 10**12])
+            row.save()
+    expected = [getattr(row, id_field) for row in sorted(rows, key=lambda r: -r.spend)]
+    assert len(set(row.spend for row in rows)) > 2 and len(rows) >= 12
+    listed = ok(get(client, path))
+    assert [item[id_field] for item in listed] == expected
+    for limit in (1, 2, 5, len(rows), len(rows) + 3):
+        assert [item[id_field] for item in ok(get(client, path, limit=limit))] == (
+            expected[:limit])
