@@ -89,6 +89,10 @@ def _user_summary(user: Any) -> dict[str, Any]:
             "spend": to_usd(user.spend)}
 
 
+#: Teams whose memberships ``/team/list`` reads in one query.
+_MEMBERS_PER_QUERY = 500
+
+
 class TeamService:
     def __init__(self, state: LLMAuthState) -> None:
         self.state = state
@@ -299,7 +303,15 @@ class TeamService:
                 of_user = TeamMembership.select(TeamMembership.team_id).where(
                     TeamMembership.user_id == query["user_id"])
                 select = select.where(Team.team_id.in_(of_user))
-            return [team_info(t, self._members(t.team_id)) for t in select]
+            teams = list(select)
+            members: dict[str, list[TeamMembership]] = {t.team_id: [] for t in teams}
+            step = _MEMBERS_PER_QUERY  # one query per that many teams, not one per team
+            for chunk in range(0, len(teams), step):
+                ids = [t.team_id for t in teams[chunk:chunk + step]]
+                for m in TeamMembership.select().where(TeamMembership.team_id.in_(ids)
+                                                       ).order_by(TeamMembership.id):
+                    members[m.team_id].append(m)
+            return [team_info(t, members[t.team_id]) for t in teams]
 
     # -- members ----------------------------------------------------------------------------------
 

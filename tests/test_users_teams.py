@@ -542,3 +542,27 @@ def test_creating_a_team_is_seen_at_once_by_a_process_that_looked_it_up_before(
           members_with_roles=[{"user_id": "late-admin", "role": "admin"}])
     assert identities.load(None, "t-late")[team].team_id == "t-late"
     assert identities.load("late-admin", None)[user].user_id == "late-admin"
+
+
+@pytest.mark.parametrize("per_query", [1, 2, 500])
+def test_team_list_shows_each_team_s_members_as_team_info_does(client: Any, monkeypatch: Any,
+                                                               per_query: int) -> None:
+    """``/team/list`` reads the memberships of many teams per query: every team still lists
+    exactly its own members, in order, as ``/team/info`` shows them."""
+    from flask_llmauth import teams
+
+    monkeypatch.setattr(teams, "_MEMBERS_PER_QUERY", per_query)
+    for user in ("m1", "m2", "m3"):
+        admin(client, "/user/new", user_id=user)
+    members = {"lt1": ["m2", "m1"], "lt2": [], "lt3": ["m3"], "lt4": ["m1", "m3", "m2"],
+               "lt5": ["m1"]}
+    for team_id, users in members.items():
+        admin(client, "/team/new", team_id=team_id,
+              members_with_roles=[{"user_id": u, "role": "user"} for u in users])
+    listing = {t["team_id"]: t for t in client.get("/team/list", headers=ADMIN).get_json()}
+    assert set(listing) == set(members)
+    for team_id, users in members.items():
+        info = admin_get(client, "/team/info", team_id=team_id)
+        shown = info.get("team_info", info)["members_with_roles"]
+        assert listing[team_id]["members_with_roles"] == shown
+        assert [m["user_id"] for m in shown] == users
