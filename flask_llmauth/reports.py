@@ -237,21 +237,40 @@ class SpendReports:
         """Entity rows (``select``: the caller's, by row id) with their spend: the row's
         running total, or with a date the spend log's sum in the range; highest first, then
         oldest first. Without a date the database ranks and limits them: an admin's
-        ``?limit=10`` among a million keys reads ten rows."""
+        ``?limit=10`` among a million keys reads ten rows; with a date and a limit, the rows
+        that spent in the range and then only as many others as the limit needs."""
         limit = query.get("limit")
+        model = select.model
         if query.get("start_date") is None and query.get("end_date") is None:
-            model = select.model
             select = select.order_by(model.spend.desc(), model.id)
             return [info(row) for row in (select.limit(limit) if limit else select)]
-        sums = self._sums(column, date_range(query))  # sum each row's spend-log rows
-        out = []
-        for row in select:
+        sums = self._sums(column, date_range(query))  # each entity's spend-log rows summed
+
+        def dated(row: Any, units: int) -> dict[str, Any]:
             item = info(row)
-            units = sums.get(getattr(row, id_field), 0)
             item["spend"] = to_usd(units)
-            out.append((units, item))
-        out.sort(key=lambda pair: -pair[0])
-        return [item for _, item in (out[:limit] if limit else out)]
+            return item
+
+        if not limit:
+            ranked = sorted(((sums.get(getattr(row, id_field), 0), row) for row in select),
+                            key=lambda pair: -pair[0])  # stable: ties stay oldest first
+            return [dated(row, units) for units, row in ranked]
+        # With a limit: the rows that spent in the range (as many as spent), then the
+        # others oldest first, read only until the list is full.
+        spent = [ident for ident, units in sums.items() if units > 0]
+        field = getattr(model, id_field)
+        rows = []
+        for chunk in range(0, len(spent), 500):
+            rows.extend(select.where(field.in_(spent[chunk:chunk + 500])))
+        rows.sort(key=lambda row: (-sums[getattr(row, id_field)], row.id))
+        out = [dated(row, sums[getattr(row, id_field)]) for row in rows[:limit]]
+        if len(out) < limit:
+            for row in select.order_by(model.id).iterator():
+                if sums.get(getattr(row, id_field), 0) <= 0:
+                    out.append(dated(row, 0))
+                    if len(out) == limit:
+                        break
+        return out
 
     def keys(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         with self.state.store.use():

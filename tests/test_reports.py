@@ -357,3 +357,35 @@ def test_undated_rankings_are_highest_spend_first_then_oldest_with_any_limit(
     for limit in (1, 2, 5, len(rows), len(rows) + 3):
         assert [item[id_field] for item in ok(get(client, path, limit=limit))] == (
             expected[:limit])
+
+
+@pytest.mark.parametrize("path, model, id_field", [("/spend/keys", Key, "key_id"),
+                                                   ("/spend/users", User, "user_id"),
+                                                   ("/spend/teams", Team, "team_id")])
+def test_dated_rankings_with_a_limit_are_the_full_ranking_cut(
+        app: Any, client: Any, path: str, model: Any, id_field: str) -> None:
+    """With dates and a limit, only the rows that spent in the range and as many others as
+    the limit needs are read: the answer is the full ranking (no limit) cut to the limit."""
+    import random
+
+    rng = random.Random(9)
+    for i in range(12):
+        ok(client.post("/team/new", json={"team_id": f"rank-t{i}"}, headers=ADMIN))
+        new_key(client, user_id=f"rank-u{i}")
+    with app.extensions["llmauth"].store.use():
+        rows = list(model.select().order_by(model.id))
+        for n, row in enumerate(rng.sample(rows, 7)):
+            units = rng.choice([0, 3, 3, 9])
+            at = datetime(2026, 11, 2, 12)
+            SpendLog.create(request_id=f"rank-{n}", created_at=at, started_at=at, model="m",
+                            route="/v1/chat/completions", auth_method="virtual_key",
+                            prompt_tokens=1, completion_tokens=1, spend=units,
+                            estimated=False, status="success",
+                            **{id_field: getattr(row, id_field)})
+    dates = {"start_date": "2026-11-01", "end_date": "2026-11-03"}
+    full = [(item[id_field], item["spend"]) for item in ok(get(client, path, **dates))]
+    assert len(full) == len(rows) and full[0][1] > 0 and full[-1][1] == 0
+    for limit in (1, 2, 3, 5, 8, len(rows), len(rows) + 2):
+        cut = [(item[id_field], item["spend"])
+               for item in ok(get(client, path, limit=limit, **dates))]
+        assert cut == full[:limit], limit
