@@ -788,6 +788,13 @@ class Settings:
         yaml=("general_settings.litellm_jwtauth.user_allowed_email_domain",
               "general_settings.user_allowed_email_domain"),
     )
+    jwt_require_verified_email: bool = setting(
+        True, _bool,
+        "A token whose `email_verified` claim is false cannot name its user by its `email` "
+        "(the user id by default) or pass `user_allowed_email_domain` with it: 403. Where "
+        "another claim names the user, such an email is ignored (never stored). Off: "
+        "LiteLLM's behaviour (the claim is not read).",
+    )
     jwt_user_id_upsert: bool = setting(
         False, _bool, "Create the user (role internal_user) on first sight.",
         yaml=("general_settings.litellm_jwtauth.user_id_upsert",),

@@ -168,6 +168,15 @@ def claim_string(claims: Mapping[str, Any], path: str | None) -> str | None:
     return value
 
 
+def _unverified_email(claims: Mapping[str, Any], issuer: IssuerConfig) -> bool:
+    """Whether the token says its standard ``email`` claim is not verified (OIDC's
+    ``email_verified`` is false); a claim other than ``email`` is not what it speaks of."""
+    if issuer.user_email_field not in (None, "email"):
+        return False
+    verified = claims.get("email_verified")
+    return verified is False or (isinstance(verified, str) and verified.lower() == "false")
+
+
 def claim_strings(claims: Mapping[str, Any], path: str | None) -> list[str]:
     """A list of ids from a claim (a string is a one-item list; a space-separated string
     is not split)."""
@@ -562,6 +571,13 @@ class JWTAuthenticator:
         scopes = token_scopes(claims)
         models = self._scope_restriction(scopes, info) if self.scope_mappings else ()
         email = claim_string(claims, issuer.user_email_field or "email")
+        if email is not None and s.jwt_require_verified_email and _unverified_email(
+                claims, issuer):
+            if not issuer.user_id_field or s.jwt_user_allowed_email_domain:
+                raise Forbidden(
+                    "The token's email is not verified (email_verified is false): it cannot "
+                    "identify the user.", reason="jwt_email_unverified")
+            email = None  # another claim names the user: the address is not trusted
         user_id = claim_string(claims, issuer.user_id_field) if issuer.user_id_field else email
         if user_id is not None:
             user_id = issuer.user_id_prefix + user_id

@@ -333,6 +333,36 @@ def test_user_allowed_email_domain(make_app: Any, idp: IdP) -> None:
     assert_error(call(client, idp.token()), 403)  # no email at all
 
 
+def test_an_unverified_email_does_not_identify_the_user(make_app: Any, idp: IdP) -> None:
+    """OIDC's ``email_verified: false`` (an address anyone may have typed at the provider)
+    never names a user: refused where the email is the user id or passes the domain check,
+    ignored (not stored) where ``sub`` names the user; a missing claim changes nothing."""
+    by_email = make_app().test_client()
+    for unverified in (False, "false", "FALSE"):
+        token = idp.token(extra_claims={"email": "boss@corp.example",
+                                        "email_verified": unverified})
+        error = assert_error(call(by_email, token), 403)
+        assert "not verified" in error["message"]
+    for verified in ({"email_verified": True}, {}):
+        token = idp.token(extra_claims={"email": "boss@corp.example", **verified})
+        assert ok(call(by_email, token))["user_id"] == "boss@corp.example"
+    by_sub = make_app(user_id_field="sub").test_client()
+    body = ok(call(by_sub, idp.token(extra_claims={"email": "boss@corp.example",
+                                                   "email_verified": False})))
+    assert body["user_id"] == "llmauth-svc" and body["user_email"] is None
+    gated = make_app(user_id_field="sub", user_allowed_email_domain="corp.example")
+    assert_error(call(gated.test_client(), idp.token(extra_claims={
+        "email": "boss@corp.example", "email_verified": False})), 403)
+    other_claim = make_app(user_email_field="profile.mail").test_client()  # not OIDC's email
+    body = ok(call(other_claim, idp.token(extra_claims={"profile": {"mail": "m@corp.example"},
+                                                        "email_verified": False})))
+    assert body["user_id"] == "m@corp.example"
+    legacy = make_app(require_verified_email=False).test_client()
+    body = ok(call(legacy, idp.token(extra_claims={"email": "boss@corp.example",
+                                                   "email_verified": False})))
+    assert body["user_id"] == "boss@corp.example"
+
+
 def test_user_id_upsert_provisions_once(make_app: Any, idp: IdP) -> None:
     app = make_app(user_id_upsert=True)
     client = app.test_client()
