@@ -152,12 +152,12 @@ def test_a_stream_that_fails_midway_releases_its_slot_and_is_charged(make: Any) 
     assert int(after.headers["x-ratelimit-remaining-tokens"]) < 1_000_000  # it was charged
 
 
-def test_a_stream_dropped_by_a_failing_after_request_hook_releases_its_slot(
-        make: Any) -> None:
-    """A host ``after_request`` hook raises after the guards wrapped a streamed body: Flask
-    answers 500 and the stream is never sent nor closed; the slot must not stay taken."""
+def _failing_stream_hook(make: Any, propagate: bool) -> tuple[Any, str]:
+    """An app whose host ``after_request`` hook raises on a streamed answer (after the
+    guards wrapped it), with ``PROPAGATE_EXCEPTIONS`` as given; its client and a key with
+    ``max_parallel_requests=1``."""
     app = make()
-    app.config["PROPAGATE_EXCEPTIONS"] = False
+    app.config["PROPAGATE_EXCEPTIONS"] = propagate
 
     @app.after_request
     def failing_hook(response: Any) -> Any:
@@ -166,7 +166,14 @@ def test_a_stream_dropped_by_a_failing_after_request_hook_releases_its_slot(
         return response
 
     client = app.test_client()
-    key = new_key(client, max_parallel_requests=1)["key"]
+    return client, new_key(client, max_parallel_requests=1)["key"]
+
+
+def test_a_stream_dropped_by_a_failing_after_request_hook_releases_its_slot(
+        make: Any) -> None:
+    """Flask answers 500 and the stream is never sent nor closed; the slot must not stay
+    taken."""
+    client, key = _failing_stream_hook(make, propagate=False)
     assert client.post(STREAM, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 500
     assert chat(client, key).status_code == 200
 
@@ -203,17 +210,7 @@ def test_a_stream_dropped_by_an_exception_that_propagates_releases_its_slot(
         make: Any) -> None:
     """The same with ``PROPAGATE_EXCEPTIONS`` (debug and testing): Flask runs no
     after-request function again, so only the exception signal can release the slot."""
-    app = make()
-    app.config["PROPAGATE_EXCEPTIONS"] = True
-
-    @app.after_request
-    def failing_hook(response: Any) -> Any:
-        if request.path == STREAM and response.status_code == 200:
-            raise RuntimeError("host hook failed")
-        return response
-
-    client = app.test_client()
-    key = new_key(client, max_parallel_requests=1)["key"]
+    client, key = _failing_stream_hook(make, propagate=True)
     with pytest.raises(RuntimeError, match="host hook failed"):
         client.post(STREAM, json={"model": "gpt-4o"}, headers=bearer(key))
     assert chat(client, key).status_code == 200

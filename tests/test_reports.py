@@ -332,6 +332,12 @@ def test_global_spend_reports_the_global_budget(app_factory: Any) -> None:
     assert body == {"spend": 0.0, "max_budget": 12.5}
 
 
+def _twelve_teams_users_and_keys(client: Any) -> None:
+    for i in range(12):
+        ok(client.post("/team/new", json={"team_id": f"rank-t{i}"}, headers=ADMIN))
+        new_key(client, user_id=f"rank-u{i}")
+
+
 @pytest.mark.parametrize("path, model, id_field", [("/spend/keys", Key, "key_id"),
                                                    ("/spend/users", User, "user_id"),
                                                    ("/spend/teams", Team, "team_id")])
@@ -342,9 +348,7 @@ def test_undated_rankings_are_highest_spend_first_then_oldest_with_any_limit(
     import random
 
     rng = random.Random(5)
-    for i in range(12):
-        ok(client.post("/team/new", json={"team_id": f"rank-t{i}"}, headers=ADMIN))
-        new_key(client, user_id=f"rank-u{i}")
+    _twelve_teams_users_and_keys(client)
     with app.extensions["llmauth"].store.use():
         rows = list(model.select().order_by(model.id))
         for row in rows:
@@ -369,9 +373,7 @@ def test_dated_rankings_with_a_limit_are_the_full_ranking_cut(
     import random
 
     rng = random.Random(9)
-    for i in range(12):
-        ok(client.post("/team/new", json={"team_id": f"rank-t{i}"}, headers=ADMIN))
-        new_key(client, user_id=f"rank-u{i}")
+    _twelve_teams_users_and_keys(client)
     with app.extensions["llmauth"].store.use():
         rows = list(model.select().order_by(model.id))
         for n, row in enumerate(rng.sample(rows, 7)):
