@@ -232,8 +232,7 @@ class SpendReports:
                 select.group_by(column).tuples() if ident is not None}
 
     def _ranked(self, select: peewee.ModelSelect, id_field: str, info: Any,
-                column: peewee.Field, actor: Principal, query: Mapping[str, Any]
-                ) -> list[dict[str, Any]]:
+                column: peewee.Field, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Entity rows (``select``: the caller's, by row id) with their spend: the row's
         running total, or with a date the spend log's sum in the range; highest first, then
         oldest first. Without a date the database ranks and limits them: an admin's
@@ -282,7 +281,7 @@ class SpendReports:
                     select = select.where(Key.key_id == actor.key_id)
                 else:
                     raise Forbidden("This credential has no keys.", reason="no_spend_scope")
-            return self._ranked(select, "key_id", key_info, SpendLog.key_id, actor, query)
+            return self._ranked(select, "key_id", key_info, SpendLog.key_id, query)
 
     def users(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         user_id = query.get("user_id")
@@ -295,7 +294,7 @@ class SpendReports:
             select = User.select().order_by(User.id)
             if user_id is not None:
                 select = select.where(User.user_id == user_id)
-            return self._ranked(select, "user_id", user_info, SpendLog.user_id, actor, query)
+            return self._ranked(select, "user_id", user_info, SpendLog.user_id, query)
 
     def teams(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Teams with their spend; a non-admin sees the teams it belongs to, as
@@ -315,7 +314,7 @@ class SpendReports:
                     raise Forbidden("You are not a member of this team.", param="team_id",
                                     reason="other_team_spend")
                 select = select.where(Team.team_id.in_(sorted(mine) or [""]))
-            return self._ranked(select, "team_id", team_info, SpendLog.team_id, actor, query)
+            return self._ranked(select, "team_id", team_info, SpendLog.team_id, query)
 
     def global_spend(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
         """LiteLLM's ``{spend, max_budget}``: every request's spend (a non-admin: its own)

@@ -325,8 +325,8 @@ def _top_level_model(data: bytes, named: int) -> Any:
 class StreamUsage:
     """Reads server-sent events as they pass and keeps the usage they report.
 
-    Most events of a stream are text deltas: an event that cannot report usage (no
-    ``"usage"`` bytes but ``"usage": null``, no Anthropic ``message_delta``) is kept as it
+    Most events of a stream are text deltas: an event that cannot report usage (every
+    ``"usage"`` in it followed by ``null``, no Anthropic ``message_delta``) is kept as it
     came and parsed only if the stream's result needs it — for the text it adds when the
     stream reports no usage, or for the model it names when it is the last to name one. A
     stream that reports its usage (OpenAI's ``stream_options.include_usage``, Anthropic)
