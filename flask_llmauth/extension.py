@@ -19,13 +19,13 @@ import peewee
 from flask import (
     Blueprint,
     Flask,
-    Response,
     after_this_request,
     current_app,
     g,
     got_request_exception,
     request,
 )
+from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from .authn.base import Authenticator, Chain, new_context
@@ -81,7 +81,8 @@ try:  # what ``request`` and ``g`` proxy to, read without the proxies on the hot
 except ImportError:  # pragma: no cover - a Flask without them: the public proxies are used
     _cv_app = _cv_request = None  # type: ignore[assignment]
 F = TypeVar("F", bound=Callable[..., Any])
-ErrorCallback = Callable[[LLMAuthError], Response]
+#: ``callback(error) -> response``: anything a Flask view may return (``None`` is not).
+ErrorCallback = Callable[[LLMAuthError], ResponseReturnValue]
 
 
 def state() -> LLMAuthState:
@@ -246,7 +247,7 @@ class LLMAuthState:
 
     # -- the request hook -----------------------------------------------------------------------
 
-    def before_request(self) -> Response | None:
+    def before_request(self) -> ResponseReturnValue | None:
         """The app's one hook: classify → credential → chain → authorize → guards."""
         # The request is fetched once, from its context variable: every attribute read
         # through Flask's context proxies costs a lookup first, and the hot path does dozens.
@@ -265,7 +266,7 @@ class LLMAuthState:
                 self.policy.gate(info, req)
             except LLMAuthError as error:
                 self._log_failure(error, info.route, None)
-                return self.ext._error_callback(error)
+                return self.ext.error_response(error)
         if not info.public:
             response = self._authenticate(req, rule, info)
             if response is not None:
@@ -276,7 +277,7 @@ class LLMAuthState:
             hooks.before()
         return None
 
-    def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> Response | None:
+    def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> ResponseReturnValue | None:
         method = req.method
         if method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None
@@ -316,7 +317,7 @@ class LLMAuthState:
                     self._admit(g_, plan, None, JSONBody(req), req)
         except LLMAuthError as error:
             self._log_failure(error, info.route, credentials)
-            return self.ext._error_callback(error)
+            return self.ext.error_response(error)
         except HTTPException:
             raise  # e.g. 413 while the policy reads the body: Flask answers it
         except Exception as exc:  # a bug must deny, never grant and never answer 500
@@ -325,7 +326,7 @@ class LLMAuthState:
             g_.pop("_llmauth_principal", None)
             error = Forbidden(reason="policy_error")
             self._log_failure(error, info.route, credentials)
-            return self.ext._error_callback(error)
+            return self.ext.error_response(error)
         if auth_succeeded.receivers:
             send_signal(auth_succeeded, current_app._get_current_object(), principal=principal)
         return None
@@ -378,14 +379,14 @@ class LLMAuthState:
         if admission is not None:
             self.guards.teardown(admission)
 
-    def handle_error(self, error: LLMAuthError) -> Response:
+    def handle_error(self, error: LLMAuthError) -> ResponseReturnValue:
         """Error handler for auth errors raised inside views (decorators, services)."""
         route = self._logged_route()
         if error.status >= 500:
             log.error("llmauth: %s on %s: %s", error.status, route, error.reason)
         elif error.status in (401, 403):
             self._log_failure(error, route, None)
-        return self.ext._error_callback(error)
+        return self.ext.error_response(error)
 
     def _logged_route(self) -> str:
         """The route as its rule spells it (``/key/{key_id}/regenerate``), never the raw
@@ -587,9 +588,36 @@ class LLMAuth:
         return hook
 
     def error_handler(self, callback: ErrorCallback) -> ErrorCallback:
-        """Replace the default error response (the JSON envelope) for every auth error."""
+        """Replace the default error response (the JSON envelope) for every auth error.
+
+        ``callback(error)`` returns what a view may return; its status should be
+        ``error.status`` and its headers include ``error.headers`` (``Retry-After``,
+        ``WWW-Authenticate``...). A callback that returns ``None`` or raises (anything but
+        an ``HTTPException``) is logged and the default envelope answers: a refusal never
+        falls through to the view.
+        """
         self._error_callback = callback
         return callback
+
+    def error_response(self, error: LLMAuthError) -> ResponseReturnValue:
+        """The answer to ``error``: the :meth:`error_handler` callback's, else the default
+        JSON envelope."""
+        callback = self._error_callback
+        if callback is error_response:
+            return error_response(error)
+        try:
+            response = callback(error)
+        except HTTPException:
+            raise  # e.g. ``abort(error.status)``: Flask answers it, the request stops
+        except Exception as exc:
+            log.error("llmauth: the error_handler callback failed (%s); the default error "
+                      "response answers", type(exc).__name__)
+            return error_response(error)
+        if response is None:
+            log.error("llmauth: the error_handler callback returned None; the default error "
+                      "response answers")
+            return error_response(error)
+        return response
 
     @staticmethod
     def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,

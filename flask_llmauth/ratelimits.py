@@ -213,7 +213,7 @@ def _storage_error(error: StorageError) -> Any:
     log.error("llmauth: rate-limit storage error in %s: %s", request.endpoint,
               type(error.storage_error).__name__)
     retry = max(1, math.ceil(state.settings.ratelimit_retry_interval))
-    return state.ext._error_callback(ServiceUnavailable(
+    return state.ext.error_response(ServiceUnavailable(
         "Rate limiting is temporarily unavailable; try again shortly.",
         headers={"Retry-After": str(retry)}, reason="ratelimit_storage_down"))
 

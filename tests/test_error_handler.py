@@ -1,0 +1,87 @@
+"""``@llmauth.error_handler``: the host's callback answers every auth error, and a callback
+that returns nothing or crashes never lets a refused request through to the view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask, abort
+
+from flask_llmauth import LLMAuthError
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+
+CHAT = "/v1/chat/completions"
+
+
+def refused_requests(app: Flask) -> list[tuple[str, Any]]:
+    """One refusal per place an error is answered: the request hook (no key, unknown key,
+    a model the key may not call) and a view's decorator (``@require_role``)."""
+    client = app.test_client()
+    key = new_key(client, models=["gpt-4o"])["key"]
+    return [
+        ("no key", lambda: client.post(CHAT, json={"model": "gpt-4o"})),
+        ("unknown key", lambda: client.post(CHAT, json={"model": "gpt-4o"},
+                                            headers=bearer(random_key()))),
+        ("model denied", lambda: client.post(CHAT, json={"model": "o3"}, headers=bearer(key))),
+        ("role missing", lambda: client.get("/custom/admin", headers=bearer(key))),
+    ]
+
+
+def test_the_callback_answers_every_auth_error(app_factory: Any) -> None:
+    app = app_factory()
+
+    @app.llmauth.error_handler
+    def answer(error: LLMAuthError) -> Any:
+        return {"failed": error.error_type}, error.status, {"X-Acme": "1"}
+
+    for name, call in refused_requests(app):
+        response = call()
+        assert response.status_code in (401, 403), name
+        assert response.headers["X-Acme"] == "1", name
+        assert set(response.get_json()) == {"failed"}, name
+
+
+@pytest.mark.parametrize("failure", ["returns None", "raises"])
+def test_a_broken_callback_never_lets_a_refused_request_through(
+        app_factory: Any, caplog: Any, failure: str) -> None:
+    app = app_factory()
+    served: list[str] = []
+
+    @app.before_request
+    def count() -> None:  # runs after the extension's hook, so only for admitted requests
+        served.append("view")
+
+    @app.llmauth.error_handler
+    def broken(error: LLMAuthError) -> Any:
+        if failure == "raises":
+            raise RuntimeError("the callback's own bug")
+        return None
+
+    for name, call in refused_requests(app):
+        served.clear()
+        response = call()
+        assert response.status_code in (401, 403), (name, response.get_data(as_text=True))
+        assert_error(response, response.status_code)
+        if name != "role missing":  # the decorator refuses inside the view
+            assert served == [], name
+    assert "the error_handler callback" in caplog.text
+    assert "the callback's own bug" not in caplog.text  # its type only, as for hooks
+
+
+def test_a_broken_callback_on_a_deployment_gate_refuses(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_ALLOWED_IPS": ["10.0.0.0/8"]})
+    app.llmauth.error_handler(lambda error: None)
+    response = app.test_client().get("/public/ping", headers=ADMIN)
+    assert_error(response, 403)
+
+
+def test_a_callback_may_abort_with_the_status(app_factory: Any) -> None:
+    app = app_factory()
+
+    @app.llmauth.error_handler
+    def plain(error: LLMAuthError) -> Any:
+        abort(error.status)
+
+    response = app.test_client().post(CHAT, json={"model": "gpt-4o"})
+    assert response.status_code == 401
