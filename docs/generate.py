@@ -16,6 +16,14 @@ config > LiteLLM YAML (`LLMAUTH_CONFIG_FILE`; values may be `os.environ/NAME`) >
 loader (secrets only) > environment variable > default. An unknown `LLMAUTH_*` key, or a
 value of the wrong type, fails `init_app` with a message naming the key.
 
+`LLMAUTH_*` names are Flask config keys, not environment variables: the extension reads
+only the variables of the *environment* column (LiteLLM's names). An exported
+`LLMAUTH_DATABASE_URL` is not read (`init_app` logs a warning naming it); load such values
+into `app.config` yourself, e.g. `app.config.from_prefixed_env()` turns
+`FLASK_LLMAUTH_DATABASE_URL` into `LLMAUTH_DATABASE_URL` (values parsed as JSON when they
+are: `FLASK_LLMAUTH_AUTO_MIGRATE=false`). The example gateway (`example_app`) copies every
+`LLMAUTH_*` environment variable into its config.
+
 """
 
 

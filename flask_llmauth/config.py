@@ -1381,6 +1381,7 @@ def load_settings(
     if yaml_doc:
         _warn_unknown_general_settings(yaml_doc)
         _check_jwtauth_block(yaml_doc)
+    _warn_unread_environment(config, overrides, environ)
     settings = Settings(**values)
     object.__setattr__(settings, "_sources", sources)
     return settings
@@ -1422,9 +1423,9 @@ def check_secrets(settings: Settings) -> None:
             where = "" if source == "default" else f" (from {source})"
             raise ConfigurationError(
                 f"LLMAUTH_MASTER_KEY{where}: {problem}. Use at least {MIN_SECRET_LENGTH} "
-                "random characters (e.g. 'sk-' + secrets.token_urlsafe(32)) in "
-                "LLMAUTH_MASTER_KEY or LITELLM_MASTER_KEY, or set LLMAUTH_INSECURE_DEV_MODE="
-                "True for development only."
+                "random characters (e.g. 'sk-' + secrets.token_urlsafe(32)) in the Flask "
+                "config key LLMAUTH_MASTER_KEY or the environment variable LITELLM_MASTER_KEY, "
+                "or set LLMAUTH_INSECURE_DEV_MODE=True for development only."
             )
         log.warning("llmauth: INSECURE DEV MODE (LLMAUTH_INSECURE_DEV_MODE): %s. Anyone who "
                     "can guess the master key is proxy admin. Never run this in production.",
@@ -1470,6 +1471,21 @@ def _lookup(
         if environ.get(env_name) not in (None, ""):
             return environ[env_name], f"environment {env_name}"
     return _MISSING, "default"
+
+
+def _warn_unread_environment(config: Mapping[str, Any], overrides: Mapping[str, Any],
+                             environ: Mapping[str, str]) -> None:
+    """Warn about ``LLMAUTH_*`` environment variables: they name Flask config keys, which
+    the extension reads from ``app.config`` only (an ``LLMAUTH_DATABASE_URL`` exported in
+    the shell would otherwise leave the app on its SQLite default without a word)."""
+    unread = sorted(name for name in environ if name in _BY_KEY and name not in config
+                    and _BY_KEY[name] not in overrides)
+    if unread:
+        log.warning(
+            "llmauth: environment variable(s) %s not read: LLMAUTH_* names are Flask config "
+            "keys (put them in app.config, e.g. app.config.from_prefixed_env() reads "
+            "FLASK_LLMAUTH_*); the environment variables read directly are listed in "
+            "docs/configuration.md", ", ".join(unread))
 
 
 def _dig(doc: Mapping[str, Any], path: str) -> Any:

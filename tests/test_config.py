@@ -18,6 +18,7 @@ from flask_llmauth.config import (
     DEFAULT_AUTH_ORDER,
     PREFIX,
     Settings,
+    check_secrets,
     load_settings,
     mask_secret,
 )
@@ -788,6 +789,33 @@ def test_weak_or_missing_master_key_is_refused(tmp_path: Path, weak: str, why: s
     assert why in message and "LLMAUTH_INSECURE_DEV_MODE" in message
     if weak:
         assert weak not in message
+
+
+def test_llmauth_environment_variables_are_named_as_unread(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``LLMAUTH_*`` are Flask config keys; exported in the shell they are not read, and
+    init_app says so (an exported ``LLMAUTH_DATABASE_URL`` left the app on SQLite silently),
+    and the missing-master-key message says which name is a config key and which a
+    variable."""
+    environ = {"LLMAUTH_MASTER_KEY": OTHER_MASTER, "LLMAUTH_DATABASE_URL": "sqlite:///x.db",
+               "LLMAUTH_TEST_POSTGRES_URL": "postgresql://db/test", "LLMAUTH_REDIS_URL": "x"}
+    with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+        settings = load_settings({"LLMAUTH_REDIS_URL": None}, environ=environ)
+    assert settings.master_key is None and settings.database_url is None
+    warnings = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "LLMAUTH_DATABASE_URL, LLMAUTH_MASTER_KEY not read" in warnings[0]
+    assert "LLMAUTH_TEST_" not in warnings[0] and "LLMAUTH_REDIS_URL" not in warnings[0]
+    assert OTHER_MASTER not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+        load_settings({"LLMAUTH_MASTER_KEY": OTHER_MASTER}, {"database_url": "sqlite:///y"},
+                      environ=environ)
+    assert "LLMAUTH_DATABASE_URL" not in caplog.text and "LLMAUTH_MASTER_KEY" not in caplog.text
+    with pytest.raises(ConfigurationError) as info:
+        check_secrets(load_settings({}, environ=environ))
+    assert ("the Flask config key LLMAUTH_MASTER_KEY or the environment variable "
+            "LITELLM_MASTER_KEY") in str(info.value)
 
 
 def test_weak_master_key_from_the_environment_names_its_source(
