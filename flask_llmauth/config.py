@@ -668,7 +668,11 @@ class Settings:
         yaml=("litellm_settings.model_alias_map", "router_settings.model_group_alias"),
     )
     model_list: tuple[dict[str, Any], ...] = setting(
-        (), _model_list, "LiteLLM `model_list` (model names and access groups).",
+        (), _model_list,
+        "LiteLLM `model_list`: model names, deployments (`litellm_params.model`), access "
+        "groups and prices are read; other `litellm_params` (provider keys, endpoints) are "
+        "not, and their `os.environ/NAME` references stay as written (the variable need not "
+        "be set).",
         yaml=("model_list",),
     )
     default_team_member_permissions: tuple[str, ...] = setting(
@@ -1497,6 +1501,12 @@ def _dig(doc: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+#: The ``litellm_params`` of a ``model_list`` entry this library reads. The others (provider
+#: credentials, endpoints...) are the LiteLLM proxy's: kept as written, ``os.environ/NAME``
+#: unresolved, so a gateway need not hold its providers' keys to share LiteLLM's config.
+_READ_LITELLM_PARAMS = frozenset({"model", "input_cost_per_token", "output_cost_per_token"})
+
+
 def _resolve_env_refs(value: Any, environ: Mapping[str, str], key: str, path: str) -> Any:
     """Replace LiteLLM's ``os.environ/NAME`` references with the environment's values."""
     if isinstance(value, str) and value.startswith("os.environ/"):
@@ -1506,9 +1516,12 @@ def _resolve_env_refs(value: Any, environ: Mapping[str, str], key: str, path: st
                 f"{key} (from YAML {path}): environment variable {env_name} is not set")
         return environ[env_name]
     if isinstance(value, list):
-        return [_resolve_env_refs(v, environ, key, path) for v in value]
+        return [_resolve_env_refs(v, environ, key, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _resolve_env_refs(v, environ, key, f"{path}.{k}") for k, v in value.items()}
+        unread = path.startswith("model_list[") and path.endswith("].litellm_params")
+        return {k: v if unread and k not in _READ_LITELLM_PARAMS
+                else _resolve_env_refs(v, environ, key, f"{path}.{k}")
+                for k, v in value.items()}
     return value
 
 

@@ -420,6 +420,40 @@ def test_litellm_yaml_with_os_environ_references(
         close(app)
 
 
+def test_model_list_provider_credentials_are_kept_as_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LiteLLM config names its providers' keys (``api_key: os.environ/OPENAI_API_KEY``);
+    this library never reads them, so a gateway sharing the file need not hold them: the
+    references stay as written (set or not). The fields it reads are still resolved, and an
+    unset one fails naming the entry."""
+    monkeypatch.setenv("OPENAI_API_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("DEPLOYMENT", "openai/gpt-4o")
+    monkeypatch.delenv("AZURE_API_KEY", raising=False)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o\n"
+        "    litellm_params: {model: os.environ/DEPLOYMENT, api_key: os.environ/OPENAI_API_KEY}\n"
+        "  - model_name: azure-gpt\n"
+        "    litellm_params:\n"
+        "      model: azure/gpt-4o\n"
+        "      api_key: os.environ/AZURE_API_KEY\n"
+        "      api_base: os.environ/AZURE_API_BASE\n"
+        "      input_cost_per_token: 0.000001\n")
+    settings = load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)})
+    first, second = settings.model_list
+    assert first["litellm_params"] == {"model": "openai/gpt-4o",
+                                       "api_key": "os.environ/OPENAI_API_KEY"}
+    assert second["litellm_params"]["api_key"] == "os.environ/AZURE_API_KEY"
+    assert second["litellm_params"]["api_base"] == "os.environ/AZURE_API_BASE"
+    assert second["litellm_params"]["input_cost_per_token"] == 0.000001
+    monkeypatch.delenv("DEPLOYMENT")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)})
+    assert str(info.value) == ("LLMAUTH_MODEL_LIST (from YAML model_list[0].litellm_params.model):"
+                               " environment variable DEPLOYMENT is not set")
+
+
 def test_yaml_reference_to_a_missing_variable_fails_naming_key_and_path(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("general_settings:\n  master_key: os.environ/NOT_SET_ANYWHERE\n")
