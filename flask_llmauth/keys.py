@@ -10,6 +10,9 @@ Rules (LiteLLM's, with its escalation bugs closed):
   ``team_member_permissions`` allow (default: ``/key/info``, ``/key/health``);
 * a key carries its user's role, so a non-admin never mints, regenerates or hands over a
   key of a user whose role outranks its own;
+* only a proxy admin chooses a key's ``organization_id`` (which the spend log and the
+  reports attribute the key's spend to): anyone else's key belongs to its team's
+  organization, a personal key to its creator's (:meth:`KeyService._settle_organization`);
 * a team key (which the team's admins can mint and regenerate) acts for its user inside
   its team only (:func:`team_confinement`).
 """
@@ -290,6 +293,37 @@ class KeyService:
             self._check_routes_reachable(actor, routes, key)
         self._check_limits(actor, params, key)
 
+    @staticmethod
+    def _settle_organization(actor: Principal, params: dict[str, Any], team: Team | None,
+                             key: Key | None = None) -> None:
+        """Only a proxy admin chooses a key's ``organization_id``: the spend log and the
+        reports attribute the key's spend to it. Anyone else's new key belongs to its team's
+        organization (a personal key to the organization of the credential creating it);
+        an existing key keeps its own, and takes its new team's when it moves to another
+        team. Naming that same value is accepted; any other value is a 403."""
+        if actor.is_admin:
+            return
+        moved = key is not None and "team_id" in params and params["team_id"] != key.team_id
+        if key is None or moved:
+            expected = team.organization_id if team is not None else (
+                actor.org_id if key is None and actor.team_id is None else None)
+        else:
+            expected = key.organization_id
+        requested = params.get("organization_id", expected)
+        if requested is None and key is None:
+            requested = expected  # null on /key/generate means "not given": inherited
+        if requested != expected:
+            where = f"team={team.team_id}" if team is not None else "a personal key"
+            raise Forbidden(
+                "Only a proxy admin can set or change a key's organization_id: the key of "
+                f"{where} belongs to organization_id={expected!r}, requested "
+                f"organization_id={requested!r}.", param="organization_id",
+                reason="organization_escalation")
+        if key is None or moved:
+            params["organization_id"] = expected
+        else:
+            params.pop("organization_id", None)
+
     def _check_limits(self, actor: Principal, params: dict[str, Any], key: Key | None) -> None:
         """Budget, rate limits, IPs and expiry: never looser than the actor's own key."""
         own = actor.key
@@ -442,6 +476,7 @@ class KeyService:
             if not actor.is_admin:
                 self._check_generate_rights(actor, params, team)
                 self._inherit(actor, params)
+            self._settle_organization(actor, params, team)
             self._check_grants(actor, params, team)
             if team is not None and params.get("user_id"):
                 if self._membership(team.team_id, params["user_id"]) is None:
@@ -521,6 +556,7 @@ class KeyService:
             self._require_modify(actor, key, "/key/update", "update")
             before = key_info(key)
             team = self._check_owner_change(actor, key, params)
+            self._settle_organization(actor, params, team, key)
             self._check_grants(actor, params, team, key)
             if "key_alias" in params:
                 self._check_alias_free(params["key_alias"], key.key_id)
@@ -603,6 +639,7 @@ class KeyService:
                                 reason="key_not_yours")
             self._check_subject(actor, key.user_id)  # the new secret goes to the actor
             team = self._check_owner_change(actor, key, params)
+            self._settle_organization(actor, params, team, key)
             self._check_grants(actor, params, team, key)
             if "key_alias" in params:
                 self._check_alias_free(params["key_alias"], key.key_id)

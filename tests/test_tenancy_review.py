@@ -1,0 +1,139 @@
+"""Cross-tenant paths found by a review of organization attribution and of what a team key
+reads: each test names what a non-admin could do before, and each refusal leaves the
+database as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flask_llmauth.spend import flush
+from flask_llmauth.store.tables import Team
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
+from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
+
+CHAT = "/v1/chat/completions"
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+def teams_snapshot(app: Any) -> dict[str, Any]:
+    with app.extensions["llmauth"].store.use():
+        return {t.team_id: {**t.__data__} for t in Team.select()}
+
+
+# -- organization_id ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def orgs(client: Any) -> dict[str, Any]:
+    """Team t1 (organization org-a): alice its admin, bob a member; team t2 (org-c): alice
+    its admin too. alice holds a personal key without organization and one an admin put in
+    org-p; bob holds a team key of t1 (inherited org-a)."""
+    for user_id in ("alice", "bob"):
+        make_user(client, user_id)
+    admin(client, "/team/new", team_id="t1", organization_id="org-a", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}],
+          team_member_permissions=["/key/info", "/key/generate", "/key/update",
+                                   "/key/regenerate"])
+    admin(client, "/team/new", team_id="t2", organization_id="org-c", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    return {"alice": admin_key(client, user_id="alice"),
+            "alice_p": admin_key(client, user_id="alice", organization_id="org-p"),
+            "bob_t1": admin_key(client, user_id="bob", team_id="t1")}
+
+
+def test_a_non_admin_never_chooses_a_keys_organization(client: Any, app: Any,
+                                                        orgs: Any) -> None:
+    """A key's organization_id is what the spend log and the reports attribute its spend
+    to: any non-admin set it to any value on the keys it generated, updated or regenerated,
+    charging its spend to another organization."""
+    alice, bob_t1 = orgs["alice"], orgs["bob_t1"]
+    assert bob_t1["organization_id"] == "org-a"
+    before, teams_before = snapshot(app), teams_snapshot(app)
+    refused = [
+        (alice["key"], "/key/generate", {"organization_id": "org-b"}),
+        (alice["key"], "/key/generate", {"team_id": "t1", "organization_id": "org-b"}),
+        (alice["key"], "/key/generate", {"team_id": "t1", "user_id": "bob",
+                                         "organization_id": "org-b"}),
+        (bob_t1["key"], "/key/generate", {"team_id": "t1", "organization_id": "org-b"}),
+        (alice["key"], "/key/update", {"key": alice["key_id"], "organization_id": "org-b"}),
+        (alice["key"], "/key/update", {"key": bob_t1["key_id"], "organization_id": "org-b"}),
+        (alice["key"], "/key/update", {"key": bob_t1["key_id"], "organization_id": None}),
+        (bob_t1["key"], "/key/update", {"key": bob_t1["key_id"], "organization_id": "org-b"}),
+        (alice["key"], "/key/regenerate", {"key": alice["key_id"],
+                                           "organization_id": "org-b"}),
+        (alice["key"], f"/key/{bob_t1['key_id']}/regenerate", {"organization_id": "org-b"}),
+        (bob_t1["key"], "/key/regenerate", {"key": bob_t1["key_id"],
+                                            "organization_id": "org-b"}),
+        # Moving a key to another team gives it that team's organization, no other.
+        (alice["key"], "/key/update", {"key": bob_t1["key_id"], "team_id": "t2",
+                                       "organization_id": "org-a"}),
+    ]
+    for credential, path, body in refused:
+        error = assert_error(as_key(client, credential, path, **body), 403)
+        assert error["param"] == "organization_id", (path, body)
+        assert "organization_id" in error["message"]
+    # Teams are a proxy admin's to create and change, organization included.
+    assert_error(as_key(client, alice["key"], "/team/update", team_id="t1",
+                        organization_id="org-b"), 403)
+    assert_error(as_key(client, alice["key"], "/team/new", team_id="t9",
+                        organization_id="org-b"), 403)
+    assert snapshot(app) == before and teams_snapshot(app) == teams_before
+
+    # Spend of bob's key still goes to its team's organization.
+    assert client.post(CHAT, json={"model": "gpt-4o", "messages": []},
+                       headers=bearer(bob_t1["key"])).status_code == 200
+    flush(app)
+    rows = client.get("/spend/logs", query_string={"api_key": bob_t1["key_id"]},
+                      headers=ADMIN).get_json()
+    assert rows and {r["organization_id"] for r in rows} == {"org-a"}
+
+
+def test_a_non_admin_may_name_the_organization_its_key_has_anyway(
+        client: Any, app: Any, orgs: Any) -> None:
+    alice, alice_p, bob_t1 = orgs["alice"], orgs["alice_p"], orgs["bob_t1"]
+
+    def generated(credential: str, **body: Any) -> dict[str, Any]:
+        response = as_key(client, credential, "/key/generate", **body)
+        assert response.status_code == 200, response.get_json()
+        record_secret(response.get_json()["key"])
+        return response.get_json()  # type: ignore[no-any-return]
+
+    # A team key inherits its team's organization, named or not (null: not named).
+    for body in ({}, {"organization_id": "org-a"}, {"organization_id": None}):
+        assert generated(alice["key"], team_id="t1", **body)["organization_id"] == "org-a"
+    assert generated(bob_t1["key"], team_id="t1")["organization_id"] == "org-a"
+    # A personal key takes the organization of the key that creates it.
+    assert generated(alice["key"])["organization_id"] is None
+    assert generated(alice["key"], organization_id=None)["organization_id"] is None
+    assert generated(alice_p["key"])["organization_id"] == "org-p"
+    for body in ({"organization_id": "org-p"}, {"organization_id": None}):
+        assert generated(alice_p["key"], **body)["organization_id"] == "org-p"
+    # The stored value is accepted on update and regenerate; the key keeps it.
+    for path, body in (("/key/update", {"key": bob_t1["key_id"], "organization_id": "org-a"}),
+                       ("/key/update", {"key": alice_p["key_id"], "organization_id": "org-p",
+                                        "key_alias": "p"}),
+                       ("/key/update", {"key": alice["key_id"], "organization_id": None}),
+                       ("/key/regenerate", {"key": bob_t1["key_id"],
+                                            "organization_id": "org-a"})):
+        response = as_key(client, alice["key"], path, **body)
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["organization_id"] == body["organization_id"]
+        if path == "/key/regenerate":
+            record_secret(response.get_json()["key"])
+    # A key a team admin moves to another of its teams takes that team's organization.
+    moved = as_key(client, alice["key"], "/key/update", key=bob_t1["key_id"], team_id="t2")
+    assert moved.status_code == 200, moved.get_json()
+    assert moved.get_json()["organization_id"] == "org-c"
+    into_team = as_key(client, alice["key"], "/key/update", key=alice_p["key_id"],
+                       team_id="t1", organization_id="org-a")
+    assert into_team.status_code == 200, into_team.get_json()
+    assert into_team.get_json()["organization_id"] == "org-a"
+    # A proxy admin sets what it likes.
+    for body in ({"organization_id": "org-z"}, {"organization_id": None}):
+        assert admin(client, "/key/update", key=alice["key_id"], **body)[
+            "organization_id"] == body["organization_id"]
+    assert admin(client, "/team/update", team_id="t1",
+                 organization_id="org-b")["organization_id"] == "org-b"
