@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
-from .money import to_units
+from .money import to_units, to_usd
 from .network import parse_networks
 
 log = logging.getLogger("flask_llmauth")
@@ -1256,6 +1256,8 @@ class Settings:
         out: dict[str, Any] = {}
         for f in self.table():
             value = getattr(self, f.name)
+            if f.metadata["parse"] in _MONEY_PARSERS:
+                value = to_usd(value)  # held as integer units, configured in USD
             if f.metadata["secret"] and value:
                 value = mask_secret(str(value))
             out[PREFIX + f.name.upper()] = _mask_nested(_jsonable(value))
@@ -1265,6 +1267,9 @@ class Settings:
         """Where setting ``name`` came from (``"LLMAUTH_X"``, ``"YAML ..."``, ``"default"``)."""
         return getattr(self, "_sources", {}).get(name, "default")
 
+
+#: Parsers of settings given in USD and held as integer units.
+_MONEY_PARSERS = (_money, _budget)
 
 #: Names whose values are secrets wherever they appear in a nested setting.
 _SECRET_NAME = re.compile(

@@ -974,6 +974,25 @@ def test_show_config_masks_every_secret(tmp_path: Path) -> None:
         close(app)
 
 
+def test_show_config_prints_money_in_usd(tmp_path: Path) -> None:
+    """Budgets are held as integer units; show-config prints the USD amounts configured."""
+    app = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_MAX_BUDGET": 100,
+                              "LLMAUTH_MAX_END_USER_BUDGET": "0.25"})
+    try:
+        result = app.test_cli_runner().invoke(args=["llmauth", "show-config"])
+        assert result.exit_code == 0, result.output
+        shown = json.loads(result.output)
+        assert shown["LLMAUTH_MAX_BUDGET"] == 100
+        assert shown["LLMAUTH_MAX_END_USER_BUDGET"] == 0.25
+        again = load_settings({key: shown[key] for key in ("LLMAUTH_MAX_BUDGET",
+                                                           "LLMAUTH_MAX_END_USER_BUDGET")},
+                              environ={})
+        assert again.max_budget == app.extensions["llmauth"].settings.max_budget
+        assert again.max_end_user_budget == app.extensions["llmauth"].settings.max_end_user_budget
+    finally:
+        close(app)
+
+
 def test_show_config_masks_a_postgres_password(tmp_path: Path, postgres_url: str) -> None:
     user, rest = postgres_url.split("://", 1)[1].split("@", 1)
     url = f"postgresql://{user}:{DB_PASSWORD}@{rest}"  # trust auth ignores the password
