@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any
 
 import click
 from flask.cli import with_appcontext
 
-from .durations import parse_duration
+from .api.keys import KEY_FIELDS
+from .api.schema import Field, string
+from .api.schema import duration as duration_field
+from .api.teams import TEAM_FIELDS
+from .api.users import USER_FIELDS
 from .errors import LLMAuthError
 from .extension import state
 from .keys import KeyService
-from .money import to_units
 from .principal import Principal, Role
 from .store.db import NotMigrated
 from .teams import TeamService
@@ -43,8 +46,27 @@ def _service_command(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: A user id as the API takes it (``--admin`` of ``create-team``).
+member_id = string()
+
+
 def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _options(fields: Mapping[str, Field], **given: tuple[str, Any]) -> dict[str, Any]:
+    """``field=(option, value)`` checked by the management API's parser of that field, so
+    the CLI takes what a request body may hold and nothing else; an error names the option.
+    ``None`` values (options not given) are left out."""
+    params: dict[str, Any] = {}
+    for name, (option, value) in given.items():
+        if value is None:
+            continue
+        try:
+            params[name] = fields[name].parse(value)
+        except (ValueError, TypeError) as exc:
+            raise click.ClickException(f"{option}: {exc}") from None
+    return params
 
 
 def _echo_json(payload: Any) -> None:
@@ -97,15 +119,9 @@ def db_status() -> None:
 def create_key(user_id: str | None, team_id: str | None, key_alias: str | None,
                models: str | None, duration: str | None, max_budget: float | None,
                as_json: bool) -> None:
-    params: dict[str, Any] = {}
-    for name, value in (("user_id", user_id), ("team_id", team_id), ("key_alias", key_alias),
-                        ("models", _csv(models))):
-        if value is not None:
-            params[name] = value
-    if duration is not None:
-        params["duration"] = parse_duration(duration)
-    if max_budget is not None:
-        params["max_budget"] = to_units(max_budget)
+    params = _options(KEY_FIELDS, user_id=("--user-id", user_id), team_id=("--team-id", team_id),
+                      key_alias=("--alias", key_alias), models=("--models", _csv(models)),
+                      duration=("--duration", duration), max_budget=("--max-budget", max_budget))
     result = KeyService(state()).generate(_actor(), params)
     if as_json:
         _echo_json(result)
@@ -149,9 +165,8 @@ def list_keys(user_id: str | None, team_id: str | None, deleted: bool) -> None:
 @click.option("--grace-period", help="Keep the old secret working this long, e.g. 24h.")
 @_service_command
 def rotate_key(key_id: str, grace_period: str | None) -> None:
-    params: dict[str, Any] = {}
-    if grace_period is not None:
-        params["grace_period"] = parse_duration(grace_period)
+    params = _options({"grace_period": Field(duration_field)},
+                      grace_period=("--grace-period", grace_period))
     result = KeyService(state()).regenerate(_actor(), key_id, params)
     click.echo(result["key"])
     ends = result.get("grace_period_ends_at")
@@ -176,14 +191,10 @@ def revoke_key(key_ids: tuple[str, ...]) -> None:
 @_service_command
 def create_user(user_id: str, email: str | None, role: str, models: str | None,
                 max_budget: float | None) -> None:
-    params: dict[str, Any] = {"user_id": user_id, "user_role": Role.parse(role),
-                              "auto_create_key": False}
-    if email is not None:
-        params["user_email"] = email
-    if models is not None:
-        params["models"] = _csv(models)
-    if max_budget is not None:
-        params["max_budget"] = to_units(max_budget)
+    params = _options(USER_FIELDS, user_id=("USER_ID", user_id), user_role=("--role", role),
+                      user_email=("--email", email), models=("--models", _csv(models)),
+                      max_budget=("--max-budget", max_budget))
+    params["auto_create_key"] = False
     _echo_json(UserService(state()).create(_actor(), params))
 
 
@@ -196,15 +207,13 @@ def create_user(user_id: str, email: str | None, role: str, models: str | None,
 @_service_command
 def create_team(team_id: str, team_alias: str | None, models: str | None,
                 max_budget: float | None, admins: tuple[str, ...]) -> None:
-    params: dict[str, Any] = {"team_id": team_id}
-    if team_alias is not None:
-        params["team_alias"] = team_alias
-    if models is not None:
-        params["models"] = _csv(models)
-    if max_budget is not None:
-        params["max_budget"] = to_units(max_budget)
+    params = _options(TEAM_FIELDS, team_id=("TEAM_ID", team_id),
+                      team_alias=("--alias", team_alias), models=("--models", _csv(models)),
+                      max_budget=("--max-budget", max_budget))
     if admins:
-        params["members_with_roles"] = [{"user_id": a, "role": "admin"} for a in admins]
+        params["members_with_roles"] = [
+            _options({"user_id": Field(member_id)}, user_id=("--admin", a))
+            | {"role": "admin"} for a in admins]
     _echo_json(TeamService(state()).create(_actor(), params))
 
 

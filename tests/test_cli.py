@@ -174,15 +174,25 @@ def test_create_user_and_team(app: Flask) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (("create-key", "--duration", "soon"), "invalid duration 'soon'"),
-    (("create-key", "--max-budget", "-5"), "must not be negative"),
+    (("create-key", "--duration", "soon"), "--duration: invalid duration 'soon'"),
+    (("create-key", "--max-budget", "-5"), "--max-budget: must not be negative"),
+    # The API's field rules: what /key/generate, /user/new and /team/new refuse.
+    (("create-key", "--user-id", "a\tb"), "--user-id: must be printable text"),
+    (("create-key", "--alias", "x" * 256), "--alias: must be 1 to 255 characters"),
+    (("create-key", "--models", "gpt-4o,\x1b[31m"), "--models: must be printable text"),
+    (("create-user", "a\nb"), "USER_ID: must be printable text"),
+    (("create-user", "dave", "--email", "\x00"), "--email: must be printable text"),
+    (("create-team", "t\tx"), "TEAM_ID: must be printable text"),
+    (("create-team", "t2", "--admin", "c\rd"), "--admin: must be printable text"),
+    (("create-team", "t2", "--max-budget", "-1"), "--max-budget: must not be negative"),
     (("create-key", "--team-id", "nope"), "Team not found: team_id=nope"),
     (("rotate-key", "00000000-0000-0000-0000-000000000000"), "Key not found."),
     (("rotate-key", "sk-not-a-real-key-0123456789abcdef"), "Key not found."),
-    (("rotate-key", "x", "--grace-period", "a while"), "invalid duration 'a while'"),
+    (("rotate-key", "x", "--grace-period", "a while"),
+     "--grace-period: invalid duration 'a while'"),
     (("revoke-key", "missing"), "Key not found."),
-    (("create-user", "dave", "--role", "superuser"), "unknown role 'superuser'"),
-    (("create-user", "dave", "--role", "team"), "A user cannot have the role 'team'."),
+    (("create-user", "dave", "--role", "superuser"), "--role: unknown role 'superuser'"),
+    (("create-user", "dave", "--role", "team"), "--role: a user cannot have the role 'team'"),
 ])
 def test_errors_are_clean(sqlite_app: Flask, args: tuple[str, ...], message: str) -> None:
     term = Terminal(sqlite_app)
