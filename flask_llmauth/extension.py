@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, overload
 
 import peewee
 from flask import (
@@ -81,6 +81,7 @@ try:  # what ``request`` and ``g`` proxy to, read without the proxies on the hot
 except ImportError:  # pragma: no cover - a Flask without them: the public proxies are used
     _cv_app = _cv_request = None  # type: ignore[assignment]
 F = TypeVar("F", bound=Callable[..., Any])
+B = TypeVar("B", bound=Blueprint)
 #: ``callback(error) -> response``: anything a Flask view may return (``None`` is not).
 ErrorCallback = Callable[[LLMAuthError], ResponseReturnValue]
 
@@ -548,7 +549,13 @@ class LLMAuth:
 
     # -- decorators and callbacks ------------------------------------------------------------------
 
-    def exempt(self, view: F | Blueprint) -> F | Blueprint:
+    @overload
+    def exempt(self, view: B) -> B: ...
+
+    @overload
+    def exempt(self, view: F) -> F: ...
+
+    def exempt(self, view: F | B) -> F | B:
         """Make a view (or every view of a blueprint) public: no credential is read."""
         if isinstance(view, Blueprint):
             self._exempt_blueprints.add(view.name)
