@@ -1,5 +1,5 @@
 """The key service: the one place where virtual keys are created, changed and checked for
-*who may do this to whom*. The management API, the CLI and the dashboard all call it.
+*who may do this to whom*. The management API and the CLI both call it.
 
 Rules (LiteLLM's, with its escalation bugs closed):
 
