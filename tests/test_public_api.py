@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from flask import Blueprint
 
-from flask_llmauth import LLMAuth
+from flask_llmauth import LLMAuth, require_scope
+
+
+@pytest.mark.parametrize("scopes", [(), ("",), (["a", "b"],)])
+def test_require_scope_refuses_a_check_that_checks_nothing(scopes: tuple[Any, ...]) -> None:
+    """``@require_scope()`` (or a list passed as one scope) would let every caller through
+    or none; like ``@require_role()`` it fails where it is written."""
+    with pytest.raises(ValueError, match="at least one scope"):
+        require_scope(*scopes)
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is 3.11+")

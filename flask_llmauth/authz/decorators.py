@@ -46,7 +46,10 @@ def require_role(*roles: str | Role) -> Callable[[F], F]:
 
 
 def require_scope(*scopes: str) -> Callable[[F], F]:
-    """Allow the view only to principals whose token carries every one of ``scopes``."""
+    """Allow the view only to principals whose token carries every one of ``scopes``
+    (the master key passes; a virtual key carries no scopes)."""
+    if not scopes or not all(isinstance(s, str) and s for s in scopes):
+        raise ValueError("require_scope needs at least one scope, each a non-empty string")
     needed = frozenset(scopes)
 
     def decorator(view: F) -> F:
