@@ -827,6 +827,15 @@ def team_confinement(actor: Principal) -> str | None:
     return key.team_id or None
 
 
+def read_confinement(actor: Principal) -> str | None:
+    """The team whose data a team key reads (``None``: not confined): as
+    :func:`team_confinement`, except that a proxy admin viewer reads everything whatever
+    key it calls with."""
+    if actor.role is Role.PROXY_ADMIN_VIEWER:
+        return None
+    return team_confinement(actor)
+
+
 def _cap_role(actor: Principal, key: Key) -> None:
     """Record on ``key`` (about to be saved with a secret the actor holds) the most it may
     act as: a non-admin who mints, regenerates or hands over another user's key caps it at

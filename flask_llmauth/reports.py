@@ -4,8 +4,9 @@
 Sums are taken in SQL over integer units, so they are exact; USD appears only in the
 response. A proxy admin and an admin viewer see everything. Anyone else sees only its own
 spend: rows of its user (a key without a user: of that key; a team identity without a key:
-of that team). Naming another user, or a key it does not own, is a 403 — not an empty
-answer that would hide the refusal.
+of that team). A non-admin's team key sees its user's rows and keys inside its team and
+that team only, never the user's total. Naming another user, or a key it does not own, is
+a 403 — not an empty answer that would hide the refusal.
 
 Dates (``start_date``, ``end_date``) are UTC. ``YYYY-MM-DD`` covers the whole day (an
 ``end_date`` includes its day); an ISO 8601 date-time is an instant (an offset is
@@ -26,7 +27,7 @@ from peewee import fn
 from .crypto import KEY_PREFIX
 from .durations import isoformat
 from .errors import BadRequest, Forbidden
-from .keys import key_info
+from .keys import key_info, read_confinement
 from .money import to_usd
 from .principal import Principal, Role
 from .store.tables import DeletedKey, Key, SpendLog, Team, TeamMembership, User
@@ -129,8 +130,12 @@ class SpendReports:
 
     @staticmethod
     def own_rows(actor: Principal) -> peewee.Expression:
-        """The spend-log rows that are the caller's own; 403 for a caller that has none."""
+        """The spend-log rows that are the caller's own (a team key's: its user's inside its
+        team); 403 for a caller that has none."""
         if actor.user_id:
+            confined = read_confinement(actor)
+            if confined is not None:
+                return (SpendLog.user_id == actor.user_id) & (SpendLog.team_id == confined)
             return SpendLog.user_id == actor.user_id
         if actor.key_id:
             return SpendLog.key_id == actor.key_id
@@ -152,8 +157,10 @@ class SpendReports:
             owner = (Key.get_or_none(Key.key_id == value)
                      or DeletedKey.get_or_none(DeletedKey.key_id == value))
         if not self.sees_all(actor):
+            confined = read_confinement(actor)
             mine = owner is not None and (
-                (actor.user_id is not None and owner.user_id == actor.user_id)
+                (actor.user_id is not None and owner.user_id == actor.user_id
+                 and confined in (None, owner.team_id))
                 or (actor.key_id is not None and owner.key_id == actor.key_id))
             if not mine:
                 raise Forbidden("You can only see the spend of your own keys.",
@@ -275,8 +282,11 @@ class SpendReports:
         with self.state.store.use():
             select = Key.select().order_by(Key.id)
             if not self.sees_all(actor):
+                confined = read_confinement(actor)
                 if actor.user_id:
                     select = select.where(Key.user_id == actor.user_id)
+                    if confined is not None:
+                        select = select.where(Key.team_id == confined)
                 elif actor.key_id:
                     select = select.where(Key.key_id == actor.key_id)
                 else:
@@ -288,6 +298,10 @@ class SpendReports:
         if not self.sees_all(actor):
             if actor.user_id is None:
                 raise Forbidden("This credential has no user.", reason="no_spend_scope")
+            if read_confinement(actor) is not None:
+                raise Forbidden("A team key reports its team's spend only: its user's spend "
+                                "covers other teams and personal keys. Use /spend/teams, "
+                                "/spend/keys or a personal key.", reason="team_key_user_spend")
             self._check_user(actor, user_id)
             user_id = actor.user_id
         with self.state.store.use():
@@ -310,6 +324,9 @@ class SpendReports:
                              .where(TeamMembership.user_id == actor.user_id)}
                 if actor.team_id:
                     mine.add(actor.team_id)
+                confined = read_confinement(actor)
+                if confined is not None:  # a team key: its own team only
+                    mine &= {confined}
                 if query.get("team_id") is not None and query["team_id"] not in mine:
                     raise Forbidden("You are not a member of this team.", param="team_id",
                                     reason="other_team_spend")

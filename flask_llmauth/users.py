@@ -17,7 +17,7 @@ from flask import current_app
 from .audit import write_audit
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden, NotFound
-from .keys import KeyService, key_info, team_confinement
+from .keys import KeyService, key_info, read_confinement, team_confinement
 from .money import to_usd
 from .principal import USER_ROLES, Principal, Role
 from .signals import send as send_signal
@@ -33,6 +33,13 @@ SELF_SERVICE_FIELDS = frozenset({"user_email", "user_alias"})
 _PLAIN_FIELDS = ("user_email", "user_alias", "models", "max_budget", "soft_budget",
                  "tpm_limit", "rpm_limit", "max_parallel_requests", "model_max_budget",
                  "metadata", "blocked", "spend")
+
+
+#: The user's personal account (its models, budget, limits, spend over every team and its
+#: personal keys, metadata): what a team key, which acts inside its team only, is not shown.
+PERSONAL_FIELDS = ("models", "spend", "max_budget", "soft_budget", "budget_duration",
+                   "budget_reset_at", "tpm_limit", "rpm_limit", "max_parallel_requests",
+                   "model_max_budget", "metadata")
 
 
 def user_info(user: Any) -> dict[str, Any]:
@@ -159,14 +166,22 @@ class UserService:
                 f"key not allowed to access this user's info. user_id={user_id}, key's "
                 f"user_id={actor.user_id}", reason="other_user_info",
             )
+        confined = read_confinement(actor)
         with self.state.store.use():
             user = self._get(user_id)
-            keys = [key_info(k) for k in Key.select().where(Key.user_id == user_id)
-                    .order_by(Key.created_at.desc())]
+            keys = Key.select().where(Key.user_id == user_id)
             teams = self._teams_of(user_id)
+            if confined is not None:  # a team key: what belongs to its team only
+                keys = keys.where(Key.team_id == confined)
+                teams = [t for t in teams if t == confined]
+            keys = [key_info(k) for k in keys.order_by(Key.created_at.desc())]
             team_rows = [team_info(t) for t in Team.select().where(Team.team_id.in_(teams))
                          .order_by(Team.created_at, Team.id)] if teams else []
-        return {"user_id": user_id, "user_info": {**user_info(user), "teams": teams},
+        info = user_info(user)
+        if confined is not None:
+            for name in PERSONAL_FIELDS:
+                del info[name]
+        return {"user_id": user_id, "user_info": {**info, "teams": teams},
                 "keys": keys, "teams": team_rows}
 
     def update(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:

@@ -186,8 +186,11 @@ def test_spend_keys(client: Any, world: dict[str, Any]) -> None:
     assert [(k["key_id"], k["spend"]) for k in dated[:2]] == [
         (keys["alice"]["key_id"], 1.333333334), (keys["bob"]["key_id"], usd(7))]
     assert {k["spend"] for k in dated[2:]} == {0.0}
-    mine = ok(get(client, "/spend/keys", as_["alice"]))
+    mine = ok(get(client, "/spend/keys", as_["alice2"]))
     assert {k["key_id"] for k in mine} == {keys["alice"]["key_id"], keys["alice2"]["key_id"]}
+    # her team key: her keys of its team only
+    mine = ok(get(client, "/spend/keys", as_["alice"]))
+    assert [k["key_id"] for k in mine] == [keys["alice"]["key_id"]]
     assert_error(get(client, "/spend/keys", as_["service"]), 403)
 
 
@@ -201,8 +204,10 @@ def test_spend_users(client: Any, world: dict[str, Any]) -> None:
         "alice"]
     dated = ok(get(client, "/spend/users", start_date="2026-11-03", end_date="2026-11-03"))
     assert [(u["user_id"], u["spend"]) for u in dated[:2]] == [("bob", 2.0), ("alice", 0.0)]
-    assert [u["user_id"] for u in ok(get(client, "/spend/users", as_["alice"]))] == ["alice"]
-    assert_error(get(client, "/spend/users", as_["alice"], user_id="bob"), 403)
+    assert [u["user_id"] for u in ok(get(client, "/spend/users", as_["alice2"]))] == ["alice"]
+    assert_error(get(client, "/spend/users", as_["alice2"], user_id="bob"), 403)
+    # her team key does not report her total, which spans other teams and personal keys
+    assert_error(get(client, "/spend/users", as_["alice"]), 403)
     assert_error(get(client, "/spend/users", as_["service"]), 403)
 
 

@@ -137,3 +137,96 @@ def test_a_non_admin_may_name_the_organization_its_key_has_anyway(
             "organization_id"] == body["organization_id"]
     assert admin(client, "/team/update", team_id="t1",
                  organization_id="org-b")["organization_id"] == "org-b"
+
+
+# -- what a team key reads ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def carol(client: Any, app: Any) -> dict[str, Any]:
+    """carol, a member of t1 and t2, with a personal key and a key in each team; alice, t1's
+    admin, added her and minted her t1 key (so alice holds it). Each key made one request."""
+    for user_id in ("alice", "carol"):
+        make_user(client, user_id, user_email=f"{user_id}@example.com", max_budget=50,
+                  metadata={"private": "yes"})
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}])
+    admin(client, "/team/new", team_id="t2", members_with_roles=[
+        {"user_id": "carol", "role": "user"}])
+    alice = admin_key(client, user_id="alice")["key"]
+    assert as_key(client, alice, "/team/member_add", team_id="t1",
+                  member={"user_id": "carol"}).status_code == 200
+    minted = as_key(client, alice, "/key/generate", team_id="t1", user_id="carol").get_json()
+    keys = {"t1": {**minted, "key": record_secret(minted["key"])},
+            "personal": admin_key(client, user_id="carol"),
+            "t2": admin_key(client, user_id="carol", team_id="t2")}
+    for key in keys.values():
+        assert client.post(CHAT, json={"model": "gpt-4o", "messages": [
+            {"role": "user", "content": "hello " * 50}]},
+                           headers=bearer(key["key"])).status_code == 200
+    assert flush(app) == 3
+    return keys
+
+
+def get_json(client: Any, path: str, credential: str, **query: Any) -> Any:
+    response = client.get(path, query_string=query, headers=bearer(credential))
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_user_info_through_a_team_key_shows_that_team_only(client: Any, carol: Any) -> None:
+    """/user/info called with a team key listed its user's personal keys and keys of other
+    teams, its other teams and its personal account (spend over every team, budget,
+    models, metadata): alice, who minted carol's t1 key, read all of it."""
+    team_key = carol["t1"]["key"]
+    body = get_json(client, "/user/info", team_key)
+    assert [k["key_id"] for k in body["keys"]] == [carol["t1"]["key_id"]]
+    assert body["user_info"]["teams"] == ["t1"]
+    assert [t["team_id"] for t in body["teams"]] == ["t1"]
+    shown = body["user_info"]
+    assert shown["user_id"] == "carol" and shown["user_email"] == "carol@example.com"
+    for name in ("spend", "max_budget", "models", "metadata", "budget_duration", "tpm_limit"):
+        assert name not in shown, name
+    # carol's personal key still sees everything that is hers.
+    whole = get_json(client, "/user/info", carol["personal"]["key"])
+    assert {k["key_id"] for k in whole["keys"]} == {k["key_id"] for k in carol.values()}
+    assert sorted(whole["user_info"]["teams"]) == ["t1", "t2"]
+    assert whole["user_info"]["spend"] > 0 and whole["user_info"]["max_budget"] == 50
+    assert whole["user_info"]["metadata"] == {"private": "yes"}
+
+
+def test_spend_reports_through_a_team_key_stay_inside_its_team(client: Any,
+                                                                carol: Any) -> None:
+    """The spend reports scoped a team key by its user: it read the user's spend log rows,
+    keys and teams everywhere, and the user's total spend."""
+    team_key, t1_id = carol["t1"]["key"], carol["t1"]["key_id"]
+    rows = get_json(client, "/spend/logs", team_key)
+    assert [r["api_key"] for r in rows] == [t1_id] and rows[0]["team_id"] == "t1"
+    days = get_json(client, "/spend/logs", team_key, start_date="2000-01-01",
+                    end_date="2999-12-31")
+    assert [set(d["api_keys"]) for d in days] == [{t1_id}]
+    assert get_json(client, "/global/spend", team_key)["spend"] == rows[0]["spend"]
+    assert [k["key_id"] for k in get_json(client, "/spend/keys", team_key)] == [t1_id]
+    assert [t["team_id"] for t in get_json(client, "/spend/teams", team_key)] == ["t1"]
+    for path, query in (("/spend/logs", {"api_key": carol["personal"]["key_id"]}),
+                        ("/spend/logs", {"api_key": carol["t2"]["key_id"]}),
+                        ("/spend/logs", {"api_key": carol["personal"]["key"]}),
+                        ("/spend/teams", {"team_id": "t2"}),
+                        ("/spend/users", {}),
+                        ("/spend/users", {"user_id": "carol"}),
+                        ("/customer/info", {"end_user_id": "carol"}),
+                        ("/key/info", {"key": carol["personal"]["key_id"]}),
+                        ("/team/info", {"team_id": "t2"})):
+        assert_error(client.get(path, query_string=query, headers=bearer(team_key)), 403)
+    own = get_json(client, "/spend/logs", team_key, api_key=t1_id)
+    assert [r["api_key"] for r in own] == [t1_id]
+    # The same user's personal key reads all of its spend, as before.
+    personal = carol["personal"]["key"]
+    everything = get_json(client, "/spend/logs", personal)
+    assert {r["api_key"] for r in everything} == {k["key_id"] for k in carol.values()}
+    assert len(get_json(client, "/spend/keys", personal)) == 3
+    assert sorted(t["team_id"] for t in get_json(client, "/spend/teams", personal)) == [
+        "t1", "t2"]
+    assert get_json(client, "/spend/users", personal)[0]["user_id"] == "carol"
+    assert get_json(client, "/global/spend", personal)["spend"] == pytest.approx(
+        sum(r["spend"] for r in everything))
