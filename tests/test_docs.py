@@ -67,3 +67,64 @@ def test_the_cli_doc_sessions_print_what_they_show(
             assert matches(want, got), (command, want, got)
         assert result.exit_code == (1 if documented[0].startswith("Error:") else 0), command
     app.extensions["llmauth"].close()
+
+
+def test_the_extension_guide_example_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/extension.md's factory app, as written: its views, hooks, signal receiver and
+    error handler do what the guide says."""
+    import json
+    import logging
+    import time
+    import types
+
+    from flask_llmauth import signals
+    from tests.helpers import MASTER_KEY, bearer, record_secret
+
+    source = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "extension.md").read_text(), re.S)
+    module = types.ModuleType("extension_guide")
+    exec(compile(source[0], "docs/extension.md", "exec"), module.__dict__)  # noqa: S102
+    monkeypatch.setenv("FLASK_LLMAUTH_SPEND_FLUSH_INTERVAL", "0.05")
+    app = module.create_app({"LLMAUTH_MASTER_KEY": MASTER_KEY,
+                             "LLMAUTH_DATABASE_URL": f"sqlite:///{tmp_path}/guide.db"})
+    try:
+        client = app.test_client()
+        admin = bearer(MASTER_KEY)
+        key = client.post("/key/generate", json={"models": ["gpt-4o"]}, headers=admin).get_json()
+        headers = bearer(record_secret(key["key"]))
+        chat = {"model": "gpt-4o", "messages": []}
+        assert client.post("/v1/chat/completions", json=chat, headers=headers).status_code == 200
+        streamed = client.post("/v1/chat/completions", json={**chat, "stream": True},
+                               headers=headers)
+        assert streamed.get_data(as_text=True).endswith("data: [DONE]\n\n")
+        assert client.post("/generate", json=chat, headers=headers).status_code == 200
+        corp = bearer("corp-alice")
+        assert client.get("/internal/reports", headers=corp).get_json() == {
+            "scopes": ["reports:read"]}
+        assert client.post("/v1/chat/completions", json={"model": "o3"},
+                           headers=corp).status_code == 403
+        assert client.get("/internal/admin", headers=admin).get_json() == {
+            "role": "proxy_admin"}
+        assert client.get("/healthz").get_json() == {"ok": True}
+        with caplog.at_level(logging.INFO):
+            refused = client.get("/internal/admin", headers=headers)
+            revoked = client.get("/internal/reports", headers=bearer("corp-revoked"))
+        assert refused.status_code == 403 and revoked.status_code == 401
+        assert revoked.get_json()["error"]["message"] == "This corporate token was revoked."
+        for response in (refused, revoked):
+            assert response.headers["X-Request-Failed-By"] == "llmauth"
+        assert revoked.headers["WWW-Authenticate"] == 'Bearer realm="llmauth"'
+        assert "refused 403 required_role_missing on /internal/admin" in caplog.text
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            logs = client.get("/spend/logs", headers=admin).get_json()
+            if len(logs) == 3:
+                break
+            time.sleep(0.05)
+        assert sorted((row["call_type"], row["prompt_tokens"], row["completion_tokens"])
+                      for row in logs) == [("/generate", 5, 20),
+                                           ("/v1/chat/completions", 12, 1),
+                                           ("/v1/chat/completions", 12, 1)], json.dumps(logs)
+    finally:
+        signals.auth_failed.disconnect(module.audit_refusal)
+        app.extensions["llmauth"].close()
