@@ -113,18 +113,20 @@ def error_response(error: LLMAuthError) -> Response:
     return response
 
 
-def http_exception_response(exc: HTTPException) -> Response:
-    """Turn a werkzeug ``HTTPException`` (404, 405, 413, ...) into the JSON envelope."""
+def http_error(exc: HTTPException) -> LLMAuthError:
+    """A werkzeug ``HTTPException`` (404, 405, 413, ...) as an error with its headers."""
     status = exc.code or 500
-    error = LLMAuthError(
+    return LLMAuthError(
         exc.description or exc.name, error_type=_HTTP_TYPES.get(status, "invalid_request_error"),
         status=status,
+        headers={name: value for name, value in exc.get_headers()
+                 if name.lower() != "content-type"},
     )
-    response = error_response(error)
-    for name, value in exc.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    return response
+
+
+def http_exception_response(exc: HTTPException) -> Response:
+    """Turn a werkzeug ``HTTPException`` (404, 405, 413, ...) into the JSON envelope."""
+    return error_response(http_error(exc))
 
 
 _HTTP_TYPES = {

@@ -85,3 +85,20 @@ def test_a_callback_may_abort_with_the_status(app_factory: Any) -> None:
 
     response = app.test_client().post(CHAT, json={"model": "gpt-4o"})
     assert response.status_code == 401
+
+
+def test_the_management_apis_http_errors_go_through_the_callback(app_factory: Any) -> None:
+    """A body over LLMAUTH_MAX_API_BODY_SIZE is a 413 raised inside the endpoint: answered
+    by the host's callback like the API's other errors, not by a fixed envelope."""
+    app = app_factory({"LLMAUTH_MAX_API_BODY_SIZE": 1024})
+
+    @app.llmauth.error_handler
+    def answer(error: LLMAuthError) -> Any:
+        return {"failed": error.status}, error.status
+
+    client = app.test_client()
+    response = client.post("/key/generate", json={"metadata": {"x": "a" * 2048}}, headers=ADMIN)
+    assert (response.status_code, response.get_json()) == (413, {"failed": 413})
+    app.llmauth.error_handler(lambda error: None)  # and a broken one still answers
+    assert_error(client.post("/key/generate", json={"metadata": {"x": "a" * 2048}},
+                             headers=ADMIN), 413)

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import http_exception_response
+from ..errors import http_error
 
 BLUEPRINT_NAME = "llmauth_api"
 #: endpoint → the LiteLLM path the policy classifies it by.
@@ -39,8 +39,16 @@ def create_blueprint() -> Blueprint:
     teams.register(route)
     customers.register(route)
     spend.register(route)
-    bp.register_error_handler(HTTPException, http_exception_response)
+    bp.register_error_handler(HTTPException, _http_exception)
     return bp
+
+
+def _http_exception(exc: HTTPException) -> Any:
+    """A 413 (or other HTTP error) inside an endpoint: the JSON envelope, through the
+    host's ``error_handler`` like every other error of the API."""
+    from ..extension import state
+
+    return state().ext.error_response(http_error(exc))
 
 
 def ok(payload: Any, status: int = 200) -> Any:
