@@ -26,7 +26,7 @@ from flask import (
     request,
 )
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .authn.base import Authenticator, Chain, new_context
 from .authn.custom import custom_factory, with_key_validation
@@ -60,6 +60,7 @@ from .errors import (
     ServiceUnavailable,
     Unauthenticated,
     error_response,
+    http_error,
 )
 from .guards import Guards, record_usage
 from .identities import IdentityLoader, Records
@@ -256,7 +257,7 @@ class LLMAuthState:
                else request._get_current_object())  # type: ignore[attr-defined]
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
-            return None
+            return self._api_method_not_allowed(req)
         known = self.routes.by_rule_id.get(id(rule))
         if known is not None and known[0] is rule:
             info = known[1]
@@ -277,6 +278,22 @@ class LLMAuthState:
             after_this_request(hooks.after)  # also adds the headers of a 429 it raises
             hooks.before()
         return None
+
+    def _api_method_not_allowed(self, req: Any) -> ResponseReturnValue | None:
+        """A method a management-API path does not take (``GET /key/generate``): the JSON
+        envelope with ``Allow`` instead of Flask's HTML page. The host's routing errors
+        stand as they are."""
+        exc = req.routing_exception
+        if not isinstance(exc, MethodNotAllowed) or not exc.valid_methods:
+            return None
+        try:
+            endpoint, _ = current_app.url_map.bind_to_environ(req.environ).match(
+                method=exc.valid_methods[0])
+        except HTTPException:
+            return None
+        if endpoint not in self.api_endpoints:
+            return None
+        return self.ext.error_response(http_error(exc))
 
     def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> ResponseReturnValue | None:
         method = req.method

@@ -102,3 +102,28 @@ def test_the_management_apis_http_errors_go_through_the_callback(app_factory: An
     app.llmauth.error_handler(lambda error: None)  # and a broken one still answers
     assert_error(client.post("/key/generate", json={"metadata": {"x": "a" * 2048}},
                              headers=ADMIN), 413)
+
+
+@pytest.mark.parametrize("prefix", ["", "/llm-admin"])
+def test_a_wrong_method_on_the_management_api_is_a_json_405(app_factory: Any,
+                                                             prefix: str) -> None:
+    """``GET /key/generate`` is the JSON envelope with ``Allow`` (Flask's HTML page
+    before), through the host's callback; the host's own routes keep Flask's 405."""
+    app = app_factory({"LLMAUTH_API_PREFIX": prefix} if prefix else {})
+    client = app.test_client()
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.open(f"{prefix}/key/generate", method=method, headers=ADMIN)
+        error = assert_error(response, 405)
+        assert "not allowed" in error["message"]
+        assert "POST" in response.headers["Allow"]
+    assert_error(client.post(f"{prefix}/key/info", headers=ADMIN), 405)
+    host = client.get(CHAT)  # a host route (POST only): Flask's answer, untouched
+    assert host.status_code == 405 and host.mimetype == "text/html"
+    assert client.get(f"{prefix}/key/nowhere").status_code == 404
+
+    @app.llmauth.error_handler
+    def answer(error: LLMAuthError) -> Any:
+        return {"failed": error.status}, error.status, error.headers
+
+    response = client.get(f"{prefix}/key/generate")
+    assert response.get_json() == {"failed": 405} and "POST" in response.headers["Allow"]
