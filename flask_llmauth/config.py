@@ -572,7 +572,10 @@ class Settings:
 
     # -- core ---------------------------------------------------------------------------------
     config_file: str | None = setting(
-        None, _optional_str, "Path of a LiteLLM-style YAML file whose `general_settings` are read.",
+        None, _optional_str,
+        "Path of a LiteLLM `config.yaml` (a relative path is opened from the working "
+        "directory); the entries of the *LiteLLM YAML* column are read from it "
+        "(`general_settings`, `litellm_settings`, `router_settings`, `model_list`).",
     )
     master_key: str | None = setting(
         None, _optional_str,
@@ -1539,8 +1542,10 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh) or {}
     except OSError as exc:
+        where = ("" if os.path.isabs(path)
+                 else f" (from the working directory: {os.path.abspath(path)})")
         raise ConfigurationError(
-            f"LLMAUTH_CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+            f"LLMAUTH_CONFIG_FILE: cannot read {path!r}{where}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigurationError(
             f"LLMAUTH_CONFIG_FILE: {path!r} is not valid YAML: {exc}") from None

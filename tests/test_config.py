@@ -478,6 +478,21 @@ def test_bad_yaml_file_fails(tmp_path: Path, content: str, fragment: str) -> Non
         load_settings({"LLMAUTH_CONFIG_FILE": str(tmp_path / "missing.yaml")}, environ={})
 
 
+def test_a_relative_config_file_is_read_from_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative LLMAUTH_CONFIG_FILE is opened from the working directory (as LiteLLM's
+    ``--config``), not the app's folder; when it is missing the message says where it
+    looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({"LLMAUTH_CONFIG_FILE": "config.yaml"}, environ={})
+    assert str(info.value) == (
+        "LLMAUTH_CONFIG_FILE: cannot read 'config.yaml' (from the working directory: "
+        f"{tmp_path / 'config.yaml'}): No such file or directory")
+    (tmp_path / "config.yaml").write_text("general_settings: {}\n")
+    load_settings({"LLMAUTH_CONFIG_FILE": "config.yaml"}, environ={})
+
+
 def test_secret_loader_argument_and_decorator_before_init_app(tmp_path: Path) -> None:
     vault = {"LLMAUTH_MASTER_KEY": LOADED_MASTER, "LLMAUTH_SALT_KEY": SALT}
     app = make_app(tmp_path, name="loader_arg", secret_loader=vault.get)
