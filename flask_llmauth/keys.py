@@ -472,7 +472,10 @@ class KeyService:
         params = dict(params)
         custom = params.pop("key", None)
         with state.store.use() as db, db.atomic():
-            team = self._team(params["team_id"]) if params.get("team_id") else None
+            team_id = params.get("team_id")
+            team = Team.get_or_none(Team.team_id == team_id) if team_id else None
+            if team_id and team is None and actor.is_admin:
+                raise BadRequest(f"Team not found: team_id={team_id}", param="team_id")
             if not actor.is_admin:
                 self._check_generate_rights(actor, params, team)
                 self._inherit(actor, params)
@@ -519,15 +522,16 @@ class KeyService:
         if not actor.user_id:
             raise Forbidden("No 'user_id' is associated with your credential; only keys of a "
                             "user can create keys.", reason="no_user_id")
-        requested = params.get("user_id")
+        requested, team_id = params.get("user_id"), params.get("team_id")
         confined = team_confinement(actor)
-        if confined is not None and (team is None or team.team_id != confined):
+        if confined is not None and team_id != confined:
             raise Forbidden(f"A key of team={confined} creates keys of that team only.",
                             param="team_id", reason="team_key_outside_team")
-        if team is not None:
-            member = self._membership(team.team_id, actor.user_id)
-            if member is None:
-                raise Forbidden(f"User={actor.user_id} not assigned to team={team.team_id}",
+        if team_id:
+            # An unknown team is refused as one the actor is not in: no oracle for team ids.
+            member = self._membership(team_id, actor.user_id) if team is not None else None
+            if team is None or member is None:
+                raise Forbidden(f"User={actor.user_id} not assigned to team={team_id}",
                                 reason="not_team_member")
             permissions = team.team_member_permissions
             if permissions is None:
@@ -539,7 +543,11 @@ class KeyService:
                     f"team {team.team_id}.", error_type="team_member_permission_error",
                 )
             if member.role == "admin":
-                # A team admin may create keys for team members and service accounts.
+                # A team admin may create keys for team members and service accounts; an
+                # outsider is refused before its role is looked at (no oracle for roles).
+                if requested is not None and self._membership(team_id, requested) is None:
+                    raise BadRequest(f"User={requested} not assigned to team={team_id}",
+                                     param="user_id")
                 self._check_subject(actor, requested)
                 return
         if requested is not None and requested != actor.user_id:
@@ -585,7 +593,6 @@ class KeyService:
         team = new_team or (Team.get_or_none(Team.team_id == key.team_id)
                             if key.team_id else None)
         if "user_id" in params and params["user_id"] != key.user_id and not actor.is_admin:
-            self._check_subject(actor, params["user_id"])
             if not (team is not None and self._is_team_admin(actor, team.team_id)) or (
                 params["user_id"] is not None
                 and self._membership(team.team_id, params["user_id"]) is None
@@ -595,6 +602,8 @@ class KeyService:
                     f"belong to user={params['user_id']}", param="user_id",
                     reason="key_reassign",
                 )
+            # Only a member's role is looked at: no oracle for other users' roles.
+            self._check_subject(actor, params["user_id"])
         return team
 
     def _check_team_move(self, actor: Principal, key: Key, params: dict[str, Any]) -> Team | None:
@@ -604,10 +613,11 @@ class KeyService:
                 raise Forbidden("Only a proxy admin can take a key out of its team.",
                                 param="team_id")
             return None
-        team = self._team(team_id)
         if not actor.is_admin and not self._is_team_admin(actor, team_id):
+            # Also for a team that does not exist: no oracle for team ids.
             raise Forbidden(f"You are not an admin of team={team_id}.", param="team_id",
                             reason="team_move")
+        team = self._team(team_id)
         user_id = params.get("user_id", key.user_id)
         if user_id and self._membership(team_id, user_id) is None:
             raise Forbidden(f"User={user_id} is not a member of team={team_id}.",

@@ -81,12 +81,16 @@ def team_info(team: Any, members: list[Any] | None = None) -> dict[str, Any]:
     return info
 
 
-def _user_summary(user: Any) -> dict[str, Any]:
-    """The user fields ``/team/member_add`` reports (LiteLLM's ``updated_users``)."""
-    return {"user_id": user.user_id, "user_email": user.user_email,
-            "user_alias": user.user_alias, "user_role": user.user_role,
-            "models": list(user.models or []), "max_budget": to_usd(user.max_budget),
-            "spend": to_usd(user.spend)}
+def _user_summary(user: Any, personal: bool) -> dict[str, Any]:
+    """The user fields ``/team/member_add`` reports (LiteLLM's ``updated_users``); the
+    user's personal account (``models``, ``max_budget``, ``spend``) only when ``personal``
+    (a proxy admin is asking): a team admin can add any existing user."""
+    summary = {"user_id": user.user_id, "user_email": user.user_email,
+               "user_alias": user.user_alias, "user_role": user.user_role}
+    if personal:
+        summary.update(models=list(user.models or []), max_budget=to_usd(user.max_budget),
+                       spend=to_usd(user.spend))
+    return summary
 
 
 #: Teams whose memberships ``/team/list`` reads in one query.
@@ -320,8 +324,8 @@ class TeamService:
         team_id = params["team_id"]
         members = params["member"] if isinstance(params["member"], list) else [params["member"]]
         with state.store.use() as db, db.atomic():
+            self._require_team_admin(actor, team_id)  # first: no oracle for team ids
             team = self._get(team_id)
-            self._require_team_admin(actor, team_id)
             added = [self._add_member(team, m, params.get("max_budget_in_team"),
                                       may_create=actor.is_admin) for m in members]
             for member in added:
@@ -330,7 +334,7 @@ class TeamService:
             info = team_info(team, self._members(team_id))
             users = {u.user_id: u for u in User.select().where(
                 User.user_id.in_([m.user_id for m in added]))}
-            updated_users = [_user_summary(users[m.user_id]) for m in added]
+            updated_users = [_user_summary(users[m.user_id], actor.is_admin) for m in added]
         state.invalidate(f"team:{team_id}", *(f"user:{m.user_id}" for m in added))
         return {**info, "updated_users": updated_users,
                 "updated_team_memberships": [membership_info(m) for m in added]}
@@ -349,8 +353,8 @@ class TeamService:
         state = self.state
         team_id = params["team_id"]
         with state.store.use() as db, db.atomic():
+            self._require_team_admin(actor, team_id)  # first: no oracle for team ids
             team = self._get(team_id)
-            self._require_team_admin(actor, team_id)
             member = self._member_for(team_id, params)
             write_audit(state.settings.store_audit_logs, actor, "member_deleted", "team",
                         team_id, before=membership_info(member))
@@ -376,8 +380,8 @@ class TeamService:
         state = self.state
         team_id = params["team_id"]
         with state.store.use() as db, db.atomic():
+            self._require_team_admin(actor, team_id)  # first: no oracle for team ids
             self._get(team_id)
-            self._require_team_admin(actor, team_id)
             member = self._member_for(team_id, params)
             self._refuse_own_membership_change(actor, member, params)
             before = membership_info(member)

@@ -230,3 +230,96 @@ def test_spend_reports_through_a_team_key_stay_inside_its_team(client: Any,
     assert get_json(client, "/spend/users", personal)[0]["user_id"] == "carol"
     assert get_json(client, "/global/spend", personal)["spend"] == pytest.approx(
         sum(r["spend"] for r in everything))
+
+
+# -- oracles and personal accounts through the team endpoints ------------------------------------
+
+
+def same_refusal(first: Any, second: Any, names: tuple[str, str]) -> None:
+    """Two refusals a caller cannot tell apart (besides the name it sent itself)."""
+    a, b = first.get_json(), second.get_json()
+    assert first.status_code == second.status_code, (a, b)
+    assert a["error"]["message"].replace(names[0], "X") == b["error"]["message"].replace(
+        names[1], "X"), (a, b)
+    assert (a["error"]["type"], a["error"]["param"]) == (b["error"]["type"],
+                                                         b["error"]["param"])
+
+
+@pytest.fixture
+def outsiders(client: Any) -> dict[str, Any]:
+    """alice admins t1; root (a proxy admin with a budget and spend) and bob (an internal
+    user) are in no team of hers; team t2 exists, team nope does not."""
+    make_user(client, "alice")
+    make_user(client, "bob")
+    make_user(client, "root", role="proxy_admin", max_budget=1000, models=["gpt-4o"])
+    admin(client, "/user/update", user_id="root", spend=123)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}])
+    admin(client, "/team/new", team_id="t2")
+    alice = admin_key(client, user_id="alice")
+    return {"alice": alice["key"], "alice_key_id": alice["key_id"],
+            "team_key": admin_key(client, user_id="alice", team_id="t1")}
+
+
+@SQLITE_ONLY
+def test_a_team_admin_cannot_probe_other_users_roles(client: Any, app: Any,
+                                                     outsiders: Any) -> None:
+    """The role check ran before the membership check: minting a t1 key for root (in no
+    team of hers) was a 403 naming root's higher role, for bob a 400 — so any internal user
+    could find out who the proxy admins are (and through /key/update of its own key)."""
+    alice = outsiders["alice"]
+    before = snapshot(app)
+    for path, body in (("/key/generate", {"team_id": "t1"}),
+                       ("/key/update", {"key": outsiders["alice_key_id"]}),
+                       ("/key/update", {"key": outsiders["team_key"]["key_id"]})):
+        answers = {user: as_key(client, alice, path, **body, user_id=user)
+                   for user in ("root", "bob", "ghost")}
+        same_refusal(answers["root"], answers["bob"], ("root", "bob"))
+        same_refusal(answers["root"], answers["ghost"], ("root", "ghost"))
+        assert "role" not in answers["root"].get_json()["error"]["message"]
+    assert snapshot(app) == before
+
+
+@SQLITE_ONLY
+def test_a_non_admin_cannot_probe_which_teams_exist(client: Any, app: Any,
+                                                    outsiders: Any) -> None:
+    """/team/info refuses an unknown team as it refuses a foreign one, so team ids cannot be
+    probed — but /key/generate, a key's move to another team and /team/member_* answered
+    400/404 "Team not found" for an unknown team and 403 for an existing one."""
+    alice, team_key = outsiders["alice"], outsiders["team_key"]
+    before, teams_before = snapshot(app), teams_snapshot(app)
+    for credential, path, body in (
+            (alice, "/key/generate", {}),
+            (team_key["key"], "/key/generate", {}),
+            (alice, "/key/update", {"key": outsiders["alice_key_id"]}),
+            (alice, "/key/regenerate", {"key": team_key["key_id"]}),
+            (alice, "/team/member_add", {"member": {"user_id": "bob"}}),
+            (alice, "/team/member_update", {"user_id": "bob", "role": "admin"}),
+            (alice, "/team/member_delete", {"user_id": "bob"})):
+        answers = [as_key(client, credential, path, **body, team_id=team_id)
+                   for team_id in ("t2", "nope")]
+        assert answers[0].status_code == 403, (path, answers[0].get_json())
+        same_refusal(answers[0], answers[1], ("t2", "nope"))
+    assert snapshot(app) == before and teams_snapshot(app) == teams_before
+    # A proxy admin is still told the team does not exist.
+    assert_error(client.post("/key/generate", json={"team_id": "nope"}, headers=ADMIN), 400)
+    assert_error(client.post("/team/member_add", json={
+        "team_id": "nope", "member": {"user_id": "bob"}}, headers=ADMIN), 404)
+
+
+@SQLITE_ONLY
+def test_member_add_shows_a_team_admin_no_personal_account(client: Any,
+                                                          outsiders: Any) -> None:
+    """A team admin can add any existing user to its team: /team/member_add answered with
+    that user's models, budget and spend over every team (root's, a proxy admin's)."""
+    added = as_key(client, outsiders["alice"], "/team/member_add", team_id="t1",
+                   member={"user_id": "root"})
+    assert added.status_code == 200, added.get_json()
+    [summary] = added.get_json()["updated_users"]
+    assert summary["user_id"] == "root"
+    for name in ("models", "max_budget", "spend"):
+        assert name not in summary, name
+    # A proxy admin sees the whole summary.
+    [full] = admin(client, "/team/member_add", team_id="t2",
+                   member={"user_id": "root"})["updated_users"]
+    assert (full["models"], full["max_budget"], full["spend"]) == (["gpt-4o"], 1000, 123)
