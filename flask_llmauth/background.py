@@ -121,15 +121,23 @@ def _note_failure(task: _Task, what: str, exc_info: bool = False) -> None:
 
 
 def _loop(ref: weakref.ref[Background], stop: threading.Event) -> None:
+    """Run the due tasks while the :class:`Background` lives. Between passes the thread
+    holds only the weak reference, so a dropped app (and its state) can be collected and
+    the thread ends; a task left in a local variable here kept them alive for good."""
     while not stop.is_set():
         owner = ref()
         if owner is None:
             return
-        now = time.monotonic()
-        for task in owner._tasks:
-            if task.due <= now:
-                task.due = now + task.interval
-                _run(task)
-        wait = min((t.due for t in owner._tasks), default=now + 1.0) - time.monotonic()
+        wait = _run_due(owner)
         del owner
         stop.wait(max(0.01, min(wait, 1.0)))
+
+
+def _run_due(owner: Background) -> float:
+    """Run the tasks that are due; the seconds until the next one is."""
+    now = time.monotonic()
+    for task in owner._tasks:
+        if task.due <= now:
+            task.due = now + task.interval
+            _run(task)
+    return min((t.due for t in owner._tasks), default=now + 1.0) - time.monotonic()

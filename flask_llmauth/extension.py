@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar, overload
@@ -502,14 +503,19 @@ class Callbacks(dict[str, Callable[..., Any]]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._listeners: list[Callable[[], None]] = []
+        #: Weak: an extension made at import time outlives the apps of a factory (one per
+        #: test), and must not keep them (and their background threads) alive.
+        self._listeners: list[weakref.WeakMethod[Callable[[], None]]] = []
 
     def on_change(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
+        self._listeners = [ref for ref in self._listeners if ref() is not None]
+        self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
 
     def _changed(self) -> None:
-        for listener in self._listeners:
-            listener()
+        for ref in self._listeners:
+            listener = ref()
+            if listener is not None:
+                listener()
 
     def __setitem__(self, name: str, hook: Callable[..., Any]) -> None:
         super().__setitem__(name, hook)
@@ -552,7 +558,8 @@ class LLMAuth:
         # One app-wide hook: what must run after the response is added per request (Flask's
         # ``after_this_request``), so requests that need none pay for no idle hook.
         app.before_request(app_state.before_request)
-        got_request_exception.connect(app_state.request_failed, app, weak=False)
+        # Weak (blinker's default): the global signal must not keep a dropped app alive.
+        got_request_exception.connect(app_state.request_failed, app)
         app.register_error_handler(LLMAuthError, app_state.handle_error)
         for _, install in GUARD_INSTALLERS:
             install(app_state, app)
