@@ -384,7 +384,12 @@ class _ObservedStream:
 
 
 def current_admission() -> Admission | None:
-    return g.get("_llmauth_admission")
+    """The current request's admission, or ``None`` (no guard runs, no request, no app
+    context at all)."""
+    try:
+        return g.get("_llmauth_admission")
+    except RuntimeError:  # outside an app context: Flask's "working outside" error
+        return None
 
 
 def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,

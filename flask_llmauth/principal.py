@@ -138,8 +138,12 @@ class Principal(NamedTuple):
 
 
 def get_principal() -> Principal | None:
-    """The principal of the current request, or ``None`` (public route, no request)."""
-    return g.get("_llmauth_principal")
+    """The principal of the current request, or ``None`` (public route, no request, no
+    app context at all: a thread of your own)."""
+    try:
+        return g.get("_llmauth_principal")
+    except RuntimeError:  # outside an app context: Flask's "working outside" error
+        return None
 
 
 #: Proxy to :func:`get_principal` (falsy on public routes and outside requests).

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from flask import Blueprint
 
-from flask_llmauth import LLMAuth, require_scope
+from flask_llmauth import (
+    LLMAuth,
+    current_admission,
+    current_principal,
+    get_principal,
+    record_usage,
+    require_scope,
+)
 
 
 @pytest.mark.parametrize("scopes", [(), ("",), (["a", "b"],)])
@@ -32,3 +39,14 @@ def test_exempt_returns_what_it_was_given_to_a_type_checker() -> None:
         assert hints["view"] is hints["return"]
         shapes.append(hints["return"].__bound__)
     assert sorted(map(repr, shapes)) == sorted(map(repr, [Blueprint, Callable[..., Any]]))
+
+
+def test_outside_an_app_context_there_is_no_principal_and_nothing_to_record() -> None:
+    """What the docstrings say: ``None``/falsy and a no-op outside a request — also in a
+    thread of the host's own with no app context (Flask's ``RuntimeError`` before)."""
+    assert get_principal() is None
+    assert not current_principal
+    assert current_admission() is None
+    record_usage(10, 5, model="gpt-4o")
+    with pytest.raises(ValueError):
+        record_usage(-1)
