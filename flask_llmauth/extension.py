@@ -551,6 +551,10 @@ class LLMAuth:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
+        if "llmauth" in app.extensions:
+            raise ConfigurationError(
+                f"LLMAuth is already initialised on app {app.name!r}: call LLMAuth(app) or "
+                "init_app(app) once per app")
         settings = load_settings(app.config, self._options, secret_loader=self._secret_loader)
         check_secrets(settings)
         app_state = LLMAuthState(self, app, settings)

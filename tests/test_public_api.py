@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Blueprint
+from flask import Blueprint, Flask
 
 from flask_llmauth import (
+    ConfigurationError,
     LLMAuth,
     current_admission,
     current_principal,
@@ -18,6 +19,8 @@ from flask_llmauth import (
     record_usage,
     require_scope,
 )
+from tests.conftest import migrated_sqlite_url
+from tests.helpers import MASTER_KEY
 
 
 @pytest.mark.parametrize("scopes", [(), ("",), (["a", "b"],)])
@@ -50,3 +53,20 @@ def test_outside_an_app_context_there_is_no_principal_and_nothing_to_record() ->
     record_usage(10, 5, model="gpt-4o")
     with pytest.raises(ValueError):
         record_usage(-1)
+
+
+def test_a_second_init_app_on_one_app_fails_clearly(tmp_path: Any) -> None:
+    """``LLMAuth(app)`` and then ``init_app(app)`` again (or two extensions): a message
+    saying so, before a second database pool and hook are set up (Flask's "blueprint name
+    already registered" error before, or with the API off a second hook run per request)."""
+    for api_enabled in (True, False):
+        app = Flask("twice", instance_path=str(tmp_path / "instance"))
+        app.config.update(LLMAUTH_MASTER_KEY=MASTER_KEY, LLMAUTH_API_ENABLED=api_enabled,
+                          LLMAUTH_DATABASE_URL=migrated_sqlite_url(tmp_path))
+        llmauth = LLMAuth(app)
+        hooks = list(app.before_request_funcs[None])
+        for again in (llmauth, LLMAuth()):
+            with pytest.raises(ConfigurationError, match="already initialised on app 'twice'"):
+                again.init_app(app)
+        assert app.before_request_funcs[None] == hooks
+        app.extensions["llmauth"].close()
