@@ -5,10 +5,11 @@ key, team), deployments, models named in the URL, and bodies that name models ba
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-from flask import jsonify
+from flask import jsonify, request
 
 from flask_llmauth import check_model_access, require_model_access
 from tests.helpers import ADMIN, assert_error, bearer, record_secret
@@ -284,3 +285,35 @@ def test_names_for_answers_what_the_full_resolution_answers() -> None:
     assert access.names_for(principals[2], "fast") == ("fast", "gpt-4o", "o3",
                                                        "openai/gpt-4o")
     assert access.names_for(principals[1], "cheap") == ("cheap", "gpt-4o-mini")
+
+
+def test_require_model_access_reads_the_body_as_the_hook_does(app_factory: Any) -> None:
+    """The field is read whatever the Content-Type (JSON sent as ``text/plain``, form
+    fields), so a lenient view never uses a model the check did not see; a value that is
+    not a model name (a list, an object, "") is a 400, not skipped."""
+    app = app_factory(config=CONFIG, spend_enabled=False)
+
+    @app.post("/custom/rerank")
+    @app.llmauth.route_group("info_routes")
+    @require_model_access("reranker")
+    def rerank() -> Any:
+        body = json.loads(request.get_data() or b"{}") if not request.form else request.form
+        return jsonify(used=body.get("reranker"))
+
+    client = app.test_client()
+    key = bearer(key_for(client, models=["sonnet"]))
+    plain = {**key, "Content-Type": "text/plain"}
+    assert client.post("/custom/rerank", data=json.dumps({"reranker": "sonnet"}),
+                       headers=plain).get_json() == {"used": "sonnet"}
+    assert_error(client.post("/custom/rerank", data=json.dumps({"reranker": "gpt-4o"}),
+                             headers=plain), 403, "key_model_access_denied")
+    assert_error(client.post("/custom/rerank", data={"reranker": "gpt-4o"}, headers=key), 403)
+    for bad in (["gpt-4o"], {"name": "gpt-4o"}, "", 5):
+        error = assert_error(client.post("/custom/rerank", json={"reranker": bad},
+                                         headers=key), 400)
+        assert error["param"] == "reranker"
+    assert_error(client.post("/custom/rerank", data="{", headers={
+        **key, "Content-Type": "application/json"}), 400)
+    assert_error(client.post("/custom/rerank", data="[" * 50_000, headers={
+        **key, "Content-Type": "application/json"}), 400)
+    assert client.post("/custom/rerank", json={"other": 1}, headers=key).status_code == 200

@@ -7,14 +7,16 @@ admin passes every role check.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
 from flask import request
 
-from ..errors import Forbidden
+from ..bodies import INVALID, get_json
+from ..errors import BadRequest, Forbidden
 from ..principal import Role
+from .policy import MAX_MODEL_NAME
 from .routes import ATTR_ROLES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,23 +82,41 @@ def check_model_access(model: str) -> None:
 
 
 def require_model_access(field: str = "model") -> Callable[[F], F]:
-    """Check the JSON body's ``field`` (default ``model``) against the principal's models.
+    """Check the body's ``field`` (default ``model``) against the principal's models.
 
     The request hook already does this for LLM routes; use it on other views that take a
-    model.
+    model. The body is read as the hook reads ``model``: as JSON whatever its
+    ``Content-Type``, or its form fields; a value that is not a model name is a 400.
     """
     def decorator(view: F) -> F:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            body = request.get_json(silent=True)
-            model = body.get(field) if isinstance(body, dict) else None
-            if isinstance(model, str):
+            for model in _named_models(field):
                 check_model_access(model)
             return view(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def _named_models(field: str) -> list[str]:
+    """Every value of ``field`` in the request body (a lenient view, reading JSON sent as
+    ``text/plain``, must not see one the check did not)."""
+    mimetype = request.mimetype
+    if mimetype.startswith("multipart/") or mimetype == "application/x-www-form-urlencoded":
+        values: list[Any] = request.form.getlist(field)
+    else:
+        body = get_json(request, force=True)
+        if body is INVALID and request.is_json:
+            raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
+        value = body.get(field) if isinstance(body, Mapping) else None
+        values = [] if value is None else [value]
+    for value in values:
+        if not isinstance(value, str) or not value or len(value) > MAX_MODEL_NAME:
+            raise BadRequest(f"`{field}` must be a non-empty string.", param=field,
+                             reason="invalid_model_field")
+    return values
 
 
 def allowed_models(candidates: list[str]) -> list[str]:

@@ -131,7 +131,7 @@ class Policy:
                 model = parsed.get("model")
                 if model is None or (type(model) is str and model in allowed):
                     return model, parsed
-                if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME:
+                if type(model) is str and 0 < len(model) <= MAX_MODEL_NAME:
                     # What models_and_body finds here (no URL model, a JSON object naming
                     # one plain name), without reading the request again: a new principal
                     # (a cold key) meets this on its first request.
@@ -279,7 +279,7 @@ def _admin_only(route: str) -> Forbidden:
     )
 
 
-_MAX_MODEL_NAME = 512
+MAX_MODEL_NAME = 512
 
 
 def requested_models(request: Request, info: RouteInfo,
@@ -318,7 +318,7 @@ def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
     elif type(body) is dict or isinstance(body, Mapping):
         model = body.get("model")
         if model is not None:
-            models.append(model if type(model) is str and 0 < len(model) <= _MAX_MODEL_NAME
+            models.append(model if type(model) is str and 0 < len(model) <= MAX_MODEL_NAME
                           else _model_name(model))
     elif body is not None and request.is_json:
         raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
@@ -326,7 +326,7 @@ def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
 
 
 def _model_name(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_MODEL_NAME:
+    if not isinstance(value, str) or not value or len(value) > MAX_MODEL_NAME:
         raise BadRequest("`model` must be a non-empty string.", param="model",
                          reason="invalid_model_field")
     return value
