@@ -323,3 +323,28 @@ def test_member_add_shows_a_team_admin_no_personal_account(client: Any,
     [full] = admin(client, "/team/member_add", team_id="t2",
                    member={"user_id": "root"})["updated_users"]
     assert (full["models"], full["max_budget"], full["spend"]) == (["gpt-4o"], 1000, 123)
+
+
+@SQLITE_ONLY
+def test_what_a_key_creator_learns_about_a_raw_secret(app_factory: Any, db_url: str) -> None:
+    """Kept as documented (docs/security.md, caller-chosen keys): a duplicate caller-chosen
+    key is refused, and /key/info tells an unknown key (404) from another user's (403);
+    neither is a failed authentication. The test pins that, so the docs stay true."""
+    app = app_factory(db_url=db_url, config={"LLMAUTH_AUTH_FAILURE_LIMIT": "1/hour"})
+    client = app.test_client()
+    make_user(client, "alice")
+    alice = admin_key(client, user_id="alice")["key"]
+    chosen = record_secret("sk-" + "chosen-by-a-person-0001")
+    assert admin(client, "/key/generate", user_id="bob", key=chosen)["user_id"] == "bob"
+    for attempt in range(3):
+        error = assert_error(as_key(client, alice, "/key/generate", key=chosen), 400)
+        assert error["param"] == "key" and "already in use" in error["message"]
+        assert_error(client.get("/key/info", query_string={"key": chosen},
+                                headers=bearer(alice)), 403)
+        unknown = record_secret(f"sk-chosen-by-a-person-{attempt:04d}x")
+        assert_error(client.get("/key/info", query_string={"key": unknown},
+                                headers=bearer(alice)), 404)
+    assert client.get("/key/info", headers=bearer(alice)).status_code == 200  # not blocked
+    # A wrong credential, by contrast, is counted: the second one is refused with 429.
+    assert client.get("/key/info", headers=bearer(unknown)).status_code == 401
+    assert client.get("/key/info", headers=bearer(unknown)).status_code == 429
