@@ -39,7 +39,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import peewee
-from flask import Flask, current_app, request
+from flask import Flask, current_app
 
 from .authz.routes import RouteInfo
 from .config import Settings
@@ -48,7 +48,7 @@ from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
 from .prices import FEMTO_PER_UNIT, Price, prices_for
-from .principal import Principal, PrincipalMemo
+from .principal import Principal
 from .signals import budget_exceeded, soft_budget_crossed
 from .signals import send as send_signal
 from .store.tables import (
@@ -64,7 +64,6 @@ from .usage import Usage
 
 log = logging.getLogger("flask_llmauth")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: ``admission.scratch`` slot the spend guard copies into ``SpendEvent.reservations``.
 SCRATCH = "budget_reservations"
 #: Entity tables in lock order (the spend ledger updates them in this order too); counters
@@ -577,7 +576,6 @@ class Budgets:
         #: ``id(principal)`` -> its plan used last (a cheaper look-up than the tuple's).
         self._latest: dict[int, _BudgetPlan] = {}
         self.default_max_tokens = int(self.settings.default_max_tokens or 0)
-        self._budgeted = PrincipalMemo(has_budget)
         #: Every LLM request must be seen: there is a global budget.
         self.always = self.settings.max_budget is not None
         #: Set when the spend ledger takes over settlement (``ledger.on_batch``): the
@@ -587,19 +585,15 @@ class Budgets:
 
     # -- Guard protocol ------------------------------------------------------------------------
 
-    def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        if not route.is_llm or principal.is_master_key:
+    def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool:
+        if not unsafe or not route.is_llm or principal.is_master_key:
             return False
-        if not self.always:
-            if not self._budgeted(principal):
-                return False
-        return route.unsafe_only or request.method not in SAFE_METHODS
+        return self.always or has_budget(principal)
 
-    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
+    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any,
+                       unsafe: bool) -> bool:
         """A request naming an end user that has a budget (its own, or the default)."""
-        if not route.is_llm or principal.is_master_key:
-            return False
-        if not route.unsafe_only and request.method in SAFE_METHODS:
+        if not unsafe or not route.is_llm or principal.is_master_key:
             return False
         if self.settings.max_end_user_budget is not None:
             return True

@@ -330,7 +330,7 @@ class CustomersGuard:
 
     # -- Guard protocol (nothing to reserve or settle) -----------------------------------------
 
-    def wants(self, principal: Principal, route: RouteInfo) -> bool:
+    def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool:
         return False
 
     def admit(self, admission: Admission) -> None:

@@ -17,9 +17,10 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
 3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
 
 No guard runs for a request none of them wants, so unconfigured features cost nothing.
-``wants(principal, route)`` must answer from the principal, the route and whether the
-request's method is safe, nothing else: the answers are kept per principal object (a
-principal is an immutable snapshot; a changed key, user or team gets a new one). A guard
+``wants(principal, route, unsafe)`` must answer from the principal, the route and
+``unsafe`` (the request's method is not safe, or the route counts every method as unsafe),
+nothing else: the answers are kept per principal object (a principal is an immutable
+snapshot; a changed key, user or team gets a new one). A guard
 whose headers are always empty declares ``adds_headers = False``.
 
 Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
@@ -41,6 +42,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from flask import Response, g
@@ -132,7 +134,7 @@ class Admission:
 class Guard(Protocol):
     name: str
 
-    def wants(self, principal: Principal, route: RouteInfo) -> bool: ...
+    def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool: ...
 
     def admit(self, admission: Admission) -> None: ...
 
@@ -160,8 +162,13 @@ class _Plan(NamedTuple):
     wanted: tuple[Guard, ...]
     #: The other guards that may still want it for its end user (``wants_end_user``).
     by_end_user: tuple[Guard, ...]
+    #: The request's method is not safe, or the route counts every method as unsafe.
+    unsafe: bool
     #: Those of ``wanted`` whose ``headers`` may add something.
     with_headers: tuple[Guard, ...] = ()
+
+
+_new_plan: Callable[[tuple[Any, ...]], _Plan] = partial(tuple.__new__, _Plan)
 
 
 class Guards:
@@ -173,24 +180,30 @@ class Guards:
         self.end_users: Any = None
         #: Guards whose ``headers`` may add something (``adds_headers``, default true).
         self._with_headers: frozenset[int] = frozenset()
+        #: Guards with a ``wants_end_user`` method.
+        self._by_end_user: frozenset[int] = frozenset()
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
         self._with_headers = frozenset(
             id(g) for g in self.guards if getattr(g, "adds_headers", True))
+        self._by_end_user = frozenset(
+            id(g) for g in self.guards if hasattr(g, "wants_end_user"))
 
     def plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         """Which guards want ``principal`` on ``route`` (asked anew: callers keep the answer
         per principal object: the extension keeps it in its per-request verdict)."""
         wanted: list[Guard] = []
         by_end_user: list[Guard] = []
+        may_want_end_user = self._by_end_user
         for guard in self.guards:  # a loop, not generators: a cold key meets this per request
-            if guard.wants(principal, route):
+            if guard.wants(principal, route, unsafe):
                 wanted.append(guard)
-            elif hasattr(guard, "wants_end_user"):
+            elif id(guard) in may_want_end_user:
                 by_end_user.append(guard)
-        return _Plan(principal, route, tuple(wanted), tuple(by_end_user),
-                     self._headers_of(wanted))
+        # Built positionally (a cold key meets this once per request).
+        return _new_plan((principal, route, tuple(wanted), tuple(by_end_user), unsafe,
+                          self._headers_of(wanted) if wanted else ()))
 
     def _headers_of(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
         with_headers = self._with_headers
@@ -202,7 +215,7 @@ class Guards:
         none does. ``body`` returns the parsed JSON request body; it is called only when
         needed. On LLM routes the end user is resolved first (``end_users.resolve``, which
         may refuse a blocked one); when the request names one, a guard that does not want
-        the request is also asked ``wants_end_user(principal, route, customer)`` (if it has
+        the request is also asked ``wants_end_user(principal, route, customer, unsafe)`` (if it has
         that method): a limit or budget may exist for the end user alone."""
         principal, route = plan.principal, plan.route
         end_user = None
@@ -213,7 +226,7 @@ class Guards:
         if end_user is not None and plan.by_end_user:
             customer = end_user[1]
             extra = [guard for guard in plan.by_end_user
-                     if guard.wants_end_user(principal, route, customer)]  # type: ignore[attr-defined]
+                     if guard.wants_end_user(principal, route, customer, plan.unsafe)]  # type: ignore[attr-defined]
             if extra:
                 wanted = tuple(guard for guard in self.guards
                                if guard in wanted or guard in extra)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from flask import g
 from werkzeug.local import LocalProxy
 
 from .store.records import KeyRecord, MembershipRecord, TeamRecord, UserRecord
-
-T = TypeVar("T")
 
 
 class Role(str, Enum):
@@ -149,26 +147,3 @@ def get_principal() -> Principal | None:
 #: Proxy to :func:`get_principal` (falsy on public routes and outside requests).
 current_principal: Principal = LocalProxy(get_principal)  # type: ignore[assignment]
 
-
-class PrincipalMemo(Generic[T]):
-    """One answer per principal object, computed once: principals are immutable snapshots
-    (a changed key or user gets a new object), so an answer stays right for its object.
-
-    The principal is kept with its answer, so its ``id`` cannot be reused meanwhile; the
-    memo is cleared when it reaches ``limit`` entries.
-    """
-
-    __slots__ = ("_compute", "_answers", "_limit")
-
-    def __init__(self, compute: Callable[[Principal], T], limit: int = 10_000) -> None:
-        self._compute = compute
-        self._answers: dict[int, tuple[Principal, T]] = {}
-        self._limit = limit
-
-    def __call__(self, principal: Principal) -> T:
-        hit = self._answers.get(id(principal))
-        if hit is None or hit[0] is not principal:
-            if len(self._answers) >= self._limit:
-                self._answers.clear()
-            hit = self._answers[id(principal)] = (principal, self._compute(principal))
-        return hit[1]

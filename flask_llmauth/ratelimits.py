@@ -57,14 +57,13 @@ from .config import Settings
 from .errors import ConfigurationError, ServiceUnavailable, TooManyRequests
 from .guards import Admission, HeaderPairs
 from .network import client_ip
-from .principal import Principal, PrincipalMemo, get_principal
+from .principal import Principal, get_principal
 from .signals import rate_limited
 from .signals import send as send_signal
 from .usage import Usage
 
 log = logging.getLogger("flask_llmauth")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The order descriptors are checked in: the narrowest first, so a caller over its own
 #: limit is refused before it touches a shared (team, end user, global) counter.
 KINDS = ("key", "model_per_key", "team_member", "user", "team", "end_user", "global")
@@ -1081,7 +1080,6 @@ class RateLimits:
         #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
         self._model_names = model_names
         self._plans: dict[tuple[Any, ...], tuple[Any, Any, _Plan]] = {}
-        self._limited = PrincipalMemo(has_limits)
         #: Whether every LLM request must be seen: a global limit is set. (End users with
         #: limits of their own are found by ``wants_end_user``.)
         self.always = bool(settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
@@ -1089,19 +1087,15 @@ class RateLimits:
 
     # -- Guard protocol ----------------------------------------------------------------------
 
-    def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        if not route.is_llm or principal.is_master_key:
+    def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool:
+        if not unsafe or not route.is_llm or principal.is_master_key:
             return False
-        if not self.always:  # global limits
-            if not self._limited(principal):
-                return False
-        return route.unsafe_only or request.method not in SAFE_METHODS
+        return self.always or has_limits(principal)  # global limits, or the principal's
 
-    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any) -> bool:
+    def wants_end_user(self, principal: Principal, route: RouteInfo, customer: Any,
+                       unsafe: bool) -> bool:
         """A request naming an end user whose row carries limits (see ``Guards.admit``)."""
-        if customer is None or not route.is_llm or principal.is_master_key:
-            return False
-        if not route.unsafe_only and request.method in SAFE_METHODS:
+        if customer is None or not unsafe or not route.is_llm or principal.is_master_key:
             return False
         return bool(_positive(customer.rpm_limit) or _positive(customer.tpm_limit)
                     or _positive(customer.max_parallel_requests))

@@ -37,7 +37,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import peewee
-from flask import Flask, request
+from flask import Flask
 
 from .authz.routes import RouteInfo
 from .errors import ConfigurationError, ServiceUnavailable
@@ -50,7 +50,6 @@ from .usage import Usage, estimate_prompt_tokens
 
 log = logging.getLogger("flask_llmauth")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: ``admission.scratch`` slot the budgets guard fills; copied into ``SpendEvent.reservations``.
 RESERVATIONS = "budget_reservations"
 BatchCallback = Callable[[list["SpendEvent"], peewee.Database], None]
@@ -365,8 +364,8 @@ class SpendGuard:
         self.ledger = ledger
         self.prices = prices_for(settings)
 
-    def wants(self, principal: Principal, route: RouteInfo) -> bool:
-        return route.is_llm and (route.unsafe_only or request.method not in SAFE_METHODS)
+    def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool:
+        return unsafe and route.is_llm
 
     def admit(self, admission: Admission) -> None:
         return None

@@ -25,7 +25,7 @@ class RecordingGuard:
         self.admitted: list[Admission] = []
         self.settled: list[tuple[Usage | None, bool]] = []
 
-    def wants(self, principal: Any, route: Any) -> bool:
+    def wants(self, principal: Any, route: Any, unsafe: bool) -> bool:
         return route.is_llm
 
     def admit(self, admission: Admission) -> None:

@@ -216,7 +216,7 @@ def test_refusal_by_a_later_guard_is_not_counted(make: Any) -> None:
         name = "refuse"
         on = True
 
-        def wants(self, principal: Any, route: Any) -> bool:
+        def wants(self, principal: Any, route: Any, unsafe: bool) -> bool:
             return route.is_llm
 
         def admit(self, admission: Admission) -> None:

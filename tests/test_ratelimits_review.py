@@ -97,7 +97,7 @@ class SlowRefusal:
     name = "slow_refusal"
     adds_headers = False
 
-    def wants(self, principal: Any, route: Any) -> bool:
+    def wants(self, principal: Any, route: Any, unsafe: bool) -> bool:
         return bool(route.is_llm)
 
     def admit(self, admission: Any) -> None:

@@ -306,7 +306,7 @@ def test_budget_reservations_ride_on_the_event(spend_app: Flask) -> None:
     class Reserving:
         name = "budgets"
 
-        def wants(self, principal: Any, route: Any) -> bool:
+        def wants(self, principal: Any, route: Any, unsafe: bool) -> bool:
             return route.is_llm
 
         def admit(self, admission: Admission) -> None:
