@@ -66,6 +66,7 @@ def ensure(path: Path, count: int, log=print) -> Path:  # noqa: ANN001 - a print
         return path
     log(f"building {path.name}: {count:,} keys (once; it is cached under bench/) ...")
     started = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".building")
     for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         stale.unlink(missing_ok=True)

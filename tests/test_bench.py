@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import sqlite3
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -173,8 +175,34 @@ def test_limits_bench_answers_with_the_asked_length(tmp_path: Path) -> None:
                         "--redis-url", "redis://127.0.0.1:1/0"])  # no Redis: memory only
     assert len(limits.ANSWER) == 2000
     for variant in ("bare", "key, rate limits off", "key+limits/memory",
-                    "key+budget+limits/memory"):
+                    "key+budget+rpm/memory", "key+budget+limits/memory"):
         assert f"| {variant} |" in text
     body = limits.bare_app().test_client().post(
         limits.PATH, data=limits.BODY, content_type="application/json").get_json()
     assert body["choices"][0]["message"]["content"] == limits.ANSWER
+
+
+def test_limits_bench_budget_and_rpm_variant_meets_only_those() -> None:
+    """``key+budget+rpm/memory`` is the chain issue 4 names: its key has a budget and an rpm
+    limit, no tpm limit and no parallel slots (the answer shows request headers only)."""
+    limits = _load("limits_bench")
+    bench = limits.Bench("redis://127.0.0.1:1/0", None)
+    try:
+        variant = "key+budget+rpm/memory"
+        app = bench.apps[variant]
+        env = dict(bench.templates[variant])
+        env["wsgi.input"] = io.BytesIO(limits.BODY)
+        seen: dict[str, Any] = {}
+
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+            seen.update(status=status, headers={k.lower(): v for k, v in headers})
+
+        b"".join(app(env, start_response))
+        assert seen["status"].startswith("200")
+        headers = seen["headers"]
+        assert headers["x-ratelimit-limit-requests"] == str(10**9)
+        assert "x-ratelimit-limit-tokens" not in headers
+        guard = app.extensions["llmauth"].budgets
+        assert guard is not None and guard._plans  # the budget guard admitted it
+    finally:
+        bench.close()
