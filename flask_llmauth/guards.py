@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from flask import Response, g
+from flask import Response, g, has_app_context
 
 from .authz.routes import RouteInfo
 from .principal import Principal
@@ -396,6 +396,10 @@ class _ObservedStream:
             self._on_end()
 
 
+#: Holds one item once record_usage has warned about a call outside an app context.
+_warned_no_context: list[bool] = []
+
+
 def current_admission() -> Admission | None:
     """The current request's admission, or ``None`` (no guard runs, no request, no app
     context at all)."""
@@ -410,11 +414,18 @@ def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,
     """Report the tokens a view used (overrides what the response or stream reports).
 
     Call it from a host view that does not return an OpenAI/Anthropic-shaped body; outside a
-    guarded request it does nothing.
+    guarded request it does nothing. Outside any app context (a generator streamed without
+    ``stream_with_context``) it does nothing either, and logs a warning once.
     """
     for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer")
+    if not has_app_context():
+        if not _warned_no_context:
+            _warned_no_context.append(True)
+            log.warning("llmauth: record_usage() called outside an app context (a stream "
+                        "without stream_with_context?): the usage is not recorded")
+        return
     admission = current_admission()
     if admission is not None:
         admission.usage = Usage(prompt_tokens, completion_tokens, model or admission.model)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, Response
 
 from flask_llmauth import (
     ConfigurationError,
@@ -16,11 +16,12 @@ from flask_llmauth import (
     current_admission,
     current_principal,
     get_principal,
+    guards,
     record_usage,
     require_scope,
 )
 from tests.conftest import migrated_sqlite_url
-from tests.helpers import MASTER_KEY
+from tests.helpers import ADMIN, MASTER_KEY
 
 
 @pytest.mark.parametrize("scopes", [(), ("",), (["a", "b"],)])
@@ -50,9 +51,33 @@ def test_outside_an_app_context_there_is_no_principal_and_nothing_to_record() ->
     assert get_principal() is None
     assert not current_principal
     assert current_admission() is None
-    record_usage(10, 5, model="gpt-4o")
     with pytest.raises(ValueError):
         record_usage(-1)
+
+
+def test_record_usage_in_a_stream_without_its_context_is_not_lost_silently(
+        app_factory: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generator streamed without ``stream_with_context`` runs outside the app context:
+    ``record_usage`` there cannot reach the request; it does not break the stream and says
+    so in the log (once)."""
+    monkeypatch.setattr(guards, "_warned_no_context", [])
+    app = app_factory()
+
+    @app.post("/v1/completions")
+    def completions() -> Any:
+        def events() -> Any:
+            yield 'data: {"choices": [{"text": "hi"}]}\n\n'
+            record_usage(100, 50, model="gpt-4o")
+            yield "data: [DONE]\n\n"
+        return Response(events(), mimetype="text/event-stream")
+
+    client = app.test_client()
+    for _ in range(2):
+        response = client.post("/v1/completions", json={"model": "gpt-4o", "prompt": "x"},
+                               headers=ADMIN)
+        assert response.get_data(as_text=True).endswith("data: [DONE]\n\n")
+    assert caplog.text.count("record_usage() called outside an app context") == 1
 
 
 def test_a_second_init_app_on_one_app_fails_clearly(tmp_path: Any) -> None:
