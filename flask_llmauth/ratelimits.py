@@ -593,10 +593,12 @@ class Counters:
             for line in plan.tpm:
                 self.incr(line.key, window, tokens)
 
-    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> None:
-        """Remove ``member``'s parallel slots after an admission whose answer was lost
-        (nothing to do here: this version undoes its own increments when a call fails, and
-        its counters do not tell whose slot is whose)."""
+    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> bool:
+        """Remove ``member``'s parallel slots after a call that failed (its answer may have
+        been lost after it ran); whether this version can. It cannot: it undoes its own
+        increments when a call fails, and its counters do not tell whose slot is whose (a
+        decrement made twice would free another request's slot)."""
+        return False
 
     def _undo(self, counted: list[_Limit], taken: list[_Limit], window: int,
               lease: int) -> None:
@@ -931,12 +933,13 @@ class RedisCounters(Counters):
             values[i] = now + (pttl / 1000 if pttl > 0 else window)
         return int(reply[0]), int(reply[1]), values
 
-    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> None:
-        """Remove ``member``'s slots (whether or not the admission took them): one script,
-        the settlement's without a charge."""
+    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> bool:
+        """Remove ``member``'s slots (whether or not a call took or released them; doing it
+        twice does nothing more): one script, the settlement's without a charge."""
         keys, spec = self._prepare(plan, window, lease).release_only
         if keys:
             self._run(self._settle_script, keys, (spec, 0, member))
+        return True
 
     def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
                member: str) -> None:
@@ -992,6 +995,10 @@ class StorageHealth:
                       self.skipped)
             self.skipped = 0
         self.down_until = now + self.retry_interval
+
+    def known_down(self) -> bool:
+        """Whether a call failed less than ``retry_interval`` seconds ago (no probe due)."""
+        return self.down_since is not None and time.time() < self.down_until
 
     def succeeded(self) -> None:
         if self.down_since is not None:
@@ -1152,14 +1159,12 @@ class RateLimits:
         tokens = 0 if uncount or usage is None else (
             usage.prompt_tokens + usage.completion_tokens if self.tokens_counted == "total"
             else self._tokens(usage))
+        member = admission.request_id if plan.parallel else ""
         try:
-            counters.settle(plan, tokens, uncount, self.window, self.lease,
-                            admission.request_id if plan.parallel else "")
+            counters.settle(plan, tokens, uncount, self.window, self.lease, member)
         except StorageDown as exc:
-            if counters is self.counters:
-                self.health.failed(exc, _MODES[self.mode])
-            log.error("llmauth: could not settle rate limits of request %s (parallel slots "
-                      "expire after %ss)", admission.request_id, self.lease)
+            self._settle_failed(counters, plan, exc, admission.request_id, member,
+                                "its rpm undo" if uncount else f"its tpm charge ({tokens} tokens)")
 
     def headers(self, admission: Admission) -> Sequence[tuple[str, str]]:
         taken = admission.scratch.get(_SCRATCH)
@@ -1179,6 +1184,31 @@ class RateLimits:
             log.warning("llmauth: could not remove the parallel slots of request %s after a "
                         "failed admission (%s); they expire after %ss", member,
                         type(cause).__name__, self.lease)
+
+    def _settle_failed(self, counters: Counters, plan: _Plan, exc: StorageDown,
+                       request_id: str, member: str, counted: str) -> None:
+        """After a failed settlement, remove the request's parallel slots with one more call
+        by request id, best effort (the settlement may not have run: its slots would wait
+        for their leases). Only the slots: the tpm charge (or the rpm undo) is not made
+        again, since the first call may have made it — at most once. Skipped while the
+        storage is known to be down (one timeout per settlement then, not two). Never
+        raises; the log names the request id, never a key."""
+        retry = bool(member) and (counters is not self.counters or not self.health.known_down())
+        if counters is self.counters:
+            self.health.failed(exc, _MODES[self.mode])
+        cause = exc.__cause__ or exc
+        slots = f"left to their leases ({self.lease}s)" if member else "none held"
+        if retry:
+            try:
+                if counters.forget(plan, self.window, self.lease, member):
+                    slots = "removed by request id"
+            except Exception as again:  # the leases free them instead
+                cause_again = again.__cause__ or again
+                slots = (f"not removed ({type(cause_again).__name__}), left to their leases "
+                         f"({self.lease}s)")
+        log.error("llmauth: could not settle rate limits of request %s (%s); parallel slots "
+                  "%s; %s may be missing and is not retried", request_id,
+                  type(cause).__name__, slots, counted)
 
     def _backend(self, after_failure: bool = False) -> Counters | None:
         if not after_failure and (self.health.down_since is None or self.health.available()):

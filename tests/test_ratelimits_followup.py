@@ -1,6 +1,7 @@
 """Rate limits, review follow-up: failed authentications from IPv6 clients counted per
 network, a request that alone exceeds a tpm limit, and a parallel slot taken by an admission
-whose answer was lost — on memory:// and on the real Redis."""
+whose answer was lost or left by a settlement that failed — on memory:// and on the real
+Redis."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.conftest import REDIS_URL
 from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
 from tests.test_ratelimits import (  # noqa: F401
     CHAT,
+    _window_stats,
     add_llm_routes,
     message,
     slots_in_use,
@@ -323,6 +325,8 @@ class SlowProxy:
         self.upstream = upstream
         self.delay = delay
         self.hold_next = threading.Event()
+        #: Drop the next command sent (it never reaches Redis; the client times out).
+        self.drop_next = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = [self.listener]
@@ -342,6 +346,9 @@ class SlowProxy:
     def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65536):
+                if not replies and self.drop_next.is_set():
+                    self.drop_next.clear()
+                    continue
                 if replies and self.hold_next.is_set():
                     self.hold_next.clear()
                     time.sleep(self.delay)
@@ -376,6 +383,143 @@ def test_a_real_socket_timeout_after_the_admission_ran_frees_the_slot(
         assert chat_as(client, body["key"]).status_code == 503
         time.sleep(0.7)  # the held answer arrived (to a closed connection)
         assert slots_in_use(app, body["key_id"], 1) == 0
+        assert chat_as(client, body["key"]).status_code == 200
+    finally:
+        proxy.close()
+
+
+# -- a settlement that failed --------------------------------------------------------------------
+
+
+def fail_next_settlement(monkeypatch: pytest.MonkeyPatch, app: Flask, ran: bool,
+                         then_down: bool = False) -> list[tuple[str, int]]:
+    """The next settlement script sent to Redis fails as on a socket timeout: after it ran
+    (``ran``: its answer was lost) or before it reached Redis. Later scripts go through, or
+    with ``then_down`` time out without running. Returns each script sent from then on as
+    ``(which, amount)``: ``which`` is "settle" or "acquire", ``amount`` the settlement's
+    charge (0: slots only)."""
+    import redis
+
+    counters = app.extensions["llmauth"].ratelimits.counters
+    execute = counters._client.execute_command
+    names = {counters._settle_script.sha: "settle", counters._acquire_script.sha: "acquire"}
+    sent: list[tuple[str, int]] = []
+
+    def settlement_fails(*args: Any, **options: Any) -> Any:
+        if args[0] != "EVALSHA" or (not sent and names[args[1]] != "settle"):
+            return execute(*args, **options)
+        which = names[args[1]]
+        sent.append((which, int(args[-2]) if which == "settle" else 0))
+        if len(sent) > 1 and not then_down:
+            return execute(*args, **options)
+        if len(sent) == 1 and ran:
+            execute(*args, **options)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(counters._client, "execute_command", settlement_fails)
+    return sent
+
+
+@pytest.mark.redis
+def test_a_settlement_that_never_ran_has_its_slot_removed_and_nothing_charged(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = redis_app(app_factory, redis_prefix)
+    client = app.test_client()
+    body = new_key(client, max_parallel_requests=1, tpm_limit=1000)
+    sent = fail_next_settlement(monkeypatch, app, ran=False)
+    assert chat_as(client, body["key"], tokens=40).status_code == 200  # answered before
+    assert sent == [("settle", 40), ("settle", 0)]  # the slot removal charges nothing
+    assert slots_in_use(app, body["key_id"], 1) == 0  # not left to its 600 s lease
+    assert _window_stats(app, body, "tpm", 1000, 60)[1] == 1000  # at most once: lost
+    logged = [r.getMessage() for r in caplog.records if "could not settle" in r.getMessage()]
+    assert len(logged) == 1 and "removed by request id" in logged[0]
+    assert "TimeoutError" in logged[0] and "tpm charge (40 tokens)" in logged[0]
+    assert body["key"] not in caplog.text
+    time.sleep(0.1)  # the retry interval
+    assert chat_as(client, body["key"]).status_code == 200
+
+
+@pytest.mark.redis
+def test_a_settlement_whose_answer_was_lost_charges_the_tokens_once(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = redis_app(app_factory, redis_prefix)
+    client = app.test_client()
+    body = new_key(client, max_parallel_requests=1, tpm_limit=1000)
+    sent = fail_next_settlement(monkeypatch, app, ran=True)
+    assert chat_as(client, body["key"], tokens=40).status_code == 200
+    assert sent == [("settle", 40), ("settle", 0)]
+    assert _window_stats(app, body, "tpm", 1000, 60)[1] == 1000 - 40  # not 80
+    assert slots_in_use(app, body["key_id"], 1) == 0
+
+
+@pytest.mark.redis
+def test_a_removal_after_a_failed_settlement_that_fails_too_is_logged_not_raised(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = redis_app(app_factory, redis_prefix, LLMAUTH_RATELIMIT_PARALLEL_LEASE=1)
+    client = app.test_client()
+    body = new_key(client, max_parallel_requests=1)
+    with monkeypatch.context() as patch:
+        sent = fail_next_settlement(patch, app, ran=False, then_down=True)
+        streaming = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
+                                headers=bearer(body["key"]), buffered=False)
+        assert b"[DONE]" in b"".join(streaming.response)
+        streaming.close()  # settled here, at the end of the stream: nothing raised
+    assert sent == [("settle", 10), ("settle", 0)]  # one removal, not a loop
+    assert "parallel slots not removed (TimeoutError), left to their leases (1s)" in caplog.text
+    assert slots_in_use(app, body["key_id"], 1) == 1
+    time.sleep(1.2)
+    assert slots_in_use(app, body["key_id"], 1) == 0
+    assert chat_as(client, body["key"]).status_code == 200
+
+
+@pytest.mark.redis
+def test_no_removal_is_tried_while_the_storage_is_known_down(
+        app_factory: Any, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request admitted before an outage settles during it: one failed call (one
+    timeout), as before; its slots wait for their leases."""
+    from flask_llmauth.ratelimits import StorageDown
+
+    app = redis_app(app_factory, redis_prefix, LLMAUTH_RATELIMIT_RETRY_INTERVAL=30)
+    client = app.test_client()
+    body = new_key(client, max_parallel_requests=1)
+    streaming = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
+                            headers=bearer(body["key"]), buffered=False)
+    app.extensions["llmauth"].ratelimits.health.failed(StorageDown(OSError()), "test")
+    sent = fail_next_settlement(monkeypatch, app, ran=False, then_down=True)
+    assert b"[DONE]" in b"".join(streaming.response)
+    streaming.close()
+    assert sent == [("settle", 10)]
+    assert slots_in_use(app, body["key_id"], 1) == 1
+
+
+@pytest.mark.redis
+def test_a_settlement_lost_on_a_real_socket_has_its_slot_removed(
+        app_factory: Any, redis_prefix: str) -> None:
+    """The settlement's command never reaches Redis (dropped on the way); the client's
+    socket timeout ends the call and the removal goes over a new connection."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(REDIS_URL)
+    proxy = SlowProxy((url.hostname or "127.0.0.1", url.port or 6379), delay=0.6)
+    try:
+        app = redis_app(app_factory, redis_prefix,
+                        LLMAUTH_RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{proxy.port}{url.path}",
+                        LLMAUTH_RATELIMIT_STORAGE_OPTIONS={"socket_timeout": 0.3})
+        client = app.test_client()
+        body = new_key(client, max_parallel_requests=1)
+        assert chat_as(client, body["key"]).status_code == 200  # connected, scripts loaded
+        streaming = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
+                                headers=bearer(body["key"]), buffered=False)
+        assert slots_in_use(app, body["key_id"], 1) == 1
+        proxy.drop_next.set()
+        started = time.monotonic()
+        assert b"[DONE]" in b"".join(streaming.response)
+        streaming.close()
+        assert 0.3 <= time.monotonic() - started < 2
+        assert slots_in_use(app, body["key_id"], 1) == 0
+        time.sleep(0.1)  # the retry interval
         assert chat_as(client, body["key"]).status_code == 200
     finally:
         proxy.close()
