@@ -370,7 +370,7 @@ class LLMAuthState:
             self.policy.route_denial(principal, info, unsafe),  # denial
             bool(principal.key is not None and principal.key.allowed_ips),  # key_ips
             info.is_llm and unsafe,  # check_models
-            set(),  # models
+            {},  # models
             plan,
             bool(plan is not None and not plan.wanted and principal.end_user_id is None
                  and self.guards.end_users is self.customers is not None),  # only_for_end_user
@@ -483,8 +483,10 @@ class _Verdict(NamedTuple):
     key_ips: bool
     #: Whether the models the request names must be checked (LLM routes, unsafe methods).
     check_models: bool
-    #: Models already allowed to this principal on this rule (grows; bounded).
-    models: set[str]
+    #: Models already allowed to this principal on this rule, as keys (grows; bounded). A
+    #: dict, not a set: a dict of strings is not tracked by the cyclic garbage collector
+    #: (a set always is), and a cold key leaves one per verdict.
+    models: dict[str, bool]
     #: The guards' plan (:meth:`~flask_llmauth.guards.Guards.plan`), ``None`` if none runs.
     plan: Any
     #: Whether the plan matters only if the request names an end user (no guard wants it

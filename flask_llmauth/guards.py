@@ -182,6 +182,8 @@ class Guards:
         self._with_headers: frozenset[int] = frozenset()
         #: Guards with a ``wants_end_user`` method.
         self._by_end_user: frozenset[int] = frozenset()
+        #: One tuple object per combination of guards that plans name (see :meth:`_shared`).
+        self._combinations: dict[tuple[Guard, ...], tuple[Guard, ...]] = {}
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
@@ -202,12 +204,19 @@ class Guards:
             elif id(guard) in may_want_end_user:
                 by_end_user.append(guard)
         # Built positionally (a cold key meets this once per request).
-        return _new_plan((principal, route, tuple(wanted), tuple(by_end_user), unsafe,
-                          self._headers_of(wanted) if wanted else ()))
+        return _new_plan((principal, route, self._shared(wanted), self._shared(by_end_user),
+                          unsafe, self._headers_of(wanted) if wanted else ()))
+
+    def _shared(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
+        """``tuple(guards)``, the same object for every plan naming the same guards: a
+        tuple of guards stays tracked by the cyclic garbage collector, and every cold key
+        keeps a plan (a few combinations exist: at most one per subset of the guards)."""
+        found = tuple(guards)
+        return self._combinations.setdefault(found, found)
 
     def _headers_of(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
         with_headers = self._with_headers
-        return tuple(guard for guard in guards if id(guard) in with_headers)
+        return self._shared(guard for guard in guards if id(guard) in with_headers)
 
     def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
                       environ: Mapping[str, Any]) -> Admission | None:

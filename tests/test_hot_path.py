@@ -134,3 +134,31 @@ def test_requests_work_through_the_public_proxies_too(app_factory: Any, monkeypa
     chat = "/v1/chat/completions"
     assert client.post(chat, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200
     assert client.post(chat, json={"model": "gpt-4o"}).status_code == 401
+
+
+def test_a_new_principals_verdict_leaves_the_collector_little_to_traverse(
+        app_factory: Any) -> None:
+    """Every cold key keeps a verdict and a guards' plan: the models it allowed are a dict
+    of strings (untracked by the cyclic garbage collector; a set always is tracked), and
+    plans naming the same guards share their tuples of guards."""
+    import gc
+
+    app = app_factory()
+    client = app.test_client()
+    keys = [new_key(client)["key"] for _ in range(2)]
+    for key in keys:
+        assert client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                           headers=bearer(key)).status_code == 200
+    state = app.extensions["llmauth"]
+    verdicts = [v for v in state._verdicts.values()
+                if v.principal.key_id is not None and v.check_models]
+    assert len(verdicts) == 2
+    first, second = verdicts
+    assert first.principal is not second.principal
+    gc.collect()
+    for verdict in verdicts:
+        assert verdict.models == {"gpt-4o": True} and not gc.is_tracked(verdict.models)
+    plans = [first.plan, second.plan]
+    assert all(plan is not None for plan in plans)
+    assert first.plan.by_end_user and first.plan.by_end_user is second.plan.by_end_user
+    assert first.plan.wanted is second.plan.wanted

@@ -112,12 +112,12 @@ class Policy:
         self._check_viewer_user_update(principal, info, request)
 
     def check_models(self, principal: Principal, request: Request, info: RouteInfo,
-                     allowed: set[str]) -> tuple[str | None, Any]:
+                     allowed: dict[str, bool]) -> tuple[str | None, Any]:
         """Check 6: every model the request names (see :func:`requested_models`, which
         also refuses a malformed body or ``model``). Return the first model, if any, and
         the parsed JSON body (``None`` when the body was read as a form; Flask keeps the
-        parse). ``allowed`` holds models already allowed to this principal object and
-        receives the newly allowed ones (the caller keeps it with the principal).
+        parse). ``allowed`` holds models already allowed to this principal object (as
+        keys) and receives the newly allowed ones (the caller keeps it with the principal).
         """
         if (not info.model_arg
                 and request.environ.get("CONTENT_TYPE", "").startswith("application/")):
@@ -143,13 +143,14 @@ class Policy:
                 self._allow_model(principal, model, allowed)
         return (models[0] if models else None), parsed
 
-    def _allow_model(self, principal: Principal, model: str, allowed: set[str]) -> None:
+    def _allow_model(self, principal: Principal, model: str,
+                     allowed: dict[str, bool]) -> None:
         """Raise the denial of ``model`` for ``principal``, else remember it in ``allowed``."""
         model_denial = self.models.denial(principal, model)
         if model_denial is not None:
             raise model_denial
         if len(allowed) < 1_000:
-            allowed.add(model)
+            allowed[model] = True
 
     def _route_denial(self, principal: Principal, info: RouteInfo, safe: bool,
                       ) -> Forbidden | None:
