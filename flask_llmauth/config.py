@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .crypto import MIN_KEY_ENTROPY_BYTES
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
 from .money import to_units, to_usd
@@ -685,7 +686,8 @@ class Settings:
 
     # -- keys and cache -----------------------------------------------------------------------
     key_entropy_bytes: int = setting(
-        32, _number(int, 24), "Random bytes in a generated key (`sk-` + url-safe base64).",
+        32, _number(int, MIN_KEY_ENTROPY_BYTES),
+        "Random bytes in a generated key (`sk-` + url-safe base64).",
         env=("LENGTH_OF_LITELLM_GENERATED_KEY",),
     )
     key_rotation_grace_period: Duration | None = setting(

@@ -10,6 +10,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_PREFIX = "sk-"
+#: The fewest random bytes a generated key holds (``LLMAUTH_KEY_ENTROPY_BYTES``' minimum).
+MIN_KEY_ENTROPY_BYTES = 24
+#: Characters after ``sk-`` of the shortest generated key (url-safe base64 of
+#: ``MIN_KEY_ENTROPY_BYTES``): a caller-chosen secret needs at least as many.
+MIN_KEY_CHARACTERS = len(secrets.token_urlsafe(MIN_KEY_ENTROPY_BYTES))
 #: Purposes of derived secrets. A value made for one purpose is useless for another.
 PURPOSE_KEY_DIGEST = "virtual-key-digest"
 PURPOSE_KEY_CACHE = "virtual-key-cache-id"

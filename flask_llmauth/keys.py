@@ -32,7 +32,8 @@ from flask import current_app
 from .audit import write_audit
 from .authn.virtual_key import stored_role
 from .authz.routes import RouteInfo, classify, expand
-from .crypto import KEY_PREFIX, abbreviate, generate_key
+from .config import MIN_DISTINCT_CHARACTERS
+from .crypto import KEY_PREFIX, MIN_KEY_CHARACTERS, abbreviate, generate_key
 from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
@@ -52,7 +53,34 @@ KEY_TYPES: dict[str, tuple[str, ...]] = {
     "read_only": ("info_routes",),
     "default": (),
 }
-MIN_CUSTOM_KEY_LENGTH = 24
+#: The longest caller-chosen secret accepted.
+MAX_CHOSEN_KEY_LENGTH = 256
+
+
+def chosen_secret(actor: Principal, raw: Any, param: str) -> str | None:
+    """A caller-chosen secret (``key`` on ``/key/generate``, ``new_key`` on regenerate), or
+    ``None`` when none is given. Only a proxy admin may choose one (403 naming the field,
+    before anything is looked up); it must look like a generated key: ``sk-`` and at least
+    as many printable characters as the shortest generated key, not a pattern (400). The
+    messages never contain the value."""
+    if raw is None:
+        return None
+    if not actor.is_admin:
+        raise Forbidden(
+            f"Only a proxy admin can choose a key's secret: leave out '{param}' and a "
+            "generated key is returned.", param=param, reason="chosen_key_secret")
+    text = raw[len(KEY_PREFIX):] if isinstance(raw, str) else ""
+    if (not isinstance(raw, str) or not raw.startswith(KEY_PREFIX)
+            or len(text) < MIN_KEY_CHARACTERS or len(raw) > MAX_CHOSEN_KEY_LENGTH
+            or not raw.isprintable() or " " in raw
+            or len(set(text)) < MIN_DISTINCT_CHARACTERS):
+        raise BadRequest(
+            f"Invalid key format. A chosen key must be as unguessable as a generated one: "
+            f"'sk-' followed by at least {MIN_KEY_CHARACTERS} random printable characters "
+            f"(no spaces, at least {MIN_DISTINCT_CHARACTERS} different ones; at most "
+            f"{MAX_CHOSEN_KEY_LENGTH} in all), e.g. 'sk-' + secrets.token_urlsafe(32). Leave "
+            f"'{param}' out to get a generated key.", param=param)
+    return raw
 
 
 def key_info(key: Any) -> dict[str, Any]:
@@ -454,14 +482,8 @@ class KeyService:
         if query.exists():
             raise BadRequest(f"Key with alias '{alias}' already exists.", param="key_alias")
 
-    def _custom_key(self, raw: Any, param: str) -> str:
-        if (not isinstance(raw, str) or not raw.startswith(KEY_PREFIX)
-                or len(raw) < MIN_CUSTOM_KEY_LENGTH or len(raw) > 256
-                or not raw.isprintable() or " " in raw):
-            raise BadRequest(
-                "Invalid key format. A virtual key must start with 'sk-' and be at least "
-                f"{MIN_CUSTOM_KEY_LENGTH} characters of printable text.", param=param,
-            )
+    def _key_free(self, raw: str, param: str) -> str:
+        """``raw`` when no key has it (a proxy admin is told it is in use)."""
         if Key.select(Key.id).where(Key.digest == self.state.digester.digest(raw)).exists():
             raise BadRequest("This key value is already in use.", param=param)
         return raw
@@ -470,7 +492,7 @@ class KeyService:
         """Create a key; the plaintext is in the result's ``key`` and nowhere else, ever."""
         state = self.state
         params = dict(params)
-        custom = params.pop("key", None)
+        custom = chosen_secret(actor, params.pop("key", None), "key")
         with state.store.use() as db, db.atomic():
             team_id = params.get("team_id")
             team = Team.get_or_none(Team.team_id == team_id) if team_id else None
@@ -488,7 +510,7 @@ class KeyService:
                         param="user_id",
                     )
             self._check_alias_free(params.get("key_alias"))
-            raw = self._custom_key(custom, "key") if custom is not None else generate_key(
+            raw = self._key_free(custom, "key") if custom is not None else generate_key(
                 state.settings.key_entropy_bytes)
             if params.get("user_id"):
                 self._ensure_user(params["user_id"], actor)
@@ -639,7 +661,7 @@ class KeyService:
         until ``grace_period`` ends (default ``LLMAUTH_KEY_ROTATION_GRACE_PERIOD``)."""
         state = self.state
         params = dict(params)
-        new_raw = params.pop("new_key", None)
+        new_raw = chosen_secret(actor, params.pop("new_key", None), "new_key")
         grace: Duration | None = params.pop("grace_period",
                                             state.settings.key_rotation_grace_period)
         with state.store.use() as db, db.atomic():
@@ -655,7 +677,7 @@ class KeyService:
                 self._check_alias_free(params["key_alias"], key.key_id)
             if params.get("user_id"):
                 self._ensure_user(params["user_id"], actor)
-            raw = (self._custom_key(new_raw, "new_key") if new_raw is not None
+            raw = (self._key_free(new_raw, "new_key") if new_raw is not None
                    else generate_key(state.settings.key_entropy_bytes))
             now = utcnow()
             grace_until = grace.after(now) if grace is not None else None

@@ -325,23 +325,118 @@ def test_member_add_shows_a_team_admin_no_personal_account(client: Any,
     assert (full["models"], full["max_budget"], full["spend"]) == (["gpt-4o"], 1000, 123)
 
 
+# -- caller-chosen key secrets -----------------------------------------------------------------
+
+
+def strong_secret() -> str:
+    import secrets
+
+    return record_secret("sk-" + secrets.token_urlsafe(32))
+
+
+def test_only_a_proxy_admin_chooses_a_keys_secret(client: Any, app: Any) -> None:
+    """`key` on /key/generate and `new_key` on /key/regenerate: any key creator chose the
+    secret, and a duplicate was refused as "already in use" — an existence oracle for weak
+    human-chosen secrets. Now a 403 naming the field, before anything is looked up, whether
+    the value is in use or not; the database is left as it was."""
+    make_user(client, "alice")
+    make_user(client, "root", role="proxy_admin")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}])
+    alice = admin_key(client, user_id="alice")
+    alice_t1 = admin_key(client, user_id="alice", team_id="t1")  # a team admin's team key
+    taken = strong_secret()
+    assert admin(client, "/key/generate", user_id="root", key=taken)["key"] == taken
+    before, teams_before = snapshot(app), teams_snapshot(app)
+    answers = []
+    for credential in (alice["key"], alice_t1["key"]):
+        for chosen in (taken, strong_secret()):
+            team = {"team_id": "t1"} if credential == alice_t1["key"] else {}
+            answers.append((as_key(client, credential, "/key/generate", key=chosen, **team),
+                            "key"))
+            answers.append((as_key(client, credential, "/key/regenerate",
+                                   key=alice["key_id"], new_key=chosen), "new_key"))
+    for response, field in answers:
+        error = assert_error(response, 403, "permission_error")
+        assert error["param"] == field
+        assert error["message"] == (f"Only a proxy admin can choose a key's secret: leave out "
+                                    f"'{field}' and a generated key is returned.")
+    assert snapshot(app) == before and teams_snapshot(app) == teams_before
+    # Without the field, the same callers get generated keys.
+    generated = as_key(client, alice["key"], "/key/generate")
+    assert generated.status_code == 200 and len(generated.get_json()["key"]) == 3 + 43
+    record_secret(generated.get_json()["key"])
+    # A proxy admin (the master key or a proxy_admin user's key) chooses, and is told about
+    # a duplicate.
+    root = admin_key(client, user_id="root")["key"]
+    chosen = strong_secret()
+    rotated = as_key(client, root, "/key/regenerate", key=alice["key_id"], new_key=chosen)
+    assert rotated.status_code == 200 and rotated.get_json()["key"] == chosen
+    assert client.get("/key/info", headers=bearer(chosen)).status_code == 200
+    duplicate = assert_error(as_key(client, root, "/key/generate", key=taken), 400)
+    assert duplicate["param"] == "key" and "already in use" in duplicate["message"]
+
+
+@pytest.mark.parametrize("tail, why", [
+    ("x" * 0, "nothing after sk-"),
+    ("aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6", "31 characters, one short of a generated key"),
+    ("ab" * 20, "40 characters, 2 distinct"),
+    ("0123456789" * 3 + "0", "31 characters"),
+    ("aZ3-_9qLm0PpR7tUvW2yX b4cDe5fGh6iJ", "a space"),
+    ("aZ3-_9qLm0PpR7tUvW2yX\nb4cDe5fGh6iJ", "a newline"),
+    ("aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6iJ" * 8, "over 256 in all"),
+])
+def test_a_chosen_secret_must_be_as_unguessable_as_a_generated_one(
+        client: Any, tail: str, why: str) -> None:
+    """The old minimum was 'sk-' + 21 printable characters; the shortest generated key
+    (LLMAUTH_KEY_ENTROPY_BYTES=24) has 32 after 'sk-'. The message never holds the value."""
+    value = "sk-" + tail
+    for path, field, extra in (("/key/generate", "key", {}),
+                               ("/key/regenerate", "new_key", {"key": "k"})):
+        response = client.post(path, json={field: value, **extra}, headers=ADMIN)
+        error = assert_error(response, 400, "invalid_request_error")
+        assert error["param"] == field, why
+        if "\n" in value or len(value) > 256:  # the field's own check, as for every field
+            continue
+        assert error["message"].startswith("Invalid key format. A chosen key must be as "
+                                           "unguessable as a generated one: 'sk-' followed "
+                                           "by at least 32 random printable characters")
+        if tail:
+            assert tail[:20] not in error["message"]
+    for value in ("pk-" + "aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6iJ", 12345):
+        assert_error(client.post("/key/generate", json={"key": value}, headers=ADMIN), 400)
+
+
+def test_the_chosen_secret_minimum_is_the_shortest_generated_key(app_factory: Any) -> None:
+    from flask_llmauth.crypto import MIN_KEY_CHARACTERS
+
+    app = app_factory({"LLMAUTH_KEY_ENTROPY_BYTES": 24})
+    body = admin(app.test_client(), "/key/generate")
+    record_secret(body["key"])
+    assert len(body["key"]) == 3 + MIN_KEY_CHARACTERS == 35
+    assert admin(app.test_client(), "/key/generate",
+                 key=record_secret("sk-aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6i"))["key_name"] == \
+        "sk-...Gh6i"  # exactly 32 after sk-, 10+ distinct: accepted
+
+
 @SQLITE_ONLY
 def test_what_a_key_creator_learns_about_a_raw_secret(app_factory: Any, db_url: str) -> None:
-    """Kept as documented (docs/security.md, caller-chosen keys): a duplicate caller-chosen
-    key is refused, and /key/info tells an unknown key (404) from another user's (403);
-    neither is a failed authentication. The test pins that, so the docs stay true."""
+    """Kept as documented (docs/security.md, caller-chosen keys): /key/info tells an
+    unknown key (404) from another user's (403), and it is not a failed authentication —
+    harmless now that every secret is generated or a proxy admin's at least as long. A key
+    creator is no longer told that a chosen value is in use: choosing is a proxy admin's."""
     app = app_factory(db_url=db_url, config={"LLMAUTH_AUTH_FAILURE_LIMIT": "1/hour"})
     client = app.test_client()
     make_user(client, "alice")
     alice = admin_key(client, user_id="alice")["key"]
-    chosen = record_secret("sk-" + "chosen-by-a-person-0001")
+    chosen = record_secret("sk-chosen-by-a-person-0001-with-more-text")
     assert admin(client, "/key/generate", user_id="bob", key=chosen)["user_id"] == "bob"
     for attempt in range(3):
-        error = assert_error(as_key(client, alice, "/key/generate", key=chosen), 400)
-        assert error["param"] == "key" and "already in use" in error["message"]
+        error = assert_error(as_key(client, alice, "/key/generate", key=chosen), 403)
+        assert error["param"] == "key" and "already in use" not in error["message"]
         assert_error(client.get("/key/info", query_string={"key": chosen},
                                 headers=bearer(alice)), 403)
-        unknown = record_secret(f"sk-chosen-by-a-person-{attempt:04d}x")
+        unknown = record_secret(f"sk-chosen-by-a-person-{attempt:04d}-with-other-text")
         assert_error(client.get("/key/info", query_string={"key": unknown},
                                 headers=bearer(alice)), 404)
     assert client.get("/key/info", headers=bearer(alice)).status_code == 200  # not blocked
