@@ -44,8 +44,8 @@ class Background:
         #: hook then has nothing left to do (the app closed its store already).
         self.stopped = False
         ref = weakref.ref(self)
-        atexit.register(lambda: (obj := ref()) is not None and not obj.stopped and obj.stop())
-        os.register_at_fork(after_in_child=lambda: (obj := ref()) is not None and obj._forked())
+        atexit.register(lambda: None if (obj := ref()) is None or obj.stopped else obj.stop())
+        os.register_at_fork(after_in_child=lambda: None if (o := ref()) is None else o._forked())
 
     def _forked(self) -> None:
         self.started = False

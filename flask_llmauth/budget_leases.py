@@ -198,7 +198,7 @@ class Leases:
         self._lock = threading.Lock()
         self._reseed()
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._reseed())
+        os.register_at_fork(after_in_child=lambda: None if (o := ref()) is None else o._reseed())
 
     def _reseed(self) -> None:
         """A new process: no lease of the parent is ours (the guard's plans may still point
@@ -239,17 +239,17 @@ class Leases:
                     continue
                 if lease._take(ticket, budget, ticket.admitted):
                     return lease, _NONE
-                return lease, self._transact(lease, budget, ticket.need, ticket,
-                                             give_back=False)
+                return lease, self._transact(lease, budget, ticket, give_back=False)
 
     # -- the lease transaction -----------------------------------------------------------------
 
-    def _transact(self, lease: Lease, budget: Budget, need: int | None,
-                  ticket: Ticket | None, *, give_back: bool) -> list[tuple[Budget, int]]:
+    def _transact(self, lease: Lease, budget: Budget, ticket: Ticket | None, *,
+                  give_back: bool) -> list[tuple[Budget, int]]:
         """Under ``lease.lock``: one transaction that takes the finished requests whose
-        spend is written out of the lease, then admits ``need`` (``None``: none) with the
-        lease grown by a chunk, or gives back the unused part (``give_back``, or when
-        ``need`` does not fit: then raises :class:`_Refusal` after committing)."""
+        spend is written out of the lease, then admits the ticket's ``need`` (no ticket:
+        none) with the lease grown by a chunk, or gives back the unused part (``give_back``,
+        or when ``need`` does not fit: then raises :class:`_Refusal` after committing)."""
+        need = None if ticket is None else ticket.need
         self._confirm(lease)
         trimmed = lease.done_sum
         in_use = lease.in_use - trimmed
@@ -279,10 +279,11 @@ class Leases:
         if refusal is not None:
             refusal.crossed = crossed  # marked in the row: the caller signals them
             raise refusal
-        if need is not None:
+        if ticket is not None:
+            need = ticket.need
             lease.in_use += need
             if need:
-                lease.in_flight[ticket.request_id] = ticket  # type: ignore[union-attr]
+                lease.in_flight[ticket.request_id] = ticket
                 lease.unit = need
             lease.last_used = time.time()
         return crossed
@@ -450,7 +451,7 @@ class Leases:
             if trim or give_back or refresh:
                 budget = _sweep_budget(lease)
                 if budget is not None:
-                    self._transact(lease, budget, None, None, give_back=idle)
+                    self._transact(lease, budget, None, give_back=idle)
                     count = 1
             if idle and not lease.held and not lease.in_flight and not lease.in_use:
                 lease.dead = True

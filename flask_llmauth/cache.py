@@ -63,15 +63,15 @@ class TTLCache(Generic[V]):
                 self._drop(key)
             if len(data) >= self.max_size:
                 self._evict()
-            data[key] = (self._clock() + ttl, value, tags)  # type: ignore[assignment]
+            data[key] = (self._clock() + ttl, value, tags)
             for tag in tags:
                 members = index.get(tag)
                 if members is None:
                     index[tag] = key
                 elif type(members) is set:
                     members.add(key)
-                elif members != key:
-                    index[tag] = {members, key}
+                elif members != key:  # a key (``type() is set`` narrows its own branch only)
+                    index[tag] = {members, key}  # type: ignore[arg-type]
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
@@ -84,7 +84,8 @@ class TTLCache(Generic[V]):
             members = self._tags.pop(tag, None)
             if members is None:
                 return 0
-            keys = list(members) if type(members) is set else [members]
+            keys: list[Hashable] = (list(members) if type(members) is set
+                                    else [members])  # type: ignore[list-item]  # a key
             for key in keys:
                 self._drop(key)
             return len(keys)

@@ -191,10 +191,11 @@ class HostLimitHooks:
 
         def owned(hook: Any) -> bool:
             bound = getattr(hook, "__self__", None)
-            args = getattr(hook, "args", ())
+            args: tuple[Any, ...] = getattr(hook, "args", ())
             return bound is limiter or (bool(args) and args[0] is limiter)
 
-        found = []
+        #: each hook with the registry (``{blueprint: [hooks]}``) that holds it
+        found: list[tuple[dict[Any, list[Any]], Any]] = []
         for funcs in (app.before_request_funcs, app.after_request_funcs,
                       app.teardown_request_funcs):
             hooks = [h for h in funcs.get(None, []) if owned(h)]
@@ -737,7 +738,8 @@ class MemoryCounters(Counters):
                 counts[key] = count
                 if count == 1:
                     ends[key] = end = now + window
-                values += (count, end)
+                # a count above 1 was counted in an open window: ``end`` is set
+                values += (count, end)  # type: ignore[arg-type]
                 if count > line.limit:
                     index = plan.rpm.index(line)
                     for undo in plan.rpm[:index + 1]:
@@ -919,7 +921,7 @@ class RedisCounters(Counters):
         prepared = plan.prepared
         if prepared is None:
             prepared = plan.prepared = _RedisPlan(plan, self._prefixed, window, lease)
-        return prepared  # type: ignore[no-any-return]
+        return prepared
 
     def acquire(self, plan: _Plan, need: int, window: int, lease: int,
                 member: str) -> tuple[int, int, list[float]]:
@@ -1086,7 +1088,7 @@ class RateLimits:
         self._fallback_lock = threading.Lock()
         #: ``(principal, model) -> model names`` (aliases resolved), from authorization.
         self._model_names = model_names
-        self._plans: dict[tuple[Any, ...], tuple[Any, Any, _Plan]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, Any, _Plan | None]] = {}
         #: Whether every LLM request must be seen: a global limit is set. (End users with
         #: limits of their own are found by ``wants_end_user``.)
         self.always = bool(settings.ratelimit_global_rpm or settings.ratelimit_global_tpm
@@ -1296,7 +1298,7 @@ class RateLimits:
         line = next(line for line in plan.tpm if line.limit < need)
         d = line.descriptor
         if rate_limited.receivers:
-            send_signal(rate_limited, current_app._get_current_object(),
+            send_signal(rate_limited, current_app._get_current_object(),  # type: ignore[attr-defined]
                         principal=admission.principal,
                         limit=RateLimitBreach(d.kind, d.label, "tokens", line.limit, 0, None))
         raise TooManyRequests(
@@ -1322,7 +1324,7 @@ class RateLimits:
         if reset is not None and limit_type in ("requests", "tokens"):
             headers.update(_window_headers(limit_type, limit, remaining, reset, now))
         if rate_limited.receivers:
-            send_signal(rate_limited, current_app._get_current_object(),
+            send_signal(rate_limited, current_app._get_current_object(),  # type: ignore[attr-defined]
                         principal=admission.principal, limit=breach)
         raise TooManyRequests(
             f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: {limit_type}. "
@@ -1478,7 +1480,7 @@ class AuthFailureLimiter:
         log.warning("llmauth: blocking %s for %.0fs after too many failed authentications",
                     address, until - time.time())
         if rate_limited.receivers:
-            send_signal(rate_limited, current_app._get_current_object(), principal=None,
+            send_signal(rate_limited, current_app._get_current_object(), principal=None,  # type: ignore[attr-defined]
                         limit=RateLimitBreach("ip", address, "auth_failures",
                                               self.items[0].amount, 0, until))
 

@@ -151,7 +151,7 @@ class SpendLedger:
         #: Events dropped because they could not be written (see :meth:`flush`).
         self.failed = 0
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._forked())
+        os.register_at_fork(after_in_child=lambda: None if (o := ref()) is None else o._forked())
 
     def _forked(self) -> None:
         """A forked child: the flush lock may have been held by the parent's background
@@ -339,7 +339,7 @@ def _fit(event: SpendEvent) -> SpendEvent:
     characters (which Postgres text cannot hold; a request's ``model`` may bring one)
     replaced by U+FFFD."""
     prompt, completion, spend = event[11:14]
-    texts = event[3:11]  # key_id ... auth_method
+    texts: tuple[str | None, ...] = event[3:11]  # key_id ... auth_method
     # the texts searched as one formatted string: ~0.5 µs per event, a loop ~2.5 µs
     if (prompt <= MAX_TOKENS and completion <= MAX_TOKENS and spend <= MAX_SPEND
             and "\x00" not in "%s%s%s%s%s%s%s%s" % texts):  # noqa: UP031

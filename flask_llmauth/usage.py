@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -177,8 +177,10 @@ def _usage_of(usage: Any, reported: Any, model: str | None) -> Usage | None:
     return _usage((prompt, completion, model, False))
 
 
-#: The scanner ``json.loads`` ends up in (the default decoder's settings).
-_scan_once = json.JSONDecoder().scan_once
+#: The scanner ``json.loads`` ends up in (the default decoder's settings); set by
+#: ``JSONDecoder.__init__``, which the type stubs do not declare.
+_scan_once: Callable[[str, int], tuple[Any, int]] = (
+    json.JSONDecoder().scan_once)  # type: ignore[attr-defined]
 _skip_space = re.compile(r"[ \t\n\r]*").match
 _SPACE = " \t\n\r"
 _SPACE_BYTES = b" \t\n\r"
@@ -213,7 +215,7 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
                     data.decode("utf-8", "surrogatepass")  # not UTF-8: not JSON
                 usage = _usage_from_tail(data, at, model)
                 if usage is not _UNDECIDED:
-                    return usage  # type: ignore[no-any-return]
+                    return usage
             text = data.decode("utf-8", "surrogatepass")
             body, end = _scan_once(text, 0)
             if end != len(text) and text[end:].strip(_SPACE):
@@ -256,7 +258,7 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
             return _UNDECIDED
         start = colon + 1
         if tail[start] in _SPACE:
-            start = _skip_space(tail, start).end()
+            start = _skip_space(tail, start).end()  # type: ignore[union-attr]  # ``*`` matches
         usage, end = _scan_once(tail, start)
         after = tail[end:].lstrip(_SPACE)
         if after[:1] == "}":

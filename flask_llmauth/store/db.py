@@ -79,7 +79,7 @@ def _unavailable() -> ServiceUnavailable:
                               error_type="db_unavailable")
 
 
-def _failure(exc: peewee.DatabaseError) -> Exception:
+def _failure(exc: peewee.PeeweeException) -> Exception:
     """What a database error becomes for the caller: a logged 503 when the database cannot
     answer now or has no llmauth tables yet, otherwise the error itself."""
     if _missing_table(exc):
@@ -92,7 +92,7 @@ def _failure(exc: peewee.DatabaseError) -> Exception:
     return exc
 
 
-def _missing_table(exc: peewee.DatabaseError) -> bool:
+def _missing_table(exc: peewee.PeeweeException) -> bool:
     """Whether the error is a missing table: the schema is not migrated. Postgres reports
     "relation does not exist" (SQLSTATE 42P01) as a ProgrammingError, SQLite "no such
     table: ..." as an OperationalError."""
@@ -244,7 +244,8 @@ class Store:
         self._local = threading.local()
         if self.pooled:
             ref = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._forked())
+            os.register_at_fork(
+                after_in_child=lambda: None if (o := ref()) is None else o._forked())
         #: Connections a forked child inherited: kept, never used nor closed (see _forked).
         self._inherited: list[Any] = []
         #: Each joined table with its alias and the fields its record has, in the record's
@@ -415,7 +416,8 @@ class Store:
                 cursor.execute(sql, params)
                 return cursor.fetchone()
             except Exception:
-                with peewee.__exception_wrapper__:  # the driver's error as Peewee's
+                # the driver's error as Peewee's (the wrapper is missing from Peewee's stubs)
+                with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
                     raise
         except (*DB_ERRORS, peewee.ProgrammingError) as exc:
             failure = _failure(exc)
@@ -429,7 +431,7 @@ class Store:
             return None
         if self._packed:  # SQLite's own JSON: raw_decode parses each table's array
             key, team, user, member = row
-            return tuple.__new__(KeyRow, (  # type: ignore[return-value]
+            return tuple.__new__(KeyRow, (
                 self._key_reader(_decode(key)[0]),
                 None if team is None else self._team_reader(_decode(team)[0]),
                 None if user is None else self._user_reader(_decode(user)[0]),

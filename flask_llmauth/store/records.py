@@ -21,10 +21,10 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 R = TypeVar("R")
-T = TypeVar("T", bound=type)
+T = TypeVar("T", bound="type[NamedTuple]")
 
 
-class _Factory(tuple):  # type: ignore[type-arg]
+class _Factory(tuple[type, ...]):
     """Marks a field default that each record gets a fresh copy of (an empty dict)."""
 
     __slots__ = ()
@@ -51,7 +51,7 @@ def _record(cls: T) -> T:
         return build(_cls, *args, **kwargs)
 
     __new__.__doc__ = build.__doc__
-    cls.__new__ = staticmethod(__new__)  # type: ignore[assignment]
+    cls.__new__ = staticmethod(__new__)  # type: ignore[method-assign]
     return cls
 
 

@@ -9,9 +9,10 @@ database (:class:`flask_llmauth.store.db.Store`).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peewee import (
+    AutoField,
     BigAutoField,
     BigIntegerField,
     BooleanField,
@@ -37,6 +38,10 @@ class JSONText(TextField):
 
 
 class Table(Model):
+    if TYPE_CHECKING:
+        #: The primary key Peewee adds to a table that declares none.
+        id: AutoField[int]
+
     class Meta:
         model_metadata_class = ThreadSafeDatabaseMetadata
         legacy_table_names = False
@@ -203,7 +208,8 @@ class Customer(Table):
     """An end user (LiteLLM's customer): named by requests, never logs in."""
 
     user_id = CharField(max_length=255, unique=True)
-    alias = CharField(max_length=255, null=True)
+    #: LiteLLM's name for the column; it hides ``Model.alias()``, which nothing here calls.
+    alias = CharField(max_length=255, null=True)  # type: ignore[assignment]
     blocked = BooleanField(default=False)
     max_budget = BigIntegerField(null=True)
     soft_budget = BigIntegerField(null=True)

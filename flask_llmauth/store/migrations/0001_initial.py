@@ -5,6 +5,8 @@ This file freezes the schema as of this migration; later changes go in new migra
 
 from __future__ import annotations
 
+from typing import Any
+
 import peewee as pw
 
 
@@ -14,7 +16,7 @@ def _models(db: pw.Database) -> list[type[pw.Model]]:
             database = db
             legacy_table_names = False
 
-    def money(**kw: object) -> pw.BigIntegerField:
+    def money(**kw: Any) -> pw.BigIntegerField:
         return pw.BigIntegerField(**kw)
 
     class Key(Base):

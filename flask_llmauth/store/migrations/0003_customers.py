@@ -11,7 +11,7 @@ import peewee as pw
 def _models(db: pw.Database) -> list[type[pw.Model]]:
     class Customer(pw.Model):
         user_id = pw.CharField(max_length=255, unique=True)
-        alias = pw.CharField(max_length=255, null=True)
+        alias = pw.CharField(max_length=255, null=True)  # type: ignore[assignment]
         blocked = pw.BooleanField(default=False)
         max_budget = pw.BigIntegerField(null=True)
         soft_budget = pw.BigIntegerField(null=True)
