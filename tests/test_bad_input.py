@@ -219,3 +219,78 @@ def test_one_401_body_for_unknown_revoked_expired_rotated_and_orphaned_keys(
         clean(response, 401)
         bodies.add(response.get_data())
     assert len(bodies) == 1
+
+
+#: Fields whose value is never empty in storage: ``null`` is a 400 naming the field (it used
+#: to reach the database's NOT NULL constraint: a 500).
+NOT_NULL = {
+    "/key/generate": ("models", "aliases", "allowed_routes", "model_rpm_limit", "model_tpm_limit",
+                      "model_max_budget", "spend", "blocked"),
+    "/key/update": ("models", "aliases", "allowed_routes", "model_rpm_limit", "model_tpm_limit",
+                    "model_max_budget", "spend", "blocked"),
+    "/key/regenerate": ("models", "aliases", "allowed_routes", "model_rpm_limit",
+                        "model_tpm_limit", "model_max_budget", "spend", "blocked"),
+    "/user/new": ("models", "model_max_budget"),
+    "/user/update": ("models", "model_max_budget", "spend", "blocked"),
+    "/team/new": ("models", "model_aliases", "model_rpm_limit", "model_tpm_limit", "blocked"),
+    "/team/update": ("models", "model_aliases", "model_rpm_limit", "model_tpm_limit", "blocked"),
+    "/team/member_update": ("role", "allowed_models"),
+}
+
+
+def _null_cases() -> list[tuple[str, str]]:
+    return [(path, field) for path, fields in NOT_NULL.items() for field in fields]
+
+
+@pytest.mark.parametrize("path,field", _null_cases(), ids=[f"{p}:{f}" for p, f in _null_cases()])
+def test_null_for_a_field_that_is_never_empty_is_a_400_and_changes_nothing(
+        client: Any, path: str, field: str) -> None:
+    assert client.post("/user/new", json={"user_id": "nina", "models": ["gpt-4o"],
+                                          "auto_create_key": False},
+                       headers=ADMIN).status_code == 200
+    assert client.post("/team/new", json={"team_id": "nulls", "models": ["gpt-4o"],
+                                          "members_with_roles": [{"user_id": "nina"}]},
+                       headers=ADMIN).status_code == 200
+    key = new_key(client, models=["gpt-4o"], metadata={"a": 1})
+    base = {"/key/update": {"key": key["key_id"]}, "/key/regenerate": {"key": key["key_id"]},
+            "/user/new": {"user_id": "otto"}, "/user/update": {"user_id": "nina"},
+            "/team/new": {"team_id": "other"}, "/team/update": {"team_id": "nulls"},
+            "/team/member_update": {"team_id": "nulls", "user_id": "nina"}}.get(path, {})
+    before = [client.get(url, headers=ADMIN).get_json() for url in (
+        f"/key/info?key={key['key_id']}", "/user/info?user_id=nina", "/team/info?team_id=nulls",
+        "/key/list?size=100", "/user/list", "/team/list")]
+    error = clean(client.post(path, json={**base, field: None}, headers=ADMIN), 400)
+    assert error["param"] == field and error["message"] == f"Field '{field}' must not be null."
+    after = [client.get(url, headers=ADMIN).get_json() for url in (
+        f"/key/info?key={key['key_id']}", "/user/info?user_id=nina", "/team/info?team_id=nulls",
+        "/key/list?size=100", "/user/list", "/team/list")]
+    assert after == before
+
+
+@pytest.mark.parametrize("path,body,info", [
+    ("/key/update", {}, "/key/info?key={key_id}"),
+    ("/user/update", {"user_id": "mia"}, "/user/info?user_id=mia"),
+    ("/team/update", {"team_id": "meta"}, "/team/info?team_id=meta"),
+])
+def test_null_metadata_clears_it(client: Any, path: str, body: dict[str, Any],
+                                 info: str) -> None:
+    """As on ``/customer/update``: ``"metadata": null`` is the empty object."""
+    assert client.post("/user/new", json={"user_id": "mia", "metadata": {"a": 1},
+                                          "auto_create_key": False},
+                       headers=ADMIN).status_code == 200
+    assert client.post("/team/new", json={"team_id": "meta", "metadata": {"a": 1}},
+                       headers=ADMIN).status_code == 200
+    key = new_key(client, metadata={"a": 1})
+    body = {**body, "key": key["key_id"]} if path.startswith("/key") else body
+    response = client.post(path, json={**body, "metadata": None}, headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    shown = client.get(info.format(key_id=key["key_id"]), headers=ADMIN).get_json()
+    shown = shown.get("info") or shown.get("team_info") or shown.get("user_info") or shown
+    assert shown["metadata"] == {}, shown
+    for create, extra in (("/key/generate", {}), ("/user/new", {"user_id": "neo"}),
+                          ("/team/new", {"team_id": "new"})):
+        response = client.post(create, json={**extra, "metadata": None}, headers=ADMIN)
+        assert response.status_code == 200, response.get_json()
+        if create == "/key/generate":
+            record_secret(response.get_json()["key"])
+        assert response.get_json()["metadata"] == {}

@@ -24,12 +24,17 @@ _MAX_JSON_TEXT = 64_000
 
 
 class Field:
-    __slots__ = ("parse", "required", "nullable")
+    """A field's parser. ``nullable=False``: ``null`` is a 400 (a value stored as never
+    empty); ``when_null``: what ``null`` stands for (``dict`` for "the empty object")."""
 
-    def __init__(self, parse: Parser, *, required: bool = False, nullable: bool = True) -> None:
+    __slots__ = ("parse", "required", "nullable", "when_null")
+
+    def __init__(self, parse: Parser, *, required: bool = False, nullable: bool = True,
+                 when_null: Callable[[], Any] | None = None) -> None:
         self.parse = parse
         self.required = required
         self.nullable = nullable and not required
+        self.when_null = when_null
 
 
 def validate(data: Any, fields: Mapping[str, Field], *, source: str = "body") -> dict[str, Any]:
@@ -52,7 +57,7 @@ def validate(data: Any, fields: Mapping[str, Field], *, source: str = "body") ->
             if not spec.nullable:
                 raise BadRequest(f"Field '{name}' must not be null.", param=name,
                                  reason="null_field")
-            clean[name] = None
+            clean[name] = None if spec.when_null is None else spec.when_null()
             continue
         try:
             clean[name] = spec.parse(value)

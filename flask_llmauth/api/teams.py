@@ -30,23 +30,23 @@ TEAM_FIELDS: dict[str, Field] = {
     "team_id": Field(string()),
     "team_alias": Field(string()),
     "organization_id": Field(string()),
-    "models": Field(string_list),
-    "model_aliases": Field(string_map),
+    "models": Field(string_list, nullable=False),
+    "model_aliases": Field(string_map, nullable=False),
     "max_budget": Field(money),
     "soft_budget": Field(money),
     "budget_duration": Field(duration),
     "tpm_limit": Field(integer()),
     "rpm_limit": Field(integer()),
     "max_parallel_requests": Field(integer()),
-    "model_rpm_limit": Field(int_map),
-    "model_tpm_limit": Field(int_map),
+    "model_rpm_limit": Field(int_map, nullable=False),
+    "model_tpm_limit": Field(int_map, nullable=False),
     "team_member_permissions": Field(string_list),
     "team_member_budget": Field(money),
     "team_member_budget_duration": Field(duration),
     "team_member_rpm_limit": Field(integer()),
     "team_member_tpm_limit": Field(integer()),
-    "metadata": Field(json_object),
-    "blocked": Field(boolean),
+    "metadata": Field(json_object, when_null=dict),
+    "blocked": Field(boolean, nullable=False),
 }
 _MEMBER_REF: dict[str, Field] = {
     "team_id": Field(string(), required=True),
@@ -117,8 +117,10 @@ def register(route: Callable[..., Any]) -> None:
     @route("/team/member_update", ("POST",))
     def team_member_update() -> Any:
         params = _member_ref({
-            "role": Field(choice("admin", "user")), "max_budget_in_team": Field(money),
+            "role": Field(choice("admin", "user"), nullable=False),
+            "max_budget_in_team": Field(money),
             "tpm_limit": Field(integer()), "rpm_limit": Field(integer()),
-            "allowed_models": Field(string_list), "budget_duration": Field(duration),
+            "allowed_models": Field(string_list, nullable=False),
+            "budget_duration": Field(duration),
         })
         return ok(TeamService(state()).member_update(require_principal(), params))
