@@ -111,7 +111,7 @@ class UserService:
         self._require_admin(actor, "create users")
         state = self.state
         params = dict(params)
-        teams = params.pop("teams", None) or []
+        teams = list(dict.fromkeys(params.pop("teams", None) or []))  # a repeat joins once
         auto_create_key = params.pop("auto_create_key", True)
         key_params = {k: params.pop(k) for k in ("key_alias", "duration") if k in params}
         with state.store.use() as db, db.atomic():

@@ -566,3 +566,16 @@ def test_team_list_shows_each_team_s_members_as_team_info_does(client: Any, monk
         shown = info.get("team_info", info)["members_with_roles"]
         assert listing[team_id]["members_with_roles"] == shown
         assert [m["user_id"] for m in shown] == users
+
+
+def test_a_team_named_twice_in_user_new_teams_is_joined_once(client: Any, app: Any) -> None:
+    """``/user/new`` with ``"teams": ["t", "t"]`` used to insert the membership twice: the
+    unique index answered with a 500. The repeat is ignored, as a repeated key id is on
+    ``/key/delete``."""
+    admin(client, "/team/new", team_id="twice")
+    body = admin(client, "/user/new", user_id="echo", teams=["twice", "twice"],
+                 auto_create_key=False)
+    assert body["teams"] == ["twice"]
+    info = admin_get(client, "/team/info", team_id="twice")
+    assert [m["user_id"] for m in info["team_info"]["members_with_roles"]] == ["echo"]
+    assert admin_get(client, "/user/info", user_id="echo")["user_info"]["teams"] == ["twice"]
