@@ -16,8 +16,10 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from flask_llmauth.crypto import KeyDigester, abbreviate
 from flask_llmauth.store.db import Store
@@ -58,7 +60,7 @@ def _meta(path: Path) -> dict[str, str]:
         return {}
 
 
-def ensure(path: Path, count: int, log=print) -> Path:  # noqa: ANN001 - a print-like callable
+def ensure(path: Path, count: int, log: Callable[[str], object] = print) -> Path:
     """Return ``path``, (re)building it unless it already holds ``count`` keys of this
     format under this digest secret."""
     wanted = {"format": str(FORMAT), "count": str(count), "digest": _fingerprint()}
@@ -98,7 +100,7 @@ def _bulk_insert(path: Path, count: int, meta: dict[str, str]) -> None:
     positions = [names.index(n) for n in per_row]
     template = [constant[n] for n in names]
 
-    def rows():  # noqa: ANN202
+    def rows() -> Iterator[list[Any]]:
         for index in range(count):
             raw = raw_key(index)
             row = list(template)

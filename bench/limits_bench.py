@@ -122,7 +122,7 @@ def new_key(app: Flask, **fields: Any) -> str:
 
 def environ(key: str) -> dict[str, Any]:
     env = EnvironBuilder(path=PATH, method="POST", data=BODY,
-                         headers={"Authorization": f"Bearer {key}"},
+                         headers=[("Authorization", f"Bearer {key}")],
                          content_type="application/json").get_environ()
     del env["wsgi.input"]
     return env
@@ -379,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         return statistics.median(v[i] for v in values)
 
     for v in variants:
-        sent = f"{commands[v]:.2f}" if "redis" in v else ""
+        redis_commands = f"{commands[v]:.2f}" if "redis" in v else ""
         lines.append(f"| {v} | {med(samples[v], 0):.1f} | {med(ratios[v], 0):.2f}× | "
-                     f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | {sent} | "
+                     f"{med(samples[v], 1):.1f} | {med(ratios[v], 1):.2f}× | {redis_commands} | "
                      f"{TARGET.get(v, '')} |")
     bench.close()
     report = "\n".join(lines)

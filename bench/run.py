@@ -245,7 +245,7 @@ def oauth2_app(instance: str, endpoint: str, extra_config: dict[str, Any] | None
 
 def environ(headers: dict[str, str]) -> dict[str, Any]:
     """A WSGI environ for one request (``wsgi.input`` is set per request)."""
-    env = EnvironBuilder(path=PATH, method="POST", data=BODY, headers=headers,
+    env = EnvironBuilder(path=PATH, method="POST", data=BODY, headers=list(headers.items()),
                          content_type="application/json").get_environ()
     del env["wsgi.input"]
     return env
@@ -307,7 +307,7 @@ class Workload:
         """``count`` stored keys never presented before."""
         if len(self._cold_seen) + count > self.key_count:
             raise SystemExit("not enough distinct keys: raise --keys or lower --requests")
-        out = []
+        out: list[str] = []
         while len(out) < count:
             index = self._cold.randrange(1, self.key_count)
             if index not in self._cold_seen:
@@ -549,9 +549,9 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
             value = instructions[variant]
             rows.append(f"| {variant} | {value:,.0f} | {value / base:.3f} | "
                         f"{value - base:+,.0f} |")
-        decode = instructions["jwt_decode"]
-        added = (instructions["jwt_cached"] - base) / decode
-        rows.append(f"| jwt.decode alone (one call) | {decode:,.0f} | | |")
+        decode_count = instructions["jwt_decode"]
+        added = (instructions["jwt_cached"] - base) / decode_count
+        rows.append(f"| jwt.decode alone (one call) | {decode_count:,.0f} | | |")
         verdict = (f"\nBy instructions, jwt_cached adds {added:.2f} × one jwt.decode over bare "
                    f"(target ≤ 1.15: {'met' if added <= 1.15 else 'NOT met'}).\n")
         out += ("\nInstructions per request (valgrind --tool=callgrind, counted between "

@@ -86,9 +86,9 @@ def read_credentials(
         # plain token (anything else takes the general path below, which answers the same).
         value = environ.get("HTTP_AUTHORIZATION")
         if value is not None and value[:7] == "Bearer ":
-            token = value[7:]
-            if 0 < len(token) <= max_length and " " not in token and token.isprintable():
-                return _credentials((token, "Authorization"))
+            bearer = value[7:]
+            if 0 < len(bearer) <= max_length and " " not in bearer and bearer.isprintable():
+                return _credentials((bearer, "Authorization"))
     raw_limit = max_length + _SCHEME_ALLOWANCE
     token: str | None = None
     source: str | None = None

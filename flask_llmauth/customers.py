@@ -363,8 +363,8 @@ class CustomersGuard:
         if end_user_id is None:
             for key, header in self.header_keys:
                 value = environ.get(key)
-                if value:
-                    end_user_id, source = _checked(value, header), header
+                if value and (end_user_id := _checked(value, header)) is not None:
+                    source = header
                     break
             else:
                 found = end_user_field_of_body(body())

@@ -90,7 +90,7 @@ ErrorCallback = Callable[[LLMAuthError], ResponseReturnValue]
 
 def state() -> LLMAuthState:
     """The current app's extension state."""
-    return current_app.extensions["llmauth"]  # type: ignore[no-any-return]
+    return current_app.extensions["llmauth"]
 
 
 def require_principal() -> Principal:
@@ -255,7 +255,7 @@ class LLMAuthState:
         # The request is fetched once, from its context variable: every attribute read
         # through Flask's context proxies costs a lookup first, and the hot path does dozens.
         req = (_cv_request.get().request if _cv_request is not None
-               else request._get_current_object())  # type: ignore[attr-defined]
+               else request._get_current_object())
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return self._api_method_not_allowed(req)
@@ -289,7 +289,7 @@ class LLMAuthState:
             return None
         try:
             endpoint, _ = current_app.url_map.bind_to_environ(req.environ).match(
-                method=exc.valid_methods[0])
+                method=next(iter(exc.valid_methods)))
         except HTTPException:
             return None
         if endpoint not in self.api_endpoints:
@@ -307,7 +307,7 @@ class LLMAuthState:
             if limit is None or limit > self.settings.max_api_body_size:
                 req.max_content_length = self.settings.max_api_body_size
         credentials = None
-        g_ = _cv_app.get().g if _cv_app is not None else g._get_current_object()  # type: ignore[attr-defined]
+        g_ = _cv_app.get().g if _cv_app is not None else g._get_current_object()
         try:
             if self.auth_failures is not None and self.auth_failures.blocking:
                 # Before the credential is read.
@@ -343,11 +343,11 @@ class LLMAuthState:
             log.error("llmauth: authorization failed unexpectedly on %s: %s", info.route,
                       type(exc).__name__)
             g_.pop("_llmauth_principal", None)
-            error = Forbidden(reason="policy_error")
-            self._log_failure(error, info.route, credentials)
-            return self.ext.error_response(error)
+            denial = Forbidden(reason="policy_error")
+            self._log_failure(denial, info.route, credentials)
+            return self.ext.error_response(denial)
         if auth_succeeded.receivers:
-            send_signal(auth_succeeded, current_app._get_current_object(), principal=principal)
+            send_signal(auth_succeeded, current_app._get_current_object(), principal=principal)  # type: ignore[attr-defined]
         return None
 
     def _admit(self, g_: Any, plan: Any, model: str | None, body: JSONBody, req: Any) -> None:
@@ -428,7 +428,7 @@ class LLMAuthState:
         if error.status == 401 and token and self.auth_failures is not None:
             self.auth_failures.record(ip)
         if auth_failed.receivers:
-            send_signal(auth_failed, current_app._get_current_object(), status=error.status,
+            send_signal(auth_failed, current_app._get_current_object(), status=error.status,  # type: ignore[attr-defined]
                         reason=error.reason, route=route, ip=ip)
 
 
@@ -511,7 +511,7 @@ class Callbacks(dict[str, Callable[..., Any]]):
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners = [ref for ref in self._listeners if ref() is not None]
-        self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+        self._listeners.append(weakref.WeakMethod(listener))
 
     def _changed(self) -> None:
         for ref in self._listeners:

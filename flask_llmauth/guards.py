@@ -311,7 +311,7 @@ class Guards:
             self.settle(admission, admission.usage, True)
 
 
-class HeaderPairs(list):  # type: ignore[type-arg]
+class HeaderPairs(list[tuple[str, str]]):
     """``(name, value)`` pairs a guard built from constants and numbers: no CR or LF in
     them, and every name, lower-cased, in the subclass's ``names``. :func:`_set_headers`
     appends them to the response's header list at once when it has none of those names.

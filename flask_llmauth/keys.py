@@ -156,8 +156,8 @@ class LastUsedRecorder:
                 pending[key_id] = when
         with state.store.use() as db, db.atomic():
             for key_id in sorted(pending):
-                when = datetime.fromtimestamp(pending[key_id], timezone.utc).replace(tzinfo=None)
-                Key.update(last_used_at=when).where(Key.key_id == key_id).execute()
+                used_at = datetime.fromtimestamp(pending[key_id], timezone.utc).replace(tzinfo=None)
+                Key.update(last_used_at=used_at).where(Key.key_id == key_id).execute()
         return len(pending)
 
 
@@ -533,7 +533,7 @@ class KeyService:
             write_audit(state.settings.store_audit_logs, actor, "created", "key", key.key_id,
                         after=info)
         state.invalidate("negative")
-        send_signal(key_created, current_app._get_current_object(), key_id=key.key_id,
+        send_signal(key_created, current_app._get_current_object(), key_id=key.key_id,  # type: ignore[attr-defined]
                     key_name=key.key_name, actor=actor.identity)
         return {**info, "key": raw}
 
@@ -696,7 +696,7 @@ class KeyService:
             write_audit(state.settings.store_audit_logs, actor, "rotated", "key", key.key_id,
                         before=before, after={**info, "grace_until": isoformat(grace_until)})
         state.invalidate(f"key:{key.key_id}", "negative")
-        send_signal(key_rotated, current_app._get_current_object(), key_id=key.key_id,
+        send_signal(key_rotated, current_app._get_current_object(), key_id=key.key_id,  # type: ignore[attr-defined]
                     key_name=key.key_name, actor=actor.identity, grace_until=grace_until)
         return {**info, "key": raw, "grace_period_ends_at": isoformat(grace_until)}
 
@@ -728,7 +728,7 @@ class KeyService:
         ``key_revoked`` (also for keys deleted with their user or team)."""
         for key_id in key_ids:
             self.state.invalidate(f"key:{key_id}")
-            send_signal(key_revoked, current_app._get_current_object(), key_id=key_id,
+            send_signal(key_revoked, current_app._get_current_object(), key_id=key_id,  # type: ignore[attr-defined]
                         actor=actor.identity)
 
     def _delete_rows(self, actor: Principal, keys: Iterable[Key]) -> list[str]:

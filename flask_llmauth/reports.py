@@ -17,9 +17,9 @@ finished (``created_at`` of the spend log).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import peewee
 from peewee import fn
@@ -36,6 +36,10 @@ from .users import user_info
 
 if TYPE_CHECKING:
     from .extension import LLMAuthState
+
+M = TypeVar("M", bound=peewee.Model)
+#: A table whose rows carry a running ``spend`` (:meth:`SpendReports._ranked`).
+Spender = TypeVar("Spender", Key, User, Team)
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: Oldest and newest instants a date may name (keeps every database's datetime type happy).
@@ -148,7 +152,8 @@ class SpendReports:
         """The key id a filter names (a key id, or a raw key, looked up by digest); 403
         for a non-admin naming a key that is not its own, as for one that does not exist
         (no oracle for which keys exist)."""
-        key_id, owner = value, None
+        key_id = value
+        owner: Key | DeletedKey | None
         if value.startswith(KEY_PREFIX):
             row = Key.get_or_none(Key.digest == self.state.digester.digest(value))
             key_id = row.key_id if row is not None else ""
@@ -189,8 +194,8 @@ class SpendReports:
         return _and(*conditions)
 
     @staticmethod
-    def _where(select: peewee.ModelSelect, condition: peewee.Expression | None
-               ) -> peewee.ModelSelect:
+    def _where(select: peewee.ModelSelect[M], condition: peewee.Expression | None
+               ) -> peewee.ModelSelect[M]:
         return select if condition is None else select.where(condition)
 
     # -- endpoints -------------------------------------------------------------------------------
@@ -213,7 +218,8 @@ class SpendReports:
     def _daily(self, condition: peewee.Expression | None) -> list[dict[str, Any]]:
         """Per day: total spend and spend per key, user and model (exact sums)."""
         day = fn.DATE(SpendLog.created_at)
-        select = self._where(
+        # selected columns: rows are tuples, not the model the stubs' ModelSelect yields
+        select: peewee.ModelSelect[Any] = self._where(
             SpendLog.select(day.alias("day"), SpendLog.key_id, SpendLog.user_id,
                             SpendLog.model, fn.SUM(SpendLog.spend).alias("total")),
             condition).group_by(day, SpendLog.key_id, SpendLog.user_id, SpendLog.model)
@@ -234,11 +240,13 @@ class SpendReports:
 
     def _sums(self, column: peewee.Field, condition: peewee.Expression | None
               ) -> dict[str, int]:
-        select = self._where(SpendLog.select(column, fn.SUM(SpendLog.spend)), condition)
+        select: peewee.ModelSelect[Any] = self._where(  # rows are tuples (see _daily)
+            SpendLog.select(column, fn.SUM(SpendLog.spend)), condition)
         return {ident: int(total or 0) for ident, total in
                 select.group_by(column).tuples() if ident is not None}
 
-    def _ranked(self, select: peewee.ModelSelect, id_field: str, info: Any,
+    def _ranked(self, select: peewee.ModelSelect[Spender], id_field: str,
+                info: Callable[[Spender], dict[str, Any]],
                 column: peewee.Field, query: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Entity rows (``select``: the caller's, by row id) with their spend: the row's
         running total, or with a date the spend log's sum in the range; highest first, then
@@ -265,7 +273,7 @@ class SpendReports:
         # others oldest first, read only until the list is full.
         spent = [ident for ident, units in sums.items() if units > 0]
         field = getattr(model, id_field)
-        rows = []
+        rows: list[Spender] = []
         for chunk in range(0, len(spent), 500):
             rows.extend(select.where(field.in_(spent[chunk:chunk + 500])))
         rows.sort(key=lambda row: (-sums[getattr(row, id_field)], row.id))

@@ -113,7 +113,8 @@ class UserService:
         params = dict(params)
         teams = list(dict.fromkeys(params.pop("teams", None) or []))  # a repeat joins once
         auto_create_key = params.pop("auto_create_key", True)
-        key_params = {k: params.pop(k) for k in ("key_alias", "duration") if k in params}
+        key_params: dict[str, Any] = {k: params.pop(k) for k in ("key_alias", "duration")
+                                      if k in params}
         with state.store.use() as db, db.atomic():
             user_id = params.pop("user_id", None) or str(uuid.uuid4())
             if User.get_or_none(User.user_id == user_id) is not None:
@@ -152,7 +153,7 @@ class UserService:
             now = utcnow()
             user = User.create(user_id=user_id, user_email=user_email, user_role=role.value,
                                created_at=now, updated_at=now)
-        send_signal(user_provisioned, current_app._get_current_object(), user_id=user_id,
+        send_signal(user_provisioned, current_app._get_current_object(), user_id=user_id,  # type: ignore[attr-defined]
                     source=source)
         return user
 
@@ -174,7 +175,7 @@ class UserService:
             if confined is not None:  # a team key: what belongs to its team only
                 keys = keys.where(Key.team_id == confined)
                 teams = [t for t in teams if t == confined]
-            keys = [key_info(k) for k in keys.order_by(Key.created_at.desc())]
+            key_rows = [key_info(k) for k in keys.order_by(Key.created_at.desc())]
             team_rows = [team_info(t) for t in Team.select().where(Team.team_id.in_(teams))
                          .order_by(Team.created_at, Team.id)] if teams else []
         info = user_info(user)
@@ -182,7 +183,7 @@ class UserService:
             for name in PERSONAL_FIELDS:
                 del info[name]
         return {"user_id": user_id, "user_info": {**info, "teams": teams},
-                "keys": keys, "teams": team_rows}
+                "keys": key_rows, "teams": team_rows}
 
     def update(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Change a user. An admin names the user by ``user_id`` (or, without one, by

@@ -93,7 +93,7 @@ def resolve_hook(ref: Any, config_file: str | None, setting_key: str) -> Callabl
     if not callable(hook):
         raise ConfigurationError(
             f"{setting_key}: module {module_name!r} has no function {func_name!r}")
-    return hook  # type: ignore[no-any-return]
+    return hook
 
 
 def _load_file(module_name: str, path: str, setting_key: str) -> ModuleType:

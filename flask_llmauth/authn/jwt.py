@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import jwt as pyjwt
 import requests
@@ -423,8 +423,8 @@ class JWTAuthenticator:
             if self.userinfo is None or not self._may_send_to_userinfo(token):
                 return None
             claims = self.userinfo.claims(token)
-            verified = self._validated(claims, self.global_issuer or self._userinfo_issuer())
-            return self.principal(verified, ctx)
+            checked = self._validated(claims, self.global_issuer or self._userinfo_issuer())
+            return self.principal(checked, ctx)
         key = hashlib.sha256(token.encode()).digest()
         # The same token, route and team header resolve to the same principal, until the
         # token's cache entry ends or its user or team changes (tag invalidation).
@@ -788,7 +788,16 @@ class JWTAuthenticator:
 
     # -- provisioning ---------------------------------------------------------------------------
 
+    @overload
+    def _upsert_user(self, user_id: str, email: str | None) -> str: ...
+    @overload
+    def _upsert_user(self, user_id: None, email: str | None) -> None: ...
+    @overload
+    def _upsert_user(self, user_id: str | None, email: str | None) -> str | None: ...
+
     def _upsert_user(self, user_id: str | None, email: str | None) -> str | None:
+        """Provision ``user_id`` on first sight when ``jwt_user_id_upsert`` is on; the id
+        as given."""
         if user_id is None or not self.settings.jwt_user_id_upsert:
             return user_id
         user, _, _ = self.state.identities.load(user_id, None)

@@ -94,7 +94,7 @@ def key_principal(row: KeyRow) -> Principal:
         role = cap
     routes = key.allowed_routes
     metadata = key.metadata  # the record's own dict, even empty (no second empty dict)
-    return _new(Principal, (  # type: ignore[return-value]
+    return _new(Principal, (
         "virtual_key", role, key.user_id, None if user is None else user.user_email,
         key.team_id, key.organization_id or (None if team is None else team.organization_id),
         None, key.key_id, key.key_name, key.key_alias, _SCOPES,

@@ -284,7 +284,7 @@ _MODEL_ARGS = ("model_name", "model", "deployment_id")
 def unsafe_only(rule: Rule) -> bool:
     """Whether ``rule`` answers only unsafe methods (automatic ``OPTIONS`` never reaches the
     policy: the extension lets Flask answer it)."""
-    methods = rule.methods or frozenset()
+    methods: set[str] | frozenset[str] = rule.methods or frozenset()
     if methods & {"GET", "HEAD"}:
         return False
     return "OPTIONS" not in methods or bool(getattr(rule, "provide_automatic_options", False))
