@@ -656,7 +656,9 @@ class Settings:
         yaml=("general_settings.allowed_routes",),
     )
     admin_only_routes: tuple[str, ...] = setting(
-        (), _route_list, "Routes only proxy admins may call.",
+        (), _route_list,
+        "Routes only proxy admins may call (an entry matching no route is logged at the "
+        "first request).",
         yaml=("general_settings.admin_only_routes",),
     )
     allowed_ips: tuple[Any, ...] | None = setting(

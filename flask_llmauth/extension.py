@@ -50,7 +50,7 @@ from .background import Background
 from .bodies import JSONBody
 from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
-from .config import Settings, check_secrets, load_settings
+from .config import DEFAULT_PUBLIC_ROUTES, Settings, check_secrets, load_settings
 from .credentials import read_credentials
 from .crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from .customers import install as install_customers
@@ -226,6 +226,8 @@ class LLMAuthState:
 
         public = RoutePatterns(settings.public_routes)
         self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
+        #: Whether :meth:`_check_route_settings` ran (at the first authenticated request).
+        self.route_settings_checked = False
         self.api_endpoints = API_ROUTES  # filled when the blueprint is created
         self.authenticators = self._build_authenticators(ext)
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
@@ -280,6 +282,25 @@ class LLMAuthState:
             hooks.before()
         return None
 
+    def _check_route_settings(self) -> None:
+        """Warn once about configured route entries that match no route of the app (run
+        at the first authenticated request, when the host's routes are registered): a
+        misspelt ``admin_only_routes`` entry would leave its route open to non-admins."""
+        self.route_settings_checked = True
+        app = current_app
+        routes = [self.routes.info(rule, app.view_functions.get(rule.endpoint)).route
+                  for rule in app.url_map.iter_rules()]
+        settings = self.settings
+        configured_public = [entry for entry in settings.public_routes
+                             if entry not in DEFAULT_PUBLIC_ROUTES]
+        for name, entries in (("LLMAUTH_ADMIN_ONLY_ROUTES", settings.admin_only_routes),
+                              ("LLMAUTH_ALLOWED_ROUTES", settings.allowed_routes),
+                              ("LLMAUTH_PUBLIC_ROUTES", configured_public)):
+            for entry in RoutePatterns(entries).unmatched(routes):
+                log.warning("llmauth: %s: %r matches no route of this app (misspelt? a "
+                            "route registered after the first request is not checked)",
+                            name, entry)
+
     def _api_method_not_allowed(self, req: Any) -> ResponseReturnValue | None:
         """A method a management-API path does not take (``GET /key/generate``): the JSON
         envelope with ``Allow`` instead of Flask's HTML page. The host's routing errors
@@ -302,6 +323,8 @@ class LLMAuthState:
             return None
         if not self.background.started:
             self.background.ensure_started()
+            if not self.route_settings_checked:
+                self._check_route_settings()
         if info.endpoint in self.api_endpoints:
             limit = req.max_content_length
             if limit is None or limit > self.settings.max_api_body_size:

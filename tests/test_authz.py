@@ -277,6 +277,33 @@ def test_admin_only_routes_win_over_require_role(app_factory: Any) -> None:
     assert client.get("/custom/internal", headers=bearer(keys["proxy_admin"])).status_code == 200
 
 
+def test_route_entries_matching_no_route_are_warned_about_once(app_factory: Any,
+                                                                caplog: Any) -> None:
+    """A misspelt ``admin_only_routes`` entry would leave its route open to non-admins: at
+    the first authenticated request every configured path or wildcard that matches no
+    route of the app is logged (group names are checked when the setting is read; the
+    default public health paths are not required to exist)."""
+    import logging
+
+    app = app_factory(config={
+        "LLMAUTH_ADMIN_ONLY_ROUTES": ["/custom/internl", "/custom/internal", "info_routes"],
+        "LLMAUTH_PUBLIC_ROUTES": ["/health/liveliness", "/custom/*", "/nowhere/*"],
+        "LLMAUTH_ALLOWED_ROUTES": ["/v1/*", "/key/*", "/custom/*", "/v2/chat"]})
+    client = app.test_client()
+    caplog.set_level(logging.WARNING, logger="flask_llmauth")
+    for _ in range(2):
+        client.post("/key/generate", json={}, headers=bearer(MASTER_KEY))
+    warned = [r.getMessage() for r in caplog.records if "matches no route" in r.getMessage()]
+    assert sorted(warned) == sorted([
+        "llmauth: LLMAUTH_ADMIN_ONLY_ROUTES: '/custom/internl' matches no route of this app "
+        "(misspelt? a route registered after the first request is not checked)",
+        "llmauth: LLMAUTH_ALLOWED_ROUTES: '/v2/chat' matches no route of this app "
+        "(misspelt? a route registered after the first request is not checked)",
+        "llmauth: LLMAUTH_PUBLIC_ROUTES: '/nowhere/*' matches no route of this app "
+        "(misspelt? a route registered after the first request is not checked)",
+    ])
+
+
 class _ScopedAuthenticator:
     """A test authenticator plugged in as ``custom``: ``scoped:<scope>,<scope>`` tokens."""
 

@@ -199,6 +199,7 @@ class RoutePatterns:
 
     def __init__(self, entries: Iterable[str], *, prefix_match: bool = False) -> None:
         self.entries = tuple(entries)
+        self.prefix_match = prefix_match
         self._regexes = tuple(compile_route_pattern(p, prefix_match=prefix_match)
                               for p in expand(self.entries))
         self.groups = frozenset(g for g in map(group_name, self.entries) if g is not None)
@@ -208,6 +209,16 @@ class RoutePatterns:
 
     def matches(self, route: str) -> bool:
         return any(regex.match(route) for regex in self._regexes)
+
+    def unmatched(self, routes: Iterable[str]) -> tuple[str, ...]:
+        """The entries that are paths or wildcards (group names are checked when the
+        setting is read) and match none of ``routes``: most likely misspelt."""
+        routes = tuple(routes)
+        return tuple(
+            entry for entry in self.entries
+            if group_name(entry) is None and not any(
+                map(compile_route_pattern(entry, prefix_match=self.prefix_match).match,
+                    routes)))
 
     def allows(self, info: RouteInfo) -> bool:
         """Whether a classified route is listed: by path, or by a group it belongs to
