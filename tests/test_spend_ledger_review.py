@@ -107,6 +107,30 @@ def test_a_model_name_with_a_nul_character_is_charged(app_factory: Any, db_url: 
     assert spend_of(app, Key, key_id=key["key_id"]) == 100 * 3000
 
 
+@pytest.mark.parametrize("model,stored", [("m-in\ud800x", "m-in\ufffdx"),
+                                          ("\udfff\ud83d", "\ufffd\ufffd"),
+                                          ("m-\ud83d\ude00", "m-\U0001f600")])
+def test_a_model_name_with_a_lone_surrogate_is_charged(app_factory: Any, db_url: str,
+                                                       model: str, stored: str) -> None:
+    """JSON may escape half a UTF-16 pair (``"\\ud800"``): Python reads it as a lone
+    surrogate, which no database driver can encode, so the event of such a request was
+    dropped (an ERROR and a traceback) — a request nobody paid for. The surrogate is
+    replaced like a NUL; a well-formed pair was never a lone surrogate and stays."""
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600,
+                       "LLMAUTH_UNKNOWN_MODEL_PRICE": {"input_cost_per_token": "0.000003"}},
+                      db_url=db_url, routes=False)
+    add_views(app)
+    client = app.test_client()
+    key = new_key(client, models=[])
+    body = json.dumps({"model": model})  # escapes the surrogate: valid JSON text
+    assert client.post("/v1/responses", data=body, content_type="application/json",
+                       headers=bearer(key["key"])).status_code == 200  # record_usage(100, 50)
+    assert flush(app) == 1 and ledger_of(app).failed == 0
+    (row,) = rows(app)
+    assert (row.model, row.spend) == (stored, 100 * 3000)
+    assert spend_of(app, Key, key_id=key["key_id"]) == 100 * 3000
+
+
 def test_master_key_spend_is_the_admin_names(spend_app: Flask) -> None:
     """As docs/spend.md says: a master-key request is logged under the proxy admin name,
     adds to that user's row when one exists, and to no key or team."""
