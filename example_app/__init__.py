@@ -97,13 +97,30 @@ def _announce_master_key(key: str, path: str) -> None:
 
 
 def _body() -> dict[str, Any]:
+    """The request's JSON object, with the fields every LLM route reads typed (a 400 naming
+    the field otherwise, as the OpenAI and Anthropic APIs answer)."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("`model` is required.", param="model")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        raise BadRequest("`max_tokens` must be a positive integer.", param="max_tokens")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("`stream` must be true or false.", param="stream")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise BadRequest("`stream_options` must be an object.", param="stream_options")
     return body
+
+
+def _messages(body: Mapping[str, Any]) -> None:
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) for m in messages)):
+        raise BadRequest("`messages` must be a non-empty list of message objects.",
+                         param="messages")
 
 
 def _sse(chunks: Iterator[str]) -> Response:
@@ -149,8 +166,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.post("/chat/completions")
     def chat_completions() -> Response:
         body = _body()
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            raise BadRequest("`messages` must be a non-empty list.", param="messages")
+        _messages(body)
         if upstream is not None:
             return upstream.forward("/chat/completions", body)
         if body.get("stream"):
@@ -162,6 +178,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.post("/completions")
     def completions() -> Response:
         body = _body()
+        if body.get("prompt") is not None and not isinstance(body["prompt"], (str, list)):
+            raise BadRequest("`prompt` must be a string or a list.", param="prompt")
         if upstream is not None:
             return upstream.forward("/completions", body)
         return jsonify(fake_model.completion(body))
@@ -186,8 +204,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.post("/v1/messages")
     def messages() -> Response:
         body = _body()
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            raise BadRequest("`messages` must be a non-empty list.", param="messages")
+        _messages(body)
         if upstream is not None:
             return upstream.forward("/messages", body)
         if body.get("stream"):

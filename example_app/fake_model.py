@@ -19,6 +19,11 @@ def count_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as bytes, lone surrogates included (JSON's ``"\\ud800"`` brings one)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -33,7 +38,7 @@ def prompt_tokens(messages: list[Any]) -> int:
 
 
 def reply_text(model: str, prompt: str, max_tokens: int | None) -> str:
-    digest = hashlib.sha256(f"{model}\n{prompt}".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(_utf8(f"{model}\n{prompt}")).hexdigest()[:8]
     text = f"Hello from {model}. You said: {prompt[:200]} [{digest}]"
     if max_tokens is not None:
         text = text[: max(4, max_tokens * 4)]
@@ -98,7 +103,7 @@ def embeddings(body: Mapping[str, Any]) -> dict[str, Any]:
     for index, item in enumerate(items):
         text = str(item)
         tokens += count_tokens(text)
-        digest = hashlib.sha256(text.encode()).digest()
+        digest = hashlib.sha256(_utf8(text)).digest()
         vector = [round((b - 128) / 128, 6) for b in digest[:EMBEDDING_DIMENSIONS]]
         data.append({"object": "embedding", "index": index, "embedding": vector})
     return {"object": "list", "data": data, "model": body["model"],

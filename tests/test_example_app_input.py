@@ -1,0 +1,76 @@
+"""The example gateway's LLM routes: a body with a wrongly typed field is a 400 naming it (the
+fake model used to raise on it: a 500), and text with a lone surrogate is answered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from example_app import create_app
+from tests.conftest import migrated_sqlite_url
+from tests.helpers import ADMIN, MASTER_KEY, assert_error
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def gateway(tmp_path: Any) -> Iterator[Flask]:
+    app = create_app({"TESTING": True, "LLMAUTH_MASTER_KEY": MASTER_KEY,
+                      "LLMAUTH_DATABASE_URL": migrated_sqlite_url(tmp_path)})
+    yield app
+    app.extensions["llmauth"].close()
+
+
+BAD = [
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": "5"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 1.5}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": [1]}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, "messages"),
+    ("/v1/chat/completions", {"messages": [1.5]}, "messages"),
+    ("/v1/chat/completions", {"messages": [None]}, "messages"),
+    ("/v1/chat/completions", {"messages": HI, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"messages": HI, "stream": True, "stream_options": "x"},
+     "stream_options"),
+    ("/chat/completions", {"messages": HI + [7]}, "messages"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": 1.5}, "prompt"),
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": {"n": 1}}, "max_tokens"),
+    ("/v1/messages", {"messages": HI, "max_tokens": "5"}, "max_tokens"),
+    ("/v1/messages", {"messages": [1]}, "messages"),
+    ("/v1/messages", {"messages": HI, "stream": 1}, "stream"),
+    ("/v1/embeddings", {"input": "x", "max_tokens": -3}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD, ids=[f"{p}:{json.dumps(b)[:40]}"
+                                                      for p, b, _ in BAD])
+def test_a_wrongly_typed_field_is_a_400_naming_it(gateway: Flask, path: str,
+                                                  body: dict[str, Any], param: str) -> None:
+    response = gateway.test_client().post(path, json={"model": "gpt-4o", **body}, headers=ADMIN)
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"content": "a\ud800b"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o\udfff", "messages": HI}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"content": "\ud800"}],
+                              "stream": True}),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "\udc00"}),
+    ("/v1/embeddings", {"model": "gpt-4o", "input": ["ok", "\ud83d"]}),
+    ("/v1/messages", {"model": "gpt-4o", "messages": [{"content": [{"text": "\ud800"}]}]}),
+])
+def test_text_with_a_lone_surrogate_is_answered(gateway: Flask, path: str,
+                                                body: dict[str, Any]) -> None:
+    """JSON may escape half a UTF-16 pair; the fake model used to fail encoding it."""
+    response = gateway.test_client().post(path, data=json.dumps(body), headers=ADMIN,
+                                          content_type="application/json")
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+    assert response.get_data()
