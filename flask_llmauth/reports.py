@@ -42,6 +42,12 @@ M = TypeVar("M", bound=peewee.Model)
 Spender = TypeVar("Spender", Key, User, Team)
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Rows per page of the spend reports when the request names no ``limit`` / ``page_size``,
+#: and the most a request may ask for.
+PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+#: Ids per ``IN (...)`` list; also the most spenders the database is asked to skip with
+#: ``NOT IN`` (more are skipped while reading ids in order).
+_CHUNK = 500
 #: Oldest and newest instants a date may name (keeps every database's datetime type happy).
 _MIN = datetime(1970, 1, 1)
 _MAX = datetime(9999, 12, 30)
@@ -87,6 +93,16 @@ def date_range(query: Mapping[str, Any]) -> peewee.Expression | None:
     if not conditions:
         return None
     return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
+
+
+def _rows_by_id(select: peewee.ModelSelect[Spender], ids: list[int]) -> list[Spender]:
+    """The rows of ``select`` with these ids, in this order."""
+    model = select.model
+    found: dict[int, Spender] = {}
+    for chunk in range(0, len(ids), _CHUNK):
+        found.update((row.id, row) for row in
+                     select.where(model.id.in_(ids[chunk:chunk + _CHUNK])).order_by())
+    return [found[row_id] for row_id in ids if row_id in found]
 
 
 def _and(*conditions: peewee.Expression | None) -> peewee.Expression | None:
@@ -200,20 +216,40 @@ class SpendReports:
 
     # -- endpoints -------------------------------------------------------------------------------
 
-    def logs(self, actor: Principal, query: Mapping[str, Any]) -> tuple[Any, int | None]:
-        """``(body, total rows or None)``: the rows, newest first, one page; or with both
-        dates and ``summarize`` (LiteLLM's default), one entry per day."""
+    def logs(self, actor: Principal, query: Mapping[str, Any]
+             ) -> tuple[list[dict[str, Any]], int | None, bool]:
+        """``(body, total rows or None, whether another page follows)``: the rows, newest
+        first, one page; or with both dates and ``summarize`` (LiteLLM's default), one
+        entry per day with spend, ``page_size`` such days per page."""
+        page, size = query.get("page", 1), query.get("page_size") or PAGE_SIZE
         with self.state.store.use():
             condition = self._scope(actor, query)
             dated = query.get("start_date") is not None and query.get("end_date") is not None
             if dated and query.get("summarize", True):
-                return self._daily(condition), None
+                window, more = self._day_window(condition, page, size)
+                if window is None:
+                    return [], None, False
+                return self._daily(_and(condition, window)), None, more
             select = self._where(SpendLog.select(), condition)
             total = select.count()
-            page, size = query.get("page", 1), query.get("page_size", 100)
             rows = select.order_by(SpendLog.created_at.desc(), SpendLog.id.desc()).paginate(
                 page, size)
-            return [log_info(r) for r in rows], total
+            return [log_info(r) for r in rows], total, page * size < total
+
+    def _day_window(self, condition: peewee.Expression | None, page: int, days: int
+                    ) -> tuple[peewee.Expression | None, bool]:
+        """The spend-log condition of the ``page``-th run of ``days`` days with spend
+        (UTC, oldest first) and whether more such days follow; ``None``: no day left."""
+        day = fn.DATE(SpendLog.created_at)
+        select: peewee.ModelSelect[Any] = self._where(  # rows are tuples (see _daily)
+            SpendLog.select(day).distinct(), condition)
+        found = [str(when)[:10] for (when,) in
+                 select.order_by(day).offset((page - 1) * days).limit(days + 1).tuples()]
+        if not found:
+            return None, False
+        opens = datetime.strptime(found[0], "%Y-%m-%d")
+        closes = datetime.strptime(found[:days][-1], "%Y-%m-%d") + timedelta(days=1)
+        return (SpendLog.created_at >= opens) & (SpendLog.created_at < closes), len(found) > days
 
     def _daily(self, condition: peewee.Expression | None) -> list[dict[str, Any]]:
         """Per day: total spend and spend per key, user and model (exact sums)."""
@@ -238,55 +274,101 @@ class SpendReports:
                     for field in ("api_keys", "users", "models")}}
                 for when, entry in sorted(days.items())]
 
-    def _sums(self, column: peewee.Field, condition: peewee.Expression | None
-              ) -> dict[str, int]:
+    def _spenders(self, column: peewee.Field, query: Mapping[str, Any],
+                  within: peewee.ModelSelect[Any] | None) -> dict[str, int]:
+        """Each entity that spent in the range, with its sum in units (> 0); ``within``:
+        the caller's entity ids (a subquery) when it does not see every entity."""
+        total = fn.SUM(SpendLog.spend)
+        scope = column.in_(within) if within is not None else None
         select: peewee.ModelSelect[Any] = self._where(  # rows are tuples (see _daily)
-            SpendLog.select(column, fn.SUM(SpendLog.spend)), condition)
-        return {ident: int(total or 0) for ident, total in
-                select.group_by(column).tuples() if ident is not None}
+            SpendLog.select(column, total), _and(date_range(query), scope))
+        return {ident: int(units) for ident, units in
+                select.group_by(column).having(total > 0).tuples() if ident is not None}
 
     def _ranked(self, select: peewee.ModelSelect[Spender], id_field: str,
-                info: Callable[[Spender], dict[str, Any]],
-                column: peewee.Field, query: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Entity rows (``select``: the caller's, by row id) with their spend: the row's
-        running total, or with a date the spend log's sum in the range; highest first, then
-        oldest first. Without a date the database ranks and limits them: an admin's
-        ``?limit=10`` among a million keys reads ten rows; with a date and a limit, the rows
-        that spent in the range and then only as many others as the limit needs."""
-        limit = query.get("limit")
+                info: Callable[[Spender], dict[str, Any]], column: peewee.Field,
+                query: Mapping[str, Any], scoped: bool) -> tuple[list[dict[str, Any]], bool]:
+        """One page of entity rows (``select``: the caller's; ``scoped``: not every entity)
+        with their spend, and whether another page follows. The ranking: the row's running
+        total, or with a date the spend log's sum in the range; highest first, then oldest
+        first. ``page`` and ``limit`` (default :data:`PAGE_SIZE`) pick the page: the
+        database ranks and pages undated rows; dated, only the rows that spent in the range
+        down to the page's end, and the others the page needs, are read."""
+        limit = query.get("limit") or PAGE_SIZE
+        skip = (query.get("page", 1) - 1) * limit
         model = select.model
         if query.get("start_date") is None and query.get("end_date") is None:
-            select = select.order_by(model.spend.desc(), model.id)
-            return [info(row) for row in (select.limit(limit) if limit else select)]
-        sums = self._sums(column, date_range(query))  # each entity's spend-log rows summed
-
-        def dated(row: Any, units: int) -> dict[str, Any]:
-            item = info(row)
-            item["spend"] = to_usd(units)
-            return item
-
-        if not limit:
-            ranked = sorted(((sums.get(getattr(row, id_field), 0), row) for row in select),
-                            key=lambda pair: -pair[0])  # stable: ties stay oldest first
-            return [dated(row, units) for units, row in ranked]
-        # With a limit: the rows that spent in the range (as many as spent), then the
-        # others oldest first, read only until the list is full.
-        spent = [ident for ident, units in sums.items() if units > 0]
+            rows = list(select.order_by(model.spend.desc(), model.id)
+                        .offset(skip).limit(limit + 1))
+            return [info(row) for row in rows[:limit]], len(rows) > limit
         field = getattr(model, id_field)
-        rows: list[Spender] = []
-        for chunk in range(0, len(spent), 500):
-            rows.extend(select.where(field.in_(spent[chunk:chunk + 500])))
-        rows.sort(key=lambda row: (-sums[getattr(row, id_field)], row.id))
-        out = [dated(row, sums[getattr(row, id_field)]) for row in rows[:limit]]
-        if len(out) < limit:
-            for row in select.order_by(model.id).iterator():
-                if sums.get(getattr(row, id_field), 0) <= 0:
-                    out.append(dated(row, 0))
-                    if len(out) == limit:
-                        break
-        return out
+        sums = self._spenders(column, query,
+                              select.select(field).order_by() if scoped else None)
+        spent = self._spent_ids(select, field, sums, skip + limit + 1)
+        if len(spent) > skip + limit:  # the page ends among the spenders
+            ids = spent[skip:skip + limit + 1]
+        else:  # every spender is ranked: the others follow, oldest first
+            ids = spent[skip:]
+            ids += self._other_ids(select, field, sums, max(0, skip - len(spent)),
+                                   limit + 1 - len(ids))
+        rows = _rows_by_id(select, ids[:limit])
+        out = []
+        for row in rows:
+            item = info(row)
+            item["spend"] = to_usd(sums.get(getattr(row, id_field), 0))
+            out.append(item)
+        return out, len(ids) > limit
 
-    def keys(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
+    @staticmethod
+    def _spent_ids(select: peewee.ModelSelect[Spender], field: peewee.Field,
+                   sums: Mapping[str, int], wanted: int) -> list[int]:
+        """Row ids of the caller's spenders, highest sum first, then oldest first: at least
+        ``wanted`` of them when there are as many. Spenders are looked up from the highest
+        sum down, a batch of ids at a time, each batch ending with a whole group of equal
+        sums (a group is ordered by row id), until ``wanted`` are found."""
+        model = select.model
+        ordered = sorted(sums.items(), key=lambda item: -item[1])
+        found: list[tuple[int, int]] = []
+        at = 0
+        while at < len(ordered) and len(found) < wanted:
+            batch = ordered[at:at + _CHUNK]
+            at += len(batch)
+            while at < len(ordered) and ordered[at][1] == batch[-1][1]:
+                batch.append(ordered[at])
+                at += 1
+            idents = [ident for ident, _ in batch]
+            for chunk in range(0, len(idents), _CHUNK):
+                lookup: peewee.ModelSelect[Any] = select.select(model.id, field).where(
+                    field.in_(idents[chunk:chunk + _CHUNK])).order_by()
+                found += [(sums[ident], row_id) for row_id, ident in lookup.tuples()]
+        found.sort(key=lambda pair: (-pair[0], pair[1]))
+        return [row_id for _, row_id in found]
+
+    @staticmethod
+    def _other_ids(select: peewee.ModelSelect[Spender], field: peewee.Field,
+                   sums: Mapping[str, int], skip: int, count: int) -> list[int]:
+        """Row ids of the caller's rows that did not spend in the range, oldest first:
+        ``count`` of them after the first ``skip``."""
+        model = select.model
+        ordered: peewee.ModelSelect[Any] = select.select(model.id, field).order_by(model.id)
+        if len(sums) <= _CHUNK:  # the database skips the few spenders
+            if sums:
+                ordered = ordered.where(field.not_in(list(sums)))
+            return [row_id for row_id, _ in ordered.offset(skip).limit(count).tuples()]
+        ids: list[int] = []
+        for row_id, ident in ordered.tuples().iterator():
+            if ident in sums:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            ids.append(row_id)
+            if len(ids) == count:
+                break
+        return ids
+
+    def keys(self, actor: Principal, query: Mapping[str, Any]
+             ) -> tuple[list[dict[str, Any]], bool]:
         with self.state.store.use():
             select = Key.select().order_by(Key.id)
             if not self.sees_all(actor):
@@ -299,9 +381,11 @@ class SpendReports:
                     select = select.where(Key.key_id == actor.key_id)
                 else:
                     raise Forbidden("This credential has no keys.", reason="no_spend_scope")
-            return self._ranked(select, "key_id", key_info, SpendLog.key_id, query)
+            return self._ranked(select, "key_id", key_info, SpendLog.key_id, query,
+                                not self.sees_all(actor))
 
-    def users(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def users(self, actor: Principal, query: Mapping[str, Any]
+             ) -> tuple[list[dict[str, Any]], bool]:
         user_id = query.get("user_id")
         if not self.sees_all(actor):
             if actor.user_id is None:
@@ -316,9 +400,11 @@ class SpendReports:
             select = User.select().order_by(User.id)
             if user_id is not None:
                 select = select.where(User.user_id == user_id)
-            return self._ranked(select, "user_id", user_info, SpendLog.user_id, query)
+            return self._ranked(select, "user_id", user_info, SpendLog.user_id, query,
+                                user_id is not None)
 
-    def teams(self, actor: Principal, query: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def teams(self, actor: Principal, query: Mapping[str, Any]
+             ) -> tuple[list[dict[str, Any]], bool]:
         """Teams with their spend; a non-admin sees the teams it belongs to, as
         ``/team/info`` shows them to their members."""
         with self.state.store.use():
@@ -339,7 +425,8 @@ class SpendReports:
                     raise Forbidden("You are not a member of this team.", param="team_id",
                                     reason="other_team_spend")
                 select = select.where(Team.team_id.in_(sorted(mine) or [""]))
-            return self._ranked(select, "team_id", team_info, SpendLog.team_id, query)
+            return self._ranked(select, "team_id", team_info, SpendLog.team_id, query,
+                                query.get("team_id") is not None or not self.sees_all(actor))
 
     def global_spend(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
         """LiteLLM's ``{spend, max_budget}``: every request's spend (a non-admin: its own)

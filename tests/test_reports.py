@@ -396,3 +396,160 @@ def test_dated_rankings_with_a_limit_are_the_full_ranking_cut(
         cut = [(item[id_field], item["spend"])
                for item in ok(get(client, path, limit=limit, **dates))]
         assert cut == full[:limit], limit
+
+
+# -- pages ----------------------------------------------------------------------------------------
+
+
+def _spend_row(request_id: str, at: datetime, units: int, **owner: Any) -> None:
+    SpendLog.create(request_id=request_id, created_at=at, started_at=at, model="m",
+                    route="/v1/chat/completions", auth_method="virtual_key", prompt_tokens=1,
+                    completion_tokens=1, spend=units, estimated=False, status="success",
+                    **owner)
+
+
+def _all_pages(client: Any, path: str, headers: dict[str, str] = ADMIN,
+               **query: Any) -> list[list[dict[str, Any]]]:
+    """Every page, following the Link header's rel="next" from the first."""
+    from urllib.parse import urlsplit
+
+    pages = []
+    response = get(client, path, headers, **query)
+    while True:
+        pages.append(ok(response))
+        link = response.headers.get("Link")
+        if link is None:
+            return pages
+        target, rel = link.split("; ")
+        assert rel == 'rel="next"' and target[0] == "<" and target[-1] == ">"
+        url = urlsplit(target[1:-1])
+        assert url.path == path
+        response = client.get(f"{url.path}?{url.query}", headers=headers)
+        assert len(pages) < 1000
+
+
+@pytest.mark.parametrize("dated, chunk", [(False, 500), (True, 500), (True, 3)])
+@pytest.mark.parametrize("path, model, id_field, column", [
+    ("/spend/keys", Key, "key_id", "key_id"), ("/spend/users", User, "user_id", "user_id"),
+    ("/spend/teams", Team, "team_id", "team_id")])
+def test_rankings_page_through_the_whole_ranking(
+        app: Any, client: Any, monkeypatch: pytest.MonkeyPatch, path: str, model: Any,
+        id_field: str, column: str, dated: bool, chunk: int) -> None:
+    """page and limit walk the ranking (highest spend first, ties oldest first) with no row
+    missing or repeated, whatever the page size; Link names the next page while there is
+    one. Dated: spend in the range only (rows outside it and an entity that no longer
+    exists are left out); with chunk=3 the many-spenders path runs."""
+    import random
+
+    from flask_llmauth import reports
+
+    monkeypatch.setattr(reports, "_CHUNK", chunk)
+    rng = random.Random(11)
+    _twelve_teams_users_and_keys(client)
+    inside, outside = datetime(2026, 11, 2, 12), datetime(2026, 12, 5)
+    with app.extensions["llmauth"].store.use():
+        rows = list(model.select().order_by(model.id))
+        for row in rows:
+            row.spend = rng.choice([0, 5, 5, 7, 10**12])
+            row.save()
+        ranged: dict[str, int] = {}
+        for n, row in enumerate(rng.sample(rows, 9)):
+            units = rng.choice([0, 3, 3, 3, 9])
+            ident = getattr(row, id_field)
+            _spend_row(f"in-{n}", inside, units, **{column: ident})
+            _spend_row(f"out-{n}", outside, 10**6, **{column: ident})
+            ranged[ident] = ranged.get(ident, 0) + units
+        _spend_row("gone", inside, 10**9, **{column: "no-such-entity"})
+    if dated:
+        query = {"start_date": "2026-11-01", "end_date": "2026-11-30"}
+        expected = [(getattr(r, id_field), usd(ranged.get(getattr(r, id_field), 0)))
+                    for r in sorted(rows, key=lambda r: -ranged.get(getattr(r, id_field), 0))]
+        assert len({units for units in ranged.values()}) >= 2
+    else:
+        query = {}
+        expected = [(getattr(r, id_field), usd(r.spend))
+                    for r in sorted(rows, key=lambda r: -r.spend)]
+    assert len(rows) >= 12
+    for limit in (1, 2, 3, 5, len(rows) - 1, len(rows), len(rows) + 2):
+        pages = _all_pages(client, path, limit=limit, **query)
+        assert all(len(page) == limit for page in pages[:-1]), limit
+        assert 1 <= len(pages[-1]) <= limit
+        walked = [(item[id_field], item["spend"]) for page in pages for item in page]
+        assert walked == expected, limit
+        beyond = get(client, path, limit=limit, page=len(pages) + 1, **query)
+        assert ok(beyond) == [] and "Link" not in beyond.headers
+
+
+def test_a_non_admins_dated_keys_page_through_its_own_keys_only(
+        app: Any, client: Any) -> None:
+    ok(client.post("/user/new", headers=ADMIN, json={"user_id": "pat",
+                                                     "auto_create_key": False}))
+    mine = [new_key(client, user_id="pat") for _ in range(7)]
+    others = [new_key(client) for _ in range(3)]
+    at = datetime(2026, 11, 2)
+    with app.extensions["llmauth"].store.use():
+        for n, key in enumerate(mine[2:5] + others):
+            _spend_row(f"pat-{n}", at, 10 + n, key_id=key["key_id"])
+    query = {"start_date": "2026-11-01", "end_date": "2026-11-03", "limit": 2}
+    pages = _all_pages(client, "/spend/keys", bearer(mine[0]["key"]), **query)
+    walked = [item["key_id"] for page in pages for item in page]
+    assert walked == [mine[4]["key_id"], mine[3]["key_id"], mine[2]["key_id"],
+                      mine[0]["key_id"], mine[1]["key_id"], mine[5]["key_id"],
+                      mine[6]["key_id"]]
+
+
+def test_rankings_without_a_limit_answer_100_rows_and_a_link(app: Any, client: Any) -> None:
+    """Without limit every row of the caller was read and answered (1,000,000 keys: all of
+    them); now a page of 100, and limit is at most 1000."""
+    import uuid
+
+    with app.extensions["llmauth"].store.use():
+        Key.insert_many([{"key_id": str(uuid.uuid4()), "digest": f"{n:064x}",
+                          "key_name": f"sk-...{n:04d}"} for n in range(105)]).execute()
+    for query in ({}, {"start_date": "2026-11-01"}):
+        first = get(client, "/spend/keys", **query)
+        assert len(ok(first)) == 100
+        assert first.headers["Link"].endswith('page=2>; rel="next"')
+        second = get(client, "/spend/keys", page=2, **query)
+        assert len(ok(second)) == 5 and "Link" not in second.headers
+        listed = [item["key_id"] for item in ok(first) + ok(second)]
+        assert len(set(listed)) == 105
+    assert len(ok(get(client, "/spend/keys", limit=1000))) == 105
+    for path in ("/spend/keys", "/spend/users", "/spend/teams"):
+        assert assert_error(get(client, path, limit=1001), 400)["param"] == "limit"
+        assert assert_error(get(client, path, page=0), 400)["param"] == "page"
+
+
+def test_the_daily_summary_pages_by_days(app: Any, client: Any) -> None:
+    """With both dates the summary covered the whole range at once (every row of the
+    caller in it): now page_size days with spend per page (default 100), oldest first."""
+    key = new_key(client)
+    with app.extensions["llmauth"].store.use():
+        for n, when in enumerate(["2026-01-01 08:00", "2026-01-01 13:00", "2026-01-02 00:00",
+                                  "2026-01-05 23:59", "2026-04-10 12:00", "2026-04-11 00:00"]):
+            _spend_row(f"day-{n}", datetime.fromisoformat(when), 10**9 * (n + 1),
+                       key_id=key["key_id"])
+    wide = {"start_date": "2000-01-01", "end_date": "2999-12-31"}
+    whole = get(client, "/spend/logs", **wide)
+    assert [(day["startTime"], day["spend"]) for day in ok(whole)] == [
+        ("2026-01-01", 3.0), ("2026-01-02", 3.0), ("2026-01-05", 4.0), ("2026-04-10", 5.0),
+        ("2026-04-11", 6.0)]
+    assert "Link" not in whole.headers
+    pages = _all_pages(client, "/spend/logs", page_size=2, **wide)
+    assert [[day["startTime"] for day in page] for page in pages] == [
+        ["2026-01-01", "2026-01-02"], ["2026-01-05", "2026-04-10"], ["2026-04-11"]]
+    assert [day for page in pages for day in page] == ok(whole)
+    beyond = get(client, "/spend/logs", page=4, page_size=2, **wide)
+    assert ok(beyond) == [] and "Link" not in beyond.headers
+    # An instant start: rows before it are left out of its day.
+    noon = get(client, "/spend/logs", page_size=1, start_date="2026-01-01T12:00:00",
+               end_date="2026-01-02T00:00:00")
+    assert [(day["startTime"], day["spend"]) for day in ok(noon)] == [("2026-01-01", 2.0)]
+    assert noon.headers["Link"].endswith('page=2>; rel="next"')
+    last = get(client, "/spend/logs", page=2, page_size=1, start_date="2026-01-01T12:00:00",
+               end_date="2026-01-02T00:00:00")
+    assert [day["startTime"] for day in ok(last)] == ["2026-01-02"] and "Link" not in last.headers
+    # The last days a date may name, and far past any page: never a 500.
+    end_of_time = {"start_date": "9999-01-01", "end_date": "9999-12-29"}
+    assert ok(get(client, "/spend/logs", page_size=1000, **end_of_time)) == []
+    assert ok(get(client, "/spend/logs", page=1_000_000, page_size=1000, **wide)) == []

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
+
+from flask import request
 
 from ..extension import require_principal, state
-from ..reports import SpendReports, parse_date
+from ..reports import MAX_PAGE_SIZE, SpendReports, parse_date
 from . import ok
 from .schema import Field, integer, query_args, query_boolean, string
 from .schema import validate as check
@@ -24,43 +27,61 @@ def _date(param: str) -> Callable[[Any], str]:
 
 
 _DATES = {"start_date": Field(_date("start_date")), "end_date": Field(_date("end_date"))}
-_LIMIT = {"limit": Field(integer(1, 100_000))}
+_PAGE = {"page": Field(integer(1, 1_000_000))}
+_LIMIT = {**_PAGE, "limit": Field(integer(1, MAX_PAGE_SIZE))}
 
 
 def _query(fields: dict[str, Field]) -> dict[str, Any]:
     return check(query_args(), {**_DATES, **fields}, source="query")
 
 
+def paged(body: Any, page: int, more: bool, total: int | None = None) -> Any:
+    """The response of one page: with ``Link: <...page=N+1>; rel="next"`` when another
+    page follows (the request's own query, its page moved on), ``X-Total-Count`` when the
+    total is known."""
+    response = ok(body)
+    if total is not None:
+        response.headers["X-Total-Count"] = str(total)
+    if more:
+        args = [(name, value) for name, value in request.args.items(multi=True)
+                if name != "page"]
+        query = urlencode([*args, ("page", str(page + 1))])
+        response.headers["Link"] = f'<{request.script_root}{request.path}?{query}>; rel="next"'
+    return response
+
+
 def register(route: Callable[..., Any]) -> None:
     @route("/spend/logs", ("GET",))
     def spend_logs() -> Any:
         query = _query({
-            "api_key": Field(string(512)), "user_id": Field(string()),
+            **_PAGE, "api_key": Field(string(512)), "user_id": Field(string()),
             "team_id": Field(string()), "end_user_id": Field(string()),
             "model": Field(string()), "request_id": Field(string(64)),
-            "summarize": Field(query_boolean), "page": Field(integer(1, 1_000_000)),
-            "page_size": Field(integer(1, 1000)),
+            "summarize": Field(query_boolean), "page_size": Field(integer(1, MAX_PAGE_SIZE)),
         })
-        body, total = SpendReports(state()).logs(require_principal(), query)
-        response = ok(body)
-        if total is not None:
-            response.headers["X-Total-Count"] = str(total)
-        return response
+        body, total, more = SpendReports(state()).logs(require_principal(), query)
+        return paged(body, query.get("page", 1), more, total)
 
     @route("/spend/keys", ("GET",))
     def spend_keys() -> Any:
-        return ok(SpendReports(state()).keys(require_principal(), _query(_LIMIT)))
+        query = _query(_LIMIT)
+        return paged(*_page(SpendReports(state()).keys(require_principal(), query), query))
 
     @route("/spend/users", ("GET",))
     def spend_users() -> Any:
         query = _query({**_LIMIT, "user_id": Field(string())})
-        return ok(SpendReports(state()).users(require_principal(), query))
+        return paged(*_page(SpendReports(state()).users(require_principal(), query), query))
 
     @route("/spend/teams", ("GET",))
     def spend_teams() -> Any:
         query = _query({**_LIMIT, "team_id": Field(string())})
-        return ok(SpendReports(state()).teams(require_principal(), query))
+        return paged(*_page(SpendReports(state()).teams(require_principal(), query), query))
 
     @route("/global/spend", ("GET",))
     def global_spend() -> Any:
         return ok(SpendReports(state()).global_spend(require_principal(), _query({})))
+
+
+def _page(found: tuple[list[dict[str, Any]], bool], query: dict[str, Any]
+          ) -> tuple[list[dict[str, Any]], int, bool]:
+    return found[0], query.get("page", 1), found[1]
