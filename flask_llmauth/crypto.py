@@ -13,8 +13,12 @@ KEY_PREFIX = "sk-"
 #: The fewest random bytes a generated key holds (``LLMAUTH_KEY_ENTROPY_BYTES``' minimum).
 MIN_KEY_ENTROPY_BYTES = 24
 #: Characters after ``sk-`` of the shortest generated key (url-safe base64 of
-#: ``MIN_KEY_ENTROPY_BYTES``): a caller-chosen secret needs at least as many.
+#: ``MIN_KEY_ENTROPY_BYTES``).
 MIN_KEY_CHARACTERS = len(secrets.token_urlsafe(MIN_KEY_ENTROPY_BYTES))
+#: Characters after ``sk-`` a proxy admin's chosen secret needs at least: 128 bits as
+#: url-safe base64, what LiteLLM generates (``sk-`` + ``token_urlsafe(16)``), so a LiteLLM
+#: deployment's keys can be imported as they are.
+MIN_CHOSEN_KEY_CHARACTERS = len(secrets.token_urlsafe(16))
 #: Purposes of derived secrets. A value made for one purpose is useless for another.
 PURPOSE_KEY_DIGEST = "virtual-key-digest"
 PURPOSE_KEY_CACHE = "virtual-key-cache-id"

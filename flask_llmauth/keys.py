@@ -33,7 +33,7 @@ from .audit import write_audit
 from .authn.virtual_key import stored_role
 from .authz.routes import RouteInfo, classify, expand
 from .config import MIN_DISTINCT_CHARACTERS
-from .crypto import KEY_PREFIX, MIN_KEY_CHARACTERS, abbreviate, generate_key
+from .crypto import KEY_PREFIX, MIN_CHOSEN_KEY_CHARACTERS, abbreviate, generate_key
 from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
@@ -61,8 +61,8 @@ def chosen_secret(actor: Principal, raw: Any, param: str) -> str | None:
     """A caller-chosen secret (``key`` on ``/key/generate``, ``new_key`` on regenerate), or
     ``None`` when none is given. Only a proxy admin may choose one (403 naming the field,
     before anything is looked up); it must look like a generated key: ``sk-`` and at least
-    as many printable characters as the shortest generated key, not a pattern (400). The
-    messages never contain the value."""
+    as many printable characters as a LiteLLM-generated key (128 bits), not a pattern
+    (400). The messages never contain the value."""
     if raw is None:
         return None
     if not actor.is_admin:
@@ -71,12 +71,12 @@ def chosen_secret(actor: Principal, raw: Any, param: str) -> str | None:
             "generated key is returned.", param=param, reason="chosen_key_secret")
     text = raw[len(KEY_PREFIX):] if isinstance(raw, str) else ""
     if (not isinstance(raw, str) or not raw.startswith(KEY_PREFIX)
-            or len(text) < MIN_KEY_CHARACTERS or len(raw) > MAX_CHOSEN_KEY_LENGTH
+            or len(text) < MIN_CHOSEN_KEY_CHARACTERS or len(raw) > MAX_CHOSEN_KEY_LENGTH
             or not raw.isprintable() or " " in raw
             or len(set(text)) < MIN_DISTINCT_CHARACTERS):
         raise BadRequest(
             f"Invalid key format. A chosen key must be as unguessable as a generated one: "
-            f"'sk-' followed by at least {MIN_KEY_CHARACTERS} random printable characters "
+            f"'sk-' followed by at least {MIN_CHOSEN_KEY_CHARACTERS} random printable characters "
             f"(no spaces, at least {MIN_DISTINCT_CHARACTERS} different ones; at most "
             f"{MAX_CHOSEN_KEY_LENGTH} in all), e.g. 'sk-' + secrets.token_urlsafe(32). Leave "
             f"'{param}' out to get a generated key.", param=param)

@@ -379,17 +379,17 @@ def test_only_a_proxy_admin_chooses_a_keys_secret(client: Any, app: Any) -> None
 
 @pytest.mark.parametrize("tail, why", [
     ("x" * 0, "nothing after sk-"),
-    ("aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6", "31 characters, one short of a generated key"),
+    ("aZ3-_9qLm0PpR7tUvW2yX", "21 characters, one short of a LiteLLM-generated key"),
     ("ab" * 20, "40 characters, 2 distinct"),
-    ("0123456789" * 3 + "0", "31 characters"),
+    ("012345678" * 2 + "012", "21 characters"),
     ("aZ3-_9qLm0PpR7tUvW2yX b4cDe5fGh6iJ", "a space"),
     ("aZ3-_9qLm0PpR7tUvW2yX\nb4cDe5fGh6iJ", "a newline"),
     ("aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6iJ" * 8, "over 256 in all"),
 ])
 def test_a_chosen_secret_must_be_as_unguessable_as_a_generated_one(
         client: Any, tail: str, why: str) -> None:
-    """The old minimum was 'sk-' + 21 printable characters; the shortest generated key
-    (LLMAUTH_KEY_ENTROPY_BYTES=24) has 32 after 'sk-'. The message never holds the value."""
+    """'sk-' + at least 22 printable characters (128 bits as url-safe base64, what LiteLLM
+    generates), not a pattern. The message never holds the value."""
     value = "sk-" + tail
     for path, field, extra in (("/key/generate", "key", {}),
                                ("/key/regenerate", "new_key", {"key": "k"})):
@@ -400,23 +400,27 @@ def test_a_chosen_secret_must_be_as_unguessable_as_a_generated_one(
             continue
         assert error["message"].startswith("Invalid key format. A chosen key must be as "
                                            "unguessable as a generated one: 'sk-' followed "
-                                           "by at least 32 random printable characters")
+                                           "by at least 22 random printable characters")
         if tail:
             assert tail[:20] not in error["message"]
     for value in ("pk-" + "aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6iJ", 12345):
         assert_error(client.post("/key/generate", json={"key": value}, headers=ADMIN), 400)
 
 
-def test_the_chosen_secret_minimum_is_the_shortest_generated_key(app_factory: Any) -> None:
-    from flask_llmauth.crypto import MIN_KEY_CHARACTERS
+def test_a_proxy_admin_imports_litellm_generated_keys_as_they_are(client: Any) -> None:
+    """Migrating from LiteLLM: its keys ('sk-' + token_urlsafe(16), 22 characters after
+    'sk-') are accepted as chosen secrets and then authenticate."""
+    import secrets
 
-    app = app_factory({"LLMAUTH_KEY_ENTROPY_BYTES": 24})
-    body = admin(app.test_client(), "/key/generate")
-    record_secret(body["key"])
-    assert len(body["key"]) == 3 + MIN_KEY_CHARACTERS == 35
-    assert admin(app.test_client(), "/key/generate",
-                 key=record_secret("sk-aZ3-_9qLm0PpR7tUvW2yXb4cDe5fGh6i"))["key_name"] == \
-        "sk-...Gh6i"  # exactly 32 after sk-, 10+ distinct: accepted
+    for _ in range(20):  # token_urlsafe(16) always has 22 characters; most have 10+ distinct
+        litellm_key = "sk-" + secrets.token_urlsafe(16)
+        if len(set(litellm_key[3:])) >= 10:
+            break
+    record_secret(litellm_key)
+    assert len(litellm_key) == 25
+    body = admin(client, "/key/generate", key=litellm_key)
+    assert body["key"] == litellm_key and body["key_name"] == f"sk-...{litellm_key[-4:]}"
+    assert client.get("/key/info", headers=bearer(litellm_key)).status_code == 200
 
 
 @SQLITE_ONLY
