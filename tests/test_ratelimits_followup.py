@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -363,11 +365,12 @@ class SlowProxy:
             sock.close()
 
 
-@pytest.mark.redis
-def test_a_real_socket_timeout_after_the_admission_ran_frees_the_slot(
-        app_factory: Any, redis_prefix: str) -> None:
-    """The same through the Redis client's own socket timeout: the connection that timed out
-    is dropped and the removal goes over a new one."""
+@contextmanager
+def behind_a_slow_proxy(app_factory: Any, redis_prefix: str,
+                        ) -> Iterator[tuple[SlowProxy, Flask, Any, dict[str, Any]]]:
+    """``(proxy, app, client, key body)``: an app whose rate-limit storage is the test Redis
+    behind a :class:`SlowProxy` (socket timeout 0.3 s), a key with one parallel slot, and
+    one request made (connected, scripts loaded). The proxy is closed afterwards."""
     from urllib.parse import urlsplit
 
     url = urlsplit(REDIS_URL)
@@ -378,14 +381,22 @@ def test_a_real_socket_timeout_after_the_admission_ran_frees_the_slot(
                         LLMAUTH_RATELIMIT_STORAGE_OPTIONS={"socket_timeout": 0.3})
         client = app.test_client()
         body = new_key(client, max_parallel_requests=1)
-        assert chat_as(client, body["key"]).status_code == 200  # connected, scripts loaded
+        assert chat_as(client, body["key"]).status_code == 200
+        yield proxy, app, client, body
+    finally:
+        proxy.close()
+
+@pytest.mark.redis
+def test_a_real_socket_timeout_after_the_admission_ran_frees_the_slot(
+        app_factory: Any, redis_prefix: str) -> None:
+    """The same through the Redis client's own socket timeout: the connection that timed out
+    is dropped and the removal goes over a new one."""
+    with behind_a_slow_proxy(app_factory, redis_prefix) as (proxy, app, client, body):
         proxy.hold_next.set()
         assert chat_as(client, body["key"]).status_code == 503
         time.sleep(0.7)  # the held answer arrived (to a closed connection)
         assert slots_in_use(app, body["key_id"], 1) == 0
         assert chat_as(client, body["key"]).status_code == 200
-    finally:
-        proxy.close()
 
 
 # -- a settlement that failed --------------------------------------------------------------------
@@ -499,17 +510,7 @@ def test_a_settlement_lost_on_a_real_socket_has_its_slot_removed(
         app_factory: Any, redis_prefix: str) -> None:
     """The settlement's command never reaches Redis (dropped on the way); the client's
     socket timeout ends the call and the removal goes over a new connection."""
-    from urllib.parse import urlsplit
-
-    url = urlsplit(REDIS_URL)
-    proxy = SlowProxy((url.hostname or "127.0.0.1", url.port or 6379), delay=0.6)
-    try:
-        app = redis_app(app_factory, redis_prefix,
-                        LLMAUTH_RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{proxy.port}{url.path}",
-                        LLMAUTH_RATELIMIT_STORAGE_OPTIONS={"socket_timeout": 0.3})
-        client = app.test_client()
-        body = new_key(client, max_parallel_requests=1)
-        assert chat_as(client, body["key"]).status_code == 200  # connected, scripts loaded
+    with behind_a_slow_proxy(app_factory, redis_prefix) as (proxy, app, client, body):
         streaming = client.post(CHAT, json={"model": "gpt-4o", "stream": True},
                                 headers=bearer(body["key"]), buffered=False)
         assert slots_in_use(app, body["key_id"], 1) == 1
@@ -521,5 +522,3 @@ def test_a_settlement_lost_on_a_real_socket_has_its_slot_removed(
         assert slots_in_use(app, body["key_id"], 1) == 0
         time.sleep(0.1)  # the retry interval
         assert chat_as(client, body["key"]).status_code == 200
-    finally:
-        proxy.close()
