@@ -183,6 +183,25 @@ def test_model_from_the_url_on_gemini_routes(mclient: Any) -> None:
                               headers=bearer(key)), 403)
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "application/octet-stream", None])
+@pytest.mark.parametrize("data", ['[{"model": "gpt-5"}]', "[{}]", '"gpt-5"', "0", "true"])
+def test_a_json_body_that_is_not_an_object_is_a_400_whatever_its_content_type(
+        mclient: Any, content_type: str | None, data: str) -> None:
+    """The body of an LLM route is read as JSON whatever its Content-Type (above): a JSON
+    value that is not an object is the 400 it is when sent as application/json. It used to
+    pass (no model named) and stay in Flask's parse cache, so a view reading
+    ``request.get_json(silent=True)`` got a list instead of ``None`` and answered 500."""
+    key = key_for(mclient, models=["gpt-4o"])
+    headers = {**bearer(key), **({"Content-Type": content_type} if content_type else {})}
+    response = mclient.post("/v1/chat/completions", data=data, headers=headers)
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["message"] == "Request body must be a JSON object."
+    for body in ("a=b", "not json", ""):  # not JSON: the form or nothing, as before
+        assert mclient.post("/v1/chat/completions", data=body,
+                            headers=headers).status_code == 200
+
+
 def test_model_in_a_body_that_does_not_say_json(mclient: Any) -> None:
     key = key_for(mclient, models=["gpt-4o"])
     headers = {**bearer(key), "Content-Type": "text/plain"}

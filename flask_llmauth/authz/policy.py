@@ -291,8 +291,9 @@ def requested_models(request: Request, info: RouteInfo,
     policy did not look at. Multipart and form bodies give their ``model`` fields; any
     other body is read as JSON whatever its ``Content-Type`` says (as LiteLLM does), so a
     view that parses it with ``force=True`` never sees a model this check did not. The body
-    is parsed at most once (Flask caches it); a JSON-typed body that does not parse, or is
-    not an object, is a 400 once the caller is authenticated.
+    is parsed at most once (Flask caches it); a JSON-typed body that does not parse, and
+    any body that parses as JSON but is not an object, is a 400 once the caller is
+    authenticated.
     """
     return models_and_body(request, info, body_reader)[0]
 
@@ -321,7 +322,10 @@ def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
         if model is not None:
             models.append(model if type(model) is str and 0 < len(model) <= MAX_MODEL_NAME
                           else _model_name(model))
-    elif body is not None and request.is_json:
+    elif body is not None:
+        # Read as JSON whatever its Content-Type, a value that is not an object is refused
+        # as it is when sent as application/json (Flask would hand the cached parse to a
+        # view asking ``get_json(silent=True)``: a list where it expects a dict or None).
         raise BadRequest("Request body must be a JSON object.", reason="body_not_object")
     return tuple(models), body
 
