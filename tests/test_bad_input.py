@@ -294,3 +294,16 @@ def test_null_metadata_clears_it(client: Any, path: str, body: dict[str, Any],
         if create == "/key/generate":
             record_secret(response.get_json()["key"])
         assert response.get_json()["metadata"] == {}
+
+
+@pytest.mark.parametrize("path", ["/key/list", "/user/list", "/customer/list"])
+def test_a_page_whose_offset_no_database_integer_holds_is_a_400(app_factory: Any, db_url: str,
+                                                                path: str) -> None:
+    """``page`` times the page size is the query's OFFSET: ``page=2**62`` used to overflow
+    SQLite's and Postgres' 64-bit integer (a 500). Pages stop at 2**31 - 1; the last one is
+    an empty page like any page past the end."""
+    client = app_factory(db_url=db_url).test_client()
+    error = clean(client.get(f"{path}?page={2**62}", headers=ADMIN), 400)
+    assert error["param"] == "page"
+    response = client.get(f"{path}?page={2**31 - 1}", headers=ADMIN)
+    assert response.status_code == 200, response.get_json()

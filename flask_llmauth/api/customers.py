@@ -18,6 +18,7 @@ from .schema import (
     json_body,
     json_object,
     money,
+    page,
     query_args,
     string,
     string_list,
@@ -91,6 +92,6 @@ def register(route: Callable[..., Any]) -> None:
 
     @route("/customer/list", ("GET",))
     def customer_list() -> Any:
-        fields = {"page": Field(integer(1)), "page_size": Field(integer(1, 1000))}
+        fields = {"page": Field(page), "page_size": Field(integer(1, 1000))}
         return ok(CustomerService(state()).list(require_principal(),
                                                 check(query_args(), fields, source="query")))

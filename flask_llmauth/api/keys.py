@@ -21,6 +21,7 @@ from .schema import (
     key_duration,
     model_budgets,
     money,
+    page,
     query_args,
     query_boolean,
     string,
@@ -58,7 +59,7 @@ KEY_FIELDS: dict[str, Field] = {
     "send_invite_email": Field(boolean),
 }
 _LIST_QUERY: dict[str, Field] = {
-    "page": Field(integer(1)),
+    "page": Field(page),
     "size": Field(integer(1, 100)),
     "user_id": Field(string()),
     "team_id": Field(string()),

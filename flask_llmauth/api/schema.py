@@ -21,6 +21,9 @@ from ..principal import USER_ROLES, Role
 Parser = Callable[[Any], Any]
 _MAX_LIST = 1000
 _MAX_JSON_TEXT = 64_000
+#: The last page a list endpoint serves: page x page size is the query's OFFSET, which must
+#: fit a 64-bit database integer.
+MAX_PAGE = 2**31 - 1
 
 
 class Field:
@@ -136,6 +139,11 @@ def integer(minimum: int = 0, maximum: int = 2**62) -> Parser:
         return value
 
     return parse
+
+
+def page(value: Any) -> int:
+    """A 1-based page number (see :data:`MAX_PAGE`)."""
+    return integer(1, MAX_PAGE)(value)
 
 
 def money(value: Any) -> int:

@@ -17,6 +17,7 @@ from .schema import (
     json_object,
     key_duration,
     money,
+    page,
     query_args,
     string,
     string_list,
@@ -80,7 +81,7 @@ def register(route: Callable[..., Any]) -> None:
 
     @route("/user/list", ("GET",))
     def user_list() -> Any:
-        fields = {"page": Field(integer(1)), "page_size": Field(integer(1, 100)),
+        fields = {"page": Field(page), "page_size": Field(integer(1, 100)),
                   "role": Field(user_role), "user_ids": Field(string())}
         query = {"page": 1, "page_size": 25, **check(query_args(), fields, source="query")}
         if query.get("user_ids"):
