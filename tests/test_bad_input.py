@@ -307,3 +307,53 @@ def test_a_page_whose_offset_no_database_integer_holds_is_a_400(app_factory: Any
     assert error["param"] == "page"
     response = client.get(f"{path}?page={2**31 - 1}", headers=ADMIN)
     assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/key/generate", {}), ("/user/new", {"user_id": "wide"}), ("/team/new", {"team_id": "wide"}),
+    ("/customer/new", {"user_id": "wide"}), ("/key/update", {"key": "{key_id}"}),
+    ("/user/update", {"user_id": "narrow"}), ("/team/update", {"team_id": "narrow"}),
+    ("/customer/update", {"user_id": "narrow"}),
+])
+def test_max_parallel_requests_beyond_its_32_bit_column_is_a_400(
+        app_factory: Any, db_url: str, path: str, body: dict[str, Any]) -> None:
+    """Postgres keeps ``max_parallel_requests`` in a 32-bit column: 2**31 used to be a 500
+    there (and stored on SQLite). The bound is the column's."""
+    client = app_factory(db_url=db_url).test_client()
+    for create, fields in (("/user/new", {"user_id": "narrow", "auto_create_key": False}),
+                           ("/team/new", {"team_id": "narrow"}),
+                           ("/customer/new", {"user_id": "narrow"})):
+        assert client.post(create, json=fields, headers=ADMIN).status_code == 200
+    key = new_key(client)
+    body = {k: v.format(key_id=key["key_id"]) for k, v in body.items()}
+    error = clean(client.post(path, json={**body, "max_parallel_requests": 2**31},
+                              headers=ADMIN), 400)
+    assert error["param"] == "max_parallel_requests"
+    response = client.post(path, json={**body, "max_parallel_requests": 2**31 - 1},
+                           headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    if path in ("/key/generate", "/user/new"):
+        record_secret(response.get_json()["key"])
+
+
+@pytest.mark.parametrize("path", ["/customer/block", "/customer/unblock", "/customer/delete"])
+def test_an_end_user_id_longer_than_its_column_is_a_400(app_factory: Any, db_url: str,
+                                                       path: str) -> None:
+    """End-user ids are at most 255 characters (as on ``/customer/new``): blocking a
+    longer one used to insert it, a 500 on Postgres (``varchar(255)``)."""
+    client = app_factory(db_url=db_url).test_client()
+    error = clean(client.post(path, json={"user_ids": ["x" * 256]}, headers=ADMIN), 400)
+    assert error["param"] == "user_ids"
+    assert client.get("/customer/list", headers=ADMIN).get_json() == []
+
+
+@pytest.mark.parametrize("path", ["/key/{key}/regenerate", "/key/{key}/reset_spend"])
+@pytest.mark.parametrize("key", ["%00", "a%00b", "%01x", "x" * 257])
+def test_a_key_in_the_path_is_checked_like_one_in_the_body(app_factory: Any, db_url: str,
+                                                           path: str, key: str) -> None:
+    """The path's key is held to the body's rule (printable, at most 256 characters): a NUL
+    used to reach Postgres, which refuses it in text (a 500)."""
+    client = app_factory(db_url=db_url).test_client()
+    body = {"reset_to": 0} if path.endswith("reset_spend") else {}
+    error = clean(client.post(path.format(key=key), json=body, headers=ADMIN), 400)
+    assert error["param"] == "key"

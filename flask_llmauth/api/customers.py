@@ -14,14 +14,15 @@ from .schema import (
     boolean,
     choice,
     duration,
+    id_list,
     integer,
     json_body,
     json_object,
     money,
     page,
+    parallel_limit,
     query_args,
     string,
-    string_list,
 )
 from .schema import validate as check
 
@@ -35,13 +36,13 @@ CUSTOMER_FIELDS: dict[str, Field] = {
     "budget_duration": Field(duration),
     "tpm_limit": Field(integer()),
     "rpm_limit": Field(integer()),
-    "max_parallel_requests": Field(integer()),
+    "max_parallel_requests": Field(parallel_limit),
     "allowed_model_region": Field(choice("eu", "us")),
     "default_model": Field(string()),
     "metadata": Field(json_object),
     "budget_id": Field(lambda value: value),  # refused below with a clear message
 }
-_IDS = {"user_ids": Field(string_list, required=True)}
+_IDS = {"user_ids": Field(id_list, required=True)}
 
 
 def _customer_params() -> dict[str, Any]:

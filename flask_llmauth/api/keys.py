@@ -22,6 +22,7 @@ from .schema import (
     model_budgets,
     money,
     page,
+    parallel_limit,
     query_args,
     query_boolean,
     string,
@@ -49,7 +50,7 @@ KEY_FIELDS: dict[str, Field] = {
     "spend": Field(money, nullable=False),
     "tpm_limit": Field(integer()),
     "rpm_limit": Field(integer()),
-    "max_parallel_requests": Field(integer()),
+    "max_parallel_requests": Field(parallel_limit),
     "model_rpm_limit": Field(int_map, nullable=False),
     "model_tpm_limit": Field(int_map, nullable=False),
     "model_max_budget": Field(model_budgets, nullable=False),
@@ -79,6 +80,11 @@ def _key_params(extra: dict[str, Field] | None = None) -> dict[str, Any]:
     params = check(json_body(), {**KEY_FIELDS, **(extra or {})})
     params.pop("send_invite_email", None)
     return params
+
+
+def _path_key(key: str) -> str:
+    """The key (or key id) of a ``/key/{key}/...`` path, held to the body's rule."""
+    return str(check({"key": key}, {"key": Field(string(256))}, source="path")["key"])
 
 
 def register(route: Callable[..., Any]) -> None:
@@ -126,12 +132,13 @@ def register(route: Callable[..., Any]) -> None:
 
     @route("/key/{key}/regenerate", ("POST",))
     def key_regenerate_path(key: str) -> Any:
-        return regenerate(key)
+        return regenerate(_path_key(key))
 
     @route("/key/{key}/reset_spend", ("POST",))
     def key_reset_spend(key: str) -> Any:
         from ..budgets import reset_key_spend
 
+        key = _path_key(key)
         params = check(json_body(), {"reset_to": Field(money, required=True)})
         return ok(reset_key_spend(state(), require_principal(), key, params["reset_to"]))
 

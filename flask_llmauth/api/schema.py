@@ -103,11 +103,21 @@ def string(max_length: int = 255) -> Parser:
     return parse
 
 
-def string_list(value: Any) -> list[str]:
-    if not isinstance(value, list) or len(value) > _MAX_LIST:
-        raise ValueError("must be a list of strings")
-    item = string(512)
-    return [item(v) for v in value]
+def strings(max_length: int = 512) -> Parser:
+    """A list of strings of at most ``max_length`` characters each."""
+    item = string(max_length)
+
+    def parse(value: Any) -> list[str]:
+        if not isinstance(value, list) or len(value) > _MAX_LIST:
+            raise ValueError("must be a list of strings")
+        return [item(v) for v in value]
+
+    return parse
+
+
+string_list = strings()
+#: A list of user, team or end-user ids (their columns hold 255 characters).
+id_list = strings(255)
 
 
 def boolean(value: Any) -> bool:
@@ -139,6 +149,10 @@ def integer(minimum: int = 0, maximum: int = 2**62) -> Parser:
         return value
 
     return parse
+
+
+#: ``max_parallel_requests``: Postgres keeps it in a 32-bit column.
+parallel_limit = integer(0, 2**31 - 1)
 
 
 def page(value: Any) -> int:
