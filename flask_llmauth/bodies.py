@@ -10,12 +10,40 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .errors import BadRequest
 
 #: Returned by :func:`get_json` for a body that is present but not valid JSON.
 INVALID: Any = object()
+UNREADABLE_BODY = "The request body could not be read."
+
+
+def unreadable_body() -> BadRequest:
+    """The 400 of a body the server's stream fails to deliver (a chunked body it cannot
+    decode: gunicorn raises its own parse errors, Werkzeug's server ``OSError``)."""
+    return BadRequest(UNREADABLE_BODY, reason="unreadable_body")
+
+
+def read_data(request: Request) -> bytes:
+    """The raw body, read once (Flask caches it); 400 when the stream fails."""
+    try:
+        return request.get_data(cache=True)
+    except HTTPException:  # 413, a client gone before Content-Length: Flask answers them
+        raise
+    except Exception:
+        raise unreadable_body() from None
+
+
+def form(request: Request) -> MultiDict[str, str]:
+    """The parsed form fields; 400 when the stream fails."""
+    try:
+        return request.form
+    except HTTPException:
+        raise
+    except Exception:
+        raise unreadable_body() from None
 
 
 def is_json_mimetype(mimetype: str) -> bool:
@@ -27,6 +55,7 @@ def get_json(request: Request, *, force: bool = False) -> Any:
     """The parsed body (cached by Flask), ``None`` when there is none, or :data:`INVALID`."""
     if not force and not request.is_json:
         return None
+    read_data(request)
     try:
         body = request.get_json(silent=True, force=True)
     except RecursionError:
@@ -68,7 +97,7 @@ _UNREAD: Any = object()
 def require_json_object(request: Request) -> Any:
     """The body of a JSON API call: ``{}`` when empty; 400 for a wrong content type,
     invalid JSON or a JSON value that is not an object."""
-    data = request.get_data(cache=True)
+    data = read_data(request)
     if not data:
         return {}
     limit = request.max_content_length

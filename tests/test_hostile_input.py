@@ -409,3 +409,29 @@ def test_bad_bodies_on_an_llm_route(server: Server, llm_key: str) -> None:
         "Authorization": f"Bearer {llm_key}", "Content-Type": "text/plain"},
         b'{"model": "claude-3-5-sonnet", "messages": []}'))
     assert_clean(reply, 400, 403)
+
+
+MALFORMED_CHUNKS = [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"2;a\rb\r\n{}\r\n0\r\n\r\n",
+                    b"-2\r\n{}\r\n0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("chunks", MALFORMED_CHUNKS, ids=range(len(MALFORMED_CHUNKS)))
+@pytest.mark.parametrize("path,credential", [
+    ("/key/generate", MASTER_KEY), ("/user/new", MASTER_KEY), ("/v1/chat/completions", None),
+    ("/v1/chat/completions", MASTER_KEY)])
+def test_a_body_the_server_cannot_read_is_a_400(server: Server, llm_key: str, chunks: bytes,
+                                                path: str, credential: str | None) -> None:
+    """A chunked body gunicorn cannot decode raises from the body stream itself: it was a
+    500 (and a traceback) on the management API and a 403 ``policy_error`` on an LLM
+    route. It is the 400 of a body that cannot be read."""
+    before = server.keys()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {credential or llm_key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\n").encode()
+    reply = raw(server.port, head + chunks)
+    assert_clean(reply, 400)
+    error = reply.json()["error"]
+    assert (error["type"], error["message"]) == ("invalid_request_error",
+                                                 "The request body could not be read.")
+    assert server.keys() == before

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from flask import request
 
-from ..bodies import INVALID, get_json
+from ..bodies import INVALID, form, get_json
 from ..errors import BadRequest, Forbidden
 from ..principal import Role
 from .policy import MAX_MODEL_NAME
@@ -105,7 +105,7 @@ def _named_models(field: str) -> list[str]:
     ``text/plain``, must not see one the check did not)."""
     mimetype = request.mimetype
     if mimetype.startswith("multipart/") or mimetype == "application/x-www-form-urlencoded":
-        values: list[Any] = request.form.getlist(field)
+        values: list[Any] = form(request).getlist(field)
     else:
         body = get_json(request, force=True)
         if body is INVALID and request.is_json:

@@ -33,8 +33,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Request
+from werkzeug.exceptions import HTTPException
 
-from ..bodies import INVALID, get_json
+from ..bodies import INVALID, form, get_json, unreadable_body
 from ..config import Settings
 from ..errors import BadRequest, Forbidden
 from ..network import client_ip, in_networks, parse_networks
@@ -127,6 +128,10 @@ class Policy:
                 parsed = request.get_json(silent=True, force=True)
             except RecursionError:
                 parsed = None
+            except HTTPException:
+                raise
+            except Exception:  # the server's body stream failed
+                raise unreadable_body() from None
             if type(parsed) is dict:
                 model = parsed.get("model")
                 if model is None or (type(model) is str and model in allowed):
@@ -309,14 +314,14 @@ def models_and_body(request: Request, info: RouteInfo, body_reader: Any = None,
     # The media type is parsed only when it may be multipart ("application/..." cannot be).
     if (not environ.get("CONTENT_TYPE", "").startswith("application/")
             and request.mimetype.startswith("multipart/")):
-        models += [_model_name(m) for m in request.form.getlist("model")]
+        models += [_model_name(m) for m in form(request).getlist("model")]
         return tuple(models), None
     body = get_json(request, force=True) if body_reader is None else body_reader.parsed()
     if body is INVALID:
         if request.is_json:
             raise BadRequest("Invalid JSON in request body.", reason="invalid_json")
         if request.mimetype == "application/x-www-form-urlencoded":
-            models += [_model_name(m) for m in request.form.getlist("model")]
+            models += [_model_name(m) for m in form(request).getlist("model")]
     elif type(body) is dict or isinstance(body, Mapping):
         model = body.get("model")
         if model is not None:
