@@ -3,6 +3,7 @@ status (400/401/403/404), never a 500, never a digest or table name."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -357,3 +358,25 @@ def test_a_key_in_the_path_is_checked_like_one_in_the_body(app_factory: Any, db_
     body = {"reset_to": 0} if path.endswith("reset_spend") else {}
     error = clean(client.post(path.format(key=key), json=body, headers=ADMIN), 400)
     assert error["param"] == "key"
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/key/generate", "model_rpm_limit", {"\ud800": 5}),
+    ("/key/generate", "model_tpm_limit", {"m\x00x": 5}),
+    ("/key/generate", "model_max_budget", {"\udfff": {"budget_limit": 1}}),
+    ("/key/generate", "model_max_budget", {"x" * 513: {"budget_limit": 1}}),
+    ("/key/generate", "aliases", {"fast": "gpt\ud800"}),
+    ("/key/generate", "aliases", {"": "gpt-4o"}),
+    ("/team/new", "model_aliases", {"a\nb": "gpt-4o"}),
+    ("/team/new", "model_rpm_limit", {"\ud83d": 1}),
+])
+def test_a_model_name_a_map_is_keyed_by_is_printable_text(client: Any, path: str, field: str,
+                                                          value: dict[str, Any]) -> None:
+    """Model names in maps follow the rule of ``models`` (printable, 1 to 512 characters):
+    a request naming a model a limit was keyed by with a lone surrogate used to fail in the
+    rate limiter or the budget counters (a 403 ``policy_error`` and an ERROR line)."""
+    body = json.dumps({"team_id": "maps", field: value} if path == "/team/new"
+                      else {field: value})  # escapes the surrogates: valid JSON text
+    response = client.post(path, data=body, content_type="application/json", headers=ADMIN)
+    error = clean(response, 400)
+    assert error["param"] == field and "model names" in error["message"], error

@@ -202,7 +202,8 @@ def model_budgets(value: Any) -> dict[str, Any]:
     Stored as given; a typo here would otherwise leave the model without its budget."""
     value = json_object(value)
     for model, spec in value.items():
-        if not model or not isinstance(spec, dict) or not spec:
+        model_name(model)
+        if not isinstance(spec, dict) or not spec:
             raise ValueError(f"{str(model)[:64]!r} must map to an object such as "
                              '{"budget_limit": 5.0, "time_period": "1d"}')
         for name, item in spec.items():
@@ -216,19 +217,33 @@ def model_budgets(value: Any) -> dict[str, Any]:
     return value
 
 
+_model_name = string(512)
+
+
+def model_name(value: Any) -> str:
+    """A model name in a map (a key of ``model_rpm_limit``, an alias or its target): the
+    rule of ``models``' entries."""
+    try:
+        return _model_name(value)
+    except ValueError as exc:
+        raise ValueError(f"model names {exc}") from None
+
+
 def string_map(value: Any) -> dict[str, str]:
+    """``{model: model}`` (aliases)."""
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise ValueError("must be an object of strings")
-    return dict(value)
+    return {model_name(k): model_name(v) for k, v in value.items()}
 
 
 def int_map(value: Any) -> dict[str, int]:
+    """``{model: n}`` (per-model limits)."""
     number = integer(0)
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError("must be an object of integers")
-    return {k: number(v) for k, v in value.items()}
+    return {model_name(k): number(v) for k, v in value.items()}
 
 
 def user_role(value: Any) -> Role:
