@@ -22,7 +22,8 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     return tuple(out)
 
 
-def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``value`` names (surrounding spaces and brackets allowed), else None."""
     try:
         return ipaddress.ip_address(value.strip().strip("[]"))
     except ValueError:
@@ -32,7 +33,7 @@ def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def in_networks(address: str | None, networks: Sequence[Network]) -> bool:
     if not address or not networks:
         return False
-    ip = _parse(address)
+    ip = parse_address(address)
     return ip is not None and any(ip in net for net in networks)
 
 
@@ -44,7 +45,7 @@ def client_ip(request: Request, trusted_proxies: Sequence[Network]) -> str | Non
         return peer
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        if _parse(hop) is None:
+        if parse_address(hop) is None:
             return peer
         if not in_networks(hop, trusted_proxies):
             return hop

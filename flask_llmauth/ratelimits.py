@@ -56,7 +56,7 @@ from .authz.routes import RouteInfo
 from .config import Settings
 from .errors import ConfigurationError, ServiceUnavailable, TooManyRequests
 from .guards import Admission, HeaderPairs
-from .network import client_ip
+from .network import client_ip, parse_address
 from .principal import Principal, get_principal
 from .signals import rate_limited
 from .signals import send as send_signal
@@ -1297,10 +1297,7 @@ class RateLimits:
         false``, no ``Retry-After``); nothing was counted."""
         line = next(line for line in plan.tpm if line.limit < need)
         d = line.descriptor
-        if rate_limited.receivers:
-            send_signal(rate_limited, current_app._get_current_object(),  # type: ignore[attr-defined]
-                        principal=admission.principal,
-                        limit=RateLimitBreach(d.kind, d.label, "tokens", line.limit, 0, None))
+        _signal(admission, RateLimitBreach(d.kind, d.label, "tokens", line.limit, 0, None))
         raise TooManyRequests(
             f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: tokens. Current limit: "
             f"{line.limit}. This request alone needs an estimated {need} tokens, more than "
@@ -1323,13 +1320,18 @@ class RateLimits:
         headers = {"Retry-After": str(retry_after)}
         if reset is not None and limit_type in ("requests", "tokens"):
             headers.update(_window_headers(limit_type, limit, remaining, reset, now))
-        if rate_limited.receivers:
-            send_signal(rate_limited, current_app._get_current_object(),  # type: ignore[attr-defined]
-                        principal=admission.principal, limit=breach)
+        _signal(admission, breach)
         raise TooManyRequests(
             f"Rate limit exceeded for {d.kind}: {d.label}. Limit type: {limit_type}. "
             f"Current limit: {limit}, Remaining: {remaining}. {when}",
             headers=headers, reason=f"rate_limited_{d.kind}_{limit_type}")
+
+
+def _signal(admission: Admission, breach: RateLimitBreach) -> None:
+    """Send ``rate_limited`` for a refused request (when anyone listens)."""
+    if rate_limited.receivers:
+        send_signal(rate_limited, current_app._get_current_object(),  # type: ignore[attr-defined]
+                    principal=admission.principal, limit=breach)
 
 
 def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
@@ -1401,9 +1403,8 @@ def counted_address(ip: str | None, ipv6_prefix: int = 64) -> str:
     unparsable as it is."""
     if not ip:
         return "unknown"
-    try:
-        address = ipaddress.ip_address(ip.strip().strip("[]").partition("%")[0])
-    except ValueError:
+    address = parse_address(ip.partition("%")[0])  # an IPv6 zone (``%eth0``) is dropped
+    if address is None:
         return ip[:100]
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped

@@ -155,9 +155,8 @@ def integer(minimum: int = 0, maximum: int = 2**62) -> Parser:
 parallel_limit = integer(0, 2**31 - 1)
 
 
-def page(value: Any) -> int:
-    """A 1-based page number (see :data:`MAX_PAGE`)."""
-    return integer(1, MAX_PAGE)(value)
+#: A 1-based page number (see :data:`MAX_PAGE`).
+page = integer(1, MAX_PAGE)
 
 
 def money(value: Any) -> int:

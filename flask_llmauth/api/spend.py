@@ -35,18 +35,20 @@ def _query(fields: dict[str, Field]) -> dict[str, Any]:
     return check(query_args(), {**_DATES, **fields}, source="query")
 
 
-def paged(body: Any, page: int, more: bool, total: int | None = None) -> Any:
-    """The response of one page: with ``Link: <...page=N+1>; rel="next"`` when another
-    page follows (the request's own query, its page moved on), ``X-Total-Count`` when the
-    total is known."""
+def paged(query: dict[str, Any], body: Any, more: bool, total: int | None = None) -> Any:
+    """The response of one page of ``query``: with ``Link: <...page=N+1>; rel="next"`` when
+    another page follows (the request's own query, its page moved on), ``X-Total-Count``
+    when the total is known."""
     response = ok(body)
     if total is not None:
         response.headers["X-Total-Count"] = str(total)
     if more:
+        page = query.get("page", 1)
         args = [(name, value) for name, value in request.args.items(multi=True)
                 if name != "page"]
-        query = urlencode([*args, ("page", str(page + 1))])
-        response.headers["Link"] = f'<{request.script_root}{request.path}?{query}>; rel="next"'
+        following = urlencode([*args, ("page", str(page + 1))])
+        response.headers["Link"] = (
+            f'<{request.script_root}{request.path}?{following}>; rel="next"')
     return response
 
 
@@ -60,28 +62,24 @@ def register(route: Callable[..., Any]) -> None:
             "summarize": Field(query_boolean), "page_size": Field(integer(1, MAX_PAGE_SIZE)),
         })
         body, total, more = SpendReports(state()).logs(require_principal(), query)
-        return paged(body, query.get("page", 1), more, total)
+        return paged(query, body, more, total)
 
     @route("/spend/keys", ("GET",))
     def spend_keys() -> Any:
         query = _query(_LIMIT)
-        return paged(*_page(SpendReports(state()).keys(require_principal(), query), query))
+        return paged(query, *SpendReports(state()).keys(require_principal(), query))
 
     @route("/spend/users", ("GET",))
     def spend_users() -> Any:
         query = _query({**_LIMIT, "user_id": Field(string())})
-        return paged(*_page(SpendReports(state()).users(require_principal(), query), query))
+        return paged(query, *SpendReports(state()).users(require_principal(), query))
 
     @route("/spend/teams", ("GET",))
     def spend_teams() -> Any:
         query = _query({**_LIMIT, "team_id": Field(string())})
-        return paged(*_page(SpendReports(state()).teams(require_principal(), query), query))
+        return paged(query, *SpendReports(state()).teams(require_principal(), query))
 
     @route("/global/spend", ("GET",))
     def global_spend() -> Any:
         return ok(SpendReports(state()).global_spend(require_principal(), _query({})))
 
-
-def _page(found: tuple[list[dict[str, Any]], bool], query: dict[str, Any]
-          ) -> tuple[list[dict[str, Any]], int, bool]:
-    return found[0], query.get("page", 1), found[1]
