@@ -87,7 +87,9 @@ class JSONBody:
         return self.value
 
     def __call__(self) -> Any:
-        value = self.parsed()
+        value = self.value
+        if value is _UNREAD:
+            value = self.parsed()
         return None if value is INVALID else value
 
 

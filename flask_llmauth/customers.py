@@ -367,7 +367,12 @@ class CustomersGuard:
                     source = header
                     break
             else:
-                found = end_user_field_of_body(body())
+                value = body()
+                if type(value) is not dict or not (  # body_may_name_end_user, inline
+                        "user" in value or "safety_identifier" in value
+                        or "metadata" in value or "litellm_metadata" in value):
+                    return None  # most bodies name none
+                found = end_user_field_of_body(value)
                 if found is None:
                     return None
                 end_user_id, source = found

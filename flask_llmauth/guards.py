@@ -282,20 +282,36 @@ class Guards:
                     _set_headers(response, headers)
             except Exception:
                 log.exception("llmauth: guard %s failed to add headers", guard.name)
-        if admission.settled:
+        unsettled = admission._unsettled
+        if not unsettled:  # settled already (``admission.settled``)
             return response
         failed = response.status_code >= 400
-        if response.is_streamed and not failed:
+        body = response.response
+        # a list is never streamed (``is_streamed`` asks for a length)
+        if type(body) is not list and response.is_streamed and not failed:
             stream = StreamUsage(admission.model, admission.sizes[0])
             response.response = _ObservedStream(
-                response.response, stream.feed,
+                body, stream.feed,
                 lambda: self.settle(admission, admission.usage or stream.result(), False),
             )
             return response
         usage = admission.usage
         if usage is None and not failed and _is_json(response):
-            usage = usage_from_json(_body_bytes(response), admission.model)
-        self.settle(admission, usage, failed)
+            # _body_bytes(response), inline: one bytes object as ``jsonify`` makes it
+            usage = usage_from_json(
+                body[0] if type(body) is list and len(body) == 1 and type(body[0]) is bytes
+                else response.get_data(), admission.model)
+        # self.settle(admission, usage, failed), inline: claim the settlement, settle all
+        try:
+            unsettled.pop()
+        except IndexError:
+            return response
+        for guard in admission.scratch["_guards"]:
+            try:
+                guard.settle(admission, usage, failed)
+            except Exception:
+                log.exception("llmauth: guard %s failed to settle request %s", guard.name,
+                              admission.request_id)
         return response
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
@@ -366,7 +382,17 @@ def _is_json(response: Response) -> bool:
         content_type = headers.get("Content-Type")
     if not content_type:
         return False
-    return content_type.partition(";")[0].strip().lower() == "application/json"
+    known = _JSON_TYPES.get(content_type)
+    if known is None:
+        known = content_type.partition(";")[0].strip().lower() == "application/json"
+        if len(_JSON_TYPES) < 256:
+            _JSON_TYPES[content_type] = known
+    return known
+
+
+#: ``Content-Type`` values seen -> whether their media type is ``application/json`` (a
+#: few distinct values: a response's type is the host's choice, not the client's).
+_JSON_TYPES: dict[str, bool] = {}
 
 
 class _ObservedStream:

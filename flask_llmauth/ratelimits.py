@@ -482,7 +482,7 @@ class _Plan:
     first): tpm windows, rpm windows, parallel slots. Built once per principal, model and
     end user; ``prepared`` is what a storage-specific backend derives from it once."""
 
-    __slots__ = ("tpm", "rpm", "parallel", "tpm_ceiling", "shown", "prepared")
+    __slots__ = ("tpm", "rpm", "parallel", "tpm_ceiling", "shown", "prepared", "charges")
 
     def __init__(self, tpm: tuple[_Limit, ...], rpm: tuple[_Limit, ...],
                  parallel: tuple[_Limit, ...]) -> None:
@@ -502,6 +502,10 @@ class _Plan:
                                                 for i, line in enumerate(tpm) if line.shown)))
             if shown)
         self.prepared: Any = None
+        #: Whether the settlement of an admitted request has anything to do: charge a tpm
+        #: window or release a parallel slot (an rpm-only plan's settlement changes nothing
+        #: unless a later guard refused the request).
+        self.charges = bool(tpm or parallel)
 
 
 #: ``Counters.acquire`` outcomes: admitted, or refused by a tpm window, an rpm window or a
@@ -718,7 +722,9 @@ class MemoryCounters(Counters):
                 member: str) -> tuple[int, int, list[float]]:
         values: list[float] = []
         counts, ends = self._counts, self._ends
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: the statement costs twice the two calls
+        try:
             now = _now()
             for line in plan.tpm:
                 key = line.key
@@ -760,6 +766,8 @@ class MemoryCounters(Counters):
                     self._free(plan.parallel[:index], member)
                     return PARALLEL_REFUSED, index, values
                 slots[member] = now + lease
+        finally:
+            lock.release()
         if now >= self._purge_due and self._purge is not None:
             self._purge_due = now + 1.0
             self._purge()
@@ -768,7 +776,9 @@ class MemoryCounters(Counters):
     def settle(self, plan: _Plan, tokens: int, uncount: bool, window: int, lease: int,
                member: str) -> None:
         counts, ends = self._counts, self._ends
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: the statement costs twice the two calls
+        try:
             now = _now()
             if plan.parallel:
                 self._free(plan.parallel, member)
@@ -784,6 +794,8 @@ class MemoryCounters(Counters):
                     counts[key] = count
                     if count == tokens:
                         ends[key] = now + window
+        finally:
+            lock.release()
 
 
 #: One request's admission on Redis, atomic. ``KEYS``: its tpm, rpm and parallel keys;
@@ -1158,6 +1170,8 @@ class RateLimits:
             return
         counters, plan, _headers = taken
         uncount = bool(scratch.get("_refused"))  # a later guard refused it: not counted
+        if not uncount and not plan.charges:
+            return  # nothing to charge or release (every Counters.settle would do nothing)
         tokens = 0 if uncount or usage is None else (
             usage.prompt_tokens + usage.completion_tokens if self.tokens_counted == "total"
             else self._tokens(usage))

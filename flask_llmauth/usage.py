@@ -138,7 +138,17 @@ def body_sizes(body: Any) -> tuple[int, int]:
     if type(body) is not dict:
         return estimate_prompt_tokens(body), requested_max_tokens(body) or 0
     messages = body.get("messages")
-    length = 0 if messages is None else _messages_length(messages)
+    length = 0
+    if type(messages) is list:  # _messages_length(messages), inline
+        joined = 0  # messages that take part in the join (mappings)
+        for message in messages:
+            if type(message) is dict or isinstance(message, Mapping):
+                content = message.get("content")
+                length += len(content) if type(content) is str else _text_length(content)
+                joined += 1
+        length += (joined - 1 if joined else 0) + 12 * len(messages)  # separators, framing
+    elif messages is not None:
+        length = _messages_length(messages)
     if "prompt" in body or "input" in body or "system" in body:
         length += _other_text_length(body)
     cap = 0
@@ -169,7 +179,11 @@ def _usage_of(usage: Any, reported: Any, model: str | None) -> Usage | None:
         prompt = (_int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
                   + _int(usage.get("cache_read_input_tokens")))
         return _usage((prompt, _int(usage.get("output_tokens")), model, False))
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    # _int of each, without a call for a plain int
+    found: Any = usage.get("prompt_tokens")
+    prompt = found if type(found) is int and found >= 0 else _int(found)
+    found = usage.get("completion_tokens")
+    completion = found if type(found) is int and found >= 0 else _int(found)
     if not completion:
         total = _int(usage.get("total_tokens"))
         if total > prompt:
@@ -224,6 +238,8 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
             body = json.loads(data)
     except (ValueError, StopIteration):
         return None
+    if type(body) is dict:  # usage_from_body(body, model), inline
+        return _usage_of(body.get("usage"), body.get("model"), model)
     return usage_from_body(body, model)
 
 
