@@ -321,6 +321,8 @@ class CustomersGuard:
     name = "customers"
     #: :meth:`headers` adds nothing (see :class:`~flask_llmauth.guards.Guards`).
     adds_headers = False
+    #: :meth:`admit` does nothing: not called (see :class:`~flask_llmauth.guards.Guards`).
+    admits = False
 
     def __init__(self, state: LLMAuthState) -> None:
         self.store = state.store

@@ -21,7 +21,8 @@ No guard runs for a request none of them wants, so unconfigured features cost no
 ``unsafe`` (the request's method is not safe, or the route counts every method as unsafe),
 nothing else: the answers are kept per principal object (a principal is an immutable
 snapshot; a changed key, user or team gets a new one). A guard
-whose headers are always empty declares ``adds_headers = False``.
+whose headers are always empty declares ``adds_headers = False``; one whose ``admit`` does
+nothing declares ``admits = False`` (it is not called).
 
 Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
 rate limits, budgets, spend — so cheap refusals happen before money is reserved. The customers
@@ -166,6 +167,8 @@ class _Plan(NamedTuple):
     unsafe: bool
     #: Those of ``wanted`` whose ``headers`` may add something.
     with_headers: tuple[Guard, ...] = ()
+    #: Those of ``wanted`` whose ``admit`` does something (``admits``, default true).
+    admitting: tuple[Guard, ...] = ()
 
 
 _new_plan: Callable[[tuple[Any, ...]], _Plan] = partial(tuple.__new__, _Plan)
@@ -180,6 +183,8 @@ class Guards:
         self.end_users: Any = None
         #: Guards whose ``headers`` may add something (``adds_headers``, default true).
         self._with_headers: frozenset[int] = frozenset()
+        #: Guards whose ``admit`` does nothing (``admits = False``); any other is called.
+        self._not_admitting: frozenset[int] = frozenset()
         #: Guards with a ``wants_end_user`` method.
         self._by_end_user: frozenset[int] = frozenset()
         #: One tuple object per combination of guards that plans name (see :meth:`_shared`).
@@ -189,6 +194,8 @@ class Guards:
         self.guards += (guard,)
         self._with_headers = frozenset(
             id(g) for g in self.guards if getattr(g, "adds_headers", True))
+        self._not_admitting = frozenset(
+            id(g) for g in self.guards if not getattr(g, "admits", True))
         self._by_end_user = frozenset(
             id(g) for g in self.guards if hasattr(g, "wants_end_user"))
 
@@ -205,7 +212,8 @@ class Guards:
                 by_end_user.append(guard)
         # Built positionally (a cold key meets this once per request).
         return _new_plan((principal, route, self._shared(wanted), self._shared(by_end_user),
-                          unsafe, self._headers_of(wanted) if wanted else ()))
+                          unsafe, self._headers_of(wanted) if wanted else (),
+                          self._admitting_of(wanted) if wanted else ()))
 
     def _shared(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
         """``tuple(guards)``, the same object for every plan naming the same guards: a
@@ -217,6 +225,10 @@ class Guards:
     def _headers_of(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
         with_headers = self._with_headers
         return self._shared(guard for guard in guards if id(guard) in with_headers)
+
+    def _admitting_of(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
+        idle = self._not_admitting
+        return self._shared(guard for guard in guards if id(guard) not in idle)
 
     def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
                       environ: Mapping[str, Any]) -> Admission | None:
@@ -231,7 +243,7 @@ class Guards:
         resolver = self.end_users
         if resolver is not None and route.is_llm:
             end_user = resolver.resolve(principal, environ, body)
-        wanted, with_headers = plan.wanted, plan.with_headers
+        wanted, with_headers, admitting = plan.wanted, plan.with_headers, plan.admitting
         if end_user is not None and plan.by_end_user:
             customer = end_user[1]
             extra = [guard for guard in plan.by_end_user
@@ -240,6 +252,7 @@ class Guards:
                 wanted = tuple(guard for guard in self.guards
                                if guard in wanted or guard in extra)
                 with_headers = self._headers_of(wanted)
+                admitting = self._admitting_of(wanted)
         if not wanted:
             return None
         admission = Admission(principal, route, model, body())
@@ -248,15 +261,14 @@ class Guards:
         scratch = admission.scratch
         scratch["_guards"] = wanted
         scratch["_headers"] = with_headers
-        admitted = 0
+        guard = None
         try:
-            for guard in wanted:
+            for guard in admitting:
                 guard.admit(admission)
-                admitted += 1
         except BaseException:
             scratch["_refused"] = True  # never reached the view
-            if admission.claim_settlement():
-                _settle_all(reversed(wanted[:admitted]), admission, None, True)
+            if admission.claim_settlement():  # the guards before the refusing one admitted
+                _settle_all(reversed(wanted[:wanted.index(guard)]), admission, None, True)
             raise
         return admission
 

@@ -1366,7 +1366,8 @@ def _success_headers(plan: _Plan, values: list[float]) -> HeaderPairs:
         # openai_duration(wait), its memo of whole seconds read first
         text = _WHOLE_SECONDS.get(ceil(wait)) if wait >= 1 else None
         headers += ((names[0], best.text),
-                    (names[1], str(int(least)) if least > 0 else "0"),
+                    (names[1], (str(least) if type(least) is int else str(int(least)))
+                     if least > 0 else "0"),
                     (names[2], text if text is not None else openai_duration(wait)))
     return headers
 

@@ -366,6 +366,8 @@ class SpendGuard:
     name = "spend"
     #: :meth:`headers` adds nothing (see :class:`~flask_llmauth.guards.Guards`).
     adds_headers = False
+    #: :meth:`admit` does nothing: not called (see :class:`~flask_llmauth.guards.Guards`).
+    admits = False
 
     def __init__(self, settings: Any, ledger: SpendLedger) -> None:
         self.settings = settings
@@ -396,8 +398,8 @@ class SpendGuard:
                 body = admission.body
         principal = admission.principal
         event = _spend_event((
-            admission.request_id, admission.started, time.time(), principal.key_id,
-            principal.user_id, principal.team_id, principal.org_id,
+            admission._request_id or admission.request_id, admission.started, time.time(),
+            principal.key_id, principal.user_id, principal.team_id, principal.org_id,
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
             "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),

@@ -152,6 +152,29 @@ def test_refusal_by_a_later_guard_releases_earlier_guards(guarded: Any) -> None:
     assert len(first.admitted) == 1 and first.settled == [(None, True)]
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_guard_that_admits_nothing_is_not_called_yet_settles(guarded: Any,
+                                                               refused: bool) -> None:
+    """``admits = False``: the guard's ``admit`` is skipped; it is settled like any other,
+    also (as failed) when a later guard refuses the request."""
+    app, first = guarded
+    idle = RecordingGuard("idle")
+    idle.admits = False  # type: ignore[attr-defined]
+    guards = app.extensions["llmauth"].guards
+    guards.add(idle)
+    if refused:
+        guards.add(RecordingGuard("refusing", refuse=True))
+    response = app.test_client().post("/v1/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN)
+    assert idle.admitted == [] and len(first.admitted) == 1
+    if refused:
+        assert_error(response, 429)
+        assert idle.settled == first.settled == [(None, True)]
+    else:
+        assert response.status_code == 200
+        assert idle.settled == first.settled == [(Usage(11, 7, "gpt-4o"), False)]
+
+
 def test_guards_only_see_requests_they_want(guarded: Any) -> None:
     app, guard = guarded
     client = app.test_client()
