@@ -43,6 +43,10 @@ class Role(str, Enum):
         return self.value
 
 
+#: ``Role.PROXY_ADMIN`` as a module global: reading an enum member off its class goes
+#: through the enum metaclass (~0.2 µs), a global is a dict lookup.
+_PROXY_ADMIN = Role.PROXY_ADMIN
+
 #: Roles a user row may hold (``/user/new``); ``team`` and ``customer`` are never stored.
 USER_ROLES = (
     Role.PROXY_ADMIN, Role.PROXY_ADMIN_VIEWER, Role.ORG_ADMIN,
@@ -116,7 +120,7 @@ class Principal(NamedTuple):
 
     @property
     def is_admin(self) -> bool:
-        return self.role is Role.PROXY_ADMIN
+        return self.role is _PROXY_ADMIN
 
     @property
     def is_master_key(self) -> bool:

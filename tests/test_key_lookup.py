@@ -14,6 +14,7 @@ import pytest
 
 from flask_llmauth.authn.virtual_key import key_principal, key_tags
 from flask_llmauth.principal import Principal, Role
+from flask_llmauth.store import db as db_module
 from flask_llmauth.store.db import SQLITE_MMAP_SIZE, KeyRow, Store
 from flask_llmauth.store.records import (
     KeyRecord,
@@ -150,6 +151,32 @@ def test_records_of_two_lookups_share_no_mutable_value(store: Store) -> None:
         assert type(a.models) is tuple and type(b.models) is tuple  # immutable
         assert a.metadata is not b.metadata
     assert type(first.membership.allowed_models) is tuple
+
+
+def test_an_array_of_strings_is_one_tuple_for_every_record_and_nothing_else_is_shared(
+        store: Store) -> None:
+    """A JSON array of strings (a model list) read once is the same tuple in every later
+    record (immutable all the way down); an array holding a container is parsed anew for
+    each record, and a bounded memo forgets instead of growing."""
+    _fill(store)
+    with store.use():
+        Key.update(models=["gpt-4o", {"not": "a string"}]).where(
+            Key.key_id == "k-bare").execute()
+    first, second = store.key_by_digest("d-full"), store.key_by_digest("d-full")
+    assert first is not None and second is not None
+    assert first.key.models == ("gpt-4o", "gpt-4o-mini") and first.key.models is second.key.models
+    assert first.key.allowed_routes is second.key.allowed_routes
+    a, b = store.key_by_digest("d-bare"), store.key_by_digest("d-bare")
+    assert a is not None and b is not None
+    assert a.key.models == ("gpt-4o", {"not": "a string"}) and a.key.models is not b.key.models
+    assert a.key.models[1] is not b.key.models[1]
+    db_module._ARRAYS.clear()
+    for number in range(db_module._ARRAYS_MAX + 10):
+        db_module._json_value(f'["m{number}"]')
+    assert 0 < len(db_module._ARRAYS) <= db_module._ARRAYS_MAX
+    long_list = "[" + ",".join(['"' + "x" * 100 + '"'] * 20) + "]"
+    assert db_module._json_value(long_list) == ("x" * 100,) * 20
+    assert long_list not in db_module._ARRAYS  # longer than _ARRAY_TEXT_MAX: not kept
 
 
 def test_looked_up_records_hold_arrays_as_tuples_the_collector_leaves(store: Store) -> None:

@@ -51,6 +51,10 @@ def key_tags(principal: Principal) -> tuple[str, ...]:
 
 
 _ROLE_OF_VALUE: dict[object, Role] = {role.value: role for role in Role}
+#: Roles :func:`key_principal` assigns, as globals (an enum member read off its class costs
+#: a metaclass attribute lookup, ~0.2 µs, per cold lookup).
+_INTERNAL_USER, _TEAM = Role.INTERNAL_USER, Role.TEAM
+_INTERNAL_USER_VIEWER = Role.INTERNAL_USER_VIEWER
 
 
 def stored_role(value: str | None) -> Role:
@@ -85,11 +89,11 @@ def key_principal(row: KeyRow) -> Principal:
     if user is not None:
         role = stored_role(user.user_role)
     elif key.user_id:
-        role = Role.INTERNAL_USER
+        role = _INTERNAL_USER
     elif key.team_id:
-        role = Role.TEAM
+        role = _TEAM
     else:
-        role = Role.INTERNAL_USER_VIEWER
+        role = _INTERNAL_USER_VIEWER
     if key.max_role is not None and outranks(role, cap := stored_role(key.max_role)):
         role = cap
     routes = key.allowed_routes

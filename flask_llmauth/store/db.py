@@ -106,24 +106,45 @@ def _missing_table(exc: peewee.PeeweeException) -> bool:
     return False
 
 
-_decode = json.JSONDecoder().raw_decode
+#: ``_scan(text, 0) -> (value, end)``: the JSON scanner itself (C), which
+#: ``JSONDecoder.raw_decode`` wraps in a Python frame; raises ``StopIteration`` when no value
+#: starts at 0, ``ValueError`` on bad JSON.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+#: The longest JSON text of an array :func:`_json_value` remembers, and how many it keeps.
+_ARRAY_TEXT_MAX = 1024
+_ARRAYS_MAX = 4096
+#: JSON text of an array of strings -> its tuple. A tuple of strings is immutable all the way
+#: down, so every record can hold the same one; model lists repeat across thousands of keys
+#: (a cold lookup then spends one dict lookup on ``models`` instead of a parse).
+_ARRAYS: dict[str, tuple[str, ...]] = {}
 
 
 def _json_value(value: Any) -> Any:
     """A JSON column's value as a record holds it: an array as a tuple (see
     :mod:`.records`); the empty values most rows hold skip the parser (a fresh dict each
-    time: records never share a mutable value)."""
+    time: records never share a mutable value), and an array of strings seen before is
+    the tuple of the first time (:data:`_ARRAYS`)."""
     if value == "{}":
         return {}
     if value == "[]":
         return ()
-    try:  # raw_decode skips json.loads' wrappers (about half its cost on short text)
-        parsed, end = _decode(value)
-    except ValueError:
+    known = _ARRAYS.get(value)
+    if known is not None:
+        return known
+    try:  # the C scanner without json.loads' wrappers (about half its cost on short text)
+        parsed, end = _scan(value, 0)
+    except (ValueError, StopIteration):
         end = -1
     if end != len(value):
         parsed = json.loads(value)
-    return tuple(parsed) if type(parsed) is list else parsed
+    if type(parsed) is not list:
+        return parsed
+    array = tuple(parsed)
+    if len(value) <= _ARRAY_TEXT_MAX and all(type(item) is str for item in array):
+        if len(_ARRAYS) >= _ARRAYS_MAX:
+            _ARRAYS.clear()
+        _ARRAYS[value] = array
+    return array
 
 
 def _json_exact(value: Any) -> Any:
@@ -185,7 +206,9 @@ class _RecordReader:
     def compile(self, width: int) -> Callable[[list[Any]], Any]:
         """The same as :meth:`read`, as one generated function without a loop: each value
         that needs converting is converted inline (``None`` kept), the record is built from
-        one tuple display. ``values`` may be any sequence. A value the fast converter refuses
+        one tuple display. ``values`` may be any sequence; only its first ``width`` items are
+        read (the packed lookup hands the key's reader the whole row). A value the fast
+        converter refuses
         sends the whole row to :meth:`read` (the fast path changes nothing in ``values``, so
         it starts over from the driver's values)."""
         fast = {position: convert for position, convert, _ in self.converters}
@@ -197,8 +220,8 @@ class _RecordReader:
                   "    except (TypeError, ValueError):\n"
                   "        return slow(v)\n")
         namespace: dict[str, Any] = {f"f{i}": convert for i, convert in fast.items()}
-        namespace.update(new=tuple.__new__, record=self.record_type,
-                         slow=lambda values: self.read(list(values)))
+        namespace.update(new=tuple.__new__, record=self.record_type, arrays=_ARRAYS,
+                         slow=lambda values: self.read(list(values[:width])))
         exec(compile(source, f"<{self.record_type.__name__} reader>", "exec"),  # noqa: S102
              namespace)
         read: Callable[[list[Any]], Any] = namespace["read"]
@@ -207,12 +230,13 @@ class _RecordReader:
 
 #: How the generated reader converts a value, by fast converter (``{0}``: its position):
 #: calls made inline where they are cheap to spell out. ``bool`` is a truth test; a JSON
-#: column's empty object and array (what most rows hold) skip :func:`_json_value`.
+#: column's empty object and array (what most rows hold) skip :func:`_json_value`, and so
+#: does an array it has seen before (:data:`_ARRAYS`).
 _CALL = "(None if v[{0}] is None else f{0}(v[{0}]))"
 _INLINE: dict[Any, str] = {
     bool: "(None if v[{0}] is None else True if v[{0}] else False)",
-    _json_value: ("({{}} if v[{0}] == '{{}}' else () if v[{0}] == '[]' "
-                  "else None if v[{0}] is None else f{0}(v[{0}]))"),
+    _json_value: ("({{}} if (x{0} := v[{0}]) == '{{}}' else () if x{0} == '[]' "
+                  "else None if x{0} is None else arrays.get(x{0}) or f{0}(x{0}))"),
 }
 
 
@@ -256,9 +280,10 @@ class Store:
                                           (TeamMembership, MembershipRecord, "m")):
             self._parts.append((table, alias, [table._meta.fields[name]
                                                for name in record_type._fields]))
-        #: SQLite packs each table's values into one JSON array (one text column each):
-        #: the driver then fetches 4 columns, not ~100 (it drops and retakes the GIL and
-        #: builds ``cursor.description`` per column), and one JSON parse splits each.
+        #: SQLite packs the row into one JSON array (the key's values, then one array or
+        #: ``null`` for each of its team, user and membership): the driver then fetches 1
+        #: column, not ~100 (it drops and retakes the GIL and builds ``cursor.description``
+        #: per column), and one JSON parse splits it.
         self._packed = isinstance(self.db, peewee.SqliteDatabase) and _sqlite_has_json()
         self._prepare_key_lookup()
         p = self.db.param
@@ -368,6 +393,8 @@ class Store:
         self._key_reader, self._team_reader, self._user_reader, self._member_reader = (
             reader.compile(len(fields))
             for reader, (_, _, fields) in zip(self._readers, self._parts, strict=True))
+        #: How many of a packed row's values are the key's (the joined rows follow).
+        self._key_width = len(self._parts[0][2])
         self._key_sql = {column: self._build_key_sql(column) for column in ("digest", "key_id")}
         self._digest_sql = self._key_sql["digest"]
 
@@ -375,13 +402,13 @@ class Store:
         selected = []
         for table, alias, fields in self._parts:
             columns = [f'{alias}."{f.column_name}"' for f in fields]
-            if not self._packed:
+            if not self._packed or table is Key:  # the row found: always there
                 selected += columns
-            elif table is Key:  # the row found: always there
-                selected.append(f"json_array({', '.join(columns)})")
-            else:  # NULL when the joined row is absent
+            else:  # packed: a nested array, NULL when the joined row is absent
                 selected.append(f'CASE WHEN {alias}."id" IS NULL THEN NULL '
                                 f"ELSE json_array({', '.join(columns)}) END")
+        if self._packed:
+            selected = [f"json_array({', '.join(selected)})"]
         p = self.db.param
         # Identifiers are constants and the value is a bound parameter.
         return (
@@ -429,13 +456,14 @@ class Store:
         row = self._fetch_row(sql, (value,))
         if row is None:
             return None
-        if self._packed:  # SQLite's own JSON: raw_decode parses each table's array
-            key, team, user, member = row
+        if self._packed:  # SQLite's own JSON: one scan parses the whole row
+            values = _scan(row[0], 0)[0]
+            team, user, member = values[self._key_width:]
             return tuple.__new__(KeyRow, (
-                self._key_reader(_decode(key)[0]),
-                None if team is None else self._team_reader(_decode(team)[0]),
-                None if user is None else self._user_reader(_decode(user)[0]),
-                None if member is None else self._member_reader(_decode(member)[0])))
+                self._key_reader(values),
+                None if team is None else self._team_reader(team),
+                None if user is None else self._user_reader(user),
+                None if member is None else self._member_reader(member)))
         records: list[Any] = []
         start = 0
         for read, (_, _, fields) in zip((self._key_reader, self._team_reader, self._user_reader,
