@@ -14,6 +14,7 @@ import secrets
 import weakref
 from collections.abc import Callable
 from functools import partial
+from hmac import compare_digest
 from typing import Any, NamedTuple, TypeVar, overload
 
 import peewee
@@ -51,7 +52,7 @@ from .bodies import JSONBody
 from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import DEFAULT_PUBLIC_ROUTES, Settings, check_secrets, load_settings
-from .credentials import read_credentials
+from .credentials import Credentials, read_credentials
 from .crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from .customers import install as install_customers
 from .errors import (
@@ -226,6 +227,7 @@ class LLMAuthState:
 
         public = RoutePatterns(settings.public_routes)
         self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
+        self._rule_infos = self.routes.by_rule_id  # read per request without the attribute hop
         #: Whether :meth:`_check_route_settings` ran (at the first authenticated request).
         self.route_settings_checked = False
         self.api_endpoints = API_ROUTES  # filled when the blueprint is created
@@ -233,6 +235,27 @@ class LLMAuthState:
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
                             if name in self.authenticators])
         ext.callbacks.on_change(self.chain.refresh)
+        self._master_authorization: str | None = None
+        #: What the chain answers for that header: ``(credentials, principal)``.
+        self._master_match: tuple[Credentials, Principal] | None = None
+        self._master: Authenticator | None = None
+        self._prepare_master_authorization()
+
+    def _prepare_master_authorization(self) -> None:
+        """``Authorization: Bearer <master key>`` is compared whole (constant time) before
+        the credential is parsed when nothing else could claim that header: no custom key
+        header, no ``x-litellm-api-key`` (checked per request) and the master key first in
+        the chain (checked per request: a callback registered later may put a method
+        ahead of it). The answer is the chain's own for that header. Off for a master key
+        the plain reader would not take as it is."""
+        master = self.authenticators.get("master_key")
+        key = self.settings.master_key
+        if (isinstance(master, MasterKeyAuthenticator) and not self._key_header_name
+                and key and key.isascii() and key.isprintable() and " " not in key
+                and len(key) <= self._max_credential_length):
+            self._master_authorization = "Bearer " + key
+            self._master_match = (Credentials(key, "Authorization"), master.principal)
+            self._master = master
 
     def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
         built: dict[str, Authenticator] = {}
@@ -261,7 +284,7 @@ class LLMAuthState:
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return self._api_method_not_allowed(req)
-        known = self.routes.by_rule_id.get(id(rule))
+        known = self._rule_infos.get(id(rule))
         if known is not None and known[0] is rule:
             info = known[1]
         else:
@@ -335,9 +358,18 @@ class LLMAuthState:
             if self.auth_failures is not None and self.auth_failures.blocking:
                 # Before the credential is read.
                 self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
-            credentials = read_credentials(req, self._max_credential_length,
-                                           self._key_header_name, info.query_key_allowed)
-            principal = self.chain.authenticate(new_context((req, credentials, info)))
+            environ = req.environ
+            value = environ.get("HTTP_AUTHORIZATION")
+            master = self._master_authorization
+            if (master is not None and value is not None and value.isascii()
+                    and compare_digest(value, master) and self._master_match is not None
+                    and self.chain.first is self._master
+                    and "HTTP_X_LITELLM_API_KEY" not in environ):
+                credentials, principal = self._master_match
+            else:
+                credentials = read_credentials(req, self._max_credential_length,
+                                               self._key_header_name, info.query_key_allowed)
+                principal = self.chain.authenticate(new_context((req, credentials, info)))
             unsafe = info.unsafe_only or method not in SAFE_METHODS
             verdict = self._verdicts.get((id(principal), id(info), unsafe))
             if verdict is None or verdict[0] is not principal or verdict[1] is not info:

@@ -242,3 +242,78 @@ def test_hooks_registered_after_the_first_request_join_the_chain(app_factory: An
     assert_error(client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)), 403)
     del app.llmauth.callbacks["custom_key_validate"]
     assert client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(key)).status_code == 200
+
+
+# -- the master key's whole-header compare answers what the chain would ----------------------
+
+
+def test_master_key_header_yields_to_a_header_read_before_it(app: Flask) -> None:
+    """``Authorization: Bearer <master key>`` is compared whole before the credential is
+    parsed; ``x-litellm-api-key`` is read first, so it still decides."""
+    client = app.test_client()
+    key = new_key(client, user_id="vera")["key"]
+    both = {**ADMIN, "x-litellm-api-key": key}
+    response = client.post(CHAT, json={}, headers=both)
+    assert response.status_code == 200
+    assert response.get_json()["principal"]["user_id"] == "vera"
+    assert_error(client.post(CHAT, json={}, headers={**ADMIN, "x-litellm-api-key": "sk-nope"}),
+                 401)
+    assert client.post(CHAT, json={}, headers=ADMIN).get_json()["principal"]["method"] == (
+        "master_key")
+
+
+@pytest.mark.parametrize("value", [f"bearer {MASTER_KEY}", f"Bearer  {MASTER_KEY}",
+                                   f"Bearer {MASTER_KEY} ", f"Bearer {MASTER_KEY}x",
+                                   f"Bearer {MASTER_KEY[:-1]}", f"Bearer {MASTER_KEY}\u00e9"])
+def test_near_misses_of_the_master_key_header_take_the_general_path(app: Flask,
+                                                                     value: str) -> None:
+    response = app.test_client().post(CHAT, json={}, headers={"Authorization": value})
+    if value.split() == ["bearer", MASTER_KEY] or value.split() == ["Bearer", MASTER_KEY]:
+        # The general reader takes any case and spacing: still the master key.
+        assert response.get_json()["principal"]["method"] == "master_key"
+    else:
+        assert_error(response, 401)
+
+
+def test_a_method_registered_later_ahead_of_the_master_key_is_asked_first(
+        app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_AUTH_ORDER": "custom,master_key,virtual_key"})
+    client = app.test_client()
+    assert client.post(CHAT, json={}, headers=ADMIN).get_json()["principal"]["method"] == (
+        "master_key")
+    seen: list[str] = []
+
+    @app.llmauth.custom_auth  # type: ignore[attr-defined]
+    def hook(request: Any, api_key: str) -> Any:
+        seen.append(api_key)
+        return {"user_id": "hooked"}
+
+    principal = client.post(CHAT, json={}, headers=ADMIN).get_json()["principal"]
+    assert principal["method"] == "custom" and principal["user_id"] == "hooked"
+    assert seen == [MASTER_KEY]
+
+
+def test_a_custom_key_header_turns_the_master_authorization_off(app_factory: Any) -> None:
+    app = app_factory({"LLMAUTH_KEY_HEADER_NAME": "X-Gateway-Key"})
+    client = app.test_client()
+    assert_error(client.post(CHAT, json={}, headers=ADMIN), 401)
+    response = client.post(CHAT, json={}, headers={"X-Gateway-Key": MASTER_KEY})
+    assert response.get_json()["principal"]["method"] == "master_key"
+
+
+def test_the_rate_limiters_hooks_leave_no_empty_registry(app: Flask) -> None:
+    """Flask-Limiter's hooks run from the extension's; Flask walks an app-level registry
+    per request even when it is empty, so none is left behind — and a hook the host adds
+    later still runs."""
+    for registry in (app.before_request_funcs, app.after_request_funcs,
+                     app.teardown_request_funcs):
+        assert all(hooks for hooks in registry.values()), registry
+    ran: list[int] = []
+
+    @app.after_request
+    def later(response: Any) -> Any:
+        ran.append(response.status_code)
+        return response
+
+    assert app.test_client().post(CHAT, json={}, headers=ADMIN).status_code == 200
+    assert ran == [200]

@@ -78,6 +78,8 @@ class Chain:
             if step is not None:
                 steps.append((step, not getattr(step, "yields_identity", False)))
         self._steps: tuple[tuple[Authenticator, bool], ...] = tuple(steps)
+        #: The authenticator tried first (``None`` when no step is active).
+        self.first: Authenticator | None = steps[0][0] if steps else None
 
     def authenticate(self, ctx: AuthContext) -> Principal:
         for authenticator, checked in self._steps:

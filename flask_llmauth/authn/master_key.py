@@ -16,7 +16,8 @@ class MasterKeyAuthenticator:
 
     def __init__(self, master_key: str, admin_name: str, alias: str) -> None:
         self._master_key = secret_bytes(master_key)
-        self._principal = Principal(
+        #: The one principal it yields.
+        self.principal = Principal(
             method=self.name, role=Role.PROXY_ADMIN, user_id=admin_name, key_name=alias,
         )
 
@@ -24,5 +25,5 @@ class MasterKeyAuthenticator:
         token = ctx.credentials.token
         if token is not None and compare_digest(token.encode("utf-8", "surrogatepass"),
                                                 self._master_key):
-            return self._principal
+            return self.principal
         return None

@@ -311,13 +311,10 @@ class RouteTable:
         #: The extension's live set: a blueprint exempted after ``init_app`` still counts
         #: (rules are classified on their first request).
         self.exempt_blueprints = exempt_blueprints
-        self._infos: dict[int, tuple[Rule, RouteInfo]] = {}
-
-    @property
-    def by_rule_id(self) -> dict[int, tuple[Rule, RouteInfo]]:
-        """``id(rule) -> (rule, info)`` of the rules classified so far (the per-request path
-        reads it directly; check that the rule is the same object)."""
-        return self._infos
+        #: ``id(rule) -> (rule, info)`` of the rules classified so far (the per-request path
+        #: reads it directly; check that the rule is the same object).
+        self.by_rule_id: dict[int, tuple[Rule, RouteInfo]] = {}
+        self._infos = self.by_rule_id
 
     def cached(self, rule: Rule) -> RouteInfo | None:
         """The classification of ``rule`` if it was already made."""
