@@ -235,10 +235,9 @@ class LLMAuthState:
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
                             if name in self.authenticators])
         ext.callbacks.on_change(self.chain.refresh)
-        self._master_authorization: str | None = None
-        #: What the chain answers for that header: ``(credentials, principal)``.
-        self._master_match: tuple[Credentials, Principal] | None = None
-        self._master: Authenticator | None = None
+        #: ``(header value, authenticator, credentials, principal)``: the master key's
+        #: ``Authorization`` header, and what the chain answers for it.
+        self._master_header: tuple[str, Authenticator, Credentials, Principal] | None = None
         self._prepare_master_authorization()
 
     def _prepare_master_authorization(self) -> None:
@@ -253,9 +252,8 @@ class LLMAuthState:
         if (isinstance(master, MasterKeyAuthenticator) and not self._key_header_name
                 and key and key.isascii() and key.isprintable() and " " not in key
                 and len(key) <= self._max_credential_length):
-            self._master_authorization = "Bearer " + key
-            self._master_match = (Credentials(key, "Authorization"), master.principal)
-            self._master = master
+            self._master_header = ("Bearer " + key, master, Credentials(key, "Authorization"),
+                                   master.principal)
 
     def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
         built: dict[str, Authenticator] = {}
@@ -360,12 +358,11 @@ class LLMAuthState:
                 self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
             environ = req.environ
             value = environ.get("HTTP_AUTHORIZATION")
-            master = self._master_authorization
+            master = self._master_header
             if (master is not None and value is not None and value.isascii()
-                    and compare_digest(value, master) and self._master_match is not None
-                    and self.chain.first is self._master
+                    and compare_digest(value, master[0]) and self.chain.first is master[1]
                     and "HTTP_X_LITELLM_API_KEY" not in environ):
-                credentials, principal = self._master_match
+                credentials, principal = master[2], master[3]
             else:
                 credentials = read_credentials(req, self._max_credential_length,
                                                self._key_header_name, info.query_key_allowed)
