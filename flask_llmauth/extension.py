@@ -64,7 +64,7 @@ from .errors import (
     error_response,
     http_error,
 )
-from .guards import Guards, record_usage
+from .guards import Guards, capture_json_responses, record_usage
 from .identities import IdentityLoader, Records
 from .keys import LastUsedRecorder
 from .network import client_ip
@@ -621,6 +621,8 @@ class LLMAuth:
         app.register_error_handler(LLMAuthError, app_state.handle_error)
         for _, install in GUARD_INSTALLERS:
             install(app_state, app)
+        if app_state.guards.guards:
+            capture_json_responses(app)
         if settings.api_enabled:
             from .api import create_blueprint
 

@@ -46,11 +46,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from flask import Response, g, has_app_context
+from flask import Flask, Response, g, has_app_context
+from flask.json.provider import DefaultJSONProvider, JSONProvider
+
+try:  # the app context's variable, read without the ``g`` proxy
+    from flask.globals import _cv_app
+except ImportError:  # pragma: no cover - a Flask without it: JSON responses are parsed
+    _cv_app = None  # type: ignore[assignment]
 
 from .authz.routes import RouteInfo
 from .principal import Principal
-from .usage import StreamUsage, Usage, body_sizes, usage_from_json
+from .usage import UNDECIDED, StreamUsage, Usage, body_sizes, usage_from_json, usage_from_object
 
 log = logging.getLogger("flask_llmauth")
 
@@ -79,7 +85,7 @@ class Admission:
     """One authorized request on its way through the guards."""
 
     __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
-                 "end_user_id", "customer", "_request_id", "_unsettled", "_sizes")
+                 "end_user_id", "customer", "_request_id", "_unsettled", "_sizes", "written")
 
     def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
                  body: Any) -> None:
@@ -100,6 +106,10 @@ class Admission:
         #: Holds one token until settlement claims it (``list.pop`` is atomic).
         self._unsettled = [True]
         self._sizes: tuple[int, int] | None = None
+        #: ``(body list, body bytes, usage)`` of the last JSON response Flask's JSON
+        #: provider wrote during the request, the usage read from the object it wrote
+        #: (:func:`capture_json_responses`).
+        self.written: tuple[list[bytes], bytes, Usage | None] | None = None
 
     @property
     def sizes(self) -> tuple[int, int]:
@@ -309,10 +319,15 @@ class Guards:
             return response
         usage = admission.usage
         if usage is None and not failed and _is_json(response):
-            # _body_bytes(response), inline: one bytes object as ``jsonify`` makes it
-            usage = usage_from_json(
-                body[0] if type(body) is list and len(body) == 1 and type(body[0]) is bytes
-                else response.get_data(), admission.model)
+            written = admission.written
+            if (written is not None and written[0] is body and len(body) == 1
+                    and body[0] is written[1]):
+                usage = written[2]  # the body is the very text written from that object
+            else:
+                # _body_bytes(response), inline: one bytes object as ``jsonify`` makes it
+                usage = usage_from_json(
+                    body[0] if type(body) is list and len(body) == 1 and type(body[0]) is bytes
+                    else response.get_data(), admission.model)
         # self.settle(admission, usage, failed), inline: claim the settlement, settle all
         try:
             unsettled.pop()
@@ -337,6 +352,45 @@ class Guards:
         instead, or the exception propagates — so it is not waited for."""
         if not admission.settled:
             self.settle(admission, admission.usage, True)
+
+
+def capture_json_responses(app: Flask) -> None:
+    """Read a guarded request's usage from the object Flask's JSON provider writes (a view
+    returning a dict, ``jsonify(obj)``) instead of parsing the written body again.
+
+    Only Flask's own :class:`~flask.json.provider.DefaultJSONProvider` (no subclass, its
+    ``dumps`` and ``_prepare_response_obj`` not replaced) writing one positional object into
+    Flask's own :class:`~flask.Response` is watched: the body is then ``json.dumps(obj)``
+    and a newline in one ``bytes`` object, and :func:`~flask_llmauth.usage.usage_from_object`
+    answers for that text (read when it is written, so a later change to the object does
+    not count). :meth:`Guards.finish` uses the answer only when the response's body is still
+    that list holding that ``bytes`` object — the same text — and parses the body otherwise
+    (replaced or changed by a hook, another response returned, streamed)."""
+    provider = app.json
+    if type(provider) is not DefaultJSONProvider or _cv_app is None:
+        return
+    write = provider.response
+    attributes = provider.__dict__
+    default_dumps, default_prepare = DefaultJSONProvider.dumps, JSONProvider._prepare_response_obj
+
+    def response(*args: Any, **kwargs: Any) -> Any:
+        written = write(*args, **kwargs)
+        if (kwargs or len(args) != 1 or type(written) is not Response
+                or "dumps" in attributes or "_prepare_response_obj" in attributes
+                or DefaultJSONProvider.dumps is not default_dumps
+                or DefaultJSONProvider._prepare_response_obj is not default_prepare):
+            return written
+        context = _cv_app.get(None)
+        admission = None if context is None else context.g.__dict__.get("_llmauth_admission")
+        if admission is not None:
+            body = written.response
+            if type(body) is list and len(body) == 1:
+                usage = usage_from_object(args[0], admission.model)
+                if usage is not UNDECIDED:
+                    admission.written = (body, body[0], usage)
+        return written
+
+    provider.response = response  # type: ignore[method-assign]
 
 
 class HeaderPairs(list[tuple[str, str]]):

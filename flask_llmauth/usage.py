@@ -203,8 +203,8 @@ _SPACE_BYTES = b" \t\n\r"
 TAIL_READ_MIN_BYTES = 1024
 #: How far before ``usage`` the tail read looks for a ``model`` member after the choices.
 _MODEL_NEAR_USAGE = 512
-#: What :func:`_usage_from_tail` answers when the tail alone cannot tell.
-_UNDECIDED: Any = object()
+#: What :func:`_usage_from_tail` and :func:`usage_from_object` answer when they cannot tell.
+UNDECIDED: Any = object()
 
 
 def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
@@ -228,7 +228,7 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
                 if not data.isascii():
                     data.decode("utf-8", "surrogatepass")  # not UTF-8: not JSON
                 usage = _usage_from_tail(data, at, model)
-                if usage is not _UNDECIDED:
+                if usage is not UNDECIDED:
                     return usage
             text = data.decode("utf-8", "surrogatepass")
             body, end = _scan_once(text, 0)
@@ -243,10 +243,75 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
     return usage_from_body(body, model)
 
 
+#: The Anthropic-shaped usage block's members :func:`_usage_of` reads.
+_ANTHROPIC_NAMES = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                    "cache_read_input_tokens")
+
+
+def usage_from_object(obj: Any, model: str | None = None) -> Any:
+    """What :func:`usage_from_json` answers for the JSON text Python's :mod:`json` writes
+    for ``obj`` (any options, any ``default``), read from ``obj`` itself when that can be
+    told without writing it; otherwise :data:`UNDECIDED`.
+
+    Told: a list (a JSON array has no usage); a dict whose keys are all ``str`` (no two
+    members can then share a name: a ``str`` subclass could write a second ``usage``) and
+    whose ``usage`` is absent or ``None``, or a dict with ``str`` keys whose counts read
+    are ``int`` or ``None`` (written and read back as they are), and whose ``model`` is a
+    ``str`` or ``None``. Anything ``default`` would convert (a ``Decimal``, a mapping that
+    is not a dict...) is left to the written text. (:func:`_usage_of`, with those checks.)
+    """
+    if type(obj) is not dict:
+        return None if type(obj) is list else UNDECIDED
+    for key in obj:
+        if type(key) is not str:
+            return UNDECIDED
+    usage = obj.get("usage")
+    if usage is None:
+        return None
+    if type(usage) is not dict:
+        return UNDECIDED
+    for key in usage:
+        if type(key) is not str:
+            return UNDECIDED
+    reported = obj.get("model")
+    if reported is not None:
+        if type(reported) is not str:
+            return UNDECIDED
+        model = reported
+    if "input_tokens" in usage or "output_tokens" in usage:  # Anthropic, OpenAI Responses
+        for name in _ANTHROPIC_NAMES:
+            found = usage.get(name)
+            if found is not None and type(found) is not int:
+                return UNDECIDED
+        return _usage_of(usage, reported, model)
+    prompt = usage.get("prompt_tokens")
+    if type(prompt) is not int:
+        if prompt is not None:
+            return UNDECIDED
+        prompt = 0
+    elif prompt < 0:
+        prompt = 0
+    completion = usage.get("completion_tokens")
+    if type(completion) is not int:
+        if completion is not None:
+            return UNDECIDED
+        completion = 0
+    elif completion < 0:
+        completion = 0
+    if not completion:
+        total = usage.get("total_tokens")
+        if type(total) is not int:
+            if total is not None:
+                return UNDECIDED
+        elif total > prompt:
+            completion = total - prompt
+    return _usage((prompt, completion, model, False))
+
+
 def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
     """The usage of the UTF-8 JSON object ``data`` when the bytes ``"usage"`` at ``at``
     (their last occurrence) name one of its top-level members, read without parsing the
-    members before that one; :data:`_UNDECIDED` when this cannot be told from the tail.
+    members before that one; :data:`UNDECIDED` when this cannot be told from the tail.
 
     Why that is what ``json.loads`` answers for a JSON text: an unescaped ``"`` cannot occur
     inside a string, so ``"usage"`` after ``{`` or ``,`` and before ``:`` starts a member;
@@ -267,11 +332,11 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
         while data[before] in _SPACE_BYTES:
             before -= 1
         if data[before] != 44 and data[before] != 123:  # "," or "{"
-            return _UNDECIDED
+            return UNDECIDED
         tail = data[at + 7:].decode("utf-8", "surrogatepass")
         colon = tail.find(":")
         if colon < 0 or colon and tail[:colon].strip(_SPACE):
-            return _UNDECIDED
+            return UNDECIDED
         start = colon + 1
         if tail[start] in _SPACE:
             start = _skip_space(tail, start).end()  # type: ignore[union-attr]  # ``*`` matches
@@ -279,17 +344,17 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
         after = tail[end:].lstrip(_SPACE)
         if after[:1] == "}":
             if after[1:].strip(_SPACE):
-                return _UNDECIDED  # a nested "usage", or extra data: parse it all
+                return UNDECIDED  # a nested "usage", or extra data: parse it all
             rest: dict[str, Any] = {}
         elif after[:1] == ",":
             more = "{" + after[1:].lstrip(_SPACE)
             if more[1:2] != '"':
-                return _UNDECIDED
+                return UNDECIDED
             rest, close = _scan_once(more, 0)
             if close != len(more) and more[close:].strip(_SPACE):
-                return _UNDECIDED
+                return UNDECIDED
         else:
-            return _UNDECIDED
+            return UNDECIDED
         if "model" in rest:
             return _usage_of(usage, rest["model"], model)
         if type(usage) is not dict:
@@ -303,25 +368,25 @@ def _usage_from_tail(data: bytes, at: int, model: str | None) -> Any:
                 return _usage_of(usage, None, model)
             reported = _top_level_model(data, named)
     except (ValueError, StopIteration, IndexError):
-        return _UNDECIDED
-    return reported if reported is _UNDECIDED else _usage_of(usage, reported, model)
+        return UNDECIDED
+    return reported if reported is UNDECIDED else _usage_of(usage, reported, model)
 
 
 def _last_top_level_model(data: bytes, named: int) -> Any:
     """The value of the member named by the last bytes ``"model"`` before ``usage`` (at
     ``named``) when it is a top-level member: the text from there to the end, opened by a
-    ``{``, reads as one whole object only then. Otherwise :data:`_UNDECIDED`."""
+    ``{``, reads as one whole object only then. Otherwise :data:`UNDECIDED`."""
     text = "{" + data[named:].decode("utf-8", "surrogatepass")
     members, end = _scan_once(text, 0)
     if end != len(text) and text[end:].strip(_SPACE):
-        return _UNDECIDED
-    return members.get("model", _UNDECIDED)
+        return UNDECIDED
+    return members.get("model", UNDECIDED)
 
 
 def _top_level_model(data: bytes, named: int) -> Any:
     """The value of the member named by the first bytes ``"model"`` (at ``named``) when it
     is a string without escapes and the text before it is the top-level object's first
-    members; otherwise :data:`_UNDECIDED`.
+    members; otherwise :data:`UNDECIDED`.
 
     The text up to that string, closed by a ``}``, reads as one whole object only when the
     member is a top-level one."""
@@ -329,14 +394,14 @@ def _top_level_model(data: bytes, named: int) -> Any:
     while data[value] in _SPACE_BYTES:
         value += 1
     if data[value] != 34:  # '"'
-        return _UNDECIDED
+        return UNDECIDED
     close = data.index(b'"', value + 1) + 1
     if data.find(b"\\", value, close) >= 0:
-        return _UNDECIDED
+        return UNDECIDED
     head = data[:close].decode("utf-8", "surrogatepass") + "}"
     members, end = _scan_once(head, 0)
     if end != len(head) or "model" not in members:
-        return _UNDECIDED
+        return UNDECIDED
     return members["model"]
 
 
