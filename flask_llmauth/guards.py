@@ -354,6 +354,10 @@ class Guards:
             self.settle(admission, admission.usage, True)
 
 
+#: No argument given (:func:`capture_json_responses`).
+_NOTHING: Any = object()
+
+
 def capture_json_responses(app: Flask) -> None:
     """Read a guarded request's usage from the object Flask's JSON provider writes (a view
     returning a dict, ``jsonify(obj)``) instead of parsing the written body again.
@@ -373,10 +377,13 @@ def capture_json_responses(app: Flask) -> None:
     attributes = provider.__dict__
     default_dumps, default_prepare = DefaultJSONProvider.dumps, JSONProvider._prepare_response_obj
 
-    def response(*args: Any, **kwargs: Any) -> Any:
-        written = write(*args, **kwargs)
-        if (kwargs or len(args) != 1 or type(written) is not Response
-                or "dumps" in attributes or "_prepare_response_obj" in attributes
+    def response(obj: Any = _NOTHING, /, *args: Any, **kwargs: Any) -> Any:
+        if obj is _NOTHING or args or kwargs:  # not one positional object: as it was
+            return write(*args, **kwargs) if obj is _NOTHING else write(obj, *args, **kwargs)
+        written = write(obj)
+        if (type(written) is not Response
+                or len(attributes) != 2 and ("dumps" in attributes  # "_app", "response"
+                                             or "_prepare_response_obj" in attributes)
                 or DefaultJSONProvider.dumps is not default_dumps
                 or DefaultJSONProvider._prepare_response_obj is not default_prepare):
             return written
@@ -385,7 +392,7 @@ def capture_json_responses(app: Flask) -> None:
         if admission is not None:
             body = written.response
             if type(body) is list and len(body) == 1:
-                usage = usage_from_object(args[0], admission.model)
+                usage = usage_from_object(obj, admission.model)
                 if usage is not UNDECIDED:
                     admission.written = (body, body[0], usage)
         return written
@@ -437,8 +444,14 @@ def _is_json(response: Response) -> bool:
     the header's parameters; the header list is walked directly when it is Werkzeug's)."""
     headers = response.headers
     items = getattr(headers, "_list", None)
+    first = None
     if type(items) is list:
-        for name, value in items:  # Content-Type is usually the first
+        if items:
+            first = items[0]
+            known = _JSON_FIRST.get(first)  # a Content-Type header first, as it usually is
+            if known is not None:
+                return known
+        for name, value in items:
             if len(name) == 12 and name.lower() == "content-type":
                 content_type = value
                 break
@@ -453,12 +466,19 @@ def _is_json(response: Response) -> bool:
         known = content_type.partition(";")[0].strip().lower() == "application/json"
         if len(_JSON_TYPES) < 256:
             _JSON_TYPES[content_type] = known
+    if (type(first) is tuple and len(first) == 2 and type(first[0]) is str
+            and type(first[1]) is str and len(first[0]) == 12
+            and first[0].lower() == "content-type" and len(_JSON_FIRST) < 256):
+        _JSON_FIRST[first] = known  # the first header is the Content-Type: it decides
     return known
 
 
 #: ``Content-Type`` values seen -> whether their media type is ``application/json`` (a
 #: few distinct values: a response's type is the host's choice, not the client's).
 _JSON_TYPES: dict[str, bool] = {}
+#: First headers ``(name, value)`` seen that are a ``Content-Type`` header -> whether their
+#: media type is ``application/json`` (when first, such a header decides :func:`_is_json`).
+_JSON_FIRST: dict[tuple[str, str], bool] = {}
 
 
 class _ObservedStream:

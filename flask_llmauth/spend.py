@@ -141,7 +141,9 @@ class SpendLedger:
         self.price = price
         self.batch_size = batch_size
         self.queue_limit = queue_limit
-        self._queue: deque[SpendEvent] = deque()
+        #: Events to write, in order: :class:`SpendEvent` s, or their fields as a plain
+        #: ``tuple`` (as the spend guard queues them: cheaper to make on the request path).
+        self._queue: deque[tuple[Any, ...]] = deque()
         self._callbacks: list[BatchCallback] = []
         self._flush_lock = threading.Lock()
         self._dropped = 0
@@ -228,6 +230,8 @@ class SpendLedger:
         queue = self._queue
         while queue and len(batch) < self.batch_size:
             event = queue.popleft()
+            if type(event) is tuple:  # queued as its fields
+                event = _spend_event(event)
             if event.prompt_body is not None:
                 event = self._estimate(event)
             batch.append(_fit(event))
@@ -397,20 +401,22 @@ class SpendGuard:
             if estimated:  # which the ledger computes later, off the request path
                 body = admission.body
         principal = admission.principal
-        event = _spend_event((
+        # the fields of a SpendEvent, queued as a plain tuple: the ledger makes the event
+        # when it takes it off the queue (off the request path)
+        fields = (
             admission._request_id or admission.request_id, admission.started, time.time(),
             principal.key_id, principal.user_id, principal.team_id, principal.org_id,
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
             "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
             body,
-        ))
+        )
         ledger = self.ledger
         queue = ledger._queue
         if len(queue) < ledger.queue_limit:  # ledger.record(event), inline
-            queue.append(event)
+            queue.append(fields)
         else:
-            ledger.record(event)
+            ledger.record(_spend_event(fields))
 
     def headers(self, admission: Admission) -> Mapping[str, str]:
         return {}
@@ -441,7 +447,7 @@ def install(state: Any, app: Flask) -> None:
             if background.stopping:  # the last pass: no flush comes after this one
                 log.error("llmauth: the database did not answer the last spend flush: %d "
                           "spend event(s) are lost (%d units)", ledger.pending,
-                          sum(e.spend for e in ledger._queue))
+                          sum(e[13] for e in ledger._queue))  # spend
             raise
 
     background.every(settings.spend_flush_interval, "spend", write)

@@ -426,6 +426,26 @@ def test_is_json_reads_the_media_type_only(headers: list[tuple[str, str]],
     for name, value in headers:
         response.headers.add(name, value)
     assert _is_json(response) is expected
+    assert _is_json(response) is expected  # answered again from the first header's memo
+
+
+def test_is_json_answers_from_the_first_header_only_when_it_is_the_content_type() -> None:
+    from flask_llmauth.guards import _is_json
+
+    def answer(*headers: tuple[str, str]) -> bool:
+        response = Response(b"{}")
+        response.headers.clear()
+        for name, value in headers:
+            response.headers.add(name, value)
+        return _is_json(response)
+
+    same = "application/json"
+    assert answer(("X-A", same), ("Content-Type", "text/plain")) is False
+    assert answer(("X-A", same), ("Content-Type", same)) is True
+    assert answer(("X-A", same), ("Content-Type", "text/plain")) is False
+    assert answer(("Content-Type", same), ("Content-Type", "text/plain")) is True
+    assert answer(("Content-Type", "text/plain"), ("Content-Type", same)) is False
+    assert answer(("Content-Type", "text/plain"), ("Content-Type", same)) is False
 
 
 def test_a_request_body_nested_deeper_than_the_recursion_limit_is_answered(

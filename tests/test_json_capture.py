@@ -348,3 +348,15 @@ def test_the_provider_still_answers_outside_a_request(make_app: Any) -> None:
         assert json.loads(app.json.response(ANSWER).get_data()) == ANSWER
         assert json.loads(jsonify(ANSWER).get_data()) == ANSWER
     assert guard.settled == []
+
+
+@pytest.mark.parametrize("args, kwargs, expected", [
+    ((), {}, None), ((ANSWER,), {}, ANSWER), ((1, 2), {}, [1, 2]),
+    ((), {"a": 1}, {"a": 1}), ((ANSWER, 3), {}, [ANSWER, 3]),
+])
+def test_the_watched_provider_answers_any_arguments_as_flask_does(
+        make_app: Any, args: Any, kwargs: Any, expected: Any) -> None:
+    app, _ = make_app()
+    with app.test_request_context("/"):
+        assert json.loads(app.json.response(*args, **kwargs).get_data()) == expected
+        assert json.loads(jsonify(*args, **kwargs).get_data()) == expected

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.errors import ServiceUnavailable
-from flask_llmauth.spend import SpendLedger, flush
+from flask_llmauth.spend import SpendEvent, SpendLedger, flush
 from flask_llmauth.store.tables import Key, User
 from tests import test_spend
 from tests.helpers import ADMIN, bearer, new_key
@@ -240,3 +240,35 @@ def test_events_a_final_flush_cannot_write_are_counted_in_an_error_line(
             and "lost" in r.getMessage()]
     assert len(lost) == 1 and "3 spend event(s)" in lost[0], [
         r.getMessage() for r in caplog.records]
+
+
+def test_events_the_guard_queues_reach_callbacks_and_the_last_flush_as_spend_events(
+        spend_app: Flask, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spend guard queues an event's fields; callbacks get :class:`SpendEvent` s with
+    those fields, and the last flush's error line counts their units."""
+    state = spend_app.extensions["llmauth"]
+    ledger = ledger_of(spend_app)
+    client = spend_app.test_client()
+    key = new_key(client)
+    for path in ("/v1/chat/completions", "/v1/messages", "/v1/embeddings"):
+        assert client.post(path, json={"model": "m-in"},
+                           headers=bearer(key["key"])).status_code == 200
+    queued = [SpendEvent._make(fields) for fields in ledger._queue]
+    assert len(queued) == 3 and all(e.spend > 0 and e.key_id for e in queued)
+    units = sum(e.spend for e in queued)
+
+    def down() -> None:
+        raise ServiceUnavailable("the database went away")
+
+    monkeypatch.setattr(ledger, "_write", lambda batch: down())
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="flask_llmauth"):
+        state.background.stop()  # the final pass
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+    assert len(lost) == 1 and f"3 spend event(s) are lost ({units} units)" in lost[0]
+    monkeypatch.undo()
+    got: list[Any] = []
+    ledger.on_batch(lambda events, db: got.extend(events))
+    assert ledger.flush() == 3
+    assert [type(e) for e in got] == [SpendEvent] * 3 and got == queued
