@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import peewee
 from flask import Flask
@@ -229,9 +229,10 @@ class SpendLedger:
         batch: list[SpendEvent] = []
         queue = self._queue
         while queue and len(batch) < self.batch_size:
-            event = queue.popleft()
-            if type(event) is tuple:  # queued as its fields
-                event = _spend_event(event)
+            queued = queue.popleft()
+            # queued as its fields (by the spend guard), or as a SpendEvent (``record``)
+            event = (_spend_event(queued) if type(queued) is tuple
+                     else cast(SpendEvent, queued))
             if event.prompt_body is not None:
                 event = self._estimate(event)
             batch.append(_fit(event))
@@ -377,6 +378,10 @@ class SpendGuard:
         self.settings = settings
         self.ledger = ledger
         self.prices = prices_for(settings)
+        #: Model name -> its price in whole money units per token, when the price table's
+        #: memo knows the name and the price is one (most are): a cost is then exact
+        #: without the femto-dollar products and their rounding.
+        self._per_token: dict[str, tuple[int, int]] = {}
 
     def wants(self, principal: Principal, route: RouteInfo, unsafe: bool) -> bool:
         return unsafe and route.is_llm
@@ -389,11 +394,19 @@ class SpendGuard:
         body = None
         if usage is not None:
             prompt, completion, reported, estimated = usage
-            # cost_units(model, usage, settings), with the memo of known names read first
-            price = self.prices.memo.get(model) if model else None
-            if price is None:
-                price = self.prices.price(model, reported)
-            cost = -(-(prompt * price[0] + completion * price[1]) // FEMTO_PER_UNIT)
+            # cost_units(model, usage, settings), with the memos of known names read first
+            per_token = self._per_token.get(model) if model else None
+            if per_token is not None:  # whole units per token: small integers, no rounding
+                cost = prompt * per_token[0] + completion * per_token[1]
+            else:
+                price = self.prices.memo.get(model) if model else None
+                if price is None:
+                    price = self.prices.price(model, reported)
+                elif (not price[0] % FEMTO_PER_UNIT and not price[1] % FEMTO_PER_UNIT
+                        and len(self._per_token) < 4096):
+                    self._per_token[model] = (price[0] // FEMTO_PER_UNIT,  # type: ignore[index]
+                                              price[1] // FEMTO_PER_UNIT)
+                cost = -(-(prompt * price[0] + completion * price[1]) // FEMTO_PER_UNIT)
             model = model or reported
         else:
             prompt = completion = cost = 0

@@ -272,3 +272,26 @@ def test_events_the_guard_queues_reach_callbacks_and_the_last_flush_as_spend_eve
     ledger.on_batch(lambda events, db: got.extend(events))
     assert ledger.flush() == 3
     assert [type(e) for e in got] == [SpendEvent] * 3 and got == queued
+
+
+def test_the_guard_prices_whole_and_fractional_unit_prices_exactly(app_factory: Any) -> None:
+    """A price in whole money units per token is charged from its memo (no rounding
+    needed); any other is rounded up once per request, each time the same."""
+    prices = {**PRICES, "m-frac": {"input_cost_per_token": "0.0000000015",
+                                   "output_cost_per_token": "0.000000001"}}
+    app = app_factory({"LLMAUTH_MODEL_PRICES": prices, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600},
+                      routes=False)
+    add_views(app)
+    ledger = ledger_of(app)
+    client = app.test_client()
+    key = new_key(client)
+    for model in ("m-in", "m-frac", "m-in", "m-frac", "m-in", "m-frac", "unknown-model"):
+        assert client.post("/v1/chat/completions", json={"model": model},
+                           headers=bearer(key["key"])).status_code == 200
+    queued = [SpendEvent._make(fields) for fields in ledger._queue]
+    # 11 prompt and 7 completion tokens; m-frac: ceil(11 * 1.5 + 7 * 1) units; the unknown
+    # model is priced as the model the answer reports (m-in)
+    assert [(e.model, e.spend) for e in queued] == [
+        ("m-in", 11 * IN + 7 * OUT), ("m-frac", 24)] * 3 + [
+        ("unknown-model", 11 * IN + 7 * OUT)]
+    assert app.extensions["llmauth"].guards.guards[-1]._per_token == {"m-in": (IN, OUT)}
