@@ -271,7 +271,8 @@ def _checked(value: Any, param: str) -> str | None:
 
 def body_may_name_end_user(body: dict[str, Any]) -> bool:
     """Whether a JSON object has a field :func:`end_user_from_body` reads (nothing else
-    checked: four membership tests answer the common body that names no end user)."""
+    checked: four membership tests answer the common body that names no end user; the
+    authorization hook has them inline)."""
     return ("user" in body or "safety_identifier" in body or "metadata" in body
             or "litellm_metadata" in body)
 
@@ -329,6 +330,9 @@ class CustomersGuard:
         self.cache = state.customer_cache
         self.ttl = state.settings.cache_ttl
         self.header_keys = tuple((_environ_key(h), h) for h in _header_names(state.settings))
+        #: The WSGI environ keys of :attr:`header_keys` (the authorization hook skips an
+        #: end-user-only plan when none is present and the body names no end user).
+        self.header_environ_keys = tuple(key for key, _ in self.header_keys)
 
     # -- Guard protocol (nothing to reserve or settle) -----------------------------------------
 
@@ -345,16 +349,6 @@ class CustomersGuard:
         return {}
 
     # -- resolution ------------------------------------------------------------------------------
-
-    def may_name_end_user(self, environ: Mapping[str, Any], body: Any) -> bool:
-        """Whether :meth:`resolve` could find an end user for a principal that names none:
-        a configured header is present, or the parsed JSON ``body`` has an end-user field."""
-        for key, _ in self.header_keys:
-            if environ.get(key):
-                return True
-        return type(body) is dict and (  # body_may_name_end_user, inline: once per request
-            "user" in body or "safety_identifier" in body or "metadata" in body
-            or "litellm_metadata" in body)
 
     def resolve(self, principal: Principal, environ: Mapping[str, Any],
                 body: Callable[[], Any]) -> tuple[str, CustomerRecord | None] | None:

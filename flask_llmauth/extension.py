@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from functools import partial
 from hmac import compare_digest
+from types import SimpleNamespace
 from typing import Any, NamedTuple, TypeVar, overload
 
 import peewee
@@ -81,8 +82,15 @@ log = logging.getLogger("flask_llmauth")
 
 try:  # what ``request`` and ``g`` proxy to, read without the proxies on the hot path
     from flask.globals import _cv_app, _cv_request
+
+    _app_context: Callable[[], Any] = _cv_app.get
+    _request_context: Callable[[], Any] = _cv_request.get
 except ImportError:  # pragma: no cover - a Flask without them: the public proxies are used
-    _cv_app = _cv_request = None  # type: ignore[assignment]
+    def _app_context() -> Any:
+        return SimpleNamespace(g=g._get_current_object())
+
+    def _request_context() -> Any:
+        return SimpleNamespace(request=request._get_current_object())  # type: ignore[attr-defined]
 F = TypeVar("F", bound=Callable[..., Any])
 B = TypeVar("B", bound=Blueprint)
 #: ``callback(error) -> response``: anything a Flask view may return (``None`` is not).
@@ -199,8 +207,8 @@ class LLMAuthState:
         self.models = ModelAccess(settings.model_access_groups, settings.model_alias_map,
                                   settings.model_list)
         self.policy = Policy(settings, self.models)
-        #: ``(id(principal), id(route info), unsafe) -> _Verdict`` (see :meth:`_verdict`).
-        self._verdicts: dict[tuple[int, int, bool], _Verdict] = {}
+        #: ``(id(principal), route info, unsafe) -> _Verdict`` (see :meth:`_verdict`).
+        self._verdicts: dict[tuple[int, RouteInfo, bool], _Verdict] = {}
         self._max_credential_length = settings.max_credential_length
         self._key_header_name = settings.key_header_name
         self.last_used = LastUsedRecorder()
@@ -227,7 +235,7 @@ class LLMAuthState:
 
         public = RoutePatterns(settings.public_routes)
         self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
-        self._rule_infos = self.routes.by_rule_id  # read per request without the attribute hop
+        self._rule_infos = self.routes.info_by_rule_id  # read per request without a hop
         #: Whether :meth:`_check_route_settings` ran (at the first authenticated request).
         self.route_settings_checked = False
         self.api_endpoints = API_ROUTES  # filled when the blueprint is created
@@ -235,9 +243,9 @@ class LLMAuthState:
         self.chain = Chain([self.authenticators[name] for name in settings.auth_order
                             if name in self.authenticators])
         ext.callbacks.on_change(self.chain.refresh)
-        #: ``(header value, authenticator, credentials, principal)``: the master key's
-        #: ``Authorization`` header, and what the chain answers for it.
-        self._master_header: tuple[str, Authenticator, Credentials, Principal] | None = None
+        #: ``(header value, authenticator, credentials, principal, id(principal))``: the
+        #: master key's ``Authorization`` header, and what the chain answers for it.
+        self._master_header: tuple[str, Authenticator, Credentials, Principal, int] | None = None
         self._prepare_master_authorization()
 
     def _prepare_master_authorization(self) -> None:
@@ -253,7 +261,7 @@ class LLMAuthState:
                 and key and key.isascii() and key.isprintable() and " " not in key
                 and len(key) <= self._max_credential_length):
             self._master_header = ("Bearer " + key, master, Credentials(key, "Authorization"),
-                                   master.principal)
+                                   master.principal, id(master.principal))
 
     def _build_authenticators(self, ext: LLMAuth) -> dict[str, Authenticator]:
         built: dict[str, Authenticator] = {}
@@ -277,15 +285,12 @@ class LLMAuthState:
         """The app's one hook: classify → credential → chain → authorize → guards."""
         # The request is fetched once, from its context variable: every attribute read
         # through Flask's context proxies costs a lookup first, and the hot path does dozens.
-        req = (_cv_request.get().request if _cv_request is not None
-               else request._get_current_object())
+        req = _request_context().request
         rule = req.url_rule
         if rule is None:  # 404/405/redirect: nothing is granted, the routing error stands
             return self._api_method_not_allowed(req)
-        known = self._rule_infos.get(id(rule))
-        if known is not None and known[0] is rule:
-            info = known[1]
-        else:
+        info = self._rule_infos.get(id(rule))
+        if info is None:
             info = self.routes.info(rule, current_app.view_functions.get(rule.endpoint))
         if self.policy.gated:
             try:
@@ -293,15 +298,93 @@ class LLMAuthState:
             except LLMAuthError as error:
                 self._log_failure(error, info.route, None)
                 return self.ext.error_response(error)
-        if not info.public:
-            response = self._authenticate(req, rule, info)
-            if response is not None:
-                return response
+        method = req.method
+        # One function from here on: a call per request costs more than the checks it holds.
+        if not (info.public or (method == "OPTIONS"
+                                and getattr(rule, "provide_automatic_options", False))):
+            if not self.background.started:
+                self._first_request()
+            if info.is_api:
+                limit = req.max_content_length
+                if limit is None or limit > self.settings.max_api_body_size:
+                    req.max_content_length = self.settings.max_api_body_size
+            credentials = None
+            g_ = _app_context().g
+            try:
+                if self.auth_failures is not None and self.auth_failures.blocking:
+                    # Before the credential is read.
+                    self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
+                environ = req.environ
+                value = environ.get("HTTP_AUTHORIZATION", "")
+                master = self._master_header
+                if (master is not None and value.isascii()
+                        and compare_digest(value, master[0]) and self.chain.first is master[1]
+                        and "HTTP_X_LITELLM_API_KEY" not in environ):
+                    credentials, principal, principal_id = master[2], master[3], master[4]
+                else:
+                    credentials = read_credentials(req, self._max_credential_length,
+                                                   self._key_header_name, info.query_key_allowed)
+                    principal = self.chain.authenticate(new_context((req, credentials, info)))
+                    principal_id = id(principal)
+                unsafe = info.unsafe_only or method not in SAFE_METHODS
+                # An entry keeps its principal alive, so a live principal's id finds only
+                # its own verdicts (no identity check needed).
+                verdict = self._verdicts.get((principal_id, info, unsafe))
+                if verdict is None:
+                    verdict = self._verdict(principal, info, unsafe)
+                if verdict.key_ips:
+                    self.policy.check_key_ip(principal, req)
+                if verdict.denial is not None:
+                    self.policy.refuse(verdict.denial, principal, info, req)
+                plan = verdict.plan
+                if verdict.check_models:
+                    model, parsed = self.policy.check_models(principal, req, info, verdict.models)
+                    g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
+                    if plan is not None and verdict.only_for_end_user:
+                        # The plan matters only for an end user: dropped when the request
+                        # names none (no end-user header present, and no end-user field in
+                        # a JSON object body: customers.body_may_name_end_user, inline).
+                        for key in self.customers.header_environ_keys:
+                            if key in environ:
+                                break
+                        else:
+                            if type(parsed) is not dict or not (
+                                    "user" in parsed or "safety_identifier" in parsed
+                                    or "metadata" in parsed or "litellm_metadata" in parsed):
+                                plan = None
+                    if plan is not None:
+                        self._admit(g_, plan, model, JSONBody(req, parsed, read=True), req)
+                else:
+                    g_.__dict__["_llmauth_principal"] = principal
+                    if plan is not None:
+                        self._admit(g_, plan, None, JSONBody(req), req)
+            except LLMAuthError as error:
+                self._log_failure(error, info.route, credentials)
+                return self.ext.error_response(error)
+            except HTTPException:
+                raise  # e.g. 413 while the policy reads the body: Flask answers it
+            except Exception as exc:  # a bug must deny, never grant and never answer 500
+                log.error("llmauth: authorization failed unexpectedly on %s: %s", info.route,
+                          type(exc).__name__)
+                g_.pop("_llmauth_principal", None)
+                denial = Forbidden(reason="policy_error")
+                self._log_failure(denial, info.route, credentials)
+                return self.ext.error_response(denial)
+            if auth_succeeded.receivers:
+                send_signal(auth_succeeded, current_app._get_current_object(),  # type: ignore[attr-defined]
+                            principal=principal)
         hooks = self.host_limit_hooks  # Flask-Limiter's, which ran after this hook
         if hooks is not None and hooks.active:
             after_this_request(hooks.after)  # also adds the headers of a 429 it raises
             hooks.before()
         return None
+
+    def _first_request(self) -> None:
+        """Start the background work (in this process; again after :meth:`close`) and,
+        once, check the configured route entries against the app's routes."""
+        self.background.ensure_started()
+        if not self.route_settings_checked:
+            self._check_route_settings()
 
     def _check_route_settings(self) -> None:
         """Warn once about configured route entries that match no route of the app (run
@@ -338,70 +421,6 @@ class LLMAuthState:
             return None
         return self.ext.error_response(http_error(exc))
 
-    def _authenticate(self, req: Any, rule: Any, info: RouteInfo) -> ResponseReturnValue | None:
-        method = req.method
-        if method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
-            return None
-        if not self.background.started:
-            self.background.ensure_started()
-            if not self.route_settings_checked:
-                self._check_route_settings()
-        if info.endpoint in self.api_endpoints:
-            limit = req.max_content_length
-            if limit is None or limit > self.settings.max_api_body_size:
-                req.max_content_length = self.settings.max_api_body_size
-        credentials = None
-        g_ = _cv_app.get().g if _cv_app is not None else g._get_current_object()
-        try:
-            if self.auth_failures is not None and self.auth_failures.blocking:
-                # Before the credential is read.
-                self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
-            environ = req.environ
-            value = environ.get("HTTP_AUTHORIZATION")
-            master = self._master_header
-            if (master is not None and value is not None and value.isascii()
-                    and compare_digest(value, master[0]) and self.chain.first is master[1]
-                    and "HTTP_X_LITELLM_API_KEY" not in environ):
-                credentials, principal = master[2], master[3]
-            else:
-                credentials = read_credentials(req, self._max_credential_length,
-                                               self._key_header_name, info.query_key_allowed)
-                principal = self.chain.authenticate(new_context((req, credentials, info)))
-            unsafe = info.unsafe_only or method not in SAFE_METHODS
-            verdict = self._verdicts.get((id(principal), id(info), unsafe))
-            if verdict is None or verdict[0] is not principal or verdict[1] is not info:
-                verdict = self._verdict(principal, info, unsafe)
-            if verdict.key_ips:
-                self.policy.check_key_ip(principal, req)
-            if verdict.denial is not None:
-                self.policy.refuse(verdict.denial, principal, info, req)
-            plan = verdict.plan
-            if verdict.check_models:
-                model, parsed = self.policy.check_models(principal, req, info, verdict.models)
-                g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
-                if plan is not None and (not verdict.only_for_end_user or
-                                         self.customers.may_name_end_user(req.environ, parsed)):
-                    self._admit(g_, plan, model, JSONBody(req, parsed, read=True), req)
-            else:
-                g_.__dict__["_llmauth_principal"] = principal
-                if plan is not None:
-                    self._admit(g_, plan, None, JSONBody(req), req)
-        except LLMAuthError as error:
-            self._log_failure(error, info.route, credentials)
-            return self.ext.error_response(error)
-        except HTTPException:
-            raise  # e.g. 413 while the policy reads the body: Flask answers it
-        except Exception as exc:  # a bug must deny, never grant and never answer 500
-            log.error("llmauth: authorization failed unexpectedly on %s: %s", info.route,
-                      type(exc).__name__)
-            g_.pop("_llmauth_principal", None)
-            denial = Forbidden(reason="policy_error")
-            self._log_failure(denial, info.route, credentials)
-            return self.ext.error_response(denial)
-        if auth_succeeded.receivers:
-            send_signal(auth_succeeded, current_app._get_current_object(), principal=principal)  # type: ignore[attr-defined]
-        return None
-
     def _admit(self, g_: Any, plan: Any, model: str | None, body: JSONBody, req: Any) -> None:
         admission = self.guards.admit_planned(plan, model, body, req.environ)
         if admission is not None:
@@ -427,8 +446,8 @@ class LLMAuthState:
             bool(plan is not None and not plan.wanted and principal.end_user_id is None
                  and self.guards.end_users is self.customers is not None),  # only_for_end_user
         ))
-        # The principal and the route info are kept, so their ids are not reused.
-        verdicts[(id(principal), id(info), unsafe)] = verdict
+        # The principal is kept (in the verdict), so its id is not reused.
+        verdicts[(id(principal), info, unsafe)] = verdict
         return verdict
 
     def _guard_plan(self, principal: Principal, info: RouteInfo, unsafe: bool) -> Any:
@@ -542,8 +561,8 @@ class _Verdict(NamedTuple):
     #: The guards' plan (:meth:`~flask_llmauth.guards.Guards.plan`), ``None`` if none runs.
     plan: Any
     #: Whether the plan matters only if the request names an end user (no guard wants it
-    #: otherwise and the principal names none): a request where
-    #: :meth:`~flask_llmauth.customers.CustomersGuard.may_name_end_user` finds none skips it.
+    #: otherwise and the principal names none): a request that names none (no end-user
+    #: header, no end-user field in its body) skips it.
     only_for_end_user: bool
 
 
@@ -615,7 +634,9 @@ class LLMAuth:
         app.extensions["llmauth"] = app_state
         # One app-wide hook: what must run after the response is added per request (Flask's
         # ``after_this_request``), so requests that need none pay for no idle hook.
-        app.before_request(app_state.before_request)
+        # A plain callable, not a bound method: Flask asks each hook per request whether it
+        # is a coroutine function, and a bound method takes that walk one step further.
+        app.before_request(partial(LLMAuthState.before_request, app_state))
         # Weak (blinker's default): the global signal must not keep a dropped app alive.
         got_request_exception.connect(app_state.request_failed, app)
         app.register_error_handler(LLMAuthError, app_state.handle_error)

@@ -14,7 +14,7 @@ from flask_llmauth.errors import BadRequest
 from flask_llmauth.guards import current_admission
 from flask_llmauth.principal import Principal, Role
 from flask_llmauth.store.tables import AuditLog, CacheEvent, Customer
-from tests.helpers import ADMIN, assert_error, bearer, new_key, role_keys
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, bearer, new_key, role_keys
 
 CHAT = "/v1/chat/completions"
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -240,6 +240,35 @@ def test_configured_headers_name_the_end_user(app_factory: Any) -> None:
     # the mapped header comes before the body
     assert_error(chat(client, key, {"x-openwebui-user-email": "eve@example.com"},
                       user="fine"), 403)
+
+
+def test_blocked_end_user_is_refused_when_only_the_end_user_could_matter(
+        app_factory: Any) -> None:
+    """With spend tracking off, nothing guards a master-key request unless it names an
+    end user: the hook drops that plan when the request names none (no end-user header,
+    no end-user field in a JSON object body). Every way of naming one still reaches the
+    guard, an empty header names none, and a configured header counts too."""
+    app = app_factory(config={"LLMAUTH_SPEND_ENABLED": False,
+                              "LLMAUTH_USER_HEADER_NAME": "x-legacy-end-user"})
+    client = app.test_client()
+    ok(post(client, "/customer/block", {"user_ids": ["bad-user"]}))
+    assert chat(client, MASTER_KEY).status_code == 200
+    verdicts = [v for v in app.extensions["llmauth"]._verdicts.values()
+                if v.principal.is_master_key and v.info.route == CHAT]
+    assert verdicts and all(v.plan is not None and v.only_for_end_user for v in verdicts)
+    for body, headers in (
+            ({"user": "bad-user"}, {}),
+            ({"metadata": {"user_id": "bad-user"}}, {}),
+            ({"litellm_metadata": {"user": "bad-user"}}, {}),
+            ({"safety_identifier": "bad-user"}, {}),
+            ({}, {"x-litellm-customer-id": "bad-user"}),
+            ({}, {"X-LiteLLM-End-User-Id": "bad-user"}),
+            ({}, {"x-legacy-end-user": "bad-user"}),
+            ({"user": "bad-user"}, {"x-litellm-customer-id": ""})):
+        assert_error(chat(client, MASTER_KEY, headers, **body), 403, "permission_error")
+    for body, headers in (({"user": "good-user"}, {}), ({}, {"x-litellm-customer-id": ""}),
+                          ({"messages": [{"role": "user", "content": "bad-user"}]}, {})):
+        assert chat(client, MASTER_KEY, headers, **body).status_code == 200, (body, headers)
 
 
 @SQLITE_ONLY

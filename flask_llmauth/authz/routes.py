@@ -238,9 +238,10 @@ def rule_template(rule: Rule) -> str:
     return re.sub(r"<(?:([a-zA-Z_]+)(?:\([^)]*\))?:)?([a-zA-Z_][a-zA-Z0-9_]*)>", replace, rule.rule)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class RouteInfo:
-    """What the policy needs to know about one URL rule (computed once per rule)."""
+    """What the policy needs to know about one URL rule (computed once per rule). Equal
+    only to itself, and hashed by identity: the per-request verdict table keys on it."""
 
     route: str
     endpoint: str
@@ -251,6 +252,8 @@ class RouteInfo:
     #: The view argument that names the model (Gemini-style routes), if any.
     model_arg: str | None = None
 
+    #: Whether the rule is one of the extension's management API routes.
+    is_api: bool = False
     #: Whether the rule answers only unsafe methods (``POST``...: no ``GET``/``HEAD``, no
     #: ``OPTIONS`` a view handles), so the request's method need not be read to know it.
     unsafe_only: bool = False
@@ -315,6 +318,11 @@ class RouteTable:
         #: reads it directly; check that the rule is the same object).
         self.by_rule_id: dict[int, tuple[Rule, RouteInfo]] = {}
         self._infos = self.by_rule_id
+        #: ``id(rule) -> info``, the same entries without the rule: the per-request path
+        #: reads it without an identity check. An id found here is the live rule's own (the
+        #: rule it was taken from is kept alive in :attr:`by_rule_id`, so no other object
+        #: can have that id while the entry exists).
+        self.info_by_rule_id: dict[int, RouteInfo] = {}
 
     def cached(self, rule: Rule) -> RouteInfo | None:
         """The classification of ``rule`` if it was already made."""
@@ -327,6 +335,7 @@ class RouteTable:
             return cached[1]
         info = self._classify(rule, view)
         self._infos[id(rule)] = (rule, info)
+        self.info_by_rule_id[id(rule)] = info
         return info
 
     def _in_exempt_blueprint(self, endpoint: str) -> bool:
@@ -353,4 +362,4 @@ class RouteTable:
         return RouteInfo(route=route, endpoint=endpoint, groups=groups, public=public,
                          required_roles=frozenset(roles) if roles is not None else None,
                          model_arg=model_arg if "llm_api_routes" in groups else None,
-                         unsafe_only=unsafe_only(rule))
+                         unsafe_only=unsafe_only(rule), is_api=endpoint in self.explicit)
