@@ -283,17 +283,14 @@ class Guards:
         return admission
 
     def finisher(self, admission: Admission) -> Callable[[Response], Response]:
-        """The after-request function of one admitted request (for ``after_this_request``).
+        """The after-request function of one admitted request (for ``after_this_request``):
+        :meth:`finish` with the admission bound, as a ``partial`` of the plain function.
 
-        A plain function: Flask asks each after-request function whether it is a coroutine
-        function, which costs least for a plain function.
+        Flask asks each after-request function whether it is a coroutine function (it
+        unwraps a partial to the plain function inside); a partial costs one frame less
+        when it runs than a closure, and less to make.
         """
-        finish = self.finish
-
-        def finish_admission(response: Response) -> Response:
-            return finish(admission, response)
-
-        return finish_admission
+        return partial(type(self).finish, self, admission)
 
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
