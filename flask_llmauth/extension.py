@@ -643,7 +643,7 @@ class LLMAuth:
         for _, install in GUARD_INSTALLERS:
             install(app_state, app)
         if app_state.guards.guards:
-            capture_json_responses(app)
+            app_state.guards.arm_json_watch = capture_json_responses(app)
         if settings.api_enabled:
             from .api import create_blueprint
 

@@ -199,6 +199,8 @@ class Guards:
         self._by_end_user: frozenset[int] = frozenset()
         #: One tuple object per combination of guards that plans name (see :meth:`_shared`).
         self._combinations: dict[tuple[Guard, ...], tuple[Guard, ...]] = {}
+        #: Puts the JSON provider's watch in place (:func:`capture_json_responses`), if any.
+        self.arm_json_watch: Callable[[], None] | None = None
 
     def add(self, guard: Guard) -> None:
         self.guards += (guard,)
@@ -266,6 +268,8 @@ class Guards:
         if not wanted:
             return None
         admission = Admission(principal, route, model, body())
+        if self.arm_json_watch is not None:
+            self.arm_json_watch()
         if end_user is not None:
             admission.end_user_id, admission.customer = end_user
         scratch = admission.scratch
@@ -355,46 +359,60 @@ class Guards:
 _NOTHING: Any = object()
 
 
-def capture_json_responses(app: Flask) -> None:
+def capture_json_responses(app: Flask) -> Callable[[], None] | None:
     """Read a guarded request's usage from the object Flask's JSON provider writes (a view
     returning a dict, ``jsonify(obj)``) instead of parsing the written body again.
 
     Only Flask's own :class:`~flask.json.provider.DefaultJSONProvider` (no subclass, its
-    ``dumps`` and ``_prepare_response_obj`` not replaced) writing one positional object into
-    Flask's own :class:`~flask.Response` is watched: the body is then ``json.dumps(obj)``
-    and a newline in one ``bytes`` object, and :func:`~flask_llmauth.usage.usage_from_object`
-    answers for that text (read when it is written, so a later change to the object does
-    not count). :meth:`Guards.finish` uses the answer only when the response's body is still
-    that list holding that ``bytes`` object — the same text — and parses the body otherwise
-    (replaced or changed by a hook, another response returned, streamed)."""
+    ``dumps`` and ``_prepare_response_obj`` not replaced, no ``response`` of its own on the
+    instance) writing one positional object into Flask's own :class:`~flask.Response` is
+    watched: the body is then ``json.dumps(obj)`` and a newline in one ``bytes`` object, and
+    :func:`~flask_llmauth.usage.usage_from_object` answers for that text (read when it is
+    written, so a later change to the object does not count). :meth:`Guards.finish` uses
+    the answer only when the response's body is still that list holding that ``bytes``
+    object — the same text — and parses the body otherwise (replaced or changed by a hook,
+    another response returned, streamed, or written while the watch was not in place).
+
+    Returns the function that puts the watch in place (``None`` when nothing is watched).
+    An admission puts it in place; the first response written for a request without one
+    takes it away again, so requests without guards (the master key, the management API,
+    unguarded routes) write their JSON unwatched while no guarded request comes between.
+    """
     provider = app.json
-    if type(provider) is not DefaultJSONProvider or _cv_app is None:
-        return
-    write = provider.response
     attributes = provider.__dict__
+    if type(provider) is not DefaultJSONProvider or _cv_app is None or "response" in attributes:
+        return None
+    write = provider.response
     default_dumps, default_prepare = DefaultJSONProvider.dumps, JSONProvider._prepare_response_obj
 
     def response(obj: Any = _NOTHING, /, *args: Any, **kwargs: Any) -> Any:
         if obj is _NOTHING or args or kwargs:  # not one positional object: as it was
             return write(*args, **kwargs) if obj is _NOTHING else write(obj, *args, **kwargs)
         written = write(obj)
+        context = _cv_app.get(None)
+        admission = None if context is None else context.g.__dict__.get("_llmauth_admission")
+        if admission is None:
+            if context is not None and attributes.get("response") is response:
+                attributes.pop("response", None)  # until the next admission
+            return written
         if (type(written) is not Response
                 or len(attributes) != 2 and ("dumps" in attributes  # "_app", "response"
                                              or "_prepare_response_obj" in attributes)
                 or DefaultJSONProvider.dumps is not default_dumps
                 or DefaultJSONProvider._prepare_response_obj is not default_prepare):
             return written
-        context = _cv_app.get(None)
-        admission = None if context is None else context.g.__dict__.get("_llmauth_admission")
-        if admission is not None:
-            body = written.response
-            if type(body) is list and len(body) == 1:
-                usage = usage_from_object(obj, admission.model)
-                if usage is not UNDECIDED:
-                    admission.written = (body, body[0], usage)
+        body = written.response
+        if type(body) is list and len(body) == 1:
+            usage = usage_from_object(obj, admission.model)
+            if usage is not UNDECIDED:
+                admission.written = (body, body[0], usage)
         return written
 
-    provider.response = response  # type: ignore[method-assign]
+    def arm() -> None:
+        if "response" not in attributes:  # absent, or ours; the host's own is left alone
+            attributes["response"] = response
+
+    return arm
 
 
 class HeaderPairs(list[tuple[str, str]]):

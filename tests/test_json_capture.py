@@ -339,15 +339,67 @@ def test_usage_from_object_leaves_what_it_cannot_tell_to_the_text(obj: Any) -> N
 
 def test_the_provider_still_answers_outside_a_request(make_app: Any) -> None:
     """``app.json.response`` called outside any context, or in an app context without a
-    guarded request, answers as Flask's does."""
+    guarded request, answers as Flask's does (and the latter takes the watch away)."""
     app, guard = make_app()
+    assert "response" not in vars(app.json)  # no admission yet: not watched
+    app.extensions["llmauth"].guards.arm_json_watch()
     assert "response" in vars(app.json)  # watched
     outside = app.json.response(ANSWER)
     assert json.loads(outside.get_data()) == ANSWER
+    assert "response" in vars(app.json)
     with app.app_context():
         assert json.loads(app.json.response(ANSWER).get_data()) == ANSWER
+        assert "response" not in vars(app.json)
         assert json.loads(jsonify(ANSWER).get_data()) == ANSWER
     assert guard.settled == []
+
+
+def test_the_watch_is_in_place_from_an_admission_to_a_response_without_one(
+        make_app: Any, parses: _Parses) -> None:
+    """Requests without guards write their JSON unwatched; a guarded request puts the
+    watch back in place and its usage is still read from the object."""
+    app, guard = make_app()
+    app.post("/v1/completions")(lambda: ANSWER)
+    client = app.test_client()
+    assert client.get("/key/list", headers=ADMIN).status_code == 200  # no admission
+    assert "response" not in vars(app.json)
+    for _ in range(2):
+        _post(app)
+        assert "response" in vars(app.json)
+        assert client.get("/key/list", headers=ADMIN).status_code == 200
+        assert "response" not in vars(app.json)
+    assert guard.settled == [(READ_ANSWER, False)] * 2
+    assert parses.count == 0
+
+
+def test_a_provider_with_its_own_response_is_not_watched(tmp_path: Any,
+                                                         parses: _Parses) -> None:
+    """A host that set ``response`` on its provider instance keeps it: nothing replaces
+    it, and the usage is read from the body."""
+    app = Flask("own_response", instance_path=str(tmp_path / "instance"))
+    app.config.update({"TESTING": True, "LLMAUTH_MASTER_KEY": MASTER_KEY,
+                       "LLMAUTH_DATABASE_URL": migrated_sqlite_url(tmp_path)})
+    calls = []
+    original = app.json.response
+
+    def own(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    app.json.response = own  # type: ignore[method-assign]
+    LLMAuth(app)
+    state = app.extensions["llmauth"]
+    try:
+        guard = RecordingGuard("a")
+        state.guards.add(guard)
+        assert state.guards.arm_json_watch is None
+        app.post("/v1/completions")(lambda: ANSWER)
+        _post(app)
+        assert app.json.response is own and len(calls) == 1
+        assert guard.settled == [(READ_ANSWER, False)]
+        assert parses.count == 1
+    finally:
+        state.close()
 
 
 @pytest.mark.parametrize("args, kwargs, expected", [
