@@ -633,9 +633,9 @@ class LLMAuth:
         app_state = LLMAuthState(self, app, settings)
         app.extensions["llmauth"] = app_state
         # One app-wide hook: what must run after the response is added per request (Flask's
-        # ``after_this_request``), so requests that need none pay for no idle hook.
-        # A plain callable, not a bound method: Flask asks each hook per request whether it
-        # is a coroutine function, and a bound method takes that walk one step further.
+        # ``after_this_request``), so requests that need none pay for no idle hook. A plain
+        # callable, not a bound method: Flask asks each hook per request whether it is a
+        # coroutine function, and a bound method takes that walk one step further.
         app.before_request(partial(LLMAuthState.before_request, app_state))
         # Weak (blinker's default): the global signal must not keep a dropped app alive.
         got_request_exception.connect(app_state.request_failed, app)

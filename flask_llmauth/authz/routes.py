@@ -314,28 +314,18 @@ class RouteTable:
         #: The extension's live set: a blueprint exempted after ``init_app`` still counts
         #: (rules are classified on their first request).
         self.exempt_blueprints = exempt_blueprints
-        #: ``id(rule) -> (rule, info)`` of the rules classified so far (the per-request path
-        #: reads it directly; check that the rule is the same object).
-        self.by_rule_id: dict[int, tuple[Rule, RouteInfo]] = {}
-        self._infos = self.by_rule_id
-        #: ``id(rule) -> info``, the same entries without the rule: the per-request path
-        #: reads it without an identity check. An id found here is the live rule's own (the
-        #: rule it was taken from is kept alive in :attr:`by_rule_id`, so no other object
-        #: can have that id while the entry exists).
+        #: ``id(rule) -> info`` of the rules classified so far; the per-request path reads it
+        #: directly. An id found here is the live rule's own: the rule it was taken from is
+        #: kept alive in :attr:`_rules`, so no other object can have that id meanwhile.
         self.info_by_rule_id: dict[int, RouteInfo] = {}
-
-    def cached(self, rule: Rule) -> RouteInfo | None:
-        """The classification of ``rule`` if it was already made."""
-        cached = self._infos.get(id(rule))
-        return cached[1] if cached is not None and cached[0] is rule else None
+        self._rules: list[Rule] = []
 
     def info(self, rule: Rule, view: Any) -> RouteInfo:
-        cached = self._infos.get(id(rule))
-        if cached is not None and cached[0] is rule:
-            return cached[1]
-        info = self._classify(rule, view)
-        self._infos[id(rule)] = (rule, info)
-        self.info_by_rule_id[id(rule)] = info
+        info = self.info_by_rule_id.get(id(rule))
+        if info is None:
+            info = self._classify(rule, view)
+            self._rules.append(rule)
+            self.info_by_rule_id[id(rule)] = info
         return info
 
     def _in_exempt_blueprint(self, endpoint: str) -> bool:
