@@ -320,7 +320,7 @@ class LLMAuthState:
                 if (master is not None and value.isascii()
                         and compare_digest(value, master[0]) and self.chain.first is master[1]
                         and "HTTP_X_LITELLM_API_KEY" not in environ):
-                    credentials, principal, principal_id = master[2], master[3], master[4]
+                    _, _, credentials, principal, principal_id = master
                 else:
                     credentials = read_credentials(req, self._max_credential_length,
                                                    self._key_header_name, info.query_key_allowed)
@@ -332,15 +332,16 @@ class LLMAuthState:
                 verdict = self._verdicts.get((principal_id, info, unsafe))
                 if verdict is None:
                     verdict = self._verdict(principal, info, unsafe)
-                if verdict.key_ips:
+                # Unpacked at once: cheaper than reading the named fields one by one.
+                _, _, denial, key_ips, check_models, models, plan, only_for_end_user = verdict
+                if key_ips:
                     self.policy.check_key_ip(principal, req)
-                if verdict.denial is not None:
-                    self.policy.refuse(verdict.denial, principal, info, req)
-                plan = verdict.plan
-                if verdict.check_models:
-                    model, parsed = self.policy.check_models(principal, req, info, verdict.models)
+                if denial is not None:
+                    self.policy.refuse(denial, principal, info, req)
+                if check_models:
+                    model, parsed = self.policy.check_models(principal, req, info, models)
                     g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
-                    if plan is not None and verdict.only_for_end_user:
+                    if plan is not None and only_for_end_user:
                         # The plan matters only for an end user: dropped when the request
                         # names none (no end-user header present, and no end-user field in
                         # a JSON object body: customers.body_may_name_end_user, inline).

@@ -134,7 +134,7 @@ class Policy:
                 raise unreadable_body() from None
             if type(parsed) is dict:
                 model = parsed.get("model")
-                if model is None or (type(model) is str and model in allowed):
+                if type(model) is str and model in allowed or model is None:
                     return model, parsed
                 if type(model) is str and 0 < len(model) <= MAX_MODEL_NAME:
                     # What models_and_body finds here (no URL model, a JSON object naming
