@@ -315,7 +315,8 @@ class Guards:
             stream = StreamUsage(admission.model, admission.sizes[0])
             response.response = _ObservedStream(
                 body, stream.feed,
-                lambda: self.settle(admission, admission.usage or stream.result(), False),
+                lambda failed: self.settle(admission, admission.usage or stream.result(),
+                                           failed),
             )
             return response
         usage = admission.usage
@@ -497,17 +498,20 @@ _JSON_FIRST: dict[tuple[str, str], bool] = {}
 
 
 class _ObservedStream:
-    """Passes a streamed body through, feeding each chunk to ``on_chunk``; calls ``on_end``
-    once when the stream is exhausted, fails, or is closed early (client disconnect)."""
+    """Passes a streamed body through, feeding each chunk to ``on_chunk``; calls
+    ``on_end(failed)`` once when the stream is exhausted (``failed=False``), is closed early
+    — the client went away — (``False``: what was sent was still produced), or raises
+    (``True``: the stream broke off; the guards still charge what it produced)."""
 
     def __init__(self, inner: Iterable[Any], on_chunk: Callable[[Any], None],
-                 on_end: Callable[[], None]) -> None:
+                 on_end: Callable[[bool], None]) -> None:
         self._inner = inner
         self._on_chunk = on_chunk
         self._on_end = on_end
         self._ended = False
 
     def __iter__(self) -> Iterator[Any]:
+        failed = False
         try:
             for chunk in self._inner:
                 try:
@@ -515,8 +519,11 @@ class _ObservedStream:
                 except Exception:
                     log.exception("llmauth: could not read usage from a stream chunk")
                 yield chunk
+        except Exception:  # not GeneratorExit: a generator closed early did not fail
+            failed = True
+            raise
         finally:
-            self._end()
+            self._end(failed)
 
     def close(self) -> None:
         try:
@@ -524,12 +531,12 @@ class _ObservedStream:
             if close is not None:
                 close()
         finally:
-            self._end()
+            self._end(False)
 
-    def _end(self) -> None:
+    def _end(self, failed: bool) -> None:
         if not self._ended:
             self._ended = True
-            self._on_end()
+            self._on_end(failed)
 
 
 #: Holds one item once record_usage has warned about a call outside an app context.

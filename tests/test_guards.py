@@ -223,6 +223,32 @@ def test_usage_from_body_reads_any_mapping_int_and_str_subclass() -> None:
         usage.prompt_tokens = 1  # type: ignore[misc]
 
 
+def test_stream_that_raises_settles_once_as_failed_with_what_it_streamed(
+        guarded: Any) -> None:
+    app, guard = guarded
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+
+    @app.post("/chat/completions")
+    def breaks_off() -> Any:
+        def events() -> Any:
+            yield 'data: {"choices":[{"delta":{"content":"hello there"}}]}\n\n'
+            raise RuntimeError("upstream went away")
+
+        return Response(events(), mimetype="text/event-stream")
+
+    response = app.test_client().post("/chat/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN, buffered=False)
+    chunks = iter(response.response)
+    next(chunks)
+    with pytest.raises(RuntimeError):
+        next(chunks)
+    response.close()
+    assert len(guard.settled) == 1
+    usage, failed = guard.settled[0]
+    assert failed is True
+    assert usage is not None and usage.estimated and usage.completion_tokens == 3
+
+
 def test_anthropic_stream_usage_across_events_and_split_chunks() -> None:
     events = [
         ("message_start", {"type": "message_start", "message": {

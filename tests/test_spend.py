@@ -220,6 +220,36 @@ def test_stream_closed_by_the_client_is_charged_an_estimate(spend_app: Flask) ->
     assert row.spend == prompt * IN + 3 * OUT
 
 
+def test_stream_that_breaks_off_is_a_failure_charged_what_it_streamed(
+        spend_app: Flask) -> None:
+    spend_app.config["PROPAGATE_EXCEPTIONS"] = False
+
+    @spend_app.post("/chat/completions")
+    def breaks_off() -> Any:
+        def events() -> Any:
+            yield 'data: {"choices":[{"delta":{"content":"hello there"}}]}\n\n'
+            raise RuntimeError("upstream went away")
+
+        return Response(events(), mimetype="text/event-stream")
+
+    client = spend_app.test_client()
+    key = new_key(client)
+    messages = [{"role": "user", "content": "z" * 40}]
+    response = client.post("/chat/completions", json={"model": "m-in", "messages": messages},
+                           headers=bearer(key["key"]), buffered=False)
+    chunks = iter(response.response)
+    assert b"hello" in next(chunks)
+    with pytest.raises(RuntimeError):
+        next(chunks)
+    flush(spend_app)
+    (row,) = rows(spend_app)
+    prompt = estimate_prompt_tokens({"messages": messages})
+    assert row.status == "failure"
+    assert row.estimated and (row.prompt_tokens, row.completion_tokens) == (prompt, 3)
+    assert row.spend == prompt * IN + 3 * OUT
+    assert spend_of(spend_app, Key, key_id=key["key_id"]) == row.spend
+
+
 def event(request_id: str, spend: int, **fields: Any) -> SpendEvent:
     values: dict[str, Any] = {
         "request_id": request_id, "started_at": time.time(), "created_at": time.time(),
