@@ -543,6 +543,12 @@ class Counters:
     def key(self, item: RateLimitItem, *parts: str) -> str:
         return item.key_for(self.prefix, *parts)
 
+    def window_key(self, seconds: int, *parts: str) -> str:
+        """The storage key of a window of ``seconds`` for ``parts``, whatever the limit's
+        value: a changed limit keeps the count of its current window (lowered below it:
+        refused until the window resets; raised: what is left of the new value)."""
+        return self.item(1, seconds).key_for(self.prefix, *parts)
+
     # -- one request's two steps ---------------------------------------------------------------
 
     def acquire(self, plan: _Plan, need: int, window: int, lease: int,
@@ -1281,8 +1287,7 @@ class RateLimits:
 
         def limits(field: str, seconds: int, name: str) -> tuple[_Limit, ...]:
             return tuple(
-                _Limit(d, counters.key(counters.item(amount, seconds), d.kind, d.ident, name),
-                       amount)
+                _Limit(d, counters.window_key(seconds, d.kind, d.ident, name), amount)
                 for d in found if (amount := getattr(d, field)))
 
         # parallel slots are stored under "slots": a sorted set of leased request ids on

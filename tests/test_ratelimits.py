@@ -119,6 +119,24 @@ def test_rpm_window_rolls_over_and_refusals_are_not_counted(make: Any) -> None:
     assert statuses(client, key, 3) == [200, 200, 429]
 
 
+def test_a_changed_limit_keeps_the_count_of_its_window(make: Any) -> None:
+    client = make(LLMAUTH_RATELIMIT_WINDOW=3600).test_client()
+    key = new_key(client, rpm_limit=3)["key"]
+    assert statuses(client, key, 2) == [200, 200]
+
+    def update(rpm: int) -> None:
+        response = client.post("/key/update", json={"key": key, "rpm_limit": rpm},
+                               headers=ADMIN)
+        assert response.status_code == 200, response.get_json()
+
+    update(2)  # lowered to what the window has used: no fresh allowance
+    refused = chat(client, key)
+    assert refused.status_code == 429
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    update(5)  # raised: the rest of the new value
+    assert statuses(client, key, 4) == [200, 200, 200, 429]
+
+
 def test_user_team_and_team_member_rpm(make: Any) -> None:
     client = make().test_client()
     assert client.post("/user/new", json={"user_id": "u-rl", "rpm_limit": 2},
@@ -636,30 +654,29 @@ def test_requests_without_any_limit_skip_the_guard(make: Any) -> None:
 
 def _window_stats(app: Flask, body: dict[str, Any], field: str, amount: int,
                   seconds: int) -> tuple[float, int]:
-    """limits' own view (``FixedWindowRateLimiter.get_window_stats``) of a key's window."""
+    """limits' own view of a key's window (its storage's ``get`` and ``get_expiry`` of
+    the window item's key — amount 1 whatever the limit), as ``(reset, amount - count)``."""
     from limits import RateLimitItemPerSecond
 
     from flask_llmauth.ratelimits import _ident
 
     state = app.extensions["llmauth"]
-    item = RateLimitItemPerSecond(amount, seconds, namespace="LLMAUTH")
-    stats = state.limiter.limiter.get_window_stats(
-        item, state.settings.ratelimit_key_prefix, "key", _ident(body["key_id"]), field)
-    return stats.reset_time, stats.remaining
+    key = RateLimitItemPerSecond(1, seconds, namespace="LLMAUTH").key_for(
+        state.settings.ratelimit_key_prefix, "key", _ident(body["key_id"]), field)
+    storage = state.limiter.limiter.storage
+    return storage.get_expiry(key), amount - storage.get(key)
 
 
 def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
     """The parallel slots of a descriptor held now (request ids with a lease: a sorted set
     on Redis, a dict per key in memory)."""
-    from limits import RateLimitItemPerSecond
 
     from flask_llmauth.ratelimits import MemoryCounters, _ident
 
     state = app.extensions["llmauth"]
     counters = state.ratelimits.counters
-    item = RateLimitItemPerSecond(limit, state.settings.ratelimit_parallel_lease,
-                                  namespace="LLMAUTH")
-    key = counters.key(item, kind, _ident(key_id), "slots")
+    key = counters.window_key(state.settings.ratelimit_parallel_lease, kind, _ident(key_id),
+                              "slots")
     if isinstance(counters, MemoryCounters):
         return len(counters._slots.get(key, {}))
     storage = counters.storage
