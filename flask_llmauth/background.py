@@ -29,6 +29,9 @@ class _Task:
     due: float = 0.0
     failing: bool = False
     reported: float = 0.0
+    #: Run once more by :meth:`Background.stop` (flushes); a poll or sweep whose work
+    #: only matters to a running process is not.
+    at_stop: bool = True
 
 
 class Background:
@@ -56,9 +59,12 @@ class Background:
         """True during :meth:`stop`'s last pass of the tasks (and after it)."""
         return self._stop.is_set()
 
-    def every(self, interval: float, name: str, run: Callable[[], object]) -> None:
-        """Run ``run`` every ``interval`` seconds (and once more at shutdown)."""
-        self._tasks.append(_Task(name, interval, run, time.monotonic() + interval))
+    def every(self, interval: float, name: str, run: Callable[[], object], *,
+              at_stop: bool = True) -> None:
+        """Run ``run`` every ``interval`` seconds (and once more at shutdown unless
+        ``at_stop`` is false)."""
+        self._tasks.append(_Task(name, interval, run, time.monotonic() + interval,
+                                 at_stop=at_stop))
 
     def ensure_started(self) -> None:
         """Start the thread in this process unless it runs (cheap: a flag on later calls)."""
@@ -90,7 +96,9 @@ class Background:
         self._thread = None
         self._pid = None
         self.started = False
-        self.run_all()
+        for task in self._tasks:
+            if task.at_stop:
+                _run(task)
         self.stopped = True
 
 

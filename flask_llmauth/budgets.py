@@ -845,7 +845,7 @@ def install(state: Any, app: Flask) -> None:
     state.background.every(settings.budget_lease_idle, "budget-leases", leases)
     if settings.budget_reset_interval:
         state.background.every(settings.budget_reset_interval, "budget-reset",
-                               lambda: (ledger.reset_due(), ledger.sweep()))
+                               lambda: (ledger.reset_due(), ledger.sweep()), at_stop=False)
 
 
 # -- /key/{key}/reset_spend ----------------------------------------------------------------------

@@ -613,7 +613,7 @@ class Settings:
     database_url: str | None = setting(
         None, _database_url,
         "Peewee database URL (`postgresql://...`, `sqlite:///path`). Default: SQLite file "
-        "`llmauth.db` in the app's instance folder.",
+        "`llmauth.db` in the app's instance folder, created owner-only (mode 0600).",
         yaml=("general_settings.database_url",), env=("DATABASE_URL",), secret=True,
     )
     auto_migrate: bool = setting(

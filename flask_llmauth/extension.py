@@ -132,7 +132,11 @@ def _open_store(app: Flask, settings: Settings) -> Store:
     source = settings.source("database_url")
     if url is None:
         os.makedirs(app.instance_path, exist_ok=True)
-        url = "sqlite:///" + os.path.join(app.instance_path, "llmauth.db")
+        path = os.path.join(app.instance_path, "llmauth.db")
+        # Owner-only from the start (key digests, users, spend); SQLite gives its journal
+        # files the database file's mode. An existing file keeps the mode it has.
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+        url = "sqlite:///" + path
     no_driver = ConfigurationError(
         f"LLMAUTH_DATABASE_URL (from {source}): the Postgres driver (psycopg) is not "
         "installed: pip install 'flask-llmauth[postgres]'")
@@ -228,7 +232,7 @@ class LLMAuthState:
         self.budgets: Any = None
         self.background = Background()
         self.background.every(settings.cache_sync_interval, "cache-sync",
-                              self.invalidation_log.poll)
+                              self.invalidation_log.poll, at_stop=False)
         self.background.every(settings.last_used_flush_interval, "last-used",
                               lambda: self.last_used.flush(self))
         from .api import API_ROUTES

@@ -370,3 +370,39 @@ def test_an_event_between_start_up_and_the_first_poll_is_applied(
     a.post("/key/delete", json={"keys": [key["key_id"]]}, headers=ADMIN)
     assert _poll(second) >= 1  # the first poll after start-up applies it
     assert_error(chat(b, key["key"]), 401)
+
+
+def test_the_default_database_file_is_owner_only(tmp_path: Path) -> None:
+    from flask_llmauth import LLMAuth
+    from tests.helpers import MASTER_KEY
+
+    app = Flask("owner_only", instance_path=str(tmp_path / "instance"))
+    app.config.update(LLMAUTH_MASTER_KEY=MASTER_KEY)
+    LLMAuth(app)
+    try:
+        path = tmp_path / "instance" / "llmauth.db"
+        assert path.stat().st_size > 0  # the migrated database, not a placeholder
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        app.extensions["llmauth"].close()
+
+
+def test_shutdown_runs_flushes_not_polls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A CLI command on a database without tables (``LLMAUTH_AUTO_MIGRATE=False``) names
+    the missing tables once, at load; the exit's last pass flushes batched writes but does
+    not poll the invalidation log (nothing is left to serve)."""
+    from flask_llmauth import LLMAuth
+    from tests.helpers import MASTER_KEY
+
+    app = Flask("no_tables", instance_path=str(tmp_path / "instance"))
+    app.config.update(LLMAUTH_MASTER_KEY=MASTER_KEY, LLMAUTH_AUTO_MIGRATE=False)
+    with caplog.at_level(logging.INFO, logger="flask_llmauth"):
+        LLMAuth(app)
+        state = app.extensions["llmauth"]
+        assert [task.name for task in state.background._tasks if task.at_stop] == [
+            "last-used", "budget-reservations", "budget-leases", "spend"]
+        state.background.stop()
+        state.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("no llmauth tables yet" in m for m in messages) == 1, messages
+    assert not [m for m in messages if "background task" in m], messages
