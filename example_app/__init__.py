@@ -162,6 +162,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def liveliness() -> Response:
         return jsonify(status="healthy")
 
+    @app.get("/health/readiness")
+    def readiness() -> Any:
+        if llmauth.database_ready():
+            return jsonify(status="healthy", db="connected")
+        return jsonify(status="unhealthy", db="disconnected"), 503
+
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     def chat_completions() -> Response:

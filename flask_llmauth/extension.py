@@ -737,6 +737,16 @@ class LLMAuth:
         return response
 
     @staticmethod
+    def database_ready() -> bool:
+        """Whether the current app's database answers and has llmauth's tables (one round
+        trip; for a readiness probe — keys already cached keep working while it is down)."""
+        try:
+            state().store.ping()
+        except ServiceUnavailable:
+            return False
+        return True
+
+    @staticmethod
     def record_usage(prompt_tokens: int = 0, completion_tokens: int = 0, *,
                      model: str | None = None) -> None:
         """Report the tokens the current view used (see :func:`flask_llmauth.record_usage`)."""

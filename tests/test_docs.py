@@ -106,6 +106,8 @@ def test_the_extension_guide_example_runs(tmp_path: Path, caplog: pytest.LogCapt
         assert client.get("/internal/admin", headers=admin).get_json() == {
             "role": "proxy_admin"}
         assert client.get("/healthz").get_json() == {"ok": True}
+        assert client.get("/health/readiness").get_json() == {"status": "healthy",
+                                                              "db": "connected"}
         with caplog.at_level(logging.INFO):
             refused = client.get("/internal/admin", headers=headers)
             revoked = client.get("/internal/reports", headers=bearer("corp-revoked"))

@@ -74,3 +74,20 @@ def test_text_with_a_lone_surrogate_is_answered(gateway: Flask, path: str,
                                           content_type="application/json")
     assert response.status_code == 200, response.get_data(as_text=True)[:300]
     assert response.get_data()
+
+
+def test_readiness_reports_the_database(gateway: Flask, tmp_path: Any) -> None:
+    ready = gateway.test_client().get("/health/readiness")  # public: no credential
+    assert (ready.status_code, ready.get_json()) == (200, {"status": "healthy",
+                                                           "db": "connected"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unmigrated = create_app({"TESTING": True, "LLMAUTH_MASTER_KEY": MASTER_KEY,
+                             "LLMAUTH_AUTO_MIGRATE": False,
+                             "LLMAUTH_DATABASE_URL": f"sqlite:///{empty}/llmauth.db"})
+    try:
+        answer = unmigrated.test_client().get("/health/readiness")
+        assert (answer.status_code, answer.get_json()) == (
+            503, {"status": "unhealthy", "db": "disconnected"})
+    finally:
+        unmigrated.extensions["llmauth"].close()

@@ -228,6 +228,8 @@ def test_database_outage_mid_run(app_factory: Any, postgres_url: str,
             assert "Traceback" not in error["message"]
             assert_error(client.get("/key/list", headers=ADMIN), 503, "db_unavailable")
             assert_error(chat(client, "sk-" + "n" * 43), 503, "db_unavailable")
+        with app.app_context():
+            assert not state.ext.database_ready()  # a readiness probe sees the outage
         # The background work (invalidation poll, last-used flush) fails quietly.
         state.background.run_all()
         assert client.post(CHAT, json={}, headers=ADMIN).status_code == 200
@@ -238,6 +240,8 @@ def test_database_outage_mid_run(app_factory: Any, postgres_url: str,
             time.sleep(0.2)
         assert client.get("/key/list", headers=ADMIN).status_code == 200
         assert chat(client, cached).status_code == 200
+        with app.app_context():
+            assert state.ext.database_ready()
     finally:
         proxy.cut()
         state.close()

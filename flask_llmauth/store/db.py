@@ -346,6 +346,12 @@ class Store:
             if depth == 0 and self.pooled and not self.db.is_closed():
                 self.db.close()
 
+    def ping(self) -> None:
+        """One round trip that reads a llmauth table: raises :class:`ServiceUnavailable`
+        when the database cannot answer or has no llmauth tables yet."""
+        with self.use() as db:
+            db.execute_sql(f'SELECT 1 FROM "{Key._meta.table_name}" LIMIT 1')  # noqa: S608
+
     def close(self) -> None:
         if self.pooled:
             self.db.close_all()  # type: ignore[attr-defined]
