@@ -3,6 +3,7 @@
 
     python bench/run.py                 # the full run (builds bench/keys-1000000.db once)
     python bench/run.py --callgrind     # also count instructions per request (valgrind)
+    python bench/run.py --bytecodes     # also count Python bytecodes per request
     python bench/run.py --help
 
 One run measures, for the same view (``POST /v1/chat/completions`` that parses the JSON
@@ -568,6 +569,51 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
     return out
 
 
+# -- Python bytecodes ------------------------------------------------------------------------------
+
+
+def bytecodes(work: Workload, count: int = 50) -> dict[str, float]:
+    """Python bytecodes executed per request of each variant (wsgi driver): opcode events
+    of ``sys.settrace`` between the timed loop's markers — deterministic, and on the same
+    interpreter wall time follows them more closely than machine instructions (the extra
+    code of an auth path is bytecode-dense). Work done in C (a digest, SQLite, a JWT's
+    signature check) is not counted."""
+    counted = [0]
+
+    def on_opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            counted[0] += 1
+        return on_opcode
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_lines = False
+        frame.f_trace_opcodes = True
+        return on_opcode
+
+    def toggle() -> None:
+        sys.settrace(on_call if sys.gettrace() is None else None)
+
+    result = {}
+    for variant in VARIANTS:
+        measure(work, "wsgi", variant, 20)  # warm (a cold key's loop uses fresh keys)
+        counted[0] = 0
+        try:
+            measure(work, "wsgi", variant, count, marker=toggle)
+        finally:
+            sys.settrace(None)
+        result[variant] = counted[0] / count
+    return result
+
+
+def bytecode_report(counts: dict[str, float]) -> str:
+    base = counts["bare"]
+    rows = ["| path | bytecodes/request (wsgi) | × bare | added |", "|---|---:|---:|---:|"]
+    rows += [f"| {variant} | {counts[variant]:,.0f} | {counts[variant] / base:.3f} | "
+             f"{counts[variant] - base:+,.0f} |" for variant in VARIANTS]
+    return ("\nPython bytecodes per request (sys.settrace opcode events in the timed loop; "
+            "work done in C is not counted):\n\n" + "\n".join(rows) + "\n")
+
+
 # -- instruction counts ----------------------------------------------------------------------------
 
 def _cold_part(work: Workload, part: str, count: int) -> Callable[[], object]:
@@ -731,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="with --callgrind: also count the pieces of a cold key's request "
                              "one by one (digest, statement, lookup, load, verdict, model "
                              "check)")
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="also count the Python bytecodes each path executes per request "
+                             "(deterministic; wall time follows them closely)")
     parser.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=200, help=argparse.SUPPRESS)
@@ -762,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         work.check_cached()
         spend_write = {variant: measure_spend_write(work, variant, args.requests)
                        for variant in SPEND_WRITE_VARIANTS}
+        opcodes = bytecodes(work) if args.bytecodes else None
     finally:
         work.close()
     print(f"load average at end: {load()}")
@@ -774,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             counts = instructions(database, count=1000, warmup=300, config=args.config,
                                   cold_parts=args.cold_parts)
     text = report(samples, args.rounds, args.requests, counts, spend_write)
+    if opcodes is not None:
+        text += bytecode_report(opcodes)
     print()
     print(text)
     return text

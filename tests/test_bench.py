@@ -206,3 +206,20 @@ def test_limits_bench_budget_and_rpm_variant_meets_only_those() -> None:
         assert guard is not None and guard._plans  # the budget guard admitted it
     finally:
         bench.close()
+
+
+def test_bytecodes_are_counted_per_request_and_repeat(bench: ModuleType, tmp_path: Path) -> None:
+    keydb = sys.modules["keydb"]
+    path = keydb.ensure(tmp_path / "keys.db", 500, log=lambda *a: None)
+    work = bench.Workload(path, 500, extra_config={"LLMAUTH_SPEND_ENABLED": False})
+    try:
+        first, second = bench.bytecodes(work, count=5), bench.bytecodes(work, count=5)
+    finally:
+        work.close()
+    assert first["bare"] > 1000  # Flask's own request handling is counted
+    for variant in bench.VARIANTS[1:]:
+        assert first[variant] > first["bare"], variant  # each auth path adds its own
+    for variant in ("bare", "master_key", "virtual_key_cached"):
+        assert first[variant] == second[variant], variant  # deterministic
+    text = bench.bytecode_report(first)
+    assert "| master_key | " in text and "× bare" in text
