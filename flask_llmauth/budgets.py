@@ -601,6 +601,15 @@ class Budgets:
             _units(getattr(customer, "max_budget", None)) is not None
             or _units(getattr(customer, "soft_budget", None)) is not None)
 
+    def settles(self, principal: Principal, route: RouteInfo, unsafe: bool,
+                wanted: tuple[Any, ...]) -> bool:
+        """Whether :meth:`settle` runs after the view (see :mod:`~flask_llmauth.guards`): not
+        when the spend guard settles the request too. Its event carries the ticket and the
+        ledger's batch tells the leases when the spend is written; the spend guard marks the
+        ticket finished (``ticket.finished``), the one thing left to do here. A request
+        refused by a later guard is still settled here (its reservation released)."""
+        return self.spend_guard is None or self.spend_guard not in wanted
+
     def admit(self, admission: Admission) -> None:
         principal = admission.principal
         plan = self._latest.get(id(principal))  # the principal's last plan, else by model...
@@ -700,8 +709,9 @@ class Budgets:
             ticket.release()
             return
         spend_guard = self.spend_guard
-        if spend_guard is not None and spend_guard in scratch.get("_guards", ()):
-            # the spend ledger writes the spend; the leases learn it from its batch
+        if spend_guard is not None and spend_guard in admission.guards:
+            # the spend ledger writes the spend; the leases learn it from its batch (the
+            # spend guard stamps the ticket when it settles: see ``settles``)
             ticket.finished = time.monotonic()
             return
         cost = 0

@@ -14,7 +14,9 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
    the host reported with :func:`record_usage`, else what the response (JSON or SSE)
    reported, else an estimate.
    ``settle`` must not raise; failures are logged.
-3. ``headers(admission)`` may add response headers (``x-ratelimit-*``).
+3. ``headers(admission)`` may add response headers; or ``admit`` puts ``(name, value)``
+   pairs in ``admission.header_pairs`` (a :class:`HeaderPairs`, as the rate-limit guard
+   does for ``x-ratelimit-*``), added to the response when it is ready.
 
 No guard runs for a request none of them wants, so unconfigured features cost nothing.
 ``wants(principal, route, unsafe)`` must answer from the principal, the route and
@@ -22,7 +24,11 @@ No guard runs for a request none of them wants, so unconfigured features cost no
 nothing else: the answers are kept per principal object (a principal is an immutable
 snapshot; a changed key, user or team gets a new one). A guard
 whose headers are always empty declares ``adds_headers = False``; one whose ``admit`` does
-nothing declares ``admits = False`` (it is not called).
+nothing declares ``admits = False`` (it is not called). A guard may have a method
+``settles(principal, route, unsafe, wanted)``: ``False`` when its ``settle`` has nothing to
+do after the view for such requests that name no end user, with the guards ``wanted`` with
+it (it is then not called there; a request refused by a later guard is still settled).
+The answer is kept per principal object too.
 
 Guards run in the order of :data:`flask_llmauth.extension.GUARD_INSTALLERS` — customers,
 rate limits, budgets, spend — so cheap refusals happen before money is reserved. The customers
@@ -85,10 +91,12 @@ class Admission:
     """One authorized request on its way through the guards."""
 
     __slots__ = ("principal", "route", "model", "body", "started", "scratch", "usage",
-                 "end_user_id", "customer", "_request_id", "_unsettled", "_sizes", "written")
+                 "end_user_id", "customer", "request_id", "_unsettled", "_sizes", "written",
+                 "guards", "settling", "header_guards", "header_pairs")
 
     def __init__(self, principal: Principal, route: RouteInfo, model: str | None,
-                 body: Any) -> None:
+                 body: Any, guards: tuple[Guard, ...] = (), settling: tuple[Guard, ...] = (),
+                 header_guards: tuple[Guard, ...] = ()) -> None:
         self.principal = principal
         self.route = route
         self.model = model
@@ -102,7 +110,10 @@ class Admission:
         #: Set by the customers guard (first guard to run); see the module docstring.
         self.end_user_id: str | None = None
         self.customer: Any = None
-        self._request_id: str | None = None
+        #: A unique id for this request (spend rows are keyed by it, so a retried write
+        #: never counts twice): ``_request_ids.next()``, inline.
+        ids = _request_ids
+        self.request_id = ids.prefix + hex(next(ids.counter))[3:]
         #: Holds one token until settlement claims it (``list.pop`` is atomic).
         self._unsettled = [True]
         self._sizes: tuple[int, int] | None = None
@@ -110,6 +121,14 @@ class Admission:
         #: provider wrote during the request, the usage read from the object it wrote
         #: (:func:`capture_json_responses`).
         self.written: tuple[list[bytes], bytes, Usage | None] | None = None
+        #: The guards that want the request, in order.
+        self.guards = guards
+        #: Those of them settled after the view (see ``Guard.settles``).
+        self.settling = settling
+        #: Those of them whose ``headers`` may add something to the response.
+        self.header_guards = header_guards
+        #: ``(name, value)`` pairs a guard put here in ``admit`` for the response.
+        self.header_pairs: HeaderPairs | None = None
 
     @property
     def sizes(self) -> tuple[int, int]:
@@ -120,14 +139,6 @@ class Admission:
         if sizes is None:
             sizes = self._sizes = body_sizes(self.body)
         return sizes
-
-    @property
-    def request_id(self) -> str:
-        """A unique id for this request (spend rows are keyed by it, so a retried write
-        never counts twice)."""
-        if self._request_id is None:
-            self._request_id = _request_ids.next()
-        return self._request_id
 
     def claim_settlement(self) -> bool:
         """True for the first caller only: settlement happens exactly once."""
@@ -179,6 +190,9 @@ class _Plan(NamedTuple):
     with_headers: tuple[Guard, ...] = ()
     #: Those of ``wanted`` whose ``admit`` does something (``admits``, default true).
     admitting: tuple[Guard, ...] = ()
+    #: Those of ``wanted`` settled after the view of a request naming no end user
+    #: (``settles``, default true).
+    settling: tuple[Guard, ...] = ()
 
 
 _new_plan: Callable[[tuple[Any, ...]], _Plan] = partial(tuple.__new__, _Plan)
@@ -197,6 +211,8 @@ class Guards:
         self._not_admitting: frozenset[int] = frozenset()
         #: Guards with a ``wants_end_user`` method.
         self._by_end_user: frozenset[int] = frozenset()
+        #: Guards with a ``settles`` method.
+        self._may_skip_settle: frozenset[int] = frozenset()
         #: One tuple object per combination of guards that plans name (see :meth:`_shared`).
         self._combinations: dict[tuple[Guard, ...], tuple[Guard, ...]] = {}
         #: Puts the JSON provider's watch in place (:func:`capture_json_responses`), if any.
@@ -210,6 +226,8 @@ class Guards:
             id(g) for g in self.guards if not getattr(g, "admits", True))
         self._by_end_user = frozenset(
             id(g) for g in self.guards if hasattr(g, "wants_end_user"))
+        self._may_skip_settle = frozenset(
+            id(g) for g in self.guards if hasattr(g, "settles"))
 
     def plan(self, principal: Principal, route: RouteInfo, unsafe: bool) -> _Plan:
         """Which guards want ``principal`` on ``route`` (asked anew: callers keep the answer
@@ -223,9 +241,12 @@ class Guards:
             elif id(guard) in may_want_end_user:
                 by_end_user.append(guard)
         # Built positionally (a cold key meets this once per request).
-        return _new_plan((principal, route, self._shared(wanted), self._shared(by_end_user),
+        shared = self._shared(wanted)
+        return _new_plan((principal, route, shared, self._shared(by_end_user),
                           unsafe, self._headers_of(wanted) if wanted else (),
-                          self._admitting_of(wanted) if wanted else ()))
+                          self._admitting_of(wanted) if wanted else (),
+                          self._settling_of(principal, route, unsafe, shared)
+                          if wanted else ()))
 
     def _shared(self, guards: Iterable[Guard]) -> tuple[Guard, ...]:
         """``tuple(guards)``, the same object for every plan naming the same guards: a
@@ -242,6 +263,13 @@ class Guards:
         idle = self._not_admitting
         return self._shared(guard for guard in guards if id(guard) not in idle)
 
+    def _settling_of(self, principal: Principal, route: RouteInfo, unsafe: bool,
+                     wanted: tuple[Guard, ...]) -> tuple[Guard, ...]:
+        may_skip = self._may_skip_settle
+        return self._shared(
+            guard for guard in wanted if id(guard) not in may_skip
+            or guard.settles(principal, route, unsafe, wanted))  # type: ignore[attr-defined]
+
     def admit_planned(self, plan: _Plan, model: str | None, body: Callable[[], Any],
                       environ: Mapping[str, Any]) -> Admission | None:
         """Run ``admit`` of every guard of ``plan`` that wants this request; ``None`` if
@@ -256,31 +284,31 @@ class Guards:
         if resolver is not None and route.is_llm:
             end_user = resolver.resolve(principal, environ, body)
         wanted, with_headers, admitting = plan.wanted, plan.with_headers, plan.admitting
-        if end_user is not None and plan.by_end_user:
-            customer = end_user[1]
-            extra = [guard for guard in plan.by_end_user
-                     if guard.wants_end_user(principal, route, customer, plan.unsafe)]  # type: ignore[attr-defined]
-            if extra:
-                wanted = tuple(guard for guard in self.guards
-                               if guard in wanted or guard in extra)
-                with_headers = self._headers_of(wanted)
-                admitting = self._admitting_of(wanted)
+        settling = plan.settling
+        if end_user is not None:
+            settling = wanted  # ``settles`` answers for requests naming no end user
+            if plan.by_end_user:
+                customer = end_user[1]
+                extra = [guard for guard in plan.by_end_user
+                         if guard.wants_end_user(principal, route, customer, plan.unsafe)]  # type: ignore[attr-defined]
+                if extra:
+                    wanted = settling = tuple(guard for guard in self.guards
+                                              if guard in wanted or guard in extra)
+                    with_headers = self._headers_of(wanted)
+                    admitting = self._admitting_of(wanted)
         if not wanted:
             return None
-        admission = Admission(principal, route, model, body())
+        admission = Admission(principal, route, model, body(), wanted, settling, with_headers)
         if self.arm_json_watch is not None:
             self.arm_json_watch()
         if end_user is not None:
             admission.end_user_id, admission.customer = end_user
-        scratch = admission.scratch
-        scratch["_guards"] = wanted
-        scratch["_headers"] = with_headers
         guard = None
         try:
             for guard in admitting:
                 guard.admit(admission)
         except BaseException:
-            scratch["_refused"] = True  # never reached the view
+            admission.scratch["_refused"] = True  # never reached the view
             if admission.claim_settlement():  # the guards before the refusing one admitted
                 _settle_all(reversed(wanted[:wanted.index(guard)]), admission, None, True)
             raise
@@ -298,7 +326,13 @@ class Guards:
 
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
-        for guard in admission.scratch["_headers"]:
+        pairs = admission.header_pairs
+        if pairs is not None:
+            try:
+                _set_headers(response, pairs)
+            except Exception:
+                log.exception("llmauth: could not add the guards' headers")
+        for guard in admission.header_guards:
             try:
                 headers = guard.headers(admission)
                 if headers:
@@ -335,7 +369,7 @@ class Guards:
             unsettled.pop()
         except IndexError:
             return response
-        for guard in admission.scratch["_guards"]:
+        for guard in admission.settling:
             try:
                 guard.settle(admission, usage, failed)
             except Exception:
@@ -345,7 +379,7 @@ class Guards:
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         if admission.claim_settlement():
-            _settle_all(admission.scratch["_guards"], admission, usage, failed)
+            _settle_all(admission.settling, admission, usage, failed)
 
     def teardown(self, admission: Admission) -> None:
         """The request failed with an exception (Flask's ``got_request_exception``): settle

@@ -314,8 +314,9 @@ def _ident(*parts: str) -> str:
     return text
 
 
-def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tuple[str, int] | None:
-    """A per-model limit: key field > key metadata > key ``model_max_budget`` > team field."""
+def _model_tables(principal: Principal, field: str) -> list[Any]:
+    """The tables of model name -> limit :func:`_model_limit` reads, in its order (an entry
+    that is not a mapping is skipped there)."""
     key, team = principal.key, principal.team
     tables: list[Any] = []
     if key is not None:
@@ -326,7 +327,12 @@ def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tupl
                        if isinstance(b, Mapping)})
     if team is not None:
         tables.append(getattr(team, field, None))
-    for table in tables:
+    return tables
+
+
+def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tuple[str, int] | None:
+    """A per-model limit: key field > key metadata > key ``model_max_budget`` > team field."""
+    for table in _model_tables(principal, field):
         if not isinstance(table, Mapping):
             continue
         for name in names:
@@ -1089,6 +1095,8 @@ class RateLimits:
     """The rate-limit guard (runs after the customer guard, before budgets)."""
 
     name = "rate_limits"
+    #: The ``x-ratelimit-*`` headers are put in ``admission.header_pairs`` by :meth:`admit`.
+    adds_headers = False
 
     def __init__(self, settings: Settings, limiter: Limiter, model_names: Any = None) -> None:
         self.settings = settings
@@ -1168,17 +1176,16 @@ class RateLimits:
             health.succeeded()
         if outcome != ADMITTED:
             self._refuse_outcome(admission, plan, outcome, index, values)
-        admission.scratch[_SCRATCH] = (
-            counters, plan,
-            _success_headers(plan, values) if self.headers_enabled else _NO_HEADERS)
+        admission.scratch[_SCRATCH] = (counters, plan)
+        if self.headers_enabled and plan.shown:
+            admission.header_pairs = _success_headers(plan, values)
 
     def settle(self, admission: Admission, usage: Usage | None, failed: bool) -> None:
         scratch = admission.scratch
-        taken: tuple[Counters, _Plan, Sequence[tuple[str, str]]] | None = scratch.get(
-            _SCRATCH)
+        taken: tuple[Counters, _Plan] | None = scratch.get(_SCRATCH)
         if taken is None:
             return
-        counters, plan, _headers = taken
+        counters, plan = taken
         uncount = bool(scratch.get("_refused"))  # a later guard refused it: not counted
         if not uncount and not plan.charges:
             return  # nothing to charge or release (every Counters.settle would do nothing)
@@ -1193,8 +1200,20 @@ class RateLimits:
                                 "its rpm undo" if uncount else f"its tpm charge ({tokens} tokens)")
 
     def headers(self, admission: Admission) -> Sequence[tuple[str, str]]:
-        taken = admission.scratch.get(_SCRATCH)
-        return taken[2] if taken is not None else _NO_HEADERS
+        """None: :meth:`admit` puts them in ``admission.header_pairs``."""
+        return _NO_HEADERS
+
+    def settles(self, principal: Principal, route: RouteInfo, unsafe: bool,
+                wanted: tuple[Any, ...]) -> bool:
+        """Whether :meth:`settle` can do anything after the view for a request naming no end
+        user (see :mod:`~flask_llmauth.guards`): charge a tpm window or release a parallel
+        slot, for some model. An rpm count is undone only for a request a later guard
+        refused, which is settled apart. The descriptors are those of every model named by
+        the principal's per-model tpm tables (its tpm limit for any model, if it has one)."""
+        names = [name for table in _model_tables(principal, "model_tpm_limit")
+                 if isinstance(table, Mapping) for name in table]
+        return any(d.tpm or d.parallel
+                   for d in descriptors(principal, names, None, None, self.settings))
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import peewee
 from flask import Flask
 
 from .authz.routes import RouteInfo
+from .budgets import Ticket
 from .errors import ConfigurationError, ServiceUnavailable
 from .guards import Admission
 from .prices import FEMTO_PER_UNIT, cost_units, prices_for
@@ -414,15 +415,17 @@ class SpendGuard:
             if estimated:  # which the ledger computes later, off the request path
                 body = admission.body
         principal = admission.principal
+        reservations = admission.scratch.get(RESERVATIONS, ())
+        if type(reservations) is Ticket:  # the budget guard's: it ends here (Budgets.settles)
+            reservations.finished = time.monotonic()
         # the fields of a SpendEvent, queued as a plain tuple: the ledger makes the event
         # when it takes it off the queue (off the request path)
         fields = (
-            admission._request_id or admission.request_id, admission.started, time.time(),
+            admission.request_id, admission.started, time.time(),
             principal.key_id, principal.user_id, principal.team_id, principal.org_id,
             admission.end_user_id or principal.end_user_id, model, admission.route.route,
             principal.method, prompt, completion, cost, estimated,
-            "failure" if failed else "success", admission.scratch.get(RESERVATIONS, ()),
-            body,
+            "failure" if failed else "success", reservations, body,
         )
         ledger = self.ledger
         queue = ledger._queue

@@ -106,11 +106,12 @@ def test_a_finished_request_whose_spend_is_never_written_leaves_the_lease_after_
     """The spend ledger dropped its event (queue full): the request's worst case stays in
     the lease until the reservation TTL has passed since it finished; a request still in
     flight (a stream) stays in it whatever its age."""
-    from flask_llmauth import budget_leases, budgets
+    from flask_llmauth import budget_leases, budgets, spend
 
-    def later(seconds: float) -> None:  # the guard's and the leases' clocks
-        monkeypatch.setattr(budget_leases, "time", _shifted(seconds))
-        monkeypatch.setattr(budgets, "time", _shifted(seconds))
+    def later(seconds: float) -> None:  # the guards' and the leases' clocks (the spend
+        monkeypatch.setattr(budget_leases, "time", _shifted(seconds))  # guard marks a
+        monkeypatch.setattr(budgets, "time", _shifted(seconds))  # ticket finished)
+        monkeypatch.setattr(spend, "time", _shifted(seconds))
 
     app = make(LLMAUTH_BUDGET_RESERVATION_TTL=60)
     client = app.test_client()

@@ -175,6 +175,84 @@ def test_a_guard_that_admits_nothing_is_not_called_yet_settles(guarded: Any,
         assert idle.settled == first.settled == [(Usage(11, 7, "gpt-4o"), False)]
 
 
+class SettledByOthers(RecordingGuard):
+    """A guard whose settlement has nothing to do after the view (``settles``), which puts
+    its headers in ``admission.header_pairs`` instead of answering ``headers``."""
+
+    adds_headers = False
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.asked: list[tuple[str, ...]] = []
+
+    def settles(self, principal: Any, route: Any, unsafe: bool, wanted: Any) -> bool:
+        self.asked.append(tuple(guard.name for guard in wanted))
+        return False
+
+    def admit(self, admission: Admission) -> None:
+        super().admit(admission)
+        from flask_llmauth.guards import HeaderPairs
+
+        class Pairs(HeaderPairs):
+            names = frozenset({"x-pairs"})
+
+        admission.header_pairs = Pairs([("x-pairs", self.name)])
+
+    def headers(self, admission: Admission) -> Mapping[str, str]:
+        raise AssertionError("not asked: adds_headers is False")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/moderations"])
+def test_a_guard_that_settles_nothing_after_the_view_is_not_settled(guarded: Any,
+                                                                    path: str) -> None:
+    """``settles`` false (asked once per principal, with the guards wanted): the guard is
+    not settled after a response, a stream, a failed view or an error status; the others
+    are, exactly once; the pairs its ``admit`` put in ``header_pairs`` are on the response."""
+    app, first = guarded
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    quiet = SettledByOthers("quiet")
+    app.extensions["llmauth"].guards.add(quiet)
+    client = app.test_client()
+    for _ in range(2):
+        response = client.post(path, json={"model": "gpt-4o"}, headers=ADMIN)
+        response.get_data()
+        response.close()
+        assert response.headers.get("x-pairs") == "quiet"
+    assert len(quiet.admitted) == 2 and quiet.settled == []
+    assert len(first.settled) == 2
+    assert quiet.asked == [("spend", "a", "quiet")]  # once per principal and route
+
+
+def test_a_guard_that_settles_nothing_after_the_view_is_settled_when_refused(
+        guarded: Any) -> None:
+    """A later guard's refusal settles every guard admitted before it (as failed), whatever
+    ``settles`` answers: what it reserved is released."""
+    app, first = guarded
+    quiet = SettledByOthers("quiet")
+    guards = app.extensions["llmauth"].guards
+    guards.add(quiet)
+    guards.add(RecordingGuard("refusing", refuse=True))
+    response = app.test_client().post("/v1/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN)
+    assert_error(response, 429)
+    assert "x-pairs" not in response.headers
+    assert quiet.settled == first.settled == [(None, True)]
+
+
+def test_a_guard_that_settles_nothing_after_the_view_is_settled_for_an_end_user(
+        guarded: Any) -> None:
+    """``settles`` answers for requests naming no end user (an end user may bring limits or
+    budgets of its own): a request naming one settles every guard."""
+    app, first = guarded
+    quiet = SettledByOthers("quiet")
+    app.extensions["llmauth"].guards.add(quiet)
+    client = app.test_client()
+    assert client.post("/v1/completions", json={"model": "gpt-4o", "user": "cust-1"},
+                       headers=ADMIN).status_code == 200
+    assert quiet.settled == first.settled == [(Usage(11, 7, "gpt-4o"), False)]
+
+
 def test_guards_only_see_requests_they_want(guarded: Any) -> None:
     app, guard = guarded
     client = app.test_client()

@@ -328,6 +328,73 @@ def test_model_per_key_and_team_tpm(make: Any) -> None:
     assert chat(client, key, model="gpt-4o-mini").status_code == 200
 
 
+def _team_member_key(client: Any, **team: Any) -> str:
+    assert client.post("/team/new", json={"team_id": "t-src", **team},
+                       headers=ADMIN).status_code == 200
+    assert client.post("/user/new", json={"user_id": "u-src"}, headers=ADMIN).status_code == 200
+    assert client.post("/team/member_add", json={
+        "team_id": "t-src", "member": {"user_id": "u-src", "role": "user"}},
+        headers=ADMIN).status_code == 200
+    return str(new_key(client, team_id="t-src", user_id="u-src")["key"])
+
+
+@pytest.mark.parametrize("source", [
+    "key", "key_model", "key_metadata", "key_model_max_budget", "user", "team",
+    "team_model", "team_member", "global"])
+def test_every_tpm_source_is_charged_after_the_response(app_factory: Any,
+                                                        source: str) -> None:
+    """The settlement of a request that names no end user runs when any tpm window may
+    apply to its principal (``RateLimits.settles``), whichever record sets it: 15 tokens
+    charged to a window of 10 refuse the next request."""
+    config = {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
+    if source == "global":
+        config["LLMAUTH_RATELIMIT_GLOBAL_TPM"] = 10  # type: ignore[assignment]
+    app = app_factory(config, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    limit = {"gpt-4o": 10}
+    if source == "user":
+        assert client.post("/user/new", json={"user_id": "u-src", "tpm_limit": 10},
+                           headers=ADMIN).status_code == 200
+        key = new_key(client, user_id="u-src")["key"]
+    elif source in ("team", "team_model", "team_member"):
+        key = _team_member_key(client, **{"team": {"tpm_limit": 10},
+                                          "team_model": {"model_tpm_limit": limit},
+                                          "team_member": {"team_member_tpm_limit": 10}}[source])
+    else:
+        key = new_key(client, **{"key": {"tpm_limit": 10},
+                                 "key_model": {"model_tpm_limit": limit},
+                                 "key_metadata": {"metadata": {"model_tpm_limit": limit}},
+                                 "key_model_max_budget": {"model_max_budget": {
+                                     "gpt-4o": {"budget_limit": 100, "tpm_limit": 10}}},
+                                 "global": {}}[source])["key"]
+    assert chat(client, key, tokens=15).status_code == 200
+    refused = chat(client, key)
+    assert refused.status_code == 429 and "Limit type: tokens" in message(refused)
+
+
+def test_settles_answers_whether_a_window_is_charged_or_a_slot_released() -> None:
+    """``RateLimits.settles``: true when a tpm window or a parallel slot may apply to the
+    principal's requests (for any model), false for rpm windows only."""
+    from flask_llmauth.principal import Principal, Role
+    from flask_llmauth.ratelimits import RateLimits
+
+    def settles(limits: dict[str, int], **config: Any) -> bool:
+        guard = RateLimits.__new__(RateLimits)
+        guard.settings = load_settings(config)
+        principal = Principal(method="custom", role=Role.INTERNAL_USER, user_id="alice",
+                              limits=limits)
+        return guard.settles(principal, None, True, ())  # type: ignore[arg-type]
+
+    assert settles({"rpm_limit": 5}) is False
+    assert settles({}) is False
+    assert settles({"rpm_limit": 5, "tpm_limit": 100}) is True
+    assert settles({"rpm_limit": 5, "max_parallel_requests": 2}) is True
+    assert settles({"rpm_limit": 5}, LLMAUTH_RATELIMIT_GLOBAL_RPM=10) is False
+    assert settles({"rpm_limit": 5}, LLMAUTH_RATELIMIT_GLOBAL_TPM=10) is True
+    assert settles({"rpm_limit": 5}, LLMAUTH_RATELIMIT_GLOBAL_MAX_PARALLEL_REQUESTS=3) is True
+
+
 # -- max_parallel_requests -------------------------------------------------------------------------
 
 
