@@ -60,7 +60,7 @@ from .store.tables import (
     TeamMembership,
     User,
 )
-from .usage import Usage
+from .usage import Usage, body_sizes
 
 log = logging.getLogger("flask_llmauth")
 
@@ -622,8 +622,12 @@ class Budgets:
             return
         leases, pairs = using
         # worst_case_units(model, body, settings), with the plan's price and the
-        # admission's token estimate (which the rate-limit guard may read too)
-        prompt, asked = admission.sizes
+        # admission's token estimate (which the rate-limit guard may read too):
+        # admission.sizes, inline
+        sizes = admission._sizes
+        if sizes is None:
+            sizes = admission._sizes = body_sizes(admission.body)
+        prompt, asked = sizes
         per_token = plan.per_token
         if per_token is not None:  # whole units per token: small integers, no rounding
             need = prompt * per_token[0] + (asked or self.default_max_tokens) * per_token[1]

@@ -326,10 +326,24 @@ class Guards:
 
     def finish(self, admission: Admission, response: Response) -> Response:
         """Add the guards' headers; settle now, or when the streamed body ends."""
+        items = getattr(response.headers, "_list", None)  # Werkzeug's own (name, value) list
+        if type(items) is not list:
+            items = None
         pairs = admission.header_pairs
         if pairs is not None:
             try:
-                _set_headers(response, pairs)
+                # _set_headers(response, pairs), inline: appended at once when the response
+                # has none of their names
+                if items is not None:
+                    names = pairs.names
+                    for name, _ in items:  # a response has a few headers
+                        if name.lower() in names:
+                            _set_headers(response, pairs)
+                            break
+                    else:
+                        items += pairs
+                else:
+                    _set_headers(response, pairs)
             except Exception:
                 log.exception("llmauth: could not add the guards' headers")
         for guard in admission.header_guards:
@@ -354,7 +368,9 @@ class Guards:
             )
             return response
         usage = admission.usage
-        if usage is None and not failed and _is_json(response):
+        # _is_json(response), its memo of a first header read first
+        if usage is None and not failed and (
+                (items and _JSON_FIRST.get(items[0])) or _is_json(response)):
             written = admission.written
             if (written is not None and written[0] is body and len(body) == 1
                     and body[0] is written[1]):

@@ -224,6 +224,26 @@ def test_a_guard_that_settles_nothing_after_the_view_is_not_settled(guarded: Any
     assert quiet.asked == [("spend", "a", "quiet")]  # once per principal and route
 
 
+@pytest.mark.parametrize("present", [[], [("X-Pairs", "old"), ("x-pairs", "older")],
+                                     [("X-Other", "1"), ("x-PAIRS", "old")]])
+def test_header_pairs_of_an_admission_replace_the_responses_own(guarded: Any,
+                                                                present: list[Any]) -> None:
+    """The pairs an admission carries are set as ``response.headers[name] = value`` would
+    set them: the response's own headers of those names (any case) give way to one value."""
+    app, _ = guarded
+    app.extensions["llmauth"].guards.add(SettledByOthers("quiet"))
+
+    @app.post("/v1/images/generations")
+    def own_headers() -> Any:
+        return Response("{}", headers=list(present), mimetype="application/json")
+
+    response = app.test_client().post("/v1/images/generations", json={"model": "m"},
+                                      headers=ADMIN)
+    assert response.status_code == 200
+    assert response.headers.getlist("x-pairs") == ["quiet"]
+    assert response.headers.get("X-Other") == ("1" if ("X-Other", "1") in present else None)
+
+
 def test_a_guard_that_settles_nothing_after_the_view_is_settled_when_refused(
         guarded: Any) -> None:
     """A later guard's refusal settles every guard admitted before it (as failed), whatever
