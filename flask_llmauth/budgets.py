@@ -333,8 +333,16 @@ class Ledger:
                      f'"budget_reset_at" = CASE WHEN {due} THEN {p} ELSE "budget_reset_at" END']
             values += [now, now, False, now, new]
             if budget.counter is not None:  # the CLI resets counters by their own duration
+                # another duration starts a new schedule (as setting an entity's does)
+                sets[-1] = (f'"budget_reset_at" = CASE WHEN {due} THEN {p} WHEN '
+                            f'"budget_duration" IS NULL OR "budget_duration" <> {p} THEN {p} '
+                            f'ELSE "budget_reset_at" END')
                 sets.append(f'"budget_duration" = {p}')
-                values.append(budget.duration)
+                values += [budget.duration, parse_duration(budget.duration).after(now),
+                           budget.duration]
+        elif budget.counter is not None and budget.level != "sweep":
+            # no window (any more): the CLI must not reset it by a duration it had
+            sets += ['"budget_duration" = NULL', '"budget_reset_at" = NULL']
         else:
             sets.append('"reserved" = "reserved"')
         sql = (f'UPDATE "{self._table(budget)}" SET {", ".join(sets)} '  # noqa: S608

@@ -44,16 +44,19 @@ def parse_duration(value: object) -> Duration:
             f"invalid duration {value[:32]!r}; use a number followed by s, m, h, d, w or mo"
         )
     amount, unit = int(match.group(1)), match.group(2)
+    # the text without the spaces the pattern allows inside it (what is stored and answered:
+    # the columns hold 16 characters)
+    text = match.group(1) + unit
     if amount <= 0:
         raise ValueError("duration must be greater than zero")
     if unit == "mo":
         if amount > 1200:
             raise ValueError("duration is too long")
-        return Duration(value.strip(), months=amount)
+        return Duration(text, months=amount)
     seconds = amount * _SECONDS[unit]
     if seconds > _MAX_SECONDS:
         raise ValueError("duration is too long")
-    return Duration(value.strip(), seconds=seconds)
+    return Duration(text, seconds=seconds)
 
 
 def utcnow() -> datetime:
