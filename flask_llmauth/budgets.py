@@ -556,6 +556,19 @@ class _BudgetPlan:
         self.using = (leases, tuple(zip(leases, self.limited, strict=True)))
 
 
+def _worst_price(table: Any, model: str | None, names: Sequence[str]) -> Price:
+    """The price a request's worst case is reserved at: the requested name's; else, for a
+    name the tables do not know (a key or team alias, a ``model_list`` name), the highest
+    price of the models it stands for (the upstream reports one of them, and the spend is
+    priced by it); else the unknown-model price."""
+    if table.lookup(model) is None:
+        known = [price for price in map(table.lookup, names[1:]) if price is not None]
+        if known:
+            return Price(max(price.input for price in known),
+                         max(price.output for price in known))
+    return table.price(model)
+
+
 _new_ticket = object.__new__
 
 _NAMES = {"key": "Key", "user": "User", "team": "Team", "team_member": "Team member",
@@ -794,11 +807,15 @@ class Budgets:
     def _new_plan(self, admission: Admission) -> _BudgetPlan:
         principal, customer = admission.principal, admission.customer
         names: Sequence[str] = ()
-        if admission.model and principal.key is not None and principal.key.model_max_budget:
-            names = self._model_names(principal, admission.model) or (admission.model,)
+        resolved: Sequence[str] = ()
+        if admission.model:
+            resolved = self._model_names(principal, admission.model) or (admission.model,)
+            if principal.key is not None and principal.key.model_max_budget:
+                names = resolved
         budgets = resolve(principal, names, admission.end_user_id, customer, self.settings)
         return _BudgetPlan(principal, admission.model, admission.end_user_id, customer,
-                           budgets, self.leases, prices_for(self.settings).price(admission.model))
+                           budgets, self.leases,
+                           _worst_price(prices_for(self.settings), admission.model, resolved))
 
     def _refuse(self, admission: Admission, refusal: _Refusal) -> None:
         budget = refusal.budget

@@ -8,11 +8,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, jsonify
 
 from flask_llmauth.durations import parse_duration, utcnow
 from flask_llmauth.store.tables import BudgetCounter, Key
-from tests.helpers import ADMIN, assert_error, new_key
+from tests.helpers import ADMIN, assert_error, bearer, new_key
 from tests.test_budgets import PRICES, add_llm_routes, chat, give_back, usd
 
 
@@ -109,3 +109,42 @@ def test_a_duration_with_inner_spaces_is_stored_in_its_short_form(make: Any,
     with app.extensions["llmauth"].store.use():
         assert Key.get(Key.key_id == key["key_id"]).budget_duration == short
 
+
+
+# -- the worst case of a model name that stands for another ------------------------------------
+
+
+def alias_gateway(app_factory: Any, db_url: str) -> Flask:
+    """A gateway whose upstream answers as ``budget-model`` whatever name it was asked for
+    (an alias resolved upstream), 10 completion tokens: 10,000 units."""
+    routed = {"model_name": "routed", "litellm_params": {"model": "openai/budget-model"}}
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+                       "LLMAUTH_MODEL_LIST": [routed]}, db_url=db_url, routes=False)
+
+    @app.post("/v1/chat/completions")
+    def completions() -> Any:
+        return jsonify(model="budget-model", choices=[],
+                       usage={"prompt_tokens": 0, "completion_tokens": 10})
+
+    return app
+
+
+@pytest.mark.parametrize("model", ["fast", "routed"])
+def test_an_alias_reserves_the_worst_case_of_the_model_it_stands_for(app_factory: Any,
+                                                                      db_url: str,
+                                                                      model: str) -> None:
+    """A name no price table knows — a key alias or a ``model_list`` name routed to a priced
+    model — is charged at the price of the model the upstream reports; its worst case is
+    reserved at the price of the model it stands for, not as free. Requests whose spend is
+    not written yet never take the budget past its limit."""
+    app = alias_gateway(app_factory, db_url)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(25_000), aliases={"fast": "budget-model"})
+    statuses = [client.post("/v1/chat/completions", headers=bearer(key["key"]),
+                            json={"model": model, "max_tokens": 10}).status_code
+                for _ in range(4)]  # no flush in between: the spend is not written yet
+    assert statuses == [200, 200, 429, 429]
+    give_back(app)
+    with app.extensions["llmauth"].store.use():
+        k = Key.get(Key.key_id == key["key_id"])
+    assert (k.spend, k.reserved) == (20_000, 0)
