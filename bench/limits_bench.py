@@ -4,6 +4,7 @@
     python bench/limits_bench.py                       # memory:// and Redis (if it answers)
     python bench/limits_bench.py --redis-url redis://127.0.0.1:6379/0 --rounds 15
     python bench/limits_bench.py --callgrind           # instructions per request (valgrind)
+    python bench/limits_bench.py --bytecodes           # Python bytecodes per request
 
 The same view (``POST /v1/chat/completions``: parse the JSON body, answer an OpenAI-shaped
 JSON with a ``usage`` block; ``--answer-chars N`` puts an answer of N characters in it) is
@@ -35,7 +36,10 @@ under a unique prefix and deleted afterwards (never a FLUSH).
 
 ``--callgrind`` counts instructions per request instead (deterministic, unlike time): one
 valgrind run warms every variant up, then runs ``--requests`` requests of each between two
-markers.
+markers. ``--bytecodes`` counts the Python bytecodes each variant executes per request
+(``sys.settrace`` opcode events over ``--requests`` requests after a warm-up, background
+work as under callgrind): deterministic like instructions, and wall time follows them more
+closely (work done in C is not counted).
 """
 
 from __future__ import annotations
@@ -287,6 +291,48 @@ QUIET_BACKGROUND = {"LLMAUTH_CACHE_SYNC_INTERVAL": 3600, "LLMAUTH_SPEND_FLUSH_IN
                     "LLMAUTH_BUDGET_RESET_INTERVAL": 0, "LLMAUTH_BUDGET_LEASE_IDLE": 3600}
 
 
+def bytecodes(bench: Bench, count: int, variants: Sequence[str] | None = None
+              ) -> dict[str, float]:
+    """Python bytecodes executed per request of each variant: opcode events of
+    ``sys.settrace`` between the measured loop's markers (after a warm-up of 300)."""
+    counted = [0]
+
+    def on_opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            counted[0] += 1
+        return on_opcode
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_lines = False
+        frame.f_trace_opcodes = True
+        return on_opcode
+
+    def toggle() -> None:
+        sys.settrace(on_call if sys.gettrace() is None else None)
+
+    result = {}
+    for variant in variants or bench.variants:
+        bench.run(variant, 300)
+        counted[0] = 0
+        try:
+            bench.run(variant, count, marker=toggle)
+        finally:
+            sys.settrace(None)
+        result[variant] = counted[0] / count
+    return result
+
+
+def table(title: str, unit: str, counts: dict[str, float]) -> str:
+    """The report of a count per request of each variant, next to ``bare``."""
+    base = counts["bare"]
+    lines = [title, "", f"| variant | {unit}/request | × bare | over bare | target |",
+             "|---|---|---|---|---|"]
+    for v, count in counts.items():
+        lines.append(f"| {v} | {count:,.0f} | {count / base:.3f}× | "
+                     f"{count - base:+,.0f} | {TARGET.get(v, '')} |")
+    return "\n".join(lines)
+
+
 def callgrind_child(args: argparse.Namespace) -> None:
     bench = Bench(args.redis_url, args.db_url, QUIET_BACKGROUND)
     try:
@@ -313,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="database of the budget variants (default: a SQLite file)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per request with valgrind instead of time")
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="count the Python bytecodes of each variant per request instead "
+                             "of time")
     parser.add_argument("--answer-chars", type=int, default=0,
                         help="the answer's length in characters (default 0: no choices); "
                              "a real answer is 1-10 KB of JSON")
@@ -329,15 +378,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         if shutil.which("valgrind") is None:
             raise SystemExit("valgrind not found")
         variants, counts = instructions(args)
-        base = counts["bare"]
-        lines = [f"flask_llmauth rate-limit bench — instructions per request (valgrind "
-                 f"--tool=callgrind, {args.requests} requests per variant, WSGI direct)", "",
-                 "| variant | instructions/request | × bare | over bare | target |",
-                 "|---|---|---|---|---|"]
-        for v in variants:
-            lines.append(f"| {v} | {counts[v]:,.0f} | {counts[v] / base:.3f}× | "
-                         f"{counts[v] - base:+,.0f} | {TARGET.get(v, '')} |")
-        report = "\n".join(lines)
+        report = table(f"flask_llmauth rate-limit bench — instructions per request (valgrind "
+                       f"--tool=callgrind, {args.requests} requests per variant, WSGI direct)",
+                       "instructions", {v: counts[v] for v in variants})
+        print(report)
+        return report
+    if args.bytecodes:
+        bench = Bench(args.redis_url, args.db_url, QUIET_BACKGROUND)
+        try:
+            found = bytecodes(bench, args.requests)
+        finally:
+            bench.close()
+        report = table(f"flask_llmauth rate-limit bench — Python bytecodes per request "
+                       f"(sys.settrace opcode events, {args.requests} requests per variant, "
+                       "WSGI direct; work done in C is not counted)", "bytecodes", found)
         print(report)
         return report
 

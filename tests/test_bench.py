@@ -223,3 +223,21 @@ def test_bytecodes_are_counted_per_request_and_repeat(bench: ModuleType, tmp_pat
         assert first[variant] == second[variant], variant  # deterministic
     text = bench.bytecode_report(first)
     assert "| master_key | " in text and "× bare" in text
+
+
+def test_limits_bench_counts_bytecodes_per_request_and_repeats() -> None:
+    """``bench/limits_bench.py --bytecodes``: each variant's bytecodes per request, the same
+    on a second count, the chain above the key alone and the key above bare Flask."""
+    limits = _load("limits_bench")
+    bench = limits.Bench("redis://127.0.0.1:1/0", None, limits.QUIET_BACKGROUND)
+    variants = ["bare", "key, rate limits off", "key+budget+rpm/memory"]
+    try:
+        first = limits.bytecodes(bench, 5, variants)
+        second = limits.bytecodes(bench, 5, variants)
+    finally:
+        bench.close()
+    assert first["bare"] > 1000  # Flask's own request handling is counted
+    assert first["bare"] < first["key, rate limits off"] < first["key+budget+rpm/memory"]
+    assert first["bare"] == second["bare"]  # deterministic
+    text = limits.table("title", "bytecodes", first)
+    assert "| key+budget+rpm/memory | " in text and "≤ 1.25×" in text
