@@ -333,6 +333,7 @@ class CustomersGuard:
         #: The WSGI environ keys of :attr:`header_keys` (the authorization hook skips an
         #: end-user-only plan when none is present and the body names no end user).
         self.header_environ_keys = tuple(key for key, _ in self.header_keys)
+        self._header_environ_set = frozenset(self.header_environ_keys)
 
     # -- Guard protocol (nothing to reserve or settle) -----------------------------------------
 
@@ -357,7 +358,9 @@ class CustomersGuard:
         end_user_id = principal.end_user_id
         source: str | None = None  # the request field naming the end user (the error's param)
         if end_user_id is None:
-            for key, header in self.header_keys:
+            # most requests send none of the headers: one C-level test first
+            for key, header in (() if environ.keys().isdisjoint(self._header_environ_set)
+                                else self.header_keys):
                 value = environ.get(key)
                 if value and (end_user_id := _checked(value, header)) is not None:
                     source = header

@@ -356,7 +356,10 @@ class Guards:
         unsettled = admission._unsettled
         if not unsettled:  # settled already (``admission.settled``)
             return response
-        failed = response.status_code >= 400
+        # Flask's own Response keeps its status in ``_status_code`` (what ``status_code``
+        # answers); a subclass may compute it
+        failed = (response._status_code if type(response) is Response
+                  else response.status_code) >= 400
         body = response.response
         # a list is never streamed (``is_streamed`` asks for a length)
         if type(body) is not list and response.is_streamed and not failed:

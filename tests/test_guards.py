@@ -143,6 +143,27 @@ def test_view_exception_and_error_status_settle_as_failed(guarded: Any) -> None:
     assert guard.settled == [(None, True), (None, True)]
 
 
+def test_a_response_class_computing_its_status_is_asked_for_it(guarded: Any) -> None:
+    """Flask's own ``Response`` is read from its stored status; a subclass's ``status_code``
+    is asked (it may compute the status): what it answers decides a failed settlement."""
+    app, guard = guarded
+
+    class Computed(Response):
+        @property  # type: ignore[override]
+        def status_code(self) -> int:
+            return 503
+
+        @status_code.setter
+        def status_code(self, code: int) -> None:
+            Response.status_code.fset(self, code)  # type: ignore[attr-defined]
+
+    app.response_class = Computed
+    response = app.test_client().post("/v1/completions", json={"model": "gpt-4o"},
+                                      headers=ADMIN)
+    assert response.status_code == 503
+    assert guard.settled == [(None, True)]
+
+
 def test_refusal_by_a_later_guard_releases_earlier_guards(guarded: Any) -> None:
     app, first = guarded
     app.extensions["llmauth"].guards.add(RecordingGuard("b", refuse=True))
