@@ -6,7 +6,8 @@ A guard (budgets, rate limits) sees every authorized request it :meth:`Guard.wan
    :class:`~flask_llmauth.errors.LLMAuthError` (429 ...) and may reserve capacity (budget,
    parallel slots) in ``admission.scratch``. If a later guard refuses, every guard already
    admitted is settled with ``failed=True`` so it releases what it reserved.
-2. ``settle(admission, usage, failed)`` runs exactly once per admitted request: after the
+2. ``settle(admission, usage, failed)`` runs exactly once per admitted request (a guard
+   whose ``settles``, below, answers false is left out after the view): after the
    response for plain responses; when a streamed body ends — also when the client
    disconnects; or as soon as the view (or a hook) raises (Flask's
    ``got_request_exception``). The after-response step is registered per admitted request
