@@ -417,7 +417,11 @@ class SpendGuard:
         principal = admission.principal
         reservations = admission.scratch.get(RESERVATIONS, ())
         if type(reservations) is Ticket:  # the budget guard's: it ends here (Budgets.settles)
-            reservations.finished = time.monotonic()
+            if cost or estimated:
+                reservations.finished = time.monotonic()
+            else:  # nothing spent: the worst case goes back at once, not when this is written
+                reservations.release()
+                reservations = ()
         # the fields of a SpendEvent, queued as a plain tuple: the ledger makes the event
         # when it takes it off the queue (off the request path)
         fields = (

@@ -295,3 +295,24 @@ def test_a_locked_database_in_the_lease_transaction_is_retried_then_fails_closed
         assert lease is None or (lease.held, lease.in_use, lease.in_flight) == (0, 0, {})
         with app.extensions["llmauth"].store.use():
             assert BudgetReservation.select().count() == 0
+
+
+def test_a_failed_request_without_usage_gives_its_worst_case_back_at_once(make: Any) -> None:
+    """An upstream error with no usage spends nothing: its worst case leaves the lease when
+    the response ends, not when the spend ledger writes its zero-cost row."""
+    from tests.helpers import bearer
+    from tests.test_budgets import CHAT
+
+    app = make(LLMAUTH_SPEND_FLUSH_INTERVAL=3600)
+    client = app.test_client()
+    need = worst(app)
+    key = new_key_with_budget(client, usd(need + 1))["key"]  # room for one worst case
+
+    def post(**body: Any) -> int:  # no flush in between: the ledger holds the events
+        return client.post(CHAT, json={"model": "budget-model", "max_tokens": 10, **body},
+                           headers=bearer(key)).status_code
+
+    assert post(fail=True) == 502
+    assert post(fail=True) == 502  # the first one's worst case is back already
+    assert post(completion=1) == 200
+    assert post() == 429  # a request that spent keeps its worst case until it is written

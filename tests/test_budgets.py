@@ -900,12 +900,14 @@ def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, post
         budgeted = new_key(client, max_budget=1.0)["key"]
         free = new_key(client)["key"]
         for key in (budgeted, free):
-            assert client.post(CHAT, json={"model": "budget-model"},
+            assert client.post(CHAT, json={"model": "budget-model", "completion": 1},
                                headers=bearer(key)).status_code == 200
         proxy.cut()
         # the lease took two more worst cases than the first request needed: at most two
-        # more are admitted from memory, then the lease cannot grow
-        statuses = [client.post(CHAT, json={"model": "budget-model"},
+        # more are admitted from memory, then the lease cannot grow (each of them spends, so
+        # its worst case stays in the lease until its spend is written: a request that
+        # spends nothing would give its worst case back at once)
+        statuses = [client.post(CHAT, json={"model": "budget-model", "completion": 1},
                                 headers=bearer(budgeted)).status_code for _ in range(4)]
         assert statuses.count(200) <= 2
         assert statuses == sorted(statuses) and statuses[-1] == 503
