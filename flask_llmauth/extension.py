@@ -49,7 +49,7 @@ from .authz.routes import (
     group_name,
 )
 from .background import Background
-from .bodies import JSONBody
+from .bodies import JSONBody, known_body
 from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import DEFAULT_PUBLIC_ROUTES, Settings, check_secrets, load_settings
@@ -357,8 +357,13 @@ class LLMAuthState:
                                     "user" in parsed or "safety_identifier" in parsed
                                     or "metadata" in parsed or "litellm_metadata" in parsed):
                                 plan = None
-                    if plan is not None:
-                        self._admit(g_, plan, model, JSONBody(req, parsed, read=True), req)
+                    if plan is not None:  # self._admit(...), inline
+                        admission = self.guards.admit_planned(
+                            plan, model, known_body(parsed) if type(parsed) is dict
+                            else JSONBody(req, parsed, read=True), environ)
+                        if admission is not None:
+                            g_.__dict__["_llmauth_admission"] = admission
+                            after_this_request(self.guards.finisher(admission))
                 else:
                     g_.__dict__["_llmauth_principal"] = principal
                     if plan is not None:
