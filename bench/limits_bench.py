@@ -62,11 +62,14 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (ROOT, HERE):  # the checkout's package, and opcodes beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from flask import Flask, request  # noqa: E402
+from opcodes import OpcodeCounter  # noqa: E402
 from werkzeug.test import EnvironBuilder  # noqa: E402
 
 from flask_llmauth import LLMAuth  # noqa: E402
@@ -293,32 +296,18 @@ QUIET_BACKGROUND = {"LLMAUTH_CACHE_SYNC_INTERVAL": 3600, "LLMAUTH_SPEND_FLUSH_IN
 
 def bytecodes(bench: Bench, count: int, variants: Sequence[str] | None = None
               ) -> dict[str, float]:
-    """Python bytecodes executed per request of each variant: opcode events of
-    ``sys.settrace`` between the measured loop's markers (after a warm-up of 300)."""
-    counted = [0]
-
-    def on_opcode(frame: Any, event: str, arg: Any) -> Any:
-        if event == "opcode":
-            counted[0] += 1
-        return on_opcode
-
-    def on_call(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_lines = False
-        frame.f_trace_opcodes = True
-        return on_opcode
-
-    def toggle() -> None:
-        sys.settrace(on_call if sys.gettrace() is None else None)
-
+    """Python bytecodes executed per request of each variant, between the measured loop's
+    markers after a warm-up of 300 (see ``bench/opcodes.py``)."""
+    counter = OpcodeCounter()
     result = {}
     for variant in variants or bench.variants:
         bench.run(variant, 300)
-        counted[0] = 0
+        counter.count = 0
         try:
-            bench.run(variant, count, marker=toggle)
+            bench.run(variant, count, marker=counter.marker)
         finally:
             sys.settrace(None)
-        result[variant] = counted[0] / count
+        result[variant] = counter.count / count
     return result
 
 

@@ -68,6 +68,7 @@ import keydb  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from flask import Flask, request  # noqa: E402
 from jwt.algorithms import RSAAlgorithm  # noqa: E402
+from opcodes import OpcodeCounter  # noqa: E402
 from werkzeug.test import EnvironBuilder  # noqa: E402
 
 from flask_llmauth import LLMAuth  # noqa: E402
@@ -573,35 +574,18 @@ def report(samples: dict[tuple[str, str], list[float]], rounds: int, count: int,
 
 
 def bytecodes(work: Workload, count: int = 50) -> dict[str, float]:
-    """Python bytecodes executed per request of each variant (wsgi driver): opcode events
-    of ``sys.settrace`` between the timed loop's markers — deterministic, and on the same
-    interpreter wall time follows them more closely than machine instructions (the extra
-    code of an auth path is bytecode-dense). Work done in C (a digest, SQLite, a JWT's
-    signature check) is not counted."""
-    counted = [0]
-
-    def on_opcode(frame: Any, event: str, arg: Any) -> Any:
-        if event == "opcode":
-            counted[0] += 1
-        return on_opcode
-
-    def on_call(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_lines = False
-        frame.f_trace_opcodes = True
-        return on_opcode
-
-    def toggle() -> None:
-        sys.settrace(on_call if sys.gettrace() is None else None)
-
+    """Python bytecodes executed per request of each variant (wsgi driver), between the
+    timed loop's markers (see ``bench/opcodes.py``)."""
+    counter = OpcodeCounter()
     result = {}
     for variant in VARIANTS:
         measure(work, "wsgi", variant, 20)  # warm (a cold key's loop uses fresh keys)
-        counted[0] = 0
+        counter.count = 0
         try:
-            measure(work, "wsgi", variant, count, marker=toggle)
+            measure(work, "wsgi", variant, count, marker=counter.marker)
         finally:
             sys.settrace(None)
-        result[variant] = counted[0] / count
+        result[variant] = counter.count / count
     return result
 
 
