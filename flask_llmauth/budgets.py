@@ -222,7 +222,7 @@ def resolve(principal: Principal, model_names: Sequence[str], end_user_id: str |
             limit = _units(getattr(customer, "max_budget", None))
             soft = _units(getattr(customer, "soft_budget", None))
             duration = getattr(customer, "budget_duration", None)
-        if limit is None and soft is None and settings is not None:
+        if limit is None and settings is not None:  # also under a soft budget of its own
             limit = settings.max_end_user_budget
             duration = duration or settings.end_user_budget_duration
         if limit is not None or soft is not None:

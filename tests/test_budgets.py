@@ -249,6 +249,20 @@ def test_end_user_budget_own_or_default(make: Any, own: bool) -> None:
     assert chat(client, key["key"]).status_code == 200
 
 
+def test_end_user_with_only_a_soft_budget_is_bound_by_the_default(make: Any) -> None:
+    """LLMAUTH_MAX_END_USER_BUDGET binds an end user whose row sets no max_budget, also when
+    the row sets a soft budget (which only alerts)."""
+    app = make(LLMAUTH_MAX_END_USER_BUDGET=usd(15_000), LLMAUTH_END_USER_BUDGET_DURATION="7d")
+    client = app.test_client()
+    api(client, "/customer/new", user_id="end-1", soft_budget=usd(5_000))
+    key = new_key(client)
+    assert chat(client, key["key"], user="end-1", completion=10).status_code == 200
+    error = assert_error(chat(client, key["key"], user="end-1"), 429, "budget_exceeded")
+    assert "End User=end-1" in error["message"]
+    counter = row(app, BudgetCounter, scope="end_user", entity_id="end-1")
+    assert (counter.spend, counter.reserved) == (10_000, 0)
+
+
 def test_asserted_budget_of_a_custom_auth_principal(make: Any) -> None:
     from flask_llmauth.principal import Principal, Role
 
