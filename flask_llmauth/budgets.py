@@ -75,6 +75,7 @@ ENTITY_TABLES = {
     TeamMembership._meta.table_name: 3,
 }
 COUNTER_TABLE = BudgetCounter._meta.table_name
+MEMBERSHIP_TABLE = TeamMembership._meta.table_name
 _RETRIES = 4
 
 
@@ -258,6 +259,16 @@ def next_reset(duration: str, previous: datetime | None, now: datetime) -> datet
     return parsed.after(now)
 
 
+def first_window_end(duration: str, created_at: datetime | None) -> datetime | None:
+    """The end of a membership's first window when its row has a window but no
+    ``budget_reset_at`` (a row written before the window was known, e.g. by an older
+    version): its schedule runs from the row's ``created_at``, so it is neither reset at
+    once nor left without a reset."""
+    if created_at is None:
+        return None
+    return parse_duration(duration).after(created_at)
+
+
 def _as_datetime(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
@@ -326,12 +337,22 @@ class Ledger:
         sets: list[str] = []
         values: list[Any] = []
         if budget.duration is not None:
-            due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
-            new = next_reset(budget.duration, budget.reset_at, now)
+            # a membership row without a window end (see first_window_end): its windows
+            # count from created_at, so it is not reset before its first window is over
+            first = (first_window_end(budget.duration, budget.born)
+                     if budget.row is not None and budget.row[0] == MEMBERSHIP_TABLE else None)
+            new = next_reset(budget.duration, budget.reset_at or first, now)
+            if first is None or first <= now:
+                due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
+                ends, ends_values = f'CASE WHEN {due} THEN {p}', [now, new]
+            else:  # in its first window: it gets the window's end, its spend stays
+                due = f'("budget_reset_at" <= {p})'
+                ends = f'CASE WHEN "budget_reset_at" IS NULL THEN {p} WHEN {due} THEN {p}'
+                ends_values = [first, now, new]
             sets += [f'"spend" = CASE WHEN {due} THEN 0 ELSE "spend" END',
                      f'"soft_alerted" = CASE WHEN {due} THEN {p} ELSE "soft_alerted" END',
-                     f'"budget_reset_at" = CASE WHEN {due} THEN {p} ELSE "budget_reset_at" END']
-            values += [now, now, False, now, new]
+                     f'"budget_reset_at" = {ends} ELSE "budget_reset_at" END']
+            values += [now, now, False, *ends_values]
             if budget.counter is not None:  # the CLI resets counters by their own duration
                 # another duration starts a new schedule (as setting an entity's does)
                 sets[-1] = (f'"budget_reset_at" = CASE WHEN {due} THEN {p} WHEN '
@@ -491,19 +512,44 @@ class Ledger:
         now = now or utcnow()
         done: dict[str, int] = {}
         p = self.p
+        team = Team._meta.table_name
         with self.store.use() as db:
             for table in (*ENTITY_TABLES, COUNTER_TABLE, Customer._meta.table_name):
                 soft = '"soft_alerted" = ' + p + ", " if table != Customer._meta.table_name else ""
-                rows = db.execute_sql(
-                    f'SELECT "id", "budget_reset_at", "budget_duration" FROM "{table}" '  # noqa: S608
-                    f'WHERE "budget_duration" IS NOT NULL AND ("budget_reset_at" IS NULL '
-                    f'OR "budget_reset_at" <= {p})', [now]).fetchall()
+                if table == MEMBERSHIP_TABLE:
+                    # a member without a window of its own follows its team's default one
+                    rows = db.execute_sql(
+                        f'SELECT m."id", m."budget_reset_at", COALESCE(m."budget_duration", '  # noqa: S608
+                        f't."team_member_budget_duration"), m."created_at" FROM "{table}" m '
+                        f'LEFT JOIN "{team}" t ON t."team_id" = m."team_id" '
+                        f'WHERE (m."budget_duration" IS NOT NULL OR '
+                        f't."team_member_budget_duration" IS NOT NULL) AND '
+                        f'(m."budget_reset_at" IS NULL OR m."budget_reset_at" <= {p})',
+                        [now]).fetchall()
+                else:
+                    rows = db.execute_sql(
+                        f'SELECT "id", "budget_reset_at", "budget_duration", NULL '  # noqa: S608
+                        f'FROM "{table}" WHERE "budget_duration" IS NOT NULL AND '
+                        f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
+                        [now]).fetchall()
                 count = 0
-                for row_id, previous, duration in rows:
+                for row_id, previous, duration, created_at in rows:
                     duration = _duration(duration)
                     if duration is None:
                         continue
-                    new = next_reset(duration, _as_datetime(previous), now)
+                    previous = _as_datetime(previous)
+                    if previous is None and table == MEMBERSHIP_TABLE:
+                        first = first_window_end(duration, _as_datetime(created_at))
+                        if first is not None and first > now:
+                            # in its first window (from created_at): not over, not reset
+                            with db.atomic():
+                                db.execute_sql(
+                                    f'UPDATE "{table}" SET "budget_reset_at" = {p} '  # noqa: S608
+                                    f'WHERE "id" = {p} AND "budget_reset_at" IS NULL',
+                                    [first, row_id])
+                            continue
+                        previous = first
+                    new = next_reset(duration, previous, now)
                     with db.atomic():
                         cursor = db.execute_sql(
                             f'UPDATE "{table}" SET "spend" = 0, {soft}'  # noqa: S608

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .audit import write_audit
-from .durations import isoformat, utcnow
+from .durations import isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, acts_outside, key_info, team_confinement
 from .money import to_usd
@@ -33,7 +34,18 @@ _MEMBER_FIELDS = ("role", "max_budget_in_team", "budget_duration", "tpm_limit", 
                   "allowed_models")
 
 
+def default_window_end(team: Any, now: datetime) -> datetime | None:
+    """The end of the first window of a member that follows the team's
+    ``team_member_budget_duration`` (``None``: the team has none), starting ``now``."""
+    duration = team.team_member_budget_duration
+    return None if not duration else parse_duration(duration).after(now)
+
+
 def membership_info(member: Any) -> dict[str, Any]:
+    """A membership as stored: ``max_budget_in_team``, ``budget_duration``, ``tpm_limit``
+    and ``rpm_limit`` are the member's own values; ``null`` means the member follows the
+    team's current ``team_member_*`` default (``budget_reset_at`` is the member's own window
+    end either way)."""
     return {
         "team_id": member.team_id,
         "user_id": member.user_id,
@@ -170,12 +182,14 @@ class TeamService:
         if self._membership(team.team_id, user_id) is not None:
             raise BadRequest(f"User={user_id} is already a member of team={team.team_id}",
                              param="member")
-        budget = max_budget if max_budget is not None else team.team_member_budget
+        # Only an explicit max_budget_in_team is the member's own: the budget, window and
+        # limits it is not given follow the team's team_member_* defaults as they are at
+        # request time (NULL columns), so /team/update changes them for every such member.
+        now = utcnow()
         return TeamMembership.create(
             team_id=team.team_id, user_id=user_id, role=member.get("role") or "user",
-            max_budget=budget, budget_duration=team.team_member_budget_duration,
-            tpm_limit=team.team_member_tpm_limit, rpm_limit=team.team_member_rpm_limit,
-            created_at=utcnow(),
+            max_budget=max_budget, budget_reset_at=default_window_end(team, now),
+            created_at=now,
         )
 
     # -- team lifecycle ---------------------------------------------------------------------------
@@ -246,6 +260,12 @@ class TeamService:
             before = team_info(team)
             self._apply(team, params)
             team.save()
+            if team.team_member_budget_duration != before["team_member_budget_duration"]:
+                # a changed default window starts a new schedule for the members that follow
+                # it (their spend stays), as setting a member's own budget_duration does
+                TeamMembership.update(budget_reset_at=default_window_end(team, utcnow())).where(
+                    (TeamMembership.team_id == team_id)
+                    & TeamMembership.budget_duration.is_null()).execute()
             info = team_info(team, self._members(team_id))
             write_audit(state.settings.store_audit_logs, actor, "updated", "team", team_id,
                         before=before, after=info)
@@ -381,7 +401,7 @@ class TeamService:
         team_id = params["team_id"]
         with state.store.use() as db, db.atomic():
             self._require_team_admin(actor, team_id)  # first: no oracle for team ids
-            self._get(team_id)
+            team = self._get(team_id)
             member = self._member_for(team_id, params)
             self._refuse_own_membership_change(actor, member, params)
             before = membership_info(member)
@@ -395,7 +415,9 @@ class TeamService:
             if "budget_duration" in params:
                 value = params["budget_duration"]
                 member.budget_duration = None if value is None else value.text
-                member.budget_reset_at = None if value is None else value.after(utcnow())
+                # null: the member follows the team's default window (a new schedule)
+                member.budget_reset_at = (default_window_end(team, utcnow()) if value is None
+                                          else value.after(utcnow()))
             member.save()
             info = membership_info(member)
             write_audit(state.settings.store_audit_logs, actor, "member_updated", "team",

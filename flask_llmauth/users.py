@@ -23,7 +23,7 @@ from .principal import USER_ROLES, Principal, Role
 from .signals import send as send_signal
 from .signals import user_provisioned
 from .store.tables import Key, Team, TeamMembership, User
-from .teams import team_info
+from .teams import default_window_end, team_info
 
 if TYPE_CHECKING:
     from .extension import LLMAuthState
@@ -125,10 +125,13 @@ class UserService:
             self._apply(user, params)
             user.save(force_insert=True)
             for team_id in teams:
-                if Team.get_or_none(Team.team_id == team_id) is None:
+                team = Team.get_or_none(Team.team_id == team_id)
+                if team is None:
                     raise BadRequest(f"Team not found: team_id={team_id}", param="teams")
+                now = utcnow()  # the member follows the team's team_member_* defaults
                 TeamMembership.create(team_id=team_id, user_id=user_id, role="user",
-                                      created_at=utcnow())
+                                      budget_reset_at=default_window_end(team, now),
+                                      created_at=now)
             info = user_info(user)
             write_audit(state.settings.store_audit_logs, actor, "created", "user", user_id,
                         after=info)
