@@ -238,7 +238,7 @@ class LLMAuthState:
         from .api import API_ROUTES
 
         public = RoutePatterns(settings.public_routes)
-        self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints)
+        self.routes = RouteTable(public, API_ROUTES, ext._exempt_blueprints, app.blueprints)
         self._rule_infos = self.routes.info_by_rule_id  # read per request without a hop
         #: Whether :meth:`_check_route_settings` ran (at the first authenticated request).
         self.route_settings_checked = False
@@ -628,7 +628,8 @@ class LLMAuth:
         self._options = options
         self._secret_loader = secret_loader
         self._error_callback: ErrorCallback = error_response
-        self._exempt_blueprints: set[str] = set()
+        #: Exempted ``Blueprint`` objects (by identity; see ``RouteTable``).
+        self._exempt_blueprints: list[Blueprint] = []
         self.callbacks = Callbacks()
         if app is not None:
             self.init_app(app)
@@ -673,7 +674,8 @@ class LLMAuth:
     def exempt(self, view: F | B) -> F | B:
         """Make a view (or every view of a blueprint) public: no credential is read."""
         if isinstance(view, Blueprint):
-            self._exempt_blueprints.add(view.name)
+            if not any(view is b for b in self._exempt_blueprints):
+                self._exempt_blueprints.append(view)
         else:
             setattr(view, ATTR_EXEMPT, True)
         return view

@@ -664,3 +664,56 @@ def test_master_key_is_never_echoed(client: Any) -> None:
     response = client.get("/key/list", headers=bearer(MASTER_KEY + "x"))
     assert_error(response, 401)
     assert MASTER_KEY not in response.get_data(as_text=True)
+
+
+def test_exempt_blueprint_is_matched_by_object_not_by_name(app_factory: Any) -> None:
+    """Exempting a blueprint makes its own views public wherever it is registered (under
+    another ``name=``, nested) and never another blueprint that shares its name."""
+    app = app_factory()
+    docs = Blueprint("docs", __name__)
+
+    @docs.get("/page")
+    def docs_page() -> Any:
+        return jsonify(public=True)
+
+    # A different blueprint with the same short name, nested under an admin blueprint
+    # (e.g. from another package): its views must stay protected.
+    admin = Blueprint("admin", __name__, url_prefix="/admin")
+    admin_docs = Blueprint("docs", __name__, url_prefix="/docs")
+
+    @admin_docs.get("/runbook")
+    def runbook() -> Any:
+        return jsonify(internal=True)
+
+    admin.register_blueprint(admin_docs)
+    # An exempted parent makes its nested blueprints public; an exempted child is public
+    # wherever it is nested.
+    parent = Blueprint("parent", __name__, url_prefix="/parent")
+    child = Blueprint("child", __name__, url_prefix="/child")
+
+    @child.get("/x")
+    def child_x() -> Any:
+        return jsonify(public=True)
+
+    parent.register_blueprint(child)
+    outer = Blueprint("outer", __name__, url_prefix="/outer")
+    inner = Blueprint("inner", __name__, url_prefix="/inner")
+
+    @inner.get("/y")
+    def inner_y() -> Any:
+        return jsonify(public=True)
+
+    outer.register_blueprint(inner)
+    app.llmauth.exempt(docs)
+    app.llmauth.exempt(parent)
+    app.llmauth.exempt(inner)
+    app.register_blueprint(docs, url_prefix="/docs")
+    app.register_blueprint(docs, name="docs_v2", url_prefix="/v2/docs")
+    app.register_blueprint(admin)
+    app.register_blueprint(parent)
+    app.register_blueprint(outer)
+    client = app.test_client()
+    for path in ("/docs/page", "/v2/docs/page", "/parent/child/x", "/outer/inner/y"):
+        assert client.get(path).status_code == 200, path
+    assert_error(client.get("/admin/docs/runbook"), 401)
+    assert client.get("/admin/docs/runbook", headers=ADMIN).get_json() == {"internal": True}

@@ -308,12 +308,16 @@ class RouteTable:
     """Classifies each URL rule once (by the rule object) and keeps the answer."""
 
     def __init__(self, public: RoutePatterns, explicit: Mapping[str, str],
-                 exempt_blueprints: Collection[str] = ()) -> None:
+                 exempt_blueprints: Collection[object] = (),
+                 blueprints: Mapping[str, object] | None = None) -> None:
         self.public = public
         self.explicit = explicit
-        #: The extension's live set: a blueprint exempted after ``init_app`` still counts
-        #: (rules are classified on their first request).
+        #: The extension's live set of exempted ``Blueprint`` objects: a blueprint exempted
+        #: after ``init_app`` still counts (rules are classified on their first request).
         self.exempt_blueprints = exempt_blueprints
+        #: The app's live ``app.blueprints`` (registered name, dotted when nested -> the
+        #: blueprint object): a blueprint registered after ``init_app`` is found too.
+        self.blueprints: Mapping[str, object] = blueprints if blueprints is not None else {}
         #: ``id(rule) -> info`` of the rules classified so far; the per-request path reads it
         #: directly. An id found here is the live rule's own: the rule it was taken from is
         #: kept alive in :attr:`_rules`, so no other object can have that id meanwhile.
@@ -329,13 +333,21 @@ class RouteTable:
         return info
 
     def _in_exempt_blueprint(self, endpoint: str) -> bool:
-        """``parent.child.view``: exempt when ``parent`` (and so its nested blueprints),
-        ``parent.child`` or the blueprint named ``child`` was exempted."""
+        """``parent.child.view``: exempt when the blueprint object registered as ``parent``
+        (and so its nested blueprints) or as ``parent.child`` was exempted. Registered names
+        are resolved to the blueprint objects, never compared as names: a blueprint
+        registered again under another ``name=`` stays exempt, and another blueprint that
+        only shares an exempted one's name (``admin.docs`` beside an exempted ``docs``)
+        is not made public."""
         parts = endpoint.split(".")[:-1]
         if not parts or not self.exempt_blueprints:
             return False
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        return bool(prefixes & set(self.exempt_blueprints)) or parts[-1] in self.exempt_blueprints
+        exempt = self.exempt_blueprints
+        for i in range(1, len(parts) + 1):
+            blueprint = self.blueprints.get(".".join(parts[:i]))
+            if blueprint is not None and any(blueprint is e for e in exempt):
+                return True
+        return False
 
     def _classify(self, rule: Rule, view: Any) -> RouteInfo:
         endpoint = rule.endpoint
