@@ -786,6 +786,8 @@ class Budgets:
             ticket.finished = time.monotonic()
             return
         cost = 0
+        if usage is None and not failed:  # an answer without usage: its prompt estimate,
+            usage = Usage(admission.sizes[0], 0, admission.model, True)  # as the ledger's
         if usage is not None:
             from .prices import cost_units
 
