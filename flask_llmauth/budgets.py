@@ -47,7 +47,7 @@ from .durations import Duration, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
-from .prices import FEMTO_PER_UNIT, Price, prices_for
+from .prices import FEMTO_PER_UNIT, Price, alias_price, prices_for, settled_price
 from .principal import Principal
 from .signals import budget_exceeded, soft_budget_crossed
 from .signals import send as send_signal
@@ -606,12 +606,12 @@ def _worst_price(table: Any, model: str | None, names: Sequence[str]) -> Price:
     """The price a request's worst case is reserved at: the requested name's; else, for a
     name the tables do not know (a key or team alias, a ``model_list`` name), the highest
     price of the models it stands for (the upstream reports one of them, and the spend is
-    priced by it); else the unknown-model price."""
+    priced by it, or by this price when it reports a name no table knows); else the
+    unknown-model price."""
     if table.lookup(model) is None:
-        known = [price for price in map(table.lookup, names[1:]) if price is not None]
-        if known:
-            return Price(max(price.input for price in known),
-                         max(price.output for price in known))
+        price = alias_price(table, names)
+        if price is not None:
+            return price
     return table.price(model)
 
 
@@ -789,9 +789,11 @@ class Budgets:
         if usage is None and not failed:  # an answer without usage: its prompt estimate,
             usage = Usage(admission.sizes[0], 0, admission.model, True)  # as the ledger's
         if usage is not None:
-            from .prices import cost_units
-
-            cost = cost_units(admission.model, usage, self.settings)
+            model, principal = admission.model, admission.principal
+            price = settled_price(prices_for(self.settings), model, usage.model,
+                                  lambda name: self._model_names(principal, name))
+            cost = -(-(usage.prompt_tokens * price.input
+                       + usage.completion_tokens * price.output) // FEMTO_PER_UNIT)
         if not cost:
             ticket.release()
             return

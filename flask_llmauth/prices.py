@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from importlib import resources
 from typing import Any, NamedTuple
@@ -178,6 +178,34 @@ class PriceTable:
                                 "price (LLMAUTH_UNKNOWN_MODEL_PRICE); set LLMAUTH_MODEL_PRICES",
                                 name[:100])
         return self.unknown
+
+
+def alias_price(table: PriceTable, names: Sequence[str]) -> Price | None:
+    """The price of a name the table does not know that stands for other models (a key or
+    team alias, a ``model_list`` name: ``names[1:]``, as
+    :meth:`~flask_llmauth.authz.models.ModelAccess.names_for` answers): the highest input
+    and output prices of those the table knows, or ``None`` when it knows none."""
+    known = [price for price in map(table.lookup, names[1:]) if price is not None]
+    if not known:
+        return None
+    return Price(max(price.input for price in known), max(price.output for price in known))
+
+
+def settled_price(table: PriceTable, model: str | None, reported: str | None,
+                  names_for: Callable[[str], Sequence[str]]) -> Price:
+    """The price a finished request is charged at: the requested name's, else the name the
+    response reported, else — for an alias no table knows answered by a model no table
+    knows (a private deployment name) — the price the alias stands for
+    (:func:`alias_price`, the price its worst case was reserved at), else the
+    unknown-model price."""
+    price = table.lookup(model)
+    if price is None:
+        price = table.lookup(reported)
+        if price is None and model:
+            price = alias_price(table, names_for(model))
+        if price is None:
+            price = table.price(model, reported)
+    return price
 
 
 def _units(price: Price, prompt_tokens: int, completion_tokens: int) -> int:

@@ -44,7 +44,7 @@ from .authz.routes import RouteInfo
 from .budgets import Ticket
 from .errors import ConfigurationError, ServiceUnavailable
 from .guards import Admission
-from .prices import FEMTO_PER_UNIT, cost_units, prices_for
+from .prices import FEMTO_PER_UNIT, Price, alias_price, cost_units, prices_for, settled_price
 from .principal import Principal
 from .store.db import Store
 from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
@@ -125,6 +125,15 @@ MAX_SPEND = 2**62
 
 
 # -- the ledger ---------------------------------------------------------------------------------
+
+
+class AliasBody(NamedTuple):
+    """A request body whose prompt the ledger estimates at ``price``: the request named an
+    alias no price table knows (``SpendEvent.prompt_body``; a JSON body is never a
+    tuple)."""
+
+    body: Any
+    price: Price
 
 
 #: ``_spend_event((all 18 fields))``: a :class:`SpendEvent` built without the Python-level
@@ -241,6 +250,9 @@ class SpendLedger:
 
     def _estimate(self, event: SpendEvent) -> SpendEvent:
         body = event.prompt_body
+        price: Price | None = None
+        if type(body) is AliasBody:  # an alias no table knows: priced as it stands for
+            body, price = body
         try:  # walks any JSON body without recursion; an event is never lost to it
             prompt = estimate_prompt_tokens(body)
         except Exception:
@@ -248,8 +260,11 @@ class SpendLedger:
                           "logged with none", event.request_id)
             prompt = 0
         try:
-            cost = (0 if self.price is None
-                    else self.price(event.model, Usage(prompt, 0, event.model)))
+            if price is not None:
+                cost = -(-prompt * price.input // FEMTO_PER_UNIT)
+            else:
+                cost = (0 if self.price is None
+                        else self.price(event.model, Usage(prompt, 0, event.model)))
         except Exception:
             log.exception("llmauth: the estimated prompt of request %s (model %r) cannot be "
                           "priced; it is logged at no cost", event.request_id, event.model)
@@ -375,10 +390,13 @@ class SpendGuard:
     #: :meth:`admit` does nothing: not called (see :class:`~flask_llmauth.guards.Guards`).
     admits = False
 
-    def __init__(self, settings: Any, ledger: SpendLedger) -> None:
+    def __init__(self, settings: Any, ledger: SpendLedger,
+                 names_for: Callable[[Principal, str], Sequence[str]] | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.prices = prices_for(settings)
+        #: The names a requested model stands for (aliases, ``model_list`` deployments).
+        self.names_for = names_for or (lambda principal, model: (model,))
         #: Model name -> its price in whole money units per token, when the price table's
         #: memo knows the name and the price is one (most are): a cost is then exact
         #: without the femto-dollar products and their rounding.
@@ -401,8 +419,10 @@ class SpendGuard:
                 cost = prompt * per_token[0] + completion * per_token[1]
             else:
                 price = self.prices.memo.get(model) if model else None
-                if price is None:
-                    price = self.prices.price(model, reported)
+                if price is None:  # not known (yet): maybe an alias answered by an
+                    principal = admission.principal  # unknown model
+                    price = settled_price(self.prices, model, reported,
+                                          partial(self.names_for, principal))
                 elif (not price[0] % FEMTO_PER_UNIT and not price[1] % FEMTO_PER_UNIT
                         and len(self._per_token) < 4096):
                     self._per_token[model] = (price[0] // FEMTO_PER_UNIT,  # type: ignore[index]
@@ -414,6 +434,12 @@ class SpendGuard:
             estimated = not failed  # an answer without usage: charged its prompt estimate,
             if estimated:  # which the ledger computes later, off the request path
                 body = admission.body
+                if model and self.prices.memo.get(model) is None:  # an alias no table
+                    table = self.prices  # knows: its estimate is priced as it stands for
+                    price = (alias_price(table, self.names_for(admission.principal, model))
+                             if table.lookup(model) is None else None)
+                    if price is not None:
+                        body = AliasBody(body, price)
         principal = admission.principal
         reservations = admission.scratch.get(RESERVATIONS, ())
         if type(reservations) is Ticket:  # the budget guard's: it ends here (Budgets.settles)
@@ -456,7 +482,7 @@ def install(state: Any, app: Flask) -> None:
                          queue_limit=settings.spend_queue_limit,
                          price=lambda model, usage: cost_units(model, usage, settings))
     state.spend_ledger = ledger
-    guard = SpendGuard(settings, ledger)
+    guard = SpendGuard(settings, ledger, state.models.names_for)
     state.guards.add(guard)
     background = state.background
 
