@@ -59,6 +59,9 @@ _SPEND_LOG = SpendLog._meta.table_name
 _CHUNK = 400
 _INF = math.inf
 _NONE: list[Any] = []  # no soft budget crossed (never appended to)
+#: ``Ticket.finished`` of a request whose spend event the spend ledger holds: it never
+#: expires from a lease (the ledger stamps the time when it drops the event instead).
+QUEUED = math.inf
 
 
 def _epoch(value: datetime | None) -> float:
@@ -153,7 +156,9 @@ class Ticket:
 
     A request that ends sets ``finished`` (no lock, no lease touched): its worst case stays
     in its leases until its spend is known to be written, or ``LLMAUTH_BUDGET_RESERVATION_TTL``
-    after ``finished`` (the spend ledger dropped it)."""
+    after ``finished`` when its spend is not going to be written. While the spend ledger
+    holds its event (``QUEUED``: the database may be down for longer than the TTL) it stays
+    whatever its age; the ledger stamps the time when it drops the event."""
 
     __slots__ = ("request_id", "leases", "need", "admitted", "finished", "soft_rows")
 
@@ -166,7 +171,9 @@ class Ticket:
         self.need = need
         #: ``time.time()`` when it was admitted.
         self.admitted = admitted
-        #: ``time.monotonic()`` when it ended (``None``: in flight).
+        #: ``time.monotonic()`` when it ended and its spend is not going to be written by
+        #: the spend ledger (written by the budget guard, or dropped by the ledger);
+        #: ``QUEUED`` while the ledger holds its event; ``None``: in flight.
         self.finished: float | None = None
         #: Rows of the soft-only budgets ``(table, id, lock order, is_counter)``.
         self.soft_rows: Sequence[tuple[str, int, tuple[Any, ...], bool]] = ()
@@ -212,6 +219,10 @@ class Leases:
     @property
     def has_leases(self) -> bool:
         return bool(self._leases)
+
+    def live_ids(self) -> set[str]:
+        """The reservation rows of this process's leases (the expiry sweep keeps them)."""
+        return {lease.lease_id for lease in list(self._leases.values()) if not lease.dead}
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -405,7 +416,9 @@ class Leases:
     def _expire(self, lease: Lease) -> None:
         """Under ``lease.lock``: a finished request whose spend was not written within the
         reservation TTL (the spend ledger dropped it) leaves the lease, as a crashed
-        request's reservation does. Requests in flight stay."""
+        request's reservation does. Requests in flight stay, and so do those whose spend
+        event the spend ledger still holds (``QUEUED``: it is written when the database
+        answers again, however long after the TTL)."""
         limit = time.monotonic() - self.ttl
         admitted_by = time.time() - self.ttl
         expired = []

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -459,9 +459,10 @@ class Ledger:
                         raise
                     time.sleep(0.005 * (attempt + 1))
 
-    def sweep(self, now: datetime | None = None) -> int:
+    def sweep(self, now: datetime | None = None, keep: Container[str] = ()) -> int:
         """Release reservations past their expiry (their process crashed, or a stream ran
-        longer than ``LLMAUTH_BUDGET_RESERVATION_TTL``); return how many."""
+        longer than ``LLMAUTH_BUDGET_RESERVATION_TTL``), except those named in ``keep``
+        (the sweeping process's own live leases); return how many."""
         now = now or utcnow()
         count = 0
         with self.store.use():
@@ -469,7 +470,8 @@ class Ledger:
                                                     BudgetReservation.parts)
                            .where(BudgetReservation.expires_at <= now).limit(10_000))
         for row in expired:
-            count += self._release_expired(row.request_id, now)
+            if row.request_id not in keep:
+                count += self._release_expired(row.request_id, now)
         if count:
             log.warning("llmauth: released %d expired budget reservation(s)", count)
         return count
@@ -783,7 +785,7 @@ class Budgets:
         if spend_guard is not None and spend_guard in admission.guards:
             # the spend ledger writes the spend; the leases learn it from its batch (the
             # spend guard stamps the ticket when it settles: see ``settles``)
-            ticket.finished = time.monotonic()
+            ticket.finished = QUEUED
             return
         cost = 0
         if usage is None and not failed:  # an answer without usage: its prompt estimate,
@@ -919,9 +921,36 @@ def install(state: Any, app: Flask) -> None:
     state.guards.add(guard)
     ledger = guard.ledger
 
+    # While this process's expiry sweep cannot reach the database (an outage: no process
+    # can refresh its lease rows meanwhile), when it last could; when it last swept.
+    lost: list[datetime | None] = [None]
+    swept: list[datetime | None] = [None]
+
+    def sweep_expired() -> None:
+        """Release expired reservations but this process's live leases (they are refreshed
+        by its lease sweep; they expire while it lives only when it cannot reach the
+        database, and its queued spend is still held by them). The first sweep after the
+        database could not be reached releases only what had expired before: the rows that
+        expired during the outage belong to processes that could not refresh them either;
+        they refresh them within ``LLMAUTH_BUDGET_LEASE_IDLE`` of its return, and a
+        crashed one's are released at the next sweep."""
+        now = utcnow()
+        cutoff = now if lost[0] is None else min(now, lost[0])
+        try:
+            ledger.sweep(cutoff, keep=guard.leases.live_ids())
+        except Exception:
+            if lost[0] is None:
+                lost[0] = swept[0] or now
+            raise
+        lost[0], swept[0] = None, now
+
     def sweep() -> None:
         if ledger.reserved_once:
-            ledger.sweep()
+            sweep_expired()
+
+    def reset() -> None:
+        ledger.reset_due()
+        sweep_expired()
 
     def leases() -> None:
         final = not state.background.started  # the last pass (shutdown)
@@ -933,8 +962,8 @@ def install(state: Any, app: Flask) -> None:
                            "budget-reservations", sweep)
     state.background.every(settings.budget_lease_idle, "budget-leases", leases)
     if settings.budget_reset_interval:
-        state.background.every(settings.budget_reset_interval, "budget-reset",
-                               lambda: (ledger.reset_due(), ledger.sweep()), at_stop=False)
+        state.background.every(settings.budget_reset_interval, "budget-reset", reset,
+                               at_stop=False)
 
 
 # -- /key/{key}/reset_spend ----------------------------------------------------------------------
@@ -976,4 +1005,4 @@ def reset_key_spend(state: Any, actor: Principal, identifier: str, reset_to: int
 
 
 # The leases use the statements above (a circular import, resolved here at the end).
-from .budget_leases import Lease, Ticket  # noqa: E402
+from .budget_leases import QUEUED, Lease, Ticket  # noqa: E402

@@ -41,7 +41,7 @@ import peewee
 from flask import Flask
 
 from .authz.routes import RouteInfo
-from .budgets import Ticket
+from .budgets import QUEUED, Ticket
 from .errors import ConfigurationError, ServiceUnavailable
 from .guards import Admission
 from .prices import FEMTO_PER_UNIT, Price, alias_price, cost_units, prices_for, settled_price
@@ -228,6 +228,7 @@ class SpendLedger:
                 raise
             except Exception as exc:
                 self.failed += 1
+                _drop(event)
                 log.error("llmauth: spend of request %s (%d units, key_id=%s) cannot be "
                           "written and is dropped: %s", event.request_id, event.spend,
                           event.key_id, type(exc).__name__, exc_info=True)
@@ -346,6 +347,7 @@ class SpendLedger:
                 db.execute_sql(sql, (amounts[ident], *ids))
 
     def _note_dropped(self, event: SpendEvent) -> None:
+        _drop(event)
         self._dropped += 1
         now = time.monotonic()
         if now - self._dropped_reported >= 60.0:
@@ -353,6 +355,14 @@ class SpendLedger:
             log.error("llmauth: spend queue full (%d events; is the database down?): %d "
                       "spend event(s) dropped so far, the latest request %s cost %d units",
                       self.queue_limit, self._dropped, event.request_id, event.spend)
+
+
+def _drop(event: SpendEvent) -> None:
+    """The ledger drops ``event``: the budget leases that hold its worst case (``QUEUED``
+    while the ledger held it) release it ``LLMAUTH_BUDGET_RESERVATION_TTL`` from now."""
+    ticket = event.reservations
+    if type(ticket) is Ticket and ticket.finished is QUEUED:
+        ticket.finished = time.monotonic()
 
 
 #: Characters no column can hold: NUL (Postgres text) and lone UTF-16 surrogates (no driver
@@ -443,8 +453,8 @@ class SpendGuard:
         principal = admission.principal
         reservations = admission.scratch.get(RESERVATIONS, ())
         if type(reservations) is Ticket:  # the budget guard's: it ends here (Budgets.settles)
-            if cost or estimated:
-                reservations.finished = time.monotonic()
+            if cost or estimated:  # in its leases while the ledger holds the event (``_drop``)
+                reservations.finished = QUEUED
             else:  # nothing spent: the worst case goes back at once, not when this is written
                 reservations.release()
                 reservations = ()

@@ -4,6 +4,7 @@ knows — on SQLite and Postgres."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -122,3 +123,178 @@ def test_a_known_reported_model_still_prices_an_alias(app_factory: Any, db_url: 
     assert client.post(CHAT, headers=bearer(key["key"]),
                        json={"model": "fast", "max_tokens": 10}).status_code == 200
     assert key_spend(app, key["key_id"]) == 0
+
+
+# -- a database outage longer than the reservation TTL ------------------------------------------
+
+
+def later(monkeypatch: Any, seconds: float) -> None:
+    """Every clock the budgets and the spend ledger read, ``seconds`` later."""
+    import time
+    import types
+
+    from flask_llmauth import budget_leases, budgets, spend
+    from flask_llmauth.durations import utcnow
+
+    shifted = types.SimpleNamespace(monotonic=lambda: time.monotonic() + seconds,
+                                    time=lambda: time.time() + seconds, sleep=time.sleep)
+    for module in (budget_leases, budgets, spend):
+        monkeypatch.setattr(module, "time", shifted)
+    for module in (budget_leases, budgets):
+        monkeypatch.setattr(module, "utcnow", lambda: utcnow() + timedelta(seconds=seconds))
+
+
+def run_task(app: Flask, name: str) -> None:
+    """Run one of the app's background tasks now, as its thread would (failures logged)."""
+    from flask_llmauth.background import _run
+
+    background = app.extensions["llmauth"].background
+    _run(next(task for task in background._tasks if task.name == name))
+
+
+def wait_for_database(*apps: Flask) -> None:
+    """After the proxy is restored: each app's pool may hand out a dead connection first."""
+    import time
+
+    from flask_llmauth.errors import ServiceUnavailable
+
+    deadline = time.monotonic() + 20
+    for app in apps:
+        ok = 0
+        while ok < 3:
+            try:
+                app.extensions["llmauth"].store.ping()
+                ok += 1
+            except ServiceUnavailable:
+                assert time.monotonic() < deadline, "the database never came back"
+                ok = 0
+                time.sleep(0.2)
+
+
+@pytest.mark.postgres
+def test_queued_spend_stays_reserved_through_an_outage_longer_than_the_ttl(
+        app_factory: Any, postgres_url: str, monkeypatch: Any, caplog: Any) -> None:
+    """Two processes (A, B) on one Postgres, cut away for longer than
+    ``LLMAUTH_BUDGET_RESERVATION_TTL``. During the outage A admits requests from its lease
+    and queues their spend. When the database is back, until A has written that spend, its
+    worst cases must stay reserved in A's lease row, or B admits against room that is spent:
+
+    * B's expiry sweep released A's lease row as if A had crashed (B could not reach the
+      database either: A could not refresh it);
+    * A's own expiry sweep released A's own live lease row;
+    * A's lease sweep took the requests whose spend was queued out of the lease as if the
+      spend ledger had dropped them (finished longer than the TTL ago).
+
+    Each let the budget be passed by what A had spent during the outage."""
+    from tests.helpers import TcpProxy
+    from tests.test_budgets import add_llm_routes, chat, flush
+
+    host, _, port = postgres_url.split("@", 1)[1].split("/", 1)[0].partition(":")
+    proxy = TcpProxy(host, int(port or 5432))
+    url = proxy.url(postgres_url)
+    config = {"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+              "LLMAUTH_BUDGET_RESERVATION_TTL": 60, "LLMAUTH_BUDGET_LEASE_IDLE": 30,
+              "LLMAUTH_BUDGET_LEASE_FRACTION": 0.5, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600}
+    a, b = app_factory(config, db_url=url, routes=False), app_factory(config, db_url=url,
+                                                                      routes=False)
+    for app in (a, b):
+        add_llm_routes(app)
+        app.extensions["llmauth"].background.started = True  # passes are run by hand
+    ca, cb = a.test_client(), b.test_client()
+    w = 10_000  # each request's worst case, and what it spends (10 completion tokens)
+    try:
+        key = new_key(ca, max_budget=usd(20 * w))
+        other = new_key(cb, max_budget=usd(20 * w))
+        assert chat(ca, key["key"], completion=10).status_code == 200  # A leases 10 w
+        assert chat(cb, other["key"], completion=10).status_code == 200  # B leases too
+        run_task(a, "budget-leases")  # the written spend leaves A's lease: it holds 9 w
+        proxy.cut()
+        for _ in range(5):  # admitted from A's lease; their spend stays queued
+            response = ca.post(CHAT, headers=bearer(key["key"]),
+                               json={"model": "budget-model", "max_tokens": 10,
+                                     "completion": 10})
+            assert response.status_code == 200
+        for app in (a, b):  # the background passes during the outage fail
+            for task in ("budget-reservations", "budget-leases", "spend"):
+                run_task(app, task)
+        assert a.extensions["llmauth"].spend_ledger.pending == 5
+        later(monkeypatch, 65)  # the outage outlasts the TTL (and A's lease idles)
+        for app in (a, b):
+            for task in ("budget-reservations", "budget-leases"):
+                run_task(app, task)
+        proxy.restore()
+        wait_for_database(a, b)
+        caplog.set_level("WARNING", logger="flask_llmauth")
+        admitted = 0
+        run_task(b, "budget-reservations")  # B's sweep first,
+        run_task(a, "budget-reservations")  # then A's own,
+        while chat(cb, key["key"], completion=10).status_code == 200:  # and B spends
+            admitted += 1
+        run_task(a, "budget-leases")  # A's lease sweep (not its spend flush yet)
+        while chat(cb, key["key"], completion=10).status_code == 200:
+            admitted += 1
+        run_task(a, "spend")  # A writes what it queued during the outage
+        assert a.extensions["llmauth"].spend_ledger.pending == 0
+        for app in (a, b):
+            give_back(app)
+        with a.extensions["llmauth"].store.use():
+            k = Key.get(Key.key_id == key["key_id"])
+        assert k.spend == (1 + 5 + admitted) * w  # every request counted once
+        assert k.spend <= 20 * w, f"the budget was passed: B admitted {admitted}"
+        assert k.reserved == 0
+        assert "expired while it was alive" not in caplog.text
+        flush(b)
+    finally:
+        proxy.cut()
+        for app in (a, b):
+            app.extensions["llmauth"].close()
+        proxy.restore()
+
+
+def test_a_process_never_releases_its_own_live_lease_rows(app_factory: Any, db_url: str,
+                                                         monkeypatch: Any,
+                                                         caplog: Any) -> None:
+    """A process stalled past the TTL (its lease rows expired, no outage seen) runs its
+    expiry sweep before its lease sweep refreshes them: the sweep released its own live
+    lease, and until the lease sweep reserved it again (with a warning) what the process
+    held — requests in flight, queued spend — was not reserved in the database. Another
+    process's sweep still releases a lease whose owner is gone."""
+    from flask_llmauth.store.tables import BudgetReservation
+    from tests.test_budgets import add_llm_routes, chat
+
+    config = {"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+              "LLMAUTH_BUDGET_RESERVATION_TTL": 60, "LLMAUTH_BUDGET_LEASE_IDLE": 30}
+    a = app_factory(config, db_url=db_url, routes=False)
+    add_llm_routes(a)
+    a.extensions["llmauth"].background.started = True  # passes are run by hand
+    client = a.test_client()
+    key = new_key(client, max_budget=usd(10**9))
+    held = client.post(CHAT, headers=bearer(key["key"]), json={  # in flight: a stream
+        "model": "budget-model", "max_tokens": 10, "stream": True, "completion": 1})
+    assert held.status_code == 200
+    store = a.extensions["llmauth"].store
+
+    def reserved() -> int:
+        with store.use():
+            return Key.get(Key.key_id == key["key_id"]).reserved
+
+    before = reserved()
+    assert before > 0
+    later(monkeypatch, 65)  # the lease row is past its expiry: the process was stalled
+    caplog.set_level("WARNING", logger="flask_llmauth")
+    run_task(a, "budget-reservations")  # its own sweep runs first
+    assert reserved() == before  # its live lease is kept
+    run_task(a, "budget-leases")  # then its lease sweep refreshes the row
+    assert "expired while it was alive" not in caplog.text
+    assert reserved() > 0
+    with store.use():
+        assert BudgetReservation.select().count() == 1
+    held.close()
+    monkeypatch.undo()
+    b = app_factory(config, db_url=db_url, routes=False)  # another process
+    add_llm_routes(b)
+    assert chat(b.test_client(), key["key"], completion=1).status_code == 200
+    ledger = b.extensions["llmauth"].budgets.ledger
+    from flask_llmauth.durations import utcnow
+
+    assert ledger.sweep(utcnow() + timedelta(hours=2)) >= 1  # released as if it crashed
