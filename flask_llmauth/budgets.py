@@ -43,7 +43,7 @@ from flask import Flask, current_app
 
 from .authz.routes import RouteInfo
 from .config import Settings
-from .durations import Duration, parse_duration, utcnow
+from .durations import add_months, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
@@ -102,6 +102,8 @@ class Budget:
     #: new row the id of a deleted newest row, so statements on the row match it too
     #: (``None``: by id alone).
     born: datetime | None = None
+    #: The day of the month the entity row's month windows end on (``budget_reset_day``).
+    reset_day: int | None = None
     #: The row's identity (the key of this process's lease of it).
     ident: tuple[Any, ...] = ()
 
@@ -149,7 +151,8 @@ def _entity(level: str, label: str, table: Any, record: Any, max_budget: int | N
         return None
     return Budget(level, label, (table._meta.table_name, record.id), None, max_budget,
                   soft_budget, _duration(duration), record.budget_reset_at,
-                  getattr(record, "created_at", None))
+                  getattr(record, "created_at", None),
+                  getattr(record, "budget_reset_day", None))
 
 
 def has_budget(principal: Principal) -> bool:
@@ -240,9 +243,15 @@ def resolve(principal: Principal, model_names: Sequence[str], end_user_id: str |
 # -- windows ---------------------------------------------------------------------------------------
 
 
-def next_reset(duration: str, previous: datetime | None, now: datetime) -> datetime:
+def next_reset(duration: str, previous: datetime | None, now: datetime,
+               day: int | None = None) -> datetime:
     """The end of the window that contains ``now``: ``previous`` stepped forward by whole
-    durations (the schedule is kept), or ``now + duration`` when there was none."""
+    durations (the schedule is kept), or ``now + duration`` when there was none.
+
+    Month windows end on ``day`` of the month (the schedule's ``budget_reset_day``; default
+    ``previous``'s day), clamped to shorter months: a schedule set on a 31st ends on Feb 28,
+    then on Mar 31 — not on the 28th for good once a short month clamped it. Windows
+    skipped at once are counted from ``previous``, never one clamped step after another."""
     parsed = parse_duration(duration)
     if previous is None or previous > now + timedelta(days=400 * 100):
         return parsed.after(now)
@@ -251,12 +260,13 @@ def next_reset(duration: str, previous: datetime | None, now: datetime) -> datet
     if not parsed.months:
         steps = int((now - previous).total_seconds() // parsed.seconds) + 1
         return previous + timedelta(seconds=parsed.seconds * steps)
-    current = previous
-    for _ in range(20_000):
-        current = Duration(parsed.text, months=parsed.months).after(current)
+    elapsed = (now.year - previous.year) * 12 + now.month - previous.month
+    steps = max(1, elapsed // parsed.months - 1)  # every earlier step ends before now
+    while True:
+        current = add_months(previous, parsed.months * steps, day)
         if current > now:
             return current
-    return parsed.after(now)
+        steps += 1
 
 
 def first_window_end(duration: str, created_at: datetime | None) -> datetime | None:
@@ -337,33 +347,48 @@ class Ledger:
         sets: list[str] = []
         values: list[Any] = []
         if budget.duration is not None:
+            parsed = parse_duration(budget.duration)
             # a membership row without a window end (see first_window_end): its windows
             # count from created_at, so it is not reset before its first window is over
             first = (first_window_end(budget.duration, budget.born)
                      if budget.row is not None and budget.row[0] == MEMBERSHIP_TABLE else None)
-            new = next_reset(budget.duration, budget.reset_at or first, now)
+            previous = budget.reset_at or first
+            # the day month windows end on: kept (a row written before it was recorded
+            # takes its window end's), or the day its schedule started on
+            if budget.reset_at is not None:
+                day = parsed.day(budget.reset_at) and (budget.reset_day or budget.reset_at.day)
+            else:
+                day = parsed.day(budget.born if first is not None and budget.born else now)
+            new = next_reset(budget.duration, previous, now, day)
             if first is None or first <= now:
                 due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
                 ends, ends_values = f'CASE WHEN {due} THEN {p}', [now, new]
+                days, days_values = f'CASE WHEN {due} THEN {p}', [now, day]
             else:  # in its first window: it gets the window's end, its spend stays
                 due = f'("budget_reset_at" <= {p})'
                 ends = f'CASE WHEN "budget_reset_at" IS NULL THEN {p} WHEN {due} THEN {p}'
                 ends_values = [first, now, new]
+                days = f'CASE WHEN "budget_reset_at" IS NULL OR {due} THEN {p}'
+                days_values = [now, day]
             sets += [f'"spend" = CASE WHEN {due} THEN 0 ELSE "spend" END',
                      f'"soft_alerted" = CASE WHEN {due} THEN {p} ELSE "soft_alerted" END',
-                     f'"budget_reset_at" = {ends} ELSE "budget_reset_at" END']
-            values += [now, now, False, *ends_values]
+                     f'"budget_reset_at" = {ends} ELSE "budget_reset_at" END',
+                     f'"budget_reset_day" = {days} ELSE "budget_reset_day" END']
+            values += [now, now, False, *ends_values, *days_values]
             if budget.counter is not None:  # the CLI resets counters by their own duration
                 # another duration starts a new schedule (as setting an entity's does)
-                sets[-1] = (f'"budget_reset_at" = CASE WHEN {due} THEN {p} WHEN '
-                            f'"budget_duration" IS NULL OR "budget_duration" <> {p} THEN {p} '
-                            f'ELSE "budget_reset_at" END')
+                changed = f'"budget_duration" IS NULL OR "budget_duration" <> {p}'
+                sets[-2] = (f'"budget_reset_at" = CASE WHEN {due} THEN {p} WHEN {changed} '
+                            f'THEN {p} ELSE "budget_reset_at" END')
+                sets[-1] = (f'"budget_reset_day" = CASE WHEN {due} OR {changed} THEN {p} '
+                            f'ELSE "budget_reset_day" END')
                 sets.append(f'"budget_duration" = {p}')
-                values += [budget.duration, parse_duration(budget.duration).after(now),
-                           budget.duration]
+                values[-4:] = [now, new, budget.duration, parsed.after(now), now,
+                               budget.duration, day, budget.duration]
         elif budget.counter is not None and budget.level != "sweep":
             # no window (any more): the CLI must not reset it by a duration it had
-            sets += ['"budget_duration" = NULL', '"budget_reset_at" = NULL']
+            sets += ['"budget_duration" = NULL', '"budget_reset_at" = NULL',
+                     '"budget_reset_day" = NULL']
         else:
             sets.append('"reserved" = "reserved"')
         sql = (f'UPDATE "{self._table(budget)}" SET {", ".join(sets)} '  # noqa: S608
@@ -388,12 +413,14 @@ class Ledger:
     def _create_counter(self, db: Any, budget: Budget, now: datetime) -> None:
         p = self.p
         scope, entity, model = budget.counter  # type: ignore[misc]
-        reset = parse_duration(budget.duration).after(now) if budget.duration else None
+        parsed = parse_duration(budget.duration) if budget.duration else None
+        reset = parsed.after(now) if parsed else None
+        day = parsed.day(now) if parsed else None
         sql = (f'INSERT INTO "{COUNTER_TABLE}" ("scope", "entity_id", "model", "spend", '  # noqa: S608
-               f'"reserved", "budget_duration", "budget_reset_at", "soft_alerted") VALUES '
-               f'({p}, {p}, {p}, 0, 0, {p}, {p}, {p}) '
+               f'"reserved", "budget_duration", "budget_reset_at", "budget_reset_day", '
+               f'"soft_alerted") VALUES ({p}, {p}, {p}, 0, 0, {p}, {p}, {p}, {p}) '
                f'ON CONFLICT ("scope", "entity_id", "model") DO NOTHING')
-        db.execute_sql(sql, [scope, entity, model, budget.duration, reset, False])
+        db.execute_sql(sql, [scope, entity, model, budget.duration, reset, day, False])
 
     def _mark_soft(self, db: Any, table: str, row_id: int) -> bool:
         p = self.p
@@ -522,7 +549,8 @@ class Ledger:
                     # a member without a window of its own follows its team's default one
                     rows = db.execute_sql(
                         f'SELECT m."id", m."budget_reset_at", COALESCE(m."budget_duration", '  # noqa: S608
-                        f't."team_member_budget_duration"), m."created_at" FROM "{table}" m '
+                        f't."team_member_budget_duration"), m."created_at", '
+                        f'm."budget_reset_day" FROM "{table}" m '
                         f'LEFT JOIN "{team}" t ON t."team_id" = m."team_id" '
                         f'WHERE (m."budget_duration" IS NOT NULL OR '
                         f't."team_member_budget_duration" IS NOT NULL) AND '
@@ -530,34 +558,41 @@ class Ledger:
                         [now]).fetchall()
                 else:
                     rows = db.execute_sql(
-                        f'SELECT "id", "budget_reset_at", "budget_duration", NULL '  # noqa: S608
-                        f'FROM "{table}" WHERE "budget_duration" IS NOT NULL AND '
-                        f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
+                        f'SELECT "id", "budget_reset_at", "budget_duration", NULL, '  # noqa: S608
+                        f'"budget_reset_day" FROM "{table}" WHERE "budget_duration" IS NOT NULL '
+                        f'AND ("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
                         [now]).fetchall()
                 count = 0
-                for row_id, previous, duration, created_at in rows:
+                for row_id, previous, duration, created_at, day in rows:
                     duration = _duration(duration)
                     if duration is None:
                         continue
                     previous = _as_datetime(previous)
+                    parsed = parse_duration(duration)
                     if previous is None and table == MEMBERSHIP_TABLE:
-                        first = first_window_end(duration, _as_datetime(created_at))
+                        created_at = _as_datetime(created_at)
+                        first = first_window_end(duration, created_at)
                         if first is not None and first > now:
                             # in its first window (from created_at): not over, not reset
                             with db.atomic():
                                 db.execute_sql(
-                                    f'UPDATE "{table}" SET "budget_reset_at" = {p} '  # noqa: S608
+                                    f'UPDATE "{table}" SET "budget_reset_at" = {p}, '  # noqa: S608
+                                    f'"budget_reset_day" = {p} '
                                     f'WHERE "id" = {p} AND "budget_reset_at" IS NULL',
-                                    [first, row_id])
+                                    [first, created_at and parsed.day(created_at), row_id])
                             continue
-                        previous = first
-                    new = next_reset(duration, previous, now)
+                        if first is not None and created_at is not None:
+                            previous, day = first, parsed.day(created_at)
+                    day = (parsed.day(now) if previous is None
+                           else parsed.day(previous) and (day or previous.day))
+                    new = next_reset(duration, previous, now, day)
                     with db.atomic():
                         cursor = db.execute_sql(
                             f'UPDATE "{table}" SET "spend" = 0, {soft}'  # noqa: S608
-                            f'"budget_reset_at" = {p} WHERE "id" = {p} AND '
+                            f'"budget_reset_at" = {p}, "budget_reset_day" = {p} '
+                            f'WHERE "id" = {p} AND '
                             f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})',
-                            [*([False] if soft else []), new, row_id, now])
+                            [*([False] if soft else []), new, day, row_id, now])
                     count += cursor.rowcount
                 done[table] = count
         return done

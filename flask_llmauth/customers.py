@@ -128,6 +128,7 @@ class CustomerService:
             if name == "budget_duration":
                 customer.budget_duration = None if value is None else value.text
                 customer.budget_reset_at = None if value is None else value.after(now)
+                customer.budget_reset_day = None if value is None else value.day(now)
             elif name in _PLAIN_FIELDS:
                 if name in ("blocked", "spend") and value is None:
                     raise BadRequest(f"Field '{name}' must not be null.", param=name)

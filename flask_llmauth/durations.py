@@ -24,14 +24,26 @@ class Duration:
         """The instant this duration after ``start`` (month steps clamp to the month's end)."""
         if not self.months:
             return start + timedelta(seconds=self.seconds)
-        month_index = start.month - 1 + self.months
-        year, month = start.year + month_index // 12, month_index % 12 + 1
-        day = min(start.day, calendar.monthrange(year, month)[1])
-        return start.replace(year=year, month=month, day=day)
+        return add_months(start, self.months)
+
+    def day(self, start: datetime) -> int | None:
+        """The day of the month a schedule of windows of this duration starting at
+        ``start`` ends on (``budget_reset_day``): ``start``'s for months, else ``None``."""
+        return start.day if self.months else None
 
     @property
     def approx_seconds(self) -> int:
         return self.seconds + self.months * 30 * 86400
+
+
+def add_months(start: datetime, months: int, day: int | None = None) -> datetime:
+    """``start`` moved ``months`` calendar months on, to ``day`` of that month (default:
+    ``start``'s day), clamped to the month's end (Jan 31 + 1 month: Feb 28)."""
+    month_index = start.month - 1 + months
+    year, month = start.year + month_index // 12, month_index % 12 + 1
+    wanted = day if day is not None and 1 <= day <= 31 else start.day
+    return start.replace(year=year, month=month,
+                         day=min(wanted, calendar.monthrange(year, month)[1]))
 
 
 def parse_duration(value: object) -> Duration:

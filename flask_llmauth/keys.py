@@ -455,6 +455,7 @@ class KeyService:
             elif name == "budget_duration":
                 key.budget_duration = None if value is None else value.text
                 key.budget_reset_at = None if value is None else value.after(now)
+                key.budget_reset_day = None if value is None else value.day(now)
             elif name == "key_type":
                 key.key_type = value or "default"
             elif name == "tags":

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .audit import write_audit
-from .durations import isoformat, parse_duration, utcnow
+from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, acts_outside, key_info, team_confinement
 from .money import to_usd
@@ -34,11 +34,17 @@ _MEMBER_FIELDS = ("role", "max_budget_in_team", "budget_duration", "tpm_limit", 
                   "allowed_models")
 
 
+def default_window(team: Any) -> Duration | None:
+    """The team's ``team_member_budget_duration`` (``None``: the team has none)."""
+    duration = team.team_member_budget_duration
+    return None if not duration else parse_duration(duration)
+
+
 def default_window_end(team: Any, now: datetime) -> datetime | None:
     """The end of the first window of a member that follows the team's
     ``team_member_budget_duration`` (``None``: the team has none), starting ``now``."""
-    duration = team.team_member_budget_duration
-    return None if not duration else parse_duration(duration).after(now)
+    window = default_window(team)
+    return None if window is None else window.after(now)
 
 
 def membership_info(member: Any) -> dict[str, Any]:
@@ -149,6 +155,7 @@ class TeamService:
                 setattr(team, name, None if value is None else value.text)
                 if name == "budget_duration":
                     team.budget_reset_at = None if value is None else value.after(now)
+                    team.budget_reset_day = None if value is None else value.day(now)
             elif name in _PLAIN_FIELDS:
                 setattr(team, name, value)
         team.updated_at = now
@@ -189,6 +196,7 @@ class TeamService:
         return TeamMembership.create(
             team_id=team.team_id, user_id=user_id, role=member.get("role") or "user",
             max_budget=max_budget, budget_reset_at=default_window_end(team, now),
+            budget_reset_day=None if (window := default_window(team)) is None else window.day(now),
             created_at=now,
         )
 
@@ -263,7 +271,10 @@ class TeamService:
             if team.team_member_budget_duration != before["team_member_budget_duration"]:
                 # a changed default window starts a new schedule for the members that follow
                 # it (their spend stays), as setting a member's own budget_duration does
-                TeamMembership.update(budget_reset_at=default_window_end(team, utcnow())).where(
+                now, window = utcnow(), default_window(team)
+                TeamMembership.update(
+                    budget_reset_at=None if window is None else window.after(now),
+                    budget_reset_day=None if window is None else window.day(now)).where(
                     (TeamMembership.team_id == team_id)
                     & TeamMembership.budget_duration.is_null()).execute()
             info = team_info(team, self._members(team_id))
@@ -415,9 +426,11 @@ class TeamService:
             if "budget_duration" in params:
                 value = params["budget_duration"]
                 member.budget_duration = None if value is None else value.text
+                now = utcnow()
                 # null: the member follows the team's default window (a new schedule)
-                member.budget_reset_at = (default_window_end(team, utcnow()) if value is None
-                                          else value.after(utcnow()))
+                window = value if value is not None else default_window(team)
+                member.budget_reset_at = None if window is None else window.after(now)
+                member.budget_reset_day = None if window is None else window.day(now)
             member.save()
             info = membership_info(member)
             write_audit(state.settings.store_audit_logs, actor, "member_updated", "team",

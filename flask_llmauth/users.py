@@ -23,7 +23,7 @@ from .principal import USER_ROLES, Principal, Role
 from .signals import send as send_signal
 from .signals import user_provisioned
 from .store.tables import Key, Team, TeamMembership, User
-from .teams import default_window_end, team_info
+from .teams import default_window, team_info
 
 if TYPE_CHECKING:
     from .extension import LLMAuthState
@@ -103,6 +103,7 @@ class UserService:
             elif name == "budget_duration":
                 user.budget_duration = None if value is None else value.text
                 user.budget_reset_at = None if value is None else value.after(now)
+                user.budget_reset_day = None if value is None else value.day(now)
             elif name in _PLAIN_FIELDS:
                 setattr(user, name, value)
         user.updated_at = now
@@ -129,8 +130,12 @@ class UserService:
                 if team is None:
                     raise BadRequest(f"Team not found: team_id={team_id}", param="teams")
                 now = utcnow()  # the member follows the team's team_member_* defaults
+                window = default_window(team)
                 TeamMembership.create(team_id=team_id, user_id=user_id, role="user",
-                                      budget_reset_at=default_window_end(team, now),
+                                      budget_reset_at=None if window is None
+                                      else window.after(now),
+                                      budget_reset_day=None if window is None
+                                      else window.day(now),
                                       created_at=now)
             info = user_info(user)
             write_audit(state.settings.store_audit_logs, actor, "created", "user", user_id,

@@ -298,3 +298,123 @@ def test_a_process_never_releases_its_own_live_lease_rows(app_factory: Any, db_u
     from flask_llmauth.durations import utcnow
 
     assert ledger.sweep(utcnow() + timedelta(hours=2)) >= 1  # released as if it crashed
+
+
+# -- 1mo windows ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("previous", "now", "day", "expected"), [
+    # a 31st anchor: back to the 31st after February (the day a shorter month clamped to
+    # was taken as the new anchor: Mar 28, Apr 28, ... for good)
+    ((2026, 2, 28), (2026, 3, 1), 31, (2026, 3, 31)),
+    ((2026, 3, 31), (2026, 4, 2), 31, (2026, 4, 30)),
+    ((2026, 4, 30), (2026, 5, 1), 31, (2026, 5, 31)),
+    ((2026, 2, 28), (2026, 3, 1), 30, (2026, 3, 30)),
+    ((2026, 2, 28), (2026, 3, 1), 28, (2026, 3, 28)),
+    ((2024, 2, 29), (2024, 3, 1), 31, (2024, 3, 31)),  # a leap year
+    # windows skipped in one step are counted from the previous end, not compounded
+    ((2026, 1, 31), (2026, 4, 1), None, (2026, 4, 30)),
+    ((2026, 1, 31), (2026, 3, 1), None, (2026, 3, 31)),
+    ((2024, 1, 30), (2024, 3, 2), None, (2024, 3, 30)),
+])
+def test_month_windows_keep_their_day_of_the_month(previous: tuple[int, ...],
+                                                   now: tuple[int, ...], day: int | None,
+                                                   expected: tuple[int, ...]) -> None:
+    from datetime import datetime
+
+    from flask_llmauth.budgets import next_reset
+
+    at = datetime(*previous, 10, 30)
+    assert next_reset("1mo", at, datetime(*now), day) == datetime(*expected, 10, 30)
+
+
+def test_month_windows_of_several_months_and_leap_days() -> None:
+    from datetime import datetime
+
+    from flask_llmauth.budgets import next_reset
+
+    assert next_reset("12mo", datetime(2025, 2, 28), datetime(2027, 3, 1), 29) == datetime(
+        2028, 2, 29)
+    assert next_reset("3mo", datetime(2026, 2, 28), datetime(2026, 3, 1), 31) == datetime(
+        2026, 5, 31)
+    assert next_reset("1mo", datetime(2026, 1, 31), datetime(2026, 1, 31)) == datetime(
+        2026, 2, 28)  # a window that ends exactly now is over
+
+
+def test_repeated_month_resets_keep_the_day_a_window_was_set_on(
+        app_factory: Any, db_url: str, monkeypatch: Any) -> None:
+    """A key, a user and a team given ``1mo`` on a 31st: resets by ``flask llmauth
+    reset-budgets`` and by a request (the lazy reset) land on the last day of each month,
+    not on the 28th for good once February clamped a reset to it."""
+    from datetime import datetime
+
+    from flask_llmauth import budget_leases, keys, teams, users
+    from flask_llmauth.store.tables import Team, User
+    from tests.test_budgets import add_llm_routes, api, chat
+
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10},
+                      db_url=db_url, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    set_on = datetime(2025, 12, 31, 10, 30)
+    for module in (keys, users, teams):
+        monkeypatch.setattr(module, "utcnow", lambda: set_on)
+    api(client, "/user/new", user_id="ann", budget_duration="1mo", max_budget=1.0,
+        auto_create_key=False)
+    api(client, "/team/new", team_id="t-month", budget_duration="1mo", max_budget=1.0)
+    key = new_key(client, user_id="ann", budget_duration="1mo", max_budget=1.0)
+    monkeypatch.undo()
+    store = app.extensions["llmauth"].store
+    ledger = app.extensions["llmauth"].budgets.ledger
+
+    def resets() -> list[datetime]:
+        with store.use():
+            return [Key.get(Key.key_id == key["key_id"]).budget_reset_at,
+                    User.get(User.user_id == "ann").budget_reset_at,
+                    Team.get(Team.team_id == "t-month").budget_reset_at]
+
+    assert resets() == [datetime(2026, 1, 31, 10, 30)] * 3
+    for now, expected in (((2026, 2, 1), (2026, 2, 28)), ((2026, 3, 1), (2026, 3, 31)),
+                          ((2026, 4, 1), (2026, 4, 30))):
+        ledger.reset_due(datetime(*now))
+        assert resets() == [datetime(*expected, 10, 30)] * 3
+    # the lazy reset: the first request after the window's end resets it
+    monkeypatch.setattr(budget_leases, "utcnow", lambda: datetime(2026, 5, 1))
+    assert chat(client, key["key"], completion=1).status_code == 200
+    assert resets()[0] == datetime(2026, 5, 31, 10, 30)
+    monkeypatch.setattr(budget_leases, "utcnow", lambda: datetime(2026, 6, 1))
+    app.extensions["llmauth"].invalidate(f"key:{key['key_id']}")
+    assert chat(client, key["key"], completion=1).status_code == 200
+    assert resets()[0] == datetime(2026, 6, 30, 10, 30)
+
+
+def test_a_month_counter_keeps_the_day_it_started_on(app_factory: Any, db_url: str,
+                                                     monkeypatch: Any) -> None:
+    """The global budget's counter (``1mo``), started by a request on a 31st: reset by
+    ``flask llmauth reset-budgets`` on the last day of each month."""
+    from datetime import datetime
+
+    from flask_llmauth import budget_leases
+    from flask_llmauth.store.tables import BudgetCounter
+    from tests.test_budgets import add_llm_routes, chat
+
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
+                       "LLMAUTH_MAX_BUDGET": 1.0, "LLMAUTH_BUDGET_DURATION": "1mo"},
+                      db_url=db_url, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    key = new_key(client)
+    monkeypatch.setattr(budget_leases, "utcnow", lambda: datetime(2026, 1, 31, 10, 30))
+    assert chat(client, key["key"], completion=1).status_code == 200
+    monkeypatch.undo()
+    store = app.extensions["llmauth"].store
+    ledger = app.extensions["llmauth"].budgets.ledger
+
+    def reset_at() -> datetime:
+        with store.use():
+            return BudgetCounter.get(BudgetCounter.scope == "global").budget_reset_at
+
+    assert reset_at() == datetime(2026, 2, 28, 10, 30)
+    for now, expected in (((2026, 3, 1), (2026, 3, 31)), ((2026, 4, 1), (2026, 4, 30))):
+        ledger.reset_due(datetime(*now))
+        assert reset_at() == datetime(*expected, 10, 30)

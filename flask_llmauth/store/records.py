@@ -82,6 +82,7 @@ class KeyRecord(NamedTuple):
     soft_budget: int | None = None
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
+    budget_reset_day: int | None = None
     spend: int = 0
     reserved: int = 0
     soft_alerted: bool = False
@@ -119,6 +120,7 @@ class UserRecord(NamedTuple):
     soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
+    budget_reset_day: int | None = None
     tpm_limit: int | None = None
     rpm_limit: int | None = None
     max_parallel_requests: int | None = None
@@ -145,6 +147,7 @@ class TeamRecord(NamedTuple):
     soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
+    budget_reset_day: int | None = None
     tpm_limit: int | None = None
     rpm_limit: int | None = None
     max_parallel_requests: int | None = None
@@ -174,6 +177,7 @@ class MembershipRecord(NamedTuple):
     soft_alerted: bool = False
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
+    budget_reset_day: int | None = None
     tpm_limit: int | None = None
     rpm_limit: int | None = None
     allowed_models: tuple[str, ...] = ()
@@ -193,6 +197,7 @@ class CustomerRecord(NamedTuple):
     spend: int = 0
     budget_duration: str | None = None
     budget_reset_at: datetime | None = None
+    budget_reset_day: int | None = None
     tpm_limit: int | None = None
     rpm_limit: int | None = None
     max_parallel_requests: int | None = None

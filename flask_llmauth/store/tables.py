@@ -20,6 +20,7 @@ from peewee import (
     DateTimeField,
     IntegerField,
     Model,
+    SmallIntegerField,
     TextField,
 )
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
@@ -67,6 +68,8 @@ class Key(Table):
     soft_budget = BigIntegerField(null=True)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     spend = BigIntegerField(default=0)
     reserved = BigIntegerField(default=0)
     soft_alerted = BooleanField(default=False)
@@ -137,6 +140,8 @@ class User(Table):
     soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     tpm_limit = BigIntegerField(null=True)
     rpm_limit = BigIntegerField(null=True)
     max_parallel_requests = IntegerField(null=True)
@@ -164,6 +169,8 @@ class Team(Table):
     soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     tpm_limit = BigIntegerField(null=True)
     rpm_limit = BigIntegerField(null=True)
     max_parallel_requests = IntegerField(null=True)
@@ -194,6 +201,8 @@ class TeamMembership(Table):
     soft_alerted = BooleanField(default=False)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     tpm_limit = BigIntegerField(null=True)
     rpm_limit = BigIntegerField(null=True)
     allowed_models = JSONText(default=list)
@@ -216,6 +225,8 @@ class Customer(Table):
     spend = BigIntegerField(default=0)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     tpm_limit = BigIntegerField(null=True)
     rpm_limit = BigIntegerField(null=True)
     max_parallel_requests = IntegerField(null=True)
@@ -296,6 +307,8 @@ class BudgetCounter(Table):
     reserved = BigIntegerField(default=0)
     budget_duration = CharField(max_length=16, null=True)
     budget_reset_at = DateTimeField(null=True)
+    #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
+    budget_reset_day = SmallIntegerField(null=True)
     soft_alerted = BooleanField(default=False)
 
     class Meta:
