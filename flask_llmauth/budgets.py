@@ -43,7 +43,7 @@ from flask import Flask, current_app
 
 from .authz.routes import RouteInfo
 from .config import Settings
-from .durations import add_months, parse_duration, utcnow
+from .durations import Duration, add_months, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import to_units, to_usd
@@ -277,6 +277,32 @@ def first_window_end(duration: str, created_at: datetime | None) -> datetime | N
     if created_at is None:
         return None
     return parse_duration(duration).after(created_at)
+
+
+def set_window(row: Any, duration: Duration | None, now: datetime,
+               default: Duration | None = None) -> None:
+    """Give a key, user, team, membership or customer row a new ``budget_duration``
+    (``None``: none, or the ``default`` window it then follows: a team member follows its
+    team's ``team_member_budget_duration``), in the caller's transaction: a new schedule
+    starts now. What was spent stays in the first window (a schedule is not a spend reset:
+    that is ``/key/{key}/reset_spend``'s, audited), except the spend of a window that is
+    already over, whose due reset is made first — as the lazy reset or ``flask llmauth
+    reset-budgets`` would have made it; the change must not cancel it."""
+    table = type(row)
+    if (row.id is not None and (row.budget_duration or default is not None)
+            and row.budget_reset_at is not None and row.budget_reset_at <= now):
+        over = {"spend": 0}
+        if "soft_alerted" in table._meta.fields:
+            over["soft_alerted"] = False
+        done = table.update(**over).where(  # locks the row: no spend lands in between
+            (table.id == row.id) & (table.budget_reset_at <= now)).execute()
+        if done:
+            for name, value in over.items():
+                setattr(row, name, value)
+    window = duration if duration is not None else default
+    row.budget_duration = None if duration is None else duration.text
+    row.budget_reset_at = None if window is None else window.after(now)
+    row.budget_reset_day = None if window is None else window.day(now)
 
 
 def _as_datetime(value: Any) -> datetime | None:

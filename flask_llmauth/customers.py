@@ -29,6 +29,7 @@ from flask import Flask
 
 from .audit import write_audit
 from .authz.routes import RouteInfo
+from .budgets import set_window
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .guards import Admission
@@ -126,9 +127,7 @@ class CustomerService:
         now = utcnow()
         for name, value in params.items():
             if name == "budget_duration":
-                customer.budget_duration = None if value is None else value.text
-                customer.budget_reset_at = None if value is None else value.after(now)
-                customer.budget_reset_day = None if value is None else value.day(now)
+                set_window(customer, value, now)
             elif name in _PLAIN_FIELDS:
                 if name in ("blocked", "spend") and value is None:
                     raise BadRequest(f"Field '{name}' must not be null.", param=name)

@@ -32,6 +32,7 @@ from flask import current_app
 from .audit import write_audit
 from .authn.virtual_key import stored_role
 from .authz.routes import RouteInfo, classify, expand
+from .budgets import set_window
 from .config import MIN_DISTINCT_CHARACTERS
 from .crypto import KEY_PREFIX, MIN_CHOSEN_KEY_CHARACTERS, abbreviate, generate_key
 from .durations import Duration, isoformat, parse_duration, utcnow
@@ -453,9 +454,7 @@ class KeyService:
             if name == "duration":
                 key.expires = None if value is None else value.after(now)
             elif name == "budget_duration":
-                key.budget_duration = None if value is None else value.text
-                key.budget_reset_at = None if value is None else value.after(now)
-                key.budget_reset_day = None if value is None else value.day(now)
+                set_window(key, value, now)
             elif name == "key_type":
                 key.key_type = value or "default"
             elif name == "tags":

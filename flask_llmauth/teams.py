@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .audit import write_audit
+from .budgets import set_window
 from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, acts_outside, key_info, team_confinement
@@ -151,11 +152,10 @@ class TeamService:
     def _apply(self, team: Team, params: Mapping[str, Any]) -> None:
         now = utcnow()
         for name, value in params.items():
-            if name in ("budget_duration", "team_member_budget_duration"):
-                setattr(team, name, None if value is None else value.text)
-                if name == "budget_duration":
-                    team.budget_reset_at = None if value is None else value.after(now)
-                    team.budget_reset_day = None if value is None else value.day(now)
+            if name == "budget_duration":
+                set_window(team, value, now)
+            elif name == "team_member_budget_duration":
+                team.team_member_budget_duration = None if value is None else value.text
             elif name in _PLAIN_FIELDS:
                 setattr(team, name, value)
         team.updated_at = now
@@ -270,13 +270,17 @@ class TeamService:
             team.save()
             if team.team_member_budget_duration != before["team_member_budget_duration"]:
                 # a changed default window starts a new schedule for the members that follow
-                # it (their spend stays), as setting a member's own budget_duration does
+                # it (their spend stays), as setting a member's own budget_duration does —
+                # and as it does, first resets those whose window is already over
                 now, window = utcnow(), default_window(team)
+                followers = ((TeamMembership.team_id == team_id)
+                             & TeamMembership.budget_duration.is_null())
+                TeamMembership.update(spend=0, soft_alerted=False).where(
+                    followers & (TeamMembership.budget_reset_at <= now)).execute()
                 TeamMembership.update(
                     budget_reset_at=None if window is None else window.after(now),
                     budget_reset_day=None if window is None else window.day(now)).where(
-                    (TeamMembership.team_id == team_id)
-                    & TeamMembership.budget_duration.is_null()).execute()
+                    followers).execute()
             info = team_info(team, self._members(team_id))
             write_audit(state.settings.store_audit_logs, actor, "updated", "team", team_id,
                         before=before, after=info)
@@ -424,13 +428,8 @@ class TeamService:
                 if name in params:
                     setattr(member, name, params[name])
             if "budget_duration" in params:
-                value = params["budget_duration"]
-                member.budget_duration = None if value is None else value.text
-                now = utcnow()
                 # null: the member follows the team's default window (a new schedule)
-                window = value if value is not None else default_window(team)
-                member.budget_reset_at = None if window is None else window.after(now)
-                member.budget_reset_day = None if window is None else window.day(now)
+                set_window(member, params["budget_duration"], utcnow(), default_window(team))
             member.save()
             info = membership_info(member)
             write_audit(state.settings.store_audit_logs, actor, "member_updated", "team",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from flask import current_app
 
 from .audit import write_audit
+from .budgets import set_window
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import KeyService, key_info, read_confinement, team_confinement
@@ -101,9 +102,7 @@ class UserService:
                                      param="user_role")
                 user.user_role = role.value
             elif name == "budget_duration":
-                user.budget_duration = None if value is None else value.text
-                user.budget_reset_at = None if value is None else value.after(now)
-                user.budget_reset_day = None if value is None else value.day(now)
+                set_window(user, value, now)
             elif name in _PLAIN_FIELDS:
                 setattr(user, name, value)
         user.updated_at = now

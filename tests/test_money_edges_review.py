@@ -418,3 +418,93 @@ def test_a_month_counter_keeps_the_day_it_started_on(app_factory: Any, db_url: s
     for now, expected in (((2026, 3, 1), (2026, 3, 31)), ((2026, 4, 1), (2026, 4, 30))):
         ledger.reset_due(datetime(*now))
         assert reset_at() == datetime(*expected, 10, 30)
+
+
+# -- setting a budget_duration on a budget that has spend ----------------------------------------
+
+
+def test_adding_a_window_keeps_the_spend_in_its_first_window(app_factory: Any,
+                                                           db_url: str) -> None:
+    """Adding ``budget_duration`` to a budget that had none is a schedule, not a spend
+    reset: what was spent stays in the first window (which starts now), so adding a window
+    never lets more through at once than the budget allows; ``/key/{key}/reset_spend``
+    resets it explicitly (audited)."""
+    from tests.helpers import ADMIN, assert_error
+    from tests.test_budgets import add_llm_routes, chat
+
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10},
+                      db_url=db_url, routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(15_000))
+    assert chat(client, key["key"], completion=10).status_code == 200  # 10,000 of 15,000
+    response = client.post("/key/update", headers=ADMIN,
+                           json={"key": key["key"], "budget_duration": "30d"})
+    assert response.status_code == 200
+    assert key_spend(app, key["key_id"]) == 10_000
+    assert_error(chat(client, key["key"], completion=10), 429, "budget_exceeded")
+
+
+@pytest.mark.parametrize("entity", ["key", "user", "team", "member", "follower", "customer"])
+def test_a_new_window_on_a_budget_whose_window_is_over_resets_it_first(
+        app_factory: Any, db_url: str, entity: str) -> None:
+    """A window that is over keeps its due reset when the schedule changes: its spend is
+    reset first, as the lazy reset (or ``flask llmauth reset-budgets``) would have. The
+    spend of an ended window was carried into the new one — a full budget blocked for a
+    whole new window — unless a reset job happened to run before the change."""
+    from flask_llmauth.durations import utcnow
+    from flask_llmauth.store.tables import Customer, Team, TeamMembership, User
+    from tests.helpers import ADMIN
+    from tests.test_budgets import api, set_reset_at
+
+    app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES}, db_url=db_url, routes=False)
+    client = app.test_client()
+    api(client, "/user/new", user_id="ann", auto_create_key=False)
+    api(client, "/team/new", team_id="t-over", max_budget=1.0)
+    api(client, "/team/member_add", team_id="t-over", member=[{"user_id": "ann"}])
+    api(client, "/customer/new", user_id="cust-over", max_budget=1.0)
+    key = new_key(client, max_budget=1.0)
+    table, where, path, body = {
+        "key": (Key, {"key_id": key["key_id"]}, "/key/update", {"key": key["key"]}),
+        "user": (User, {"user_id": "ann"}, "/user/update", {"user_id": "ann"}),
+        "team": (Team, {"team_id": "t-over"}, "/team/update", {"team_id": "t-over"}),
+        "member": (TeamMembership, {"team_id": "t-over", "user_id": "ann"},
+                   "/team/member_update", {"team_id": "t-over", "user_id": "ann"}),
+        "customer": (Customer, {"user_id": "cust-over"}, "/customer/update",
+                     {"user_id": "cust-over"}),
+        # a member that follows its team's default window, which changes
+        "follower": (TeamMembership, {"team_id": "t-over", "user_id": "ann"}, "/team/update",
+                     {"team_id": "t-over"}),
+    }[entity]
+    field = "team_member_budget_duration" if entity == "follower" else "budget_duration"
+    response = client.post(path, headers=ADMIN, json={**body, field: "30d"})
+    assert response.status_code == 200, response.get_json()
+    store = app.extensions["llmauth"].store
+    with store.use():
+        query = table.update(spend=777)
+        for name, value in where.items():
+            query = query.where(getattr(table, name) == value)
+        assert query.execute() == 1
+    set_reset_at(app, table, utcnow() - timedelta(hours=1), **where)  # over, not reset yet
+    response = client.post(path, headers=ADMIN, json={**body, field: "7d"})
+    assert response.status_code == 200, response.get_json()
+
+    def current() -> Any:
+        with store.use():
+            query = table.select()
+            for name, value in where.items():
+                query = query.where(getattr(table, name) == value)
+            return query.get()
+
+    changed = current()
+    assert changed.spend == 0
+    assert timedelta(days=6) < changed.budget_reset_at - utcnow() <= timedelta(days=7)
+    # a window that is not over keeps its spend when the schedule changes
+    with store.use():
+        query = table.update(spend=555)
+        for name, value in where.items():
+            query = query.where(getattr(table, name) == value)
+        assert query.execute() == 1
+    response = client.post(path, headers=ADMIN, json={**body, field: "1d"})
+    assert response.status_code == 200, response.get_json()
+    assert current().spend == 555
