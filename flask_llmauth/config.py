@@ -1129,7 +1129,8 @@ class Settings:
     budget_reservation_ttl: int = setting(
         3600, _number(int, 10),
         "Seconds after which the reservation of a request that never settled (its process "
-        "crashed) is released; keep it above your longest stream.",
+        "crashed) is released; keep it above your longest stream, and above the longest "
+        "database outage a process should ride through (docs/budgets.md).",
     )
     budget_reset_interval: float = setting(
         0.0, _number(float, 0),
