@@ -98,6 +98,12 @@ def test_the_extension_guide_example_runs(tmp_path: Path, caplog: pytest.LogCapt
                                headers=headers)
         assert streamed.get_data(as_text=True).endswith("data: [DONE]\n\n")
         assert client.post("/generate", json=chat, headers=headers).status_code == 200
+        # no model named: the chat view answers 400; /generate's default is checked (403)
+        missing = client.post("/v1/chat/completions", json={"messages": []}, headers=headers)
+        assert missing.status_code == 400 and missing.get_json()["error"]["param"] == "model"
+        default = client.post("/generate", json={}, headers=headers)
+        assert default.status_code == 403
+        assert default.get_json()["error"]["type"] == "key_model_access_denied"
         corp = bearer("corp-alice")
         assert client.get("/internal/reports", headers=corp).get_json() == {
             "scopes": ["reports:read"]}
@@ -120,13 +126,16 @@ def test_the_extension_guide_example_runs(tmp_path: Path, caplog: pytest.LogCapt
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             logs = client.get("/spend/logs", headers=admin).get_json()
-            if len(logs) == 3:
+            if len(logs) == 5:
                 break
             time.sleep(0.05)
-        assert sorted((row["call_type"], row["prompt_tokens"], row["completion_tokens"])
-                      for row in logs) == [("/generate", 5, 20),
-                                           ("/v1/chat/completions", 12, 1),
-                                           ("/v1/chat/completions", 12, 1)], json.dumps(logs)
+        assert sorted((row["call_type"], row["prompt_tokens"], row["completion_tokens"],
+                       row["status"]) for row in logs) == [
+            ("/generate", 0, 0, "failure"),  # the refused default model
+            ("/generate", 5, 20, "success"),
+            ("/v1/chat/completions", 0, 0, "failure"),  # no model: 400
+            ("/v1/chat/completions", 12, 1, "success"),
+            ("/v1/chat/completions", 12, 1, "success")], json.dumps(logs)
     finally:
         signals.auth_failed.disconnect(module.audit_refusal)
         app.extensions["llmauth"].close()
