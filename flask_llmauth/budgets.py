@@ -959,9 +959,11 @@ class Budgets:
                 if spend >= limit:
                     message += " This budget does not reset; ask an admin to raise it."
         else:
-            message = (f"Budget has been exceeded! {name}={budget.label} is held by requests "
-                       f"in flight (and budget leases of other processes): Current cost: "
-                       f"{_fmt(spend)}, reserved: {_fmt(reserved)}, "
+            # The reservations may all be another worker's: nothing need be in flight here.
+            message = (f"Budget has been exceeded! {name}={budget.label}: what is left is held "
+                       "by reservations of requests in flight or just finished (in this or "
+                       "another worker process) and by other worker processes' budget "
+                       f"leases. Current cost: {_fmt(spend)}, reserved: {_fmt(reserved)}, "
                        f"Max budget: {_fmt(limit)}. Retry shortly.")
             headers["Retry-After"] = "1"
         if budget_exceeded.receivers:

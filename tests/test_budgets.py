@@ -744,6 +744,9 @@ def test_another_process_lease_refuses_early_until_it_is_given_back(make: Any) -
     assert admitted == 10
     error = assert_error(chat(c2, key["key"], completion=10), 429, "budget_exceeded")
     assert "in flight" in error["message"]  # held by the other process's unused lease
+    # nothing is in flight in this process: the message says where the rest may be held
+    assert "(in this or another worker process)" in error["message"]
+    assert "other worker processes' budget leases" in error["message"]
     # the first process goes idle: the sweep gives back what it does not use
     state = one.extensions["llmauth"]
     lease = next(iter(state.budgets.leases._leases.values()))
