@@ -114,14 +114,22 @@ def db_status() -> None:
 @click.option("--models", help="Comma-separated model names (default: all).")
 @click.option("--duration", help="Expiry, e.g. 30d.")
 @click.option("--max-budget", type=float)
+@click.option("--budget-duration", help="Window of the budget, e.g. 30d (spend resets).")
+@click.option("--rpm-limit", type=int, help="Requests per minute.")
+@click.option("--tpm-limit", type=int, help="Tokens per minute.")
+@click.option("--max-parallel-requests", type=int, help="Requests in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole response as JSON.")
 @_service_command
 def create_key(user_id: str | None, team_id: str | None, key_alias: str | None,
                models: str | None, duration: str | None, max_budget: float | None,
-               as_json: bool) -> None:
+               budget_duration: str | None, rpm_limit: int | None, tpm_limit: int | None,
+               max_parallel_requests: int | None, as_json: bool) -> None:
     params = _options(KEY_FIELDS, user_id=("--user-id", user_id), team_id=("--team-id", team_id),
                       key_alias=("--alias", key_alias), models=("--models", _csv(models)),
-                      duration=("--duration", duration), max_budget=("--max-budget", max_budget))
+                      duration=("--duration", duration), max_budget=("--max-budget", max_budget),
+                      budget_duration=("--budget-duration", budget_duration),
+                      rpm_limit=("--rpm-limit", rpm_limit), tpm_limit=("--tpm-limit", tpm_limit),
+                      max_parallel_requests=("--max-parallel-requests", max_parallel_requests))
     result = KeyService(state()).generate(_actor(), params)
     if as_json:
         _echo_json(result)

@@ -82,6 +82,47 @@ def test_create_key_prints_the_key_once_on_stdout(app: Flask,
     assert MASTER_KEY not in term.everything
 
 
+def test_create_key_sets_the_budget_window_and_the_rate_limits(app: Flask) -> None:
+    term = Terminal(app)
+    key = record_secret(term("create-key", "--max-budget", "10", "--budget-duration", "30d",
+                             "--rpm-limit", "1", "--tpm-limit", "5000",
+                             "--max-parallel-requests", "2").stdout.strip())
+    info = app.test_client().get("/key/info", headers=bearer(key)).get_json()["info"]
+    assert (info["max_budget"], info["budget_duration"], info["rpm_limit"], info["tpm_limit"],
+            info["max_parallel_requests"]) == (10.0, "30d", 1, 5000, 2)
+    assert info["budget_reset_at"] is not None
+    assert chat(app, key).status_code == 200
+    assert "Limit type: requests" in assert_error(chat(app, key), 429)["message"]
+
+
+#: create-key's options and the /key/generate fields they set.
+_LIMIT_OPTIONS = (("--budget-duration", "budget_duration"), ("--rpm-limit", "rpm_limit"),
+                  ("--tpm-limit", "tpm_limit"),
+                  ("--max-parallel-requests", "max_parallel_requests"))
+
+
+@pytest.mark.parametrize("value", ["-1", "2147483648", "4611686018427387905", "soon", "0"])
+def test_create_key_limits_are_checked_as_key_generate_checks_them(sqlite_app: Flask,
+                                                                   value: str) -> None:
+    """The same value is refused (with the same reason) or taken by both."""
+    term = Terminal(sqlite_app)
+    client = sqlite_app.test_client()
+    for option, field in _LIMIT_OPTIONS:
+        number = value.lstrip("-").isdigit() and field != "budget_duration"
+        api = client.post("/key/generate", json={field: int(value) if number else value},
+                          headers=bearer(MASTER_KEY))
+        if field != "budget_duration" and not number:
+            assert term("create-key", option, value, ok=False).exit_code == 2  # Click's
+            assert_error(api, 400)  # usage error for a value that is not an integer
+        elif api.status_code == 200:
+            record_secret(api.get_json()["key"])
+            record_secret(term("create-key", option, value).stdout.strip())
+        else:
+            reason = assert_error(api, 400)["message"].removeprefix(
+                f"Invalid value for '{field}': ")
+            assert term.fails("create-key", option, value) == f"{option}: {reason}"
+
+
 def test_list_keys_never_prints_a_secret_and_pages_through_everything(app: Flask) -> None:
     term = Terminal(app)
     keys = [record_secret(term("create-key", "--user-id", f"u{i % 3}").stdout.strip())
@@ -176,6 +217,11 @@ def test_create_user_and_team(app: Flask) -> None:
 @pytest.mark.parametrize("args,message", [
     (("create-key", "--duration", "soon"), "--duration: invalid duration 'soon'"),
     (("create-key", "--max-budget", "-5"), "--max-budget: must not be negative"),
+    (("create-key", "--budget-duration", "soon"), "--budget-duration: invalid duration 'soon'"),
+    (("create-key", "--rpm-limit", "-1"), "--rpm-limit: must be between 0 and"),
+    (("create-key", "--tpm-limit", "-1"), "--tpm-limit: must be between 0 and"),
+    (("create-key", "--max-parallel-requests", "2147483648"),
+     "--max-parallel-requests: must be between 0 and 2147483647"),
     # The API's field rules: what /key/generate, /user/new and /team/new refuse.
     (("create-key", "--user-id", "a\tb"), "--user-id: must be printable text"),
     (("create-key", "--alias", "x" * 256), "--alias: must be 1 to 255 characters"),
