@@ -76,6 +76,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def aware(value: datetime | None) -> datetime | None:
+    """A stored naive-UTC timestamp as a timezone-aware UTC datetime (for data handed to
+    the host, such as signals: the API's timestamps say ``+00:00`` too)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc)
+
+
 def isoformat(value: datetime | None) -> str | None:
     """Render a stored naive-UTC timestamp the way LiteLLM's API does (ISO 8601, UTC)."""
     if value is None:

@@ -35,7 +35,7 @@ from .authz.routes import RouteInfo, classify, expand
 from .budgets import set_window
 from .config import MIN_DISTINCT_CHARACTERS
 from .crypto import KEY_PREFIX, MIN_CHOSEN_KEY_CHARACTERS, abbreviate, generate_key
-from .durations import Duration, isoformat, parse_duration, utcnow
+from .durations import Duration, aware, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
 from .network import parse_networks
@@ -697,7 +697,7 @@ class KeyService:
                         before=before, after={**info, "grace_until": isoformat(grace_until)})
         state.invalidate(f"key:{key.key_id}", "negative")
         send_signal(key_rotated, current_app._get_current_object(), key_id=key.key_id,  # type: ignore[attr-defined]
-                    key_name=key.key_name, actor=actor.identity, grace_until=grace_until)
+                    key_name=key.key_name, actor=actor.identity, grace_until=aware(grace_until))
         return {**info, "key": raw, "grace_period_ends_at": isoformat(grace_until)}
 
     def delete(self, actor: Principal, identifiers: Sequence[str] = (),

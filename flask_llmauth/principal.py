@@ -76,6 +76,11 @@ def role_cap(role: Role) -> Role | None:
 #: The default of a principal's mapping fields: empty and read-only.
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
+#: What ``repr(principal)`` shows besides the method and role, when set: who it is, never
+#: the records, claims, metadata or e-mail address (a host may log it in any line).
+_REPR_FIELDS = ("user_id", "team_id", "org_id", "end_user_id", "key_id", "key_name",
+                "key_alias")
+
 
 class Principal(NamedTuple):
     """The authenticated caller of one request.
@@ -130,6 +135,14 @@ class Principal(NamedTuple):
     def identity(self) -> str:
         """A non-secret label for logs, audit rows and spend rows."""
         return self.user_id or self.team_id or self.key_name or self.method
+
+    def __repr__(self) -> str:
+        """``Principal(method=..., role=..., user_id=..., ...)``: the identity fields that
+        are set (a signal receiver's log line should not carry whole records or claims)."""
+        fields = [f"method={self.method!r}", f"role={str(self.role)!r}"]
+        fields += [f"{name}={value!r}" for name in _REPR_FIELDS
+                   if (value := getattr(self, name)) is not None]
+        return f"Principal({', '.join(fields)})"
 
     def replace(self, **changes: Any) -> Principal:
         """A copy with ``changes`` applied (what ``dataclasses.replace`` does)."""

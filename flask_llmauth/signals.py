@@ -21,7 +21,7 @@ auth_succeeded = _signals.signal("llmauth-auth-succeeded")
 auth_failed = _signals.signal("llmauth-auth-failed")
 #: ``key_id=, key_name=, actor=`` — a virtual key was created.
 key_created = _signals.signal("llmauth-key-created")
-#: ``key_id=, key_name=, actor=, grace_until=`` — a key's secret was rotated.
+#: ``key_id=, key_name=, actor=, grace_until=`` — a key was rotated (grace_until: aware UTC).
 key_rotated = _signals.signal("llmauth-key-rotated")
 #: ``key_id=, actor=`` — a key was deleted (revoked).
 key_revoked = _signals.signal("llmauth-key-revoked")

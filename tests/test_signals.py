@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 from flask import Flask
 
 from flask_llmauth import Principal, Role, signals
+from flask_llmauth.store.records import KeyRecord
 from tests.helpers import (
     ADMIN,
     MASTER_KEY,
@@ -84,6 +85,23 @@ def test_auth_succeeded_carries_the_principal(app: Flask, received: Any) -> None
     assert_no_secret(events, key["key"])
 
 
+def test_a_principal_repr_names_who_it_is_and_nothing_more() -> None:
+    """Receivers of ``auth_succeeded``, ``budget_exceeded``, ``rate_limited`` ... get the
+    principal; a log line of it shows who it is, not its records, claims or metadata."""
+    key = KeyRecord(id=1, key_id="k-1", key_name="sk-...abcd", metadata={"note": "key-meta"},
+                    models=("gpt-4o",))
+    principal = Principal(method="virtual_key", role=Role.INTERNAL_USER, user_id="alice",
+                          user_email="alice@example.com", team_id="t1", key_id="k-1",
+                          key_name="sk-...abcd", key=key, metadata={"note": "key-meta"},
+                          claims={"sub": "alice", "at_hash": "claim-value"},
+                          limits={"rpm_limit": 5})
+    assert repr(principal) == ("Principal(method='virtual_key', role='internal_user', "
+                               "user_id='alice', team_id='t1', key_id='k-1', "
+                               "key_name='sk-...abcd')")
+    assert repr(Principal(method="master_key", role=Role.PROXY_ADMIN)) == \
+        "Principal(method='master_key', role='proxy_admin')"
+
+
 def test_auth_failed_says_why_without_the_credential(app: Flask, received: Any) -> None:
     client = app.test_client()
     limited = new_key(client, models=["gpt-4o"])
@@ -118,6 +136,9 @@ def test_key_lifecycle_signals(app: Flask, received: Any) -> None:
     assert (event["key_id"], event["key_name"], event["actor"]) == \
         (key["key_id"], rotated["key_name"], "default_user_id")
     assert isinstance(event["grace_until"], datetime)
+    # timezone-aware UTC, the instant the API answers with its +00:00 timestamp
+    assert event["grace_until"].tzinfo is timezone.utc
+    assert event["grace_until"].isoformat() == rotated["grace_period_ends_at"]
     client.post("/key/regenerate", json={"key": key["key_id"]}, headers=ADMIN)
     assert received["key_rotated"][-1]["grace_until"] is None
     assert client.post("/key/delete", json={"keys": [key["key_id"]]},
