@@ -24,6 +24,15 @@ into `app.config` yourself, e.g. `app.config.from_prefixed_env()` turns
 are: `FLASK_LLMAUTH_AUTO_MIGRATE=false`). The example gateway (`example_app`) copies every
 `LLMAUTH_*` environment variable into its config.
 
+Empty values: an empty variable of the *environment* column counts as unset, as in a shell.
+In the constructor, Flask config and YAML an empty string is the setting's value (for an
+optional setting: none, e.g. `LLMAUTH_AUTH_FAILURE_LIMIT=""` switches that limit off), and
+the layers below are not read. `LLMAUTH_DATABASE_URL` is the exception: an empty or blank
+value (`FLASK_LLMAUTH_DATABASE_URL=` in a deploy script, `os.environ/NAME` naming an empty
+variable, an empty `LLMAUTH_DATABASE_URL` the example gateway copies) fails `init_app`
+naming the key, instead of starting on an empty SQLite file and ignoring `DATABASE_URL`.
+Leave the key out for the default.
+
 """
 
 

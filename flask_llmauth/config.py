@@ -143,10 +143,20 @@ DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql", "postgres+pool", "postgr
 
 
 def _database_url(value: Any) -> str | None:
-    """A database URL. Error messages never repeat the URL: it may hold a password."""
-    text = _optional_str(value)
+    """A database URL. Error messages never repeat the URL: it may hold a password.
+
+    An empty value is an error, not the default: ``LLMAUTH_DATABASE_URL=""`` (an empty
+    variable copied into the config) would start the app on an empty SQLite file while the
+    deploy meant a database, and would hide ``DATABASE_URL`` from the environment.
+    """
+    text = _str(value)
     if text is None:
         return None
+    if not text.strip():
+        raise ValueError(
+            "is empty: give a database URL (sqlite:///path, postgresql://user@host/dbname), "
+            "or leave the key out (then DATABASE_URL from the environment is used, else an "
+            "SQLite file in the instance folder)")
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in DATABASE_SCHEMES:
         raise ValueError("must be a sqlite:///path or postgresql://user@host/dbname URL")
@@ -613,7 +623,8 @@ class Settings:
     database_url: str | None = setting(
         None, _database_url,
         "Peewee database URL (`postgresql://...`, `sqlite:///path`). Default: SQLite file "
-        "`llmauth.db` in the app's instance folder, created owner-only (mode 0600).",
+        "`llmauth.db` in the app's instance folder, created owner-only (mode 0600). An empty "
+        "value is an error (leave the key out for the default or `DATABASE_URL`).",
         yaml=("general_settings.database_url",), env=("DATABASE_URL",), secret=True,
     )
     auto_migrate: bool = setting(

@@ -558,6 +558,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("database_url", "mysql://u@h/db", "must be a sqlite:///path or postgresql://"),
     ("database_url", "nonsense", "must be a sqlite:///path or postgresql://"),
     ("database_url", "postgresql://u@h/", "has no database name"),
+    ("database_url", "", "is empty: give a database URL"),
+    ("database_url", "  ", "is empty: give a database URL"),
     ("auto_migrate", "sometimes", "must be a boolean"),
     ("auth_order", [], "must name at least one authenticator"),
     ("auth_order", "master_key,virtual_key,master_key", "names master_key more than once"),
@@ -739,6 +741,38 @@ def test_bad_value_from_the_environment_names_the_variable() -> None:
         load_settings({}, environ={"LENGTH_OF_LITELLM_GENERATED_KEY": "16"})
     assert str(info.value) == ("LLMAUTH_KEY_ENTROPY_BYTES (from environment "
                                "LENGTH_OF_LITELLM_GENERATED_KEY): must be at least 24")
+
+
+def test_an_empty_database_url_fails_instead_of_hiding_database_url(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FLASK_LLMAUTH_DATABASE_URL=`` in a deploy script, an empty YAML value or an empty
+    variable the example gateway copies: init_app fails naming the key, rather than start
+    on an empty SQLite file in the instance folder and ignore ``DATABASE_URL``."""
+    exported = f"sqlite:///{tmp_path}/exported.db"
+    monkeypatch.setenv("DATABASE_URL", exported)
+    monkeypatch.setenv("FLASK_LLMAUTH_DATABASE_URL", "")
+    app = Flask("empty", instance_path=str(tmp_path / "instance"))
+    app.config.from_prefixed_env()
+    app.config["LLMAUTH_MASTER_KEY"] = MASTER_KEY
+    with pytest.raises(ConfigurationError) as info:
+        LLMAuth(app)
+    assert str(info.value).startswith(
+        "LLMAUTH_DATABASE_URL (from LLMAUTH_DATABASE_URL): is empty: give a database URL")
+    assert not (tmp_path / "instance").exists()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  database_url: os.environ/EMPTY\n")
+    with pytest.raises(ConfigurationError, match=r"^LLMAUTH_DATABASE_URL \(from YAML "
+                       r"general_settings.database_url\): is empty"):
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={"EMPTY": ""})
+    from example_app import create_app
+    monkeypatch.setenv("GATEWAY_INSTANCE_PATH", str(tmp_path / "gateway"))
+    monkeypatch.setenv("LLMAUTH_MASTER_KEY", MASTER_KEY)
+    monkeypatch.setenv("LLMAUTH_DATABASE_URL", "")
+    with pytest.raises(ConfigurationError, match="^LLMAUTH_DATABASE_URL .*: is empty"):
+        create_app()
+    # Left out, the exported DATABASE_URL applies (and an empty one counts as unset).
+    assert load_settings({}, environ={"DATABASE_URL": exported}).database_url == exported
+    assert load_settings({}, environ={"DATABASE_URL": ""}).source("database_url") == "default"
 
 
 def test_database_url_errors_never_repeat_the_url() -> None:
