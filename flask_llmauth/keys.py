@@ -240,8 +240,9 @@ class KeyService:
 
     def _check_subject(self, actor: Principal, user_id: str | None) -> None:
         """A key of user ``user_id`` carries that user's role. A non-admin never creates,
-        takes over (regenerates) or is given the power to hand out such a key when that
-        role outranks its own: a team admin could otherwise mint a proxy admin's key."""
+        takes over (regenerates, or hands to another user and then regenerates) or is given
+        the power to hand out such a key when that role outranks its own: a team admin could
+        otherwise mint a proxy admin's key."""
         if actor.is_admin or not user_id or user_id == actor.user_id:
             return
         user = User.get_or_none(User.user_id == user_id)
@@ -626,6 +627,9 @@ class KeyService:
                 )
             # Only a member's role is looked at: no oracle for other users' roles.
             self._check_subject(actor, params["user_id"])
+            # Nor is a privileged user's key handed to anyone else (the actor included, or
+            # nobody: a service account): the actor could then regenerate it and hold it.
+            self._check_subject(actor, key.user_id)
         return team
 
     def _check_team_move(self, actor: Principal, key: Key, params: dict[str, Any]) -> Team | None:

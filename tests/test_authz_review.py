@@ -1,0 +1,58 @@
+"""A second, adversarial reading of the management API's authorization: what a malicious
+tenant tried with real requests and the rules it found missing. Each refusal must leave the
+database exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import assert_error, record_secret
+from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
+
+#: Rule and validation tests need no second database.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+# -- a privileged member's key ------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_in_team(client: Any) -> dict[str, Any]:
+    """Team t1: alice its admin, bob a plain member, root a proxy admin who is a member."""
+    make_user(client, "alice")
+    make_user(client, "bob")
+    make_user(client, "root", "proxy_admin")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"},
+        {"user_id": "root", "role": "user"}])
+    return {"alice": admin_key(client, user_id="alice")["key"],
+            "roots_team_key": admin_key(client, user_id="root", team_id="t1"),
+            "bobs_team_key": admin_key(client, user_id="bob", team_id="t1")}
+
+
+@SQLITE_ONLY
+def test_a_team_admin_cannot_take_a_privileged_members_key_by_handing_it_over(
+        client: Any, app: Any, root_in_team: Any) -> None:
+    """Regenerating root's team key is refused (alice would hold a proxy admin's secret);
+    handing the key to herself first (or to a member, or to nobody: a service account)
+    and regenerating it then gave her root's key all the same."""
+    alice, roots = root_in_team["alice"], root_in_team["roots_team_key"]
+    before = snapshot(app)
+    for user_id in ("alice", "bob", None):
+        for path in ("/key/update", "/key/regenerate"):
+            error = assert_error(as_key(client, alice, path, key=roots["key_id"],
+                                        user_id=user_id), 403)
+            assert error["param"] == "user_id", (path, user_id, error)
+    assert_error(as_key(client, alice, "/key/regenerate", key=roots["key_id"]), 403)
+    assert snapshot(app) == before
+    # What a team admin may do to a member's key stays as it was.
+    bobs = root_in_team["bobs_team_key"]
+    moved = as_key(client, alice, "/key/update", key=bobs["key_id"], user_id="alice")
+    assert moved.status_code == 200 and moved.get_json()["user_id"] == "alice"
+    rotated = as_key(client, alice, "/key/regenerate", key=bobs["key_id"])
+    assert rotated.status_code == 200
+    record_secret(rotated.get_json()["key"])
+    # A proxy admin still hands root's key over.
+    assert admin(client, "/key/update", key=roots["key_id"], user_id="bob")["user_id"] == "bob"
