@@ -56,6 +56,9 @@ KEY_TYPES: dict[str, tuple[str, ...]] = {
 }
 #: The longest caller-chosen secret accepted.
 MAX_CHOSEN_KEY_LENGTH = 256
+#: Read-only roles: a team-admin membership lets them read the team's keys, never change
+#: the keys or the team's members.
+VIEWER_ROLES = frozenset({Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER})
 
 
 def chosen_secret(actor: Principal, raw: Any, param: str) -> str | None:
@@ -228,7 +231,7 @@ class KeyService:
         key when the team lets members call ``route``."""
         if actor.is_admin:
             return True
-        if actor.role in (Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER) or not actor.user_id:
+        if actor.role in VIEWER_ROLES or not actor.user_id:
             return False
         if acts_outside(actor, key.team_id):
             return False
@@ -540,7 +543,7 @@ class KeyService:
 
     def _check_generate_rights(self, actor: Principal, params: dict[str, Any],
                                team: Team | None) -> None:
-        if actor.role in (Role.PROXY_ADMIN_VIEWER, Role.INTERNAL_USER_VIEWER):
+        if actor.role in VIEWER_ROLES:
             raise Forbidden("Your role cannot create keys.", reason="viewer_cannot_generate")
         if not actor.user_id:
             raise Forbidden("No 'user_id' is associated with your credential; only keys of a "
@@ -760,7 +763,8 @@ class KeyService:
         state = self.state
         with state.store.use() as db, db.atomic():
             key = self._get(identifier)
-            if not (actor.is_admin or (key.team_id and self._is_team_admin(actor, key.team_id))):
+            if not (actor.is_admin or (key.team_id and actor.role not in VIEWER_ROLES
+                                       and self._is_team_admin(actor, key.team_id))):
                 raise Forbidden("Only a proxy admin or the key's team admin can block or "
                                 "unblock a key.", reason="block_not_allowed")
             key.blocked, key.updated_at, key.updated_by = blocked, utcnow(), actor.identity

@@ -15,7 +15,7 @@ from .audit import write_audit
 from .budgets import set_window
 from .durations import Duration, isoformat, parse_duration, utcnow
 from .errors import BadRequest, Forbidden, NotFound
-from .keys import KeyService, acts_outside, key_info, team_confinement
+from .keys import VIEWER_ROLES, KeyService, acts_outside, key_info, team_confinement
 from .money import to_usd
 from .principal import Principal, Role
 from .store.tables import Key, Team, TeamMembership, User
@@ -140,7 +140,9 @@ class TeamService:
         if actor.is_admin:
             return
         member = self._membership(team_id, actor.user_id)
-        if member is None or member.role != "admin" or acts_outside(actor, team_id):
+        # A viewer role is read-only, also as a team's admin (it reads the team's keys).
+        if (member is None or member.role != "admin" or actor.role in VIEWER_ROLES
+                or acts_outside(actor, team_id)):
             raise Forbidden(f"Only a proxy admin or an admin of team={team_id} can do this.",
                             reason="team_admin_required")
 

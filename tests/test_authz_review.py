@@ -8,11 +8,17 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import assert_error, record_secret
+from flask_llmauth.store.tables import TeamMembership
+from tests.helpers import assert_error, bearer, record_secret
 from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
 #: Rule and validation tests need no second database.
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+def memberships(app: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    with app.extensions["llmauth"].store.use():
+        return {(m.team_id, m.user_id): {**m.__data__} for m in TeamMembership.select()}
 
 
 # -- a privileged member's key ------------------------------------------------------------------
@@ -56,3 +62,42 @@ def test_a_team_admin_cannot_take_a_privileged_members_key_by_handing_it_over(
     record_secret(rotated.get_json()["key"])
     # A proxy admin still hands root's key over.
     assert admin(client, "/key/update", key=roots["key_id"], user_id="bob")["user_id"] == "bob"
+
+
+# -- viewers are read-only, team admins or not ----------------------------------------------------
+
+
+@SQLITE_ONLY
+def test_a_viewer_team_admin_reads_its_team_but_never_changes_it(client: Any, app: Any) -> None:
+    """An ``internal_user_viewer`` made admin of a team already could not create, update
+    or delete its team's keys; it still changed the team's members, and with a key granted
+    the key-management routes it blocked and unblocked the team's keys."""
+    make_user(client, "vic", "internal_user_viewer")
+    make_user(client, "bob")
+    make_user(client, "carol")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "vic", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    plain = admin_key(client, user_id="vic")["key"]
+    managing = admin_key(client, user_id="vic", key_type="management")["key"]
+    bobs = admin_key(client, user_id="bob", team_id="t1")
+    before, members = snapshot(app), memberships(app)
+    for credential, path, body in (
+        (plain, "/team/member_add", {"team_id": "t1", "member": {"user_id": "carol"}}),
+        (plain, "/team/member_update", {"team_id": "t1", "user_id": "bob", "role": "admin"}),
+        (plain, "/team/member_update", {"team_id": "t1", "user_id": "bob",
+                                        "max_budget_in_team": 1000}),
+        (plain, "/team/member_delete", {"team_id": "t1", "user_id": "bob"}),
+        (managing, "/key/block", {"key": bobs["key_id"]}),
+        (managing, "/key/unblock", {"key": bobs["key_id"]}),
+        (managing, "/key/update", {"key": bobs["key_id"], "blocked": True}),
+    ):
+        assert_error(as_key(client, credential, path, **body), 403)
+    assert snapshot(app) == before and memberships(app) == members
+    # Reading stays: the team, with every key of it, as its admin sees them.
+    info = client.get("/team/info", query_string={"team_id": "t1"}, headers=bearer(plain))
+    assert info.status_code == 200
+    assert bobs["key_id"] in {k["key_id"] for k in info.get_json()["keys"]}
+    # An internal user in the same seat still manages the team.
+    admin(client, "/user/update", user_id="vic", user_role="internal_user")
+    assert as_key(client, plain, "/team/member_update", team_id="t1", user_id="bob",
+                  role="admin").status_code == 200
