@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from flask_llmauth.store.tables import TeamMembership
-from tests.helpers import assert_error, bearer, record_secret
+from flask_llmauth.store.tables import Customer, Team, TeamMembership
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
 #: Rule and validation tests need no second database.
@@ -101,3 +101,54 @@ def test_a_viewer_team_admin_reads_its_team_but_never_changes_it(client: Any, ap
     admin(client, "/user/update", user_id="vic", user_role="internal_user")
     assert as_key(client, plain, "/team/member_update", team_id="t1", user_id="bob",
                   role="admin").status_code == 200
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for level in range(depth):
+        value = {"a": value} if level % 2 else [value]
+    return value
+
+
+@SQLITE_ONLY
+def test_deeply_nested_metadata_is_a_400_not_a_500(client: Any, app: Any) -> None:
+    """A ``metadata`` object a few hundred levels deep is small (a few kB) and valid JSON,
+    but writing its audit row ran out of stack: a 500 (an exception under TESTING)."""
+    make_user(client, "alice")
+    admin(client, "/team/new", team_id="t1")
+    admin(client, "/customer/new", user_id="c1")
+    key = admin_key(client, user_id="alice")
+    deep = {"deep": _nested(500)}
+    before = snapshot(app)
+    with app.extensions["llmauth"].store.use():
+        teams, customers = Team.select().count(), Customer.select().count()
+    for path, body, param in (
+        ("/key/generate", {"user_id": "alice", "metadata": deep}, "metadata"),
+        ("/key/update", {"key": key["key_id"], "metadata": deep}, "metadata"),
+        ("/key/regenerate", {"key": key["key_id"], "metadata": deep}, "metadata"),
+        ("/user/new", {"user_id": "u2", "metadata": deep}, "metadata"),
+        ("/user/update", {"user_id": "alice", "metadata": deep}, "metadata"),
+        ("/user/update", {"user_id": "alice", "model_max_budget": deep}, "model_max_budget"),
+        ("/team/new", {"team_id": "t2", "metadata": deep}, "metadata"),
+        ("/team/update", {"team_id": "t1", "metadata": deep}, "metadata"),
+        ("/customer/new", {"user_id": "c2", "metadata": deep}, "metadata"),
+        ("/customer/update", {"user_id": "c1", "metadata": deep}, "metadata"),
+    ):
+        error = assert_error(client.post(path, json=body, headers=ADMIN), 400)
+        assert error["param"] == param and "nested" in error["message"], (path, error)
+    # An internal user's own key, too.
+    error = assert_error(as_key(client, key["key"], "/key/generate", metadata=deep), 400)
+    assert error["param"] == "metadata"
+    assert snapshot(app) == before
+    with app.extensions["llmauth"].store.use():
+        assert (Team.select().count(), Customer.select().count()) == (teams, customers)
+    # Nesting as deep as the limit is kept as given; one level more is refused.
+    assert_error(client.post("/key/update", json={"key": key["key_id"],
+                                                  "metadata": {"deep": _nested(32)}},
+                             headers=ADMIN), 400)
+    fine = {"deep": _nested(31)}
+    updated = admin(client, "/key/update", key=key["key_id"], metadata=fine)
+    assert updated["metadata"] == fine

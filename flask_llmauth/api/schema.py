@@ -21,6 +21,9 @@ from ..principal import USER_ROLES, Role
 Parser = Callable[[Any], Any]
 _MAX_LIST = 1000
 _MAX_JSON_TEXT = 64_000
+#: How deep an object field (``metadata``...) may nest: a few hundred levels fit in a few
+#: kB, and every recursive reader of the stored value (the audit row's) would run out of stack.
+MAX_JSON_DEPTH = 32
 #: The last page a list endpoint serves: page x page size is the query's OFFSET, which must
 #: fit a 64-bit database integer.
 MAX_PAGE = 2**31 - 1
@@ -180,6 +183,8 @@ def json_object(value: Any) -> dict[str, Any]:
 
     if not isinstance(value, dict):
         raise ValueError("must be an object")
+    if not _depth_within(value, MAX_JSON_DEPTH):
+        raise ValueError(f"is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         text = json.dumps(value, allow_nan=False)  # NaN/Infinity are not JSON
     except (TypeError, ValueError):
@@ -187,6 +192,22 @@ def json_object(value: Any) -> dict[str, Any]:
     if len(text) > _MAX_JSON_TEXT:
         raise ValueError("is too large")
     return value
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest at most ``limit`` levels in ``value`` (iteratively:
+    no recursion on the value a client chose)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        pending += [(child, depth + 1) for child in children]
+    return True
 
 
 _MODEL_BUDGET_FIELDS = {
