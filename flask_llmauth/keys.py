@@ -323,7 +323,8 @@ class KeyService:
         if "allowed_routes" in params or "key_type" in params:
             routes = list(params.get("allowed_routes") or [])
             routes += KEY_TYPES.get(params.get("key_type") or "default", ())
-            self._check_routes_reachable(actor, routes, key)
+            self._check_routes_reachable(actor, routes, key,
+                                         self._subject_role(actor, child_user, team))
         self._check_limits(actor, params, key)
 
     @staticmethod
@@ -428,8 +429,21 @@ class KeyService:
             if getattr(own, name):
                 params.setdefault(name, dict(getattr(own, name)))
 
+    @staticmethod
+    def _subject_role(actor: Principal, user_id: str | None, team: Team | None) -> Role:
+        """The role a key of ``user_id`` in ``team`` acts as (before any cap)."""
+        if user_id is None:
+            return Role.TEAM if team is not None else Role.INTERNAL_USER_VIEWER
+        if user_id == actor.user_id:
+            return actor.role
+        user = User.get_or_none(User.user_id == user_id)
+        return stored_role(user.user_role) if user is not None else Role.INTERNAL_USER
+
     def _check_routes_reachable(self, actor: Principal, routes: Iterable[str],
-                                key: Key | None = None) -> None:
+                                key: Key | None = None, subject: Role | None = None) -> None:
+        """Every route granted must be one the actor's role reaches, inside its own
+        ``allowed_routes``, and one the key's own role (``subject``) reaches: a key's
+        ``allowed_routes`` lift its role's denials, which only a proxy admin may do."""
         routes = list(routes)
         policy = self.state.policy
         current = tuple(key.allowed_routes or ()) if key is not None else None
@@ -448,6 +462,14 @@ class KeyService:
                 raise Forbidden(
                     f"You cannot grant a key the route {path}: your own role or key cannot "
                     "call it.", param="allowed_routes", reason="routes_escalation",
+                )
+            if subject is not None and not any(
+                    policy.role_allows(subject, info, safe) for safe in (True, False)):
+                raise Forbidden(
+                    f"You cannot grant a key the route {path}: the key's role "
+                    f"({subject.value}) cannot call it, and only a proxy admin grants a key "
+                    "routes beyond its role.", param="allowed_routes",
+                    reason="routes_escalation",
                 )
 
     # -- writes -----------------------------------------------------------------------------------

@@ -103,6 +103,44 @@ def test_a_viewer_team_admin_reads_its_team_but_never_changes_it(client: Any, ap
                   role="admin").status_code == 200
 
 
+@SQLITE_ONLY
+def test_a_team_admin_never_grants_a_key_routes_beyond_its_own_role(
+        client: Any, app: Any) -> None:
+    """A key's ``allowed_routes`` lift its role's denials (LiteLLM step 12), which only a
+    proxy admin may do: a team admin checked the routes it granted against its own role
+    only, so a viewer member's team key, or a service account's, got an internal user's
+    routes (key management; the spend reports for a service account)."""
+    make_user(client, "alice")
+    make_user(client, "vic", "internal_user_viewer")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "vic", "role": "user"}])
+    alice = admin_key(client, user_id="alice")["key"]
+    vics = admin_key(client, user_id="vic", team_id="t1")
+    before = snapshot(app)
+    for user_id, routes in (("vic", ["/key/generate"]), ("vic", ["key_management_routes"]),
+                            (None, ["spend_tracking_routes"]), (None, ["/key/update"])):
+        body = {"team_id": "t1", "allowed_routes": routes}
+        if user_id is not None:
+            body["user_id"] = user_id
+        error = assert_error(as_key(client, alice, "/key/generate", **body), 403)
+        assert error["param"] == "allowed_routes", (user_id, routes, error)
+    for path in ("/key/update", "/key/regenerate"):
+        assert_error(as_key(client, alice, path, key=vics["key_id"],
+                            allowed_routes=["/key/delete"]), 403)
+    assert snapshot(app) == before
+    # Routes the key's role reaches anyway are a restriction, granted as before.
+    for user_id in ("vic", None):
+        body = {"team_id": "t1", "allowed_routes": ["llm_api_routes", "/key/info"]}
+        if user_id is not None:
+            body["user_id"] = user_id
+        minted = as_key(client, alice, "/key/generate", **body)
+        assert minted.status_code == 200, minted.get_json()
+        record_secret(minted.get_json()["key"])
+    # A proxy admin still grants them.
+    granted = admin_key(client, team_id="t1", allowed_routes=["/spend/logs"])
+    assert client.get("/spend/logs", headers=bearer(granted["key"])).status_code == 200
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
