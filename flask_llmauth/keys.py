@@ -383,7 +383,7 @@ class KeyService:
                                 f"budget_duration={own.budget_duration}.",
                                 param="budget_duration", reason="limit_escalation")
         for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
-            mine = getattr(own, name) or {}
+            mine = _own_model_limits(own, name)
             if mine and name in params and params[name] != mine and not (
                     key is not None and params[name] == (getattr(key, name) or {})):
                 raise Forbidden(f"Your key has {name}={mine}: a key you create or change "
@@ -426,8 +426,9 @@ class KeyService:
         if own.max_budget is not None and own.budget_duration and "budget_duration" not in params:
             params["budget_duration"] = parse_duration(own.budget_duration)
         for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
-            if getattr(own, name):
-                params.setdefault(name, dict(getattr(own, name)))
+            mine = _own_model_limits(own, name)
+            if mine:
+                params.setdefault(name, mine)
 
     @staticmethod
     def _subject_role(actor: Principal, user_id: str | None, team: Team | None) -> Role:
@@ -924,6 +925,22 @@ def acts_outside(actor: Principal, team_id: str | None) -> bool:
 
 #: Numeric limits a non-admin's key can never exceed (compared with the actor's own key).
 _CAPPED_LIMITS = ("max_budget", "tpm_limit", "rpm_limit", "max_parallel_requests")
+
+
+def _own_model_limits(key: Any, name: str) -> dict[str, Any]:
+    """A key's per-model map ``name`` as the rate limiter reads it: for ``model_rpm_limit``
+    and ``model_tpm_limit`` the field, over the same map in the key's ``metadata`` (where
+    LiteLLM keeps it: the limiter reads it there too, its positive numbers only)."""
+    mine = dict(getattr(key, name) or {})
+    if name == "model_max_budget":
+        return mine
+    listed = (key.metadata or {}).get(name)
+    if isinstance(listed, Mapping):
+        for model, limit in listed.items():
+            if (isinstance(model, str) and model not in mine and not isinstance(limit, bool)
+                    and isinstance(limit, (int, float)) and limit >= 1):
+                mine[model] = int(limit)
+    return mine
 
 
 def _networks_within(inner: Sequence[str], outer: Sequence[str]) -> bool:

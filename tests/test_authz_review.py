@@ -141,6 +141,39 @@ def test_a_team_admin_never_grants_a_key_routes_beyond_its_own_role(
     assert client.get("/spend/logs", headers=bearer(granted["key"])).status_code == 200
 
 
+def _chat_statuses(client: Any, key: str, count: int = 3) -> list[int]:
+    return [client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                        headers=bearer(key)).status_code for _ in range(count)]
+
+
+@SQLITE_ONLY
+def test_a_per_model_limit_kept_in_metadata_binds_the_keys_its_key_creates(
+        client: Any, app: Any) -> None:
+    """The rate limiter reads a key's per-model limits from ``model_rpm_limit`` /
+    ``model_tpm_limit`` and from the same maps in its ``metadata`` (where LiteLLM keeps
+    them); a key limited through its metadata minted keys with no per-model limit at all."""
+    make_user(client, "alice")
+    parent = admin_key(client, user_id="alice", metadata={
+        "model_rpm_limit": {"gpt-4o": 1}, "model_tpm_limit": {"gpt-4o": 500}})["key"]
+    assert _chat_statuses(client, parent) == [200, 429, 429]
+    before = snapshot(app)
+    for fields in ({"model_rpm_limit": {"gpt-4o": 1000}}, {"model_rpm_limit": {}},
+                   {"model_tpm_limit": {"gpt-4o": 10**6}}):
+        error = assert_error(as_key(client, parent, "/key/generate", **fields), 403)
+        assert error["param"] in fields, (fields, error)
+    assert snapshot(app) == before
+    # Inherited as the fields (which the limiter reads first: the child's own metadata
+    # cannot lift them).
+    minted = as_key(client, parent, "/key/generate",
+                    metadata={"model_rpm_limit": {"gpt-4o": 1000}})
+    assert minted.status_code == 200, minted.get_json()
+    child = minted.get_json()
+    record_secret(child["key"])
+    assert child["model_rpm_limit"] == {"gpt-4o": 1}
+    assert child["model_tpm_limit"] == {"gpt-4o": 500}
+    assert _chat_statuses(client, child["key"]) == [200, 429, 429]
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
