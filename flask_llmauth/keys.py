@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import peewee
@@ -384,8 +385,15 @@ class KeyService:
                                 param="budget_duration", reason="limit_escalation")
         for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
             mine = _own_model_limits(own, name)
-            if mine and name in params and params[name] != mine and not (
-                    key is not None and params[name] == (getattr(key, name) or {})):
+            # The per-model rate limits may also sit in the metadata (see _own_model_limits).
+            sources = (name,) if name == "model_max_budget" else (name, "metadata")
+            if not mine or not any(source in params for source in sources):
+                continue
+            after = _own_model_limits(SimpleNamespace(**{
+                source: params[source] if source in params
+                else getattr(key, source, None) for source in sources}), name)
+            if after != mine and not (key is not None
+                                      and after == _own_model_limits(key, name)):
                 raise Forbidden(f"Your key has {name}={mine}: a key you create or change "
                                 "keeps it.", param=name, reason="limit_escalation")
         if own.allowed_ips and "allowed_ips" in params:

@@ -172,6 +172,20 @@ def test_a_per_model_limit_kept_in_metadata_binds_the_keys_its_key_creates(
     assert child["model_rpm_limit"] == {"gpt-4o": 1}
     assert child["model_tpm_limit"] == {"gpt-4o": 500}
     assert _chat_statuses(client, child["key"]) == [200, 429, 429]
+    # Nor does the key lift its own limit (or another of its user's keys') by rewriting the
+    # metadata that holds it.
+    parent_id = client.get("/key/info", headers=bearer(parent)).get_json()["key"]
+    sibling = admin_key(client, user_id="alice", metadata={"model_rpm_limit": {"gpt-4o": 1}})
+    before = snapshot(app)
+    for target, metadata in ((parent_id, {}), (parent_id, {"model_rpm_limit": {"gpt-4o": 99}}),
+                             (sibling["key_id"], {"purpose": "lifted"})):
+        error = assert_error(as_key(client, parent, "/key/update", key=target,
+                                    metadata=metadata), 403)
+        assert error["param"] == "model_rpm_limit", error
+    assert snapshot(app) == before
+    kept = as_key(client, parent, "/key/update", key=sibling["key_id"], metadata={
+        "purpose": "kept", "model_rpm_limit": {"gpt-4o": 1}})
+    assert kept.status_code == 200, kept.get_json()
 
 
 # -- bad input ------------------------------------------------------------------------------------
