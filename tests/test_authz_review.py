@@ -237,3 +237,25 @@ def test_deeply_nested_metadata_is_a_400_not_a_500(client: Any, app: Any) -> Non
     fine = {"deep": _nested(31)}
     updated = admin(client, "/key/update", key=key["key_id"], metadata=fine)
     assert updated["metadata"] == fine
+
+
+def test_a_write_that_loses_a_race_is_a_409_not_a_500(client: Any, app: Any,
+                                                       monkeypatch: Any) -> None:
+    """Two requests creating the same object at once (a key alias, a team member) both pass
+    the service's "already exists?" check on Postgres, and the second insert breaks a
+    unique constraint: that was a 500. The race is played here by skipping the check."""
+    from flask_llmauth.keys import KeyService
+    from flask_llmauth.teams import TeamService
+
+    make_user(client, "alice")
+    admin(client, "/team/new", team_id="t1", members_with_roles=[{"user_id": "alice"}])
+    admin_key(client, key_alias="taken")
+    monkeypatch.setattr(KeyService, "_check_alias_free", lambda self, *args: None)
+    monkeypatch.setattr(TeamService, "_membership", lambda self, *args: None)
+    before = snapshot(app)
+    for path, body in (("/key/generate", {"key_alias": "taken"}),
+                       ("/team/member_add", {"team_id": "t1", "member": {"user_id": "alice"}})):
+        error = assert_error(client.post(path, json=body, headers=ADMIN), 409)
+        assert "retry" in error["message"], error
+    assert snapshot(app) == before
+

@@ -7,13 +7,17 @@ is configurable, the path a policy sees is not).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import peewee
 from flask import Blueprint, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import http_error
+from ..errors import Conflict, http_error
+
+log = logging.getLogger("flask_llmauth")
 
 BLUEPRINT_NAME = "llmauth_api"
 #: endpoint → the LiteLLM path the policy classifies it by.
@@ -40,6 +44,7 @@ def create_blueprint() -> Blueprint:
     customers.register(route)
     spend.register(route)
     bp.register_error_handler(HTTPException, _http_exception)
+    bp.register_error_handler(peewee.IntegrityError, _write_conflict)
     return bp
 
 
@@ -49,6 +54,19 @@ def _http_exception(exc: HTTPException) -> Any:
     from ..extension import state
 
     return state().ext.error_response(http_error(exc))
+
+
+def _write_conflict(exc: peewee.IntegrityError) -> Any:
+    """A unique constraint broken by a concurrent request (two requests creating the same
+    key alias, user, team or member at once both pass the service's check on Postgres):
+    its transaction was rolled back; a 409 asks the client to retry."""
+    from ..extension import state
+
+    log.warning("llmauth: a write conflicted with a concurrent one (%s); answered 409",
+                type(exc).__name__)
+    return state().ext.error_response(Conflict(
+        "Another request changed the same object at the same time; retry.",
+        reason="write_conflict"))
 
 
 def ok(payload: Any, status: int = 200) -> Any:
