@@ -243,6 +243,8 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
     return usage_from_body(body, model)
 
 
+#: ``{str}``: a dict whose keys' types it is a superset of has only exact ``str`` keys.
+_ONLY_STR = frozenset((str,))
 #: The Anthropic-shaped usage block's members :func:`_usage_of` reads.
 _ANTHROPIC_NAMES = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                     "cache_read_input_tokens")
@@ -262,17 +264,13 @@ def usage_from_object(obj: Any, model: str | None = None) -> Any:
     """
     if type(obj) is not dict:
         return None if type(obj) is list else UNDECIDED
-    for key in obj:
-        if type(key) is not str:
-            return UNDECIDED
+    if not _ONLY_STR.issuperset(map(type, obj)):  # a key not exactly ``str`` (a C loop)
+        return UNDECIDED
     usage = obj.get("usage")
     if usage is None:
         return None
-    if type(usage) is not dict:
+    if type(usage) is not dict or not _ONLY_STR.issuperset(map(type, usage)):
         return UNDECIDED
-    for key in usage:
-        if type(key) is not str:
-            return UNDECIDED
     reported = obj.get("model")
     if reported is not None:
         if type(reported) is not str:
