@@ -331,7 +331,7 @@ class Leases:
                 refusal = _Refusal(budget, 0, 0, limit, None, need)
             row = None
         else:
-            row_id, spend, reserved, reset_at, alerted, _was_reset = state
+            row_id, spend, reserved, reset_at, alerted = state
             limit = budget.max_budget if budget.max_budget is not None else 0
             others = reserved - held_db  # what other processes' leases hold
             room = limit - spend - others - in_use

@@ -364,9 +364,9 @@ class Ledger:
         return budget.row[0] if budget.row is not None else COUNTER_TABLE
 
     def _touch(self, db: Any, budget: Budget, now: datetime
-               ) -> tuple[int, int, int, datetime | None, bool, bool] | None:
+               ) -> tuple[int, int, int, datetime | None, bool] | None:
         """Reset the row's window if it is over, lock the row and read it, in one statement.
-        Returns ``(id, spend, reserved, reset_at, soft_alerted, was_reset)`` or ``None`` when
+        Returns ``(id, spend, reserved, reset_at, soft_alerted)`` or ``None`` when
         the row does not exist (a counter not created yet, a deleted entity)."""
         p = self.p
         where, args = self._where(budget)
@@ -423,11 +423,7 @@ class Ledger:
         row = db.execute_sql(sql, [*values, *args]).fetchone()
         if row is None:
             return None
-        reset_at = _as_datetime(row[3])
-        was_reset = budget.duration is not None and (
-            budget.reset_at is None or budget.reset_at <= now) and reset_at is not None and (
-            reset_at > now and reset_at != budget.reset_at)
-        return row[0], row[1], row[2], reset_at, bool(row[4]), was_reset
+        return row[0], row[1], row[2], _as_datetime(row[3]), bool(row[4])
 
     def _read(self, db: Any, budget: Budget) -> tuple[int, int, datetime | None] | None:
         where, args = self._where(budget)
@@ -486,7 +482,7 @@ class Ledger:
                 got = self._touch(db, budget, now)
             if got is None:
                 continue
-            row_id, spend, _reserved, _reset_at, alerted, _was_reset = got
+            row_id, spend, _reserved, _reset_at, alerted = got
             table = self._table(budget)
             rows.append((table, row_id, budget.order, budget.counter is not None))
             if (budget.soft_budget is not None and spend >= budget.soft_budget
