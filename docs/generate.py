@@ -27,11 +27,13 @@ are: `FLASK_LLMAUTH_AUTO_MIGRATE=false`). The example gateway (`example_app`) co
 Empty values: an empty variable of the *environment* column counts as unset, as in a shell.
 In the constructor, Flask config and YAML an empty string is the setting's value (for an
 optional setting: none, e.g. `LLMAUTH_AUTH_FAILURE_LIMIT=""` switches that limit off), and
-the layers below are not read. `LLMAUTH_DATABASE_URL` is the exception: an empty or blank
-value (`FLASK_LLMAUTH_DATABASE_URL=` in a deploy script, `os.environ/NAME` naming an empty
-variable, an empty `LLMAUTH_DATABASE_URL` the example gateway copies) fails `init_app`
-naming the key, instead of starting on an empty SQLite file and ignoring `DATABASE_URL`.
-Leave the key out for the default.
+the layers below are not read. `LLMAUTH_DATABASE_URL`, `LLMAUTH_REDIS_URL` and
+`LLMAUTH_SALT_KEY` are the exceptions: an empty or blank value (`FLASK_LLMAUTH_DATABASE_URL=`
+in a deploy script, `os.environ/NAME` naming an empty variable, an empty variable the example
+gateway copies) fails `init_app` naming the key, instead of starting on an empty SQLite file
+and ignoring `DATABASE_URL`, counting rate limits per process and ignoring `REDIS_URL`, or
+hashing keys with another secret and ignoring `LITELLM_SALT_KEY`. Leave the key out for the
+default.
 
 """
 

@@ -112,6 +112,21 @@ def _optional_str(value: Any) -> str | None:
     return text if text else None
 
 
+def _present_str(hint: str) -> Callable[[Any], str | None]:
+    """A string that, when given, is not empty or blank: for settings whose empty value would
+    silently stand for something else (``LLMAUTH_REDIS_URL=""`` would count per process and
+    hide ``REDIS_URL``; an empty salt key would hide ``LITELLM_SALT_KEY`` and change every
+    key hash). ``hint`` says what to give instead."""
+
+    def convert(value: Any) -> str | None:
+        text = _str(value)
+        if text is not None and not text.strip():
+            raise ValueError(f"is empty: {hint}, or leave the key out")
+        return text
+
+    return convert
+
+
 #: RFC 9110 field-name characters (``token``).
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -602,7 +617,7 @@ class Settings:
         env=("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",),
     )
     salt_key: str | None = setting(
-        None, _optional_str,
+        None, _present_str("give at least 32 random characters"),
         "Server secret from which key-hash and other per-purpose secrets are derived (HKDF). "
         "Defaults to the master key; set it so the master key can be rotated without "
         "invalidating every virtual key. At least 32 random characters.",
@@ -631,7 +646,7 @@ class Settings:
         True, _bool, "Apply pending database migrations at `init_app`.",
     )
     redis_url: str | None = setting(
-        None, _optional_str,
+        None, _present_str("give a Redis URL (redis://host:6379/0)"),
         "Redis URL for shared counters, rate limits and cross-process cache invalidation.",
         env=("REDIS_URL",), secret=True,
     )

@@ -560,6 +560,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("database_url", "postgresql://u@h/", "has no database name"),
     ("database_url", "", "is empty: give a database URL"),
     ("database_url", "  ", "is empty: give a database URL"),
+    ("redis_url", "", "is empty: give a Redis URL (redis://host:6379/0), or leave the key out"),
+    ("redis_url", " ", "is empty: give a Redis URL"),
+    ("salt_key", "", "is empty: give at least 32 random characters, or leave the key out"),
     ("auto_migrate", "sometimes", "must be a boolean"),
     ("auth_order", [], "must name at least one authenticator"),
     ("auth_order", "master_key,virtual_key,master_key", "names master_key more than once"),
@@ -773,6 +776,20 @@ def test_an_empty_database_url_fails_instead_of_hiding_database_url(
     # Left out, the exported DATABASE_URL applies (and an empty one counts as unset).
     assert load_settings({}, environ={"DATABASE_URL": exported}).database_url == exported
     assert load_settings({}, environ={"DATABASE_URL": ""}).source("database_url") == "default"
+
+
+def test_an_empty_redis_url_or_salt_key_fails_instead_of_hiding_the_environment() -> None:
+    """An empty ``LLMAUTH_REDIS_URL`` counted per process and hid ``REDIS_URL``; an empty
+    ``LLMAUTH_SALT_KEY`` hid ``LITELLM_SALT_KEY`` and so changed every key hash."""
+    environ = {"REDIS_URL": "redis://127.0.0.1:6379/0", "LITELLM_SALT_KEY": "s" * 40}
+    for name in ("LLMAUTH_REDIS_URL", "LLMAUTH_SALT_KEY"):
+        with pytest.raises(ConfigurationError, match=f"^{name} \\(from {name}\\): is empty"):
+            load_settings({name: ""}, environ=environ)
+    # Left out, the environment applies; an empty environment variable counts as unset.
+    settings = load_settings({}, environ=environ)
+    assert (settings.redis_url, settings.salt_key) == (environ["REDIS_URL"], "s" * 40)
+    settings = load_settings({}, environ={"REDIS_URL": "", "LITELLM_SALT_KEY": ""})
+    assert (settings.redis_url, settings.salt_key) == (None, None)
 
 
 def test_database_url_errors_never_repeat_the_url() -> None:
