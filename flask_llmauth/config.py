@@ -783,7 +783,8 @@ class Settings:
     )
     jwt_team_id_field: str | None = setting(
         None, _claim_path,
-        "Claim (dot path) holding the caller's team id; a list value gives its first item.",
+        "Claim (dot path) holding the caller's team id; a list value gives its first item. "
+        "The team must exist (403) unless `team_id_upsert` creates it.",
         yaml=("general_settings.litellm_jwtauth.team_id_jwt_field",),
     )
     jwt_team_ids_field: str | None = setting(
@@ -793,7 +794,7 @@ class Settings:
         yaml=("general_settings.litellm_jwtauth.team_ids_jwt_field",),
     )
     jwt_team_id_default: str | None = setting(
-        None, _optional_str, "Team id used when the team claim is missing.",
+        None, _optional_str, "Team id used when the team claim is missing (must exist).",
         yaml=("general_settings.litellm_jwtauth.team_id_default",),
     )
     jwt_team_id_upsert: bool = setting(

@@ -735,12 +735,15 @@ class JWTAuthenticator:
                 raise Forbidden(
                     f"{TEAM_HEADER} '{header[:64]}' does not resolve to a team id in your JWT's "
                     f"allowed teams: {token_teams[:20]}.", reason="jwt_team_header_not_in_token")
+            self._require_team(header)
             return header, False
         if issuer.team_id_field:
             team_id = specific or s.jwt_team_id_default
             if team_id is not None:
                 if specific and s.jwt_team_id_upsert:
                     self._upsert_team(team_id)
+                else:
+                    self._require_team(team_id)
                 return team_id, False
             if not listed:
                 raise Unauthenticated(
@@ -749,6 +752,15 @@ class JWTAuthenticator:
         if listed:
             return self._first_serving_team(listed, ctx, models), True
         return s.jwt_team_id_default, False
+
+    def _require_team(self, team_id: str) -> None:
+        """A team the token (or ``team_id_default``) names must exist, as in LiteLLM's
+        get_team_object: without its row the caller would carry none of the team's models,
+        budget or limits."""
+        _, team, _ = self.state.identities.load(None, team_id)
+        if team is None:
+            raise Forbidden(f"Team doesn't exist in db. Team={team_id[:64]}. Create team via "
+                            "`/team/new` call.", reason="jwt_team_not_found")
 
     def _first_serving_team(self, team_ids: list[str], ctx: AuthContext,
                             models: tuple[str, ...]) -> str:

@@ -237,6 +237,7 @@ def test_team_id_field_nested_list_default_and_missing(make_app: Any, idp: IdP) 
 
 def test_team_allowed_routes(make_app: Any, idp: IdP) -> None:
     client = make_app(team_id_field="team").test_client()
+    new_team(client, "t-routes")
     token = idp.token(extra_claims={"team": "t-routes"})
     assert ok(call(client, token, path=CHAT))
     error = assert_error(call(client, token, path="/v1/messages"), 403)
@@ -247,10 +248,38 @@ def test_team_allowed_routes(make_app: Any, idp: IdP) -> None:
     assert ok(call(wider, token, path="/v1/messages"))["role"] == "team"
 
 
+def test_a_team_named_by_the_token_must_exist(make_app: Any, idp: IdP) -> None:
+    """Without ``team_id_upsert`` a team the token (or ``team_id_default``) names that does
+    not exist is refused, as LiteLLM's get_team_object does: such a principal would carry
+    none of a team's model list, budget or limits."""
+    client = make_app(team_id_field="team").test_client()
+    new_team(client, "t-real", models=["gpt-4o"])
+    ghost = idp.token(extra_claims={"team": "t-ghost"})
+    error = assert_error(call(client, ghost, model="any-model", path=CHAT), 403)
+    assert "Team doesn't exist" in error["message"] and "t-ghost" in error["message"]
+    assert client.get("/team/info?team_id=t-ghost", headers=ADMIN).status_code == 404
+    real = idp.token(extra_claims={"team": "t-real"})
+    assert ok(call(client, real))["team_id"] == "t-real"
+    assert_error(call(client, real, model="any-model"), 403, "team_model_access_denied")
+
+    unnamed = idp.token(extra_claims={"email": "a@corp.example"})
+    default_ghost = make_app(team_id_field="team", team_id_default="t-nowhere").test_client()
+    error = assert_error(call(default_ghost, unnamed), 403)
+    assert "Team doesn't exist" in error["message"] and "t-nowhere" in error["message"]
+    default_real = make_app(team_id_field="team", team_id_default="t-real").test_client()
+    assert ok(call(default_real, unnamed))["team_id"] == "t-real"
+
+    listed = make_app(team_ids_field="groups").test_client()
+    groups = idp.token(extra_claims={"groups": ["t-real", "t-ghost"]})
+    error = assert_error(call(listed, groups, **{"x-litellm-team-id": "t-ghost"}), 403)
+    assert "Team doesn't exist" in error["message"]
+    assert ok(call(listed, groups, **{"x-litellm-team-id": "t-real"}))["team_id"] == "t-real"
+
+
 def test_team_id_upsert_creates_the_team_once(make_app: Any, idp: IdP) -> None:
     plain = make_app(team_id_field="team").test_client()
     token = idp.token(extra_claims={"team": "t-upserted"})
-    assert ok(call(plain, token))["team_id"] == "t-upserted"
+    assert "doesn't exist" in assert_error(call(plain, token), 403)["message"]
     assert plain.get("/team/info?team_id=t-upserted", headers=ADMIN).status_code == 404
 
     client = make_app(team_id_field="team", team_id_upsert=True).test_client()

@@ -16,7 +16,7 @@ import requests
 
 from flask_llmauth.errors import ConfigurationError
 from tests.conftest import dump_database, find_leaks
-from tests.helpers import record_secret
+from tests.helpers import ADMIN, record_secret
 from tests.idp_fixture import ES256, RS256, IdP
 from tests.integration.gateway import gunicorn
 
@@ -174,7 +174,9 @@ def test_nested_values_from_os_environ(app_factory: Any, idp: IdP, tmp_path: Pat
     assert settings.jwt_public_key_url == (idp.jwks_uri,)
     assert settings.source("jwt_team_id_field") == (
         "YAML general_settings.litellm_jwtauth.team_id_jwt_field")
-    response = app.test_client().post(
+    client = app.test_client()
+    assert client.post("/team/new", json={"team_id": "t9"}, headers=ADMIN).status_code == 200
+    response = client.post(
         "/v1/chat/completions", json={"model": "gpt-4o"},
         headers={"Authorization": "Bearer " + idp.token(extra_claims={"org": {"team": "t9"}})})
     assert response.status_code == 200
