@@ -3,7 +3,10 @@ proxy headers, custom auth): loaded once, cached, invalidated like keys.
 
 Authenticators build their principal with :meth:`IdentityLoader.principal`, so every method
 hands authorization the same records a virtual key would (team models, blocked flags,
-budgets, limits).
+budgets, limits). A principal naming a team that does not exist is refused there, for every
+method (403, as LiteLLM's ``get_team_object``): it would carry none of the team's models,
+budget or limits and its spend would go to no row. A method that creates teams on first
+sight (JWT ``team_id_upsert``) does so before building the principal.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .cache import TTLCache
-from .errors import Unauthenticated
+from .errors import Forbidden, Unauthenticated
 from .principal import Principal, Role
 from .store.db import Store
 from .store.records import MembershipRecord, TeamRecord, UserRecord, from_values
@@ -23,6 +26,12 @@ Records = tuple[UserRecord | None, TeamRecord | None, MembershipRecord | None]
 
 def _record(record_type: type, row: Any) -> Any:
     return None if row is None else from_values(record_type, row.__data__)
+
+
+def team_not_found(team_id: str, reason: str) -> Forbidden:
+    """The refusal of a caller whose team does not exist (LiteLLM's message)."""
+    return Forbidden(f"Team doesn't exist in db. Team={team_id[:64]}. Create team via "
+                     "`/team/new` call.", reason=reason)
 
 
 class IdentityLoader:
@@ -52,6 +61,14 @@ class IdentityLoader:
         self.cache.set(cache_key, records, self.ttl, tags, generation=generation)
         return records
 
+    def require_team(self, team_id: str, reason: str) -> TeamRecord:
+        """The team's record; a team that does not exist is a 403 (never a principal
+        without the team's models, budget and limits)."""
+        team = self.load(None, team_id)[1]
+        if team is None:
+            raise team_not_found(team_id, reason)
+        return team
+
     def principal(
         self,
         method: str,
@@ -67,8 +84,11 @@ class IdentityLoader:
         claims: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Principal:
-        """A principal with its records loaded; refuses a blocked user or team (401)."""
+        """A principal with its records loaded; refuses a team that does not exist (403) and
+        a blocked user or team (401)."""
         user, team, member = self.load(user_id, team_id)
+        if team_id and team is None:
+            raise team_not_found(team_id, f"{method}_team_not_found")
         if team is not None and team.blocked:
             raise Unauthenticated(f"Authentication Error, Team={team_id} is blocked. Update via "
                                   "`/team/unblock` if you're an admin.", reason="team_blocked")

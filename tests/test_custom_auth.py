@@ -76,6 +76,7 @@ def test_mapping_role_comes_from_stored_user_unless_hook_names_one(app_factory: 
     assert r.status_code == 200 and r.get_json()["principal"]["role"] == "proxy_admin_viewer"
     answers["next"] = {"user_id": "bob", "role": "PROXY_ADMIN"}
     assert client.get("/custom/admin", headers=bearer(TOKEN)).status_code == 200
+    create_team(client, "t-only")
     answers["next"] = {"team_id": "t-only"}
     r = chat(client)
     assert r.get_json()["principal"]["role"] == "team"
@@ -194,6 +195,17 @@ def test_blocked_team_or_user_named_by_hook_is_refused(app_factory: Any) -> None
     assert_error(chat(client), 401)
     answers["next"] = {"user_id": "blocked-user"}
     assert_error(chat(client), 401)
+
+
+def test_team_named_by_hook_must_exist(app_factory: Any) -> None:
+    def hook(request: Any, api_key: str) -> Any:
+        return {"team_id": "t-ghost"} if api_key == TOKEN else None
+
+    client = make_app(app_factory, hook, custom_auth_mode="auto").test_client()
+    error = assert_error(chat(client), 403)
+    assert "Team doesn't exist in db. Team=t-ghost." in error["message"]
+    create_team(client, "t-ghost")
+    assert chat(client).get_json()["principal"]["team_id"] == "t-ghost"
 
 
 def test_public_routes_never_call_the_hook(app_factory: Any) -> None:

@@ -20,7 +20,7 @@ import requests
 from flask import Flask
 
 from flask_llmauth import ConfigurationError
-from tests.helpers import assert_error, bearer, record_secret
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
 
 ENDPOINT = "https://idp.example/oauth2/introspect"
 TOKEN_INFO = "https://idp.example/oauth2/tokeninfo"
@@ -128,11 +128,31 @@ def test_introspection_request_is_a_basic_auth_form_post(app_factory: Any,
 def test_token_info_request_is_a_bearer_get(app_factory: Any, requests_mock: Any) -> None:
     requests_mock.get(TOKEN_INFO, json={"sub": "u-2", "team_id": "t-2"})
     client = oauth_app(app_factory, TOKEN_INFO).test_client()
+    assert client.post("/team/new", json={"team_id": "t-2"}, headers=ADMIN).status_code == 200
     r = chat(client)
     assert r.get_json()["principal"]["team_id"] == "t-2"
     sent = requests_mock.last_request
     assert sent.method == "GET" and sent.headers["Authorization"] == f"Bearer {TOKEN}"
     assert sent.body is None
+
+
+@pytest.mark.parametrize("endpoint", [ENDPOINT, TOKEN_INFO])
+def test_team_named_by_the_provider_must_exist(app_factory: Any, requests_mock: Any,
+                                               endpoint: str) -> None:
+    """A team the provider names that does not exist is a 403, not a team principal without
+    the team's models, budget and limits; the refusal is not kept, so creating the team
+    lets the same token in."""
+    answer = {"active": True, "sub": "u-3", "team_id": "t-ghost"}
+    requests_mock.post(ENDPOINT, json=answer)
+    requests_mock.get(TOKEN_INFO, json=answer)
+    client = oauth_app(app_factory, endpoint).test_client()
+    error = assert_error(chat(client), 403)
+    assert error["message"] == ("Team doesn't exist in db. Team=t-ghost. Create team via "
+                                "`/team/new` call.")
+    assert client.get("/team/info?team_id=t-ghost", headers=ADMIN).status_code == 404
+    assert client.post("/team/new", json={"team_id": "t-ghost"},
+                       headers=ADMIN).status_code == 200
+    assert chat(client).get_json()["principal"]["team_id"] == "t-ghost"
 
 
 def test_cache_is_keyed_by_the_whole_token(app_factory: Any, requests_mock: Any) -> None:

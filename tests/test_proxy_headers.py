@@ -208,6 +208,22 @@ def test_blocked_user_or_team_named_by_headers_is_401(app_factory: Any) -> None:
     assert send(client, {"X-Forwarded-User": "someone-else"}).status_code == 200
 
 
+def test_team_named_by_headers_must_exist(app_factory: Any) -> None:
+    """A team header naming no team is a 403 (never a team principal without the team's
+    models, budget and limits); once the team is created the same headers work."""
+    client = proxy_app(app_factory).test_client()
+    ghost = {"X-Forwarded-User": "tina", "X-Team-Id": "t-ghost"}
+    error = assert_error(send(client, ghost, model="any-model"), 403)
+    assert error["message"] == ("Team doesn't exist in db. Team=t-ghost. Create team via "
+                                "`/team/new` call.")
+    assert_error(send(client, {"X-Team-Id": "t-ghost"}), 403)  # a team alone, too
+    assert client.get("/team/info?team_id=t-ghost", headers=ADMIN).status_code == 404
+    assert client.post("/team/new", json={"team_id": "t-ghost", "models": ["gpt-4o"]},
+                       headers=ADMIN).status_code == 200
+    assert send(client, ghost).get_json()["principal"]["team_id"] == "t-ghost"
+    assert_error(send(client, ghost, model="any-model"), 403, "team_model_access_denied")
+
+
 def test_auth_order_can_put_keys_first(app_factory: Any) -> None:
     client = proxy_app(app_factory, auth_order=["master_key", "virtual_key",
                                                 "oauth2_proxy"]).test_client()

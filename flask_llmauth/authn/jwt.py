@@ -756,11 +756,10 @@ class JWTAuthenticator:
     def _require_team(self, team_id: str) -> None:
         """A team the token (or ``team_id_default``) names must exist, as in LiteLLM's
         get_team_object: without its row the caller would carry none of the team's models,
-        budget or limits."""
-        _, team, _ = self.state.identities.load(None, team_id)
-        if team is None:
-            raise Forbidden(f"Team doesn't exist in db. Team={team_id[:64]}. Create team via "
-                            "`/team/new` call.", reason="jwt_team_not_found")
+        budget or limits. Checked here, before the route check and user upsert, so such a
+        token provisions nothing; :meth:`IdentityLoader.principal` checks every other team
+        (e.g. one from ``role_mappings``) when the principal is built."""
+        self.state.identities.require_team(team_id, "jwt_team_not_found")
 
     def _first_serving_team(self, team_ids: list[str], ctx: AuthContext,
                             models: tuple[str, ...]) -> str:

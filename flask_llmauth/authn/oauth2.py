@@ -15,6 +15,7 @@ The user id, role and team id come from the configured response fields (dot path
 defaults ``sub``, ``role``, ``team_id``). A role that is not a LiteLLM role is a 401 unless
 ``LLMAUTH_OAUTH2_UNKNOWN_ROLE_DEFAULT`` names one; no role field means the role is derived as
 for a key (stored user's role, else ``internal_user``/``team``). ``exp`` in the past is a 401.
+A team id naming no team is a 403 (refused by the identity loader, never created).
 
 Results are cached by ``sha256(full token)`` (never a prefix) until ``min(exp, ttl)``, so a
 cached token costs no network round-trip (the built principal is kept too, and dropped when

@@ -23,8 +23,9 @@ Trust model:
   ``LLMAUTH_OAUTH2_PROXY_SETS_PRIVILEGE_HEADERS`` declares that the proxy strips and sets
   them; then their values are parsed strictly and a malformed one is a 401.
 
-The caller's user and team records are loaded as for every method (blocked → 401, team and
-user models apply); with no ``user_id`` header the email is the user id.
+The caller's user and team records are loaded as for every method (a team that does not
+exist → 403, blocked → 401, team and user models apply); with no ``user_id`` header the
+email is the user id.
 """
 
 from __future__ import annotations

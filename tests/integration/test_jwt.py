@@ -460,6 +460,7 @@ def test_roles_field_and_role_mappings(make_app: Any, idp: IdP) -> None:
     def token(roles: list[str]) -> str:
         return idp.token(extra_claims={"resource_access": {"roles": roles}, "oid": "obj-7"})
 
+    new_team(client, "obj-7")
     assert ok(call(client, token(["x", "gw-admin"])))["role"] == "proxy_admin"
     team = ok(call(client, token(["gw-team", "gw-user"])))
     assert team["role"] == "team" and team["team_id"] == "obj-7"
@@ -467,6 +468,21 @@ def test_roles_field_and_role_mappings(make_app: Any, idp: IdP) -> None:
     assert user["role"] == "internal_user" and user["user_id"] == "obj-7"
     with pytest.raises(ConfigurationError, match="internal_role"):
         make_app(roles_field="roles", role_mappings=[{"role": "a", "internal_role": "god"}])
+
+
+def test_a_team_from_role_mappings_must_exist(make_app: Any, idp: IdP) -> None:
+    """A team role's team (``object_id_jwt_field``, else ``sub``) that does not exist is a
+    403, as for ``team_id_jwt_field``; it is never created."""
+    client = make_app(roles_field="roles", object_id_field="oid",
+                      role_mappings=[{"role": "gw-team", "internal_role": "team"}]).test_client()
+    ghost = idp.token(extra_claims={"roles": ["gw-team"], "oid": "obj-ghost"})
+    error = assert_error(call(client, ghost, model="any-model"), 403)
+    assert "Team doesn't exist" in error["message"] and "obj-ghost" in error["message"]
+    assert client.get("/team/info?team_id=obj-ghost", headers=ADMIN).status_code == 404
+    by_subject = idp.token(extra_claims={"roles": ["gw-team"]})  # the team is the sub
+    assert "Team doesn't exist" in assert_error(call(client, by_subject), 403)["message"]
+    new_team(client, "obj-ghost")
+    assert ok(call(client, ghost))["team_id"] == "obj-ghost"
 
 
 def test_enforce_rbac(make_app: Any, idp: IdP) -> None:

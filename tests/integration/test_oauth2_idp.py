@@ -67,6 +67,7 @@ def revoke(idp: IdP, token: str, client_id: str) -> None:
 def test_introspected_token_names_user_team_role_and_scopes(app_factory: Any, idp: IdP) -> None:
     app = introspection_app(app_factory, idp)
     client = app.test_client()
+    assert client.post("/team/new", json={"team_id": "team-x"}, headers=ADMIN).status_code == 200
     token = opaque(idp, user_id="u-intro", team_id="team-x", role="internal_user",
                    email="intro@example.com")
     r = client.get("/v1/whoami", headers=bearer(token))
@@ -135,6 +136,7 @@ def test_field_names_and_dot_paths(app_factory: Any, idp: IdP) -> None:
         app_factory, idp, oauth2_user_id_field_name="client_id",
         oauth2_user_role_field_name="perm.role", oauth2_user_team_id_field_name="org.team",
     ).test_client()
+    assert client.post("/team/new", json={"team_id": "team-y"}, headers=ADMIN).status_code == 200
     token = opaque(idp, perm={"role": "internal_user_viewer"}, org={"team": "team-y"})
     assert client.get("/v1/whoami", headers=bearer(token)).get_json() == {
         "method": "oauth2", "role": "internal_user_viewer", "user_id": "llmauth-svc",
