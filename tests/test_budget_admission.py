@@ -19,8 +19,8 @@ from flask_llmauth.usage import Usage
 from tests.helpers import assert_error, new_key
 from tests.test_budgets import (
     PRICES,
-    add_llm_routes,
     api,
+    budget_gateway,
     chat,
     give_back,
     reserved_now,
@@ -38,14 +38,7 @@ ODD_PRICES = {
 
 @pytest.fixture
 def make(app_factory: Any, db_url: str) -> Any:
-    def build(**config: Any) -> Flask:
-        app = app_factory({"LLMAUTH_MODEL_PRICES": {**PRICES, **ODD_PRICES},
-                           "LLMAUTH_DEFAULT_MAX_TOKENS": 10, **config},
-                          db_url=db_url, routes=False)
-        add_llm_routes(app)
-        return app
-
-    return build
+    return budget_gateway(app_factory, db_url, {**PRICES, **ODD_PRICES})
 
 
 def leases_of(app: Flask) -> Any:

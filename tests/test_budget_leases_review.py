@@ -18,9 +18,8 @@ from flask_llmauth.durations import utcnow
 from flask_llmauth.errors import ServiceUnavailable
 from flask_llmauth.store.tables import BudgetReservation, Key, TeamMembership
 from tests.test_budgets import (
-    PRICES,
-    add_llm_routes,
     api,
+    budget_gateway,
     chat,
     flush,
     row,
@@ -32,14 +31,7 @@ from tests.test_budgets import (
 
 @pytest.fixture
 def make(app_factory: Any, db_url: str) -> Any:
-    """The budget tests' gateway (``tests/test_budgets.py``)."""
-    def build(**config: Any) -> Flask:
-        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
-                           **config}, db_url=db_url, routes=False)
-        add_llm_routes(app)
-        return app
-
-    return build
+    return budget_gateway(app_factory, db_url)
 
 
 def leases_of(app: Flask) -> Any:

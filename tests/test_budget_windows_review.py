@@ -13,19 +13,12 @@ from flask import Flask, jsonify
 from flask_llmauth.durations import parse_duration, utcnow
 from flask_llmauth.store.tables import BudgetCounter, Key
 from tests.helpers import ADMIN, assert_error, bearer, new_key
-from tests.test_budgets import PRICES, add_llm_routes, chat, give_back, usd
+from tests.test_budgets import PRICES, budget_gateway, chat, give_back, usd
 
 
 @pytest.fixture
 def make(app_factory: Any, db_url: str) -> Any:
-    """The budget tests' gateway (``tests/test_budgets.py``)."""
-    def build(**config: Any) -> Flask:
-        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
-                           **config}, db_url=db_url, routes=False)
-        add_llm_routes(app)
-        return app
-
-    return build
+    return budget_gateway(app_factory, db_url)
 
 
 def counter(app: Flask) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta, timezone
 from typing import Any
 
@@ -58,15 +58,23 @@ def add_llm_routes(app: Flask) -> None:
         return jsonify(model=body.get("model"), choices=[], usage=usage)
 
 
-@pytest.fixture
-def make(app_factory: Any, db_url: str) -> Any:
+def budget_gateway(app_factory: Any, db_url: str,
+                   prices: dict[str, Any] | None = None) -> Callable[..., Flask]:
+    """The budget tests' gateway: ``build(**config)`` makes an app with the LLM routes,
+    ``prices`` (default :data:`PRICES`) and a default ``max_tokens`` of 10."""
     def build(**config: Any) -> Flask:
-        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
-                           **config}, db_url=db_url, routes=False)
+        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES if prices is None else prices,
+                           "LLMAUTH_DEFAULT_MAX_TOKENS": 10, **config},
+                          db_url=db_url, routes=False)
         add_llm_routes(app)
         return app
 
     return build
+
+
+@pytest.fixture
+def make(app_factory: Any, db_url: str) -> Any:
+    return budget_gateway(app_factory, db_url)
 
 
 def usd(units: int) -> float:

@@ -15,21 +15,21 @@ from flask import Flask
 from flask_llmauth.durations import utcnow
 from flask_llmauth.store.tables import TeamMembership
 from tests.helpers import ADMIN, assert_error, new_key
-from tests.test_budgets import PRICES, add_llm_routes, api, chat, give_back, row, usd
+from tests.test_budgets import (
+    api,
+    budget_gateway,
+    chat,
+    give_back,
+    row,
+    usd,
+)
 
 DAY = timedelta(days=1)
 
 
 @pytest.fixture
 def make(app_factory: Any, db_url: str) -> Any:
-    """The budget tests' gateway (``tests/test_budgets.py``)."""
-    def build(**config: Any) -> Flask:
-        app = app_factory({"LLMAUTH_MODEL_PRICES": PRICES, "LLMAUTH_DEFAULT_MAX_TOKENS": 10,
-                           **config}, db_url=db_url, routes=False)
-        add_llm_routes(app)
-        return app
-
-    return build
+    return budget_gateway(app_factory, db_url)
 
 
 def member(app: Flask, team_id: str, user_id: str) -> Any:
