@@ -270,3 +270,102 @@ def test_reset_budgets_resets_members_on_the_team_default_window_on_time(make: A
     assert member(app, "t-b", "cat").budget_reset_at is None
     assert ledger.reset_due(utcnow() + 30 * DAY)["llmauth_team_membership"] == 0
     assert member(app, "t-b", "cat").spend == 4_000
+
+
+# -- month default windows keep their day of the month ---------------------------------------------
+
+
+@pytest.mark.parametrize("year", [2026, 2024])  # February: 28 days, then 29 (a leap year)
+def test_a_member_added_on_a_31st_to_a_month_default_window_is_reset_on_the_31st_again(
+        make: Any, monkeypatch: Any, year: int) -> None:
+    """A member added on a 31st to a team whose default window is ``1mo``: its windows end
+    on the last day of shorter months and on the 31st again afterwards (Jan 31, Feb 28/29,
+    Mar 31, Apr 30, May 31) — by ``reset-budgets`` and by the lazy reset — not on the day a
+    short month clamped a reset to, for good."""
+    from flask_llmauth import budget_leases, teams
+
+    app = make()
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-31", team_member_budget=usd(50_000),
+        team_member_budget_duration="1mo")
+    monkeypatch.setattr(teams, "utcnow", lambda: datetime(year, 1, 31, 10, 30))
+    api(client, "/team/member_add", team_id="t-31",
+        member=[{"user_id": "bob"}, {"user_id": "cat"}])
+    monkeypatch.undo()
+    february = datetime(year, 2, 29 if year % 4 == 0 else 28, 10, 30)
+    for name in ("bob", "cat"):
+        m = member(app, "t-31", name)
+        assert (m.budget_duration, m.budget_reset_at, m.budget_reset_day) == (
+            None, february, 31)
+    # bob: reset by reset-budgets (the CLI's pass), on the 31st again after February
+    ledger = app.extensions["llmauth"].budgets.ledger
+    for now, expected in ((datetime(year, 3, 1), datetime(year, 3, 31, 10, 30)),
+                          (datetime(year, 4, 1), datetime(year, 4, 30, 10, 30)),
+                          (datetime(year, 5, 1), datetime(year, 5, 31, 10, 30))):
+        set_member(app, "t-31", "bob", spend=1_000)
+        assert ledger.reset_due(now)["llmauth_team_membership"] == 2  # bob and cat
+        bob = member(app, "t-31", "bob")
+        assert (bob.spend, bob.budget_reset_at, bob.budget_reset_day) == (0, expected, 31)
+        # cat's own pass below starts from its February window end again
+        set_member(app, "t-31", "cat", budget_reset_at=february)
+    # cat: reset by its first request after each window's end (no job runs)
+    cat = new_key(client, user_id="cat", team_id="t-31")["key"]
+    for now, expected in ((datetime(year, 3, 1), datetime(year, 3, 31, 10, 30)),
+                          (datetime(year, 4, 1), datetime(year, 4, 30, 10, 30)),
+                          (datetime(year, 5, 1), datetime(year, 5, 31, 10, 30))):
+        set_member(app, "t-31", "cat", spend=1_000)
+        monkeypatch.setattr(budget_leases, "utcnow", lambda now=now: now)
+        assert chat(client, cat, completion=2).status_code == 200
+        m = member(app, "t-31", "cat")
+        assert (m.spend, m.budget_reset_at, m.budget_reset_day) == (2_000, expected, 31)
+        monkeypatch.undo()
+
+
+def test_a_month_default_window_set_by_team_update_puts_its_followers_on_that_day(
+        make: Any, monkeypatch: Any) -> None:
+    """``/team/update`` changing ``team_member_budget_duration`` to ``1mo`` on a 30th: the
+    members that follow it — added before, on another day and another window — get windows
+    ending on the 30th (Feb 28 clamped, then Mar 30), by ``reset-budgets`` and by the lazy
+    reset; a member with a window of its own keeps its own schedule."""
+    from flask_llmauth import budget_leases, teams
+
+    app = make()
+    client = app.test_client()
+    api(client, "/team/new", team_id="t-30", team_member_budget=usd(50_000),
+        team_member_budget_duration="7d")
+    monkeypatch.setattr(teams, "utcnow", lambda: datetime(2026, 1, 5, 8, 0))
+    api(client, "/team/member_add", team_id="t-30",
+        member=[{"user_id": "bob"}, {"user_id": "cat"}, {"user_id": "dan"}])
+    monkeypatch.undo()
+    api(client, "/team/member_update", team_id="t-30", user_id="dan", budget_duration="1d")
+    dan_before = member(app, "t-30", "dan")
+    monkeypatch.setattr(teams, "utcnow", lambda: datetime(2026, 1, 30, 10, 30))
+    api(client, "/team/update", team_id="t-30", team_member_budget_duration="1mo")
+    monkeypatch.undo()
+    for name in ("bob", "cat"):
+        m = member(app, "t-30", name)
+        assert (m.budget_duration, m.budget_reset_at, m.budget_reset_day) == (
+            None, datetime(2026, 2, 28, 10, 30), 30)
+    dan = member(app, "t-30", "dan")  # its own window: not the team's default
+    assert (dan.budget_duration, dan.budget_reset_at, dan.budget_reset_day) == (
+        "1d", dan_before.budget_reset_at, None)
+    # bob: reset-budgets
+    ledger = app.extensions["llmauth"].budgets.ledger
+    for now, expected in ((datetime(2026, 3, 1), datetime(2026, 3, 30, 10, 30)),
+                          (datetime(2026, 4, 1), datetime(2026, 4, 30, 10, 30)),
+                          (datetime(2026, 5, 1), datetime(2026, 5, 30, 10, 30))):
+        set_member(app, "t-30", "bob", spend=1_000)
+        assert ledger.reset_due(now)["llmauth_team_membership"] == 2  # bob and cat
+        bob = member(app, "t-30", "bob")
+        assert (bob.spend, bob.budget_reset_at, bob.budget_reset_day) == (0, expected, 30)
+        set_member(app, "t-30", "cat", budget_reset_at=datetime(2026, 2, 28, 10, 30))
+    # cat: the lazy reset
+    cat = new_key(client, user_id="cat", team_id="t-30")["key"]
+    for now, expected in ((datetime(2026, 3, 1), datetime(2026, 3, 30, 10, 30)),
+                          (datetime(2026, 4, 1), datetime(2026, 4, 30, 10, 30))):
+        set_member(app, "t-30", "cat", spend=1_000)
+        monkeypatch.setattr(budget_leases, "utcnow", lambda now=now: now)
+        assert chat(client, cat, completion=2).status_code == 200
+        m = member(app, "t-30", "cat")
+        assert (m.spend, m.budget_reset_at, m.budget_reset_day) == (2_000, expected, 30)
+        monkeypatch.undo()
