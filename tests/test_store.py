@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -410,3 +412,29 @@ def test_shutdown_runs_flushes_not_polls(tmp_path: Path, caplog: pytest.LogCaptu
     messages = [record.getMessage() for record in caplog.records]
     assert sum("no llmauth tables yet" in m for m in messages) == 1, messages
     assert not [m for m in messages if "background task" in m], messages
+
+
+def test_a_new_sqlite_file_another_process_is_writing_is_opened_once_its_lock_is_free(
+        tmp_path: Path) -> None:
+    """Two workers starting on a new SQLite database: while one still writes the file in
+    rollback mode (its first migration), the other's switch to WAL failed at once with
+    "database is locked" (the busy timeout does not apply to it) and the worker did not
+    boot. The switch now waits for the lock, as every other statement does."""
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    releaser = threading.Timer(0.3, writer.execute, ("COMMIT",))
+    releaser.start()
+    store = Store(f"sqlite:///{path}")
+    try:
+        started = time.monotonic()
+        with store.use() as db:
+            assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute_sql("SELECT x FROM t").fetchall() == [(1,)]
+        assert time.monotonic() - started >= 0.2  # it waited for the writer
+    finally:
+        releaser.join()
+        store.close()
+        writer.close()

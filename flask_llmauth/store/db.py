@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -41,6 +42,8 @@ _PG_MIGRATION_LOCK = 0x6C6C6D61  # "llma"
 #: access instead of a system call and a 4 KiB copy into the connection's own page cache.
 #: Writes still go through the WAL (SQLite never writes through the map by default).
 SQLITE_MMAP_SIZE = 2**30
+#: How long an SQLite connection waits for another one's write lock.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: Errors meaning "the database cannot answer now": answered 503, never treated as a pass.
 DB_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
 
@@ -52,9 +55,9 @@ def open_database(url: str) -> peewee.Database:
         url = "postgresql+pool" + url[len(scheme):]
         return db_url.connect(url, max_connections=64, stale_timeout=300, timeout=10)
     if scheme == "sqlite":
-        return db_url.connect(
-            url,
-            pragmas={"journal_mode": "wal", "busy_timeout": 10000, "synchronous": "normal",
+        return _SqliteDatabase(
+            **db_url.parse(url),
+            pragmas={"busy_timeout": SQLITE_BUSY_TIMEOUT_MS, "synchronous": "normal",
                      "mmap_size": SQLITE_MMAP_SIZE},
             # Transactions take the write lock when they begin: a deferred one that reads
             # and then writes fails at once with SQLITE_BUSY (its snapshot is stale) when
@@ -63,6 +66,25 @@ def open_database(url: str) -> peewee.Database:
             check_same_thread=False,
         )
     return db_url.connect(url)
+
+
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """SQLite in WAL mode. A new connection switches the file to WAL first (a no-op once it
+    is): on a file another process is still writing in rollback mode — two workers starting
+    on a new database — that switch fails at once with "database is locked", the busy
+    timeout not applying to it, so it is retried until the busy timeout has passed."""
+
+    def _set_pragmas(self, conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = wal")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+        super()._set_pragmas(conn)  # type: ignore[misc]  # peewee's hook, not in its stubs
 
 
 class NotMigrated(ServiceUnavailable):
