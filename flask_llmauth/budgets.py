@@ -269,6 +269,16 @@ def next_reset(duration: str, previous: datetime | None, now: datetime,
         steps += 1
 
 
+def schedule_day(parsed: Duration, window_end: datetime | None, stored: int | None,
+                 start: datetime) -> int | None:
+    """The day of the month a schedule of month windows ends on (``budget_reset_day``):
+    ``stored`` — for a row written before it was recorded, its window end's day — or, for a
+    schedule without a window end yet, ``start``'s; ``None`` for windows not in months."""
+    if window_end is None:
+        return parsed.day(start)
+    return parsed.day(window_end) and (stored or window_end.day)
+
+
 def first_window_end(duration: str, created_at: datetime | None) -> datetime | None:
     """The end of a membership's first window when its row has a window but no
     ``budget_reset_at`` (a row written before the window was known, e.g. by an older
@@ -379,12 +389,8 @@ class Ledger:
             first = (first_window_end(budget.duration, budget.born)
                      if budget.row is not None and budget.row[0] == MEMBERSHIP_TABLE else None)
             previous = budget.reset_at or first
-            # the day month windows end on: kept (a row written before it was recorded
-            # takes its window end's), or the day its schedule started on
-            if budget.reset_at is not None:
-                day = parsed.day(budget.reset_at) and (budget.reset_day or budget.reset_at.day)
-            else:
-                day = parsed.day(budget.born if first is not None and budget.born else now)
+            day = schedule_day(parsed, budget.reset_at, budget.reset_day,
+                               budget.born if first is not None and budget.born else now)
             new = next_reset(budget.duration, previous, now, day)
             if first is None or first <= now:
                 due = f'("budget_reset_at" IS NULL OR "budget_reset_at" <= {p})'
@@ -605,8 +611,7 @@ class Ledger:
                             continue
                         if first is not None and created_at is not None:
                             previous, day = first, parsed.day(created_at)
-                    day = (parsed.day(now) if previous is None
-                           else parsed.day(previous) and (day or previous.day))
+                    day = schedule_day(parsed, previous, day, now)
                     new = next_reset(duration, previous, now, day)
                     with db.atomic():
                         cursor = db.execute_sql(
