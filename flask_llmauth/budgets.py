@@ -60,7 +60,7 @@ from .store.tables import (
     TeamMembership,
     User,
 )
-from .usage import Usage, body_sizes
+from .usage import Usage, body_sizes, refuse_unreadable_cap
 
 log = logging.getLogger("flask_llmauth")
 
@@ -759,6 +759,8 @@ class Budgets:
         if sizes is None:
             sizes = admission._sizes = body_sizes(admission.body)
         prompt, asked = sizes
+        if asked < 0:
+            refuse_unreadable_cap(admission.body)
         per_token = plan.per_token
         if per_token is not None:  # whole units per token: small integers, no rounding
             need = prompt * per_token[0] + (asked or self.default_max_tokens) * per_token[1]

@@ -29,7 +29,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from importlib import resources
 from typing import Any, NamedTuple
 
-from .usage import Usage, estimate_prompt_tokens, requested_max_tokens
+from .usage import Usage, estimate_prompt_tokens, refuse_unreadable_cap, requested_max_tokens
 
 log = logging.getLogger("flask_llmauth")
 
@@ -240,5 +240,7 @@ def worst_case_units(model: str | None, body: Any, settings: Any) -> int:
     if price is None:
         price = table.price(model)
     completion = requested_max_tokens(body) or int(getattr(settings, "default_max_tokens", 0))
+    if completion < 0:
+        refuse_unreadable_cap(body)
     femto = estimate_prompt_tokens(body) * price.input + completion * price.output
     return -(-femto // FEMTO_PER_UNIT)  # _units, inline

@@ -60,7 +60,7 @@ from .network import client_ip, parse_address
 from .principal import Principal, get_principal
 from .signals import rate_limited
 from .signals import send as send_signal
-from .usage import Usage
+from .usage import Usage, refuse_unreadable_cap
 
 log = logging.getLogger("flask_llmauth")
 
@@ -1154,7 +1154,7 @@ class RateLimits:
         if counters is None:
             return  # storage down, fail open (logged)
         if self.tpm_estimate:
-            need = self._estimate(admission)
+            need = self._estimate(admission, plan)
             if need > plan.tpm_ceiling:
                 self._refuse_too_large(admission, plan, need)
         else:
@@ -1280,11 +1280,15 @@ class RateLimits:
             return usage.completion_tokens
         return usage.total_tokens
 
-    def _estimate(self, admission: Admission) -> int:
+    def _estimate(self, admission: Admission, plan: _Plan) -> int:
         if not self.tpm_estimate:
             return 1
         kind = self.tokens_counted
         prompt, completion = admission.sizes
+        if completion < 0:  # a cap that is not a count: refused where tokens are reserved
+            if plan.tpm and kind != "input":
+                refuse_unreadable_cap(admission.body)
+            completion = 0
         if kind == "output":
             prompt = 0
         elif kind == "input":

@@ -14,7 +14,9 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
+
+from .errors import BadRequest
 
 #: Characters per token for estimates (the rule of thumb OpenAI documents for English).
 CHARS_PER_TOKEN = 4
@@ -119,16 +121,26 @@ def _items_length(items: list[Any]) -> int:
 
 
 _CAP_NAMES = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+#: :func:`body_sizes`' cap for a completion cap that is not a non-negative integer (a
+#: float, a string, a boolean, a negative number): the guards that reserve tokens or money
+#: refuse the request (:func:`refuse_unreadable_cap`) instead of guessing what an upstream
+#: would make of it (some read ``"8000"`` or ``8000.0`` as 8000, some read -1 as no cap).
+UNREADABLE_CAP = -1
 
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
-    """The completion cap a request asks for (``max_tokens``/``max_completion_tokens``)."""
+    """The completion cap a request asks for: the first of :data:`_CAP_NAMES` set to other
+    than 0 or null; :data:`UNREADABLE_CAP` when that one is not a non-negative integer."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
     for name in _CAP_NAMES:
-        value = _int(body.get(name))
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            return UNREADABLE_CAP
         if value:
-            return value
+            return value if value > 0 else UNREADABLE_CAP
     return None
 
 
@@ -155,11 +167,23 @@ def body_sizes(body: Any) -> tuple[int, int]:
     for name in _CAP_NAMES:
         value = body.get(name)
         if value is not None:
-            value = value if type(value) is int else _int(value)
-            if value > 0:
-                cap = value
+            if type(value) is not int:
+                value = value if isinstance(value, int) and not isinstance(
+                    value, bool) else UNREADABLE_CAP
+            if value:
+                cap = value if value > 0 else UNREADABLE_CAP
                 break
     return -(-length // CHARS_PER_TOKEN), cap  # the ceiling, as estimate_prompt_tokens
+
+
+def refuse_unreadable_cap(body: Any) -> NoReturn:
+    """The 400 for a body whose completion cap :func:`body_sizes` read as
+    :data:`UNREADABLE_CAP`, naming the field."""
+    name = next((name for name in _CAP_NAMES
+                 if isinstance(body, Mapping) and body.get(name) is not None), _CAP_NAMES[1])
+    raise BadRequest(f"Invalid value for '{name}': must be a non-negative integer (the "
+                     "most tokens the answer may use, reserved before the call).", param=name,
+                     reason="invalid_max_tokens")
 
 
 def usage_from_body(body: Any, model: str | None = None) -> Usage | None:

@@ -132,6 +132,33 @@ def test_key_budget_reserves_and_settles_exactly(make: Any) -> None:
         assert BudgetReservation.select().count() == 0
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", "8000"), ("max_tokens", 8000.0), ("max_tokens", True), ("max_tokens", -1),
+    ("max_completion_tokens", [5]), ("max_output_tokens", {"n": 5})])
+def test_a_completion_cap_that_is_not_a_count_is_refused_not_guessed(
+        make: Any, field: str, value: Any) -> None:
+    """The reservation needs the request's cap. An upstream may read ``"8000"`` or
+    ``8000.0`` as 8000 and -1 as no cap at all, so a cap the budget cannot read is a 400
+    naming it: a reservation of ``LLMAUTH_DEFAULT_MAX_TOKENS`` could be far too small."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(1_000_000))
+    response = client.post(CHAT, json={"model": "budget-model", field: value, "completion": 3},
+                           headers=bearer(key["key"]))
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["param"] == field
+    assert "must be a non-negative integer" in error["message"]
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (0, 0)
+    # A count is reserved; zero and null mean no cap (the default is reserved).
+    for cap in (5, 0, None):
+        response = client.post(CHAT, json={"model": "budget-model", field: cap,
+                                           "completion": 3}, headers=bearer(key["key"]))
+        assert response.status_code == 200, (cap, response.get_json())
+    assert row(app, Key, key_id=key["key_id"]).spend == 3 * 3000
+
+
 def api(client: Any, path: str, **body: Any) -> Any:
     response = client.post(path, json=body, headers=ADMIN)
     assert response.status_code == 200, response.get_json()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from flask_llmauth.config import load_settings
+from flask_llmauth.errors import BadRequest
 from flask_llmauth.money import UNITS_PER_USD
 from flask_llmauth.prices import (
     PriceTable,
@@ -141,6 +142,15 @@ def test_worst_case_default_max_tokens_setting() -> None:
     assert worst_case_units("m", {"input": "hi"}, s) == 10 * 2000
     assert worst_case_units("m", None, s) == 10 * 2000
     assert worst_case_units("m", "not a body", s) == 10 * 2000
+    assert worst_case_units("m", {"max_tokens": 0, "max_output_tokens": 3}, s) == 3 * 2000
+
+
+@pytest.mark.parametrize("cap", ["9", 9.0, True, -1, [9]])
+def test_worst_case_refuses_a_cap_that_is_not_a_count(cap: Any) -> None:
+    s = settings(model_prices={"m": {"output_cost_per_token": "0.000002"}})
+    with pytest.raises(BadRequest) as refused:
+        worst_case_units("m", {"max_tokens": cap, "max_output_tokens": 3}, s)
+    assert (refused.value.status, refused.value.param) == (400, "max_tokens")
 
 
 def test_worst_case_of_an_unknown_model_uses_the_unknown_price() -> None:

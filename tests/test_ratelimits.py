@@ -305,6 +305,20 @@ def test_tpm_estimate_refuses_a_request_that_cannot_fit(make: Any) -> None:
     assert "Limit type: tokens. Current limit: 100, Remaining: 90." in message(refused)
 
 
+def test_tpm_estimate_refuses_a_completion_cap_that_is_not_a_count(make: Any) -> None:
+    """With a tpm window to reserve in, a cap that is not a count is a 400 (an upstream may
+    read ``"8000"`` as 8000, or -1 as no cap), and the refusal is not counted."""
+    client = make(LLMAUTH_RATELIMIT_TPM_ESTIMATE=True).test_client()
+    key = new_key(client, tpm_limit=1000, rpm_limit=2)["key"]
+    for value in ("8000", 8000.0, -1, False):
+        error = assert_error(chat(client, key, max_tokens=value), 400, "invalid_request_error")
+        assert error["param"] == "max_tokens", value
+    assert statuses(client, key, 3, max_tokens=5) == [200, 200, 429]
+    # No tokens reserved (rpm only): the cap goes to the upstream as it was sent.
+    rpm_only = new_key(client, rpm_limit=5)["key"]
+    assert chat(client, rpm_only, max_tokens="8000").status_code == 200
+
+
 def test_stream_is_charged_when_it_ends(make: Any) -> None:
     client = make().test_client()
     key = new_key(client, tpm_limit=20)["key"]
