@@ -41,6 +41,7 @@ from .errors import BadRequest, Forbidden, NotFound
 from .money import to_usd
 from .network import parse_networks
 from .principal import Principal, Role, outranks, role_cap
+from .ratelimits import limit_value
 from .signals import key_created, key_revoked, key_rotated
 from .signals import send as send_signal
 from .store.tables import DeletedKey, Key, KeyGrace, Team, TeamMembership, User
@@ -945,9 +946,9 @@ def _own_model_limits(key: Any, name: str) -> dict[str, Any]:
     listed = (key.metadata or {}).get(name)
     if isinstance(listed, Mapping):
         for model, limit in listed.items():
-            if (isinstance(model, str) and model not in mine and not isinstance(limit, bool)
-                    and isinstance(limit, (int, float)) and limit >= 1):
-                mine[model] = int(limit)
+            value = limit_value(limit)
+            if isinstance(model, str) and model not in mine and value is not None:
+                mine[model] = value
     return mine
 
 

@@ -299,10 +299,14 @@ class RateLimitBreach:
     reset_at: float | None
 
 
-def _positive(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+def limit_value(value: Any) -> int | None:
+    """A stored rpm/tpm/parallel limit as the limiter applies it: a number of at least 1,
+    its fraction dropped; anything else (0, a fraction below 1, a negative, ``None``, a
+    string, a boolean, NaN) sets no limit at that level, so a lower-precedence level applies.
+    The escalation checks (:mod:`flask_llmauth.keys`) read per-model limits with it too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
         return None
-    return int(value)
+    return int(value) if value < 2**53 else 2**53
 
 
 def _ident(*parts: str) -> str:
@@ -336,7 +340,7 @@ def _model_limit(principal: Principal, names: Sequence[str], field: str) -> tupl
         if not isinstance(table, Mapping):
             continue
         for name in names:
-            limit = _positive(table.get(name))
+            limit = limit_value(table.get(name))
             if limit is not None:
                 return name, limit
     return None
@@ -347,7 +351,7 @@ _LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
 
 def _any_positive(values: Iterable[Any]) -> bool:
     for value in values:
-        if value is not None and _positive(value) is not None:
+        if value is not None and limit_value(value) is not None:
             return True
     return False
 
@@ -400,15 +404,15 @@ def descriptors(principal: Principal, model_names: Sequence[str], end_user_id: s
     key, user, team, member = principal.key, principal.user, principal.team, principal.membership
     asserted = principal.limits
     if key is None and asserted:  # limits a custom auth hook or proxy headers asserted
-        rpm, tpm = _positive(asserted.get("rpm_limit")), _positive(asserted.get("tpm_limit"))
-        parallel = _positive(asserted.get("max_parallel_requests"))
+        rpm, tpm = limit_value(asserted.get("rpm_limit")), limit_value(asserted.get("tpm_limit"))
+        parallel = limit_value(asserted.get("max_parallel_requests"))
         if rpm or tpm or parallel:
             out.append(Descriptor("key", principal.key_name or principal.identity,
                                   _ident(principal.method, principal.identity), rpm, tpm,
                                   parallel))
     if key is not None:
-        rpm, tpm = _positive(key.rpm_limit), _positive(key.tpm_limit)
-        parallel = _positive(key.max_parallel_requests)
+        rpm, tpm = limit_value(key.rpm_limit), limit_value(key.tpm_limit)
+        parallel = limit_value(key.max_parallel_requests)
         if rpm or tpm or parallel:
             out.append(Descriptor("key", key.key_name, _ident(key.key_id), rpm, tpm, parallel))
         if model_names:
@@ -422,29 +426,29 @@ def descriptors(principal: Principal, model_names: Sequence[str], end_user_id: s
                         _ident(key.key_id, name),
                         rpm=limit if is_rpm else None, tpm=None if is_rpm else limit))
     if team is not None and principal.user_id:
-        rpm = _positive(member.rpm_limit if member else None) or _positive(
+        rpm = limit_value(member.rpm_limit if member else None) or limit_value(
             team.team_member_rpm_limit)
-        tpm = _positive(member.tpm_limit if member else None) or _positive(
+        tpm = limit_value(member.tpm_limit if member else None) or limit_value(
             team.team_member_tpm_limit)
         if rpm or tpm:
             out.append(Descriptor("team_member", f"{team.team_id}:{principal.user_id}",
                                   _ident(team.team_id, principal.user_id), rpm, tpm))
     if user is not None:
-        rpm, tpm = _positive(user.rpm_limit), _positive(user.tpm_limit)
-        parallel = _positive(user.max_parallel_requests)
+        rpm, tpm = limit_value(user.rpm_limit), limit_value(user.tpm_limit)
+        parallel = limit_value(user.max_parallel_requests)
         if rpm or tpm or parallel:
             out.append(Descriptor("user", user.user_id, _ident(user.user_id), rpm, tpm,
                                   parallel))
     if team is not None:
-        rpm, tpm = _positive(team.rpm_limit), _positive(team.tpm_limit)
-        parallel = _positive(team.max_parallel_requests)
+        rpm, tpm = limit_value(team.rpm_limit), limit_value(team.tpm_limit)
+        parallel = limit_value(team.max_parallel_requests)
         if rpm or tpm or parallel:
             out.append(Descriptor("team", team.team_id, _ident(team.team_id), rpm, tpm,
                                   parallel))
     if end_user_id and customer is not None:
-        rpm = _positive(getattr(customer, "rpm_limit", None))
-        tpm = _positive(getattr(customer, "tpm_limit", None))
-        parallel = _positive(getattr(customer, "max_parallel_requests", None))
+        rpm = limit_value(getattr(customer, "rpm_limit", None))
+        tpm = limit_value(getattr(customer, "tpm_limit", None))
+        parallel = limit_value(getattr(customer, "max_parallel_requests", None))
         if rpm or tpm or parallel:
             out.append(Descriptor("end_user", end_user_id[:100], _ident(end_user_id), rpm, tpm,
                                   parallel))
@@ -1136,8 +1140,8 @@ class RateLimits:
         """A request naming an end user whose row carries limits (see ``Guards.admit``)."""
         if customer is None or not unsafe or not route.is_llm or principal.is_master_key:
             return False
-        return bool(_positive(customer.rpm_limit) or _positive(customer.tpm_limit)
-                    or _positive(customer.max_parallel_requests))
+        return bool(limit_value(customer.rpm_limit) or limit_value(customer.tpm_limit)
+                    or limit_value(customer.max_parallel_requests))
 
     def admit(self, admission: Admission) -> None:
         principal, customer = admission.principal, admission.customer

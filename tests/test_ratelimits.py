@@ -342,6 +342,23 @@ def test_model_per_key_and_team_tpm(make: Any) -> None:
     assert chat(client, key, model="gpt-4o-mini").status_code == 200
 
 
+@pytest.mark.parametrize("stored", [0.5, 0, -3, "5", True, None])
+def test_a_stored_per_model_value_that_is_not_a_limit_leaves_the_next_level_in_force(
+        make: Any, stored: Any) -> None:
+    """A key's metadata value below 1 (or not a number) sets no limit at the key's level:
+    the team's per-model limit then applies, as it does for a key without any. A fraction
+    below 1 used to be read as a limit of 0, which stopped the search and lifted the
+    team's limit."""
+    client = make().test_client()
+    client.post("/team/new", json={"team_id": "t-frac", "model_rpm_limit": {"gpt-4o": 1}},
+                headers=ADMIN)
+    key = new_key(client, team_id="t-frac",
+                  metadata={"model_rpm_limit": {"gpt-4o": stored}})["key"]
+    assert statuses(client, key, 2) == [200, 429]
+    fraction = new_key(client, metadata={"model_rpm_limit": {"gpt-4o": 2.9}})["key"]
+    assert statuses(client, fraction, 3) == [200, 200, 429]  # the fraction dropped
+
+
 def _team_member_key(client: Any, **team: Any) -> str:
     assert client.post("/team/new", json={"team_id": "t-src", **team},
                        headers=ADMIN).status_code == 200
