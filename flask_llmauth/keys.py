@@ -5,7 +5,9 @@ Rules (LiteLLM's, with its escalation bugs closed):
 
 * a proxy admin may do anything;
 * a non-admin creates keys only for itself, never reassigns a key to another user, never
-  mints a key for models or routes beyond its own, never sets ``spend`` or unblocks;
+  mints a key for models or routes beyond its own, never sets ``spend`` or unblocks, and
+  loosens a key's limits only with a credential that reaches every model of the key
+  (:func:`_loosened_limit`);
 * a team admin manages every key of its team; a plain member only what the team's
   ``team_member_permissions`` allow (default: ``/key/info``, ``/key/health``);
 * a key carries its user's role, so a non-admin never mints, regenerates or hands over a
@@ -24,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -328,6 +331,19 @@ class KeyService:
             self._check_routes_reachable(actor, routes, key,
                                          self._subject_role(actor, child_user, team))
         self._check_limits(actor, params, key)
+        if key is not None and (loosened := _loosened_limit(params, key)) is not None:
+            # Loosening a limit re-grants the key: what it reaches must be the actor's to
+            # grant. Otherwise an owner whose own credential is unbudgeted (but limited to
+            # cheap models) lifts the budget an admin put on a key for dear ones.
+            reaches = params["models"] if "models" in params else key.models
+            for allowance in limits:
+                if not access.within(reaches, allowance, team):
+                    raise Forbidden(
+                        f"You cannot loosen this key's {loosened}: the key reaches models "
+                        f"beyond your own (your models={list(allowance)}, the key's="
+                        f"{list(reaches)}). Only a proxy admin, or a credential that reaches "
+                        "all of its models, loosens its limits; narrowing them is always "
+                        "allowed.", param=loosened, reason="limit_escalation")
 
     @staticmethod
     def _settle_organization(actor: Principal, params: dict[str, Any], team: Team | None,
@@ -950,6 +966,78 @@ def _own_model_limits(key: Any, name: str) -> dict[str, Any]:
             if isinstance(model, str) and model not in mine and value is not None:
                 mine[model] = value
     return mine
+
+
+def _loosened_limit(params: Mapping[str, Any], key: Any) -> str | None:
+    """The first limit of ``key`` that ``params`` loosen, or ``None``: a budget, rate limit
+    or parallel limit raised or removed, a shorter budget window (or one added: the budget
+    then resets), a per-model budget or rate limit raised, removed or given another period,
+    a later expiry (or none), wider ``allowed_ips`` (or none). Setting a limit the key does
+    not have narrows it."""
+    for name in _CAPPED_LIMITS:
+        if name in params:
+            value, current = params[name], getattr(key, name)
+            if current is not None and (value is None or value > current):
+                return name
+    now = utcnow()
+    window = params.get("budget_duration")
+    if window is not None and (key.budget_duration is None or window.after(now)
+                               < parse_duration(key.budget_duration).after(now)):
+        return "budget_duration"
+    for name in ("model_max_budget", "model_rpm_limit", "model_tpm_limit"):
+        sources = (name,) if name == "model_max_budget" else (name, "metadata")
+        before = _own_model_limits(key, name)
+        if not before or not any(source in params for source in sources):
+            continue
+        after = _own_model_limits(SimpleNamespace(**{
+            source: params[source] if source in params else getattr(key, source, None)
+            for source in sources}), name)
+        for model, limit in before.items():
+            if not _model_limit_within(after.get(model), limit):
+                return name
+    if "duration" in params and key.expires is not None:
+        duration = params["duration"]
+        if duration is None or duration.after(now) > key.expires:
+            return "duration"
+    if "allowed_ips" in params and key.allowed_ips:
+        requested = params["allowed_ips"] or []
+        if not requested or not _networks_within(requested, key.allowed_ips):
+            return "allowed_ips"
+    return None
+
+
+def _model_limit_within(new: Any, old: Any) -> bool:
+    """Whether a per-model limit ``new`` is no looser than ``old``: a rate limit no higher;
+    a model budget (``{"budget_limit", "time_period", "rpm_limit", "tpm_limit"}``) with each
+    of ``old``'s amounts no higher and the same period."""
+    if new == old:
+        return True
+    if not isinstance(old, Mapping):
+        return _amount(new) is not None and _amount(old) is not None and \
+            _amount(new) <= _amount(old)  # type: ignore[operator]
+    if not isinstance(new, Mapping):
+        return False
+    for name, value in old.items():
+        if name in ("time_period", "budget_duration"):
+            if new.get(name) != value:
+                return False
+        else:
+            mine, cap = _amount(new.get(name)), _amount(value)
+            if cap is not None and (mine is None or mine > cap):
+                return False
+    return not any(name in new and name not in old for name in ("time_period",
+                                                                  "budget_duration"))
+
+
+def _amount(value: Any) -> Decimal | None:
+    """A limit's amount (a number or a decimal string), or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError:
+        return None
+    return amount if amount.is_finite() else None
 
 
 def _networks_within(inner: Sequence[str], outer: Sequence[str]) -> bool:

@@ -141,6 +141,9 @@ def log_info(row: Any) -> dict[str, Any]:
 class SpendReports:
     def __init__(self, state: LLMAuthState) -> None:
         self.state = state
+        #: The key id ``api_key`` named (a raw key is looked up by its digest): what the
+        #: next page's link says instead of the raw key.
+        self.named_key_id: str | None = None
 
     # -- who sees what -------------------------------------------------------------------------
 
@@ -202,7 +205,8 @@ class SpendReports:
         if query.get("user_id") is not None:
             conditions.append(SpendLog.user_id == query["user_id"])
         if query.get("api_key") is not None:
-            conditions.append(SpendLog.key_id == self._key_id(actor, query["api_key"]))
+            self.named_key_id = self._key_id(actor, query["api_key"])
+            conditions.append(SpendLog.key_id == self.named_key_id)
         for name, column in (("team_id", SpendLog.team_id), ("end_user_id", SpendLog.end_user_id),
                              ("model", SpendLog.model), ("request_id", SpendLog.request_id)):
             if query.get(name) is not None:

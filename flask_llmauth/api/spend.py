@@ -35,17 +35,19 @@ def _query(fields: dict[str, Field]) -> dict[str, Any]:
     return check(query_args(), {**_DATES, **fields}, source="query")
 
 
-def paged(query: dict[str, Any], body: Any, more: bool, total: int | None = None) -> Any:
+def paged(query: dict[str, Any], body: Any, more: bool, total: int | None = None,
+          replace: dict[str, str] | None = None) -> Any:
     """The response of one page of ``query``: with ``Link: <...page=N+1>; rel="next"`` when
-    another page follows (the request's own query, its page moved on), ``X-Total-Count``
-    when the total is known."""
+    another page follows (the request's own query, its page moved on, the parameters of
+    ``replace`` given those values), ``X-Total-Count`` when the total is known."""
     response = ok(body)
     if total is not None:
         response.headers["X-Total-Count"] = str(total)
     if more:
         page = query.get("page", 1)
-        args = [(name, value) for name, value in request.args.items(multi=True)
-                if name != "page"]
+        replace = replace or {}
+        args = [(name, replace.get(name, value))
+                for name, value in request.args.items(multi=True) if name != "page"]
         following = urlencode([*args, ("page", str(page + 1))])
         response.headers["Link"] = (
             f'<{request.script_root}{request.path}?{following}>; rel="next"')
@@ -61,8 +63,11 @@ def register(route: Callable[..., Any]) -> None:
             "model": Field(string()), "request_id": Field(string(64)),
             "summarize": Field(query_boolean), "page_size": Field(integer(1, MAX_PAGE_SIZE)),
         })
-        body, total, more = SpendReports(state()).logs(require_principal(), query)
-        return paged(query, body, more, total)
+        reports = SpendReports(state())
+        body, total, more = reports.logs(require_principal(), query)
+        # the link names the key by its id, never by the raw key the request may have used
+        named = reports.named_key_id
+        return paged(query, body, more, total, None if named is None else {"api_key": named})
 
     @route("/spend/keys", ("GET",))
     def spend_keys() -> Any:
