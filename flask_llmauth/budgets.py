@@ -46,7 +46,7 @@ from .config import Settings
 from .durations import Duration, add_months, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
-from .money import to_units, to_usd
+from .money import UNITS_PER_USD, to_units, to_usd
 from .prices import FEMTO_PER_UNIT, Price, alias_price, prices_for, settled_price
 from .principal import Principal
 from .signals import budget_exceeded, soft_budget_crossed
@@ -629,8 +629,11 @@ class Ledger:
 
 
 def _fmt(units: int) -> str:
-    value = to_usd(units) or 0.0
-    return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    """``units`` as USD for a refusal message: exact, in plain digits (a float printed
+    huge worst cases with invented digits and rounded amounts below $0.0000005 to 0)."""
+    sign = "-" if units < 0 else ""
+    whole, part = divmod(abs(units), UNITS_PER_USD)
+    return sign + (f"{whole}.{part:09d}".rstrip("0").rstrip(".") if part else str(whole))
 
 
 class _BudgetPlan:

@@ -182,6 +182,20 @@ def test_spend_equal_to_the_budget_is_exceeded_even_for_a_free_request(make: Any
     assert key["key"] not in response.get_data(as_text=True)
 
 
+def test_refusal_messages_state_amounts_exactly(make: Any) -> None:
+    """Amounts below $0.0000005 are not rounded to 0, and a huge worst case (a client's
+    ``max_tokens`` of 10**30) is printed in its own digits, not a float's."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(400))
+    error = assert_error(chat(client, key["key"]), 429, "budget_exceeded")
+    assert "Current cost: 0, Max budget: 0.0000004, this request may cost up to 0.00001" \
+        in error["message"]
+    error = assert_error(chat(client, key["key"], max_tokens=10**30), 429, "budget_exceeded")
+    # 10**30 completion tokens at 1,000 units (the body has no prompt): 10**33 units
+    assert "may cost up to " + "1" + "0" * 24 + ". Lower max_tokens" in error["message"]
+
+
 def test_team_key_is_bound_by_the_team_budget_not_the_personal_one(make: Any) -> None:
     app = make()
     client = app.test_client()
