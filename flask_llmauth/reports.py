@@ -25,12 +25,20 @@ import peewee
 from peewee import fn
 
 from .crypto import KEY_PREFIX
-from .durations import isoformat
+from .durations import isoformat, utcnow
 from .errors import BadRequest, Forbidden
 from .keys import key_info, read_confinement
 from .money import to_usd
 from .principal import Principal, Role
-from .store.tables import DeletedKey, Key, SpendLog, Team, TeamMembership, User
+from .store.tables import (
+    BudgetCounter,
+    DeletedKey,
+    Key,
+    SpendLog,
+    Team,
+    TeamMembership,
+    User,
+)
 from .teams import team_info
 from .users import user_info
 
@@ -434,11 +442,35 @@ class SpendReports:
 
     def global_spend(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
         """LiteLLM's ``{spend, max_budget}``: every request's spend (a non-admin: its own)
-        in the range, all time without one."""
+        in the range, all time without one; for admins, with a global budget, also what the
+        budget counts: ``budget_spend`` in its current window and ``budget_reset_at``."""
+        max_budget = getattr(self.state.settings, "max_budget", None)
+        window: dict[str, Any] = {"budget_spend": None, "budget_reset_at": None}
         with self.state.store.use():
             condition = date_range(query)
-            if not self.sees_all(actor):
+            sees_all = self.sees_all(actor)
+            if not sees_all:
                 condition = _and(condition, self.own_rows(actor))
             total = self._where(SpendLog.select(fn.SUM(SpendLog.spend)), condition).scalar()
-        max_budget = getattr(self.state.settings, "max_budget", None)
-        return {"spend": to_usd(int(total or 0)), "max_budget": to_usd(max_budget)}
+            if sees_all and max_budget is not None:
+                window = self._global_window()
+        return {"spend": to_usd(int(total or 0)), "max_budget": to_usd(max_budget), **window}
+
+    def _global_window(self) -> dict[str, Any]:
+        """The global budget's spend in its current window (its counter, which starts
+        when the budget is first used and counts what the budget admitted) and the window's
+        end; ``budget_reset_at`` is ``None`` when no window is running (none configured, or
+        the next request starts one)."""
+        duration = getattr(self.state.settings, "budget_duration", None)
+        counter = (BudgetCounter.select()
+                   .where(BudgetCounter.scope == "global", BudgetCounter.entity_id == "all",
+                          BudgetCounter.model == "")
+                   .first())
+        if counter is None:
+            return {"budget_spend": 0.0, "budget_reset_at": None}
+        reset_at = counter.budget_reset_at
+        if duration is None or counter.budget_duration != duration:
+            reset_at = None  # no window, or the next request starts the new schedule
+        elif reset_at is not None and reset_at <= utcnow():
+            return {"budget_spend": 0.0, "budget_reset_at": None}  # over: spend goes to 0
+        return {"budget_spend": to_usd(int(counter.spend)), "budget_reset_at": isoformat(reset_at)}

@@ -4,15 +4,16 @@ parameter a 400, and data-level scoping: a non-admin sees only its own spend (ID
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from flask_llmauth.durations import utcnow
 from flask_llmauth.spend import flush
-from flask_llmauth.store.tables import Key, SpendLog, Team, User
-from tests.helpers import ADMIN, assert_error, bearer, new_key
+from flask_llmauth.store.tables import BudgetCounter, Key, SpendLog, Team, User
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, bearer, new_key
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 USD = Decimal(1_000_000_000)
@@ -230,7 +231,8 @@ def test_spend_teams(client: Any, world: dict[str, Any]) -> None:
 def test_global_spend(client: Any, world: dict[str, Any]) -> None:
     as_ = world["as"]
     total = 1_000_000_001 + 333_333_333 + 7 + 2_000_000_000 + 5
-    assert ok(get(client, "/global/spend")) == {"spend": usd(total), "max_budget": None}
+    assert ok(get(client, "/global/spend")) == {"spend": usd(total), "max_budget": None,
+                                                 "budget_spend": None, "budget_reset_at": None}
     assert ok(get(client, "/global/spend", start_date="2026-11-02",
                   end_date="2026-11-02"))["spend"] == usd(7)
     assert ok(get(client, "/global/spend", as_["vera"]))["spend"] == usd(total)
@@ -334,7 +336,41 @@ def test_global_spend_reports_the_global_budget(app_factory: Any) -> None:
         pytest.skip("no global budget setting (the budgets are not installed)")
     app = app_factory(config={"LLMAUTH_MAX_BUDGET": 12.5})
     body = ok(app.test_client().get("/global/spend", headers=ADMIN))
-    assert body == {"spend": 0.0, "max_budget": 12.5}
+    assert body == {"spend": 0.0, "max_budget": 12.5, "budget_spend": 0.0,
+                    "budget_reset_at": None}
+
+
+def test_global_spend_shows_what_the_global_budget_counts_in_its_window(
+        app_factory: Any, db_url: str) -> None:
+    """``spend`` is the spend log's (all time, master key included); ``budget_spend`` is
+    what the global budget holds against ``max_budget`` in its current window: spend
+    before the budget was set and the master key's are not in it. Admins only."""
+    from tests.test_budgets import budget_gateway, chat
+
+    build = budget_gateway(app_factory, db_url)
+    before = build()
+    client = before.test_client()
+    key = new_key(client, user_id="gia")
+    assert chat(client, key["key"], completion=5).status_code == 200  # 5,000 units, no budget
+    before.extensions["llmauth"].close()
+
+    app = build(LLMAUTH_MAX_BUDGET=1.0, LLMAUTH_BUDGET_DURATION="1h")
+    client = app.test_client()
+    assert chat(client, key["key"], completion=3).status_code == 200  # 3,000 units
+    assert chat(client, MASTER_KEY, completion=7).status_code == 200  # 7,000: exempt
+    app.extensions["llmauth"].budgets.leases.sweep(final=True)
+    body = ok(get(client, "/global/spend"))
+    assert body["spend"] == usd(15_000) and body["max_budget"] == 1.0
+    assert body["budget_spend"] == usd(3_000)
+    reset_at = datetime.fromisoformat(body["budget_reset_at"]).replace(tzinfo=None)
+    assert timedelta(minutes=59) < reset_at - utcnow() <= timedelta(hours=1)
+    mine = ok(get(client, "/global/spend", bearer(key["key"])))
+    assert mine == {"spend": usd(8_000), "max_budget": 1.0, "budget_spend": None,
+                    "budget_reset_at": None}
+    with app.extensions["llmauth"].store.use():  # the window ends: the next request resets it
+        BudgetCounter.update(budget_reset_at=datetime(2000, 1, 1)).execute()
+    body = ok(get(client, "/global/spend"))
+    assert (body["budget_spend"], body["budget_reset_at"]) == (0.0, None)
 
 
 def _twelve_teams_users_and_keys(client: Any) -> None:
