@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from flask_llmauth import LLMAuth, allowed_models, current_principal
 from flask_llmauth.config import load_settings
 from flask_llmauth.errors import BadRequest, http_exception_response
+from flask_llmauth.signals import soft_budget_crossed
 
 from . import fake_model
 from .upstream import Upstream
@@ -123,6 +124,15 @@ def _messages(body: Mapping[str, Any]) -> None:
                          param="messages")
 
 
+def _log_soft_budget(sender: Flask, *, level: str, entity_id: str, spend: float | None,
+                     soft_budget: float | None, **_: Any) -> None:
+    """A soft budget never blocks; the library only sends ``soft_budget_crossed`` (once
+    per window), so the gateway logs it (``entity_id`` is an id or a key's printable name,
+    never a secret)."""
+    sender.logger.warning("soft budget crossed: %s=%s spend=%s soft_budget=%s",
+                          level, entity_id, spend, soft_budget)
+
+
 def _sse(chunks: Iterator[str]) -> Response:
     return Response(stream_with_context(chunks), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache"})
@@ -139,6 +149,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     _ensure_master_key(app)
     llmauth = LLMAuth(app)
+    soft_budget_crossed.connect(_log_soft_budget, sender=app)
     upstream = Upstream.from_config(app.config)
 
     def models() -> list[str]:

@@ -4,6 +4,7 @@ fake model used to raise on it: a 500), and text with a lone surrogate is answer
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,8 +12,9 @@ import pytest
 from flask import Flask
 
 from example_app import create_app
+from flask_llmauth.spend import flush
 from tests.conftest import migrated_sqlite_url
-from tests.helpers import ADMIN, MASTER_KEY, assert_error
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, record_secret
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -91,3 +93,22 @@ def test_readiness_reports_the_database(gateway: Flask, tmp_path: Any) -> None:
             503, {"status": "unhealthy", "db": "disconnected"})
     finally:
         unmigrated.extensions["llmauth"].close()
+
+
+def test_a_soft_budget_crossing_is_logged(gateway: Flask, caplog: Any) -> None:
+    """The library sends ``soft_budget_crossed`` and logs nothing; the gateway logs it once
+    per window, naming the key by its printable name only."""
+    client = gateway.test_client()
+    created = client.post("/key/generate", json={"soft_budget": 0.0000001}, headers=ADMIN)
+    key = created.get_json()
+    record_secret(key["key"])
+    caplog.set_level(logging.WARNING, logger=gateway.logger.name)
+    for _ in range(3):
+        response = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HI},
+                               headers={"Authorization": f"Bearer {key['key']}"})
+        assert response.status_code == 200
+        flush(gateway)
+    lines = [r.getMessage() for r in caplog.records if "soft budget crossed" in r.getMessage()]
+    assert lines == [f"soft budget crossed: key={key['key_name']} spend=0.0001275 "
+                     "soft_budget=1e-07"], lines
+    assert key["key"] not in caplog.text
