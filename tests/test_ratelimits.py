@@ -111,6 +111,21 @@ def test_key_rpm_admits_the_limit_then_429_with_litellm_message_and_headers(make
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+def test_a_limit_of_zero_is_no_limit_and_blocking_stops_the_caller(make: Any) -> None:
+    """As docs/rate_limits.md says: 0 adds no descriptor (LiteLLM would refuse); a block
+    or a budget of 0 is what stops a caller."""
+    client = make().test_client()
+    body = new_key(client, rpm_limit=0, tpm_limit=0, max_parallel_requests=0)
+    response = chat(client, body["key"])
+    assert response.status_code == 200
+    assert not any(name.lower().startswith("x-ratelimit") for name in response.headers.keys())
+    assert client.post("/key/block", json={"key": body["key_id"]},
+                       headers=ADMIN).status_code == 200
+    assert chat(client, body["key"]).status_code == 401
+    stopped = new_key(client, max_budget=0)
+    assert_error(chat(client, stopped["key"]), 429, "budget_exceeded")
+
+
 def test_rpm_window_rolls_over_and_refusals_are_not_counted(make: Any) -> None:
     client = make(LLMAUTH_RATELIMIT_WINDOW=2).test_client()
     key = new_key(client, rpm_limit=2)["key"]
