@@ -126,6 +126,17 @@ def test_a_limit_of_zero_is_no_limit_and_blocking_stops_the_caller(make: Any) ->
     assert_error(chat(client, stopped["key"]), 429, "budget_exceeded")
 
 
+def test_a_budget_refusal_carries_no_rate_limit_headers(make: Any) -> None:
+    """The rate limits admitted the request, then a budget refused it: its counts are taken
+    back and only the budget's headers are sent (docs/rate_limits.md, Responses)."""
+    client = make().test_client()
+    key = new_key(client, rpm_limit=5, max_budget=0.00001)["key"]
+    response = chat(client, key)  # gpt-4o's worst case for 4096 tokens is $0.04
+    assert_error(response, 429, "budget_exceeded")
+    assert response.headers["x-should-retry"] == "false"
+    assert not any(name.lower().startswith("x-ratelimit") for name in response.headers.keys())
+
+
 def test_rpm_window_rolls_over_and_refusals_are_not_counted(make: Any) -> None:
     client = make(LLMAUTH_RATELIMIT_WINDOW=2).test_client()
     key = new_key(client, rpm_limit=2)["key"]
