@@ -30,7 +30,7 @@ from flask_llmauth.signals import soft_budget_crossed
 from . import fake_model
 from .upstream import Upstream
 
-DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "text-embedding-3-small")
+DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest", "text-embedding-3-small")
 MASTER_KEY_FILE = "master_key"
 
 

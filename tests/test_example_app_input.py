@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 
 from example_app import create_app
+from flask_llmauth.prices import prices_for
 from flask_llmauth.spend import flush
 from tests.conftest import migrated_sqlite_url
 from tests.helpers import ADMIN, MASTER_KEY, assert_error, record_secret
@@ -112,3 +113,12 @@ def test_a_soft_budget_crossing_is_logged(gateway: Flask, caplog: Any) -> None:
     assert lines == [f"soft budget crossed: key={key['key_name']} spend=0.0001275 "
                      "soft_budget=1e-07"], lines
     assert key["key"] not in caplog.text
+
+
+def test_every_model_the_gateway_lists_has_a_price(gateway: Flask) -> None:
+    """A listed model no price table knows would be free: budgets would never bind it and
+    its spend would be 0 (the gateway listed "claude-3-5-sonnet", a name no table has)."""
+    listed = gateway.test_client().get("/v1/models", headers=ADMIN).get_json()["data"]
+    table = prices_for(gateway.extensions["llmauth"].settings)
+    unpriced = [m["id"] for m in listed if table.lookup(m["id"]) is None]
+    assert listed and unpriced == []

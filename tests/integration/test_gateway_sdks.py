@@ -118,7 +118,7 @@ def test_openai_models_list_shows_only_the_keys_models(gateway: Gateway, virtual
                                                        admin: Admin) -> None:
     assert sorted(m.id for m in openai_client(gateway, virtual_key).models.list()) == ALLOWED
     everything = sorted(m.id for m in openai_client(gateway, admin.master_key).models.list())
-    assert everything == sorted(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet",
+    assert everything == sorted(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest",
                                  "text-embedding-3-small"])
 
 
