@@ -24,7 +24,8 @@ after ``LLMAUTH_BUDGET_RESERVATION_TTL``.
 
 Windows reset lazily: the first lease transaction after a window's end resets it (a
 conditional update, so exactly one process does). ``flask llmauth reset-budgets`` and the optional
-scheduler (``LLMAUTH_BUDGET_RESET_INTERVAL``) reset idle rows too. Principals without any
+scheduler (``LLMAUTH_BUDGET_RESET_INTERVAL``) reset idle rows too, and delete the counter rows
+that hold nothing (:meth:`Ledger.sweep_counters`). Principals without any
 budget cost nothing: the guard does not want their requests.
 """
 
@@ -77,6 +78,18 @@ ENTITY_TABLES = {
 COUNTER_TABLE = BudgetCounter._meta.table_name
 MEMBERSHIP_TABLE = TeamMembership._meta.table_name
 _RETRIES = 4
+#: Rows per transaction of the counter sweep (:meth:`Ledger.sweep_counters`).
+SWEEP_BATCH = 500
+#: A counter row the sweep may delete: no spend (in its window: ``reset_due`` runs first),
+#: nothing reserved (``reserved`` is the sum of the live reservation rows' and leases' parts
+#: on it, changed in their transactions: 0 means none holds anything on it), no soft budget
+#: marked crossed in its window, not touched by a request since the cutoff (a request with a
+#: soft budget only, or a free one, holds its id without reserving until its spend is
+#: written), not the global budget's, and not the newest row (SQLite gives a new row the id
+#: of a deleted newest one: an id held in memory never names another budget's row).
+SWEEP_WHERE = ('"scope" <> {p} AND "spend" = 0 AND "reserved" = 0 AND "soft_alerted" = {p} '
+               'AND ("touched_at" IS NULL OR "touched_at" <= {p}) '
+               'AND "id" < (SELECT MAX("id") FROM "{table}")')
 
 
 # -- which budgets apply -------------------------------------------------------------------------
@@ -423,6 +436,9 @@ class Ledger:
                      '"budget_reset_day" = NULL']
         else:
             sets.append('"reserved" = "reserved"')
+        if budget.counter is not None:  # in use: the counter sweep keeps it (sweep_counters)
+            sets.append(f'"touched_at" = {p}')
+            values.append(now)
         sql = (f'UPDATE "{self._table(budget)}" SET {", ".join(sets)} '  # noqa: S608
                f'WHERE {where} RETURNING "id", "spend", "reserved", '
                f'"budget_reset_at", "soft_alerted"')
@@ -446,9 +462,9 @@ class Ledger:
         day = parsed.day(now) if parsed else None
         sql = (f'INSERT INTO "{COUNTER_TABLE}" ("scope", "entity_id", "model", "spend", '  # noqa: S608
                f'"reserved", "budget_duration", "budget_reset_at", "budget_reset_day", '
-               f'"soft_alerted") VALUES ({p}, {p}, {p}, 0, 0, {p}, {p}, {p}, {p}) '
-               f'ON CONFLICT ("scope", "entity_id", "model") DO NOTHING')
-        db.execute_sql(sql, [scope, entity, model, budget.duration, reset, day, False])
+               f'"soft_alerted", "touched_at") VALUES ({p}, {p}, {p}, 0, 0, {p}, {p}, {p}, '
+               f'{p}, {p}) ON CONFLICT ("scope", "entity_id", "model") DO NOTHING')
+        db.execute_sql(sql, [scope, entity, model, budget.duration, reset, day, False, now])
 
     def _mark_soft(self, db: Any, table: str, row_id: int) -> bool:
         p = self.p
@@ -623,6 +639,59 @@ class Ledger:
                     count += cursor.rowcount
                 done[table] = count
         return done
+
+    # -- the counter sweep -----------------------------------------------------------------------
+
+    def sweep_counters(self, now: datetime | None = None, idle: float | None = None,
+                       batch: int = SWEEP_BATCH) -> int:
+        """Delete the counter rows that hold nothing (see :data:`SWEEP_WHERE`): no spend in
+        their window (an ended window was reset by :meth:`reset_due` first), nothing
+        reserved, no soft budget marked crossed, not touched by a request for ``idle``
+        seconds (default ``LLMAUTH_BUDGET_RESERVATION_TTL``). The next request that needs
+        one creates it again in the same state. Batches of ``batch`` rows, one transaction
+        each; the condition is checked again by the ``DELETE`` itself on the row it deletes
+        (on Postgres after the rows are locked, skipping rows a transaction holds), so a
+        request that reserves on, spends on or touches a row first keeps it. Returns how
+        many rows were deleted."""
+        now = now or utcnow()
+        if idle is None:
+            idle = float(self.settings.budget_reservation_ttl)
+        cutoff = now - timedelta(seconds=idle)
+        p = self.p
+        where = SWEEP_WHERE.format(table=COUNTER_TABLE, p=p)
+        args = ["global", False, cutoff]
+        deleted = 0
+        after = 0
+        with self.store.use() as db:
+            postgres = not isinstance(db, peewee.SqliteDatabase)
+            lock = " FOR UPDATE SKIP LOCKED" if postgres else ""
+            while True:
+                for attempt in range(_RETRIES):
+                    try:
+                        # SQLite: the transaction holds the write lock from its start
+                        with db.atomic():
+                            ids = [row[0] for row in db.execute_sql(
+                                f'SELECT "id" FROM "{COUNTER_TABLE}" WHERE "id" > {p} '  # noqa: S608
+                                f'AND {where} ORDER BY "id" LIMIT {int(batch)}{lock}',
+                                [after, *args]).fetchall()]
+                            count = 0
+                            if ids:
+                                marks = ", ".join([p] * len(ids))
+                                count = db.execute_sql(
+                                    f'DELETE FROM "{COUNTER_TABLE}" WHERE "id" IN ({marks}) '  # noqa: S608
+                                    f'AND {where}', [*ids, *args]).rowcount
+                        break
+                    except peewee.OperationalError as exc:
+                        if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                            raise
+                        time.sleep(0.005 * (attempt + 1))
+                deleted += count
+                if len(ids) < batch:
+                    break
+                after = ids[-1]
+        if deleted:
+            log.info("llmauth: deleted %d idle budget counter row(s)", deleted)
+        return deleted
 
 
 # -- the guard -------------------------------------------------------------------------------------
@@ -1020,6 +1089,7 @@ def install(state: Any, app: Flask) -> None:
     def reset() -> None:
         ledger.reset_due()
         sweep_expired()
+        ledger.sweep_counters()
 
     def leases() -> None:
         final = not state.background.started  # the last pass (shutdown)

@@ -233,8 +233,9 @@ def show_config() -> None:
 
 @llmauth_cli.command(
     "reset-budgets",
-    help="Reset every budget window that is over (spend back to 0, next reset set) and "
-         "release reservations that expired. Safe to run from cron at any interval.")
+    help="Reset every budget window that is over (spend back to 0, next reset set), "
+         "release reservations that expired and delete budget counter rows that hold "
+         "nothing. Safe to run from cron at any interval.")
 @_service_command
 def reset_budgets() -> None:
     from .budgets import Ledger
@@ -244,5 +245,6 @@ def reset_budgets() -> None:
         app_state.store, app_state.settings)
     done = ledger.reset_due()
     released = ledger.sweep()
+    deleted = ledger.sweep_counters()
     click.echo(f"reset {sum(done.values())} budget window(s); released {released} expired "
-               "reservation(s)")
+               f"reservation(s); deleted {deleted} idle budget counter(s)")

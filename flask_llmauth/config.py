@@ -1157,7 +1157,9 @@ class Settings:
         3600, _number(int, 10),
         "Seconds after which the reservation of a request that never settled (its process "
         "crashed) is released; keep it above your longest stream, and above the longest "
-        "database outage a process should ride through (docs/budgets.md).",
+        "database outage a process should ride through (docs/budgets.md). Also how long a "
+        "budget counter row that holds nothing is kept after a request last touched it "
+        "(the counter sweep of `flask llmauth reset-budgets`).",
     )
     budget_reset_interval: float = setting(
         0.0, _number(float, 0),

@@ -310,6 +310,9 @@ class BudgetCounter(Table):
     #: The day of the month a schedule of month windows ends on (NULL: budget_reset_at's).
     budget_reset_day = SmallIntegerField(null=True)
     soft_alerted = BooleanField(default=False)
+    #: When a request last read or reserved on the row (the counter sweep deletes rows that
+    #: hold nothing and were not touched for ``LLMAUTH_BUDGET_RESERVATION_TTL``).
+    touched_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "llmauth_budget_counter"
