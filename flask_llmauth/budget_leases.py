@@ -14,7 +14,9 @@ requests in flight and of the finished requests whose spend is not yet known to 
 database. A finished request's worst case stays in use until its spend-log row is seen
 committed (the spend ledger writes the spend in the same transaction); the next lease
 transaction of the process then takes it out of the lease (``reserved -= worst``). Until
-then the request counts twice (spend and lease) — never less than once.
+then the request counts twice (spend and lease) — never less than once. A request whose
+cost is known when it ends, below its worst case, holds only that cost when its lease is
+out of room (:meth:`Ticket.costs`).
 
 A lease grows by whole worst cases of the request at hand: at most
 ``LLMAUTH_BUDGET_LEASE_REQUESTS`` of them and at most ``LLMAUTH_BUDGET_LEASE_FRACTION`` of
@@ -182,6 +184,31 @@ class Ticket:
         """Nothing was spent: free the worst case in every lease at once."""
         for lease in self.leases:
             lease.release(self)
+
+    def costs(self, cost: int) -> None:
+        """The request ended and will be charged ``cost``, below its worst case: its
+        leases hold the cost instead of the worst case until its spend is written, so a
+        request right behind it is not refused for room the worst case took. Only done
+        when one of its leases is out of room (read without the locks: a stale read skips
+        it, or does it where it was not needed; both are safe); then under every lease's
+        lock at once (none is ever held while taking another, so no order can deadlock)."""
+        need = self.need
+        for lease in self.leases:
+            if lease.held - lease.in_use < need:
+                break
+        else:
+            return
+        leases = sorted(self.leases, key=id)
+        for lease in leases:
+            lease.lock.acquire()
+        try:
+            for lease in leases:
+                if lease.in_flight.get(self.request_id) is self:
+                    lease.in_use -= need - cost
+            self.need = cost  # what mark_done takes out of each lease once it is written
+        finally:
+            for lease in leases:
+                lease.lock.release()
 
     def rows(self, counters: bool) -> list[tuple[str, int, tuple[Any, ...]]]:
         """The counter rows (``counters``) or entity rows the request's cost goes to."""

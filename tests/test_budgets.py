@@ -159,6 +159,38 @@ def test_a_completion_cap_that_is_not_a_count_is_refused_not_guessed(
     assert row(app, Key, key_id=key["key_id"]).spend == 3 * 3000
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_finished_request_holds_its_cost_not_its_worst_case_near_the_limit(
+        make: Any) -> None:
+    """Until its spend is written, a finished request's cost stays reserved; near the
+    limit it used to be its whole worst case, so on a small budget every other back-to-back
+    request was refused ("held by reservations ... retry shortly") though little was spent."""
+    app = make(LLMAUTH_SPEND_FLUSH_INTERVAL=3600)  # nothing is written between the requests
+    client = app.test_client()
+    # worst case: no prompt + 10 completion tokens = 10,000 units; each request costs 1,000
+    key = new_key(client, max_budget=usd(14_500))
+
+    def unflushed(key: str, **body: Any) -> Any:  # chat() writes the spend after each request
+        return client.post(CHAT, json={"model": "budget-model", "max_tokens": 10, **body},
+                           headers=bearer(key))
+
+    statuses = [unflushed(key["key"], completion=1).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    # 5,000 known; the sixth request's worst case (10,000) no longer fits 14,500 - 5,000
+    error = assert_error(unflushed(key["key"], completion=1), 429, "budget_exceeded")
+    assert "held by reservations" in error["message"]
+    give_back(app)
+    k = row(app, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (5_000, 0)
+    # Charged more than its worst case (the upstream ignored max_tokens): the worst case
+    # stays held, as before (19,999 - 10,000 leaves no room for another).
+    other = new_key(client, max_budget=usd(19_999))
+    assert unflushed(other["key"], completion=12).status_code == 200
+    assert_error(unflushed(other["key"], completion=1), 429, "budget_exceeded")
+    give_back(app)
+    assert row(app, Key, key_id=other["key_id"]).spend == 12_000
+
+
 def api(client: Any, path: str, **body: Any) -> Any:
     response = client.post(path, json=body, headers=ADMIN)
     assert response.status_code == 200, response.get_json()
@@ -528,7 +560,10 @@ def test_host_reported_usage_and_streams_settle_at_the_end(make: Any) -> None:
     assert (k.spend, k.reserved) == (5007, 0)
 
 
-def test_concurrent_requests_never_pass_the_budget(make: Any) -> None:
+@pytest.mark.parametrize("written_each", [True, False], ids=["written", "queued"])
+def test_concurrent_requests_never_pass_the_budget(make: Any, written_each: bool) -> None:
+    """``queued``: the spend ledger writes in the background, so finished requests hold
+    their cost in the lease (``Ticket.costs``) while others are admitted from it."""
     app = make()
     client = app.test_client()
     # each worst case is ~10,001 units; actual cost 6,000; budget 55,000:
@@ -542,7 +577,12 @@ def test_concurrent_requests_never_pass_the_budget(make: Any) -> None:
         c = app.test_client()
         barrier.wait()
         for _ in range(3):
-            status = chat(c, key["key"], completion=6).status_code
+            if written_each:
+                status = chat(c, key["key"], completion=6).status_code
+            else:
+                status = c.post(CHAT, json={"model": "budget-model", "max_tokens": 10,
+                                            "completion": 6},
+                                headers=bearer(key["key"])).status_code
             with lock:
                 results.append(status)
 
