@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +29,19 @@ def _load(name: str) -> ModuleType:
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     return _load("run")
+
+
+@pytest.fixture(autouse=True)
+def _test_session_heap_frozen() -> Iterator[None]:
+    """The harness collects garbage before every timed loop; in a full test run each of
+    those collections scanned every object the session holds (seconds per test). Frozen,
+    only what a test creates is scanned."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def test_key_database_holds_digests_the_extension_finds(bench: ModuleType,
