@@ -183,6 +183,10 @@ def test_openai_sdk_sees_an_exhausted_budget_as_rate_limit_error(
     assert error.body["type"] == "budget_exceeded"  # type: ignore[index]
     assert "Budget" in error.message and "Max budget: 0.0002" in error.message
     assert body["key"] not in error.message
-    # the budget never resets: the SDK is told not to retry
+    # the budget never resets: the SDK is told not to retry. The refusal's access-log line
+    # may be written just after the SDK had the answer: wait for it, then for any retry's
+    deadline = time.time() + 10
+    while sum(gw.served_by().values()) == before and time.time() < deadline:
+        time.sleep(0.05)
     time.sleep(0.5)
     assert sum(gw.served_by().values()) == before + 1

@@ -156,9 +156,11 @@ def test_cache_ttl(make_app: Any, idp: IdP, monkeypatch: Any) -> None:
 
 def test_cached_token_ends_at_its_exp(make_app: Any, idp: IdP) -> None:
     client = make_app(cache_ttl=3600).test_client()
-    token = idp.token(ttl=2, extra_claims={"email": "a@corp.example"})
+    # exp is a whole second (iat rounded down + ttl): at least 2 s left for the first call
+    token = idp.token(ttl=3, extra_claims={"email": "a@corp.example"})
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
     assert ok(call(client, token))
-    time.sleep(2.5)
+    time.sleep(max(0.0, exp + 0.2 - time.time()))
     assert_error(call(client, token), 401)  # never served from the cache past exp
 
 
