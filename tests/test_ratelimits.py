@@ -20,6 +20,7 @@ from flask_llmauth.errors import TooManyRequests
 from flask_llmauth.guards import Admission
 from flask_llmauth.ratelimits import descriptors, openai_duration
 from flask_llmauth.signals import rate_limited
+from flask_llmauth.store.tables import Key
 from tests.conftest import REDIS_URL
 from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
 
@@ -111,14 +112,46 @@ def test_key_rpm_admits_the_limit_then_429_with_litellm_message_and_headers(make
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-def test_a_limit_of_zero_is_no_limit_and_blocking_stops_the_caller(make: Any) -> None:
-    """As docs/rate_limits.md says: 0 adds no descriptor (LiteLLM would refuse); a block
-    or a budget of 0 is what stops a caller."""
+@pytest.mark.parametrize(("path", "fields"), [
+    ("/key/generate", {"rpm_limit": 0}), ("/key/generate", {"tpm_limit": 0}),
+    ("/key/generate", {"max_parallel_requests": 0}),
+    ("/key/generate", {"model_rpm_limit": {"gpt-4o": 0}}),
+    ("/key/generate", {"model_max_budget": {"gpt-4o": {"rpm_limit": 0}}}),
+    ("/user/new", {"user_id": "u-zero", "rpm_limit": 0}),
+    ("/team/new", {"team_id": "t-zero", "team_member_tpm_limit": 0}),
+    ("/team/new", {"team_id": "t-zero", "model_tpm_limit": {"gpt-4o": "0"}}),
+    ("/customer/new", {"user_id": "c-zero", "max_parallel_requests": 0.0}),
+])
+def test_a_limit_of_zero_is_refused_not_stored(make: Any, path: str,
+                                              fields: dict[str, Any]) -> None:
+    """In LiteLLM a 0 refuses every request; here a stored 0 sets no limit. So the API
+    refuses it (400 naming the field) instead of letting a caller meant to be stopped run
+    unlimited: null removes a limit, a block or a budget of 0 stops a caller."""
     client = make().test_client()
-    body = new_key(client, rpm_limit=0, tpm_limit=0, max_parallel_requests=0)
-    response = chat(client, body["key"])
-    assert response.status_code == 200
-    assert not any(name.lower().startswith("x-ratelimit") for name in response.headers.keys())
+    error = assert_error(client.post(path, json=fields, headers=ADMIN), 400,
+                         "invalid_request_error")
+    assert error["param"] == next(iter(fields.keys() - {"user_id", "team_id"}))
+    assert "must be at least 1" in error["message"] and "block" in error["message"]
+
+
+def test_a_stored_limit_of_zero_is_no_limit_and_blocking_stops_the_caller(make: Any) -> None:
+    """As docs/rate_limits.md says: a 0 already in a row adds no descriptor; null clears a
+    limit; a block or a budget of 0 is what stops a caller."""
+    app = make()
+    client = app.test_client()
+    body = new_key(client, rpm_limit=1, tpm_limit=5, max_parallel_requests=1)
+    with app.extensions["llmauth"].store.use():
+        Key.update(rpm_limit=0, tpm_limit=0, max_parallel_requests=0).where(
+            Key.key_id == body["key_id"]).execute()
+    app.extensions["llmauth"].invalidate.clear_local()
+    for _ in range(2):
+        response = chat(client, body["key"])
+        assert response.status_code == 200
+        assert not any(name.lower().startswith("x-ratelimit")
+                       for name in response.headers.keys())
+    cleared = client.post("/key/update", json={"key": body["key_id"], "rpm_limit": None},
+                          headers=ADMIN)
+    assert cleared.status_code == 200 and cleared.get_json()["rpm_limit"] is None
     assert client.post("/key/block", json={"key": body["key_id"]},
                        headers=ADMIN).status_code == 200
     assert chat(client, body["key"]).status_code == 401

@@ -154,8 +154,27 @@ def integer(minimum: int = 0, maximum: int = 2**62) -> Parser:
     return parse
 
 
+def rate_limit(maximum: int = 2**62) -> Parser:
+    """An rpm, tpm or parallel limit: at least 1. A 0 is refused, not stored: here it would
+    set no limit (see ``ratelimits.limit_value``), while in LiteLLM it refuses every
+    request, so a caller meant to be stopped would run unlimited."""
+    number = integer(0, maximum)
+
+    def parse(value: Any) -> int:
+        value = number(value)
+        if not value:
+            raise ValueError("must be at least 1 (0 is not a limit here; LiteLLM refuses every "
+                             "request at 0): send null for no limit, or block the caller "
+                             "to stop it")
+        return value
+
+    return parse
+
+
+#: ``rpm_limit``, ``tpm_limit`` and the per-model limits.
+limit = rate_limit()
 #: ``max_parallel_requests``: Postgres keeps it in a 32-bit column.
-parallel_limit = integer(0, 2**31 - 1)
+parallel_limit = rate_limit(2**31 - 1)
 
 
 #: A 1-based page number (see :data:`MAX_PAGE`).
@@ -212,7 +231,7 @@ def _depth_within(value: Any, limit: int) -> bool:
 
 _MODEL_BUDGET_FIELDS = {
     "budget_limit": money, "max_budget": money, "time_period": parse_duration,
-    "budget_duration": parse_duration, "rpm_limit": integer(), "tpm_limit": integer(),
+    "budget_duration": parse_duration, "rpm_limit": limit, "tpm_limit": limit,
 }
 
 
@@ -259,11 +278,10 @@ def string_map(value: Any) -> dict[str, str]:
 
 
 def int_map(value: Any) -> dict[str, int]:
-    """``{model: n}`` (per-model limits)."""
-    number = integer(0)
+    """``{model: n}`` (per-model limits, each at least 1: see :func:`rate_limit`)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError("must be an object of integers")
-    return {model_name(k): number(v) for k, v in value.items()}
+    return {model_name(k): limit(v) for k, v in value.items()}
 
 
 def user_role(value: Any) -> Role:
