@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-_PATTERN = re.compile(r"^\s*(\d{1,6})\s*(s|sec|m|min|h|hr|d|w|mo)\s*$")
+_PATTERN = re.compile(r"^\s*(\d+)\s*(s|sec|m|min|h|hr|d|w|mo)\s*$")
 _SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400, "w": 604800}
 _MAX_SECONDS = 100 * 366 * 86400
 
@@ -55,7 +55,10 @@ def parse_duration(value: object) -> Duration:
         raise ValueError(
             f"invalid duration {value[:32]!r}; use a number followed by s, m, h, d, w or mo"
         )
-    amount, unit = int(match.group(1)), match.group(2)
+    digits, unit = match.group(1), match.group(2)
+    if len(digits) > 6:  # a million of any unit is more than a century
+        raise ValueError("duration is too long")
+    amount = int(digits)
     # the text without the spaces the pattern allows inside it (what is stored and answered:
     # the columns hold 16 characters)
     text = match.group(1) + unit

@@ -151,7 +151,8 @@ WRONG = [
     ("budget_duration", "0d", "greater than zero"),
     ("budget_duration", "-1d", "invalid duration"),
     ("budget_duration", 30, "must be a duration string"),
-    ("budget_duration", "99999999d", "invalid duration"),
+    ("budget_duration", "99999999d", "duration is too long"),
+    ("budget_duration", "9" * 5000 + "d", "duration is too long"),
 ]
 
 

@@ -359,7 +359,7 @@ BAD_BODIES = [
     ("application/json", b'{"key_alias": "\xff\xfe"}', 400, "Invalid JSON in request body."),
     ("application/json", b'{"metadata": {"x": NaN}}', 400, "must be JSON-serialisable"),
     ("application/json", b'{"max_budget": 1e999}', 400, "must be a finite number"),
-    ("application/json", b'{"duration": "99999999d"}', 400, "invalid duration"),
+    ("application/json", b'{"duration": "99999999d"}', 400, "duration is too long"),
     ("application/json", b'{"max_budget": -1}', 400, "must not be negative"),
     ("application/json", b'{"is_admin": true}', 400, "Unknown field 'is_admin'"),
     ("application/json", b'{"models": "gpt-4o"}', 400, "must be a list of strings"),
