@@ -275,6 +275,22 @@ def test_reset_budgets_resets_members_on_the_team_default_window_on_time(make: A
 # -- month default windows keep their day of the month ---------------------------------------------
 
 
+def assert_lazy_resets(app: Flask, client: Any, monkeypatch: Any, team: str, user: str,
+                       key: str, day: int, schedule: Any) -> None:
+    """With no job running, the member's first request at each ``now`` of ``schedule``
+    resets its spent window (1,000 set before) and starts the next one, ending at
+    ``expected`` on its month's ``day`` (clamped)."""
+    from flask_llmauth import budget_leases
+
+    for now, expected in schedule:
+        set_member(app, team, user, spend=1_000)
+        monkeypatch.setattr(budget_leases, "utcnow", lambda now=now: now)
+        assert chat(client, key, completion=2).status_code == 200
+        m = member(app, team, user)
+        assert (m.spend, m.budget_reset_at, m.budget_reset_day) == (2_000, expected, day)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("year", [2026, 2024])  # February: 28 days, then 29 (a leap year)
 def test_a_member_added_on_a_31st_to_a_month_default_window_is_reset_on_the_31st_again(
         make: Any, monkeypatch: Any, year: int) -> None:
@@ -282,7 +298,7 @@ def test_a_member_added_on_a_31st_to_a_month_default_window_is_reset_on_the_31st
     on the last day of shorter months and on the 31st again afterwards (Jan 31, Feb 28/29,
     Mar 31, Apr 30, May 31) — by ``reset-budgets`` and by the lazy reset — not on the day a
     short month clamped a reset to, for good."""
-    from flask_llmauth import budget_leases, teams
+    from flask_llmauth import teams
 
     app = make()
     client = app.test_client()
@@ -310,15 +326,10 @@ def test_a_member_added_on_a_31st_to_a_month_default_window_is_reset_on_the_31st
         set_member(app, "t-31", "cat", budget_reset_at=february)
     # cat: reset by its first request after each window's end (no job runs)
     cat = new_key(client, user_id="cat", team_id="t-31")["key"]
-    for now, expected in ((datetime(year, 3, 1), datetime(year, 3, 31, 10, 30)),
-                          (datetime(year, 4, 1), datetime(year, 4, 30, 10, 30)),
-                          (datetime(year, 5, 1), datetime(year, 5, 31, 10, 30))):
-        set_member(app, "t-31", "cat", spend=1_000)
-        monkeypatch.setattr(budget_leases, "utcnow", lambda now=now: now)
-        assert chat(client, cat, completion=2).status_code == 200
-        m = member(app, "t-31", "cat")
-        assert (m.spend, m.budget_reset_at, m.budget_reset_day) == (2_000, expected, 31)
-        monkeypatch.undo()
+    assert_lazy_resets(app, client, monkeypatch, "t-31", "cat", cat, 31, (
+        (datetime(year, 3, 1), datetime(year, 3, 31, 10, 30)),
+        (datetime(year, 4, 1), datetime(year, 4, 30, 10, 30)),
+        (datetime(year, 5, 1), datetime(year, 5, 31, 10, 30))))
 
 
 def test_a_month_default_window_set_by_team_update_puts_its_followers_on_that_day(
@@ -327,7 +338,7 @@ def test_a_month_default_window_set_by_team_update_puts_its_followers_on_that_da
     members that follow it — added before, on another day and another window — get windows
     ending on the 30th (Feb 28 clamped, then Mar 30), by ``reset-budgets`` and by the lazy
     reset; a member with a window of its own keeps its own schedule."""
-    from flask_llmauth import budget_leases, teams
+    from flask_llmauth import teams
 
     app = make()
     client = app.test_client()
@@ -361,11 +372,6 @@ def test_a_month_default_window_set_by_team_update_puts_its_followers_on_that_da
         set_member(app, "t-30", "cat", budget_reset_at=datetime(2026, 2, 28, 10, 30))
     # cat: the lazy reset
     cat = new_key(client, user_id="cat", team_id="t-30")["key"]
-    for now, expected in ((datetime(2026, 3, 1), datetime(2026, 3, 30, 10, 30)),
-                          (datetime(2026, 4, 1), datetime(2026, 4, 30, 10, 30))):
-        set_member(app, "t-30", "cat", spend=1_000)
-        monkeypatch.setattr(budget_leases, "utcnow", lambda now=now: now)
-        assert chat(client, cat, completion=2).status_code == 200
-        m = member(app, "t-30", "cat")
-        assert (m.spend, m.budget_reset_at, m.budget_reset_day) == (2_000, expected, 30)
-        monkeypatch.undo()
+    assert_lazy_resets(app, client, monkeypatch, "t-30", "cat", cat, 30, (
+        (datetime(2026, 3, 1), datetime(2026, 3, 30, 10, 30)),
+        (datetime(2026, 4, 1), datetime(2026, 4, 30, 10, 30))))
