@@ -40,14 +40,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import peewee
-
 from .budgets import (
-    _RETRIES,
     Budget,
     Ledger,
-    _is_retryable,
     _Refusal,
+    atomic_with_retries,
     next_reset,
 )
 from .durations import utcnow
@@ -291,19 +288,11 @@ class Leases:
         self._confirm(lease)
         trimmed = lease.done_sum
         in_use = lease.in_use - trimmed
-        # use() outside the loop: it turns a database error into a 503, which must not
+        # use() outside the retries: it turns a database error into a 503, which must not
         # happen before a busy/locked database or a deadlock is retried
         with self.ledger.store.use() as db:
-            for attempt in range(_RETRIES):
-                try:
-                    with db.atomic():
-                        outcome = self._statements(db, lease, budget, need, in_use, give_back)
-                    break
-                except peewee.OperationalError as exc:
-                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
-        held, row, refusal, crossed = outcome
+            held, row, refusal, crossed = atomic_with_retries(
+                db, self._statements, db, lease, budget, need, in_use, give_back)
         lease.done_sum = 0
         lease.in_use = in_use
         lease.held = held

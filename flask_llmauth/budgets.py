@@ -34,10 +34,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import peewee
 from flask import Flask, current_app
@@ -357,6 +357,30 @@ def _is_retryable(exc: Exception) -> bool:
     return "deadlock" in text or "database is locked" in text or "database is busy" in text
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def atomic_with_retries(db: Any, work: Callable[_P, _T], *args: _P.args,
+                        **kwargs: _P.kwargs) -> _T:
+    """Run ``work(*args, **kwargs)`` in one transaction of ``db`` (``db.atomic()``) and
+    return its result once committed. A retryable error (:func:`_is_retryable`: deadlock,
+    serialization failure, SQLite busy/locked), raised by the work or by the commit, rolls
+    the transaction back and runs the whole work again in a new one, after 5 ms times the
+    attempt number: ``_RETRIES`` attempts in all, the last one's error is raised. Any other
+    error is raised at once. The caller opens the connection (``store.use()``) around it, so a
+    retryable error is retried before ``use()`` turns it into a 503."""
+    for attempt in range(_RETRIES):
+        try:
+            with db.atomic():
+                return work(*args, **kwargs)
+        except peewee.OperationalError as exc:
+            if attempt == _RETRIES - 1 or not _is_retryable(exc):
+                raise
+            time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class Ledger:
     """The SQL of budgets, bound to one app's store."""
 
@@ -481,15 +505,7 @@ class Ledger:
         resets their windows and reads their spend for the soft-budget signal (once per
         window). Returns their rows ``(table, id, order, is_counter)`` and the crossings."""
         with self.store.use() as db:
-            for attempt in range(_RETRIES):
-                try:
-                    with db.atomic():
-                        return self._touch_soft(db, budgets)
-                except peewee.OperationalError as exc:
-                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
-        raise AssertionError("unreachable")
+            return atomic_with_retries(db, self._touch_soft, db, budgets)
 
     def _touch_soft(self, db: Any, budgets: Sequence[Budget]
                     ) -> tuple[list[tuple[str, int, tuple[Any, ...], bool]],
@@ -517,18 +533,14 @@ class Ledger:
         (requests settled without the spend ledger)."""
         p = self.p
         ordered = sorted(set(rows), key=lambda r: r[2])
+
+        def add(db: Any) -> None:
+            for table, row_id, _order in ordered:
+                db.execute_sql(f'UPDATE "{table}" SET "spend" = "spend" + {p} '  # noqa: S608
+                               f'WHERE "id" = {p}', [cost, row_id])
+
         with self.store.use() as db:
-            for attempt in range(_RETRIES):
-                try:
-                    with db.atomic():
-                        for table, row_id, _order in ordered:
-                            db.execute_sql(f'UPDATE "{table}" SET "spend" = "spend" + {p} '  # noqa: S608
-                                           f'WHERE "id" = {p}', [cost, row_id])
-                    return
-                except peewee.OperationalError as exc:
-                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
+            atomic_with_retries(db, add, db)
 
     def sweep(self, now: datetime | None = None, keep: Container[str] = ()) -> int:
         """Release reservations past their expiry (their process crashed, or a stream ran
@@ -552,31 +564,27 @@ class Ledger:
         deleted (a lease's owner may have refreshed or resized it since it was read)."""
         p = self.p
         table = BudgetReservation._meta.table_name
+
+        def release(db: Any) -> int:
+            got = db.execute_sql(
+                f'DELETE FROM "{table}" WHERE "request_id" = {p} '  # noqa: S608
+                f'AND "expires_at" <= {p} RETURNING "parts"',
+                [request_id, now]).fetchone()
+            if got is None:
+                return 0
+            parts = BudgetReservation.parts.python_value(got[0]) or []
+            for name, row_id, amount, *rest in sorted(
+                    parts, key=lambda x: (ENTITY_TABLES.get(x[0], 9), x[1])):
+                # parts written before the incarnation was recorded: by id
+                born = rest[1] if len(rest) > 1 and name in ENTITY_TABLES else None
+                where, args = self.row_where(
+                    row_id, None if born is None else datetime.fromisoformat(born))
+                db.execute_sql(f'UPDATE "{name}" SET "reserved" = "reserved" - {p} '  # noqa: S608
+                               f'WHERE {where}', [amount, *args])
+            return 1
+
         with self.store.use() as db:
-            for attempt in range(_RETRIES):
-                try:
-                    with db.atomic():
-                        got = db.execute_sql(
-                            f'DELETE FROM "{table}" WHERE "request_id" = {p} '  # noqa: S608
-                            f'AND "expires_at" <= {p} RETURNING "parts"',
-                            [request_id, now]).fetchone()
-                        if got is None:
-                            return 0
-                        parts = BudgetReservation.parts.python_value(got[0]) or []
-                        for name, row_id, amount, *rest in sorted(
-                                parts, key=lambda x: (ENTITY_TABLES.get(x[0], 9), x[1])):
-                            # parts written before the incarnation was recorded: by id
-                            born = rest[1] if len(rest) > 1 and name in ENTITY_TABLES else None
-                            where, args = self.row_where(
-                                row_id, None if born is None else datetime.fromisoformat(born))
-                            db.execute_sql(f'UPDATE "{name}" SET "reserved" = "reserved" - {p} '  # noqa: S608
-                                           f'WHERE {where}', [amount, *args])
-                    return 1
-                except peewee.OperationalError as exc:
-                    if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
-        return 0
+            return atomic_with_retries(db, release, db)
 
     # -- resets --------------------------------------------------------------------------------
 
@@ -662,29 +670,27 @@ class Ledger:
         args = ["global", False, cutoff]
         deleted = 0
         after = 0
+
+        def delete_batch(db: Any, start: int, lock: str) -> tuple[list[int], int]:
+            """One batch: the ids of up to ``batch`` sweepable rows past ``start``, and how
+            many of them the ``DELETE`` deleted."""
+            ids = [row[0] for row in db.execute_sql(
+                f'SELECT "id" FROM "{COUNTER_TABLE}" WHERE "id" > {p} '  # noqa: S608
+                f'AND {where} ORDER BY "id" LIMIT {int(batch)}{lock}',
+                [start, *args]).fetchall()]
+            if not ids:
+                return ids, 0
+            marks = ", ".join([p] * len(ids))
+            return ids, db.execute_sql(
+                f'DELETE FROM "{COUNTER_TABLE}" WHERE "id" IN ({marks}) '  # noqa: S608
+                f'AND {where}', [*ids, *args]).rowcount
+
         with self.store.use() as db:
             postgres = not isinstance(db, peewee.SqliteDatabase)
             lock = " FOR UPDATE SKIP LOCKED" if postgres else ""
             while True:
-                for attempt in range(_RETRIES):
-                    try:
-                        # SQLite: the transaction holds the write lock from its start
-                        with db.atomic():
-                            ids = [row[0] for row in db.execute_sql(
-                                f'SELECT "id" FROM "{COUNTER_TABLE}" WHERE "id" > {p} '  # noqa: S608
-                                f'AND {where} ORDER BY "id" LIMIT {int(batch)}{lock}',
-                                [after, *args]).fetchall()]
-                            count = 0
-                            if ids:
-                                marks = ", ".join([p] * len(ids))
-                                count = db.execute_sql(
-                                    f'DELETE FROM "{COUNTER_TABLE}" WHERE "id" IN ({marks}) '  # noqa: S608
-                                    f'AND {where}', [*ids, *args]).rowcount
-                        break
-                    except peewee.OperationalError as exc:
-                        if attempt == _RETRIES - 1 or not _is_retryable(exc):
-                            raise
-                        time.sleep(0.005 * (attempt + 1))
+                # SQLite: the transaction holds the write lock from its start
+                ids, count = atomic_with_retries(db, delete_batch, db, after, lock)
                 deleted += count
                 if len(ids) < batch:
                     break
