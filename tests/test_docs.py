@@ -139,3 +139,41 @@ def test_the_extension_guide_example_runs(tmp_path: Path, caplog: pytest.LogCapt
     finally:
         signals.auth_failed.disconnect(module.audit_refusal)
         app.extensions["llmauth"].close()
+
+
+def test_the_readme_app_example_runs(tmp_path: Path) -> None:
+    """README's "Use it in your app" example, with a real master key and a SQLite file in
+    place of its placeholders: the LLM route takes any key for its models, the admin route
+    only the proxy admin, the exempt route no credential; no view answers a 500."""
+    import types
+
+    from tests.helpers import MASTER_KEY, bearer
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    source = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                  if "LLMAuth(app)" in block)
+    placeholders = {'"sk-..."': repr(MASTER_KEY),
+                    '"postgresql://llmauth@db/llmauth"': repr(f"sqlite:///{tmp_path}/app.db")}
+    for placeholder, value in placeholders.items():
+        assert source.count(placeholder) == 1, placeholder
+        source = source.replace(placeholder, value)
+    module = types.ModuleType("readme_app")
+    exec(compile(source, "README.md", "exec"), module.__dict__)  # noqa: S102
+    app = module.app
+    try:
+        client = app.test_client()
+        admin = bearer(MASTER_KEY)
+        key = client.post("/key/generate", json={"models": ["gpt-4o"]}, headers=admin).get_json()
+        user = bearer(record_secret(key["key"]))
+        chat = {"model": "gpt-4o", "messages": []}
+        assert client.post("/v1/chat/completions", json=chat, headers=admin).get_json() == {
+            "caller": "default_user_id"}
+        assert client.post("/v1/chat/completions", json=chat, headers=user).status_code == 200
+        other = client.post("/v1/chat/completions", json={**chat, "model": "o3"}, headers=user)
+        assert other.status_code == 403
+        assert client.post("/v1/chat/completions", json=chat).status_code == 401
+        assert client.get("/admin/report", headers=admin).status_code == 200
+        assert client.get("/admin/report", headers=user).status_code == 403
+        assert client.get("/status").get_json() == {"ok": True}
+    finally:
+        app.extensions["llmauth"].close()
