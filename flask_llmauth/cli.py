@@ -228,7 +228,11 @@ def create_team(team_id: str, team_alias: str | None, models: str | None,
 @llmauth_cli.command("show-config", help="Print the effective settings (secrets masked).")
 @_service_command
 def show_config() -> None:
-    _echo_json(state().settings.masked())
+    app_state = state()
+    shown = app_state.settings.masked()
+    if app_state.settings.database_url is None:  # the default: the instance folder's file
+        shown["LLMAUTH_DATABASE_URL"] = app_state.store.url
+    _echo_json(shown)
 
 
 @llmauth_cli.command(

@@ -1040,6 +1040,26 @@ def test_show_config_masks_every_secret(tmp_path: Path) -> None:
         close(app)
 
 
+def test_show_config_names_the_default_database_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without LLMAUTH_DATABASE_URL the extension opens the instance folder's SQLite file:
+    show-config names that file (the effective setting), not null."""
+    for name in ("LLMAUTH_DATABASE_URL", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    app = Flask("defaultdb", instance_path=str(tmp_path / "instance"))
+    app.config["LLMAUTH_MASTER_KEY"] = MASTER_KEY
+    LLMAuth(app)
+    try:
+        assert app.extensions["llmauth"].settings.database_url is None
+        result = app.test_cli_runner().invoke(args=["llmauth", "show-config"])
+        assert result.exit_code == 0, result.output
+        path = Path(app.instance_path) / "llmauth.db"
+        assert json.loads(result.output)["LLMAUTH_DATABASE_URL"] == f"sqlite:///{path}"
+        assert path.exists()
+    finally:
+        close(app)
+
+
 def test_show_config_prints_money_in_usd(tmp_path: Path) -> None:
     """Budgets are held as integer units; show-config prints the USD amounts configured."""
     app = make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY, "LLMAUTH_MAX_BUDGET": 100,
