@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -72,6 +73,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     root = logging.getLogger()
     root.addHandler(_CaptureAll(level=logging.DEBUG))
     root.setLevel(logging.DEBUG)
+    # SIGTERM (``timeout``, a CI runner cancelling a job) ends the run as Ctrl-C does, so
+    # fixtures still stop the servers they started (gunicorn, the IdP, Apache): terminated
+    # outright, the run left them running, orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def dump_database(url: str) -> str:
