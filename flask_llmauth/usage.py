@@ -54,10 +54,27 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
 
 
+#: The member that holds an object part's text, the first of these set: ``text`` (a text
+#: block), ``content`` (an Anthropic tool result, an OpenAI Responses input item),
+#: ``output`` (a Responses tool call's output), ``parts`` (a Gemini content).
+_PART_TEXT = ("text", "content", "output", "parts")
+
+
+def _part_text(part: Mapping[str, Any]) -> Any:
+    """The text (or list of parts) of an object part: its first member of
+    :data:`_PART_TEXT` that is not null."""
+    for name in _PART_TEXT:
+        value = part.get(name)
+        if value is not None:
+            return value
+    return None
+
+
 def _text_length(content: Any) -> int:
-    """The length of a content's text: a string, or a list of parts (strings, ``{"text":
-    ...}`` objects, lists) joined by spaces; anything else has none. Walked without
-    recursion: a client may nest lists as deep as the JSON parser goes."""
+    """The length of a content's text: a string, or a list of parts (strings, objects
+    holding text or parts in one of :data:`_PART_TEXT`, lists) joined by spaces; anything
+    else has none. Walked without recursion: a client may nest lists as deep as the JSON
+    parser goes."""
     if type(content) is str:
         return len(content)
     length = 0
@@ -70,16 +87,19 @@ def _text_length(content: Any) -> int:
             if value:
                 length += len(value) - 1  # the separators
             for part in value:
-                stack.append(part.get("text") if isinstance(part, Mapping) else part)
+                stack.append(_part_text(part) if isinstance(part, Mapping) else part)
     return length
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
-    """A request's prompt size in tokens (messages, prompt, input or system text).
+    """A request's prompt size in tokens (messages, prompt, input, system, instructions or
+    contents text).
 
     The estimate is the length of the text ``" ".join`` of the messages' contents, 12
-    characters of framing per message, then ``prompt``, ``input`` and ``system``, at
-    :data:`CHARS_PER_TOKEN`; only the length is computed.
+    characters of framing per message, then the members of :data:`_PROMPT_NAMES`, at
+    :data:`CHARS_PER_TOKEN`; only the length is computed. An object part's text is its
+    first member of :data:`_PART_TEXT` (a tool result's or a Responses item's content, a
+    Gemini content's parts).
     """
     if type(body) is not dict and not isinstance(body, Mapping):
         return 0
@@ -99,9 +119,15 @@ def _messages_length(messages: Any) -> int:
     return length + max(joined - 1, 0) + 12 * len(messages)  # separators, framing
 
 
+#: The top-level members besides ``messages`` that hold prompt text: completions'
+#: ``prompt``, embeddings' and Responses' ``input``, Anthropic's ``system``, Responses'
+#: ``instructions``, Gemini's ``contents``.
+_PROMPT_NAMES = ("prompt", "input", "system", "instructions", "contents")
+
+
 def _other_text_length(body: Mapping[str, Any]) -> int:
     length = 0
-    for name in ("prompt", "input", "system"):
+    for name in _PROMPT_NAMES:
         value = body.get(name)
         if isinstance(value, str):
             length += len(value)
@@ -129,19 +155,23 @@ UNREADABLE_CAP = -1
 
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
-    """The completion cap a request asks for: the first of :data:`_CAP_NAMES` set to other
-    than 0 or null; :data:`UNREADABLE_CAP` when that one is not a non-negative integer."""
+    """The completion cap a request asks for: the largest of :data:`_CAP_NAMES` it sets
+    (which one an upstream obeys when a body names several is the upstream's business: a
+    translating gateway may map any of them to its provider's); ``None`` when none is set
+    to other than 0 or null; :data:`UNREADABLE_CAP` when one is not a non-negative
+    integer."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
+    cap = 0
     for name in _CAP_NAMES:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return UNREADABLE_CAP
-        if value:
-            return value if value > 0 else UNREADABLE_CAP
-    return None
+        if value > cap:
+            cap = value
+    return cap or None
 
 
 def body_sizes(body: Any) -> tuple[int, int]:
@@ -161,26 +191,31 @@ def body_sizes(body: Any) -> tuple[int, int]:
         length += (joined - 1 if joined else 0) + 12 * len(messages)  # separators, framing
     elif messages is not None:
         length = _messages_length(messages)
-    if "prompt" in body or "input" in body or "system" in body:
+    if ("prompt" in body or "input" in body or "system" in body or "instructions" in body
+            or "contents" in body):
         length += _other_text_length(body)
-    cap = 0
+    cap = 0  # the largest cap set, as requested_max_tokens
     for name in _CAP_NAMES:
         value = body.get(name)
         if value is not None:
-            if type(value) is not int:
-                value = value if isinstance(value, int) and not isinstance(
-                    value, bool) else UNREADABLE_CAP
-            if value:
-                cap = value if value > 0 else UNREADABLE_CAP
+            if type(value) is not int and (isinstance(value, bool)
+                                           or not isinstance(value, int)):
+                cap = UNREADABLE_CAP
                 break
+            if value < 0:
+                cap = UNREADABLE_CAP
+                break
+            if value > cap:
+                cap = value
     return -(-length // CHARS_PER_TOKEN), cap  # the ceiling, as estimate_prompt_tokens
 
 
 def refuse_unreadable_cap(body: Any) -> NoReturn:
     """The 400 for a body whose completion cap :func:`body_sizes` read as
-    :data:`UNREADABLE_CAP`, naming the field."""
-    name = next((name for name in _CAP_NAMES
-                 if isinstance(body, Mapping) and body.get(name) is not None), _CAP_NAMES[1])
+    :data:`UNREADABLE_CAP`, naming the (first) field that is not a count."""
+    name = next((name for name in _CAP_NAMES if isinstance(body, Mapping)
+                 and requested_max_tokens({name: body.get(name)}) == UNREADABLE_CAP),
+                _CAP_NAMES[1])
     raise BadRequest(f"Invalid value for '{name}': must be a non-negative integer (the "
                      "most tokens the answer may use, reserved before the call).", param=name,
                      reason="invalid_max_tokens")

@@ -518,6 +518,13 @@ _SIZE_BODIES: list[Any] = [
     {"prompt": "p" * 13, "max_completion_tokens": 0, "max_tokens": -3},
     {"max_completion_tokens": 2.5, "max_tokens": "9", "max_output_tokens": 11},
     {"input": [], "system": None, "max_tokens": 10**9},
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": "abc"}]},
+               {"type": "function_call_output", "output": "out"}], "instructions": "be",
+     "max_output_tokens": 9, "max_tokens": 3},
+    {"contents": [{"role": "user", "parts": [{"text": "gem"}]}], "max_tokens": 0,
+     "max_completion_tokens": 4},
+    {"messages": [{"content": [{"type": "tool_result", "content": "res"}]}],
+     "max_tokens": 2, "max_output_tokens": -1},
     {}, None, [], "text", 7,
 ]
 

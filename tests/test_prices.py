@@ -131,8 +131,11 @@ def test_worst_case_uses_prompt_estimate_and_max_tokens() -> None:
             "max_tokens": 500}
     prompt = 103  # 400 characters + 12 per message of framing, at 4 per token
     assert worst_case_units("m", body, s) == prompt * 1000 + 500 * 2000
-    body["max_completion_tokens"] = 50  # the newer name wins
-    assert worst_case_units("m", body, s) == prompt * 1000 + 50 * 2000
+    # several caps: the largest (upstreams differ in which one they obey)
+    body["max_completion_tokens"] = 50
+    assert worst_case_units("m", body, s) == prompt * 1000 + 500 * 2000
+    body["max_completion_tokens"] = 800
+    assert worst_case_units("m", body, s) == prompt * 1000 + 800 * 2000
 
 
 def test_worst_case_default_max_tokens_setting() -> None:
@@ -191,13 +194,20 @@ def test_memo_of_model_names_is_bounded() -> None:
 
 def _reference_text(content: Any) -> str:
     """A content's text as first written (recursively): strings, and lists of parts
-    (strings, ``{"text": ...}`` objects, lists) joined by spaces."""
+    (strings, objects, lists) joined by spaces; an object's text is its first member of
+    ``text``, ``content``, ``output``, ``parts`` that is not null."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(_reference_text(part.get("text")) if isinstance(part, dict)
+        return " ".join(_reference_text(_reference_part(part)) if isinstance(part, dict)
                         else _reference_text(part) for part in content)
     return ""
+
+
+def _reference_part(part: dict[str, Any]) -> Any:
+    found = [part[name] for name in ("text", "content", "output", "parts")
+             if part.get(name) is not None]
+    return found[0] if found else None
 
 
 def _reference_prompt_estimate(body: Any) -> int:
@@ -215,7 +225,7 @@ def _reference_prompt_estimate(body: Any) -> int:
     if isinstance(messages, list):
         text += " ".join(_text(m.get("content")) for m in messages if isinstance(m, Mapping))
         text += " " * 12 * len(messages)
-    for name in ("prompt", "input", "system"):
+    for name in ("prompt", "input", "system", "instructions", "contents"):
         value = body.get(name)
         if isinstance(value, str):
             text += value
@@ -240,8 +250,11 @@ def test_prompt_estimate_counts_what_the_text_would_hold() -> None:
         if pick < 0.5:
             return "x" * rng.randint(0, 30)
         if pick < 0.7 and depth < 3:
-            return [{"type": "text", "text": content(depth + 1)} if rng.random() < 0.7
-                    else content(depth + 1) for _ in range(rng.randint(0, 3))]
+            return [{"type": "text", "text": content(depth + 1)} if rng.random() < 0.6
+                    else {rng.choice(["content", "output", "parts", "image_url"]):
+                          content(depth + 1), "text": rng.choice([None, None, "t"])}
+                    if rng.random() < 0.3 else content(depth + 1)
+                    for _ in range(rng.randint(0, 3))]
         return rng.choice([None, 5, {"a": 1}, ""])
 
     def body() -> Any:
@@ -250,10 +263,11 @@ def test_prompt_estimate_counts_what_the_text_would_hold() -> None:
             made["messages"] = [{"role": "user", "content": content()} if rng.random() < 0.85
                                 else rng.choice(["s", 3, None])
                                 for _ in range(rng.randint(0, 5))]
-        for name in ("prompt", "input", "system"):
+        for name in ("prompt", "input", "system", "instructions", "contents"):
             if rng.random() < 0.3:
                 made[name] = rng.choice(["abc" * rng.randint(0, 5), [1, "a", 2.5],
-                                         [{"text": "hi"}], [], 7])
+                                         [{"text": "hi"}], [{"role": "u", "content": "ho"}],
+                                         [{"parts": [{"text": "gem"}]}], [], 7])
         return made if rng.random() < 0.97 else rng.choice([None, [], "x"])
 
     for _ in range(5000):

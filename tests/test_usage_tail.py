@@ -221,7 +221,10 @@ def _content(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice(["", "hello", "wörld 🙂", 7, None])
     if kind < 0.7:
         return [_content(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    return rng.choice([{"type": "text", "text": _content(rng, depth + 1)}, {"image": "x"}, {}])
+    return rng.choice([{"type": "text", "text": _content(rng, depth + 1)}, {"image": "x"}, {},
+                       {"type": "tool_result", "content": _content(rng, depth + 1)},
+                       {"output": _content(rng, depth + 1), "text": None},
+                       {"parts": _content(rng, depth + 1), "content": None}])
 
 
 def test_text_lengths_are_the_recursive_walk_s() -> None:
