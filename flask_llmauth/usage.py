@@ -152,26 +152,38 @@ _CAP_NAMES = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 #: refuse the request (:func:`refuse_unreadable_cap`) instead of guessing what an upstream
 #: would make of it (some read ``"8000"`` or ``8000.0`` as 8000, some read -1 as no cap).
 UNREADABLE_CAP = -1
+#: Gemini's generation config (its JSON takes either spelling) and the completion cap in it.
+_CONFIG_NAMES = ("generationConfig", "generation_config")
+_CONFIG_CAPS = ("maxOutputTokens", "max_output_tokens")
 
 
 def requested_max_tokens(body: Mapping[str, Any] | None) -> int | None:
-    """The completion cap a request asks for: the largest of :data:`_CAP_NAMES` it sets
-    (which one an upstream obeys when a body names several is the upstream's business: a
-    translating gateway may map any of them to its provider's); ``None`` when none is set
-    to other than 0 or null; :data:`UNREADABLE_CAP` when one is not a non-negative
-    integer."""
+    """The completion cap a request asks for: the largest of :data:`_CAP_NAMES` and
+    Gemini's ``generationConfig.maxOutputTokens`` it sets (which one an upstream obeys when
+    a body names several is the upstream's business: a translating gateway may map any of
+    them to its provider's); ``None`` when none is set to other than 0 or null;
+    :data:`UNREADABLE_CAP` when one is not a non-negative integer."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
     cap = 0
-    for name in _CAP_NAMES:
-        value = body.get(name)
-        if value is None:
-            continue
+    for _name, value in _caps(body):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return UNREADABLE_CAP
         if value > cap:
             cap = value
     return cap or None
+
+
+def _caps(body: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The completion caps a body sets (not null), named as in a refusal: those of
+    :data:`_CAP_NAMES`, then Gemini's ``maxOutputTokens`` in its generation config."""
+    found = [(name, body.get(name)) for name in _CAP_NAMES if body.get(name) is not None]
+    for config_name in _CONFIG_NAMES:
+        config = body.get(config_name)
+        if type(config) is dict or isinstance(config, Mapping):
+            found += [(f"{config_name}.{name}", config.get(name)) for name in _CONFIG_CAPS
+                      if config.get(name) is not None]
+    return found
 
 
 def body_sizes(body: Any) -> tuple[int, int]:
@@ -194,6 +206,8 @@ def body_sizes(body: Any) -> tuple[int, int]:
     if ("prompt" in body or "input" in body or "system" in body or "instructions" in body
             or "contents" in body):
         length += _other_text_length(body)
+    if "generationConfig" in body or "generation_config" in body:  # Gemini's cap too
+        return -(-length // CHARS_PER_TOKEN), requested_max_tokens(body) or 0
     cap = 0  # the largest cap set, as requested_max_tokens
     for name in _CAP_NAMES:
         value = body.get(name)
@@ -213,8 +227,8 @@ def body_sizes(body: Any) -> tuple[int, int]:
 def refuse_unreadable_cap(body: Any) -> NoReturn:
     """The 400 for a body whose completion cap :func:`body_sizes` read as
     :data:`UNREADABLE_CAP`, naming the (first) field that is not a count."""
-    name = next((name for name in _CAP_NAMES if isinstance(body, Mapping)
-                 and requested_max_tokens({name: body.get(name)}) == UNREADABLE_CAP),
+    name = next((name for name, value in (_caps(body) if isinstance(body, Mapping) else ())
+                 if requested_max_tokens({"max_tokens": value}) == UNREADABLE_CAP),
                 _CAP_NAMES[1])
     raise BadRequest(f"Invalid value for '{name}': must be a non-negative integer (the "
                      "most tokens the answer may use, reserved before the call).", param=name,

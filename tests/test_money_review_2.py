@@ -197,13 +197,20 @@ def test_a_failed_or_retried_spend_write_keeps_the_cost_held_and_counts_once(
     ({"max_tokens": 5, "max_completion_tokens": 2.0}, UNREADABLE_CAP),
     ({"max_tokens": 5, "max_output_tokens": True}, UNREADABLE_CAP),
     ({"max_tokens": 5, "max_output_tokens": -1}, UNREADABLE_CAP),
+    # Gemini: the cap is in the generation config (camelCase or snake_case)
+    ({"generationConfig": {"maxOutputTokens": 100}}, 100),
+    ({"max_tokens": 5, "generation_config": {"max_output_tokens": 100}}, 100),
+    ({"max_tokens": 500, "generationConfig": {"maxOutputTokens": 100}}, 500),
+    ({"generationConfig": {"maxOutputTokens": 1.5}}, UNREADABLE_CAP),
+    ({"generationConfig": "not a config", "max_tokens": 3}, 3),
 ])
 def test_a_body_with_several_completion_caps_reserves_the_largest(
         fields: dict[str, Any], cap: int) -> None:
     """Which cap an upstream obeys when a body names several is the upstream's business
     (a translating gateway may map any of them to the provider's): the reservation must
     cover the largest, and every cap named must be a count. The first one set was taken,
-    so ``{"max_completion_tokens": 1, "max_tokens": 100000}`` reserved 1 token."""
+    so ``{"max_completion_tokens": 1, "max_tokens": 100000}`` reserved 1 token; Gemini's
+    ``generationConfig.maxOutputTokens`` was not read (the default was reserved)."""
     sent = {"model": "m", "messages": [], **fields}
     assert body_sizes(sent)[1] == cap
     assert (requested_max_tokens(sent) or 0) == cap
@@ -220,6 +227,12 @@ def test_a_small_cap_next_to_a_large_one_does_not_pass_the_budget(make: Any) -> 
     error = assert_error(post(client, key["key"], max_tokens=1, max_output_tokens="100"),
                          400, "invalid_request_error")
     assert "max_output_tokens" in error["message"]
+    error = assert_error(post(client, key["key"], max_tokens=1,
+                              generationConfig={"maxOutputTokens": "100"}),
+                         400, "invalid_request_error")
+    assert error["param"] == "generationConfig.maxOutputTokens"
+    assert_error(post(client, key["key"], max_tokens=1, generationConfig={
+        "maxOutputTokens": 100}), 429, "budget_exceeded")
     assert post(client, key["key"], max_tokens=1, max_completion_tokens=5,
                 completion=5).status_code == 200
     assert row(app, Key, key_id=key["key_id"]).spend == 5_000
