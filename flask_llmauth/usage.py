@@ -138,8 +138,15 @@ def _other_text_length(body: Mapping[str, Any]) -> int:
 
 
 def _items_length(items: list[Any]) -> int:
-    """The length of ``" ".join(str(item) for item in items)`` (token ids, or strings); for
+    """Token ids — a list of integers, or a list of such lists (a prompt or a batch of
+    inputs given as tokens) — count :data:`CHARS_PER_TOKEN` characters each: each is one
+    token (printed, ``0 1 2`` held two characters per token: half the prompt was
+    reserved). Other items: the length of ``" ".join(str(item) for item in items)``; for
     items nested too deep to print, their text's length (:func:`_text_length`)."""
+    if all([type(item) is int for item in items]):
+        return CHARS_PER_TOKEN * len(items)
+    if all([type(item) is list and all([type(t) is int for t in item]) for item in items]):
+        return CHARS_PER_TOKEN * sum([len(item) for item in items])
     try:
         return len(" ".join([str(item) for item in items]))
     except RecursionError:

@@ -526,6 +526,7 @@ _SIZE_BODIES: list[Any] = [
     {"contents": [{"parts": [{"text": "gem"}]}], "generationConfig": {"maxOutputTokens": 7},
      "max_tokens": 3},
     {"generation_config": {"max_output_tokens": True}, "max_tokens": 3},
+    {"input": [[1, 2, 3], [4]], "prompt": [0, 0], "system": [True, 1]},
     {"messages": [{"content": [{"type": "tool_result", "content": "res"}]}],
      "max_tokens": 2, "max_output_tokens": -1},
     {}, None, [], "text", 7,

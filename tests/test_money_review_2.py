@@ -259,12 +259,16 @@ TEXT = "x" * 40_000
     {"instructions": TEXT, "input": "hi"},
     # Gemini: contents and their parts
     {"contents": [{"role": "user", "parts": [{"text": TEXT}]}]},
+    # token ids: one token each (printed, "0 0 0" made two characters of each)
+    {"input": [0] * 10_000},
+    {"input": [[0] * 5_000, [1] * 5_000]},
+    {"prompt": [7] * 10_000},
 ])
 def test_a_prompt_in_nested_content_parts_is_estimated(sent: dict[str, Any]) -> None:
     """The worst case counts the prompt's text wherever the APIs the routes serve put it:
     a prompt of 40,000 characters in a tool result, a Responses input item or Gemini parts
     was estimated at a few tokens, so the request reserved (and, answered without usage,
-    was charged) almost nothing for it."""
+    was charged) almost nothing for it; 10,000 token ids were estimated at 5,000 tokens."""
     assert estimate_prompt_tokens(sent) >= 10_000
     assert body_sizes(sent)[0] == estimate_prompt_tokens(sent)
 

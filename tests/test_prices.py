@@ -230,8 +230,13 @@ def _reference_prompt_estimate(body: Any) -> int:
         if isinstance(value, str):
             text += value
         elif isinstance(value, list):
-            text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
-                str(v) for v in value)
+            if all(type(v) is int for v in value):  # token ids: one token each
+                text += "x" * 4 * len(value)
+            elif all(type(v) is list and all(type(t) is int for t in v) for v in value):
+                text += "x" * 4 * sum(len(v) for v in value)
+            else:
+                text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
+                    str(v) for v in value)
     return estimate_tokens(text)
 
 
@@ -266,6 +271,7 @@ def test_prompt_estimate_counts_what_the_text_would_hold() -> None:
         for name in ("prompt", "input", "system", "instructions", "contents"):
             if rng.random() < 0.3:
                 made[name] = rng.choice(["abc" * rng.randint(0, 5), [1, "a", 2.5],
+                                         [0, 12345, 7], [[1, 2], [3]], [[1], "a"], [True],
                                          [{"text": "hi"}], [{"role": "u", "content": "ho"}],
                                          [{"parts": [{"text": "gem"}]}], [], 7])
         return made if rng.random() < 0.97 else rng.choice([None, [], "x"])
