@@ -15,8 +15,8 @@ database. A finished request's worst case stays in use until its spend-log row i
 committed (the spend ledger writes the spend in the same transaction); the next lease
 transaction of the process then takes it out of the lease (``reserved -= worst``). Until
 then the request counts twice (spend and lease) — never less than once. A request whose
-cost is known when it ends, below its worst case, holds only that cost when its lease is
-out of room (:meth:`Ticket.costs`).
+cost is known when it ends holds that cost instead: above its worst case always, below it
+when its lease is out of room (:meth:`Ticket.costs`).
 
 A lease grows by whole worst cases of the request at hand: at most
 ``LLMAUTH_BUDGET_LEASE_REQUESTS`` of them and at most ``LLMAUTH_BUDGET_LEASE_FRACTION`` of
@@ -183,25 +183,34 @@ class Ticket:
             lease.release(self)
 
     def costs(self, cost: int) -> None:
-        """The request ended and will be charged ``cost``, below its worst case: its
-        leases hold the cost instead of the worst case until its spend is written, so a
-        request right behind it is not refused for room the worst case took. Only done
-        when one of its leases is out of room (read without the locks: a stale read skips
-        it, or does it where it was not needed; both are safe); then under every lease's
-        lock at once (none is ever held while taking another, so no order can deadlock)."""
+        """The request ended and will be charged ``cost``: its leases hold the cost instead
+        of the worst case until its spend is written.
+
+        Below the worst case, so a request right behind it is not refused for room the
+        worst case took; only done when one of its leases is out of room (read without
+        the locks: a stale read skips it, or does it where it was not needed; both are
+        safe). Above it (an upstream that answered past the cap), always: counted at its
+        worst case, the request left room it had spent to the next ones until it was
+        written. The lease may then hold less than it uses (``in_use > held``): nothing
+        more is admitted from it in memory, and its next lease transaction reserves the
+        difference in the database. Done under every lease's lock at once, taken in one
+        order (``id``: no other code holds a lease's lock while taking another's)."""
         need = self.need
-        for lease in self.leases:
-            if lease.held - lease.in_use < need:
-                break
-        else:
+        if not need or cost == need:  # a free request holds nothing in its leases
             return
+        if cost < need:
+            for lease in self.leases:
+                if lease.held - lease.in_use < need:
+                    break
+            else:
+                return
         leases = sorted(self.leases, key=id)
         for lease in leases:
             lease.lock.acquire()
         try:
             for lease in leases:
                 if lease.in_flight.get(self.request_id) is self:
-                    lease.in_use -= need - cost
+                    lease.in_use += cost - need
             self.need = cost  # what mark_done takes out of each lease once it is written
         finally:
             for lease in leases:
@@ -476,8 +485,10 @@ class Leases:
             idle = final or now - lease.last_used >= self.idle
             trim = bool(lease.done_sum)
             give_back = idle and lease.held > lease.in_use
+            # a finished request charged above its worst case (Ticket.costs): reserve it
+            short = lease.in_use > lease.held
             refresh = lease.held > 0 and time.monotonic() >= lease.refresh_at
-            if trim or give_back or refresh:
+            if trim or give_back or short or refresh:
                 budget = _sweep_budget(lease)
                 if budget is not None:
                     self._transact(lease, budget, None, give_back=idle)

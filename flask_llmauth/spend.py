@@ -455,8 +455,8 @@ class SpendGuard:
         if type(reservations) is Ticket:  # the budget guard's: it ends here (Budgets.settles)
             if cost or estimated:  # in its leases while the ledger holds the event (``_drop``)
                 reservations.finished = QUEUED
-                if usage is not None and cost < reservations.need:
-                    reservations.costs(cost)
+                if usage is not None and cost != reservations.need:
+                    reservations.costs(cost)  # held at its cost until it is written
             else:  # nothing spent: the worst case goes back at once, not when this is written
                 reservations.release()
                 reservations = ()

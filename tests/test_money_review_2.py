@@ -13,7 +13,14 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.errors import ServiceUnavailable
-from flask_llmauth.store.tables import BudgetCounter, Key, SpendLog, Team, TeamMembership
+from flask_llmauth.store.tables import (
+    BudgetCounter,
+    BudgetReservation,
+    Key,
+    SpendLog,
+    Team,
+    TeamMembership,
+)
 from flask_llmauth.usage import (
     UNREADABLE_CAP,
     body_sizes,
@@ -120,6 +127,32 @@ def test_a_cost_above_the_worst_case_in_five_leases_is_charged_once_to_each(
     assert post(client, key["key"], completion=2, user="eu").status_code == 200
     rows = spends(app, key["key_id"])
     assert rows == dict.fromkeys(rows, (27_000, 0))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_cost_above_the_worst_case_counts_at_its_cost_until_it_is_written(
+        make: Any, processes: int) -> None:
+    """A request the upstream answered with more than max_tokens (or a stream past its
+    cap) costs more than its worst case. Until its spend is written it must count at that
+    cost, not at its worst case: a request right behind it (in this process, or in another
+    one after the next lease pass) was admitted against room the first had already spent,
+    and both together passed the budget (20,000: 14,000 + 10,000)."""
+    budget = 20_000
+    apps = [make(LLMAUTH_SPEND_FLUSH_INTERVAL=3600) for _ in range(processes)]
+    first, last = apps[0], apps[-1]
+    key = new_key(first.test_client(), max_budget=usd(budget))
+    assert post(first.test_client(), key["key"], completion=14).status_code == 200
+    if processes == 2:  # the lease pass of the first process (its background sweep)
+        first.extensions["llmauth"].budgets.leases.sweep()
+    error = assert_error(post(last.test_client(), key["key"], completion=10), 429,
+                         "budget_exceeded")
+    assert "Budget" in error["message"]
+    for app in apps:
+        give_back(app)
+    k = row(first, Key, key_id=key["key_id"])
+    assert (k.spend, k.reserved) == (14_000, 0)
+    # once written, the same holds from the spend: 6,000 left, less than a worst case
+    assert_error(post(last.test_client(), key["key"], completion=1), 429, "budget_exceeded")
 
 
 def failing_writes(app: Flask, fail: Callable[[int], bool], after_commit: bool) -> list[int]:
@@ -283,3 +316,29 @@ def test_a_large_prompt_in_a_tool_result_does_not_pass_the_budget(make: Any) -> 
     assert "Budget too small for this request" in error["message"]
     assert post(client, key["key"], completion=1).status_code == 200
     give_back(app)
+
+
+def test_a_clean_shutdown_writes_the_queued_costs_and_gives_every_lease_back(
+        make: Any) -> None:
+    """Stopped between the settlements and the next flush: the last pass writes the queued
+    spend, then gives back the five leases, whose finished requests held their costs."""
+    limit = 25_000
+    app = make(LLMAUTH_MAX_BUDGET=usd(10**9), LLMAUTH_MAX_END_USER_BUDGET=usd(10**9),
+               LLMAUTH_SPEND_FLUSH_INTERVAL=3600)
+    client = app.test_client()
+    key = five_budgets(app, client, "member", limit)
+    statuses = [post(client, key["key"], completion=2, user="eu").status_code
+                for _ in range(4)]
+    assert statuses == [200] * 4
+    state = app.extensions["llmauth"]
+    assert state.spend_ledger.pending == 4
+    # the member's lease is out of room: the finished requests hold their costs (2,000),
+    # not their worst cases (10,000), in all five leases
+    assert [lease.in_use for lease in state.budgets.leases._leases.values()] == [8_000] * 5
+    state.close()
+    other = make()
+    rows = spends(other, key["key_id"])
+    assert rows == dict.fromkeys(rows, (8_000, 0))
+    with other.extensions["llmauth"].store.use():
+        assert BudgetReservation.select().count() == 0
+        assert SpendLog.select().count() == 4
