@@ -29,6 +29,8 @@ KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_-]{43}")
 ACCESS_FORMAT = '%(p)s "%(r)s" %(s)s'
 _DROPPED_PREFIXES = ("LLMAUTH_", "GATEWAY_", "LITELLM_")
 _DROPPED_NAMES = {"DATABASE_URL", "REDIS_URL", "FLASK_APP", "FLASK_DEBUG", "FLASK_RUN_PORT"}
+#: gunicorn config of the test servers (server hooks only, see that module).
+GUNICORN_HOOKS = Path(__file__).with_name("gunicorn_hooks.py")
 
 
 def _no_control_socket() -> tuple[str, ...]:
@@ -171,6 +173,7 @@ def gunicorn(workdir: Path, env: Mapping[str, str] | None = None, *, workers: in
     gateway = Gateway([], workdir, port, server_env(workdir, env), name)
     gateway.argv = [
         sys.executable, "-m", "gunicorn", "example_app:create_app()",
+        "--config", str(GUNICORN_HOOKS),
         "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
         "--worker-class", "gthread", *_NO_CONTROL_SOCKET, "--graceful-timeout", "3",
         "--timeout", "60",

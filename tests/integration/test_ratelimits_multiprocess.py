@@ -34,9 +34,12 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKERS, THREADS = 2, 8
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
 GUNICORN_CONF = """
+import gc
 import os
 def post_worker_init(worker):
     open(os.path.join({ready!r}, str(worker.pid)), "w").close()
+def worker_exit(server, worker):  # as tests/integration/gunicorn_hooks.py: a prompt exit
+    gc.freeze()
 """
 
 
