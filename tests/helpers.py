@@ -173,3 +173,20 @@ class TcpProxy:
         authority, _, path = rest.partition("/")
         user = authority.rsplit("@", 1)[0] + "@" if "@" in authority else ""
         return f"{scheme}://{user}127.0.0.1:{self.port}/{path}"
+
+
+def keys_seen_later(app: Any, monkeypatch: Any, seconds: float) -> None:
+    """``app``'s virtual-key authenticator sees the time ``seconds`` later: the clock it
+    compares a key's expiry (or a rotated-out secret's grace end) with on every request,
+    and the ``utcnow`` a cold lookup compares a grace period with. Instead of sleeping
+    past an expiry: the same checks run, against a moved clock."""
+    import time
+    from datetime import timedelta
+
+    from flask_llmauth.authn import virtual_key
+    from flask_llmauth.durations import utcnow
+
+    authenticator = app.extensions["llmauth"].virtual_key_authenticator()
+    inner = getattr(authenticator, "inner", authenticator)  # custom_key_validate wrapper
+    monkeypatch.setattr(inner, "clock", lambda: time.time() + seconds)
+    monkeypatch.setattr(virtual_key, "utcnow", lambda: utcnow() + timedelta(seconds=seconds))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from flask_llmauth.store.tables import DeletedKey, Key
-from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+from tests.helpers import ADMIN, assert_error, bearer, keys_seen_later, new_key, random_key
 
 CHAT = "/v1/chat/completions"
 
@@ -44,12 +44,13 @@ def test_key_authenticates_and_identifies(client: Any) -> None:
                          "team_id": None, "key_id": body["key_id"], "key_name": body["key_name"]}
 
 
-def test_unknown_revoked_and_expired_keys_get_identical_401_bodies(client: Any) -> None:
+def test_unknown_revoked_and_expired_keys_get_identical_401_bodies(
+        client: Any, app: Any, monkeypatch: Any) -> None:
     revoked = new_key(client)
     assert client.post("/key/delete", json={"keys": [revoked["key_id"]]},
                        headers=ADMIN).status_code == 200
     expired = new_key(client, duration="1s")
-    time.sleep(1.1)
+    keys_seen_later(app, monkeypatch, 1.1)
     bodies = []
     for key in (random_key(), revoked["key"], expired["key"]):
         response = chat(client, key)
@@ -58,7 +59,8 @@ def test_unknown_revoked_and_expired_keys_get_identical_401_bodies(client: Any) 
     assert bodies[0] == bodies[1] == bodies[2]
 
 
-def test_rotation_with_grace_period_keeps_key_id(client: Any, app: Any) -> None:
+def test_rotation_with_grace_period_keeps_key_id(client: Any, app: Any,
+                                                 monkeypatch: Any) -> None:
     old = new_key(client, user_id="alice")
     assert chat(client, old["key"]).status_code == 200
     response = client.post(f"/key/{old['key_id']}/regenerate", json={"grace_period": "2s"},
@@ -71,7 +73,7 @@ def test_rotation_with_grace_period_keeps_key_id(client: Any, app: Any) -> None:
         response = chat(client, key)
         assert response.status_code == 200
         assert response.get_json()["principal"]["key_id"] == old["key_id"]
-    time.sleep(2.1)
+    keys_seen_later(app, monkeypatch, 2.1)
     assert_error(chat(client, old["key"]), 401)
     assert chat(client, new["key"]).status_code == 200
 
@@ -112,12 +114,13 @@ def test_update_takes_effect_on_next_request(client: Any) -> None:
     assert chat(client, body["key"], "gpt-4o").status_code == 403
 
 
-def test_expiry_set_by_update_applies_to_cached_key(client: Any) -> None:
+def test_expiry_set_by_update_applies_to_cached_key(client: Any, app: Any,
+                                                    monkeypatch: Any) -> None:
     body = new_key(client)
     assert chat(client, body["key"]).status_code == 200
     client.post("/key/update", json={"key": body["key_id"], "duration": "1s"}, headers=ADMIN)
     assert chat(client, body["key"]).status_code == 200
-    time.sleep(1.1)
+    keys_seen_later(app, monkeypatch, 1.1)
     assert_error(chat(client, body["key"]), 401)
     client.post("/key/update", json={"key": body["key_id"], "duration": None}, headers=ADMIN)
     assert chat(client, body["key"]).status_code == 200
