@@ -24,6 +24,7 @@ from tests.helpers import (
     TcpProxy,
     assert_error,
     bearer,
+    keys_seen_later,
     new_key,
     record_secret,
 )
@@ -283,7 +284,8 @@ def test_revoke_in_one_instance_is_refused_by_the_other_after_its_poll(
 
 @pytest.mark.parametrize("change", ["block", "update_models", "rotate", "team_block",
                                     "expire"])
-def test_changes_reach_the_other_instance(pair: tuple[Flask, Flask], change: str) -> None:
+def test_changes_reach_the_other_instance(pair: tuple[Flask, Flask], change: str,
+                                          monkeypatch: Any) -> None:
     first, second = pair
     a, b = first.test_client(), second.test_client()
     if change == "team_block":
@@ -309,7 +311,7 @@ def test_changes_reach_the_other_instance(pair: tuple[Flask, Flask], change: str
     _poll(second)
     if change == "expire":
         assert chat(b, key["key"]).status_code == 200
-        time.sleep(1.1)
+        keys_seen_later(second, monkeypatch, 1.1)
     response = chat(b, key["key"])
     if change == "update_models":
         assert_error(response, 403)
