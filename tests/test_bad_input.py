@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 import pytest
 from flask import Flask
 
 from flask_llmauth.api import API_ROUTES, BLUEPRINT_NAME
-from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key, record_secret
+from tests.helpers import (
+    ADMIN,
+    assert_error,
+    bearer,
+    keys_seen_later,
+    new_key,
+    random_key,
+    record_secret,
+)
 
 DIGEST = re.compile(r"\b[0-9a-f]{64}\b")
 UNKNOWN_ID = "00000000-0000-0000-0000-000000000000"
@@ -202,7 +209,7 @@ def test_another_users_key_is_403_and_unchanged(client: Any) -> None:
 
 
 def test_one_401_body_for_unknown_revoked_expired_rotated_and_orphaned_keys(
-        client: Any) -> None:
+        client: Any, app: Any, monkeypatch: Any) -> None:
     assert client.post("/user/new", json={"user_id": "carol", "auto_create_key": False},
                        headers=ADMIN).status_code == 200
     revoked, expired, rotated, orphaned = (new_key(client) for _ in range(4))
@@ -212,7 +219,7 @@ def test_one_401_body_for_unknown_revoked_expired_rotated_and_orphaned_keys(
     new = client.post("/key/regenerate", json={"key": rotated["key_id"]}, headers=ADMIN)
     record_secret(new.get_json()["key"])
     client.post("/user/delete", json={"user_ids": ["carol"]}, headers=ADMIN)
-    time.sleep(1.1)
+    keys_seen_later(app, monkeypatch, 1.1)  # the 1 s key has expired
     bodies = set()
     for key in (random_key(), revoked["key"], expired["key"], rotated["key"], orphaned["key"],
                 "not-even-a-key-0123456789abcdef"):
