@@ -893,7 +893,9 @@ def test_a_lowered_limit_resizes_the_lease_before_admitting(make: Any) -> None:
 def test_a_new_window_setting_sends_the_lease_to_the_database(make: Any) -> None:
     import time
 
-    app = make()
+    # the lease is kept while idle: given back after the default second (a slow run), the
+    # next request would make a new lease that reads the window from the database anyway
+    app = make(LLMAUTH_BUDGET_LEASE_IDLE=3600)
     client = app.test_client()
     key = new_key(client, max_budget=usd(10**9))
     assert chat(client, key["key"], completion=1).status_code == 200
