@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -92,8 +93,31 @@ def dump_database(url: str) -> str:
         db.close()
 
 
+#: A secret of this shape (every virtual key, most master keys) is found through the text's
+#: ``sk-`` runs: such a secret occurs in the text exactly when it is a prefix of the run of
+#: url-safe characters that starts where it does (all its characters are url-safe).
+_KEY_SHAPED = re.compile(r"sk-[A-Za-z0-9_\-]+")
+
+
 def find_leaks(text: str) -> list[str]:
-    return sorted({s[:12] + "..." for s in SECRETS if s in text})
+    """The secrets of :data:`SECRETS` that occur in ``text`` (abbreviated). The same answer
+    as ``s in text`` for every secret, in one pass over the text's ``sk-`` runs for the
+    key-shaped ones (tens of thousands in a full run: a scan of the whole text each took
+    minutes over the session's log) and a search of the text for each of the others."""
+    keys = {s for s in SECRETS if _KEY_SHAPED.fullmatch(s)}
+    found = {s for s in SECRETS - keys if s in text}
+    lengths = sorted({len(s) for s in keys})
+    start = text.find("sk-") if keys else -1
+    while start != -1:
+        match = _KEY_SHAPED.match(text, start)  # None: "sk-" ends the run
+        run = match.group() if match is not None else ""
+        for length in lengths:
+            if length > len(run):
+                break
+            if run[:length] in keys:
+                found.add(run[:length])
+        start = text.find("sk-", start + 1)
+    return sorted({s[:12] + "..." for s in found})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -9,8 +9,10 @@ DEBUG and look for every raw key, the master key and the bearer tokens used.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import sqlite3
+import string
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,34 @@ CHAT = "/v1/chat/completions"
 
 def fresh_secret() -> str:
     return record_secret("sk-probe-" + secrets.token_urlsafe(24))
+
+
+def test_find_leaks_answers_as_a_search_for_each_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session check's fast search finds exactly what ``secret in text`` finds: key-shaped
+    secrets anywhere in a run (after another ``sk-``, glued to more url-safe characters, at
+    either end), overlapping ones, and secrets of other shapes."""
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + "_-"
+    keys = ["sk-" + "".join(rng.choice(alphabet) for _ in range(rng.choice((21, 40, 43))))
+            for _ in range(40)]
+    others = ["eyJ" + "".join(rng.choice(alphabet + ".") for _ in range(60)),
+              "p@ss word/with+odd=chars", "sk-has a space in it"]
+    prefix = keys[0][:-5]  # a secret that is a prefix of another one
+    monkeypatch.setattr(conftest, "SECRETS", {*keys, *others, prefix})
+    fillers = ["", " ", "sk-", "sk-x", "Bearer ", "\n", "sk-sk-", "abc", "=", "...", "é"]
+    for _ in range(300):
+        parts = [rng.choice(fillers)]
+        for _ in range(rng.randrange(0, 5)):
+            secret = rng.choice([*keys, *others, prefix, "sk-notasecret" * 2])
+            cut = rng.randrange(len(secret) - 3, len(secret) + 1)  # sometimes cut short
+            parts += [secret[:cut], rng.choice(fillers)]
+        text = "".join(parts)
+        expected = sorted({s[:12] + "..." for s in conftest.SECRETS if s in text})
+        assert conftest.find_leaks(text) == expected, text
+    assert conftest.find_leaks(f"x{keys[1]}-tail sk-{keys[2]}") == sorted(
+        {keys[1][:12] + "...", keys[2][:12] + "..."})
+    assert conftest.find_leaks(keys[3][:-1]) == []
 
 
 def test_the_session_capture_is_installed_at_debug() -> None:
