@@ -177,3 +177,44 @@ def test_the_readme_app_example_runs(tmp_path: Path) -> None:
         assert client.get("/status").get_json() == {"ok": True}
     finally:
         app.extensions["llmauth"].close()
+
+
+def _heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower-cased, characters other than
+    letters, digits, spaces, ``-`` and ``_`` dropped, spaces made ``-``; a repeated anchor
+    gets ``-1``, ``-2``... (headings inside code fences are not headings)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_heading_anchors_follow_githubs_rules() -> None:
+    page = "# Cost\n## The chain (`bench/run.py`)\n```\n# not a heading\n```\n## Cost\n"
+    assert _heading_anchors(page) == {"cost", "the-chain-benchrunpy", "cost-1"}
+
+
+def test_every_relative_link_of_the_docs_finds_its_page_and_heading() -> None:
+    """A link between the README and docs/ pages (or within one) points at a file that
+    exists and, with ``#anchor``, at one of that page's headings."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        text_outside_code = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text_outside_code):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _heading_anchors(
+                    linked.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []
