@@ -80,16 +80,20 @@ MEMBERSHIP_TABLE = TeamMembership._meta.table_name
 _RETRIES = 4
 #: Rows per transaction of the counter sweep (:meth:`Ledger.sweep_counters`).
 SWEEP_BATCH = 500
-#: A counter row the sweep may delete: no spend (in its window: ``reset_due`` runs first),
-#: nothing reserved (``reserved`` is the sum of the live reservation rows' and leases' parts
-#: on it, changed in their transactions: 0 means none holds anything on it), no soft budget
-#: marked crossed in its window, not touched by a request since the cutoff (a request with a
-#: soft budget only, or a free one, holds its id without reserving until its spend is
-#: written), not the global budget's, and not the newest row (SQLite gives a new row the id
-#: of a deleted newest one: an id held in memory never names another budget's row).
-SWEEP_WHERE = ('"scope" <> {p} AND "spend" = 0 AND "reserved" = 0 AND "soft_alerted" = {p} '
+#: A counter row the sweep may delete: nothing reserved (``reserved`` is the sum of the live
+#: reservation rows' and leases' parts on it, changed in their transactions: 0 means none
+#: holds anything on it), not touched by a request since the cutoff (a request with a soft
+#: budget only, or a free one, holds its id without reserving until its spend is written),
+#: not the global budget's, not the newest row (SQLite gives a new row the id of a deleted
+#: newest one: an id held in memory never names another budget's row), and either no spend
+#: (in its window: ``reset_due`` runs first) and no soft budget marked crossed in its window,
+#: or a per-model budget of a key that no longer exists (deleted: nothing can spend on it
+#: again, whatever it spent). Arguments: ``"global"``, the cutoff, ``False``, ``"key_model"``.
+SWEEP_WHERE = ('"scope" <> {p} AND "reserved" = 0 '
                'AND ("touched_at" IS NULL OR "touched_at" <= {p}) '
-               'AND "id" < (SELECT MAX("id") FROM "{table}")')
+               'AND "id" < (SELECT MAX("id") FROM "{table}") '
+               'AND (("spend" = 0 AND "soft_alerted" = {p}) OR ("scope" = {p} AND NOT EXISTS '
+               '(SELECT 1 FROM "{keys}" WHERE "{keys}"."key_id" = "{table}"."entity_id")))')
 
 
 # -- which budgets apply -------------------------------------------------------------------------
@@ -655,7 +659,8 @@ class Ledger:
         """Delete the counter rows that hold nothing (see :data:`SWEEP_WHERE`): no spend in
         their window (an ended window was reset by :meth:`reset_due` first), nothing
         reserved, no soft budget marked crossed, not touched by a request for ``idle``
-        seconds (default ``LLMAUTH_BUDGET_RESERVATION_TTL``). The next request that needs
+        seconds (default ``LLMAUTH_BUDGET_RESERVATION_TTL``) — and the idle, unreserved
+        per-model rows of deleted keys, whatever they spent. The next request that needs
         one creates it again in the same state. Batches of ``batch`` rows, one transaction
         each; the condition is checked again by the ``DELETE`` itself on the row it deletes
         (on Postgres after the rows are locked, skipping rows a transaction holds), so a
@@ -666,8 +671,8 @@ class Ledger:
             idle = float(self.settings.budget_reservation_ttl)
         cutoff = now - timedelta(seconds=idle)
         p = self.p
-        where = SWEEP_WHERE.format(table=COUNTER_TABLE, p=p)
-        args = ["global", False, cutoff]
+        where = SWEEP_WHERE.format(table=COUNTER_TABLE, keys=Key._meta.table_name, p=p)
+        args = ["global", cutoff, False, "key_model"]
         deleted = 0
         after = 0
 

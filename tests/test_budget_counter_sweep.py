@@ -17,7 +17,7 @@ from flask import Flask
 from flask_llmauth.durations import utcnow
 from flask_llmauth.store.tables import BudgetCounter, BudgetReservation, SpendLog
 from tests.helpers import assert_error, new_key
-from tests.test_budgets import api, budget_gateway, chat, give_back, usd
+from tests.test_budgets import api, budget_gateway, chat, flush, give_back, usd
 
 #: The default end-user budget of these tests: one request of 10 completion tokens
 #: (10,000 units) fits, a second one's worst case (~10,001) does not.
@@ -99,6 +99,58 @@ def test_per_model_key_budget_rows_are_swept_too(make: Any) -> None:
     assert chat(client, first["key"], completion=10).status_code == 200
     error = assert_error(chat(client, first["key"]), 429, "budget_exceeded")
     assert "Key model=" in error["message"]
+
+
+def test_a_deleted_keys_per_model_rows_go_whatever_they_spent(make: Any) -> None:
+    """A per-model row with spend in its window is the budget's memory while the key lives;
+    once the key is deleted nothing can spend on it again, so the idle row goes too (it
+    stayed forever before). A live key's row with spend stays, as does a deleted key's row
+    still touched within the TTL."""
+    app = make()
+    client = app.test_client()
+    limits = {"budget-model": {"budget_limit": usd(15_000), "time_period": "30d"}}
+    gone, live, recent, newest = (new_key(client, model_max_budget=limits) for _ in range(4))
+    for key in (gone, live, recent):
+        assert chat(client, key["key"], completion=10).status_code == 200
+    assert chat(client, newest["key"], completion=0).status_code == 200
+    give_back(app)
+    rows = counters(app, "key_model")
+    assert {k: rows[k].spend for k in rows} == {
+        gone["key_id"]: 10_000, live["key_id"]: 10_000, recent["key_id"]: 10_000,
+        newest["key_id"]: 0}
+    api(client, "/key/delete", keys=[gone["key_id"], recent["key_id"]])
+    age(app, entity_id=gone["key_id"])
+    age(app, entity_id=live["key_id"])
+    assert deleted(reset_budgets(app)) == 1
+    assert sorted(counters(app, "key_model")) == sorted(
+        [live["key_id"], recent["key_id"], newest["key_id"]])
+    # the live key's window still refuses: its spend was kept
+    error = assert_error(chat(client, live["key"]), 429, "budget_exceeded")
+    assert "Key model=" in error["message"]
+    # the recently touched row goes once it is idle too
+    age(app, entity_id=recent["key_id"])
+    assert deleted(reset_budgets(app)) == 1
+    assert sorted(counters(app, "key_model")) == sorted([live["key_id"], newest["key_id"]])
+
+
+def test_a_deleted_keys_row_a_lease_still_holds_is_kept(make: Any) -> None:
+    """A process may still hold a lease on a deleted key's row (its cache drops the key
+    within a second, its lease later): ``reserved`` keeps the row until it is given back."""
+    app = make()
+    client = app.test_client()
+    limits = {"budget-model": {"budget_limit": usd(15_000), "time_period": "30d"}}
+    key, newest = (new_key(client, model_max_budget=limits) for _ in range(2))
+    assert chat(client, key["key"], completion=10).status_code == 200
+    assert chat(client, newest["key"], completion=0).status_code == 200
+    flush(app)  # the spend is written; the lease is not given back
+    api(client, "/key/delete", keys=[key["key_id"]])
+    age(app)
+    assert counters(app, "key_model")[key["key_id"]].reserved > 0
+    assert deleted(reset_budgets(app)) == 0
+    give_back(app)
+    age(app)
+    assert deleted(reset_budgets(app)) == 1
+    assert list(counters(app, "key_model")) == [newest["key_id"]]
 
 
 def test_the_reset_scheduler_sweeps_too(make: Any) -> None:
