@@ -667,6 +667,10 @@ class Counters:
             reset = self.storage.get_expiry(key)
         except Exception as exc:
             raise StorageDown(exc) from exc
+        # limits' storages answer the time of the call for a key without a window (Redis:
+        # TTL -2 counted as 0): read the clock after it, or that answer looks like a window
+        # ending a moment from now
+        now = time.time()
         if reset <= now:  # no window yet: it would start now
             return now + seconds
         self._remember_reset(key, reset)

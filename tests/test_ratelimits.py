@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,12 +55,18 @@ def add_llm_routes(app: Flask) -> None:
         return jsonify(data=[])
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Rate-limit storage settings: per-process memory, or the shared Redis with a key
-    prefix of its own (never flushed)."""
+    """Rate-limit storage settings: per-process memory, the shared Redis with a key prefix
+    of its own (never flushed), or a Redis Cluster of three nodes started for the session
+    (its counters take one storage call each: a request's keys may sit on different
+    nodes)."""
     if request.param == "memory":
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
+    if request.param == "redis-cluster":
+        return {"LLMAUTH_RATELIMIT_STORAGE_URI": request.getfixturevalue("redis_cluster_url"),
+                "LLMAUTH_RATELIMIT_KEY_PREFIX": f"llmauth-test-{uuid.uuid4().hex[:8]}"}
     prefix = request.getfixturevalue("redis_prefix")
     return {"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL, "LLMAUTH_RATELIMIT_KEY_PREFIX": prefix}
 
@@ -826,9 +833,9 @@ def _window_stats(app: Flask, body: dict[str, Any], field: str, amount: int,
 
 def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
     """The parallel slots of a descriptor held now (request ids with a lease: a sorted set
-    on Redis, a dict per key in memory)."""
+    on Redis, a dict per key in memory; one counter per descriptor on the other storages)."""
 
-    from flask_llmauth.ratelimits import MemoryCounters, _ident
+    from flask_llmauth.ratelimits import MemoryCounters, RedisCounters, _ident
 
     state = app.extensions["llmauth"]
     counters = state.ratelimits.counters
@@ -836,8 +843,23 @@ def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
                               "slots")
     if isinstance(counters, MemoryCounters):
         return len(counters._slots.get(key, {}))
+    if not isinstance(counters, RedisCounters):
+        return counters.get(key)
     storage = counters.storage
     return int(storage.get_connection().zcard(storage.prefixed_key(key)))
+
+
+@pytest.mark.redis
+def test_a_redis_cluster_gets_the_counters_of_one_call_each(app_factory: Any,
+                                                           redis_cluster_url: str) -> None:
+    """The ``redis-cluster`` runs of this module test the generic counters, not the Lua
+    scripts of a single Redis (a request's keys may sit on different nodes)."""
+    from flask_llmauth.ratelimits import Counters
+
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": redis_cluster_url}, routes=False)
+    counters = app.extensions["llmauth"].ratelimits.counters
+    assert type(counters) is Counters
+    assert type(counters.storage).__name__ == "RedisClusterStorage"
 
 
 def test_counters_are_limits_own_fixed_windows(make: Any) -> None:

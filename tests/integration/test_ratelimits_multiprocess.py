@@ -323,6 +323,33 @@ def test_failed_authentications_are_counted_across_workers(shared: Gateway) -> N
         assert r.status_code == 429  # refused before the credential is looked at
 
 
+def test_redis_cluster_admits_exactly_and_charges_tpm_exactly_across_workers(
+        start: Any, admin: Any, redis_cluster_url: str) -> None:
+    """On a real three-node Redis Cluster each counter is its own storage call (a request's
+    keys may sit on different nodes): a burst of 3L still admits exactly L, and every
+    worker's tpm charge counts exactly once."""
+    gw = start(LLMAUTH_RATELIMIT_STORAGE_URI=redis_cluster_url)
+    limit = 20
+    key = new_key(admin, rpm_limit=limit)["key"]
+    assert codes(burst(gw.url, [bearer(key)] * (3 * limit))) == [200] * limit + [429] * (
+        2 * limit)
+    tpm = 100_000
+    key = new_key(admin, tpm_limit=tpm)["key"]
+    spent = 0
+    for _ in range(30):
+        r = requests.post(gw.url + "/v1/chat/completions", json=CHAT, headers={
+            **bearer(key), "Connection": "close"}, timeout=10)  # new connection: any worker
+        assert r.status_code == 200
+        spent += r.json()["usage"]["total_tokens"]
+    r = requests.post(gw.url + "/v1/chat/completions", json=CHAT, headers=bearer(key),
+                      timeout=10)
+    # the tokens left when this request was admitted: every charge before it, once each
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == tpm - spent
+    served = gw.served_by()
+    assert len(served) == WORKERS and min(served.values()) > 0, served
+    assert "Traceback" not in gw.logs()
+
+
 def test_memory_storage_with_two_workers_warns_in_every_worker(start: Any) -> None:
     gw = start(LLMAUTH_RATELIMIT_STORAGE_URI="memory://")
     logs = gw.logs()
