@@ -166,19 +166,26 @@ def _open_store(app: Flask, settings: Settings) -> Store:
     return store
 
 
+#: Rate-limit storage URI schemes (by prefix) -> (kind, the client package, our extra).
+_STORAGE_CLIENTS = {"redis": ("Redis", "redis", "redis"),
+                    "memcached": ("memcached", "pymemcache", "memcached")}
+
+
 def _check_rate_limit_storage(settings: Settings) -> None:
-    """A Redis rate-limit storage needs the ``redis`` package: without it, a start-up
-    error naming the setting and the extra to install (not the ``limits`` traceback)."""
-    uri = storage_uri(settings)
-    if not uri.partition("://")[0].lower().startswith("redis"):
-        return
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        name = "ratelimit_storage_uri" if settings.ratelimit_storage_uri else "redis_url"
-        raise ConfigurationError(
-            f"LLMAUTH_{name.upper()} (from {settings.source(name)}): a Redis storage needs "
-            "the redis package: pip install 'flask-llmauth[redis]'") from None
+    """A Redis or memcached rate-limit storage needs its client package: without it, a
+    start-up error naming the setting and the extra to install (not the ``limits``
+    traceback)."""
+    scheme = storage_uri(settings).partition("://")[0].lower()
+    for prefix, (kind, package, extra) in _STORAGE_CLIENTS.items():
+        if not scheme.startswith(prefix):
+            continue
+        try:
+            __import__(package)
+        except ImportError:
+            name = "ratelimit_storage_uri" if settings.ratelimit_storage_uri else "redis_url"
+            raise ConfigurationError(
+                f"LLMAUTH_{name.upper()} (from {settings.source(name)}): a {kind} storage "
+                f"needs the {package} package: pip install 'flask-llmauth[{extra}]'") from None
 
 
 class LLMAuthState:

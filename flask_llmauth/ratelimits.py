@@ -24,8 +24,9 @@ count to every tpm window — fixed windows keep an overshoot, so the next reque
 Each of the two steps is one storage call (:class:`Counters`): on Redis one Lua script
 (steps 1-3 with their undo, atomic; then the settlement), on ``memory://`` one locked pass
 over ``MemoryStorage``'s own tables; other storages (memcached, MongoDB, Redis Cluster) get
-one call per counter. The keys and values are limits' fixed-window ones, so limits'
-``get_window_stats`` and ``limiter.reset()`` see the same windows.
+one call per counter (memcached decrements with its ``decr``: :class:`MemcachedCounters`).
+The keys and values are limits' fixed-window ones, so limits' ``get_window_stats`` and
+``limiter.reset()`` see the same windows.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
 from limits.errors import StorageError
-from limits.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
+from limits.storage import (
+    MemcachedStorage,
+    MemoryStorage,
+    RedisClusterStorage,
+    RedisStorage,
+    Storage,
+)
 from limits.strategies import FixedWindowRateLimiter
 
 from .authz.routes import RouteInfo
@@ -685,6 +692,27 @@ class Counters:
         self._resets[key] = reset
 
 
+class MemcachedCounters(Counters):
+    """The generic counters on limits' ``MemcachedStorage``: memcached's ``incr`` takes no
+    negative delta, so an undo or a slot release is its ``decr`` (which stops at 0, as
+    :meth:`Counters._release` wants)."""
+
+    @staticmethod
+    def supports(storage: Storage) -> bool:
+        return isinstance(storage, MemcachedStorage)
+
+    def incr(self, key: str, seconds: int, amount: int) -> int:
+        if amount >= 0:
+            return super().incr(key, seconds, amount)
+        storage: Any = self.storage
+        try:
+            left = storage.call_memcached_func(storage.storage.decr, key, -amount,
+                                               noreply=False)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+        return 0 if left is None else int(left)  # None: the counter expired meanwhile
+
+
 class MemoryCounters(Counters):
     """Counters on limits' ``MemoryStorage``, read and written in its own tables (the count
     table and the expiry table, so ``storage.get``, ``get_expiry``, ``reset`` and its purge
@@ -1077,6 +1105,8 @@ def counters_for(strategy: FixedWindowRateLimiter, prefix: str) -> Counters:
         return MemoryCounters(strategy, prefix)
     if RedisCounters.supports(storage):
         return RedisCounters(strategy, prefix)
+    if MemcachedCounters.supports(storage):
+        return MemcachedCounters(strategy, prefix)
     return Counters(strategy, prefix)
 
 

@@ -871,6 +871,20 @@ def test_missing_redis_package_fails_init_app_naming_the_extra(
     make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY})  # memory:// needs no package
 
 
+def test_missing_memcached_client_fails_init_app_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pymemcache", None)  # import pymemcache: ImportError
+    with pytest.raises(ConfigurationError) as info:
+        make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY,
+                            "LLMAUTH_RATELIMIT_STORAGE_URI": "memcached://127.0.0.1:11211"})
+    assert str(info.value) == (
+        "LLMAUTH_RATELIMIT_STORAGE_URI (from LLMAUTH_RATELIMIT_STORAGE_URI): a memcached "
+        "storage needs the pymemcache package: pip install 'flask-llmauth[memcached]'")
+    assert not (tmp_path / "cfg.db").exists()  # refused before the database is touched
+
+
 # -- master key and salt key ---------------------------------------------------------------------
 
 
