@@ -35,7 +35,7 @@ from flask import current_app
 
 from .audit import write_audit
 from .authn.virtual_key import stored_role
-from .authz.routes import RouteInfo, classify, expand
+from .authz.routes import RouteInfo, RoutePatterns, classify, expand, group_name
 from .budgets import set_window
 from .config import MIN_DISTINCT_CHARACTERS
 from .crypto import KEY_PREFIX, MIN_CHOSEN_KEY_CHARACTERS, abbreviate, generate_key
@@ -469,7 +469,9 @@ class KeyService:
                                 key: Key | None = None, subject: Role | None = None) -> None:
         """Every route granted must be one the actor's role reaches, inside its own
         ``allowed_routes``, and one the key's own role (``subject``) reaches: a key's
-        ``allowed_routes`` lift its role's denials, which only a proxy admin may do."""
+        ``allowed_routes`` lift its role's denials, which only a proxy admin may do. A plain
+        path also grants the app's routes below it (``/v1/models`` covers
+        ``/v1/models/{model_id}/purge``): each of those is held to the same rules."""
         routes = list(routes)
         policy = self.state.policy
         current = tuple(key.allowed_routes or ()) if key is not None else None
@@ -478,25 +480,46 @@ class KeyService:
                 raise Forbidden("Your key is limited to some routes; a key you create must be "
                                 "too.", param="allowed_routes", reason="routes_escalation")
             return
-        for path in expand(routes):
-            if current and policy.routes_allow(current, path):
-                continue  # the key could already call it: narrowing
-            info = RouteInfo(route=path, endpoint="", groups=classify(path))
-            reachable = any(policy.role_allows(actor.role, info, safe) for safe in (True, False))
-            inside = not actor.allowed_routes or policy.key_route_allowed(actor, path)
-            if not reachable or not inside:
-                raise Forbidden(
-                    f"You cannot grant a key the route {path}: your own role or key cannot "
-                    "call it.", param="allowed_routes", reason="routes_escalation",
-                )
-            if subject is not None and not any(
-                    policy.role_allows(subject, info, safe) for safe in (True, False)):
-                raise Forbidden(
-                    f"You cannot grant a key the route {path}: the key's role "
-                    f"({subject.value}) cannot call it, and only a proxy admin grants a key "
-                    "routes beyond its role.", param="allowed_routes",
-                    reason="routes_escalation",
-                )
+        for entry in dict.fromkeys(routes):
+            for info in self._granted_routes(entry):
+                path = info.route
+                if current and policy.routes_allow(current, path, info.groups):
+                    continue  # the key could already call it: narrowing
+                reachable = any(policy.role_allows(actor.role, info, safe)
+                                for safe in (True, False))
+                inside = not actor.allowed_routes or policy.key_route_allowed(
+                    actor, path, info.groups)
+                if not reachable or not inside:
+                    raise Forbidden(
+                        f"You cannot grant a key the route {path}: your own role or key "
+                        "cannot call it.", param="allowed_routes", reason="routes_escalation",
+                    )
+                if subject is not None and not any(
+                        policy.role_allows(subject, info, safe) for safe in (True, False)):
+                    raise Forbidden(
+                        f"You cannot grant a key the route {path}: the key's role "
+                        f"({subject.value}) cannot call it, and only a proxy admin grants a "
+                        "key routes beyond its role.", param="allowed_routes",
+                        reason="routes_escalation",
+                    )
+
+    def _granted_routes(self, entry: str) -> list[RouteInfo]:
+        """What an ``allowed_routes`` entry lets a key call: a group name its group's
+        routes; a path or pattern itself and every route of the app it covers with its
+        sub-paths (public routes and ``@require_role`` views aside: a key's routes never
+        lift those)."""
+        if group_name(entry) is not None:
+            return [RouteInfo(route=p, endpoint="", groups=classify(p))
+                    for p in expand((entry,))]
+        granted = [RouteInfo(route=entry, endpoint="", groups=classify(entry))]
+        pattern = RoutePatterns((entry,), prefix_match=True)
+        app = current_app
+        for rule in app.url_map.iter_rules():
+            info = self.state.routes.info(rule, app.view_functions.get(rule.endpoint))
+            if (not info.public and info.required_roles is None and info.route != entry
+                    and pattern.matches(info.route)):
+                granted.append(info)
+        return granted
 
     # -- writes -----------------------------------------------------------------------------------
 

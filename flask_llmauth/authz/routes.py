@@ -200,8 +200,15 @@ class RoutePatterns:
     def __init__(self, entries: Iterable[str], *, prefix_match: bool = False) -> None:
         self.entries = tuple(entries)
         self.prefix_match = prefix_match
-        self._regexes = tuple(compile_route_pattern(p, prefix_match=prefix_match)
-                              for p in expand(self.entries))
+        names = [e for e in self.entries if group_name(e) is not None]
+        # A group name covers exactly the group's routes, as classification matches them:
+        # the sub-path rule of ``prefix_match`` is for plain paths only. Otherwise
+        # ``llm_api_routes`` (``key_type: llm_api``), meant as a restriction, would grant a
+        # key every unclassified host route below an LLM path (``/v1/chat/completions/x``).
+        self._regexes = tuple(
+            compile_route_pattern(p, prefix_match=prefix_match)
+            for p in expand(e for e in self.entries if group_name(e) is None)
+        ) + tuple(compile_route_pattern(p) for p in expand(names))
         self.groups = frozenset(g for g in map(group_name, self.entries) if g is not None)
 
     def __bool__(self) -> bool:
