@@ -704,6 +704,13 @@ class KeyService:
             # Nor is a privileged user's key handed to anyone else (the actor included, or
             # nobody: a service account): the actor could then regenerate it and hold it.
             self._check_subject(actor, key.user_id)
+        elif ("user_id" in params and params["user_id"] is not None and team is not None
+              and params["user_id"] != key.user_id
+              and self._membership(team.team_id, params["user_id"]) is None):
+            # A proxy admin too: a team key acts for a member of its team (as on
+            # /key/generate); removing the member revokes it (/team/member_delete).
+            raise BadRequest(f"User={params['user_id']} not assigned to team={team.team_id}",
+                             param="user_id")
         return team
 
     def _check_team_move(self, actor: Principal, key: Key, params: dict[str, Any]) -> Team | None:

@@ -387,6 +387,8 @@ class TeamService:
         return member
 
     def member_delete(self, actor: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove a member, and revoke the user's keys of the team (into the deleted-keys
+        table, ``key_revoked`` sent): they acted for a member the user no longer is."""
         state = self.state
         team_id = params["team_id"]
         with state.store.use() as db, db.atomic():
@@ -396,8 +398,14 @@ class TeamService:
             write_audit(state.settings.store_audit_logs, actor, "member_deleted", "team",
                         team_id, before=membership_info(member))
             member.delete_instance()
+            # The user's keys of this team go with the membership: such a key would keep
+            # calling with the team's models and budget, free of the member's own limits
+            # (allowed_models, max_budget_in_team), which left with the membership.
+            deleted_keys = KeyService(state).delete_where(
+                actor, (Key.team_id == team_id) & (Key.user_id == member.user_id))
             info = team_info(team, self._members(team_id))
         state.invalidate(f"team:{team_id}", f"user:{member.user_id}")
+        KeyService(state).announce_revoked(actor, deleted_keys)
         return info
 
     @staticmethod

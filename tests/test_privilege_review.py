@@ -3,7 +3,9 @@
 * a key's ``allowed_routes`` (and ``key_type``) group names cover their group's routes only,
   never unclassified host routes below an LLM or info path;
 * a non-admin granting a plain path grants the routes below it too: each must be one its
-  role (and the key's role) reaches.
+  role (and the key's role) reaches;
+* removing a member from a team revokes the user's keys of that team, and a team key is
+  never handed to a user outside its team.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 import pytest
 from flask import jsonify
 
-from tests.helpers import assert_error, bearer, record_secret
-from tests.test_escalation import admin_key, as_key, make_user, snapshot
+from flask_llmauth.store.tables import DeletedKey, Key
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
+from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -97,3 +100,71 @@ def test_a_non_admin_never_grants_the_routes_below_a_path_it_cannot_call(
     granted = admin_key(client, user_id="alice", allowed_routes=["/v1/models"])["key"]
     response = client.post("/v1/models/gpt-4o/purge", headers=bearer(granted))
     assert response.status_code == 200 and response.get_json()["done"] == "purge"
+
+
+@pytest.fixture
+def members(client: Any) -> dict[str, Any]:
+    """Team t1: alice admin, bob member limited to gpt-4o-mini; team t2: bob member.
+    Bob holds a key of each team and a personal key."""
+    for user_id in ("alice", "bob", "carol"):
+        make_user(client, user_id)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    admin(client, "/team/new", team_id="t2", members_with_roles=[
+        {"user_id": "bob", "role": "user"}])
+    admin(client, "/team/member_update", team_id="t1", user_id="bob",
+          allowed_models=["gpt-4o-mini"])
+    return {
+        "alice": admin_key(client, user_id="alice")["key"],
+        "t1": admin_key(client, user_id="bob", team_id="t1"),
+        "t2": admin_key(client, user_id="bob", team_id="t2"),
+        "personal": admin_key(client, user_id="bob"),
+    }
+
+
+def chat(client: Any, key: str, model: str = "gpt-4o-mini") -> Any:
+    return client.post("/v1/chat/completions", json={"model": model}, headers=bearer(key))
+
+
+def test_removing_a_member_revokes_its_keys_of_that_team(client: Any, app: Any,
+                                                         members: Any) -> None:
+    t1 = members["t1"]
+    assert chat(client, t1["key"]).status_code == 200
+    # the member's own limit binds the team key while the membership lasts
+    assert_error(chat(client, t1["key"], "gpt-4o"), 403)
+    response = as_key(client, members["alice"], "/team/member_delete", team_id="t1",
+                      user_id="bob")
+    assert response.status_code == 200, response.get_json()
+    # The key acted for a member bob no longer is: revoked, not freed of his limits.
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        assert_error(chat(client, t1["key"], model), 401)
+    assert_error(client.get("/team/info?team_id=t1", headers=bearer(t1["key"])), 401)
+    with app.extensions["llmauth"].store.use():
+        assert Key.get_or_none(Key.key_id == t1["key_id"]) is None
+        gone = DeletedKey.get(DeletedKey.key_id == t1["key_id"])
+        assert gone.deleted_by == "alice" and gone.team_id == "t1"
+    # Bob's other keys are untouched; joining again does not bring the old key back.
+    assert chat(client, members["t2"]["key"], "gpt-4o").status_code == 200
+    assert chat(client, members["personal"]["key"], "gpt-4o").status_code == 200
+    admin(client, "/team/member_add", team_id="t1", member={"user_id": "bob"})
+    assert_error(chat(client, t1["key"]), 401)
+
+
+@SQLITE_ONLY
+def test_a_team_key_is_never_handed_to_a_user_outside_its_team(client: Any, app: Any,
+                                                               members: Any) -> None:
+    t1 = members["t1"]["key_id"]
+    before = snapshot(app)
+    error = assert_error(client.post("/key/update", json={"key": t1, "user_id": "carol"},
+                                     headers=ADMIN), 400)
+    assert error["param"] == "user_id" and "not assigned to team=t1" in error["message"]
+    error = assert_error(client.post("/key/regenerate", json={"key": t1, "user_id": "carol"},
+                                     headers=ADMIN), 400)
+    assert error["param"] == "user_id"
+    assert snapshot(app) == before
+    # To a member, or to nobody (a service account), a proxy admin may.
+    for user_id in ("alice", None):
+        response = client.post("/key/update", json={"key": t1, "user_id": user_id},
+                               headers=ADMIN)
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["user_id"] == user_id
