@@ -16,7 +16,7 @@ import pytest
 from flask import jsonify
 
 from flask_llmauth.store.tables import DeletedKey, Key
-from tests.helpers import ADMIN, assert_error, bearer, record_secret
+from tests.helpers import ADMIN, ROLES, assert_error, bearer, record_secret, role_keys
 from tests.test_escalation import admin, admin_key, as_key, make_user, snapshot
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -168,3 +168,38 @@ def test_a_team_key_is_never_handed_to_a_user_outside_its_team(client: Any, app:
                                headers=ADMIN)
         assert response.status_code == 200, response.get_json()
         assert response.get_json()["user_id"] == user_id
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("role", [r for r in ROLES if r != "proxy_admin"])
+def test_unclassified_host_routes_below_the_mcp_prefixes_are_admin_only(
+        app_factory: Any, db_url: str, role: str) -> None:
+    """LiteLLM lets every role through ``/v1/mcp/*`` and ``/mcp-rest/*`` because its own
+    MCP endpoints check the caller; a host's route there that belongs to no group is an
+    unclassified route like any other: proxy admins only."""
+    app = app_factory(db_url=db_url)
+
+    @app.post("/v1/mcp/servers/<server_id>/delete")
+    def delete_server(server_id: str) -> Any:
+        return jsonify(deleted=server_id)
+
+    @app.get("/mcp-rest/admin/config")
+    def mcp_config() -> Any:
+        return jsonify(config="secret-ish")
+
+    @app.post("/mcp-rest/tools/call")
+    def tools_call() -> Any:
+        return jsonify(called=True)
+
+    client = app.test_client()
+    key = role_keys(client, app)[role]
+    for method, path, route in (("POST", "/v1/mcp/servers/s1/delete",
+                                 "/v1/mcp/servers/{server_id}/delete"),
+                                ("GET", "/mcp-rest/admin/config", "/mcp-rest/admin/config")):
+        error = assert_error(client.open(path, method=method, headers=bearer(key)), 403)
+        assert f"Route={route}" in error["message"], error
+        assert client.open(path, method=method, headers=ADMIN).status_code == 200
+    # The MCP routes LiteLLM names are LLM routes, open to every role that calls models.
+    expected = 403 if role == "proxy_admin_viewer" else 200
+    assert client.post("/mcp-rest/tools/call", json={}, headers=bearer(key)).status_code \
+        == expected

@@ -11,7 +11,10 @@ these deliberate changes:
   unclassified host route: deny by default holds for every non-admin role;
 * a key's ``allowed_routes`` grant a non-admin routes its role would not reach (LiteLLM step
   12) only where the table would fall through to its final denial: never past
-  ``admin_only_routes``, the viewer's ban on LLM calls and writes, or master-key-only routes.
+  ``admin_only_routes``, the viewer's ban on LLM calls and writes, or master-key-only routes;
+* LiteLLM's step 10 (everything below ``/v1/mcp/`` and ``/mcp-rest/`` allowed, its own MCP
+  endpoints checking the caller) is left out: a host's route there that is in no group is
+  unclassified, proxy admins only; the MCP routes LiteLLM names are LLM routes anyway.
 
 Order of the checks (the first failing one answers):
 
@@ -52,7 +55,6 @@ _VIEWER_WRITES = RoutePatterns((
     "/key/block", "/key/unblock", "/key/{key_id}/regenerate",
 ))
 _VIEWER_USER_UPDATE_FIELDS = frozenset({"user_id", "user_email", "password"})
-_SELF_ROUTED = RoutePatterns(("/v1/mcp/*", "/mcp-rest/*"))
 
 
 #: The table's final denial: the only one a key's ``allowed_routes`` may lift.
@@ -270,7 +272,7 @@ class Policy:
             return None
         if role is Role.INTERNAL_USER_VIEWER and "internal_user_view_only_routes" in groups:
             return None
-        if "self_managed_routes" in groups or _SELF_ROUTED.matches(route):
+        if "self_managed_routes" in groups:
             return None
         return _route_denied(route, role)
 
