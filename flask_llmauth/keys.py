@@ -516,8 +516,7 @@ class KeyService:
         app = current_app
         for rule in app.url_map.iter_rules():
             info = self.state.routes.info(rule, app.view_functions.get(rule.endpoint))
-            if (not info.public and info.required_roles is None and info.route != entry
-                    and pattern.matches(info.route)):
+            if not info.public and info.required_roles is None and pattern.matches(info.route):
                 granted.append(info)
         return granted
 
