@@ -960,7 +960,10 @@ class RedisCounters(Counters):
         self._client = client = storage.get_connection()
         self._acquire_script = client.register_script(_ACQUIRE_LUA)
         self._settle_script = client.register_script(_SETTLE_LUA)
-        exceptions = getattr(storage.dependency, "exceptions", None)
+        # the client's own package (redis or valkey): limits' Sentinel storage has no
+        # ``dependency`` attribute, its plain Redis storage has
+        package = sys.modules.get(type(client).__module__.partition(".")[0])
+        exceptions = getattr(package, "exceptions", None)
         self._no_script: type[BaseException] = getattr(exceptions, "NoScriptError",
                                                         _NeverRaised)
 

@@ -27,8 +27,11 @@ from flask_llmauth.crypto import KeyDigester
 from flask_llmauth.store import db as store_db
 from tests.helpers import MASTER_KEY, SECRETS, record_secret
 from tests.idp_fixture import idp, idp_factory  # noqa: F401 - fixtures
-from tests.memcached_server import memcached_url  # noqa: F401 - fixture
-from tests.redis_cluster import redis_cluster_url  # noqa: F401 - fixture
+from tests.storage_servers import (  # noqa: F401 - fixtures
+    memcached_url,
+    redis_cluster_url,
+    redis_sentinel_url,
+)
 
 POSTGRES_URL = os.environ.get("LLMAUTH_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("LLMAUTH_TEST_REDIS_URL")

@@ -55,18 +55,24 @@ def add_llm_routes(app: Flask) -> None:
         return jsonify(data=[])
 
 
+#: The storages started for the session (tests/storage_servers.py), by parameter.
+STARTED_STORAGES = {"redis-cluster": "redis_cluster_url", "redis-sentinel": "redis_sentinel_url",
+                    "memcached": "memcached_url"}
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("redis-cluster", marks=pytest.mark.redis), "memcached"])
+                        pytest.param("redis-cluster", marks=pytest.mark.redis),
+                        pytest.param("redis-sentinel", marks=pytest.mark.redis), "memcached"])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Rate-limit storage settings: per-process memory, the shared Redis with a key prefix
-    of its own (never flushed), or a Redis Cluster of three nodes or a memcached started for
-    the session (their counters take one storage call each: a request's keys may sit on
-    different nodes; memcached decrements with ``decr``)."""
+    of its own (never flushed), or a storage started for the session: a Redis Cluster of
+    three nodes or a memcached (their counters take one storage call each: a request's keys
+    may sit on different nodes; memcached decrements with ``decr``), or a Redis behind a
+    Sentinel (the Lua scripts, on the master the Sentinel names)."""
     if request.param == "memory":
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
-    if request.param in ("redis-cluster", "memcached"):
-        url = request.getfixturevalue(
-            "redis_cluster_url" if request.param == "redis-cluster" else "memcached_url")
+    if request.param in STARTED_STORAGES:
+        url = request.getfixturevalue(STARTED_STORAGES[request.param])
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": url,
                 "LLMAUTH_RATELIMIT_KEY_PREFIX": f"llmauth-test-{uuid.uuid4().hex[:8]}"}
     prefix = request.getfixturevalue("redis_prefix")
@@ -945,6 +951,30 @@ def test_redis_scripts_are_loaded_again_when_the_server_forgot_them(
         script.sha = "0" * 40  # what a restarted Redis (empty script cache) answers to
     assert statuses(client, key, 3) == [200, 200, 429]
     assert counters._acquire_script.sha != "0" * 40
+
+
+@pytest.mark.redis
+def test_behind_a_sentinel_the_scripts_run_on_its_master_and_are_loaded_again(
+        app_factory: Any, redis_sentinel_url: str) -> None:
+    """``redis+sentinel://``: the Lua scripts of a single Redis on the master the Sentinel
+    names; a master that forgot them (``SCRIPT FLUSH``, as after a restart or a failover)
+    gets them again (limits' Sentinel storage has no ``dependency`` attribute: reading it
+    failed every app at start-up)."""
+    from flask_llmauth.ratelimits import RedisCounters
+
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": redis_sentinel_url,
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": f"llmauth-test-{uuid.uuid4().hex[:8]}"},
+                      routes=False)
+    add_llm_routes(app)
+    client = app.test_client()
+    counters = app.extensions["llmauth"].ratelimits.counters
+    assert type(counters) is RedisCounters
+    key = new_key(client, rpm_limit=3, tpm_limit=10_000)["key"]
+    assert statuses(client, key, 1) == [200]
+    counters._client.script_flush()  # the sentinel's own Redis: no other test uses it
+    assert counters._client.script_exists(counters._acquire_script.sha) == [False]
+    assert statuses(client, key, 3) == [200, 200, 429]
+    assert counters._client.script_exists(counters._acquire_script.sha) == [True]
 
 
 def test_memory_counters_restart_an_expired_window(make: Any) -> None:
