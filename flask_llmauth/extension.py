@@ -168,13 +168,15 @@ def _open_store(app: Flask, settings: Settings) -> Store:
 
 #: Rate-limit storage URI schemes (by prefix) -> (kind, the client package, our extra).
 _STORAGE_CLIENTS = {"redis": ("Redis", "redis", "redis"),
-                    "memcached": ("memcached", "pymemcache", "memcached")}
+                    "valkey": ("Valkey", "valkey", "valkey"),
+                    "memcached": ("memcached", "pymemcache", "memcached"),
+                    "mongodb": ("MongoDB", "pymongo", "mongodb")}
 
 
 def _check_rate_limit_storage(settings: Settings) -> None:
-    """A Redis or memcached rate-limit storage needs its client package: without it, a
-    start-up error naming the setting and the extra to install (not the ``limits``
-    traceback)."""
+    """A Redis, Valkey, memcached or MongoDB rate-limit storage needs its client package:
+    without it, a start-up error naming the setting and the extra to install (not the
+    ``limits`` traceback)."""
     scheme = storage_uri(settings).partition("://")[0].lower()
     for prefix, (kind, package, extra) in _STORAGE_CLIENTS.items():
         if not scheme.startswith(prefix):

@@ -871,17 +871,25 @@ def test_missing_redis_package_fails_init_app_naming_the_extra(
     make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY})  # memory:// needs no package
 
 
-def test_missing_memcached_client_fails_init_app_naming_the_extra(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("uri,kind,package", [
+    ("memcached://127.0.0.1:11211", "memcached", "pymemcache"),
+    ("valkey://127.0.0.1:6379/0", "Valkey", "valkey"),
+    ("valkeys://127.0.0.1:6380/0", "Valkey", "valkey"),
+    ("mongodb://127.0.0.1:27017", "MongoDB", "pymongo"),
+])
+def test_missing_storage_client_fails_init_app_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str, kind: str,
+        package: str) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "pymemcache", None)  # import pymemcache: ImportError
+    monkeypatch.setitem(sys.modules, package, None)  # import <package>: ImportError
     with pytest.raises(ConfigurationError) as info:
         make_app(tmp_path, {"LLMAUTH_MASTER_KEY": MASTER_KEY,
-                            "LLMAUTH_RATELIMIT_STORAGE_URI": "memcached://127.0.0.1:11211"})
+                            "LLMAUTH_RATELIMIT_STORAGE_URI": uri})
+    extra = {"pymemcache": "memcached", "pymongo": "mongodb"}.get(package, package)
     assert str(info.value) == (
-        "LLMAUTH_RATELIMIT_STORAGE_URI (from LLMAUTH_RATELIMIT_STORAGE_URI): a memcached "
-        "storage needs the pymemcache package: pip install 'flask-llmauth[memcached]'")
+        f"LLMAUTH_RATELIMIT_STORAGE_URI (from LLMAUTH_RATELIMIT_STORAGE_URI): a {kind} "
+        f"storage needs the {package} package: pip install 'flask-llmauth[{extra}]'")
     assert not (tmp_path / "cfg.db").exists()  # refused before the database is touched
 
 

@@ -61,6 +61,7 @@ STARTED_STORAGES = {"redis-cluster": "redis_cluster_url", "redis-sentinel": "red
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("valkey", marks=pytest.mark.redis),
                         pytest.param("redis-cluster", marks=pytest.mark.redis),
                         pytest.param("redis-sentinel", marks=pytest.mark.redis), "memcached"])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     of its own (never flushed), or a storage started for the session: a Redis Cluster of
     three nodes or a memcached (their counters take one storage call each: a request's keys
     may sit on different nodes; memcached decrements with ``decr``), or a Redis behind a
-    Sentinel (the Lua scripts, on the master the Sentinel names)."""
+    Sentinel (the Lua scripts, on the master the Sentinel names); ``valkey``: the shared
+    Redis through limits' ``valkey://`` storage and the Valkey client (the same protocol)."""
     if request.param == "memory":
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
     if request.param in STARTED_STORAGES:
@@ -76,7 +78,9 @@ def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": url,
                 "LLMAUTH_RATELIMIT_KEY_PREFIX": f"llmauth-test-{uuid.uuid4().hex[:8]}"}
     prefix = request.getfixturevalue("redis_prefix")
-    return {"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL, "LLMAUTH_RATELIMIT_KEY_PREFIX": prefix}
+    assert REDIS_URL is not None  # redis_prefix: set, or the test was skipped
+    url = REDIS_URL if request.param == "redis" else "valkey:" + REDIS_URL.split(":", 1)[1]
+    return {"LLMAUTH_RATELIMIT_STORAGE_URI": url, "LLMAUTH_RATELIMIT_KEY_PREFIX": prefix}
 
 
 @pytest.fixture
@@ -951,6 +955,24 @@ def test_redis_scripts_are_loaded_again_when_the_server_forgot_them(
         script.sha = "0" * 40  # what a restarted Redis (empty script cache) answers to
     assert statuses(client, key, 3) == [200, 200, 429]
     assert counters._acquire_script.sha != "0" * 40
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("scheme", ["redis", "valkey"])
+def test_the_scripts_know_their_clients_missing_script_error(
+        app_factory: Any, redis_prefix: str, scheme: str) -> None:
+    """``redis://`` and ``valkey://`` take the Lua scripts, each with its own client's
+    ``NoScriptError`` (what tells a server that forgot a script)."""
+    import importlib
+
+    from flask_llmauth.ratelimits import RedisCounters
+
+    assert REDIS_URL is not None
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": f"{scheme}:{REDIS_URL.split(':', 1)[1]}",
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": redis_prefix}, routes=False)
+    counters = app.extensions["llmauth"].ratelimits.counters
+    assert type(counters) is RedisCounters
+    assert counters._no_script is importlib.import_module(f"{scheme}.exceptions").NoScriptError
 
 
 @pytest.mark.redis
