@@ -16,7 +16,7 @@ import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -312,6 +312,16 @@ def app_factory(tmp_path: Any) -> Iterator[AppFactory]:
     yield make
     for state in states:
         state.close()
+
+
+@pytest.fixture
+def sdk_clients() -> Iterator[ExitStack]:
+    """Closes the OpenAI/Anthropic SDK clients a test enters into it
+    (``client = sdk_clients.enter_context(openai.OpenAI(...))``) when the test ends. A client
+    left open keeps its keep-alive connections, and a server's graceful stop waits for them.
+    Request it after the fixture that serves the app, so it is torn down first."""
+    with ExitStack() as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -625,12 +626,14 @@ def served(app_factory: Any) -> Iterator[tuple[str, Flask]]:
         thread.join()
 
 
-def test_openai_sdk_sees_rate_limit_error_with_a_readable_message(served: Any) -> None:
+def test_openai_sdk_sees_rate_limit_error_with_a_readable_message(
+        served: Any, sdk_clients: ExitStack) -> None:
     import openai
 
     base, app = served
     key = new_key(app.test_client(), rpm_limit=1)["key"]
-    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+    client = sdk_clients.enter_context(
+        openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0))
     client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="gpt-4o",

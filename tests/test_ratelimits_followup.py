@@ -212,9 +212,8 @@ def test_the_openai_sdk_does_not_retry_a_request_larger_than_the_limit(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key=key,
-                            max_retries=3)
-        with pytest.raises(openai.RateLimitError) as caught:
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key=key,
+                           max_retries=3) as sdk, pytest.raises(openai.RateLimitError) as caught:
             sdk.chat.completions.create(model="gpt-4o", max_tokens=500,
                                         messages=[{"role": "user", "content": "hi"}])
     finally:

@@ -24,7 +24,10 @@ pytestmark = pytest.mark.integration
 
 
 class Admin:
-    """The management API of one gateway, called with its master key over HTTP."""
+    """The management API of one gateway, called with its master key over HTTP. Each call
+    asks the server to close its connection (``Connection: close``): a response a test still
+    holds would otherwise keep an idle keep-alive connection open, and a server's graceful
+    stop waits for it (gunicorn's 2 s keep-alive)."""
 
     def __init__(self, gateway: Gateway, master_key: str) -> None:
         self.gateway = gateway
@@ -35,12 +38,12 @@ class Admin:
         return {"Authorization": f"Bearer {self.master_key}"}
 
     def post(self, path: str, body: dict[str, Any]) -> requests.Response:
-        return requests.post(self.gateway.base_url + path, json=body, headers=self.headers,
-                             timeout=10)
+        return requests.post(self.gateway.base_url + path, json=body, timeout=10,
+                             headers={**self.headers, "Connection": "close"})
 
     def get(self, path: str, **params: Any) -> requests.Response:
-        return requests.get(self.gateway.base_url + path, params=params, headers=self.headers,
-                            timeout=10)
+        return requests.get(self.gateway.base_url + path, params=params, timeout=10,
+                            headers={**self.headers, "Connection": "close"})
 
     def new_key(self, **fields: Any) -> dict[str, Any]:
         response = self.post("/key/generate", fields)

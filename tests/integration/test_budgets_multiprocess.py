@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from decimal import Decimal
 from typing import Any
 
@@ -169,12 +170,12 @@ def test_burst_over_the_budget_admits_spend_within_it(
 
 
 def test_openai_sdk_sees_an_exhausted_budget_as_rate_limit_error(
-        start: Callable[..., Gateway], admin: Any) -> None:
+        start: Callable[..., Gateway], admin: Any, sdk_clients: ExitStack) -> None:
     gw = start()
     worst = to_units(MAX_TOKENS * OUTPUT_PRICE)
     body = new_key(admin, max_budget=float(Decimal(worst) / 10**9))
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=body["key"], max_retries=2,
-                           timeout=10)
+    client = sdk_clients.enter_context(openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=body["key"], max_retries=2, timeout=10))
     first = client.chat.completions.create(**CHAT)
     assert first.usage is not None and first.usage.completion_tokens > 0
     settled(admin.application, body["key_id"])  # its real spend replaced its reservation

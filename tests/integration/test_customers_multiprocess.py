@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def two_workers(request: pytest.FixtureRequest, tmp_path: Path
 
 
 def test_block_reaches_every_worker_and_the_sdk_sees_403(
-        two_workers: tuple[Gateway, Admin]) -> None:
+        two_workers: tuple[Gateway, Admin], sdk_clients: ExitStack) -> None:
     gateway, admin = two_workers
     key = admin.new_key(models=["gpt-4o"])["key"]
     assert admin.post("/customer/new", {"user_id": "acme"}).status_code == 200
@@ -64,7 +65,8 @@ def test_block_reaches_every_worker_and_the_sdk_sees_403(
     others = every_worker(user="someone-else")
     assert all(s == 200 for statuses in others.values() for s in statuses), others
 
-    client = openai.OpenAI(api_key=key, base_url=gateway.base_url + "/v1", max_retries=0)
+    client = sdk_clients.enter_context(
+        openai.OpenAI(api_key=key, base_url=gateway.base_url + "/v1", max_retries=0))
     with pytest.raises(openai.PermissionDeniedError) as refused:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, user="acme")
     assert "acme" in refused.value.body["message"]

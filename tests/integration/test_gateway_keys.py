@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +65,28 @@ def pair_of_workers(tmp_path: Path,
 
 
 def _chat(gateway: Gateway, key: str, model: str = "gpt-4o") -> requests.Response:
+    """On a connection the server closes (see ``Admin``)."""
     return requests.post(gateway.base_url + "/v1/chat/completions",
                          json={"model": model, "messages": MESSAGES},
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+                         headers={"Authorization": f"Bearer {key}", "Connection": "close"},
+                         timeout=10)
 
 
 def _whoami(gateway: Gateway, key: str) -> dict[str, Any]:
-    response = requests.get(gateway.base_url + "/v1/whoami",
-                            headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    response = requests.get(gateway.base_url + "/v1/whoami", timeout=10,
+                            headers={"Authorization": f"Bearer {key}", "Connection": "close"})
     assert response.status_code == 200, response.text
     return dict(response.json())
 
 
-def test_key_lifecycle_over_the_socket(single: tuple[Gateway, Admin]) -> None:
+def test_key_lifecycle_over_the_socket(single: tuple[Gateway, Admin],
+                                       sdk_clients: ExitStack) -> None:
     gateway, admin = single
     created = admin.new_key(models=["gpt-4o"], key_alias="lifecycle", user_id="alice",
                             metadata={"team": "search"}, duration="1h")
     key, key_id = created["key"], created["key_id"]
-    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=key, max_retries=0)
+    client = sdk_clients.enter_context(
+        openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=key, max_retries=0))
     assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices
     assert _whoami(gateway, key)["key_id"] == key_id
 

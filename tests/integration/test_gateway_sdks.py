@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import anthropic
@@ -53,20 +54,31 @@ class SentHeaders:
 
 @pytest.fixture
 def sent() -> Iterator[SentHeaders]:
+    """The Anthropic clients of a test share its connection pool, closed when the test ends."""
     recorder = SentHeaders()
     yield recorder
     recorder.close()
 
 
-def openai_client(gateway: Gateway, api_key: str, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=api_key, max_retries=0,
-                         timeout=20, **kwargs)
+#: ``openai_client(gateway, api_key, **options)``
+Clients = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture
+def openai_client(sdk_clients: ExitStack) -> Clients:
+    """``openai_client(gateway, api_key)``: a client closed when the test ends."""
+    def make(gateway: Gateway, api_key: str, **kwargs: Any) -> openai.OpenAI:
+        return sdk_clients.enter_context(openai.OpenAI(
+            base_url=gateway.base_url + "/v1", api_key=api_key, max_retries=0, timeout=20,
+            **kwargs))
+    return make
 
 
 # -- openai ---------------------------------------------------------------------------------------
 
 
-def test_openai_chat_completion(gateway: Gateway, virtual_key: str) -> None:
+def test_openai_chat_completion(gateway: Gateway, virtual_key: str,
+                                openai_client: Clients) -> None:
     client = openai_client(gateway, virtual_key)
     completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     expected = fake_model.chat_completion({"model": "gpt-4o", "messages": MESSAGES})
@@ -80,7 +92,8 @@ def test_openai_chat_completion(gateway: Gateway, virtual_key: str) -> None:
                                                 "total_tokens"}) == expected["usage"]
 
 
-def test_openai_chat_streaming_with_usage(gateway: Gateway, virtual_key: str) -> None:
+def test_openai_chat_streaming_with_usage(gateway: Gateway, virtual_key: str,
+                                          openai_client: Clients) -> None:
     client = openai_client(gateway, virtual_key)
     plain = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     chunks = list(client.chat.completions.create(
@@ -100,7 +113,8 @@ def test_openai_chat_streaming_with_usage(gateway: Gateway, virtual_key: str) ->
     assert "".join(c.choices[0].delta.content or "" for c in without_usage) == text
 
 
-def test_openai_completion_and_embeddings(gateway: Gateway, virtual_key: str) -> None:
+def test_openai_completion_and_embeddings(gateway: Gateway, virtual_key: str,
+                                          openai_client: Clients) -> None:
     client = openai_client(gateway, virtual_key)
     completion = client.completions.create(model="gpt-4o", prompt="Once upon a time")
     assert completion.choices[0].text.startswith("Hello from gpt-4o. You said: Once upon a time")
@@ -115,7 +129,8 @@ def test_openai_completion_and_embeddings(gateway: Gateway, virtual_key: str) ->
 
 
 def test_openai_models_list_shows_only_the_keys_models(gateway: Gateway, virtual_key: str,
-                                                       admin: Admin) -> None:
+                                                       admin: Admin,
+                                                       openai_client: Clients) -> None:
     assert sorted(m.id for m in openai_client(gateway, virtual_key).models.list()) == ALLOWED
     everything = sorted(m.id for m in openai_client(gateway, admin.master_key).models.list())
     assert everything == sorted(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest",
@@ -132,7 +147,7 @@ def _assert_auth_error(error: openai.APIStatusError, status: int) -> dict[str, A
 
 
 def test_openai_without_key_or_with_bad_key_raises_authentication_error(
-        gateway: Gateway, virtual_key: str) -> None:
+        gateway: Gateway, virtual_key: str, openai_client: Clients) -> None:
     client = openai_client(gateway, virtual_key)
     with pytest.raises(openai.AuthenticationError) as no_key:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
@@ -156,7 +171,7 @@ def test_openai_without_key_or_with_bad_key_raises_authentication_error(
 
 
 def test_openai_model_outside_the_keys_list_raises_permission_denied(
-        gateway: Gateway, virtual_key: str) -> None:
+        gateway: Gateway, virtual_key: str, openai_client: Clients) -> None:
     client = openai_client(gateway, virtual_key)
     for call in (
         lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),

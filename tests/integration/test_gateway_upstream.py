@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import anthropic
 import openai
@@ -67,13 +68,13 @@ def _upstream_requests(upstream: Gateway, at_least: int = 0) -> list[str]:
 
 
 def test_forwarded_requests_carry_only_the_gateways_key(
-        pair: tuple[Gateway, Admin, Gateway, str]) -> None:
+        pair: tuple[Gateway, Admin, Gateway, str], sdk_clients: ExitStack) -> None:
     gateway, admin, upstream, upstream_key = pair
     caller_key = admin.new_key(models=["gpt-4o", "gpt-4o-mini"])["key"]
     before = len(_upstream_requests(upstream))
 
-    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=caller_key,
-                           max_retries=0, timeout=20)
+    client = sdk_clients.enter_context(openai.OpenAI(
+        base_url=gateway.base_url + "/v1", api_key=caller_key, max_retries=0, timeout=20))
     chat = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert chat.choices[0].message.content.startswith("Hello from gpt-4o. You said: forward me")
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
@@ -81,8 +82,9 @@ def test_forwarded_requests_carry_only_the_gateways_key(
     assert streamed == chat.choices[0].message.content
     assert client.completions.create(model="gpt-4o", prompt="p").choices[0].text
     assert client.embeddings.create(model="gpt-4o", input="e").data
-    message = anthropic.Anthropic(base_url=gateway.base_url, api_key=caller_key,
-                                  max_retries=0, timeout=20).messages.create(
+    message = sdk_clients.enter_context(anthropic.Anthropic(
+        base_url=gateway.base_url, api_key=caller_key, max_retries=0,
+        timeout=20)).messages.create(
         model="gpt-4o", max_tokens=64, messages=MESSAGES)
     assert message.content[0].text.startswith("Hello from gpt-4o.")
 
@@ -107,11 +109,11 @@ def test_the_callers_key_means_nothing_upstream(
 
 
 def test_upstream_refusals_reach_the_caller_and_gateway_refusals_stay_local(
-        pair: tuple[Gateway, Admin, Gateway, str]) -> None:
+        pair: tuple[Gateway, Admin, Gateway, str], sdk_clients: ExitStack) -> None:
     gateway, admin, upstream, _ = pair
     caller_key = admin.new_key(models=["gpt-4o", "gpt-4o-mini"])["key"]
-    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=caller_key,
-                           max_retries=0, timeout=20)
+    client = sdk_clients.enter_context(openai.OpenAI(
+        base_url=gateway.base_url + "/v1", api_key=caller_key, max_retries=0, timeout=20))
     before = len(_upstream_requests(upstream))
     # the caller may use gpt-4o-mini, the gateway's upstream key may not: the upstream's 403
     with pytest.raises(openai.PermissionDeniedError) as upstream_denied:
@@ -122,8 +124,9 @@ def test_upstream_refusals_reach_the_caller_and_gateway_refusals_stay_local(
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="claude-3-5-sonnet", messages=MESSAGES)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=record_secret(
-            "sk-" + secrets.token_urlsafe(32)), max_retries=0).chat.completions.create(
+        sdk_clients.enter_context(openai.OpenAI(
+            base_url=gateway.base_url + "/v1", api_key=record_secret(
+                "sk-" + secrets.token_urlsafe(32)), max_retries=0)).chat.completions.create(
             model="gpt-4o", messages=MESSAGES)
     time.sleep(0.5)  # a wrongly forwarded request would be logged by now
     assert len(_upstream_requests(upstream)) == before + 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import textwrap
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,13 @@ def test_flat_general_settings_keys(idp: IdP, tmp_path: Path) -> None:
     """)
     env = {"LLMAUTH_CONFIG_FILE": str(config), "GATEWAY_MASTER_KEY": master,
            "IDP_DISCOVERY_URL": idp.discovery_url, "IDP_ISSUER": idp.issuer}
-    with gunicorn(tmp_path / "flat", env, workers=1).start() as gateway:
+    # an idle keep-alive connection delays the server's graceful stop (~2 s): the SDK clients
+    # close before it stops, a response kept until then came on a connection it closed
+    with gunicorn(tmp_path / "flat", env, workers=1).start() as gateway, ExitStack() as sdk:
         base = gateway.base_url
         token = idp.token(extra_claims={"email": "dev@corp.example"})
-        client = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
+        client = sdk.enter_context(
+            openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0))
         reply = client.chat.completions.create(model="gpt-4o", messages=HELLO)
         assert reply.choices[0].message.content and reply.usage.total_tokens > 0
         chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=HELLO,
@@ -68,30 +72,34 @@ def test_flat_general_settings_keys(idp: IdP, tmp_path: Path) -> None:
                               timeout=10).json()
         assert whoami["method"] == "jwt" and whoami["user_id"] == "dev@corp.example"
 
-        outsider = openai.OpenAI(base_url=base + "/v1", max_retries=0,
-                                 api_key=idp.token(extra_claims={"email": "x@evil.example"}))
+        outsider = sdk.enter_context(openai.OpenAI(
+            base_url=base + "/v1", max_retries=0,
+            api_key=idp.token(extra_claims={"email": "x@evil.example"})))
         with pytest.raises(openai.PermissionDeniedError, match="Email domain not allowed"):
             outsider.chat.completions.create(model="gpt-4o", messages=HELLO)
-        wrong_audience = openai.OpenAI(
+        wrong_audience = sdk.enter_context(openai.OpenAI(
             base_url=base + "/v1", max_retries=0,
-            api_key=idp.token(resource=ES256, extra_claims={"email": "dev@corp.example"}))
+            api_key=idp.token(resource=ES256, extra_claims={"email": "dev@corp.example"})))
         with pytest.raises(openai.AuthenticationError):
             wrong_audience.chat.completions.create(model="gpt-4o", messages=HELLO)
-        tampered = openai.OpenAI(base_url=base + "/v1", max_retries=0,
-                                 api_key=record_secret(token[:-6] + "AAAAAA"))
+        tampered = sdk.enter_context(openai.OpenAI(
+            base_url=base + "/v1", max_retries=0, api_key=record_secret(token[:-6] + "AAAAAA")))
         with pytest.raises(openai.AuthenticationError):
             tampered.chat.completions.create(model="gpt-4o", messages=HELLO)
 
         # The admin scope named in the YAML makes a JWT proxy admin on management routes.
         admin = idp.token(scope="gateway.admin")
         generated = requests.post(base + "/key/generate", json={"models": ["gpt-4o"]},
-                                  headers={"Authorization": f"Bearer {admin}"}, timeout=10)
+                                  headers={"Authorization": f"Bearer {admin}",
+                                           "Connection": "close"}, timeout=10)
         assert generated.status_code == 200, generated.text
         key = record_secret(generated.json()["key"])
-        keyed = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+        keyed = sdk.enter_context(
+            openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0))
         assert keyed.chat.completions.create(model="gpt-4o", messages=HELLO).choices
         with pytest.raises(openai.PermissionDeniedError):
-            openai.OpenAI(base_url=base + "/v1", api_key=admin, max_retries=0) \
+            sdk.enter_context(openai.OpenAI(base_url=base + "/v1", api_key=admin,
+                                            max_retries=0)) \
                 .chat.completions.create(model="gpt-4o", messages=HELLO)
         output = gateway.output()
     _check_no_leaks(tmp_path, str(db), output)
@@ -121,9 +129,9 @@ def test_nested_litellm_jwtauth_block_with_litellm_environment(idp: IdP, tmp_pat
     env = {"LLMAUTH_CONFIG_FILE": str(config), "GATEWAY_MASTER_KEY": master,
            "JWT_PUBLIC_KEY_URL": f"{idp.jwks_uri}", "JWT_AUDIENCE": f"{RS256},{ES256}",
            "JWT_ISSUER": idp.issuer}
-    with gunicorn(tmp_path / "nested", env, workers=1).start() as gateway:
+    with gunicorn(tmp_path / "nested", env, workers=1).start() as gateway, ExitStack() as sdk:
         base = gateway.base_url
-        admin = {"Authorization": f"Bearer {master}"}
+        admin = {"Authorization": f"Bearer {master}", "Connection": "close"}
         for team, models in (("team-claude", ["claude-3-5-sonnet"]), ("team-gpt", ["gpt-4o"])):
             created = requests.post(base + "/team/new", json={"team_id": team,
                                                               "models": models},
@@ -131,7 +139,8 @@ def test_nested_litellm_jwtauth_block_with_litellm_environment(idp: IdP, tmp_pat
             assert created.status_code == 200, created.text
 
         token = idp.token(resource=ES256, extra_claims={"groups": ["team-claude", "team-gpt"]})
-        client = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
+        client = sdk.enter_context(
+            openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0))
         assert client.chat.completions.create(model="gpt-4o", messages=HELLO).choices
         assert client.chat.completions.create(model="claude-3-5-sonnet", messages=HELLO).choices
         with pytest.raises(openai.PermissionDeniedError, match="No team has access"):
@@ -143,7 +152,8 @@ def test_nested_litellm_jwtauth_block_with_litellm_environment(idp: IdP, tmp_pat
         user = requests.get(base + "/user/info?user_id=llmauth-svc", headers=admin, timeout=10)
         assert user.status_code == 200, "user_id_upsert created the user"
         user_token = idp.token(resource=ES256)
-        solo = openai.OpenAI(base_url=base + "/v1", api_key=user_token, max_retries=0)
+        solo = sdk.enter_context(
+            openai.OpenAI(base_url=base + "/v1", api_key=user_token, max_retries=0))
         assert solo.chat.completions.create(model="claude-3-5-sonnet", messages=HELLO).choices
         output = gateway.output()
     _check_no_leaks(tmp_path, str(db), output)

@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import openai
@@ -88,16 +88,20 @@ def test_example_app_with_litellm_yaml_oauth2_and_openai_sdk(idp: IdP, tmp_path:
     """))
     environ = {"GATEWAY_MASTER_KEY": master,
                "GATEWAY_OAUTH_SECRET": idp.secret("llmauth-gateway")}
-    with gateway(config, environ, tmp_path) as base:
+    # an idle keep-alive connection delays the server's graceful stop (~2 s): the SDK clients
+    # close before it stops, a response kept until then came on a connection it closed
+    with gateway(config, environ, tmp_path) as base, ExitStack() as sdk:
         created = requests.post(base + "/team/new", json={"team_id": "team-4o",
                                                           "models": ["gpt-4o"]},
-                                headers={"Authorization": f"Bearer {master}"}, timeout=10)
+                                headers={"Authorization": f"Bearer {master}",
+                                         "Connection": "close"}, timeout=10)
         assert created.status_code == 200, created.text
 
         token = idp.token(resource=OPAQUE, scope="read",
                           extra_claims={"user_id": "sdk-user", "team_id": "team-4o",
                                         "role": "internal_user"})
-        client = openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0)
+        client = sdk.enter_context(
+            openai.OpenAI(base_url=base + "/v1", api_key=token, max_retries=0))
         reply = client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hello"}])
         assert reply.choices[0].message.content
@@ -114,8 +118,9 @@ def test_example_app_with_litellm_yaml_oauth2_and_openai_sdk(idp: IdP, tmp_path:
                               timeout=10).json()
         assert whoami["method"] == "oauth2" and whoami["user_id"] == "sdk-user"
 
-        forged = openai.OpenAI(base_url=base + "/v1", max_retries=0,
-                               api_key=record_secret("opaque-" + secrets.token_urlsafe(32)))
+        forged = sdk.enter_context(openai.OpenAI(
+            base_url=base + "/v1", max_retries=0,
+            api_key=record_secret("opaque-" + secrets.token_urlsafe(32))))
         with pytest.raises(openai.AuthenticationError):
             forged.chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "hello"}])
