@@ -790,6 +790,8 @@ class Budgets:
         #: ``id(principal)`` -> its plan used last (a cheaper look-up than the tuple's).
         self._latest: dict[int, _BudgetPlan] = {}
         self.default_max_tokens = int(self.settings.default_max_tokens or 0)
+        #: Prompt tokens an image, audio clip, video or file counts in a worst case.
+        self.media = self.settings.prompt_media_tokens
         #: Every LLM request must be seen: there is a global budget.
         self.always = self.settings.max_budget is not None
         #: Set when the spend ledger takes over settlement (``ledger.on_batch``): the
@@ -837,10 +839,10 @@ class Budgets:
         leases, pairs = using
         # worst_case_units(model, body, settings), with the plan's price and the
         # admission's token estimate (which the rate-limit guard may read too):
-        # admission.sizes, inline
+        # admission.sizes(self.media), inline
         sizes = admission._sizes
         if sizes is None:
-            sizes = admission._sizes = body_sizes(admission.body)
+            sizes = admission._sizes = body_sizes(admission.body, self.media)
         prompt, asked = sizes
         if asked < 0:
             refuse_unreadable_cap(admission.body)
@@ -936,7 +938,8 @@ class Budgets:
             return
         cost = 0
         if usage is None and not failed:  # an answer without usage: its prompt estimate,
-            usage = Usage(admission.sizes[0], 0, admission.model, True)  # as the ledger's
+            prompt = admission.sizes(self.media)[0]  # as the ledger's
+            usage = Usage(prompt, 0, admission.model, True)
         if usage is not None:
             model, principal = admission.model, admission.principal
             price = settled_price(prices_for(self.settings), model, usage.model,

@@ -1112,6 +1112,15 @@ class Settings:
         "Completion tokens assumed for a request that sets no `max_tokens` when its "
         "worst-case cost is reserved against budgets.",
     )
+    prompt_media_tokens: int = setting(
+        48_169, _number(int, 0),
+        "Prompt tokens counted for each image, audio clip, video or file in a request's "
+        "prompt when its worst-case cost is reserved against budgets (and its tpm "
+        "estimate, and the charge of an answer without usage). The default covers one "
+        "image on every model of the shipped price table (gpt-4o-mini: 48,169 tokens); "
+        "lower it when the models served count less (GPT-4o: 1,445; Anthropic: about "
+        "1,600), raise it for long audio, video or many-page files (docs/budgets.md).",
+    )
     spend_enabled: bool = setting(
         True, _bool,
         "Track spend: price every LLM-API request and write it to the spend log and the "

@@ -226,7 +226,7 @@ class LLMAuthState:
         self._key_header_name = settings.key_header_name
         self.last_used = LastUsedRecorder()
         #: Budgets and rate limits register here (see :mod:`flask_llmauth.guards`).
-        self.guards = Guards()
+        self.guards = Guards(media=settings.prompt_media_tokens)
         #: Set by :func:`flask_llmauth.ratelimits.install` in ``init_app``.
         self.limiter: Any = None
         #: Flask-Limiter's request hooks, run from this state's hooks (see ratelimits).

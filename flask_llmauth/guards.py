@@ -63,7 +63,15 @@ except ImportError:  # pragma: no cover - a Flask without it: JSON responses are
 
 from .authz.routes import RouteInfo
 from .principal import Principal
-from .usage import UNDECIDED, StreamUsage, Usage, body_sizes, usage_from_json, usage_from_object
+from .usage import (
+    MEDIA_TOKENS,
+    UNDECIDED,
+    StreamUsage,
+    Usage,
+    body_sizes,
+    usage_from_json,
+    usage_from_object,
+)
 
 log = logging.getLogger("flask_llmauth")
 
@@ -131,14 +139,14 @@ class Admission:
         #: ``(name, value)`` pairs a guard put here in ``admit`` for the response.
         self.header_pairs: HeaderPairs | None = None
 
-    @property
-    def sizes(self) -> tuple[int, int]:
+    def sizes(self, media: int) -> tuple[int, int]:
         """``(prompt estimate, max tokens asked or 0)`` of the request body, in tokens
         (:func:`~flask_llmauth.usage.estimate_prompt_tokens` and
-        :func:`~flask_llmauth.usage.requested_max_tokens`), computed once for every guard."""
+        :func:`~flask_llmauth.usage.requested_max_tokens`), computed once for every guard;
+        ``media``: the app's ``LLMAUTH_PROMPT_MEDIA_TOKENS`` (every guard passes the same)."""
         sizes = self._sizes
         if sizes is None:
-            sizes = self._sizes = body_sizes(self.body)
+            sizes = self._sizes = body_sizes(self.body, media)
         return sizes
 
     def claim_settlement(self) -> bool:
@@ -202,8 +210,11 @@ _new_plan: Callable[[tuple[Any, ...]], _Plan] = partial(tuple.__new__, _Plan)
 class Guards:
     """The guards of one app, run around each request."""
 
-    def __init__(self, guards: Iterable[Guard] = ()) -> None:
+    def __init__(self, guards: Iterable[Guard] = (), media: int = MEDIA_TOKENS) -> None:
         self.guards: tuple[Guard, ...] = tuple(guards)
+        #: Prompt tokens an image, audio clip, video or file counts in a request's
+        #: estimate (``LLMAUTH_PROMPT_MEDIA_TOKENS``).
+        self.media = media
         #: ``finisher(admission)``: the after-request function of one admitted request (for
         #: ``after_this_request``), :meth:`finish` with the admission bound — a ``partial``
         #: of the plain function, made by a ``partial`` (no Python frame per request). Flask
@@ -362,7 +373,7 @@ class Guards:
         body = response.response
         # a list is never streamed (``is_streamed`` asks for a length)
         if type(body) is not list and response.is_streamed and not failed:
-            stream = StreamUsage(admission.model, admission.sizes[0])
+            stream = StreamUsage(admission.model, admission.sizes(self.media)[0])
             response.response = _ObservedStream(
                 body, stream.feed,
                 lambda failed: self.settle(admission, admission.usage or stream.result(),

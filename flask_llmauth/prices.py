@@ -29,7 +29,13 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from importlib import resources
 from typing import Any, NamedTuple
 
-from .usage import Usage, estimate_prompt_tokens, refuse_unreadable_cap, requested_max_tokens
+from .usage import (
+    MEDIA_TOKENS,
+    Usage,
+    estimate_prompt_tokens,
+    refuse_unreadable_cap,
+    requested_max_tokens,
+)
 
 log = logging.getLogger("flask_llmauth")
 
@@ -242,5 +248,6 @@ def worst_case_units(model: str | None, body: Any, settings: Any) -> int:
     completion = requested_max_tokens(body) or int(getattr(settings, "default_max_tokens", 0))
     if completion < 0:
         refuse_unreadable_cap(body)
-    femto = estimate_prompt_tokens(body) * price.input + completion * price.output
+    media = getattr(settings, "prompt_media_tokens", MEDIA_TOKENS)
+    femto = estimate_prompt_tokens(body, media) * price.input + completion * price.output
     return -(-femto // FEMTO_PER_UNIT)  # _units, inline

@@ -67,7 +67,7 @@ from .network import client_ip, parse_address
 from .principal import Principal, get_principal
 from .signals import rate_limited
 from .signals import send as send_signal
-from .usage import Usage, refuse_unreadable_cap
+from .usage import Usage, body_sizes, refuse_unreadable_cap
 
 log = logging.getLogger("flask_llmauth")
 
@@ -1148,6 +1148,8 @@ class RateLimits:
         self.headers_enabled = settings.ratelimit_headers_enabled
         self.tokens_counted = settings.ratelimit_token_type
         self.tpm_estimate = settings.ratelimit_tpm_estimate
+        #: Prompt tokens an image, audio clip, video or file counts in a tpm estimate.
+        self.media = settings.prompt_media_tokens
         strategy = limiter.limiter
         if not isinstance(strategy, FixedWindowRateLimiter):
             raise ConfigurationError(
@@ -1325,7 +1327,10 @@ class RateLimits:
         if not self.tpm_estimate:
             return 1
         kind = self.tokens_counted
-        prompt, completion = admission.sizes
+        sizes = admission._sizes  # admission.sizes(self.media), inline
+        if sizes is None:
+            sizes = admission._sizes = body_sizes(admission.body, self.media)
+        prompt, completion = sizes
         if completion < 0:  # a cap that is not a count: refused where tokens are reserved
             if plan.tpm and kind != "input":
                 refuse_unreadable_cap(admission.body)

@@ -48,7 +48,7 @@ from .prices import FEMTO_PER_UNIT, Price, alias_price, cost_units, prices_for, 
 from .principal import Principal
 from .store.db import Store
 from .store.tables import Customer, Key, SpendLog, Team, TeamMembership, User
-from .usage import Usage, estimate_prompt_tokens
+from .usage import MEDIA_TOKENS, Usage, estimate_prompt_tokens
 
 log = logging.getLogger("flask_llmauth")
 
@@ -145,8 +145,12 @@ class SpendLedger:
     """Queue of spend events and their batched, idempotent writer."""
 
     def __init__(self, store: Store, *, batch_size: int = 500, queue_limit: int = 100_000,
-                 price: Callable[[str | None, Usage], int] | None = None) -> None:
+                 price: Callable[[str | None, Usage], int] | None = None,
+                 media: int = MEDIA_TOKENS) -> None:
         self.store = store
+        #: Prompt tokens an image, audio clip, video or file counts in the estimate of an
+        #: answer without usage (``LLMAUTH_PROMPT_MEDIA_TOKENS``, as the budgets reserve).
+        self.media = media
         #: Prices the estimated usage of events queued with a ``prompt_body``.
         self.price = price
         self.batch_size = batch_size
@@ -255,7 +259,7 @@ class SpendLedger:
         if type(body) is AliasBody:  # an alias no table knows: priced as it stands for
             body, price = body
         try:  # walks any JSON body without recursion; an event is never lost to it
-            prompt = estimate_prompt_tokens(body)
+            prompt = estimate_prompt_tokens(body, self.media)
         except Exception:
             log.exception("llmauth: the prompt of request %s cannot be estimated; it is "
                           "logged with none", event.request_id)
@@ -492,7 +496,8 @@ def install(state: Any, app: Flask) -> None:
         return
     ledger = SpendLedger(state.store, batch_size=settings.spend_batch_size,
                          queue_limit=settings.spend_queue_limit,
-                         price=lambda model, usage: cost_units(model, usage, settings))
+                         price=lambda model, usage: cost_units(model, usage, settings),
+                         media=settings.prompt_media_tokens)
     state.spend_ledger = ledger
     guard = SpendGuard(settings, ledger, state.models.names_for)
     state.guards.add(guard)

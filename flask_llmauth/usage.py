@@ -70,11 +70,32 @@ def _part_text(part: Mapping[str, Any]) -> Any:
     return None
 
 
-def _text_length(content: Any) -> int:
+#: Prompt tokens counted for each image, audio clip, video or file a prompt carries, unless
+#: the app sets ``LLMAUTH_PROMPT_MEDIA_TOKENS``: 48,169, the most one image costs on a model
+#: of the shipped price table — gpt-4o-mini's high-detail image (2,833 + 5,667 per 512-pixel
+#: tile, at most 8 tiles once scaled into 2048 × 768). Elsewhere an image costs far less
+#: (GPT-4o 85 + 170 × 8 = 1,445; GPT-4.1-nano 1,536 patches × 2.46 = 3,779; Anthropic
+#: about 1,600 after its resize; Gemini 258 per tile). Its bytes give no bound: an image's
+#: tokens follow its pixels after the provider's resize, a PDF's follow its pages.
+MEDIA_TOKENS = 48_169
+#: Content part types that carry an image, audio clip, video or file: OpenAI chat
+#: (``image_url``, ``input_audio``, ``file``, ``video_url``), OpenAI Responses
+#: (``input_image``, ``input_file``, ``input_audio``), Anthropic (``image``, ``document``).
+_MEDIA_TYPES = frozenset(("image_url", "input_audio", "file", "video_url", "input_image",
+                          "input_file", "image", "document", "audio"))
+#: The members of a Gemini part that carry media: inline bytes or a file's URI.
+_MEDIA_KEYS = frozenset(("inlineData", "inline_data", "fileData", "file_data"))
+
+
+def _text_length(content: Any, media: int = MEDIA_TOKENS) -> int:
     """The length of a content's text: a string, or a list of parts (strings, objects
     holding text or parts in one of :data:`_PART_TEXT`, lists) joined by spaces; anything
-    else has none. Walked without recursion: a client may nest lists as deep as the JSON
-    parser goes."""
+    else has none. A part that carries an image, audio, video or file (a type of
+    :data:`_MEDIA_TYPES`, a Gemini part with a member of :data:`_MEDIA_KEYS`) counts
+    ``media`` tokens (an Anthropic document, the text it carries too); an object part
+    without text (a tool call and its arguments, a Gemini function call or response) counts
+    the length of its JSON (:func:`_json_length`). Walked without recursion: a client may
+    nest lists as deep as the JSON parser goes."""
     if type(content) is str:
         return len(content)
     length = 0
@@ -87,54 +108,169 @@ def _text_length(content: Any) -> int:
             if value:
                 length += len(value) - 1  # the separators
             for part in value:
-                stack.append(_part_text(part) if isinstance(part, Mapping) else part)
+                if not isinstance(part, Mapping):
+                    stack.append(part)
+                    continue
+                kind = part.get("type")
+                if (type(kind) is str and kind in _MEDIA_TYPES) or not _MEDIA_KEYS.isdisjoint(
+                        part):
+                    length += media * CHARS_PER_TOKEN
+                    if kind == "document":
+                        stack.append(_document_text(part))
+                    continue
+                text = _part_text(part)
+                if text is None:
+                    length += _json_length(part)
+                else:
+                    stack.append(text)
     return length
 
 
-def estimate_prompt_tokens(body: Mapping[str, Any] | None) -> int:
-    """A request's prompt size in tokens (messages, prompt, input, system, instructions or
-    contents text).
+def _document_text(part: Mapping[str, Any]) -> list[Any]:
+    """The text an Anthropic document block carries besides its file: its ``title`` and
+    ``context``, and a ``text`` source's ``data`` or a ``content`` source's ``content``."""
+    found = [part.get("title"), part.get("context")]
+    source = part.get("source")
+    if isinstance(source, Mapping):
+        kind = source.get("type")
+        found.append(source.get("data") if kind == "text" else
+                     source.get("content") if kind == "content" else None)
+    return [text for text in found if text is not None]
 
-    The estimate is the length of the text ``" ".join`` of the messages' contents, 12
-    characters of framing per message, then the members of :data:`_PROMPT_NAMES`, at
-    :data:`CHARS_PER_TOKEN`; only the length is computed. An object part's text is its
-    first member of :data:`_PART_TEXT` (a tool result's or a Responses item's content, a
-    Gemini content's parts).
+
+def _json_length(value: Any) -> int:
+    """The length of ``value``'s compact JSON text, strings unescaped (what a definition, a
+    schema or a tool call gives the model to read), walked without recursion. Values JSON
+    cannot hold count nothing."""
+    length = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            length += len(item) + 2
+        elif isinstance(item, Mapping):
+            length += len(item) + 1 if item else 2  # braces and commas
+            for name, member in item.items():
+                length += (len(name) if isinstance(name, str) else 0) + 3  # "name":
+                stack.append(member)
+        elif isinstance(item, (list, tuple)):
+            length += len(item) + 1 if item else 2  # brackets and commas
+            stack.extend(item)
+        elif item is None or item is True:
+            length += 4
+        elif item is False:
+            length += 5
+        elif isinstance(item, float):
+            length += len(repr(item))
+        elif isinstance(item, int):
+            try:
+                length += len(str(item))
+            except ValueError:  # more digits than Python prints: at least its digits
+                length += item.bit_length() // 3 + 2
+    return length
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any] | None, media: int = MEDIA_TOKENS) -> int:
+    """A request's prompt size in tokens: what a provider bills as input, as far as the
+    body tells.
+
+    The length of the text ``" ".join`` of the messages' contents, 12 characters of framing
+    per message and the JSON of a message's other members (an assistant's tool calls, a
+    name: :func:`_message_extras`), then the members of :data:`_PROMPT_NAMES` and
+    :data:`_DEFINITION_NAMES` (:func:`_other_text_length`), at :data:`CHARS_PER_TOKEN`;
+    only the length is computed. An object part's text is its first member of
+    :data:`_PART_TEXT` (a tool result's or a Responses item's content, a Gemini content's
+    parts); an image, audio, video or file counts ``media`` tokens (see
+    :func:`_text_length`).
     """
     if type(body) is not dict and not isinstance(body, Mapping):
         return 0
-    length = _messages_length(body.get("messages")) + _other_text_length(body)
+    length = _messages_length(body.get("messages"), media) + _other_text_length(body, media)
     return math.ceil(length / CHARS_PER_TOKEN) if length else 0
 
 
-def _messages_length(messages: Any) -> int:
+def _messages_length(messages: Any, media: int = MEDIA_TOKENS) -> int:
     if type(messages) is not list and not isinstance(messages, list):
         return 0
     length = joined = 0  # joined: messages that take part in the join (mappings)
     for message in messages:
         if type(message) is dict or isinstance(message, Mapping):
             content = message.get("content")
-            length += len(content) if type(content) is str else _text_length(content)
+            length += len(content) if type(content) is str else _text_length(content, media)
             joined += 1
+            if not _MESSAGE_NAMES.issuperset(message):  # more than role and content
+                length += _message_extras(message, media)
     return length + max(joined - 1, 0) + 12 * len(messages)  # separators, framing
 
 
+#: A message's members that :func:`_message_extras` does not count.
+_MESSAGE_NAMES = frozenset(("role", "content"))
+
+
+def _message_extras(message: Mapping[str, Any], media: int) -> int:
+    """The members of a message besides ``role`` and ``content``, which the model reads
+    too: an assistant's ``tool_calls`` (their arguments) or ``function_call``, a ``name``,
+    a ``tool_call_id``..., the length of their JSON; an assistant's ``audio`` (a reference
+    to an earlier answer's audio, billed as audio input) counts ``media`` tokens more."""
+    length = 0
+    for name, value in message.items():
+        if name != "role" and name != "content":
+            length += (len(name) if isinstance(name, str) else 0) + 4 + _json_length(value)
+            if name == "audio" and value is not None:
+                length += media * CHARS_PER_TOKEN
+    return length
+
+
 #: The top-level members besides ``messages`` that hold prompt text: completions'
-#: ``prompt``, embeddings' and Responses' ``input``, Anthropic's ``system``, Responses'
-#: ``instructions``, Gemini's ``contents``.
-_PROMPT_NAMES = ("prompt", "input", "system", "instructions", "contents")
+#: ``prompt``, embeddings' and Responses' ``input``, Anthropic's ``system`` (a string or
+#: text blocks), Responses' ``instructions``, Gemini's ``contents`` and system
+#: instruction (a content object: its parts).
+_PROMPT_NAMES = ("prompt", "input", "system", "instructions", "contents", "systemInstruction",
+                 "system_instruction")
+#: The top-level members that define what the model reads beside the prompt, counted at the
+#: length of their JSON: tool and function definitions (OpenAI, Anthropic, Gemini),
+#: the JSON schema of a structured answer (OpenAI chat's ``response_format``, Responses'
+#: ``text.format``, Anthropic's ``output_format``).
+_DEFINITION_NAMES = ("tools", "functions", "response_format", "text", "output_format")
+#: The schema of a structured answer in Gemini's generation config (either spelling).
+_CONFIG_SCHEMAS = ("responseSchema", "response_schema", "responseJsonSchema",
+                   "response_json_schema")
+#: Prompt tokens a request with tool definitions counts beyond their JSON: the system
+#: prompt a provider adds for tool use (Anthropic documents up to 530 tokens, Claude 3 Opus).
+TOOLS_TOKENS = 530
 
 
-def _other_text_length(body: Mapping[str, Any]) -> int:
+def _other_text_length(body: Mapping[str, Any], media: int = MEDIA_TOKENS) -> int:
     length = 0
     for name in _PROMPT_NAMES:
         value = body.get(name)
         if isinstance(value, str):
             length += len(value)
         elif isinstance(value, list):
-            length += _text_length(value) if value and isinstance(value[0], Mapping) else (
-                _items_length(value))
+            length += _text_length(value, media) if any(
+                [isinstance(item, Mapping) for item in value]) else _items_length(value)
+        elif isinstance(value, Mapping):  # one content object (a Gemini system instruction)
+            length += _text_length([value], media)
+    for name in _DEFINITION_NAMES:
+        value = body.get(name)
+        if value is not None:
+            length += _json_length(value)
+            if (name == "tools" or name == "functions") and value:
+                length += TOOLS_TOKENS * CHARS_PER_TOKEN
+    for name in _CONFIG_NAMES:
+        config = body.get(name)
+        if isinstance(config, Mapping):
+            for schema in _CONFIG_SCHEMAS:
+                value = config.get(schema)
+                if value is not None:
+                    length += _json_length(value)
     return length
+
+
+#: :func:`body_sizes` reads the members other than ``messages`` and the completion caps
+#: only for a body that has one of these (one check in C for the plain chat body).
+_OTHER_NAMES = frozenset(_PROMPT_NAMES + _DEFINITION_NAMES + ("generationConfig",
+                                                              "generation_config"))
 
 
 def _items_length(items: list[Any]) -> int:
@@ -193,28 +329,30 @@ def _caps(body: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return found
 
 
-def body_sizes(body: Any) -> tuple[int, int]:
-    """``(estimate_prompt_tokens(body), requested_max_tokens(body) or 0)``, in one pass
-    that reads only the fields a JSON object has (a request's guards all need both)."""
+def body_sizes(body: Any, media: int = MEDIA_TOKENS) -> tuple[int, int]:
+    """``(estimate_prompt_tokens(body, media), requested_max_tokens(body) or 0)``, in one
+    pass that reads only the fields a JSON object has (a request's guards all need both)."""
     if type(body) is not dict:
-        return estimate_prompt_tokens(body), requested_max_tokens(body) or 0
+        return estimate_prompt_tokens(body, media), requested_max_tokens(body) or 0
     messages = body.get("messages")
     length = 0
-    if type(messages) is list:  # _messages_length(messages), inline
+    if type(messages) is list:  # _messages_length(messages, media), inline
         joined = 0  # messages that take part in the join (mappings)
         for message in messages:
             if type(message) is dict or isinstance(message, Mapping):
                 content = message.get("content")
-                length += len(content) if type(content) is str else _text_length(content)
+                length += len(content) if type(content) is str else _text_length(content,
+                                                                                 media)
                 joined += 1
+                if not _MESSAGE_NAMES.issuperset(message):  # more than role, content
+                    length += _message_extras(message, media)
         length += (joined - 1 if joined else 0) + 12 * len(messages)  # separators, framing
     elif messages is not None:
-        length = _messages_length(messages)
-    if ("prompt" in body or "input" in body or "system" in body or "instructions" in body
-            or "contents" in body):
-        length += _other_text_length(body)
-    if "generationConfig" in body or "generation_config" in body:  # Gemini's cap too
-        return -(-length // CHARS_PER_TOKEN), requested_max_tokens(body) or 0
+        length = _messages_length(messages, media)
+    if not _OTHER_NAMES.isdisjoint(body):
+        length += _other_text_length(body, media)
+        if "generationConfig" in body or "generation_config" in body:  # Gemini's cap too
+            return -(-length // CHARS_PER_TOKEN), requested_max_tokens(body) or 0
     cap = 0  # the largest cap set, as requested_max_tokens
     for name in _CAP_NAMES:
         value = body.get(name)

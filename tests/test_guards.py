@@ -12,7 +12,7 @@ from flask import Response, jsonify, stream_with_context
 from flask_llmauth import Usage, record_usage
 from flask_llmauth.errors import TooManyRequests
 from flask_llmauth.guards import Admission
-from flask_llmauth.usage import StreamUsage, estimate_prompt_tokens, usage_from_body
+from flask_llmauth.usage import MEDIA_TOKENS, StreamUsage, estimate_prompt_tokens, usage_from_body
 from tests.helpers import ADMIN, assert_error, bearer, new_key
 
 
@@ -502,11 +502,11 @@ def test_admission_sizes_are_the_body_estimates_computed_once(body: Any) -> None
 
     admission = Admission(None, None, "m", body)  # type: ignore[arg-type]
     expected = (estimate_prompt_tokens(body), requested_max_tokens(body) or 0)
-    assert admission.sizes == expected
+    assert admission.sizes(MEDIA_TOKENS) == expected
     if isinstance(body, dict):
         body["messages"] = [{"role": "user", "content": "y" * 4000}]
         body["max_tokens"] = 9999
-        assert admission.sizes == expected
+        assert admission.sizes(MEDIA_TOKENS) == expected
 
 
 _SIZE_BODIES: list[Any] = [
@@ -615,4 +615,5 @@ def test_a_request_body_nested_deeper_than_the_recursion_limit_is_answered(
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
     response = app.test_client().post("/v1/completions", json=body, headers=ADMIN)
     assert response.status_code == 200, response.get_json()
-    assert [admission.sizes for admission in guard.admitted] == [(-(-(2 + 12) // 4), 0)]
+    assert [admission.sizes(MEDIA_TOKENS) for admission in guard.admitted] == [
+        (-(-(2 + 12) // 4), 0)]

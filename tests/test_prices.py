@@ -192,10 +192,16 @@ def test_memo_of_model_names_is_bounded() -> None:
     assert len(table.memo) <= 4096 and len(table._warned) <= 4096
 
 
+#: The media tokens of the reference estimate (the default of LLMAUTH_PROMPT_MEDIA_TOKENS).
+_MEDIA = 48_169
+
+
 def _reference_text(content: Any) -> str:
     """A content's text as first written (recursively): strings, and lists of parts
     (strings, objects, lists) joined by spaces; an object's text is its first member of
-    ``text``, ``content``, ``output``, ``parts`` that is not null."""
+    ``text``, ``content``, ``output``, ``parts`` that is not null; an image, audio or file
+    part holds the media tokens' worth of characters (a document, its text too), an object
+    part without text its JSON."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -205,9 +211,20 @@ def _reference_text(content: Any) -> str:
 
 
 def _reference_part(part: dict[str, Any]) -> Any:
+    if part.get("type") in ("image_url", "input_audio", "file", "video_url", "input_image",
+                            "input_file", "image", "document", "audio") or any(
+            name in part for name in ("inlineData", "inline_data", "fileData", "file_data")):
+        media = "m" * 4 * _MEDIA
+        if part.get("type") != "document":
+            return media
+        source = part.get("source") if isinstance(part.get("source"), dict) else {}
+        texts = [part.get("title"), part.get("context"),
+                 source.get("data") if source.get("type") == "text" else
+                 source.get("content") if source.get("type") == "content" else None]
+        return media + _reference_text([text for text in texts if text is not None])
     found = [part[name] for name in ("text", "content", "output", "parts")
              if part.get(name) is not None]
-    return found[0] if found else None
+    return found[0] if found else json.dumps(part, separators=(",", ":"), ensure_ascii=False)
 
 
 def _reference_prompt_estimate(body: Any) -> int:
@@ -218,6 +235,9 @@ def _reference_prompt_estimate(body: Any) -> int:
 
     _text = _reference_text
 
+    def _json(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
     if not isinstance(body, Mapping):
         return 0
     text = ""
@@ -225,18 +245,41 @@ def _reference_prompt_estimate(body: Any) -> int:
     if isinstance(messages, list):
         text += " ".join(_text(m.get("content")) for m in messages if isinstance(m, Mapping))
         text += " " * 12 * len(messages)
-    for name in ("prompt", "input", "system", "instructions", "contents"):
+        for m in messages:  # a message's other members: "name": value,
+            if isinstance(m, Mapping):
+                for name, value in m.items():
+                    if name not in ("role", "content"):
+                        text += f'"{name}":{_json(value)},'
+                        if name == "audio" and value is not None:
+                            text += "m" * 4 * _MEDIA
+    for name in ("prompt", "input", "system", "instructions", "contents", "systemInstruction",
+                 "system_instruction"):
         value = body.get(name)
         if isinstance(value, str):
             text += value
+        elif isinstance(value, dict):
+            text += _text([value])
         elif isinstance(value, list):
-            if all(type(v) is int for v in value):  # token ids: one token each
+            if any(isinstance(v, Mapping) for v in value):
+                text += _text(value)
+            elif all(type(v) is int for v in value):  # token ids: one token each
                 text += "x" * 4 * len(value)
             elif all(type(v) is list and all(type(t) is int for t in v) for v in value):
                 text += "x" * 4 * sum(len(v) for v in value)
             else:
-                text += _text(value) if value and isinstance(value[0], Mapping) else " ".join(
-                    str(v) for v in value)
+                text += " ".join(str(v) for v in value)
+    for name in ("tools", "functions", "response_format", "text", "output_format"):
+        if body.get(name) is not None:
+            text += _json(body[name])
+            if name in ("tools", "functions") and body[name]:
+                text += "t" * 4 * 530
+    for name in ("generationConfig", "generation_config"):
+        config = body.get(name)
+        if isinstance(config, dict):
+            for schema in ("responseSchema", "response_schema", "responseJsonSchema",
+                           "response_json_schema"):
+                if config.get(schema) is not None:
+                    text += _json(config[schema])
     return estimate_tokens(text)
 
 
@@ -260,20 +303,60 @@ def test_prompt_estimate_counts_what_the_text_would_hold() -> None:
                           content(depth + 1), "text": rng.choice([None, None, "t"])}
                     if rng.random() < 0.3 else content(depth + 1)
                     for _ in range(rng.randint(0, 3))]
+        if pick < 0.8 and depth < 3:  # media, tool calls, documents, Gemini parts
+            return [rng.choice([
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                {"type": "image", "source": {"type": "base64", "data": "AAAA"}, "text": "t"},
+                {"type": "document", "source": {"type": "text", "data": "d" * 9},
+                 "title": "ti", "context": None},
+                {"type": "document", "source": {"type": "content", "content": content(
+                    depth + 1)}},
+                {"type": "document", "source": "bad", "title": 5},
+                {"inlineData": {"mimeType": "image/png", "data": "AAAA"}},
+                {"file_data": {"file_uri": "gs://b/f"}},
+                {"type": "tool_use", "id": "t", "name": "f", "input": {"q": [1, 2.5, None]}},
+                {"functionCall": {"name": "f", "args": {"a": True, "b": False}}},
+                {"type": ["image"], "x": "y"},
+            ]) for _ in range(rng.randint(1, 3))]
         return rng.choice([None, 5, {"a": 1}, ""])
+
+    def message() -> Any:
+        made = {"role": "user", "content": content()}
+        if rng.random() < 0.3:
+            made.update(rng.choice([
+                {"tool_calls": [{"id": "c", "type": "function", "function": {
+                    "name": "f", "arguments": "{q: 1}"}}]},
+                {"name": "ann"}, {"tool_call_id": "c1"}, {"audio": {"id": "a1"}},
+                {"audio": None}, {"function_call": {"name": "f", "arguments": "{}"}}]))
+        if rng.random() < 0.1:
+            del made[rng.choice(["role", "content"])]
+        return made
 
     def body() -> Any:
         made: dict[str, Any] = {}
         if rng.random() < 0.8:
-            made["messages"] = [{"role": "user", "content": content()} if rng.random() < 0.85
+            made["messages"] = [message() if rng.random() < 0.85
                                 else rng.choice(["s", 3, None])
                                 for _ in range(rng.randint(0, 5))]
-        for name in ("prompt", "input", "system", "instructions", "contents"):
+        for name in ("prompt", "input", "system", "instructions", "contents",
+                     "systemInstruction", "system_instruction"):
             if rng.random() < 0.3:
                 made[name] = rng.choice(["abc" * rng.randint(0, 5), [1, "a", 2.5],
                                          [0, 12345, 7], [[1, 2], [3]], [[1], "a"], [True],
                                          [{"text": "hi"}], [{"role": "u", "content": "ho"}],
-                                         [{"parts": [{"text": "gem"}]}], [], 7])
+                                         [{"parts": [{"text": "gem"}]}], [], 7,
+                                         {"parts": [{"text": "sys"}]}, ["a", {"text": "b"}],
+                                         {"role": "system", "parts": content()}])
+        for name in ("tools", "functions", "response_format", "text", "output_format"):
+            if rng.random() < 0.15:
+                made[name] = rng.choice([[], [{"type": "function", "function": {
+                    "name": "f", "parameters": {"type": "object", "x": [1, None]}}}],
+                    {"type": "json_schema", "json_schema": {"schema": {"a": "b"}}}, "s", 3])
+        if rng.random() < 0.15:
+            made[rng.choice(["generationConfig", "generation_config"])] = rng.choice([
+                {"responseSchema": {"type": "OBJECT"}, "maxOutputTokens": 5},
+                {"response_json_schema": {"a": [1, 2]}}, "bad", {}])
         return made if rng.random() < 0.97 else rng.choice([None, [], "x"])
 
     for _ in range(5000):
