@@ -48,7 +48,7 @@ from .durations import Duration, add_months, parse_duration, utcnow
 from .errors import BudgetExceeded
 from .guards import Admission
 from .money import UNITS_PER_USD, to_units, to_usd
-from .prices import FEMTO_PER_UNIT, Price, alias_price, prices_for, settled_price
+from .prices import FEMTO_PER_UNIT, Price, prices_for, reserved_price, settled_price
 from .principal import Principal
 from .signals import budget_exceeded, soft_budget_crossed
 from .signals import send as send_signal
@@ -749,19 +749,6 @@ class _BudgetPlan:
         self.using = (leases, tuple(zip(leases, self.limited, strict=True)))
 
 
-def _worst_price(table: Any, model: str | None, names: Sequence[str]) -> Price:
-    """The price a request's worst case is reserved at: the requested name's; else, for a
-    name the tables do not know (a key or team alias, a ``model_list`` name), the highest
-    price of the models it stands for (the upstream reports one of them, and the spend is
-    priced by it, or by this price when it reports a name no table knows); else the
-    unknown-model price."""
-    if table.lookup(model) is None:
-        price = alias_price(table, names)
-        if price is not None:
-            return price
-    return table.price(model)
-
-
 _new_ticket = object.__new__
 
 _NAMES = {"key": "Key", "user": "User", "team": "Team", "team_member": "Team member",
@@ -1017,7 +1004,7 @@ class Budgets:
         budgets = resolve(principal, names, admission.end_user_id, customer, self.settings)
         return _BudgetPlan(principal, admission.model, admission.end_user_id, customer,
                            budgets, self.leases,
-                           _worst_price(prices_for(self.settings), admission.model, resolved))
+                           reserved_price(prices_for(self.settings), admission.model, resolved))
 
     def _refuse(self, admission: Admission, refusal: _Refusal) -> None:
         budget = refusal.budget

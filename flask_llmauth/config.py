@@ -1105,7 +1105,9 @@ class Settings:
     unknown_model_price: dict[str, Any] | None = setting(
         None, _price,
         "Price of a model no table knows, `{input_cost_per_token, output_cost_per_token}` "
-        "(USD per token). Default: free, with one warning per model name.",
+        "(USD per token). Default: free, with one warning per model name. Budgets reserve "
+        "such a request at the highest price of the tables (its answer is charged at the "
+        "price of the model it reports): see docs/budgets.md, unpriced models.",
     )
     default_max_tokens: int = setting(
         4096, _number(int, 0),

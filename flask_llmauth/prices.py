@@ -129,6 +129,18 @@ class PriceTable:
         self.memo: dict[str, Price | None] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        self._highest: Price | None = None
+
+    @property
+    def highest(self) -> Price:
+        """The highest input and output prices of the table, the unknown-model price
+        included: the most a token can be charged, whatever model a response reports."""
+        found = self._highest
+        if found is None:
+            every = [*self.prices.values(), self.unknown]
+            found = self._highest = Price(max(price.input for price in every),
+                                          max(price.output for price in every))
+        return found
 
     @classmethod
     def from_settings(cls, settings: Any) -> PriceTable:
@@ -214,6 +226,29 @@ def settled_price(table: PriceTable, model: str | None, reported: str | None,
     return price
 
 
+def reserved_price(table: PriceTable, model: str | None, names: Sequence[str]) -> Price:
+    """The price a request's worst case is reserved at: never below the price
+    :func:`settled_price` can charge it at.
+
+    The requested name's, when a table knows it (the request is charged at it, whatever
+    the response reports); else, for a name that stands for other models (``names[1:]``: a
+    key or team alias, a ``model_list`` name), the highest price of those the tables know
+    (:func:`alias_price`: the upstream reports one of them, or a name no table knows);
+    else — a name that stands for no priced model, or no name — the highest price of the
+    whole table (:attr:`PriceTable.highest`): the response may report any model, and is
+    charged at that model's price. (Reserved at the unknown-model price, free by default,
+    such a request reserved nothing, and a response reporting a priced model was charged
+    money no reservation held.)"""
+    price = table.lookup(model)
+    if price is not None:
+        return price
+    price = alias_price(table, names)
+    if price is not None:
+        return price
+    table.price(model)  # the unknown-model warning, once per name
+    return table.highest
+
+
 def _units(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
     femto = prompt_tokens * price.input + completion_tokens * price.output
     return -(-femto // FEMTO_PER_UNIT)  # ceil
@@ -240,11 +275,12 @@ def cost_units(model: str | None, usage: Usage, settings: Any) -> int:
 
 def worst_case_units(model: str | None, body: Any, settings: Any) -> int:
     """The most a request can cost: its prompt estimate plus ``max_tokens`` (or
-    ``LLMAUTH_DEFAULT_MAX_TOKENS`` when it asks for none) at ``model``'s price."""
+    ``LLMAUTH_DEFAULT_MAX_TOKENS`` when it asks for none) at ``model``'s price (for a name
+    no table knows, the table's highest: :func:`reserved_price`)."""
     table = prices_for(settings)
     price = table.memo.get(model) if model else None
     if price is None:
-        price = table.price(model)
+        price = reserved_price(table, model, ())
     completion = requested_max_tokens(body) or int(getattr(settings, "default_max_tokens", 0))
     if completion < 0:
         refuse_unreadable_cap(body)

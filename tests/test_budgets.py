@@ -34,7 +34,8 @@ PRICES = {"budget-model": {"input_cost_per_token": "0.000000001",
 
 
 def add_llm_routes(app: Flask) -> None:
-    """A gateway whose usage is what the request says (``completion``, ``prompt``)."""
+    """A gateway whose usage is what the request says (``completion``, ``prompt``; the
+    model it reports: ``reported``, else the one asked)."""
 
     @app.post(CHAT)
     def chat() -> Any:
@@ -55,7 +56,7 @@ def add_llm_routes(app: Flask) -> None:
                 yield "data: [DONE]\n\n"
 
             return Response(stream_with_context(events()), mimetype="text/event-stream")
-        return jsonify(model=body.get("model"), choices=[], usage=usage)
+        return jsonify(model=body.get("reported", body.get("model")), choices=[], usage=usage)
 
 
 def budget_gateway(app_factory: Any, db_url: str,

@@ -1,6 +1,8 @@
 """Review of the money path, third round: what the worst case counts of a request's prompt
 beyond its messages' text — system instructions, tool and schema definitions, tool calls,
-images, audio and files (``LLMAUTH_PROMPT_MEDIA_TOKENS``) — on SQLite and Postgres."""
+images, audio and files (``LLMAUTH_PROMPT_MEDIA_TOKENS``) — and the price it is reserved at
+when the name asked is priced by no table but the response reports a priced model — on
+SQLite and Postgres."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 from flask_llmauth.store.tables import Key
 from flask_llmauth.usage import MEDIA_TOKENS, TOOLS_TOKENS, body_sizes, estimate_prompt_tokens
 from tests.helpers import assert_error, bearer, new_key
-from tests.test_budgets import CHAT, budget_gateway, give_back, row, usd
+from tests.test_budgets import CHAT, PRICES, budget_gateway, give_back, row, usd
 
 #: 40,000 characters: 10,000 tokens at 4 characters per token.
 TEXT = "x" * 40_000
@@ -237,3 +239,47 @@ def test_deeply_nested_definitions_are_walked_without_recursion() -> None:
     assert estimate_prompt_tokens({"tools": nested}) >= 1
     assert body_sizes({"tools": [deep]})[0] >= 10_000
     assert body_sizes({"messages": [{"role": "assistant", "tool_calls": deep}]})[0] >= 10_000
+
+
+# -- the price an unpriced name is reserved at ---------------------------------------------------
+
+
+def test_an_unpriced_model_answered_by_a_priced_one_is_reserved_at_the_highest_price(
+        make: Any) -> None:
+    """A name no table prices (nor stands for priced models) was reserved at the
+    unknown-model price — free by default — while the answer was charged at the price of
+    the model it reported: reserving nothing, a key with 15,000 units left had every such
+    request admitted, and passed its budget (10,000 + 10,000). It is reserved at the
+    highest price of the table, the most the answer can be charged at."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(15_000))
+    for _ in range(2):
+        error = assert_error(post(client, key["key"], model="mystery-model",
+                                  reported="budget-model", completion=10), 429,
+                             "budget_exceeded")
+        assert "Budget too small for this request" in error["message"]
+    assert row(app, Key, key_id=key["key_id"]).spend == 0
+    # with room for the highest price's worst case (the shipped table's gpt-4-32k:
+    # 120,000 units per completion token here), it is admitted and charged what the
+    # reported model costs
+    roomy = new_key(client, max_budget=usd(2_000_000))
+    assert post(client, roomy["key"], model="mystery-model", reported="budget-model",
+                completion=10).status_code == 200
+    assert row(app, Key, key_id=roomy["key_id"]).spend == 10_000
+    assert post(client, roomy["key"], model="mystery-model", reported="another-mystery",
+                completion=10).status_code == 200  # unknown too: the unknown price, 0
+    assert row(app, Key, key_id=roomy["key_id"]).spend == 10_000
+
+
+def test_a_model_priced_zero_is_charged_zero_whatever_the_answer_reports(make: Any) -> None:
+    """A name a table prices at 0 is reserved at 0 and charged at 0: the requested name's
+    price wins over the reported model's, so the reservation holds the whole charge."""
+    app = make(LLMAUTH_MODEL_PRICES={**PRICES, "free-model": {
+        "input_cost_per_token": 0, "output_cost_per_token": 0}})
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(15_000))
+    for _ in range(3):
+        assert post(client, key["key"], model="free-model", reported="budget-model",
+                    completion=10).status_code == 200
+    assert row(app, Key, key_id=key["key_id"]).spend == 0

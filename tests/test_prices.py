@@ -156,19 +156,29 @@ def test_worst_case_refuses_a_cap_that_is_not_a_count(cap: Any) -> None:
     assert (refused.value.status, refused.value.param) == (400, "max_tokens")
 
 
-def test_worst_case_of_an_unknown_model_uses_the_unknown_price() -> None:
+def test_worst_case_of_an_unknown_model_uses_the_highest_price() -> None:
+    """A name no table prices is charged at the price of the model its answer reports
+    (else the unknown-model price): its worst case is reserved at the highest of them all
+    (the shipped table's highest output price: gpt-4-32k's, 120,000 units per token)."""
     s = settings(unknown_model_price={"output_cost_per_token": "0.000001"},
                  default_max_tokens=100)
-    assert worst_case_units("mystery", {}, s) == 100_000
-    assert worst_case_units("mystery", {}, s) == 100_000  # the memo knows it is unknown
-    assert worst_case_units("mystery", {}, settings()) == 0
+    assert worst_case_units("mystery", {}, s) == 12_000_000
+    assert worst_case_units("mystery", {}, s) == 12_000_000  # the memo knows it is unknown
+    assert worst_case_units("mystery", {}, settings(default_max_tokens=100)) == 12_000_000
+    assert worst_case_units(None, {}, settings(default_max_tokens=100)) == 12_000_000
+    dearer = settings(unknown_model_price={"output_cost_per_token": "0.001"},
+                      default_max_tokens=100)
+    assert worst_case_units("mystery", {}, dearer) == 100_000_000
+    # a name a table prices, even at 0, is reserved (and charged) at its own price
+    free = settings(model_prices={"mystery": {"output_cost_per_token": 0}})
+    assert worst_case_units("mystery", {}, free) == 0
 
 
 def test_worst_case_is_the_same_with_the_price_memo_cold_and_warm() -> None:
     s = settings(default_max_tokens=100)
     body = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 7}
     for model in ("openai/gpt-4o", "gpt-4o-2099-01-01", "gpt-4o", None, ""):
-        expected = cost_units(model, Usage(13, 7), s)
+        expected = cost_units(model or "gpt-4-32k", Usage(13, 7), s)  # unnamed: the highest
         assert [worst_case_units(model, body, s) for _ in range(2)] == [expected] * 2, model
     assert worst_case_units("gpt-4o", body, s) > 0
 
