@@ -578,8 +578,8 @@ class Counters:
         window checked, then ``count, reset_at`` of each rpm window counted (up to the
         refusing one).
 
-        This generic version (Redis Cluster, memcached, MongoDB) counts a descriptor's slots
-        in one counter whose lease starts when it goes from 0 to 1; the memory and Redis
+        This generic version (memcached, MongoDB) counts a descriptor's slots in one counter
+        whose lease starts when it goes from 0 to 1; the memory, Redis and Redis Cluster
         versions lease each slot on its own."""
         values: list[float] = []
         for i, line in enumerate(plan.tpm):
@@ -595,17 +595,16 @@ class Counters:
                 counted.append(line)
                 values += (count, self.reset_at(line.key, window))
                 if count > line.limit:
-                    self._undo(counted, taken, window, lease)
+                    self._undo(counted, taken, window, lease, member)
                     return RPM_REFUSED, i, values
             for i, line in enumerate(plan.parallel):
-                in_flight = self.incr(line.key, lease, 1)
-                taken.append(line)
-                if in_flight > line.limit:
-                    self._undo(counted, taken, window, lease)
+                if not self._take_slot(line, lease, member):
+                    self._undo(counted, taken, window, lease, member)
                     return PARALLEL_REFUSED, i, values
+                taken.append(line)
         except StorageDown:
             try:
-                self._undo(counted, taken, window, lease)
+                self._undo(counted, taken, window, lease, member)
             except StorageDown:
                 pass
             raise
@@ -617,7 +616,7 @@ class Counters:
         refused the request; a window that ended meanwhile is left alone) or charge
         ``tokens`` to every tpm window."""
         for line in plan.parallel:
-            self._release(line.key, lease)
+            self._give_slot(line, lease, member)
         if uncount:
             for line in plan.rpm:
                 self._release(line.key, window)
@@ -633,13 +632,25 @@ class Counters:
         return False
 
     def _undo(self, counted: list[_Limit], taken: list[_Limit], window: int,
-              lease: int) -> None:
+              lease: int, member: str) -> None:
         for line in counted:
             self.incr(line.key, window, -1)
         for line in taken:
-            self._release(line.key, lease)
+            self._give_slot(line, lease, member)
         counted.clear()
         taken.clear()
+
+    def _take_slot(self, line: _Limit, lease: int, member: str) -> bool:
+        """Take one of ``line``'s parallel slots for ``member``; ``False`` (nothing taken)
+        when all are in use. Here one counter per descriptor, whose lease starts when it
+        goes from 0 to 1."""
+        if self.incr(line.key, lease, 1) > line.limit:
+            self._release(line.key, lease)
+            return False
+        return True
+
+    def _give_slot(self, line: _Limit, lease: int, member: str) -> None:
+        self._release(line.key, lease)
 
     def _release(self, key: str, seconds: int) -> None:
         """Decrement a counter, never below 0 (it may have expired meanwhile)."""
@@ -690,6 +701,59 @@ class Counters:
             if len(self._resets) > 50_000:
                 self._resets.clear()
         self._resets[key] = reset
+
+
+#: Take a parallel slot on Redis Cluster (one key: one node). ``KEYS[1]``: the descriptor's
+#: sorted set of request ids scored by their lease's end (server time), as the Redis
+#: script keeps it; ``ARGV``: the request id, the limit, the lease in seconds. Returns 1
+#: when taken, 0 when every slot is in use.
+_TAKE_SLOT_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end  -- writes after TIME
+local clock = redis.call('time')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+if redis.call('zcard', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('zadd', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('expire', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+class RedisClusterCounters(Counters):
+    """The generic counters on limits' ``RedisClusterStorage`` (a request's keys may sit on
+    different nodes, so one call per counter), with each parallel slot leased on its own
+    as on a single Redis: a sorted set per descriptor, taken by a script on that one key,
+    released by request id."""
+
+    def __init__(self, strategy: FixedWindowRateLimiter, prefix: str) -> None:
+        super().__init__(strategy, prefix)
+        storage: Any = self.storage
+        self._prefixed = storage.prefixed_key
+        self._client = client = storage.get_connection()
+        self._take_script = client.register_script(_TAKE_SLOT_LUA)
+
+    @staticmethod
+    def supports(storage: Storage) -> bool:
+        return isinstance(storage, RedisClusterStorage)
+
+    def _take_slot(self, line: _Limit, lease: int, member: str) -> bool:
+        try:
+            return bool(self._take_script(keys=[self._prefixed(line.key)],
+                                          args=[member, line.limit, lease]))
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+
+    def _give_slot(self, line: _Limit, lease: int, member: str) -> None:
+        try:
+            self._client.zrem(self._prefixed(line.key), member)
+        except Exception as exc:
+            raise StorageDown(exc) from exc
+
+    def forget(self, plan: _Plan, window: int, lease: int, member: str) -> bool:
+        """Remove ``member``'s slots (doing it twice does nothing more)."""
+        for line in plan.parallel:
+            self._give_slot(line, lease, member)
+        return True
 
 
 class MemcachedCounters(Counters):
@@ -1108,6 +1172,8 @@ def counters_for(strategy: FixedWindowRateLimiter, prefix: str) -> Counters:
         return MemoryCounters(strategy, prefix)
     if RedisCounters.supports(storage):
         return RedisCounters(strategy, prefix)
+    if RedisClusterCounters.supports(storage):
+        return RedisClusterCounters(strategy, prefix)
     if MemcachedCounters.supports(storage):
         return MemcachedCounters(strategy, prefix)
     return Counters(strategy, prefix)

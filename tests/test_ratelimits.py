@@ -850,7 +850,12 @@ def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
     """The parallel slots of a descriptor held now (request ids with a lease: a sorted set
     on Redis, a dict per key in memory; one counter per descriptor on the other storages)."""
 
-    from flask_llmauth.ratelimits import MemoryCounters, RedisCounters, _ident
+    from flask_llmauth.ratelimits import (
+        MemoryCounters,
+        RedisClusterCounters,
+        RedisCounters,
+        _ident,
+    )
 
     state = app.extensions["llmauth"]
     counters = state.ratelimits.counters
@@ -858,7 +863,7 @@ def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
                               "slots")
     if isinstance(counters, MemoryCounters):
         return len(counters._slots.get(key, {}))
-    if not isinstance(counters, RedisCounters):
+    if not isinstance(counters, (RedisCounters, RedisClusterCounters)):
         return counters.get(key)
     storage = counters.storage
     return int(storage.get_connection().zcard(storage.prefixed_key(key)))
@@ -867,13 +872,14 @@ def slots_in_use(app: Flask, key_id: str, limit: int, kind: str = "key") -> int:
 @pytest.mark.redis
 def test_a_redis_cluster_gets_the_counters_of_one_call_each(app_factory: Any,
                                                            redis_cluster_url: str) -> None:
-    """The ``redis-cluster`` runs of this module test the generic counters, not the Lua
-    scripts of a single Redis (a request's keys may sit on different nodes)."""
-    from flask_llmauth.ratelimits import Counters
+    """The ``redis-cluster`` runs of this module test the counters of one call each (a
+    request's keys may sit on different nodes), not the Lua scripts of a single Redis; its
+    parallel slots are leased each on its own, by a script on the descriptor's one key."""
+    from flask_llmauth.ratelimits import RedisClusterCounters
 
     app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": redis_cluster_url}, routes=False)
     counters = app.extensions["llmauth"].ratelimits.counters
-    assert type(counters) is Counters
+    assert type(counters) is RedisClusterCounters
     assert type(counters.storage).__name__ == "RedisClusterStorage"
 
 

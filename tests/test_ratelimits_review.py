@@ -53,10 +53,13 @@ def open_stream(client: Any, key: str) -> Any:
 
 
 def test_parallel_slots_are_leased_each_on_its_own_under_continuous_traffic(
-        make: Any) -> None:
+        make: Any, storage: dict[str, Any]) -> None:  # noqa: F811
     """The slot count never drops to 0, so a lease per counter (set when it went 0 -> 1)
     expires under requests younger than the lease and admits a third one over a limit of
     2; each slot has its own lease."""
+    if storage["LLMAUTH_RATELIMIT_STORAGE_URI"].startswith("memcached"):
+        pytest.skip("memcached keeps one counter per descriptor, leased as a whole "
+                    "(documented in docs/rate_limits.md, Storage)")
     client = make(LLMAUTH_RATELIMIT_PARALLEL_LEASE=2).test_client()
     key = new_key(client, max_parallel_requests=2)["key"]
     first = open_stream(client, key)
