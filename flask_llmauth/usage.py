@@ -381,10 +381,29 @@ def refuse_unreadable_cap(body: Any) -> NoReturn:
 
 
 def usage_from_body(body: Any, model: str | None = None) -> Usage | None:
-    """Usage reported in a JSON response body (OpenAI or Anthropic shape), if any."""
+    """Usage reported in a JSON response body (OpenAI, Anthropic or Gemini shape), if any."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
-    return _usage_of(body.get("usage"), body.get("model"), model)
+    usage = body.get("usage")
+    if usage is None and "usageMetadata" in body:
+        return _gemini_usage(body["usageMetadata"], model)
+    return _usage_of(usage, body.get("model"), model)
+
+
+def _gemini_usage(meta: Any, model: str | None) -> Usage | None:
+    """Gemini's ``usageMetadata`` (``generateContent`` and each ``streamGenerateContent``
+    chunk, counted so far): the prompt with its cached part and tool-use prompt, the
+    candidates with the model's thinking (billed as output). The model stays the one the
+    request named (the body's ``modelVersion`` is a version name no price table lists)."""
+    if not isinstance(meta, Mapping):
+        return None
+    prompt = _int(meta.get("promptTokenCount")) + _int(meta.get("toolUsePromptTokenCount"))
+    completion = _int(meta.get("candidatesTokenCount")) + _int(meta.get("thoughtsTokenCount"))
+    if not completion:
+        total = _int(meta.get("totalTokenCount"))
+        if total > prompt:
+            completion = total - prompt
+    return _usage((prompt, completion, model, False))
 
 
 def _usage_of(usage: Any, reported: Any, model: str | None) -> Usage | None:
@@ -439,7 +458,12 @@ def usage_from_json(data: bytes, model: str | None = None) -> Usage | None:
     """
     at = data.rfind(b'"usage"')
     if at < 0:
-        return None
+        if b'"usageMetadata"' not in data:
+            return None
+        try:  # Gemini: parsed whole (no tail read)
+            return usage_from_body(json.loads(data), model)
+        except ValueError:
+            return None
     try:
         if data[:1] == b"{" and data[1:2] != b"\x00":
             if len(data) >= TAIL_READ_MIN_BYTES:
@@ -486,7 +510,7 @@ def usage_from_object(obj: Any, model: str | None = None) -> Any:
         return UNDECIDED
     usage = obj.get("usage")
     if usage is None:
-        return None
+        return UNDECIDED if "usageMetadata" in obj else None  # Gemini: read from the text
     if type(usage) is not dict or not _ONLY_STR.issuperset(map(type, usage)):
         return UNDECIDED
     reported = obj.get("model")
@@ -735,6 +759,12 @@ class StreamUsage:
                 delta = choice.get("delta") or {}
                 self._text_chars += (_text_length(delta.get("content")) if isinstance(
                     delta, Mapping) else 0) + _text_length(choice.get("text"))
+        candidates = payload.get("candidates")  # Gemini: each chunk's new text
+        if type(candidates) is list:
+            for candidate in candidates:
+                content = candidate.get("content") if isinstance(candidate, Mapping) else None
+                if isinstance(content, Mapping):
+                    self._text_chars += _text_length(content.get("parts"))
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
             return True
@@ -760,10 +790,11 @@ _MAX_KEPT_BYTES = 1 << 20
 
 def _adds_text_or_model_only(event: bytes) -> bool:
     """Whether an event can only add text or name the model: it is no Anthropic
-    ``message_delta`` (which marks the usage reported) and every ``"usage"`` in it is
+    ``message_delta`` (which marks the usage reported), has no Gemini ``usageMetadata``
+    and every ``"usage"`` in it is
     followed by ``null`` (an unescaped ``"`` cannot occur inside a JSON string, so these
     bytes are the only way to write a member called ``usage``)."""
-    if b'"message_delta"' in event:
+    if b'"message_delta"' in event or b'"usageMetadata"' in event:  # Anthropic, Gemini
         return False
     at = event.find(b'"usage"')
     while at >= 0:

@@ -60,8 +60,23 @@ def _anthropic_event(rng: random.Random) -> Any:
     return {"type": kind}
 
 
+def _gemini_chunk(rng: random.Random) -> Any:
+    chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [
+        {"text": rng.choice(_TEXTS)}]}}]}
+    roll = rng.random()
+    if roll < 0.5:
+        chunk["usageMetadata"] = rng.choice([
+            {"promptTokenCount": 6, "candidatesTokenCount": rng.randint(0, 9)},
+            {"promptTokenCount": 6, "totalTokenCount": 20, "thoughtsTokenCount": 2}, {}, None])
+    elif roll < 0.6:
+        chunk["candidates"] = rng.choice([[], "x", [1, {"content": None}]])
+    if rng.random() < 0.2:
+        chunk["modelVersion"] = rng.choice(_MODELS)
+    return chunk
+
+
 def _stream(rng: random.Random) -> bytes:
-    make = rng.choice([_openai_chunk, _anthropic_event])
+    make = rng.choice([_openai_chunk, _anthropic_event, _gemini_chunk])
     events = []
     for _ in range(rng.randint(0, 25)):
         roll = rng.random()
