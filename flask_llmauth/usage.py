@@ -652,7 +652,8 @@ class StreamUsage:
     ``"usage"`` in it followed by ``null``, no Anthropic ``message_delta``) is kept as it
     came and parsed only if the stream's result needs it — for the text it adds when the
     stream reports no usage, or for the model it names when it is the last to name one. A
-    stream that reports its usage (OpenAI's ``stream_options.include_usage``, Anthropic)
+    stream that reports its usage (OpenAI's ``stream_options.include_usage``, Anthropic,
+    Gemini, the Responses API's ``response.completed``)
     thus parses the events that carry usage, not the text's. Kept events are parsed at
     once when they pass :data:`_MAX_KEPT_BYTES`.
     """
@@ -749,6 +750,22 @@ class StreamUsage:
             return False
         if kind == "content_block_delta":
             self._text_chars += _text_length((payload.get("delta") or {}).get("text"))
+            return False
+        if type(kind) is str and kind.startswith("response."):  # OpenAI Responses API
+            if kind == "response.output_text.delta":
+                self._text_chars += _text_length(payload.get("delta"))
+                return False
+            inner = payload.get("response")  # created, completed, incomplete, failed
+            if not isinstance(inner, Mapping):
+                return False
+            reported = usage_from_body(inner, self.model)
+            if reported is not None:
+                self._prompt = reported.prompt_tokens
+                self._completion = reported.completion_tokens
+                self._reported = True
+            if isinstance(inner.get("model"), str):
+                self.model = inner["model"]
+                return True
             return False
         reported = usage_from_body(payload, self.model)
         if reported is not None:

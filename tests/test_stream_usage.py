@@ -75,8 +75,24 @@ def _gemini_chunk(rng: random.Random) -> Any:
     return chunk
 
 
+def _responses_event(rng: random.Random) -> Any:
+    kind = rng.choice(["response.created", "response.output_text.delta",
+                       "response.output_text.delta", "response.completed",
+                       "response.in_progress", "response.output_item.added"])
+    if kind == "response.output_text.delta":
+        return {"type": kind, "item_id": "m1", "delta": rng.choice(_TEXTS)}
+    if kind == "response.output_item.added":
+        return {"type": kind, "item": {"type": "message", "content": []}}
+    response: dict[str, Any] = {"id": "r1", "object": "response"}
+    if rng.random() < 0.7:
+        response["model"] = rng.choice(_MODELS)
+    response["usage"] = (rng.choice([{"input_tokens": 4, "output_tokens": 9}, {}, None])
+                         if kind == "response.completed" else None)
+    return {"type": kind, "response": rng.choice([response, response, None])}
+
+
 def _stream(rng: random.Random) -> bytes:
-    make = rng.choice([_openai_chunk, _anthropic_event, _gemini_chunk])
+    make = rng.choice([_openai_chunk, _anthropic_event, _gemini_chunk, _responses_event])
     events = []
     for _ in range(rng.randint(0, 25)):
         roll = rng.random()
@@ -189,3 +205,21 @@ def test_a_stream_fed_a_byte_or_two_at_a_time_loses_none(step: int) -> None:
     stream.feed(b"d")  # a first chunk of one byte
     stream.feed(raw[1:])
     assert stream.result() == Usage(8, 2, "gpt-4o-1")
+
+
+def test_a_responses_api_stream_is_charged_its_completed_usage() -> None:
+    """The Responses API's usage sits in ``response.completed``'s ``response`` (a stream
+    was charged its prompt estimate only: its output was free)."""
+    stream = StreamUsage("asked", prompt_estimate=11)
+    stream.feed(b'event: response.created\ndata: {"type":"response.created","response":'
+                b'{"id":"r1","model":"gpt-4o-1","usage":null}}\n\n')
+    for word in ["Hel", "lo"]:
+        stream.feed(b'event: response.output_text.delta\ndata: {"type":'
+                    b'"response.output_text.delta","delta":"' + word.encode() + b'"}\n\n')
+    stream.feed(b'event: response.completed\ndata: {"type":"response.completed","response":'
+                b'{"id":"r1","model":"gpt-4o-1","usage":{"input_tokens":30,"output_tokens":'
+                b'12,"output_tokens_details":{"reasoning_tokens":4}}}}\n\n')
+    assert stream.result() == Usage(30, 12, "gpt-4o-1")
+    cut = StreamUsage("asked", prompt_estimate=11)  # ended before response.completed
+    cut.feed(b'data: {"type":"response.output_text.delta","delta":"' + b"x" * 40 + b'"}\n\n')
+    assert cut.result() == Usage(11, 10, "asked", estimated=True)
