@@ -890,7 +890,7 @@ class Settings:
     jwt_custom_validate: Any = setting(
         None, _hook,
         "Hook `(claims) -> bool` (`\"module.function\"` or a callable; "
-        "`@llmauth.jwt_claims_validator` registers one too): a falsy answer is a 403.",
+        "`@llmauth.jwt_claims_validator` registers one too): any answer but `True` is a 403.",
         yaml=("general_settings.litellm_jwtauth.custom_validate",),
     )
     jwt_issuers: tuple[dict[str, Any], ...] = setting(

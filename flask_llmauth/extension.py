@@ -715,8 +715,8 @@ class LLMAuth:
 
     def jwt_claims_validator(self, hook: F) -> F:
         """Register ``hook(claims) -> bool``, run once per verified JWT (and per userinfo
-        answer); a falsy answer refuses with 403. It replaces ``LLMAUTH_JWT_CUSTOM_VALIDATE``
-        (LiteLLM's ``litellm_jwtauth.custom_validate``)."""
+        answer); anything but ``True`` refuses with 403. It replaces
+        ``LLMAUTH_JWT_CUSTOM_VALIDATE`` (LiteLLM's ``litellm_jwtauth.custom_validate``)."""
         self.callbacks["jwt_claims_validator"] = hook
         return hook
 

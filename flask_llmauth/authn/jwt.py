@@ -1,6 +1,7 @@
 """JWT authentication (``enable_jwt_auth``) and the OIDC userinfo fallback for opaque tokens.
 
-A token with three dot-separated parts is this authenticator's, decisively: it is either
+A token with three dot-separated parts (not ``sk-...``: no JWS starts so, and an admin may
+choose a virtual key with two dots) is this authenticator's, decisively: it is either
 verified and turned into a principal, or refused (401; 503 when no signing keys can be
 had). Verification follows the recipe of ``docs/jwt.md``: size cap, compact form only,
 base64url and JSON parsed strictly (duplicate members refused), the algorithm allowed by the
@@ -133,8 +134,14 @@ def parse_segment(segment: str) -> dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A finite JSON number that is not a bool (an integer beyond a float's range is not:
+    it cannot be compared with a clock)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # -- claims -------------------------------------------------------------------------------------
@@ -315,6 +322,9 @@ class JWTAuthenticator:
         self.master_key = (s.master_key or "").encode()
         self.global_issuer = self._global_issuer(s)
         self.issuers = self._issuer_entries(s)
+        #: The user-id namespaces of the issuer entries (see :meth:`_namespaced`).
+        self.user_id_prefixes = tuple(sorted(
+            {e.user_id_prefix for e in self.issuers.values() if e.user_id_prefix}))
         self.verified: TTLCache[Verified] = TTLCache(s.cache_max_size)
         #: Resolved principals (records included) by (token digest, route, team header),
         #: dropped with their user/team tags like a key's.
@@ -419,7 +429,7 @@ class JWTAuthenticator:
         token = credentials.token
         if token is None:
             return None
-        if not credentials.looks_like_jwt:
+        if not credentials.looks_like_jwt or token.startswith(KEY_PREFIX):
             if self.userinfo is None or not self._may_send_to_userinfo(token):
                 return None
             claims = self.userinfo.claims(token)
@@ -467,7 +477,8 @@ class JWTAuthenticator:
             end_user_id_field=s.jwt_end_user_id_field)
 
     def _validated(self, claims: Mapping[str, Any], issuer: IssuerConfig) -> Verified:
-        """Run ``custom_validate`` on the (stripped) claims; a falsy answer is a 403."""
+        """Run ``custom_validate`` on the (stripped) claims; any answer but ``True`` is a 403
+        (a truthy result object or string is not a verdict: it never lets a token through)."""
         hook = self.ext.callbacks.get("jwt_claims_validator") or self.custom_validate
         if hook is not None:
             try:
@@ -477,7 +488,7 @@ class JWTAuthenticator:
             except Exception as exc:
                 log.error("llmauth: JWT custom_validate raised %s", type(exc).__name__)
                 raise invalid_token("custom_validate_error") from None
-            if not ok:
+            if ok is not True:
                 raise Forbidden("Invalid JWT token", error_type="auth_error",
                                 reason="jwt_custom_validate_refused")
         return Verified(claims, issuer)
@@ -580,7 +591,7 @@ class JWTAuthenticator:
             email = None  # another claim names the user: the address is not trusted
         user_id = claim_string(claims, issuer.user_id_field) if issuer.user_id_field else email
         if user_id is not None:
-            user_id = issuer.user_id_prefix + user_id
+            user_id = self._namespaced(issuer, user_id)
         org_id = claim_string(claims, issuer.org_id_field)
         end_user_id = claim_string(claims, issuer.end_user_id_field)
         common = {"user_email": email, "org_id": org_id, "end_user_id": end_user_id,
@@ -626,7 +637,7 @@ class JWTAuthenticator:
                 return self._build(Role.TEAM, team_id=team, models=models,
                                    allowed_routes=s.jwt_team_allowed_routes, **common), True
             self._check_email_domain(email, required=True)
-            user = (issuer.user_id_prefix + object_id) if object_id else self._subject(
+            user = self._namespaced(issuer, object_id) if object_id else self._subject(
                 claims, issuer)
             return self._user_principal(self._upsert_user(user, email), claims, issuer, ctx,
                                         models, common), True
@@ -642,7 +653,18 @@ class JWTAuthenticator:
         sub = claim_string(claims, "sub")
         if sub is None:
             raise invalid_token("no_subject")
-        return issuer.user_id_prefix + sub
+        return self._namespaced(issuer, sub)
+
+    def _namespaced(self, issuer: IssuerConfig, user_id: str) -> str:
+        """``user_id`` in the issuer's namespace (its ``user_id_prefix`` prepended). An id
+        that lands in another issuer's namespace is refused: the global issuer (no prefix)
+        asserting ``<issuer A>#alice`` would otherwise be A's alice, with her stored role."""
+        own = issuer.user_id_prefix
+        user_id = own + user_id
+        for prefix in self.user_id_prefixes:
+            if user_id.startswith(prefix) and not own.startswith(prefix):
+                raise invalid_token("user_id_in_another_issuers_namespace")
+        return user_id
 
     def _build(self, role: Role, *, models: tuple[str, ...] = (), **fields: Any) -> Principal:
         principal = self.state.identities.principal(METHOD, role, **fields)

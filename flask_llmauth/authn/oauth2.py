@@ -84,8 +84,11 @@ def dig(data: Mapping[str, Any], path: str) -> Any:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
+    if isinstance(value, (int, float)):
+        try:
+            return float(value) if math.isfinite(value) else None
+        except OverflowError:  # an integer beyond a float's range
+            return None
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 16:
         return float(value)
     return None
