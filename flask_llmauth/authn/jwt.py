@@ -1,7 +1,7 @@
 """JWT authentication (``enable_jwt_auth``) and the OIDC userinfo fallback for opaque tokens.
 
-A token with three dot-separated parts (not ``sk-...``: no JWS starts so, and an admin may
-choose a virtual key with two dots) is this authenticator's, decisively: it is either
+A token with three dot-separated parts (not a virtual key ``sk-...`` nor the master key,
+which may hold two dots) is this authenticator's, decisively: it is either
 verified and turned into a principal, or refused (401; 503 when no signing keys can be
 had). Verification follows the recipe of ``docs/jwt.md``: size cap, compact form only,
 base64url and JSON parsed strictly (duplicate members refused), the algorithm allowed by the
@@ -429,8 +429,10 @@ class JWTAuthenticator:
         token = credentials.token
         if token is None:
             return None
-        if not credentials.looks_like_jwt or token.startswith(KEY_PREFIX):
-            if self.userinfo is None or not self._may_send_to_userinfo(token):
+        if self._is_key(token):  # a virtual key or the master key, whatever its shape
+            return None
+        if not credentials.looks_like_jwt:
+            if self.userinfo is None:
                 return None
             claims = self.userinfo.claims(token)
             checked = self._validated(claims, self.global_issuer or self._userinfo_issuer())
@@ -462,11 +464,13 @@ class JWTAuthenticator:
         at most ``jwt_cache_ttl``."""
         return min(self.settings.jwt_cache_ttl, verified.claims["exp"] - time.time())
 
-    def _may_send_to_userinfo(self, token: str) -> bool:
-        """Never send a virtual key or the master key to the identity provider."""
+    def _is_key(self, token: str) -> bool:
+        """A virtual key (``sk-...``) or the master key: never a JWT (no JWS starts ``sk-``;
+        either may hold two dots) and never sent to the identity provider."""
         if token.startswith(KEY_PREFIX):
-            return False
-        return not (self.master_key and hmac.compare_digest(token.encode(), self.master_key))
+            return True
+        return bool(self.master_key) and hmac.compare_digest(
+            token.encode("utf-8", "surrogatepass"), self.master_key)
 
     def _userinfo_issuer(self) -> IssuerConfig:
         s = self.settings

@@ -175,3 +175,10 @@ def test_a_virtual_key_with_two_dots_is_not_taken_for_a_jwt(make_app: Any, idp: 
     # A forged "JWT" dressed as a key is still refused.
     assert_error(client.post("/v1/chat/completions", json={"model": "gpt-4o"},
                              headers=bearer("sk-eyJhbGciOiJub25lIn0.e30.")), 401)
+
+
+def test_a_master_key_with_two_dots_is_not_taken_for_a_jwt(make_app: Any) -> None:
+    master = record_secret("mk." + "Qz8vR2wX5yB1nC4m.K7pL0sD3fG6hJ9aT")
+    client = make_app(config={"LLMAUTH_MASTER_KEY": master}).test_client()
+    response = client.get("/key/list", headers=bearer(master))
+    assert response.status_code == 200, response.get_json()
