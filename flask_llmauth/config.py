@@ -1043,6 +1043,12 @@ class Settings:
         yaml=("general_settings.oauth_client_secret",), env=("OAUTH_CLIENT_SECRET",),
         secret=True,
     )
+    oauth2_audience: tuple[str, ...] = setting(
+        (), _str_list,
+        "Accepted `aud` values of the introspection/token-info answer (comma-separated): "
+        "when set, the answer's `aud` (a string or a list) must name one, else 401. Without "
+        "it, a token the provider issued for any other client or API is accepted.",
+    )
     oauth2_user_id_field_name: str = setting(
         "sub", _nonempty_str, "Response field (dot path allowed) holding the user id.",
         yaml=("general_settings.oauth_user_id_field_name",), env=("OAUTH_USER_ID_FIELD_NAME",),

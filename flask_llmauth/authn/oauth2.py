@@ -14,7 +14,8 @@ the identity provider — those are "not mine".
 The user id, role and team id come from the configured response fields (dot paths allowed;
 defaults ``sub``, ``role``, ``team_id``). A role that is not a LiteLLM role is a 401 unless
 ``LLMAUTH_OAUTH2_UNKNOWN_ROLE_DEFAULT`` names one; no role field means the role is derived as
-for a key (stored user's role, else ``internal_user``/``team``). ``exp`` in the past is a 401.
+for a key (stored user's role, else ``internal_user``/``team``). ``exp`` in the past is a 401,
+and so is an ``aud`` naming none of ``LLMAUTH_OAUTH2_AUDIENCE`` (when set).
 A team id naming no team is a 403 (refused by the identity loader, never created).
 
 Results are cached by ``sha256(full token)`` (never a prefix) until ``min(exp, ttl)``, so a
@@ -145,6 +146,7 @@ class OAuth2Authenticator:
         self.team_field = settings.oauth2_user_team_id_field_name
         default = settings.oauth2_unknown_role_default
         self.unknown_role_default = Role.parse(default) if default else None
+        self.audience = frozenset(settings.oauth2_audience)
         self.ttl = settings.oauth2_cache_ttl
         self.negative_ttl = settings.negative_cache_ttl
         self.timeout = settings.oauth2_timeout
@@ -274,6 +276,8 @@ class OAuth2Authenticator:
             exp = parsed
             if exp <= now:
                 return TokenInfo("oauth2_token_expired")
+        if self.audience and not self._audience_matches(data.get("aud")):
+            return TokenInfo("oauth2_wrong_audience")
         role = None
         raw_role = dig(data, self.role_field)
         if raw_role is not None:
@@ -301,6 +305,12 @@ class OAuth2Authenticator:
         claims = MappingProxyType({k: v for k, v in data.items() if k not in _SECRET_MEMBERS})
         return TokenInfo(None, user_id=user_id, team_id=team_id, user_email=email, role=role,
                          scopes=scopes, exp=exp, claims=claims)
+
+    def _audience_matches(self, aud: Any) -> bool:
+        """Whether the answer's ``aud`` (a string or a list of strings) names an accepted
+        audience; a missing or malformed ``aud`` does not."""
+        values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        return any(isinstance(value, str) and value in self.audience for value in values)
 
     @staticmethod
     def _identity(value: Any) -> str | None:
@@ -337,6 +347,11 @@ def oauth2_factory(state: LLMAuthState, ext: LLMAuth) -> OAuth2Authenticator | N
         raise ConfigurationError(
             "LLMAUTH_OAUTH2_CLIENT_ID: introspection needs LLMAUTH_OAUTH2_CLIENT_ID and "
             "LLMAUTH_OAUTH2_CLIENT_SECRET (HTTP Basic client authentication)")
+    if not settings.oauth2_audience:
+        log.warning(
+            "llmauth: OAuth2 auth does not verify the token's audience (set "
+            "LLMAUTH_OAUTH2_AUDIENCE): a token the provider issued for any other client or "
+            "API is accepted")
     principals: TTLCache[tuple[Principal, float]] = TTLCache(settings.cache_max_size)
     state.invalidate.caches.append(principals)  # user/team changes drop cached principals
     return OAuth2Authenticator(

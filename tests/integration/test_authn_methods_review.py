@@ -15,11 +15,12 @@ import pytest
 from flask import Flask
 
 from tests.helpers import ADMIN, assert_error, bearer, new_key, record_secret
-from tests.idp_fixture import IdP
+from tests.idp_fixture import DEFAULT_SCOPES, OPAQUE, IdP, default_config
 from tests.integration.test_jwt import add_echo, call, jwt_config, ok
 from tests.integration.test_jwt_hostile import b64, segment
 
 pytestmark = pytest.mark.integration
+OTHER_API = "urn:llmauth:another-api"
 
 
 @pytest.fixture
@@ -182,3 +183,38 @@ def test_a_master_key_with_two_dots_is_not_taken_for_a_jwt(make_app: Any) -> Non
     client = make_app(config={"LLMAUTH_MASTER_KEY": master}).test_client()
     response = client.get("/key/list", headers=bearer(master))
     assert response.status_code == 200, response.get_json()
+
+
+# -- OAuth2 introspection: a token issued for another API ----------------------------------------
+
+
+def test_introspected_token_for_another_api_is_refused_when_audience_is_set(
+        app_factory: Any, idp_factory: Any) -> None:
+    """The provider says a token is active whatever API it was issued for: without an
+    audience check a token meant for another resource server authenticates here."""
+    config = default_config()
+    config["resource_servers"][OTHER_API] = {"format": "opaque", "scope": DEFAULT_SCOPES}
+    provider = idp_factory(config)
+    ours = provider.token(resource=OPAQUE, scope="read")
+    theirs = provider.token(resource=OTHER_API, scope="read")
+    assert ours.count(".") == 0 and theirs.count(".") == 0
+    assert provider.introspect(theirs)["aud"] == OTHER_API
+
+    def app(**extra: Any) -> Any:
+        return app_factory({
+            "LLMAUTH_ENABLE_OAUTH2_AUTH": True,
+            "LLMAUTH_OAUTH2_TOKEN_INFO_ENDPOINT": provider.introspection_endpoint,
+            "LLMAUTH_OAUTH2_CLIENT_ID": "llmauth-gateway",
+            "LLMAUTH_OAUTH2_CLIENT_SECRET": provider.secret("llmauth-gateway"),
+            "LLMAUTH_OAUTH2_USER_ID_FIELD_NAME": "client_id", **extra,
+        }).test_client()
+
+    def chat(client: Any, token: str) -> Any:
+        return client.post("/v1/chat/completions", json={"model": "gpt-4o"},
+                           headers=bearer(token))
+
+    checked = app(LLMAUTH_OAUTH2_AUDIENCE=OPAQUE)
+    assert chat(checked, ours).status_code == 200
+    assert_error(chat(checked, theirs), 401)
+    # LiteLLM's behaviour when no audience is configured (warned about at init_app).
+    assert chat(app(), theirs).status_code == 200
