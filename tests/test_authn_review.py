@@ -4,12 +4,18 @@ paths a real provider cannot produce on demand, with requests-mock. The JWT side
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
+import jwt as pyjwt
 import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
-from tests.helpers import assert_error
+from tests.helpers import assert_error, record_secret
 from tests.test_oauth2 import ENDPOINT, TOKEN, TOKEN_INFO, chat, oauth_app
 
 
@@ -77,3 +83,90 @@ def test_no_audience_configured_is_warned_about(app_factory: Any, requests_mock:
     with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
         oauth_app(app_factory, oauth2_audience="https://llm.example")
     assert "LLMAUTH_OAUTH2_AUDIENCE" not in caplog.text
+
+
+# -- JWKS refetches: how often can random kids make us fetch? -------------------------------------
+
+JWKS_URL = "https://idp.example/jwks"
+ISSUER = "https://idp.example"
+
+
+def _jwt_app(app_factory: Any, **config: Any) -> Any:
+    base = {"LLMAUTH_ENABLE_JWT_AUTH": True, "LLMAUTH_JWT_PUBLIC_KEY_URL": JWKS_URL,
+            "LLMAUTH_JWT_AUDIENCE": "gw", "LLMAUTH_JWT_ISSUER": ISSUER,
+            "LLMAUTH_AUTH_FAILURE_LIMIT": ""}
+    base.update(config)
+    return app_factory(base)
+
+
+def _signer() -> tuple[Any, dict[str, Any]]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    return key, {**public, "kid": "k1", "alg": "RS256", "use": "sig"}
+
+
+def _token(key: Any, kid: str | None, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": "gw", "sub": "s", "iat": now, "exp": now + 60, **claims}
+    headers = {"kid": kid} if kid is not None else {}
+    return record_secret(pyjwt.encode(payload, key, algorithm="RS256", headers=headers))
+
+
+def test_random_kids_cause_at_most_one_refetch_per_cooldown(app_factory: Any,
+                                                            requests_mock: Any) -> None:
+    key, jwk = _signer()
+    second = {**_signer()[1], "kid": "k2"}
+    requests_mock.get(JWKS_URL, json={"keys": [jwk, second]})
+    app = _jwt_app(app_factory)
+    keys = app.extensions["llmauth"].authenticators["jwt"].global_issuer.keys
+    now = [1000.0]
+    keys._clock = lambda: now[0]
+    client = app.test_client()
+    assert chat(client, _token(key, "k1")).status_code == 200
+    assert requests_mock.call_count == 1
+
+    def flood(tag: str) -> None:
+        for i in range(100):  # random kids, and no kid with a two-key set
+            assert_error(chat(client, _token(key, f"{tag}-{i}" if i % 3 else None)), 401)
+
+    flood("a")
+    assert requests_mock.call_count == 1  # within 30 s of the last fetch: none
+    now[0] += 31
+    flood("b")
+    assert requests_mock.call_count == 2  # one refetch per cooldown, whatever the flood
+    now[0] += 29
+    flood("c")
+    assert requests_mock.call_count == 2
+    assert chat(client, _token(key, "k1", sub="s2")).status_code == 200
+    assert requests_mock.call_count == 2
+
+
+# -- OIDC userinfo answers that must never pass ---------------------------------------------------
+
+USERINFO = "https://idp.example/userinfo"
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    ({"status_code": 401, "json": {"error": "invalid_token"}}, 401),
+    ({"status_code": 403, "text": ""}, 401),
+    ({"status_code": 302, "headers": {"Location": "https://attacker.example/"}}, 503),
+    ({"status_code": 500, "json": {"sub": "u"}}, 503),
+    ({"text": "<html><body>login</body></html>"}, 503),
+    ({"json": {"sub": 7}}, 503),
+    ({"json": {"email": "a@corp.example"}}, 503),
+    ({"json": ["sub", "u"]}, 503),
+    ({"text": '{"sub": "u", "sub": "admin"}'}, 503),
+    ({"text": '{"sub": "u", "pad": "' + "x" * 600_000 + '"}'}, 503),
+    ({"exc": requests.exceptions.ReadTimeout}, 503),
+], ids=repr)
+def test_userinfo_answers_that_never_pass(app_factory: Any, requests_mock: Any,
+                                          kwargs: dict[str, Any], status: int) -> None:
+    requests_mock.get(JWKS_URL, json={"keys": [_signer()[1]]})
+    requests_mock.get(USERINFO, **kwargs)
+    requests_mock.get("https://attacker.example/", json={"sub": "attacker"})
+    client = _jwt_app(app_factory, LLMAUTH_JWT_OIDC_USERINFO_ENABLED=True,
+                      LLMAUTH_JWT_OIDC_USERINFO_ENDPOINT=USERINFO).test_client()
+    error = assert_error(chat(client), status)
+    assert TOKEN not in json.dumps(error)
+    assert not any(r.url.startswith("https://attacker.example")
+                   for r in requests_mock.request_history)
