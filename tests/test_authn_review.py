@@ -15,7 +15,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.helpers import assert_error, record_secret
+from flask_llmauth import current_principal
+from tests.helpers import ADMIN, assert_error, bearer, record_secret
 from tests.test_oauth2 import ENDPOINT, TOKEN, TOKEN_INFO, chat, oauth_app
 
 
@@ -170,3 +171,46 @@ def test_userinfo_answers_that_never_pass(app_factory: Any, requests_mock: Any,
     assert TOKEN not in json.dumps(error)
     assert not any(r.url.startswith("https://attacker.example")
                    for r in requests_mock.request_history)
+
+
+# -- OAuth2: an unverified email names no one -----------------------------------------------------
+
+
+@pytest.mark.parametrize("verified", [False, "false", "FALSE"])
+def test_unverified_email_is_not_an_oauth2_user_id(app_factory: Any, requests_mock: Any,
+                                                   verified: Any) -> None:
+    """With the email as the user id, a provider that lets anyone register any address
+    (``email_verified: false``) would hand out the stored user of that address, role
+    included."""
+    requests_mock.post(ENDPOINT, json={"active": True, "sub": "attacker-sub",
+                                       "email": "admin@corp.example",
+                                       "email_verified": verified})
+    client = oauth_app(app_factory, oauth2_user_id_field_name="email").test_client()
+    response = client.post("/user/new", json={"user_id": "admin@corp.example",
+                                              "user_role": "proxy_admin"}, headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    assert_error(chat(client), 401)
+
+
+def _email_app(app_factory: Any) -> Any:
+    app = oauth_app(app_factory)
+
+    @app.get("/v1/whoami")
+    def whoami() -> Any:
+        return {"user_id": current_principal.user_id, "email": current_principal.user_email}
+
+    app.llmauth.route_group("info_routes")(whoami)
+    return app.test_client()
+
+
+def test_unverified_email_is_dropped_when_another_field_names_the_user(
+        app_factory: Any, requests_mock: Any) -> None:
+    requests_mock.post(ENDPOINT, json={"active": True, "sub": "u-sub",
+                                       "email": "admin@corp.example",
+                                       "email_verified": False})
+    response = _email_app(app_factory).get("/v1/whoami", headers=bearer(TOKEN))
+    assert response.get_json() == {"user_id": "u-sub", "email": None}
+    requests_mock.post(ENDPOINT, json={"active": True, "sub": "u-sub",
+                                       "email": "u@corp.example", "email_verified": True})
+    response = _email_app(app_factory).get("/v1/whoami", headers=bearer(TOKEN))
+    assert response.get_json() == {"user_id": "u-sub", "email": "u@corp.example"}

@@ -287,6 +287,12 @@ class OAuth2Authenticator:
                 if self.unknown_role_default is None:
                     return TokenInfo("oauth2_unknown_role")
                 role = self.unknown_role_default
+        verified = data.get("email_verified")
+        unverified = verified is False or (isinstance(verified, str)
+                                           and verified.lower() == "false")
+        if unverified and self.id_field == "email":
+            # as for JWTs: an address the provider says is not verified names no one
+            return TokenInfo("oauth2_email_unverified")
         try:
             user_id = self._identity(dig(data, self.id_field))
             team_id = self._identity(dig(data, self.team_field))
@@ -294,7 +300,7 @@ class OAuth2Authenticator:
             return TokenInfo("oauth2_bad_identity")
         if user_id is None and team_id is None:
             return TokenInfo("oauth2_no_identity")
-        email = data.get("email")
+        email = None if unverified else data.get("email")
         try:
             email = identity_value(email) if isinstance(email, str) else None
         except ValueError:
