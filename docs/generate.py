@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from flask_llmauth.config import documentation_table
+# The settings of this checkout, not those of whichever flask_llmauth is installed (a
+# worktree's script otherwise checks its docs against another checkout's code).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flask_llmauth.config import documentation_table  # noqa: E402
 
 HEADER = """# Configuration
 
@@ -38,10 +43,20 @@ default.
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Write docs/configuration.md; with ``--check``, only say whether it is up to date
+    (exit status 1 when not)."""
+    args = sys.argv[1:] if argv is None else argv
     path = Path(__file__).with_name("configuration.md")
-    path.write_text(HEADER + documentation_table())
+    text = HEADER + documentation_table()
+    if "--check" in args:
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is out of date: run python docs/generate.py", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

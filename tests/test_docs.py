@@ -3,6 +3,7 @@ CLI's documented sessions print what they show."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -44,6 +45,28 @@ def matches(documented: str, printed: str) -> bool:
         return True
     pattern = r"\d+".join(re.escape(part) for part in re.split(r"\d+", documented))
     return re.fullmatch(pattern, printed) is not None
+
+
+def test_generate_check_reports_a_stale_table_without_writing(tmp_path: Path) -> None:
+    """``python docs/generate.py --check`` reads the settings of its own checkout, wherever
+    it runs from, and exits 1 (writing nothing) when the table is stale."""
+    import shutil
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), "--check"],
+                          cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(ROOT / "docs" / "generate.py", docs / "generate.py")
+    stale = docs / "configuration.md"
+    stale.write_text("# Configuration\n\n| an old table |\n")
+    done = subprocess.run([sys.executable, str(docs / "generate.py"), "--check"],
+                          cwd=tmp_path, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "out of date" in done.stderr
+    assert stale.read_text() == "# Configuration\n\n| an old table |\n"
 
 
 def test_the_cli_doc_sessions_print_what_they_show(
