@@ -285,9 +285,13 @@ def int_map(value: Any) -> dict[str, int]:
 
 
 def user_role(value: Any) -> Role:
-    role = Role.parse(value)
+    expected = "; expected one of " + ", ".join(r.value for r in USER_ROLES)
+    try:
+        role = Role.parse(value)
+    except ValueError:  # its message lists team and customer, which a user cannot be
+        raise ValueError(f"unknown role {str(value)[:40]!r}{expected}") from None
     if role not in USER_ROLES:
-        raise ValueError(f"a user cannot have the role {role.value!r}")
+        raise ValueError(f"a user cannot have the role {role.value!r}{expected}")
     return role
 
 
