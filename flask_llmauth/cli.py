@@ -212,16 +212,22 @@ def create_user(user_id: str, email: str | None, role: str, models: str | None,
 @click.option("--models")
 @click.option("--max-budget", type=float)
 @click.option("--admin", "admins", multiple=True, help="user_id of a team admin (repeatable).")
+@click.option("--member", "members", multiple=True,
+              help="user_id of a team member (repeatable).")
 @_service_command
 def create_team(team_id: str, team_alias: str | None, models: str | None,
-                max_budget: float | None, admins: tuple[str, ...]) -> None:
+                max_budget: float | None, admins: tuple[str, ...],
+                members: tuple[str, ...]) -> None:
     params = _options(TEAM_FIELDS, team_id=("TEAM_ID", team_id),
                       team_alias=("--alias", team_alias), models=("--models", _csv(models)),
                       max_budget=("--max-budget", max_budget))
-    if admins:
+    if admins or members:
         params["members_with_roles"] = [
-            _options({"user_id": Field(member_id)}, user_id=("--admin", a))
-            | {"role": "admin"} for a in admins]
+            _options({"user_id": Field(member_id)}, user_id=(option, user))
+            | {"role": role}
+            for option, role, users in (("--admin", "admin", admins),
+                                        ("--member", "user", members))
+            for user in users]
     _echo_json(TeamService(state()).create(_actor(), params))
 
 

@@ -202,12 +202,18 @@ def test_create_user_and_team(app: Flask) -> None:
                                     ["gpt-4o"], 3.0)
     assert "key" not in user or user["key"] is None  # no key is created for a CLI user
     term("create-user", "carol")
+    term("create-user", "dan")
     team = json.loads(term("create-team", "research", "--alias", "Research", "--models",
-                           "gpt-4o,claude-3-5-sonnet", "--admin", "carol").stdout)
+                           "gpt-4o,claude-3-5-sonnet", "--admin", "carol",
+                           "--member", "dan").stdout)
     assert (team["team_id"], team["team_alias"], team["models"]) == \
         ("research", "Research", ["gpt-4o", "claude-3-5-sonnet"])
     members = {m["user_id"]: m["role"] for m in team["members_with_roles"]}
-    assert members == {"carol": "admin"}
+    assert members == {"carol": "admin", "dan": "user"}
+    # a plain member may have a team key made for it
+    dans = record_secret(term("create-key", "--team-id", "research", "--user-id",
+                              "dan").stdout.strip())
+    assert chat(app, dans, "gpt-4o").status_code == 200
     key = record_secret(term("create-key", "--team-id", "research", "--user-id",
                              "carol").stdout.strip())
     assert chat(app, key, "claude-3-5-sonnet").status_code == 200
@@ -230,6 +236,7 @@ def test_create_user_and_team(app: Flask) -> None:
     (("create-user", "dave", "--email", "\x00"), "--email: must be printable text"),
     (("create-team", "t\tx"), "TEAM_ID: must be printable text"),
     (("create-team", "t2", "--admin", "c\rd"), "--admin: must be printable text"),
+    (("create-team", "t2", "--member", "c\rd"), "--member: must be printable text"),
     (("create-team", "t2", "--max-budget", "-1"), "--max-budget: must not be negative"),
     (("create-key", "--team-id", "nope"), "Team not found: team_id=nope"),
     (("rotate-key", "00000000-0000-0000-0000-000000000000"), "Key not found."),
@@ -245,6 +252,15 @@ def test_errors_are_clean(sqlite_app: Flask, args: tuple[str, ...], message: str
     error = term.fails(*args)
     assert message in error, error
     assert "sk-not-a-real-key" not in error
+
+
+@pytest.mark.parametrize("role", ["superuser", "team", "customer"])
+def test_a_refused_role_lists_only_the_roles_a_user_may_have(sqlite_app: Flask,
+                                                              role: str) -> None:
+    error = Terminal(sqlite_app).fails("create-user", "dave", "--role", role)
+    assert error.endswith("; expected one of proxy_admin, proxy_admin_viewer, org_admin, "
+                          "internal_user, internal_user_viewer"), error
+    assert "team," not in error and "customer" not in error.replace(f"'{role}'", "")
 
 
 def test_duplicate_user_and_team_are_clean_errors(sqlite_app: Flask) -> None:
