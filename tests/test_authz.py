@@ -654,6 +654,36 @@ def test_key_allowed_routes_grant_routes_but_never_past_the_hard_rules(app_facto
     assert client.get("/prompt/list", headers=bearer(viewer)).status_code == 200
 
 
+def test_an_unclassified_route_is_named_as_such_in_the_log_and_signal(
+        app_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A host view in no route group (an OpenAI path under a blueprint prefix, say) is
+    refused to non-admins as ``unclassified_route``, so the operator knows the view needs
+    a group, a role or ``exempt``; a classified route the role may not call stays
+    ``role_route_denied``."""
+    from flask_llmauth import signals
+
+    app = app_factory()
+    gateway = Blueprint("gateway", __name__, url_prefix="/gateway")
+    gateway.add_url_rule("/v1/chat/completions", "chat", lambda: {"ok": True},
+                         methods=["POST"])
+    app.register_blueprint(gateway)
+    client = app.test_client()
+    key = new_personal_key(client, "alice")
+    reasons: list[str] = []
+
+    def failed(sender: Any, **data: Any) -> None:
+        reasons.append(data["reason"])
+
+    with signals.auth_failed.connected_to(failed, app):
+        assert_error(client.post("/gateway/v1/chat/completions", json={"model": "m"},
+                                 headers=bearer(key)), 403)
+        assert_error(client.post("/team/new", json={}, headers=bearer(key)), 403)
+    assert reasons == ["unclassified_route", "role_route_denied"]
+    assert "403 unclassified_route POST /gateway/v1/chat/completions" in caplog.text
+    assert client.post("/gateway/v1/chat/completions", json={"model": "m"},
+                       headers=ADMIN).status_code == 200
+
+
 def test_automatic_options_needs_no_credential(client: Any) -> None:
     response = client.options("/key/generate")
     assert response.status_code == 200

@@ -57,8 +57,12 @@ _VIEWER_WRITES = RoutePatterns((
 _VIEWER_USER_UPDATE_FIELDS = frozenset({"user_id", "user_email", "password"})
 
 
-#: The table's final denial: the only one a key's ``allowed_routes`` may lift.
+#: The table's final denial: the only one a key's ``allowed_routes`` may lift. On a host
+#: route in no route group the log line and ``auth_failed`` say ``unclassified_route``
+#: instead, so an operator sees that the view needs a group, a role or ``exempt``.
 _GRANTABLE = "role_route_denied"
+_UNCLASSIFIED = "unclassified_route"
+_GRANTABLE_REASONS = frozenset({_GRANTABLE, _UNCLASSIFIED})
 
 
 def _route_denied(route: str, role: Role, reason: str = _GRANTABLE) -> Forbidden:
@@ -225,8 +229,8 @@ class Policy:
             denial = self._role_decisions[cache_key] = self._role_table(principal.role, info, safe)
         if denial is None or denial is _BODY_DEPENDENT:
             return denial
-        if denial.reason == _GRANTABLE and principal.allowed_routes and self.key_route_allowed(
-                principal, info.route, info.groups):
+        if (denial.reason in _GRANTABLE_REASONS and principal.allowed_routes
+                and self.key_route_allowed(principal, info.route, info.groups)):
             return None  # a key's allowed_routes grant, as in LiteLLM
         return denial
 
@@ -274,7 +278,7 @@ class Policy:
             return None
         if "self_managed_routes" in groups:
             return None
-        return _route_denied(route, role)
+        return _route_denied(route, role, _GRANTABLE if groups else _UNCLASSIFIED)
 
 
 _BODY_DEPENDENT: Any = Forbidden("body dependent")
