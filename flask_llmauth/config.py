@@ -1219,7 +1219,10 @@ class Settings:
         "`socket_connect_timeout` of 1 s).",
     )
     ratelimit_key_prefix: str = setting(
-        "llmauth", _nonempty_str, "Prefix of every rate-limit key in the storage.",
+        "llmauth", _nonempty_str,
+        "Namespace of this app's rate-limit keys in the storage, after limits' own "
+        "`LIMITS:<namespace>/` (`LIMITS:LLMAUTH/llmauth/key/<key_id>/rpm/...`): give each app "
+        "that shares a Redis its own (docs/rate_limits.md).",
     )
     ratelimit_window: int = setting(
         60, _number(int, 1), "Seconds of the rpm/tpm window (fixed window).",

@@ -1099,3 +1099,35 @@ def test_reset_headers_of_a_new_window_with_the_duration_memo_cold_and_warm(make
         assert response.headers["x-ratelimit-reset-tokens"] in ("1m0s", "59s")
     assert set(ratelimits._WHOLE_SECONDS.values()) <= {"1m0s", "59s"}
     assert ratelimits._WHOLE_SECONDS
+
+
+@pytest.mark.redis
+def test_the_redis_keys_are_laid_out_as_documented(app_factory: Any, redis_prefix: str) -> None:
+    """docs/rate_limits.md: ``LLMAUTH_RATELIMIT_KEY_PREFIX`` comes after limits' own
+    ``LIMITS:<namespace>/``, so an operator scans ``LIMITS:*/<prefix>/*``."""
+    import redis
+
+    assert REDIS_URL is not None
+    app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL,
+                       "LLMAUTH_RATELIMIT_KEY_PREFIX": redis_prefix,
+                       "LLMAUTH_AUTH_FAILURE_LIMIT": "30/minute"}, routes=False)
+    server = redis.Redis.from_url(REDIS_URL)
+    seen: list[str] = []
+
+    @app.post("/v1/chat/completions")
+    def chat_view() -> Any:
+        seen.extend(k.decode() for k in server.scan_iter(f"LIMITS:*/{redis_prefix}/*"))
+        return {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+    client = app.test_client()
+    body = new_key(client, rpm_limit=10, tpm_limit=1000, max_parallel_requests=2)
+    assert chat(client, body["key"]).status_code == 200
+    assert_error(client.get("/key/list", headers=bearer(random_key())), 401)
+    keys = f"LIMITS:LLMAUTH/{redis_prefix}/key/{body['key_id']}"
+    # during the request: its rpm window and its parallel slot (tpm is charged after it)
+    assert sorted(seen) == [f"{keys}/rpm/1/60/second", f"{keys}/slots/1/600/second"], seen
+    after = {k.decode() for k in server.scan_iter(f"LIMITS:*/{redis_prefix}/*")}
+    assert after == {f"{keys}/rpm/1/60/second", f"{keys}/tpm/1/60/second",
+                     f"LIMITS:LIMITER/{redis_prefix}/auth_failures/127.0.0.1/30/1/minute"}, after
+    assert not {k.decode() for k in server.scan_iter(f"{redis_prefix}*")}  # never bare
+    server.delete(*after)
