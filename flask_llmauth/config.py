@@ -1608,23 +1608,39 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     return doc
 
 
-def _known_general_settings() -> set[str]:
+def _known_general_settings(section: str = "general_settings") -> set[str]:
     known = set()
     for f in _FIELDS.values():
         for path in f.metadata["yaml"]:
             parts = path.split(".")
-            if parts[0] == "general_settings" and len(parts) > 1:
+            if parts[0] == section and len(parts) > 1:
                 known.add(parts[1])
     return known
 
 
+#: How alike an unread YAML key and a read one must be to be called a misspelling of it
+#: (``master_kye``: 0.9); LiteLLM's own keys that flask_llmauth does not read stay below it
+#: (``max_parallel_requests`` beside ``global_max_parallel_requests``: 0.86).
+_TYPO_CUTOFF = 0.88
+
+
 def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
-    general = doc.get("general_settings") or {}
-    if not isinstance(general, Mapping):
-        raise ConfigurationError("LLMAUTH_CONFIG_FILE: general_settings must be a mapping")
-    ignored = sorted(set(general) - _known_general_settings())
-    if ignored:
-        log.info("llmauth: general_settings keys not used by flask_llmauth: %s", ignored)
+    """Keys of ``general_settings`` / ``litellm_settings`` this library does not read are
+    LiteLLM's business (logged at INFO); one that looks like a misspelling of a key it
+    reads is a warning naming that key, since the setting it meant is silently unset."""
+    for section in ("general_settings", "litellm_settings"):
+        block = doc.get(section) or {}
+        if not isinstance(block, Mapping):
+            raise ConfigurationError(f"LLMAUTH_CONFIG_FILE: {section} must be a mapping")
+        known = _known_general_settings(section)
+        ignored = sorted(str(k) for k in set(block) - known)
+        for name in ignored:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=_TYPO_CUTOFF)
+            if close:
+                log.warning("llmauth: %s.%s in LLMAUTH_CONFIG_FILE is not read "
+                            "(did you mean %s.%s?)", section, name[:80], section, close[0])
+        if ignored and section == "general_settings":
+            log.info("llmauth: general_settings keys not used by flask_llmauth: %s", ignored)
 
 
 JWTAUTH_PATH = "general_settings.litellm_jwtauth"

@@ -24,6 +24,7 @@ from flask_llmauth.config import (
 )
 from flask_llmauth.durations import Duration
 from flask_llmauth.errors import ConfigurationError
+from flask_llmauth.money import to_usd
 from tests.helpers import ADMIN, MASTER_KEY, assert_error, bearer, new_key, record_secret
 
 OTHER_MASTER = record_secret("sk-other-" + "Zq8Xw2Lr5Tn7Vb0Mc4Kd9Fh1Jg3Hs6Pa")
@@ -469,6 +470,7 @@ def test_yaml_reference_to_a_missing_variable_fails_naming_key_and_path(tmp_path
     ("general_settings: [1, 2\n", "is not valid YAML"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("general_settings: 3\n", "general_settings must be a mapping"),
+    ("litellm_settings: [max_budget]\n", "litellm_settings must be a mapping"),
 ])
 def test_bad_yaml_file_fails(tmp_path: Path, content: str, fragment: str) -> None:
     config_file = tmp_path / "config.yaml"
@@ -478,6 +480,30 @@ def test_bad_yaml_file_fails(tmp_path: Path, content: str, fragment: str) -> Non
     assert fragment in str(info.value)
     with pytest.raises(ConfigurationError, match="cannot read"):
         load_settings({"LLMAUTH_CONFIG_FILE": str(tmp_path / "missing.yaml")}, environ={})
+
+
+def test_a_misspelt_yaml_key_is_a_warning_naming_the_key_meant(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A key flask_llmauth does not read is LiteLLM's business and stays quiet (INFO); one
+    that looks like a misspelling of a key it reads leaves that setting unset, so it warns."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "general_settings:\n  master_kye: sk-x\n  public_route: [/x]\n"
+        "  max_parallel_requests: 3\n  alerting: [slack]\n"
+        "litellm_settings:\n  max_budgt: 10\n  drop_params: true\n  max_budget: 5\n")
+    with caplog.at_level(logging.INFO, logger="flask_llmauth"):
+        settings = load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    assert to_usd(settings.max_budget) == 5
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warnings == [
+        "llmauth: general_settings.master_kye in LLMAUTH_CONFIG_FILE is not read "
+        "(did you mean general_settings.master_key?)",
+        "llmauth: general_settings.public_route in LLMAUTH_CONFIG_FILE is not read "
+        "(did you mean general_settings.public_routes?)",
+        "llmauth: litellm_settings.max_budgt in LLMAUTH_CONFIG_FILE is not read "
+        "(did you mean litellm_settings.max_budget?)",
+    ]
+    assert "sk-x" not in caplog.text
 
 
 def test_a_relative_config_file_is_read_from_the_working_directory(
