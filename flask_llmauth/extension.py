@@ -727,7 +727,8 @@ class LLMAuth:
         ``error.status`` and its headers include ``error.headers`` (``Retry-After``,
         ``WWW-Authenticate``...). A callback that returns ``None`` or raises (anything but
         an ``HTTPException``) is logged and the default envelope answers: a refusal never
-        falls through to the view.
+        falls through to the view. A success status (below 300, e.g. a bare dict) is
+        logged and replaced by ``error.status``: a refusal is never a 200.
         """
         self._error_callback = callback
         return callback
@@ -750,7 +751,13 @@ class LLMAuth:
             log.error("llmauth: the error_handler callback returned None; the default error "
                       "response answers")
             return error_response(error)
-        return response
+        answer = current_app.make_response(response)
+        if answer.status_code < 300:  # ``return {"error": ...}`` is a 200 in Flask
+            log.error("llmauth: the error_handler callback answered a %s refusal with %s; "
+                      "sent as %s (return error.status with the body)", error.status,
+                      answer.status_code, error.status)
+            answer.status_code = error.status
+        return answer
 
     @staticmethod
     def database_ready() -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from flask import Flask, abort
+from flask import Flask, abort, redirect
 
 from flask_llmauth import LLMAuthError
 from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
@@ -67,6 +67,30 @@ def test_a_broken_callback_never_lets_a_refused_request_through(
             assert served == [], name
     assert "the error_handler callback" in caplog.text
     assert "the callback's own bug" not in caplog.text  # its type only, as for hooks
+
+
+@pytest.mark.parametrize("answer", [
+    lambda error: {"failed": error.error_type},  # Flask makes a bare dict a 200
+    lambda error: ("plain " + error.message, 200, {"X-Acme": "1"}),
+    lambda error: ({"failed": error.error_type}, 204),
+])
+def test_a_callback_that_answers_with_a_success_status_still_refuses(
+        app_factory: Any, caplog: Any, answer: Any) -> None:
+    app = app_factory()
+    app.llmauth.error_handler(answer)
+    for name, call in refused_requests(app):
+        response = call()
+        assert response.status_code in (401, 403), (name, response.status_code)
+        assert response.get_data(as_text=True), name  # the callback's body is kept
+    assert "the error_handler callback answered a 401 refusal with 2" in caplog.text
+
+
+def test_a_callback_may_redirect(app_factory: Any) -> None:
+    """A browser app may send refused callers to its login page: a 3xx is left alone."""
+    app = app_factory()
+    app.llmauth.error_handler(lambda error: redirect("/login"))
+    response = app.test_client().post(CHAT, json={"model": "gpt-4o"})
+    assert (response.status_code, response.headers["Location"]) == (302, "/login")
 
 
 def test_a_broken_callback_on_a_deployment_gate_refuses(app_factory: Any) -> None:
