@@ -267,6 +267,11 @@ def test_require_role_refuses_bad_declarations() -> None:
         require_role()
     with pytest.raises(ValueError, match="unknown role"):
         require_role("superuser")
+    # a list, as other libraries take it: the message shows the call that works
+    with pytest.raises(ValueError, match=r"not a list: @require_role\('PROXY_ADMIN', "):
+        require_role(["PROXY_ADMIN", "internal_user"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"not a list: @require_scope\("):
+        require_scope(("reports:read",))  # type: ignore[arg-type]
 
 
 def test_admin_only_routes_win_over_require_role(app_factory: Any) -> None:

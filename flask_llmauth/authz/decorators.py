@@ -22,10 +22,18 @@ from .routes import ATTR_ROLES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _no_collections(name: str, args: tuple[Any, ...], example: str) -> None:
+    """``require_role(["a", "b"])`` is a common slip (other libraries take a list)."""
+    if any(isinstance(a, (list, tuple, set, frozenset)) for a in args):
+        raise ValueError(f"{name} takes each one as its own argument, not a list: "
+                        f"@{name}({example})")
+
+
 def require_role(*roles: str | Role) -> Callable[[F], F]:
     """Allow the view only to principals holding one of ``roles`` (names or values)."""
     if not roles:
         raise ValueError("require_role needs at least one role")
+    _no_collections("require_role", roles, "'PROXY_ADMIN', 'internal_user'")
     allowed = frozenset(Role.parse(r).value for r in roles)
 
     def decorator(view: F) -> F:
@@ -50,6 +58,7 @@ def require_role(*roles: str | Role) -> Callable[[F], F]:
 def require_scope(*scopes: str) -> Callable[[F], F]:
     """Allow the view only to principals whose token carries every one of ``scopes``
     (the master key passes; a virtual key carries no scopes)."""
+    _no_collections("require_scope", scopes, "'reports:read', 'reports:write'")
     if not scopes or not all(isinstance(s, str) and s for s in scopes):
         raise ValueError("require_scope needs at least one scope, each a non-empty string")
     needed = frozenset(scopes)
