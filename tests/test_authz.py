@@ -358,6 +358,73 @@ def test_require_scope(app_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     assert_error(client.get("/reports"), 401)
 
 
+def test_decorators_written_above_the_route_are_still_enforced_and_warned_about(
+        app_factory: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``@require_role`` above ``@app.get`` decorates a function Flask already registered
+    undecorated: on an LLM route that would let every key through. The request hook
+    enforces the roles and scopes anyway and the first request logs the mistake."""
+    monkeypatch.setitem(AUTHENTICATOR_FACTORIES, "custom",
+                        lambda state, ext: _ScopedAuthenticator(state))
+    app = app_factory()
+
+    @require_role("proxy_admin_viewer")
+    @app.post("/v1/moderations")  # an LLM route: any key may call it for its models
+    def moderations() -> Any:
+        return jsonify(ok=True)
+
+    @require_scope("reports:read")
+    @app.get("/reports")
+    @app.llmauth.route_group("info_routes")
+    def reports() -> Any:
+        return jsonify(ok=True)
+
+    @app.get("/reports/right")
+    @app.llmauth.route_group("info_routes")
+    @require_role("internal_user")
+    @require_scope("reports:read")
+    def right_order() -> Any:
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    keys = role_keys(client, app)
+    error = assert_error(client.post("/v1/moderations", json={"model": "m"},
+                                     headers=bearer(keys["internal_user"])), 403)
+    assert "needs one of the roles ['proxy_admin_viewer']" in error["message"]
+    assert client.post("/v1/moderations", json={"model": "m"}, headers=ADMIN).status_code == 200
+    assert_error(client.get("/reports", headers=bearer("scoped:other")), 403,
+                 "insufficient_scope")
+    assert client.get("/reports", headers=bearer("scoped:reports:read")).status_code == 200
+    assert ("@require_role on view 'moderations' sit above its route decorator"
+            in caplog.text)
+    assert "@require_scope on view 'reports' sit above" in caplog.text
+    assert client.get("/reports/right",
+                      headers=bearer("scoped:reports:read")).status_code == 200
+    assert "'right_order'" not in caplog.text  # written as documented: no warning
+
+
+def test_a_missing_scope_is_refused_before_rate_limits_count_the_request(
+        app_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scopes of ``@require_scope`` are checked by the request hook with the roles,
+    so a refused token does not use up the caller's rpm."""
+    monkeypatch.setitem(AUTHENTICATOR_FACTORIES, "custom",
+                        lambda state, ext: _ScopedAuthenticator(state))
+    app = app_factory({"LLMAUTH_RATELIMIT_GLOBAL_RPM": 2})
+
+    @app.post("/my/generate")
+    @app.llmauth.route_group("llm_api_routes")
+    @require_scope("generate")
+    def generate() -> Any:
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    for _ in range(3):
+        assert_error(client.post("/my/generate", json={"model": "m"},
+                                 headers=bearer("scoped:other")), 403, "insufficient_scope")
+    assert client.post("/my/generate", json={"model": "m"},
+                       headers=bearer("scoped:generate")).status_code == 200
+
+
 def test_exempt_view_and_blueprint_read_no_credential(app_factory: Any) -> None:
     app = app_factory()
     bp = Blueprint("status_pages", __name__)

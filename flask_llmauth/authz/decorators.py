@@ -2,7 +2,8 @@
 
 Put them *below* ``@app.route`` so the route registers the checked view. ``require_role``
 also tells the request hook that this view's roles replace the LiteLLM role table; a proxy
-admin passes every role check.
+admin passes every role check. The request hook checks the roles and scopes too, also when
+the decorator sat above the route decorator (it then warns, see ``ATTR_UNAPPLIED``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..bodies import INVALID, form, get_json
 from ..errors import BadRequest, Forbidden
 from ..principal import Role
 from .policy import MAX_MODEL_NAME
-from .routes import ATTR_ROLES
+from .routes import ATTR_ROLES, ATTR_SCOPES, ATTR_UNAPPLIED
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,6 +51,7 @@ def require_role(*roles: str | Role) -> Callable[[F], F]:
             return view(*args, **kwargs)
 
         setattr(wrapper, ATTR_ROLES, allowed)
+        _mark_unapplied(view, "require_role", ATTR_ROLES, allowed)
         return wrapper  # type: ignore[return-value]
 
     return decorator
@@ -75,9 +77,24 @@ def require_scope(*scopes: str) -> Callable[[F], F]:
                                 error_type="insufficient_scope", reason="scope_missing")
             return view(*args, **kwargs)
 
+        setattr(wrapper, ATTR_SCOPES, needed | getattr(view, ATTR_SCOPES, frozenset()))
+        _mark_unapplied(view, "require_scope", ATTR_SCOPES,
+                        needed | getattr(view, ATTR_SCOPES, frozenset()))
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def _mark_unapplied(view: Any, name: str, attr: str | None = None, value: Any = None) -> None:
+    """Mark the undecorated ``view``: if Flask registered it (the decorator sat above the
+    route decorator) the request hook still enforces ``attr`` (the roles or scopes) and
+    warns. Set after ``wraps`` copied the view's attributes, so the wrapper has no mark."""
+    try:
+        if attr is not None:
+            setattr(view, attr, value)
+        setattr(view, ATTR_UNAPPLIED, (*getattr(view, ATTR_UNAPPLIED, ()), name))
+    except AttributeError:  # a callable object that takes no attributes: nothing to mark
+        pass
 
 
 def check_model_access(model: str) -> None:
@@ -104,6 +121,7 @@ def require_model_access(field: str = "model") -> Callable[[F], F]:
                 check_model_access(model)
             return view(*args, **kwargs)
 
+        _mark_unapplied(view, "require_model_access")
         return wrapper  # type: ignore[return-value]
 
     return decorator

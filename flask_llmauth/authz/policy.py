@@ -178,6 +178,11 @@ class Policy:
                 f"{list(principal.allowed_routes)}. Tried to call route: {info.route}",
                 reason="key_route_denied",
             )
+        if info.required_scopes and not principal.is_master_key:
+            missing = info.required_scopes - principal.scopes
+            if missing:  # also checked by the view's wrapper; here it precedes limits
+                return Forbidden(f"Missing required scope(s): {sorted(missing)}",
+                                 error_type="insufficient_scope", reason="scope_missing")
         if principal.is_admin:
             return None
         if self.admin_only and self.admin_only.matches(info.route):

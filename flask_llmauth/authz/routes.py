@@ -8,12 +8,15 @@ the result is kept. Views of the extension declare their LiteLLM path explicitly
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from werkzeug.routing import Rule
+
+log = logging.getLogger("flask_llmauth")
 
 
 def _both(*paths: str) -> tuple[str, ...]:
@@ -256,6 +259,8 @@ class RouteInfo:
     public: bool = False
     #: Roles named by ``@require_role`` on the view (they replace the role table).
     required_roles: frozenset[str] | None = None
+    #: Scopes named by ``@require_scope`` on the view (every one is needed).
+    required_scopes: frozenset[str] = frozenset()
     #: The view argument that names the model (Gemini-style routes), if any.
     model_arg: str | None = None
 
@@ -299,6 +304,11 @@ def classify(route: str, declared: Iterable[str] = ()) -> frozenset[str]:
 ATTR_EXEMPT = "_llmauth_exempt"
 ATTR_ROLES = "_llmauth_roles"
 ATTR_GROUPS = "_llmauth_groups"
+ATTR_SCOPES = "_llmauth_scopes"
+#: Set on the *undecorated* function by ``@require_role``/``@require_scope``/
+#: ``@require_model_access``: found on a registered view, the decorator sat above the
+#: route decorator, so Flask registered the function without its check.
+ATTR_UNAPPLIED = "_llmauth_unapplied_decorators"
 _MODEL_ARGS = ("model_name", "model", "deployment_id")
 
 
@@ -367,8 +377,17 @@ class RouteTable:
             or (endpoint not in self.explicit and self.public.matches(route))
         )
         roles = getattr(view, ATTR_ROLES, None)
+        unapplied = getattr(view, ATTR_UNAPPLIED, ())
+        if unapplied:
+            log.warning(
+                "llmauth: %s on view %r sit above its route decorator, so Flask registered "
+                "the view without them; put them below @app.route(...). Until then the "
+                "request hook enforces the roles and scopes, and no model check of "
+                "@require_model_access runs", " and ".join(f"@{d}" for d in unapplied),
+                endpoint)
         model_arg = next((a for a in _MODEL_ARGS if a in rule.arguments), None)
         return RouteInfo(route=route, endpoint=endpoint, groups=groups, public=public,
                          required_roles=frozenset(roles) if roles is not None else None,
+                         required_scopes=frozenset(getattr(view, ATTR_SCOPES, ())),
                          model_arg=model_arg if "llm_api_routes" in groups else None,
                          unsafe_only=unsafe_only(rule), is_api=endpoint in self.explicit)
