@@ -55,6 +55,23 @@ def test_outside_an_app_context_there_is_no_principal_and_nothing_to_record() ->
         record_usage(-1)
 
 
+def test_on_a_public_route_current_principal_stands_for_none(app_factory: Any) -> None:
+    """docs/extension.md: falsy, and its attributes are ``None``'s (an AttributeError), so
+    shared code tests it first or uses ``get_principal()``."""
+    app = app_factory()
+
+    @app.get("/open")
+    @app.llmauth.exempt
+    def open_view() -> Any:
+        with pytest.raises(AttributeError):
+            current_principal.user_id  # noqa: B018
+        user = current_principal.user_id if current_principal else "anonymous"
+        return {"user": user, "principal": get_principal()}
+
+    response = app.test_client().get("/open", headers=ADMIN)
+    assert response.get_json() == {"user": "anonymous", "principal": None}
+
+
 def test_record_usage_in_a_stream_without_its_context_is_not_lost_silently(
         app_factory: Any, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
