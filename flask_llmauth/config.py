@@ -667,7 +667,9 @@ class Settings:
     )
     public_routes: tuple[str, ...] = setting(
         DEFAULT_PUBLIC_ROUTES, _route_list,
-        "Routes that need no credential: paths, `/prefix/*` wildcards or route-group names.",
+        "Routes that need no credential: paths, `/prefix/*` wildcards or route-group names. "
+        "A value replaces the default (unlike LiteLLM, which adds to its built-in public "
+        "routes): list the health paths in it to keep your probes public.",
         yaml=("general_settings.public_routes",),
     )
     trusted_proxy_ranges: tuple[Any, ...] = setting(

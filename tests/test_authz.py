@@ -480,6 +480,17 @@ def new_personal_key(client: Any, user_id: str, **fields: Any) -> str:
 # -- configured route lists ------------------------------------------------------------------------
 
 
+def test_public_routes_replace_the_default_health_paths(app_factory: Any) -> None:
+    """configuration.md: a value replaces the default, so a list without the health paths
+    makes the probes need a credential (LiteLLM would keep its own public routes)."""
+    app = app_factory(config={"LLMAUTH_PUBLIC_ROUTES": ["/open/*"]})
+    client = app.test_client()
+    assert_error(client.get("/health/liveliness"), 401)
+    assert client.get("/health/liveliness", headers=ADMIN).status_code == 200
+    default = app_factory().test_client()
+    assert default.get("/health/liveliness").status_code == 200
+
+
 def test_public_routes_with_wildcards_and_group_names(app_factory: Any) -> None:
     app = app_factory(config={"LLMAUTH_PUBLIC_ROUTES": [
         "/open/*", "LiteLLMRoutes.public_routes", "/key/*", "management_routes"]})
