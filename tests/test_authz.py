@@ -11,11 +11,26 @@ from typing import Any
 import pytest
 from flask import Blueprint, Flask, jsonify
 
-from flask_llmauth import Role, current_principal, require_role, require_scope
+from flask_llmauth import (
+    Role,
+    current_principal,
+    require_model_access,
+    require_role,
+    require_scope,
+)
 from flask_llmauth.api import API_ROUTES, BLUEPRINT_NAME
 from flask_llmauth.authz.routes import ATTR_EXEMPT, rule_template
 from flask_llmauth.extension import AUTHENTICATOR_FACTORIES
-from tests.helpers import ADMIN, MASTER_KEY, ROLES, assert_error, bearer, record_secret, role_keys
+from tests.helpers import (
+    ADMIN,
+    MASTER_KEY,
+    ROLES,
+    assert_error,
+    bearer,
+    new_key,
+    record_secret,
+    role_keys,
+)
 
 # -- the role → route matrix -----------------------------------------------------------------------
 
@@ -401,6 +416,40 @@ def test_decorators_written_above_the_route_are_still_enforced_and_warned_about(
     assert client.get("/reports/right",
                       headers=bearer("scoped:reports:read")).status_code == 200
     assert "'right_order'" not in caplog.text  # written as documented: no warning
+
+
+def test_a_model_check_written_above_the_route_fails_closed(
+        app_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """``@require_model_access`` above ``@app.post`` is not part of the registered view, so
+    the models a key may use are not checked there: only proxy admins pass until the
+    decorator moves below the route (before, every key called it with any model)."""
+    app = app_factory()
+
+    @require_model_access()
+    @app.post("/my/tune")
+    @app.llmauth.route_group("info_routes")
+    def tune() -> Any:
+        return jsonify(ok=True)
+
+    @app.post("/my/tune/right")
+    @app.llmauth.route_group("info_routes")
+    @require_model_access()
+    def tune_right() -> Any:
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    key = new_key(client, models=["gpt-4o"])["key"]
+    error = assert_error(client.post("/my/tune", json={"model": "gpt-4o"},
+                                     headers=bearer(key)), 403)
+    assert "@require_model_access sits above the route decorator" in error["message"]
+    assert client.post("/my/tune", json={"model": "other"}, headers=ADMIN).status_code == 200
+    assert "only proxy admins may call a view whose @require_model_access" in caplog.text
+    # written as documented: the key's models are checked, and nothing is logged
+    assert client.post("/my/tune/right", json={"model": "gpt-4o"},
+                       headers=bearer(key)).status_code == 200
+    assert_error(client.post("/my/tune/right", json={"model": "other"}, headers=bearer(key)),
+                 403)
+    assert "'tune_right'" not in caplog.text
 
 
 def test_a_missing_scope_is_refused_before_rate_limits_count_the_request(

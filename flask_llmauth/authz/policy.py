@@ -185,6 +185,11 @@ class Policy:
                                  error_type="insufficient_scope", reason="scope_missing")
         if principal.is_admin:
             return None
+        if info.model_check_unapplied:  # its model check cannot run: fail closed
+            return Forbidden(
+                f"Route {info.route} cannot check which models you may use (its "
+                "@require_model_access sits above the route decorator); only a proxy admin "
+                "may call it until that is fixed.", reason="model_check_unapplied")
         if self.admin_only and self.admin_only.matches(info.route):
             return _admin_only(info.route)
         if info.required_roles is not None:

@@ -263,6 +263,9 @@ class RouteInfo:
     required_scopes: frozenset[str] = frozenset()
     #: The view argument that names the model (Gemini-style routes), if any.
     model_arg: str | None = None
+    #: ``@require_model_access`` sat above the route decorator: its check is not part of
+    #: the registered view, so only proxy admins may call the route.
+    model_check_unapplied: bool = False
 
     #: Whether the rule is one of the extension's management API routes.
     is_api: bool = False
@@ -382,12 +385,13 @@ class RouteTable:
             log.warning(
                 "llmauth: %s on view %r sit above its route decorator, so Flask registered "
                 "the view without them; put them below @app.route(...). Until then the "
-                "request hook enforces the roles and scopes, and no model check of "
-                "@require_model_access runs", " and ".join(f"@{d}" for d in unapplied),
-                endpoint)
+                "request hook enforces the roles and scopes, and only proxy admins may call "
+                "a view whose @require_model_access cannot run",
+                " and ".join(f"@{d}" for d in unapplied), endpoint)
         model_arg = next((a for a in _MODEL_ARGS if a in rule.arguments), None)
         return RouteInfo(route=route, endpoint=endpoint, groups=groups, public=public,
                          required_roles=frozenset(roles) if roles is not None else None,
                          required_scopes=frozenset(getattr(view, ATTR_SCOPES, ())),
+                         model_check_unapplied="require_model_access" in unapplied,
                          model_arg=model_arg if "llm_api_routes" in groups else None,
                          unsafe_only=unsafe_only(rule), is_api=endpoint in self.explicit)
