@@ -83,3 +83,20 @@ def gateway(gateway_dir: Path) -> Iterator[Gateway]:
 @pytest.fixture(scope="module")
 def admin(gateway: Gateway) -> Admin:
     return Admin(gateway, generated_master_key(gateway.output()))
+
+
+@pytest.fixture
+def make_app(app_factory: Any, idp: Any) -> Any:
+    """``make_app(provider=None, config=None, **jwt_settings)``: an app with JWT auth on
+    against the test IdP (``provider``, default the shared one) and an echo route
+    (tests/integration/test_jwt.py's ``jwt_config`` and ``add_echo``)."""
+    from tests.integration.test_jwt import add_echo, jwt_config
+
+    def make(provider: Any = None, config: dict[str, Any] | None = None,
+             **extra: Any) -> Any:
+        cfg = jwt_config(provider or idp, **extra)
+        cfg.update(config or {})
+        app = app_factory(cfg)
+        add_echo(app)
+        return app
+    return make

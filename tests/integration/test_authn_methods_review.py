@@ -12,27 +12,14 @@ from typing import Any
 
 import jwt
 import pytest
-from flask import Flask
 
 from tests.helpers import ADMIN, assert_error, bearer, new_key, record_secret
 from tests.idp_fixture import DEFAULT_SCOPES, OPAQUE, IdP, default_config
-from tests.integration.test_jwt import add_echo, call, jwt_config, ok
+from tests.integration.test_jwt import call, ok
 from tests.integration.test_jwt_hostile import b64, segment
 
 pytestmark = pytest.mark.integration
 OTHER_API = "urn:llmauth:another-api"
-
-
-@pytest.fixture
-def make_app(app_factory: Any, idp: IdP) -> Any:
-    def make(provider: IdP | None = None, config: dict[str, Any] | None = None,
-             **extra: Any) -> Flask:
-        cfg = jwt_config(provider or idp, **extra)
-        cfg.update(config or {})
-        app = app_factory(cfg)
-        add_echo(app)
-        return app
-    return make
 
 
 def _jwk(provider: IdP, kty: str = "RSA") -> dict[str, Any]:

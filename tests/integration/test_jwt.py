@@ -44,18 +44,6 @@ def add_echo(app: Flask) -> None:
                        models=list(p.models), issuer=p.metadata.get("jwt_issuer"))
 
 
-@pytest.fixture
-def make_app(app_factory: Any, idp: IdP) -> Any:
-    def make(provider: IdP | None = None, config: dict[str, Any] | None = None,
-             **extra: Any) -> Flask:
-        cfg = jwt_config(provider or idp, **extra)
-        cfg.update(config or {})
-        app = app_factory(cfg)
-        add_echo(app)
-        return app
-    return make
-
-
 def call(client: Any, token: str, model: str = "gpt-4o", path: str = "/v1/responses",
          **headers: str) -> Any:
     return client.post(path, json={"model": model}, headers={**bearer(token), **headers})

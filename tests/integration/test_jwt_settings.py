@@ -14,27 +14,14 @@ from typing import Any
 
 import jwt
 import pytest
-from flask import Flask
 
 from flask_llmauth.authn.jwt import JWTAuthenticator
 from flask_llmauth.errors import ConfigurationError
 from tests.helpers import assert_error, bearer, record_secret
 from tests.idp_fixture import ES256, RS256, IdP
-from tests.integration.test_jwt import add_echo, call, jwt_config, new_team, ok
+from tests.integration.test_jwt import add_echo, call, new_team, ok
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def make_app(app_factory: Any, idp: IdP) -> Any:
-    def make(provider: IdP | None = None, config: dict[str, Any] | None = None,
-             **extra: Any) -> Flask:
-        cfg = jwt_config(provider or idp, **extra)
-        cfg.update(config or {})
-        app = app_factory(cfg)
-        add_echo(app)
-        return app
-    return make
 
 
 def signed(provider: IdP, claims: dict[str, Any], *, alg: str = "RS256") -> str:
