@@ -31,6 +31,7 @@ from tests.storage_servers import (  # noqa: F401 - fixtures
     memcached_url,
     redis_cluster_url,
     redis_sentinel_url,
+    redis_tls,
 )
 
 POSTGRES_URL = os.environ.get("LLMAUTH_TEST_POSTGRES_URL")

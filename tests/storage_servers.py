@@ -9,6 +9,8 @@ loopback ports for the test session and stopped when it ends:
   the Lua scripts of :class:`flask_llmauth.ratelimits.RedisCounters` on the master the
   Sentinel names.
 * ``memcached_url``: a memcached (:class:`flask_llmauth.ratelimits.MemcachedCounters`).
+* ``redis_tls``: a Redis that speaks only TLS (``rediss://``), with a self-signed
+  certificate made for the session, and the storage options that trust it.
 """
 
 from __future__ import annotations
@@ -174,3 +176,67 @@ def memcached_url() -> Iterator[str]:
         yield f"memcached://127.0.0.1:{port}"
     finally:
         _stop([process])
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files), valid for a day."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """The settings of a rate-limit storage on a Redis that speaks only TLS:
+    ``LLMAUTH_RATELIMIT_STORAGE_URI`` (``rediss://``) and the
+    ``LLMAUTH_RATELIMIT_STORAGE_OPTIONS`` that trust its certificate."""
+    from tests.conftest import missing_peer
+
+    server = shutil.which("redis-server")
+    if server is None:
+        missing_peer("redis-server is needed to start a Redis with TLS")
+    directory = tmp_path_factory.mktemp("redis-tls")
+    cert, key = _self_signed(directory)
+    (port,) = _free_ports(1)
+    process = subprocess.Popen(
+        [str(server), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answers() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        _wait(answers, f"Redis with TLS on port {port} did not start")
+        yield {"LLMAUTH_RATELIMIT_STORAGE_URI": f"rediss://127.0.0.1:{port}/0",
+               "LLMAUTH_RATELIMIT_STORAGE_OPTIONS": {"ssl_ca_certs": str(cert)}}
+    finally:
+        _stop([process])
+

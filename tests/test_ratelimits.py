@@ -64,7 +64,8 @@ STARTED_STORAGES = {"redis-cluster": "redis_cluster_url", "redis-sentinel": "red
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
                         pytest.param("valkey", marks=pytest.mark.redis),
                         pytest.param("redis-cluster", marks=pytest.mark.redis),
-                        pytest.param("redis-sentinel", marks=pytest.mark.redis), "memcached"])
+                        pytest.param("redis-sentinel", marks=pytest.mark.redis),
+                        pytest.param("redis-tls", marks=pytest.mark.redis), "memcached"])
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Rate-limit storage settings: per-process memory, the shared Redis with a key prefix
     of its own (never flushed), or a storage started for the session: a Redis Cluster of
@@ -74,6 +75,9 @@ def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     Redis through limits' ``valkey://`` storage and the Valkey client (the same protocol)."""
     if request.param == "memory":
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}
+    if request.param == "redis-tls":  # a Redis that speaks only TLS, started for the session
+        return {**request.getfixturevalue("redis_tls"),
+                "LLMAUTH_RATELIMIT_KEY_PREFIX": f"llmauth-test-{uuid.uuid4().hex[:8]}"}
     if request.param in STARTED_STORAGES:
         url = request.getfixturevalue(STARTED_STORAGES[request.param])
         return {"LLMAUTH_RATELIMIT_STORAGE_URI": url,
