@@ -2,7 +2,7 @@
 
 Each configured URL is a JWKS document or an OIDC discovery document (its ``jwks_uri`` is
 followed; the discovery answer is cached with the keys). Keys are fetched with ``requests``
-(timeouts, no redirects, a size cap), parsed once into key objects and kept for
+(one timeout for a whole fetch, no redirects, a size cap), parsed once into key objects and kept for
 ``ttl`` seconds. One thread refreshes a URL at a time while the others wait for its answer
 (single flight). A token whose ``kid`` is in no cached set triggers one refetch per URL, at
 most once per ``refetch_cooldown`` seconds, so random kids cannot turn the server into a
@@ -32,6 +32,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
 from ..errors import ConfigurationError, ServiceUnavailable, Unauthenticated
+from .deadline import exchange_timeout, read_body
 
 log = logging.getLogger("flask_llmauth")
 
@@ -278,16 +279,19 @@ class JwksCache:
         return keys
 
     def _get_json(self, url: str) -> dict[str, Any]:
+        """One document; a failed attempt is retried once, within the same ``timeout``."""
+        deadline = time.monotonic() + self.timeout
         last: Exception | None = None
         for attempt in range(2):
             try:
-                with self.session.get(url, timeout=self.timeout, allow_redirects=False,
+                left = deadline - time.monotonic()
+                with self.session.get(url, timeout=exchange_timeout(left), allow_redirects=False,
                                       stream=True, headers={"Accept": "application/json"}) as r:
                     if r.status_code >= 500:
                         raise _FetchError(f"HTTP {r.status_code}")
                     if r.status_code != 200:
                         raise _FetchError(f"HTTP {r.status_code}", retry=False)
-                    body = r.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
+                    body = read_body(r, MAX_DOCUMENT_BYTES, deadline)
                 if len(body) > MAX_DOCUMENT_BYTES:
                     raise _FetchError("document too large", retry=False)
                 doc = json.loads(body)
@@ -304,6 +308,8 @@ class JwksCache:
                 last = _FetchError("invalid JSON")
                 break
             if attempt == 0:
+                if deadline - time.monotonic() <= 0.25:
+                    break  # no time left for a retry
                 time.sleep(0.25)
         raise last if isinstance(last, _FetchError) else _FetchError("fetch failed")
 

@@ -51,6 +51,7 @@ from ..errors import ConfigurationError, Forbidden, LLMAuthError, Unauthenticate
 from ..principal import Principal, Role
 from .base import AuthContext
 from .custom import call_hook, resolve_hook
+from .deadline import exchange_timeout, read_body
 from .jwks import (
     MAX_DOCUMENT_BYTES,
     JwksCache,
@@ -272,12 +273,14 @@ class UserinfoClient:
             raise invalid_token("userinfo_refused_cached")
         if isinstance(cached, Mapping):
             return cached
+        deadline = time.monotonic() + self.timeout
         try:
-            with self.session.get(self.endpoint, timeout=self.timeout, allow_redirects=False,
-                                  stream=True, headers={"Authorization": f"Bearer {token}",
-                                                        "Accept": "application/json"}) as r:
+            with self.session.get(self.endpoint, timeout=exchange_timeout(self.timeout),
+                                  allow_redirects=False, stream=True,
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "Accept": "application/json"}) as r:
                 status = r.status_code
-                body = r.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
+                body = read_body(r, MAX_DOCUMENT_BYTES, deadline)
         except (requests.RequestException, OSError):
             log.warning("llmauth: the userinfo endpoint cannot be reached")
             raise provider_unavailable() from None

@@ -24,8 +24,9 @@ its user or team changes, like a key's); an inactive or refused token is remembe
 ``LLMAUTH_NEGATIVE_CACHE_TTL``. A revoked token therefore keeps working until its cache
 entry ends (``LLMAUTH_OAUTH2_CACHE_TTL``; 0 turns the cache off).
 
-The provider being unreachable, slow (``LLMAUTH_OAUTH2_TIMEOUT``), redirecting, answering 5xx
-or malformed JSON is a **503** ``auth_provider_unavailable`` — never a pass, never cached.
+The provider being unreachable, slow (``LLMAUTH_OAUTH2_TIMEOUT``, for the whole exchange),
+redirecting, answering 5xx or malformed JSON is a **503** ``auth_provider_unavailable`` —
+never a pass, never cached.
 The URL comes from configuration only, must be https (plain http only to loopback unless
 ``LLMAUTH_OAUTH2_ALLOW_INSECURE_HTTP``), redirects are not followed, and proxy/netrc
 settings from the environment are ignored. Neither the token nor the client secret is ever
@@ -53,6 +54,7 @@ from ..errors import ConfigurationError, Unauthenticated
 from ..identities import IdentityLoader
 from ..principal import Principal, Role
 from .base import AuthContext, has_identity
+from .deadline import exchange_timeout, read_body
 from .fields import build_principal, identity_value
 from .jwks import check_fetch_url, provider_unavailable
 
@@ -217,16 +219,18 @@ class OAuth2Authenticator:
     def _call(self, token: str, digest: str) -> dict[str, Any] | None:
         """The provider's JSON object, or ``None`` when token-info refuses the token."""
         headers = {"Accept": "application/json"}
+        deadline = time.monotonic() + self.timeout
+        timeout = exchange_timeout(self.timeout)
         try:
             if self.introspection:
                 response = self.session.post(
                     self.endpoint, data={"token": token, "token_type_hint": "access_token"},
                     auth=(self.client_id or "", self.client_secret or ""), headers=headers,
-                    timeout=self.timeout, allow_redirects=False, stream=True)
+                    timeout=timeout, allow_redirects=False, stream=True)
             else:
                 response = self.session.get(
                     self.endpoint, auth=_BearerAuth(token), headers=headers,
-                    timeout=self.timeout, allow_redirects=False, stream=True)
+                    timeout=timeout, allow_redirects=False, stream=True)
             with response:
                 status = response.status_code
                 if not self.introspection and status in _INVALID_TOKEN_STATUSES:
@@ -234,11 +238,7 @@ class OAuth2Authenticator:
                 if status != 200:
                     log.error("llmauth: OAuth2 %s endpoint answered HTTP %s", self._kind, status)
                     raise provider_unavailable()
-                body = b""
-                for chunk in response.iter_content(chunk_size=16384):
-                    body += chunk
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        break
+                body = read_body(response, MAX_RESPONSE_BYTES, deadline)
         except requests.RequestException as exc:
             log.error("llmauth: OAuth2 %s endpoint unreachable (%s)", self._kind,
                       type(exc).__name__)
