@@ -921,7 +921,9 @@ class Settings:
         "answers meanwhile).",
     )
     jwt_http_timeout: float = setting(
-        5.0, _number(float, 0.1), "Timeout (seconds) of requests to the identity provider.",
+        5.0, _number(float, 0.1),
+        "Timeout (seconds) of a request to the identity provider: the whole exchange "
+        "(connect, answer and body; a JWKS fetch's retry included), not each socket read.",
     )
     jwt_allow_insecure_http: bool = setting(
         False, _bool,
@@ -1077,7 +1079,9 @@ class Settings:
         "long a revoked token may keep working. 0 disables the cache.",
     )
     oauth2_timeout: float = setting(
-        5.0, _number(float, 0.1), "Seconds to wait for the introspection/token-info endpoint.",
+        5.0, _number(float, 0.1),
+        "Seconds a call to the introspection/token-info endpoint may take in all (connect, "
+        "answer and body), not per socket read.",
     )
 
     # -- budgets, spend, customers (issue 4) ----------------------------------------------------
