@@ -4,7 +4,9 @@ Run it with ``flask --app example_app run`` or ``gunicorn 'example_app:create_ap
 Every ``LLMAUTH_*`` environment variable becomes the Flask config key of the same name
 (JSON-decoded when it parses as JSON). By default it answers from a deterministic built-in
 fake model; set ``GATEWAY_UPSTREAM_BASE_URL`` (and ``GATEWAY_UPSTREAM_API_KEY``) to forward
-requests to a real OpenAI-compatible upstream instead. ``GATEWAY_INSTANCE_PATH`` moves the
+requests to a real OpenAI-compatible upstream instead (``GATEWAY_UPSTREAM_MAX_BYTES`` caps a
+non-streamed answer; :mod:`example_app.upstream` says what is passed each way).
+``GATEWAY_INSTANCE_PATH`` moves the
 instance folder (generated master key, SQLite database) away from Flask's default.
 """
 
@@ -41,11 +43,16 @@ def _env_config(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith("LLMAUTH_") or name.startswith("LLMAUTH_TEST_"):
             continue
-        try:
-            config[name] = json.loads(raw)
-        except ValueError:
-            config[name] = raw
+        config[name] = _env_value(raw)
     return config
+
+
+def _env_value(raw: str) -> Any:
+    """An environment variable's value, JSON-decoded when it parses as JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def _instance_path(value: str | None) -> str | None:
@@ -145,6 +152,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.setdefault("GATEWAY_MODELS", list(DEFAULT_MODELS))
     app.config.setdefault("GATEWAY_UPSTREAM_BASE_URL", os.environ.get("GATEWAY_UPSTREAM_BASE_URL"))
     app.config.setdefault("GATEWAY_UPSTREAM_API_KEY", os.environ.get("GATEWAY_UPSTREAM_API_KEY"))
+    if "GATEWAY_UPSTREAM_MAX_BYTES" in os.environ:
+        app.config.setdefault("GATEWAY_UPSTREAM_MAX_BYTES", _env_value(
+            os.environ["GATEWAY_UPSTREAM_MAX_BYTES"]))
     if config:
         app.config.update(config)
     _ensure_master_key(app)

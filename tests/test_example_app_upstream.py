@@ -1,0 +1,279 @@
+"""The example gateway's forwarding to a real upstream (``GATEWAY_UPSTREAM_BASE_URL``), as an
+operator deploys it: what the upstream sees, and what of the upstream's answer reaches the
+caller. The upstream is a real HTTP server on a loopback port, in a thread."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from example_app import create_app
+from flask_llmauth.spend import flush
+from tests.conftest import migrated_sqlite_url
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, new_key, record_secret
+
+pytestmark = pytest.mark.integration
+
+UPSTREAM_KEY = record_secret("sk-upstream-" + "U9pstreamKey0123456789abcdefghij")
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                       "finish_reason": "stop"}],
+          "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+Reply = Callable[[BaseHTTPRequestHandler], None]
+
+
+def send(handler: BaseHTTPRequestHandler, status: int, body: bytes,
+         headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class FakeUpstream:
+    """An HTTP server answering every POST with ``self.reply``; it keeps each request's
+    headers in ``self.requests``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.reply: Reply = lambda h: send(h, 200, json.dumps(ANSWER).encode())
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                upstream.requests.append(dict(self.headers))
+                upstream.reply(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+def _gateway(tmp_path: Any, base_url: str, **config: Any) -> Flask:
+    return create_app({"TESTING": True, "LLMAUTH_MASTER_KEY": MASTER_KEY,
+                       "LLMAUTH_DATABASE_URL": migrated_sqlite_url(tmp_path),
+                       "GATEWAY_UPSTREAM_BASE_URL": base_url,
+                       "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY, **config})
+
+
+@pytest.fixture
+def gateway(tmp_path: Any, upstream: FakeUpstream) -> Iterator[Flask]:
+    app = _gateway(tmp_path, upstream.base_url)
+    yield app
+    app.extensions["llmauth"].close()
+
+
+def test_the_upstream_sees_the_gateways_key_only_and_no_cookie(
+        gateway: Flask, upstream: FakeUpstream) -> None:
+    """No header of the caller is forwarded, and a cookie the upstream sets is neither kept
+    (the session's cookie jar used to send it with every later request, whoever made it)
+    nor passed on to the caller."""
+    upstream.reply = lambda h: send(h, 200, json.dumps(ANSWER).encode(),
+                                    {"Set-Cookie": "session=upstream-session; Path=/"})
+    client = gateway.test_client()
+    caller = new_key(client, models=["gpt-4o"])["key"]
+    for headers in ({"Authorization": f"Bearer {caller}"}, {"x-api-key": caller},
+                    {"api-key": caller}):
+        answer = client.post("/v1/chat/completions", json=CHAT, headers={
+            **headers, "Cookie": "caller=cookie", "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-Host": "evil.example", "Connection": "keep-alive, X-Secret",
+            "X-Secret": "s"})
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        assert answer.get_json() == ANSWER
+        assert "Set-Cookie" not in answer.headers
+    assert len(upstream.requests) == 3
+    for seen in upstream.requests:
+        assert seen["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+        assert seen["x-api-key"] == UPSTREAM_KEY
+        assert caller not in json.dumps(seen)
+        names = {name.lower() for name in seen}
+        assert names.isdisjoint({"cookie", "api-key", "x-forwarded-for", "x-forwarded-host",
+                                 "x-secret"}), seen
+        assert seen["Host"] == upstream.base_url.split("/")[2]
+
+
+def test_only_end_to_end_headers_of_the_answer_reach_the_caller(
+        gateway: Flask, upstream: FakeUpstream) -> None:
+    """Hop-by-hop headers, the upstream's server banner and its account headers stay at
+    the gateway; the content type, request id and Retry-After pass."""
+    upstream.reply = lambda h: send(h, 200, json.dumps(ANSWER).encode(), {
+        "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic", "Upgrade": "h2c",
+        "openai-organization": "acme-internal", "x-request-id": "req_1",
+        "Retry-After": "1", "Strict-Transport-Security": "max-age=1"})
+    answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+    assert answer.status_code == 200
+    names = {name.lower() for name in answer.headers.keys()}
+    assert names.isdisjoint({"keep-alive", "proxy-authenticate", "upgrade",
+                             "openai-organization", "server", "strict-transport-security"})
+    assert answer.headers["x-request-id"] == "req_1"
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_an_upstream_redirect_is_not_followed_nor_passed_on(
+        gateway: Flask, upstream: FakeUpstream, status: int) -> None:
+    upstream.reply = lambda h: send(h, status, b"", {
+        "Location": "http://169.254.169.254/latest/meta-data/"})
+    answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+    assert_error(answer, 502, "upstream_error")
+    assert "Location" not in answer.headers
+    assert "169.254" not in answer.get_data(as_text=True)
+    assert len(upstream.requests) == 1
+
+
+def _echo_key(status: int) -> Reply:
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        send(handler, status, json.dumps({"error": {
+            "message": f"Incorrect API key provided: {handler.headers['Authorization']}",
+            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+        ).encode(), {"WWW-Authenticate": "Bearer"})
+    return reply
+
+
+def test_an_upstream_that_refuses_the_gateways_key_is_a_502_without_it(
+        gateway: Flask, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """The upstream's 401 concerns the gateway's credential, not the caller's: passed on,
+    it echoed ``GATEWAY_UPSTREAM_API_KEY`` to the caller and told an SDK its own key was
+    wrong."""
+    upstream.reply = _echo_key(401)
+    answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+    error = assert_error(answer, 502, "upstream_auth_error")
+    assert "GATEWAY_UPSTREAM_API_KEY" in error["message"]
+    assert UPSTREAM_KEY not in answer.get_data(as_text=True)
+    assert "WWW-Authenticate" not in answer.headers
+    assert UPSTREAM_KEY not in caplog.text
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 429, 500])
+def test_the_gateways_key_is_redacted_from_an_upstream_error_passed_on(
+        gateway: Flask, upstream: FakeUpstream, status: int) -> None:
+    upstream.reply = _echo_key(status)
+    answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+    assert answer.status_code == status
+    text = answer.get_data(as_text=True)
+    assert UPSTREAM_KEY not in text
+    assert answer.get_json()["error"]["message"] == (
+        "Incorrect API key provided: Bearer [redacted]")
+
+
+@pytest.mark.parametrize("status,expected", [(502, 502), (500, 502), (404, 404), (429, 429),
+                                             (200, 502)])
+def test_an_upstream_answer_that_is_not_json_is_a_json_error(
+        gateway: Flask, upstream: FakeUpstream, status: int, expected: int) -> None:
+    """An HTML error page of a proxy in front of the upstream (or a truncated answer) used
+    to reach the caller as is; an SDK cannot parse it."""
+    upstream.reply = lambda h: send(h, status, b"<html><body>Bad Gateway</body></html>",
+                                    {"Content-Type": "text/html"})
+    answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+    error = assert_error(answer, expected, "upstream_error")
+    assert str(status) in error["message"]
+    assert "html" not in answer.get_data(as_text=True).lower()
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_an_upstream_answer_over_the_size_limit_is_a_502(
+        tmp_path: Any, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch,
+        source: str) -> None:
+    if source == "environment":
+        monkeypatch.setenv("GATEWAY_UPSTREAM_MAX_BYTES", "4096")
+        app = _gateway(tmp_path, upstream.base_url)
+    else:
+        app = _gateway(tmp_path, upstream.base_url, GATEWAY_UPSTREAM_MAX_BYTES=4096)
+    try:
+        big = dict(ANSWER, id="x" * 5000)
+        upstream.reply = lambda h: send(h, 200, json.dumps(big).encode())
+        answer = app.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+        assert_error(answer, 502, "upstream_error")
+        upstream.reply = lambda h: send(h, 200, json.dumps(ANSWER).encode())
+        fits = app.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+        assert fits.get_json() == ANSWER
+    finally:
+        app.extensions["llmauth"].close()
+
+
+@pytest.mark.parametrize("value", [0, -1, "big", 1.5, True])
+def test_an_invalid_size_limit_fails_at_start(tmp_path: Any, value: Any) -> None:
+    with pytest.raises(ValueError, match="GATEWAY_UPSTREAM_MAX_BYTES"):
+        _gateway(tmp_path, "http://127.0.0.1:9/v1", GATEWAY_UPSTREAM_MAX_BYTES=value)
+
+
+def test_an_unreachable_upstream_is_a_503(tmp_path: Any) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = _gateway(tmp_path, f"http://127.0.0.1:{port}/v1")
+    try:
+        answer = app.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
+        assert_error(answer, 503, "upstream_unavailable")
+    finally:
+        app.extensions["llmauth"].close()
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_upstream_connection_and_is_charged(
+        gateway: Flask, upstream: FakeUpstream) -> None:
+    """The upstream streams until its connection closes: the caller reads one event and
+    hangs up, the gateway closes the upstream connection (it used to stay open, its
+    response unread) and the request is charged (docs/spend.md)."""
+    closed = threading.Event()
+
+    def stream_forever(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        event = b'data: {"choices": [{"index": 0, "delta": {"content": "tok "}}]}\n\n'
+        chunk = b"%x\r\n%s\r\n" % (len(event), event)
+        handler.close_connection = True
+        while True:
+            try:
+                handler.wfile.write(chunk)
+                handler.wfile.flush()
+                if not handler.request.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    break  # the gateway closed the connection
+            except BlockingIOError:
+                continue  # open, nothing sent by the gateway: stream on
+            except OSError:
+                break  # reset by the gateway
+        closed.set()
+
+    upstream.reply = stream_forever
+    answer = gateway.test_client().post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                        headers=ADMIN, buffered=False)
+    assert answer.status_code == 200
+    assert b"tok" in next(iter(answer.response))
+    assert not closed.is_set()
+    answer.close()
+    assert closed.wait(10), "the upstream connection is still open"
+    assert flush(gateway) == 1
+
