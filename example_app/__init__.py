@@ -70,7 +70,7 @@ def _ensure_master_key(app: Flask) -> None:
     if load_settings(app.config).master_key:
         return
     path = os.path.join(app.instance_path, MASTER_KEY_FILE)
-    os.makedirs(app.instance_path, exist_ok=True)
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # owner-only when created here
     if not os.path.exists(path):
         key = "sk-" + secrets.token_urlsafe(32)
         fd, tmp = tempfile.mkstemp(prefix=".master_key.", dir=app.instance_path)  # mode 0600

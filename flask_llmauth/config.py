@@ -638,8 +638,9 @@ class Settings:
     database_url: str | None = setting(
         None, _database_url,
         "Peewee database URL (`postgresql://...`, `sqlite:///path`). Default: SQLite file "
-        "`llmauth.db` in the app's instance folder, created owner-only (mode 0600). An empty "
-        "value is an error (leave the key out for the default or `DATABASE_URL`).",
+        "`llmauth.db` in the app's instance folder, created owner-only (mode 0600; the folder, "
+        "when created for it, 0700). An empty value is an error (leave the key out for the "
+        "default or `DATABASE_URL`).",
         yaml=("general_settings.database_url",), env=("DATABASE_URL",), secret=True,
     )
     auto_migrate: bool = setting(

@@ -131,7 +131,7 @@ def _open_store(app: Flask, settings: Settings) -> Store:
     url = settings.database_url
     source = settings.source("database_url")
     if url is None:
-        os.makedirs(app.instance_path, exist_ok=True)
+        os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # owner-only when created
         path = os.path.join(app.instance_path, "llmauth.db")
         # Owner-only from the start (key digests, users, spend); SQLite gives its journal
         # files the database file's mode. An existing file keeps the mode it has.

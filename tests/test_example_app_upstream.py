@@ -5,7 +5,9 @@ caller. The upstream is a real HTTP server on a loopback port, in a thread."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -277,3 +279,19 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream_connection_and_is_c
     assert closed.wait(10), "the upstream connection is still open"
     assert flush(gateway) == 1
 
+
+def test_the_first_start_instance_folder_is_private(tmp_path: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance folder holds the generated master key and the SQLite database: created
+    owner-only (it was created world-listable, 0755 under the usual umask)."""
+    instance = tmp_path / "deploy" / "instance"
+    monkeypatch.setenv("GATEWAY_INSTANCE_PATH", str(instance))
+    monkeypatch.delenv("LLMAUTH_MASTER_KEY", raising=False)
+    app = create_app({"TESTING": True})
+    try:
+        record_secret(app.config["LLMAUTH_MASTER_KEY"])
+        assert stat.S_IMODE(os.stat(instance).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(instance / "master_key").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(instance / "llmauth.db").st_mode) == 0o600
+    finally:
+        app.extensions["llmauth"].close()

@@ -395,6 +395,8 @@ def test_the_default_database_file_is_owner_only(tmp_path: Path) -> None:
         path = tmp_path / "instance" / "llmauth.db"
         assert path.stat().st_size > 0  # the migrated database, not a placeholder
         assert path.stat().st_mode & 0o777 == 0o600
+        # the folder created for it too (it was 0755 under the usual umask: listable)
+        assert (tmp_path / "instance").stat().st_mode & 0o777 == 0o700
     finally:
         app.extensions["llmauth"].close()
 
