@@ -7,8 +7,9 @@ The caller's credential is never forwarded: the upstream sees only the gateway's
 - a successful (2xx) answer with the headers in :data:`PASSED_HEADERS` only (no
   ``Set-Cookie``, hop-by-hop, server or provider-account headers); a non-streamed one must
   be JSON of at most ``GATEWAY_UPSTREAM_MAX_BYTES`` bytes (else a 502);
-- an error (4xx, 5xx) as the upstream's JSON error with its status, the gateway's key
-  redacted from it; one that is not JSON becomes the gateway's own JSON error (a 5xx as 502);
+- an error (4xx, 5xx) as the upstream's JSON error with its status and those headers, the
+  gateway's key redacted from it; one that is not JSON becomes the gateway's own JSON error
+  (a 5xx as 502; ``Retry-After`` kept);
 - a redirect is never followed nor passed on (a 502), and an upstream 401 (the upstream
   refused the gateway's key, not the caller's) is a 502 ``upstream_auth_error``.
 
@@ -73,9 +74,9 @@ class Upstream:
         except requests.RequestException:
             raise ServiceUnavailable("The upstream model provider is unreachable.",
                                      error_type="upstream_unavailable") from None
-        if not 200 <= upstream.status_code < 300:
-            return self._error(upstream)
         passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_HEADERS}
+        if not 200 <= upstream.status_code < 300:
+            return self._error(upstream, passed)
         if body.get("stream"):
             return Response(stream_with_context(_relay(upstream)), status=upstream.status_code,
                             headers=passed)
@@ -101,7 +102,7 @@ class Upstream:
             upstream.close()
         return b"".join(chunks)
 
-    def _error(self, upstream: requests.Response) -> Response:
+    def _error(self, upstream: requests.Response, passed: dict[str, str]) -> Response:
         status = upstream.status_code
         content = self._read(upstream, _MAX_ERROR_BYTES)
         if status == 401:
@@ -113,10 +114,13 @@ class Upstream:
                                 "follows no redirect.")
         if content is None or not _is_json(content):
             raise UpstreamError(f"The upstream model provider answered {status} without a JSON "
-                                "error.", status=502 if status >= 500 else status)
+                                "error.", status=502 if status >= 500 else status,
+                                headers={k: v for k, v in passed.items()
+                                         if k.lower() == "retry-after"})
         if self.api_key:
             content = content.replace(self.api_key.encode(), REDACTED.encode())
-        return Response(content, status=status, mimetype="application/json")
+        passed = {k: v for k, v in passed.items() if k.lower() != "content-type"}
+        return Response(content, status=status, headers=passed, mimetype="application/json")
 
 
 def _is_json(content: bytes) -> bool:

@@ -159,7 +159,7 @@ def _echo_key(status: int) -> Reply:
         send(handler, status, json.dumps({"error": {
             "message": f"Incorrect API key provided: {handler.headers['Authorization']}",
             "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
-        ).encode(), {"WWW-Authenticate": "Bearer"})
+        ).encode(), {"WWW-Authenticate": "Bearer", "Retry-After": "7", "Server": "upstream"})
     return reply
 
 
@@ -187,6 +187,8 @@ def test_the_gateways_key_is_redacted_from_an_upstream_error_passed_on(
     assert UPSTREAM_KEY not in text
     assert answer.get_json()["error"]["message"] == (
         "Incorrect API key provided: Bearer [redacted]")
+    assert answer.headers["Retry-After"] == "7"  # e.g. when to retry a 429
+    assert "WWW-Authenticate" not in answer.headers and "Server" not in answer.headers
 
 
 @pytest.mark.parametrize("status,expected", [(502, 502), (500, 502), (404, 404), (429, 429),
@@ -196,11 +198,13 @@ def test_an_upstream_answer_that_is_not_json_is_a_json_error(
     """An HTML error page of a proxy in front of the upstream (or a truncated answer) used
     to reach the caller as is; an SDK cannot parse it."""
     upstream.reply = lambda h: send(h, status, b"<html><body>Bad Gateway</body></html>",
-                                    {"Content-Type": "text/html"})
+                                    {"Content-Type": "text/html", "Retry-After": "3"})
     answer = gateway.test_client().post("/v1/chat/completions", json=CHAT, headers=ADMIN)
     error = assert_error(answer, expected, "upstream_error")
     assert str(status) in error["message"]
     assert "html" not in answer.get_data(as_text=True).lower()
+    if status >= 400:
+        assert answer.headers["Retry-After"] == "3"
 
 
 @pytest.mark.parametrize("source", ["config", "environment"])
