@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import secrets
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -87,6 +88,10 @@ def _ensure_master_key(app: Flask) -> None:
         finally:
             os.unlink(tmp)
     with open(path, encoding="utf-8") as fh:
+        mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+        if mode & 0o077:  # written by hand or copied: others may read the master key
+            app.logger.warning("%s holds the master key and other users may read it (mode "
+                               "%03o): chmod 600 %s", path, mode, path)
         app.config["LLMAUTH_MASTER_KEY"] = fh.read().strip()
 
 

@@ -299,3 +299,30 @@ def test_the_first_start_instance_folder_is_private(tmp_path: Any,
         assert stat.S_IMODE(os.stat(instance / "llmauth.db").st_mode) == 0o600
     finally:
         app.extensions["llmauth"].close()
+
+
+@pytest.mark.parametrize("mode,warned", [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_master_key_file_others_may_read_is_warned_about(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        mode: int, warned: bool) -> None:
+    """A ``master_key`` file written by hand or copied with a wider mode is used, and the
+    start-up says so, naming the file (never the key)."""
+    instance = tmp_path / "instance"
+    instance.mkdir(mode=0o700)
+    key = "sk-" + "HandWritten" * 4
+    record_secret(key)
+    (instance / "master_key").write_text(key + "\n")
+    os.chmod(instance / "master_key", mode)
+    monkeypatch.setenv("GATEWAY_INSTANCE_PATH", str(instance))
+    monkeypatch.delenv("LLMAUTH_MASTER_KEY", raising=False)
+    app = create_app({"TESTING": True})
+    try:
+        assert app.config["LLMAUTH_MASTER_KEY"] == key
+        found = [r.getMessage() for r in caplog.records if "holds the master key" in r.getMessage()]
+        assert bool(found) is warned
+        if warned:
+            assert f"mode {mode:03o}" in found[0] and "chmod 600" in found[0]
+        assert key not in caplog.text
+    finally:
+        app.extensions["llmauth"].close()
+
