@@ -254,3 +254,30 @@ def test_a_raw_key_in_the_path_is_not_logged(app_factory: Any,
     assert "/key/{key_id}/regenerate" in caplog.text
     for secret in (mine, theirs, unknown):
         assert secret not in caplog.text
+
+
+def test_a_refusal_is_one_warning_line_with_a_digest_prefix_not_the_key(
+        app_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """security.md's log line: ``llmauth: <status> <reason> <method> <route> from <ip>``, then
+    ``via <header>`` when a credential was presented and ``key_digest=<12 hex>`` when it is an
+    ``sk-`` key: the same key gives the same prefix (attempts correlate), never the key."""
+    app = app_factory()
+    client = app.test_client()
+    unknown = random_key()
+    opaque = record_secret("opaque-token-" + secrets.token_urlsafe(24))
+    prefix = KeyDigester(MASTER_KEY).digest(unknown)[:12]
+    lines: list[str] = []
+    for headers in (bearer(unknown), {"x-api-key": unknown}, bearer(opaque), {}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+            assert_error(client.post(CHAT, json={"model": "gpt-4o"}, headers=headers), 401)
+        refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(refusals) == 1
+        lines.append(refusals[0])
+    assert lines[0] == (f"llmauth: 401 unknown_key POST {CHAT} from 127.0.0.1 "
+                        f"via Authorization key_digest={prefix}")
+    assert lines[1].endswith(f" via x-api-key key_digest={prefix}")
+    assert lines[2].startswith(f"llmauth: 401 not_a_virtual_key POST {CHAT} from 127.0.0.1 via ")
+    assert "key_digest=" not in lines[2]
+    assert " via " not in lines[3] and lines[3].startswith("llmauth: 401 ")
+    assert not any(unknown in line or opaque in line for line in lines)
