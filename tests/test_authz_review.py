@@ -259,3 +259,25 @@ def test_a_write_that_loses_a_race_is_a_409_not_a_500(client: Any, app: Any,
         assert "retry" in error["message"], error
     assert snapshot(app) == before
 
+
+
+def test_an_unknown_role_stored_on_a_user_counts_as_internal_user(client: Any,
+                                                                  app: Any) -> None:
+    """authorization.md: "An unknown role string found in the database counts as
+    `internal_user`" — never more (no admin routes), and not less (its own key management)."""
+    from flask_llmauth.store.tables import User
+
+    assert client.post("/user/new", headers=ADMIN, json={
+        "user_id": "odd", "auto_create_key": False}).status_code == 200
+    key = record_secret(client.post("/key/generate", json={"user_id": "odd"},
+                                    headers=ADMIN).get_json()["key"])
+    state = app.extensions["llmauth"]
+    with state.store.use():
+        User.update(user_role="superuser").where(User.user_id == "odd").execute()
+    state.invalidate("user:odd")
+    mine = client.post("/key/generate", json={"user_id": "odd"}, headers=bearer(key))
+    assert mine.status_code == 200, mine.get_json()
+    record_secret(mine.get_json()["key"])
+    assert_error(client.get("/user/list", headers=bearer(key)), 403)
+    assert_error(client.post("/key/generate", json={"user_id": "someone-else"},
+                             headers=bearer(key)), 403)
