@@ -1032,7 +1032,11 @@ class Budgets:
                 message += when
             else:
                 headers["x-should-retry"] = "false"
-                if spend >= limit:
+                if spend >= limit and resets:
+                    message += (f"{when} This request may cost up to {_fmt(refusal.need)}, "
+                                "more than the whole budget: lower max_tokens or ask an "
+                                "admin to raise it.")
+                elif spend >= limit:
                     message += " This budget does not reset; ask an admin to raise it."
         else:
             # The reservations may all be another worker's: nothing need be in flight here.

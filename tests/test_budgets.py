@@ -215,6 +215,26 @@ def test_spend_equal_to_the_budget_is_exceeded_even_for_a_free_request(make: Any
     assert key["key"] not in response.get_data(as_text=True)
 
 
+def test_a_used_up_window_too_small_for_the_request_says_when_it_resets(make: Any) -> None:
+    """A used-up budget with a window: ``Retry-After`` until the reset when the request fits
+    a whole window; when even a fresh window cannot hold it, no ``Retry-After`` (retrying is
+    useless) but never "does not reset": the message names the reset and the request's
+    cost."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(10_000), budget_duration="1d")
+    assert chat(client, key["key"], completion=10).status_code == 200  # spend == budget
+    fits = chat(client, key["key"], max_tokens=10)
+    assert 86_000 <= int(assert_retry_after(fits)) <= 86_400
+    response = chat(client, key["key"], max_tokens=20)
+    error = assert_error(response, 429, "budget_exceeded")
+    assert "Retry-After" not in response.headers
+    assert response.headers["x-should-retry"] == "false"
+    assert "does not reset" not in error["message"]
+    assert "Budget resets at: " in error["message"] and "(1d window)" in error["message"]
+    assert "may cost up to 0.00002" in error["message"]
+
+
 def test_refusal_messages_state_amounts_exactly(make: Any) -> None:
     """Amounts below $0.0000005 are not rounded to 0, and a huge worst case (a client's
     ``max_tokens`` of 10**30) is printed in its own digits, not a float's."""
