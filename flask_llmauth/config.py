@@ -630,7 +630,8 @@ class Settings:
     )
     master_key_alias: str = setting(
         "litellm-proxy-master-key", _nonempty_str,
-        "Name recorded in logs, audit and spend rows instead of the master key.",
+        "`key_name` of the master key's principal (signals, hooks); audit and spend rows "
+        "record master-key requests as `LLMAUTH_PROXY_ADMIN_NAME`.",
         env=("LITELLM_PROXY_MASTER_KEY_ALIAS",),
     )
 
