@@ -473,3 +473,21 @@ def test_team_models_bound_team_keys_made_by_team_admins(client: Any, team: Any)
     moved = admin_key(client, user_id="bob", models=["o3"])
     assert_error(as_key(client, team["alice"], "/key/update", key=moved["key_id"],
                         team_id="t1"), 403)
+
+
+def test_key_delete_is_all_or_nothing(client: Any, app: Any) -> None:
+    """api.md: "one key the caller may not delete refuses the whole request" — the caller's
+    own keys listed beside another user's (or an unknown one) are not deleted either."""
+    make_user(client, "dora")
+    make_user(client, "eve")
+    own = admin_key(client, user_id="dora")
+    spare = admin_key(client, user_id="dora")
+    theirs = admin_key(client, user_id="eve")
+    before = snapshot(app)
+    assert_error(as_key(client, own["key"], "/key/delete",
+                        keys=[spare["key_id"], theirs["key_id"]]), 403)
+    assert_error(as_key(client, own["key"], "/key/delete",
+                        keys=[spare["key_id"], "00000000-0000-0000-0000-000000000000"]), 404)
+    assert snapshot(app) == before
+    assert client.get("/key/info", headers=bearer(spare["key"])).status_code == 200
+    assert client.get("/key/info", headers=bearer(theirs["key"])).status_code == 200
