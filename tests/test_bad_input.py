@@ -147,7 +147,7 @@ WRONG = [
     ("max_budget", "ten", "must be a number"),
     ("max_budget", True, "must be a number"),
     ("soft_budget", -0.01, "must not be negative"),
-    ("tpm_limit", -1, "must be between 0"),
+    ("tpm_limit", -1, "must be between 1 and"),
     ("tpm_limit", 1.5, "must be an integer"),
     ("rpm_limit", "fast", "must be an integer"),
     ("models", "gpt-4o", "must be a list of strings"),

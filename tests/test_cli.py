@@ -224,10 +224,10 @@ def test_create_user_and_team(app: Flask) -> None:
     (("create-key", "--duration", "soon"), "--duration: invalid duration 'soon'"),
     (("create-key", "--max-budget", "-5"), "--max-budget: must not be negative"),
     (("create-key", "--budget-duration", "soon"), "--budget-duration: invalid duration 'soon'"),
-    (("create-key", "--rpm-limit", "-1"), "--rpm-limit: must be between 0 and"),
-    (("create-key", "--tpm-limit", "-1"), "--tpm-limit: must be between 0 and"),
+    (("create-key", "--rpm-limit", "-1"), "--rpm-limit: must be between 1 and"),
+    (("create-key", "--tpm-limit", "-1"), "--tpm-limit: must be between 1 and"),
     (("create-key", "--max-parallel-requests", "2147483648"),
-     "--max-parallel-requests: must be between 0 and 2147483647"),
+     "--max-parallel-requests: must be between 1 and 2147483647"),
     # The API's field rules: what /key/generate, /user/new and /team/new refuse.
     (("create-key", "--user-id", "a\tb"), "--user-id: must be printable text"),
     (("create-key", "--alias", "x" * 256), "--alias: must be 1 to 255 characters"),

@@ -161,7 +161,12 @@ def rate_limit(maximum: int = 2**62) -> Parser:
     number = integer(0, maximum)
 
     def parse(value: Any) -> int:
-        value = number(value)
+        try:
+            value = number(value)
+        except ValueError as error:
+            if str(error).startswith("must be between"):
+                raise ValueError(f"must be between 1 and {maximum}") from None
+            raise
         if not value:
             raise ValueError("must be at least 1 (0 is not a limit here; LiteLLM refuses every "
                              "request at 0): send null for no limit, or block the caller "
