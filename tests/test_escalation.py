@@ -491,3 +491,23 @@ def test_key_delete_is_all_or_nothing(client: Any, app: Any) -> None:
     assert snapshot(app) == before
     assert client.get("/key/info", headers=bearer(spare["key"])).status_code == 200
     assert client.get("/key/info", headers=bearer(theirs["key"])).status_code == 200
+
+
+def test_the_deleted_keys_list_is_scoped_like_the_live_one(client: Any, app: Any) -> None:
+    """api.md: ``/key/list?status=deleted`` lists the deleted-keys table under the same
+    scoping as the live keys — a non-admin sees its own deleted keys only."""
+    make_user(client, "fay")
+    make_user(client, "gus")
+    mine = admin_key(client, user_id="fay")
+    my_old = admin_key(client, user_id="fay")["key_id"]
+    their_old = admin_key(client, user_id="gus")["key_id"]
+    admin(client, "/key/delete", keys=[my_old, their_old])
+    listed = client.get("/key/list", query_string={"status": "deleted",
+                                                   "return_full_object": "true"},
+                        headers=bearer(mine["key"]))
+    assert listed.status_code == 200, listed.get_json()
+    assert [k["key_id"] for k in listed.get_json()["keys"]] == [my_old]
+    assert_error(client.get("/key/list", query_string={"status": "deleted", "user_id": "gus"},
+                            headers=bearer(mine["key"])), 403)
+    everything = client.get("/key/list", query_string={"status": "deleted"}, headers=ADMIN)
+    assert set(everything.get_json()["keys"]) >= {my_old, their_old}
