@@ -1010,6 +1010,21 @@ def test_reset_spend(make: Any) -> None:
     assert key["key"] not in json.dumps([audit.before, audit.after])
 
 
+def test_reset_spend_never_sets_spend_above_the_budget(make: Any) -> None:
+    """A spend above ``max_budget`` (set by an admin, or an overshoot) can only be reset to
+    at most the budget: a reset is never a way to raise the spend a budget allows."""
+    app = make()
+    client = app.test_client()
+    key = new_key(client, max_budget=usd(20_000))
+    api(client, "/key/update", key=key["key_id"], spend=usd(30_000))
+    path = f"/key/{key['key_id']}/reset_spend"
+    refused = assert_error(client.post(path, json={"reset_to": usd(25_000)}, headers=ADMIN), 400)
+    assert refused["param"] == "reset_to" and "max_budget" in refused["message"]
+    assert row(app, Key, key_id=key["key_id"]).spend == 30_000
+    done = api(client, path, reset_to=usd(20_000))
+    assert done["spend"] == usd(20_000) and done["previous_spend"] == usd(30_000)
+
+
 def test_database_down_refuses_budgeted_requests_with_503(app_factory: Any, postgres_url: str
                                                           ) -> None:
     """A budget that cannot be checked fails closed: 503, never a 500 — once the process's
