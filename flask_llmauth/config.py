@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -649,7 +650,9 @@ class Settings:
     )
     redis_url: str | None = setting(
         None, _present_str("give a Redis URL (redis://host:6379/0)"),
-        "Redis URL for shared counters, rate limits and cross-process cache invalidation.",
+        "Redis URL for shared counters, rate limits and cross-process cache invalidation. "
+        "Without `REDIS_URL`, LiteLLM's `REDIS_HOST` (+ `REDIS_PORT`, default 6379, and "
+        "`REDIS_PASSWORD`) give `redis://[:password@]host:port/0`.",
         env=("REDIS_URL",), secret=True,
     )
 
@@ -1444,6 +1447,8 @@ def load_settings(
     for name, f in _FIELDS.items():
         key = PREFIX + name.upper()
         raw, source = _lookup(name, f, key, config, overrides, yaml_doc, environ, secret_loader)
+        if raw is _MISSING and name in _FROM_ENVIRONMENT_PARTS:
+            raw, source = _FROM_ENVIRONMENT_PARTS[name](key, environ)
         sources[name] = source
         if raw is _MISSING:
             values[name] = f.default if f.default is not None else f.metadata["parse"](None)
@@ -1454,6 +1459,7 @@ def load_settings(
             raise ConfigurationError(f"{key} (from {source}): {exc}") from None
     if yaml_doc:
         _warn_unknown_general_settings(yaml_doc)
+        _check_unimplemented_litellm_settings(yaml_doc)
         _check_jwtauth_block(yaml_doc)
     _warn_unread_environment(config, overrides, environ)
     settings = Settings(**values)
@@ -1545,6 +1551,28 @@ def _lookup(
         if environ.get(env_name) not in (None, ""):
             return environ[env_name], f"environment {env_name}"
     return _MISSING, "default"
+
+
+def _redis_url_from_parts(key: str, environ: Mapping[str, str]) -> tuple[Any, str]:
+    """LiteLLM's ``REDIS_HOST`` / ``REDIS_PORT`` / ``REDIS_PASSWORD`` as one Redis URL (the
+    password percent-encoded), or ``_MISSING`` when ``REDIS_HOST`` is unset."""
+    host = environ.get("REDIS_HOST", "").strip()
+    if not host:
+        return _MISSING, "default"
+    port = environ.get("REDIS_PORT", "").strip() or "6379"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{key} (from environment REDIS_PORT): not a port number")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    password = environ.get("REDIS_PASSWORD", "")
+    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{int(port)}/0", "environment REDIS_HOST"
+
+
+#: Settings that, when nothing else sets them, are built from several environment variables.
+_FROM_ENVIRONMENT_PARTS: dict[str, Callable[[str, Mapping[str, str]], tuple[Any, str]]] = {
+    "redis_url": _redis_url_from_parts,
+}
 
 
 def _warn_unread_environment(config: Mapping[str, Any], overrides: Mapping[str, Any],
@@ -1651,6 +1679,59 @@ def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
             log.info("llmauth: general_settings keys not used by flask_llmauth: %s", ignored)
 
 
+#: LiteLLM settings that add a check flask_llmauth does not make, with what to do instead.
+#: Set to anything but an off value (null, false, 0, empty) they refuse to start: ignored,
+#: the deployment would run without a protection its operator configured.
+UNIMPLEMENTED_PROTECTIONS: dict[str, str] = {
+    "general_settings.enforce_user_param":
+        "check the body's `user` field in your view or a before_request hook",
+    "general_settings.reject_clientside_metadata_tags":
+        "drop or refuse `metadata.tags` in your view",
+    "general_settings.max_request_size_mb": "set Flask's MAX_CONTENT_LENGTH",
+    "general_settings.max_response_size_mb": "bound the upstream answer in your view",
+    "general_settings.role_permissions":
+        "limit routes and models per key, team or user (allowed_routes, models)",
+    "general_settings.custom_key_generate": "wrap /key/generate in your app",
+    "general_settings.custom_key_update": "wrap /key/update in your app",
+    "general_settings.custom_key_policy": "wrap the key endpoints in your app",
+    "general_settings.enforce_fallback_model_access":
+        "check each fallback with the model-access helper before calling it",
+    "general_settings.pass_through_endpoints":
+        "write the pass-through views in your app (they are authenticated as any route)",
+    "litellm_settings.upperbound_key_generate_params": "wrap /key/generate in your app",
+    "litellm_settings.key_generation_settings": "wrap /key/generate in your app",
+    "litellm_settings.max_internal_user_budget": "set max_budget on each user",
+}
+#: LiteLLM settings that relax a check; flask_llmauth keeps the check (a warning says so).
+UNIMPLEMENTED_RELAXATIONS: dict[str, str] = {
+    "general_settings.allow_requests_on_db_unavailable":
+        "a database outage is a 503, never an unchecked request",
+    "general_settings.allow_client_side_credentials":
+        "the gateway decides which body fields reach a provider",
+    "general_settings.use_x_forwarded_for":
+        "X-Forwarded-For is trusted only from LLMAUTH_TRUSTED_PROXY_RANGES",
+}
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value in ("", [], {})
+
+
+def _check_unimplemented_litellm_settings(doc: Mapping[str, Any]) -> None:
+    """Refuse a LiteLLM protection this library lacks; warn about a relaxation it ignores."""
+    for path, instead in UNIMPLEMENTED_PROTECTIONS.items():
+        value = _dig(doc, path)
+        if value is not _MISSING and not _is_off(value):
+            raise ConfigurationError(
+                f"YAML {path}: not supported by flask_llmauth, so the check it asks for "
+                f"would be missing; remove it and {instead} (docs/configuration.md)")
+    for path, kept in UNIMPLEMENTED_RELAXATIONS.items():
+        value = _dig(doc, path)
+        if value is not _MISSING and not _is_off(value):
+            log.warning("llmauth: YAML %s is not supported by flask_llmauth and has no "
+                        "effect: %s", path, kept)
+
+
 JWTAUTH_PATH = "general_settings.litellm_jwtauth"
 #: LiteLLM ``litellm_jwtauth`` fields this library does not implement (refused, never ignored).
 JWTAUTH_UNSUPPORTED = frozenset({
@@ -1695,4 +1776,35 @@ def documentation_table() -> str:
         env = ", ".join(f"`{e}`" for e in f.metadata["env"]) or "—"
         doc = f.metadata["doc"] + (" *(secret)*" if f.metadata["secret"] else "")
         rows.append(f"| `{PREFIX}{f.name.upper()}` | {shown} | {yaml_paths} | {env} | {doc} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + _unimplemented_section()
+
+
+def _unimplemented_section() -> str:
+    """The docs section on the LiteLLM YAML settings this library does not implement."""
+    lines = [
+        "",
+        "## LiteLLM settings flask_llmauth does not implement",
+        "",
+        "A LiteLLM setting that adds a check flask_llmauth does not make refuses to start when "
+        "it is on (any value but null, false, 0 or empty), naming the key: ignored, it would "
+        "leave the deployment without a protection its operator configured.",
+        "",
+        "| LiteLLM YAML | instead |",
+        "|---|---|",
+        *(f"| `{path}` | {instead} |" for path, instead in UNIMPLEMENTED_PROTECTIONS.items()),
+        "",
+        "A LiteLLM setting that relaxes a check is not honoured (the check stays); `init_app` "
+        "logs a warning naming it.",
+        "",
+        "| LiteLLM YAML | what happens |",
+        "|---|---|",
+        *(f"| `{path}` | {kept} |" for path, kept in UNIMPLEMENTED_RELAXATIONS.items()),
+        "",
+        "`litellm_jwtauth` fields flask_llmauth does not implement are refused too "
+        "(docs/jwt.md). Other `general_settings` and `litellm_settings` keys (routing, "
+        "caching, logging, alerting, UI, `max_parallel_requests` — the LiteLLM router's "
+        "per-deployment cap; the deployment-wide one is `global_max_parallel_requests`) are "
+        "the LiteLLM proxy's and are not read (`general_settings` ones are listed at INFO); "
+        "one that looks like a misspelling of a key flask_llmauth reads is a warning.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1175,3 +1175,78 @@ def test_apps_with_different_databases_are_independent(tmp_path: Path, db_url: s
     finally:
         close(first)
         close(second)
+
+
+# -- LiteLLM settings flask_llmauth does not implement ------------------------------------------
+
+#: ``(section, key, a value that turns the protection on)``: LiteLLM enforces each of these;
+#: flask_llmauth does not, so a config that sets one must not start as if it did.
+UNIMPLEMENTED_PROTECTIONS = [
+    ("general_settings", "enforce_user_param", True),
+    ("general_settings", "reject_clientside_metadata_tags", True),
+    ("general_settings", "max_request_size_mb", 1),
+    ("general_settings", "max_response_size_mb", 2),
+    ("general_settings", "role_permissions", [{"role": "team", "models": ["gpt-4o"]}]),
+    ("general_settings", "custom_key_generate", "hooks.check_key"),
+    ("general_settings", "enforce_fallback_model_access", True),
+    ("general_settings", "pass_through_endpoints", [{"path": "/lf", "target": "http://x"}]),
+    ("litellm_settings", "upperbound_key_generate_params", {"max_budget": 10}),
+    ("litellm_settings", "key_generation_settings",
+     {"personal_key_generation": {"allowed_user_roles": ["proxy_admin"]}}),
+    ("litellm_settings", "max_internal_user_budget", 10),
+]
+
+
+@pytest.mark.parametrize(("section", "name", "value"), UNIMPLEMENTED_PROTECTIONS)
+def test_a_litellm_protection_flask_llmauth_lacks_refuses_to_start(
+        tmp_path: Path, section: str, name: str, value: Any) -> None:
+    """Ignoring ``enforce_user_param: true`` (and the like) would run without a protection
+    the operator configured: init_app refuses, naming the key; its off value is fine."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({section: {name: value}}))
+    with pytest.raises(ConfigurationError) as info:
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    message = str(info.value)
+    assert f"{section}.{name}" in message and "not supported by flask_llmauth" in message
+    for off in (None, False, [], {}):
+        config_file.write_text(yaml.safe_dump({section: {name: off}}))
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+
+
+@pytest.mark.parametrize("name", ["allow_requests_on_db_unavailable",
+                                  "allow_client_side_credentials", "use_x_forwarded_for"])
+def test_a_litellm_loosening_flask_llmauth_lacks_is_a_warning(
+        tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A LiteLLM setting that relaxes a check is not honoured (the check stays): said once
+    at WARNING, naming the key, so the operator is not surprised by the stricter answer."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"general_settings": {name: True}}))
+    with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"general_settings.{name}" in warnings[0] and "not supported" in warnings[0]
+
+
+def test_litellm_redis_host_port_password_give_the_redis_url(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """LiteLLM deployments name their Redis with REDIS_HOST/REDIS_PORT/REDIS_PASSWORD; left
+    unread, rate limits would silently count per process."""
+    password = "p@ss/w:rd" + REDIS_PASSWORD
+    environ = {"REDIS_HOST": "cache.internal", "REDIS_PORT": "6380",
+               "REDIS_PASSWORD": password}
+    with caplog.at_level(logging.DEBUG):
+        settings = load_settings({}, environ=environ)
+    assert settings.redis_url == ("redis://:p%40ss%2Fw%3Ard" + REDIS_PASSWORD
+                                  + "@cache.internal:6380/0")
+    assert settings.source("redis_url") == "environment REDIS_HOST"
+    assert REDIS_PASSWORD not in caplog.text
+    assert settings.masked()["LLMAUTH_REDIS_URL"] == "redis://****@cache.internal:6380/0"
+    assert load_settings({}, environ={"REDIS_HOST": "cache"}).redis_url == "redis://cache:6379/0"
+    both = {**environ, "REDIS_URL": "redis://other:6379/1"}
+    assert load_settings({}, environ=both).redis_url == "redis://other:6379/1"
+    assert load_settings({"LLMAUTH_REDIS_URL": "redis://cfg:6379/2"},
+                         environ=environ).redis_url == "redis://cfg:6379/2"
+    assert load_settings({}, environ={"REDIS_HOST": ""}).redis_url is None
+    with pytest.raises(ConfigurationError, match="REDIS_PORT"):
+        load_settings({}, environ={"REDIS_HOST": "cache", "REDIS_PORT": "x"})
