@@ -1099,6 +1099,14 @@ class Settings:
         "identified only by an authenticator.",
         yaml=("general_settings.user_header_mappings",),
     )
+    enforce_user_param: bool = setting(
+        False, _bool,
+        "Every POST to an LLM API route must name its end user in the body's `user` field "
+        "(a form field for form bodies): 400 `invalid_request_error`, param `user`, "
+        "otherwise — master key included, as in LiteLLM. A header of "
+        "`LLMAUTH_USER_HEADER_MAPPINGS` does not count.",
+        yaml=("general_settings.enforce_user_param",),
+    )
     user_header_name: str | None = setting(
         None, _header_name,
         "Deprecated LiteLLM form of `LLMAUTH_USER_HEADER_MAPPINGS`: one header naming the "
@@ -1683,8 +1691,6 @@ def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
 #: Set to anything but an off value (null, false, 0, empty) they refuse to start: ignored,
 #: the deployment would run without a protection its operator configured.
 UNIMPLEMENTED_PROTECTIONS: dict[str, str] = {
-    "general_settings.enforce_user_param":
-        "check the body's `user` field in your view or a before_request hook",
     "general_settings.reject_clientside_metadata_tags":
         "drop or refuse `metadata.tags` in your view",
     "general_settings.max_request_size_mb": "set Flask's MAX_CONTENT_LENGTH",

@@ -39,7 +39,7 @@ from .authn.oauth2 import oauth2_factory
 from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
-from .authz.policy import SAFE_METHODS, Policy
+from .authz.policy import SAFE_METHODS, Policy, require_user_param
 from .authz.routes import (
     ATTR_EXEMPT,
     ATTR_GROUPS,
@@ -224,6 +224,7 @@ class LLMAuthState:
         self._verdicts: dict[tuple[int, RouteInfo, bool], _Verdict] = {}
         self._max_credential_length = settings.max_credential_length
         self._key_header_name = settings.key_header_name
+        self._enforce_user_param = settings.enforce_user_param
         self.last_used = LastUsedRecorder()
         #: Budgets and rate limits register here (see :mod:`flask_llmauth.guards`).
         self.guards = Guards(media=settings.prompt_media_tokens)
@@ -353,6 +354,8 @@ class LLMAuthState:
                     self.policy.refuse(denial, principal, info, req)
                 if check_models:
                     model, parsed = self.policy.check_models(principal, req, info, models)
+                    if self._enforce_user_param:
+                        require_user_param(req, info, parsed)
                     g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
                     if plan is not None and only_for_end_user:
                         # The plan matters only for an end user: dropped when the request

@@ -198,6 +198,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
                              ({"header_name": "x-openwebui-user-id",
                                "litellm_user_role": "customer"},)),
     "user_header_name": ("x-end-user", "x-end-user"),
+    "enforce_user_param": (True, True),
     "max_end_user_budget": ("2.5", 2_500_000_000),
 }
 ENV_SAMPLES: dict[str, str] = {
@@ -738,6 +739,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
      "litellm_user_role must be customer or internal_user"),
     ("user_header_mappings", [{"header_name": "x-user"}], "needs a `litellm_user_role`"),
     ("user_header_name", "x user", "must be an HTTP header name"),
+    ("enforce_user_param", "sometimes", "must be a boolean"),
     ("max_end_user_budget", -1, "must not be negative"),
     ("max_end_user_budget", "lots", "must be a number"),
     ("max_budget", -1, "must not be negative"),
@@ -1182,7 +1184,6 @@ def test_apps_with_different_databases_are_independent(tmp_path: Path, db_url: s
 #: ``(section, key, a value that turns the protection on)``: LiteLLM enforces each of these;
 #: flask_llmauth does not, so a config that sets one must not start as if it did.
 UNIMPLEMENTED_PROTECTIONS = [
-    ("general_settings", "enforce_user_param", True),
     ("general_settings", "reject_clientside_metadata_tags", True),
     ("general_settings", "max_request_size_mb", 1),
     ("general_settings", "max_response_size_mb", 2),

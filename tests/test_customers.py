@@ -452,3 +452,34 @@ def test_a_concurrent_insert_is_a_409_not_a_500(app: Any) -> None:
             _insert(Customer(user_id="dup", created_at=utcnow(), updated_at=utcnow()))
         assert info.value.status == 409
         assert Customer.select().where(Customer.user_id == "dup").count() == 1
+
+
+def test_enforce_user_param_requires_the_body_user_on_llm_posts(
+        app_factory: Any, tmp_path: Any) -> None:
+    """LiteLLM's ``general_settings.enforce_user_param``: every POST to an LLM route must
+    name its end user in the body's ``user`` field (400 otherwise), master key included;
+    other routes and safe methods are unaffected."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  enforce_user_param: true\n")
+    app = app_factory(config={"LLMAUTH_CONFIG_FILE": str(config_file)})
+    client = app.test_client()
+    key = new_key(client)["key"]
+    for caller in (key, MASTER_KEY):
+        for body in ({}, {"user": ""}, {"user": 7}):
+            error = assert_error(chat(client, caller, **body), 400, "invalid_request_error")
+            assert error["param"] == "user"
+            assert "enforce_user_param" in error["message"]
+        assert chat(client, caller, user="end-user-1").status_code == 200
+    # a JSON body that is not an object names no user either
+    response = client.post(CHAT, json=["gpt-4o"], headers=bearer(key))
+    assert response.status_code == 400
+    # a form body (audio transcriptions and the like) carries it as a form field
+    form = client.post(CHAT, data={"model": "gpt-4o", "user": "u1"}, headers=bearer(key))
+    assert form.status_code == 200
+    assert_error(client.post(CHAT, data={"model": "gpt-4o"}, headers=bearer(key)), 400)
+    assert client.get("/v1/models", headers=bearer(key)).status_code == 200
+    assert client.get("/key/info", headers=bearer(key)).status_code == 200
+    # off by default
+    plain = app_factory()
+    plain_key = new_key(plain.test_client())["key"]
+    assert chat(plain.test_client(), plain_key).status_code == 200
