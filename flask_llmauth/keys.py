@@ -925,6 +925,10 @@ class KeyService:
                 scope |= table.team_id.in_(admin_of)
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
+        if query.get("include_created_by_keys") and table is Key:
+            # keys the caller made (for others, as a team admin), while it is in their team
+            scope |= (Key.created_by == actor.user_id) & Key.team_id.in_(
+                [m.team_id for m in memberships])
         if confined is not None:
             scope &= table.team_id == confined
         return scope

@@ -579,3 +579,34 @@ def test_a_team_named_twice_in_user_new_teams_is_joined_once(client: Any, app: A
     info = admin_get(client, "/team/info", team_id="twice")
     assert [m["user_id"] for m in info["team_info"]["members_with_roles"]] == ["echo"]
     assert admin_get(client, "/user/info", user_id="echo")["user_info"]["teams"] == ["twice"]
+
+
+def test_key_list_include_created_by_keys(client: Any, app: Any) -> None:
+    """LiteLLM's ``include_created_by_keys``: a caller also sees the keys it created, while
+    it is still a member of the key's team (LiteLLM's UI sends it on every listing)."""
+    for name in ("alice", "bob"):
+        admin(client, "/user/new", user_id=name, auto_create_key=False)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "alice", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    alice = new_key(client, user_id="alice")
+    made = client.post("/key/generate", json={"user_id": "bob", "team_id": "t1"},
+                       headers=bearer(alice["key"]))
+    assert made.status_code == 200, made.get_json()
+    record_secret(made.get_json()["key"])
+    bobs = made.get_json()["key_id"]
+    assert made.get_json()["created_by"] == "alice"
+    other = new_key(client, user_id="bob", team_id="t1")  # made by the master key
+
+    def listed(**query: Any) -> set[str]:
+        response = client.get("/key/list", query_string=query, headers=bearer(alice["key"]))
+        assert response.status_code == 200, response.get_json()
+        return set(response.get_json()["keys"])
+
+    admin(client, "/team/member_update", team_id="t1", user_id="alice", role="user")
+    assert listed() == {alice["key_id"]}
+    assert listed(include_created_by_keys="true") == {alice["key_id"], bobs}
+    assert other["key_id"] not in listed(include_created_by_keys="true", include_team_keys="true")
+    admin(client, "/team/member_delete", team_id="t1", user_id="alice")
+    assert listed(include_created_by_keys="true") == {alice["key_id"]}
+    assert_error(client.get("/key/list", query_string={"include_created_by_keys": "maybe"},
+                            headers=ADMIN), 400)

@@ -70,6 +70,7 @@ _LIST_QUERY: dict[str, Field] = {
     "key_hash": Field(string()),
     "return_full_object": Field(query_boolean),
     "include_team_keys": Field(query_boolean),
+    "include_created_by_keys": Field(query_boolean),
     "sort_by": Field(choice("spend", "max_budget", "created_at", "updated_at", "token",
                             "key_alias")),
     "sort_order": Field(choice("asc", "desc")),
