@@ -865,6 +865,14 @@ class KeyService:
                 raise Forbidden("You are not allowed to view this key.", reason="key_not_yours")
             return {"key": key.key_id, "info": key_info(key)}
 
+    def info_many(self, actor: Principal, identifiers: Sequence[str]) -> dict[str, Any]:
+        """``/v2/key/info``: :meth:`info` of several keys (404 or 403 for any one)."""
+        with self.state.store.use():
+            keys = [self._get(identifier) for identifier in identifiers]
+            if not all(self.can_view(actor, key) for key in keys):
+                raise Forbidden("You are not allowed to view this key.", reason="key_not_yours")
+            return {"key": [key.key_id for key in keys], "info": [key_info(key) for key in keys]}
+
     def list(self, actor: Principal, query: Mapping[str, Any]) -> dict[str, Any]:
         page, size = query["page"], query["size"]
         deleted = query.get("status") == "deleted"

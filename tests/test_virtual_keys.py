@@ -180,3 +180,28 @@ def test_list_paginates_filters_and_sorts(client: Any) -> None:
     assert [k["key_alias"] for k in full["keys"]] == ["k0", "k1", "k2"]
     assert_error(client.get("/key/list?size=1000", headers=ADMIN), 400)
     assert_error(client.get("/key/list?sort_by=digest", headers=ADMIN), 400)
+
+
+def test_v2_key_info_answers_several_keys_each_as_key_info_does(client: Any) -> None:
+    """LiteLLM's ``POST /v2/key/info {"keys": [...]}``: ``{"key": [...], "info": [...]}``,
+    each key (raw or key_id) held to the rules of ``/key/info``."""
+    first, second = new_key(client, key_alias="one"), new_key(client, key_alias="two")
+    response = client.post("/v2/key/info", json={"keys": [first["key"], second["key_id"]]},
+                           headers=ADMIN)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["key"] == [first["key_id"], second["key_id"]]
+    assert [info["key_alias"] for info in body["info"]] == ["one", "two"]
+    single = client.get("/key/info", query_string={"key": second["key_id"]},
+                        headers=ADMIN).get_json()["info"]
+    assert body["info"][1] == single
+    assert first["key"] not in response.get_data(as_text=True)
+    # a non-admin reads its own keys only
+    own = client.post("/v2/key/info", json={"keys": [first["key_id"]]},
+                      headers=bearer(first["key"]))
+    assert own.status_code == 200
+    assert_error(client.post("/v2/key/info", json={"keys": [first["key_id"], second["key_id"]]},
+                             headers=bearer(first["key"])), 403)
+    assert_error(client.post("/v2/key/info", json={"keys": ["no-such-key"]}, headers=ADMIN), 404)
+    for bad in ({}, {"keys": []}, {"keys": "x"}, {"keys": [1]}, {"keys": ["a"], "x": 1}):
+        assert_error(client.post("/v2/key/info", json=bad, headers=ADMIN), 400)

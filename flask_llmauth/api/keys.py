@@ -29,6 +29,7 @@ from .schema import (
     string,
     string_list,
     string_map,
+    strings,
 )
 from .schema import duration as budget_duration
 from .schema import validate as check
@@ -105,6 +106,13 @@ def register(route: Callable[..., Any]) -> None:
     def key_info() -> Any:
         query = check(query_args(), {"key": Field(string(256))}, source="query")
         return ok(KeyService(state()).info(require_principal(), query.get("key")))
+
+    @route("/v2/key/info", ("POST",))
+    def key_info_v2() -> Any:
+        params = check(json_body(), {"keys": Field(strings(256), required=True)})
+        if not params["keys"]:
+            raise BadRequest("Pass at least one key in `keys`.", param="keys")
+        return ok(KeyService(state()).info_many(require_principal(), params["keys"]))
 
     @route("/key/list", ("GET",))
     def key_list() -> Any:
