@@ -1101,10 +1101,11 @@ class Settings:
     )
     enforce_user_param: bool = setting(
         False, _bool,
-        "Every POST to an LLM API route must name its end user in the body's `user` field "
-        "(a form field for form bodies): 400 `invalid_request_error`, param `user`, "
-        "otherwise — master key included, as in LiteLLM. A header of "
-        "`LLMAUTH_USER_HEADER_MAPPINGS` does not count.",
+        "Every POST to an LLM API route must name its end user in its body (`user`, or "
+        "`metadata.user_id` and the other body fields end users are read from; a form "
+        "body's `user`): 400 `invalid_request_error`, param `user`, otherwise — master key "
+        "included, as in LiteLLM. A header of `LLMAUTH_USER_HEADER_MAPPINGS` does not "
+        "count (docs/api.md).",
         yaml=("general_settings.enforce_user_param",),
     )
     user_header_name: str | None = setting(

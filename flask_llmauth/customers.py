@@ -25,10 +25,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import peewee
-from flask import Flask
+from flask import Flask, Request
 
 from .audit import write_audit
 from .authz.routes import RouteInfo
+from .bodies import form
 from .budgets import set_window
 from .durations import isoformat, utcnow
 from .errors import BadRequest, Conflict, Forbidden, NotFound
@@ -308,6 +309,27 @@ def end_user_field_of_body(body: Any) -> tuple[str, str] | None:
 
 
 _BODY_CONTAINERS = (("litellm_metadata", "user"), ("metadata", "user_id"))
+
+
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def require_user_param(request: Request, info: RouteInfo, parsed: Any) -> None:
+    """``enforce_user_param``: a POST to an LLM route (MCP routes excepted, as in LiteLLM)
+    names its end user in its body — ``user``, or another field LiteLLM reads it from
+    (``metadata.user_id``, as the Anthropic SDK sends it, ...) — or in a form body's
+    ``user`` field. ``parsed`` is the JSON body the policy read."""
+    if "mcp_routes" in info.groups:
+        return
+    if isinstance(parsed, Mapping):
+        named = end_user_field_of_body(dict(parsed)) is not None
+    elif request.mimetype in _FORM_TYPES:
+        named = _checked(form(request).get("user"), "user") is not None
+    else:
+        named = False
+    if not named:
+        raise BadRequest("'user' param not passed in. 'enforce_user_param'=True",
+                         param="user", reason="user_param_required")
 
 
 class CustomersGuard:

@@ -39,7 +39,7 @@ from .authn.oauth2 import oauth2_factory
 from .authn.proxy_headers import proxy_headers_factory
 from .authn.virtual_key import CachedKey, VirtualKeyAuthenticator
 from .authz.models import ModelAccess
-from .authz.policy import SAFE_METHODS, Policy, require_user_param
+from .authz.policy import SAFE_METHODS, Policy
 from .authz.routes import (
     ATTR_EXEMPT,
     ATTR_GROUPS,
@@ -56,6 +56,7 @@ from .config import DEFAULT_PUBLIC_ROUTES, Settings, check_secrets, load_setting
 from .credentials import Credentials, read_credentials
 from .crypto import KEY_PREFIX, CacheKeyer, KeyDigester
 from .customers import install as install_customers
+from .customers import require_user_param
 from .errors import (
     ConfigurationError,
     Forbidden,

@@ -465,11 +465,14 @@ def test_enforce_user_param_requires_the_body_user_on_llm_posts(
     client = app.test_client()
     key = new_key(client)["key"]
     for caller in (key, MASTER_KEY):
-        for body in ({}, {"user": ""}, {"user": 7}):
+        for body in ({}, {"user": ""}, {"metadata": {"tags": ["x"]}}):
             error = assert_error(chat(client, caller, **body), 400, "invalid_request_error")
             assert error["param"] == "user"
             assert "enforce_user_param" in error["message"]
+        assert_error(chat(client, caller, user=7), 400)
         assert chat(client, caller, user="end-user-1").status_code == 200
+        # the other body fields LiteLLM reads the end user from (the Anthropic SDK's)
+        assert chat(client, caller, metadata={"user_id": "end-user-1"}).status_code == 200
     # a JSON body that is not an object names no user either
     response = client.post(CHAT, json=["gpt-4o"], headers=bearer(key))
     assert response.status_code == 400

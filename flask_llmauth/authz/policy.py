@@ -357,22 +357,3 @@ def _model_name(value: Any) -> str:
                          reason="invalid_model_field")
     return value
 
-
-_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-
-
-def require_user_param(request: Request, info: RouteInfo, parsed: Any) -> None:
-    """``enforce_user_param``: a POST to an LLM route (MCP routes excepted, as in LiteLLM)
-    names its end user in the body's ``user`` field, or a form field of a form body."""
-    if "mcp_routes" in info.groups:
-        return
-    if type(parsed) is dict or isinstance(parsed, Mapping):
-        user = parsed.get("user")
-    elif request.mimetype in _FORM_TYPES:
-        user = form(request).get("user")
-    else:
-        user = None
-    if type(user) is not str or not user:
-        raise BadRequest("'user' param not passed in. 'enforce_user_param'=True",
-                         param="user", reason="user_param_required")
-
