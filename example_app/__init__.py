@@ -5,7 +5,8 @@ Every ``LLMAUTH_*`` environment variable becomes the Flask config key of the sam
 (JSON-decoded when it parses as JSON). By default it answers from a deterministic built-in
 fake model; set ``GATEWAY_UPSTREAM_BASE_URL`` (and ``GATEWAY_UPSTREAM_API_KEY``) to forward
 requests to a real OpenAI-compatible upstream instead (``GATEWAY_UPSTREAM_MAX_BYTES`` caps a
-non-streamed answer; :mod:`example_app.upstream` says what is passed each way).
+non-streamed answer, ``GATEWAY_UPSTREAM_TIMEOUT`` bounds the exchange;
+:mod:`example_app.upstream` says what is passed each way).
 ``GATEWAY_INSTANCE_PATH`` moves the
 instance folder (generated master key, SQLite database) away from Flask's default.
 """
@@ -157,9 +158,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.setdefault("GATEWAY_MODELS", list(DEFAULT_MODELS))
     app.config.setdefault("GATEWAY_UPSTREAM_BASE_URL", os.environ.get("GATEWAY_UPSTREAM_BASE_URL"))
     app.config.setdefault("GATEWAY_UPSTREAM_API_KEY", os.environ.get("GATEWAY_UPSTREAM_API_KEY"))
-    if "GATEWAY_UPSTREAM_MAX_BYTES" in os.environ:
-        app.config.setdefault("GATEWAY_UPSTREAM_MAX_BYTES", _env_value(
-            os.environ["GATEWAY_UPSTREAM_MAX_BYTES"]))
+    for name in ("GATEWAY_UPSTREAM_MAX_BYTES", "GATEWAY_UPSTREAM_TIMEOUT"):
+        if name in os.environ:
+            app.config.setdefault(name, _env_value(os.environ[name]))
     if config:
         app.config.update(config)
     _ensure_master_key(app)

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,10 +46,12 @@ def send(handler: BaseHTTPRequestHandler, status: int, body: bytes,
 
 class FakeUpstream:
     """An HTTP server answering every POST with ``self.reply``; it keeps each request's
-    headers in ``self.requests``."""
+    headers in ``self.requests`` and its JSON body in ``self.bodies`` (the handler's
+    ``body`` while it replies)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, str]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.reply: Reply = lambda h: send(h, 200, json.dumps(ANSWER).encode())
         upstream = self
 
@@ -59,8 +62,10 @@ class FakeUpstream:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.body = json.loads(raw) if raw else {}
                 upstream.requests.append(dict(self.headers))
+                upstream.bodies.append(self.body)
                 upstream.reply(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -326,3 +331,183 @@ def test_a_master_key_file_others_may_read_is_warned_about(
     finally:
         app.extensions["llmauth"].close()
 
+
+
+# -- streamed usage ---------------------------------------------------------------------------
+
+USAGE = {"prompt_tokens": 1234, "completion_tokens": 567, "total_tokens": 1801}
+
+
+def _sse_events(path: str) -> tuple[list[bytes], bytes]:
+    """A streamed answer of ``path`` as an OpenAI upstream asked for ``include_usage`` sends
+    it (every chunk with ``"usage": null``, then a usage-only chunk): (the events, without
+    the usage-only one; the usage-only event)."""
+    if path == "/v1/chat/completions":
+        base = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "model": "gpt-4o-2024"}
+        deltas = [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}},
+                  {"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]
+    else:
+        base = {"id": "cmpl-s", "object": "text_completion", "model": "gpt-4o-2024"}
+        deltas = [{"index": 0, "text": "Hel"}, {"index": 0, "text": "lo", "finish_reason": "stop"}]
+    events = [b"data: " + json.dumps({**base, "choices": [d], "usage": None}).encode() + b"\n\n"
+              for d in deltas]
+    usage = b"data: " + json.dumps({**base, "choices": [], "usage": USAGE}).encode() + b"\n\n"
+    return [*events, b"data: [DONE]\n\n"], usage
+
+
+def _stream(pieces: Callable[[bytes], list[bytes]], path: str) -> Reply:
+    """An upstream streaming ``path``'s answer in HTTP chunks cut by ``pieces`` (each chunk
+    is a separate network read at the gateway); the usage-only chunk only when the request
+    asked for it, as OpenAI does."""
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        events, usage = _sse_events(path)
+        if (getattr(handler, "body", {}).get("stream_options") or {}).get("include_usage"):
+            events.insert(-1, usage)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for piece in pieces(b"".join(events)):
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            handler.wfile.flush()
+        handler.wfile.write(b"0\r\n\r\n")
+    return reply
+
+
+def _cut_at(marker: bytes, offset: int) -> Callable[[bytes], list[bytes]]:
+    """Two pieces, cut ``offset`` bytes into ``marker`` (one piece without the marker)."""
+    def pieces(stream: bytes) -> list[bytes]:
+        at = stream.find(marker)
+        if at < 0:
+            return [stream]
+        return [stream[:at + offset], stream[at + offset:]]
+    return pieces
+
+
+SPLITS: dict[str, Callable[[bytes], list[bytes]]] = {
+    "whole": lambda stream: [stream],
+    "inside_usage": _cut_at(b'"usage": {', 4),
+    "between_blank_line": _cut_at(b'"total_tokens": 1801}}\n', len(b'"total_tokens": 1801}}\n')),
+    "byte_by_byte": lambda stream: [stream[i:i + 1] for i in range(len(stream))],
+}
+
+
+def _spend_rows(app: Flask) -> list[dict[str, Any]]:
+    flush(app)
+    logs = app.test_client().get("/spend/logs", headers=ADMIN)
+    assert logs.status_code == 200, logs.get_data(as_text=True)
+    return list(logs.get_json())
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_stream_is_billed_the_upstreams_usage_and_shows_the_caller_what_it_asked(
+        gateway: Flask, upstream: FakeUpstream, split: str, path: str,
+        include_usage: bool) -> None:
+    """The gateway asks the upstream for ``include_usage`` always. A caller who did not ask
+    gets the stream without the usage-only chunk (``chunk.choices[0]`` would fail on it);
+    one who asked gets it unchanged. Either is billed the upstream's exact counts (without
+    ``include_usage`` upstream, the request was charged an estimate), also when the usage
+    event arrives cut over several network reads."""
+    upstream.reply = _stream(SPLITS[split], path)
+    body: dict[str, Any] = ({**CHAT} if path == "/v1/chat/completions"
+                            else {"model": "gpt-4o", "prompt": "hi"})
+    body["stream"] = True
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    answer = gateway.test_client().post(path, json=body, headers=ADMIN)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    events, usage = _sse_events(path)
+    if include_usage:
+        events.insert(-1, usage)
+    assert answer.get_data() == b"".join(events)
+    [row] = _spend_rows(gateway)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"],
+            row["status"]) == (1234, 567, False, "success")
+    assert upstream.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_the_upstream_is_asked_for_usage_keeping_the_callers_other_stream_options(
+        gateway: Flask, upstream: FakeUpstream) -> None:
+    """Only OpenAI streams are asked for usage: an Anthropic stream reports it always, and
+    a non-streamed answer carries it in its body."""
+    upstream.reply = _stream(SPLITS["whole"], "/v1/chat/completions")
+    client = gateway.test_client()
+    options = {"include_obfuscation": False}
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", {
+            "model": "gpt-4o", "prompt": "hi"})):
+        sent = {**body, "stream": True, "stream_options": options}
+        assert client.post(path, json=sent, headers=ADMIN).status_code == 200
+        assert upstream.bodies[-1] == {**sent, "stream_options": {
+            "include_obfuscation": False, "include_usage": True}}
+    assert options == {"include_obfuscation": False}  # the caller's body is not changed
+    for path, body in (("/v1/messages", {**CHAT, "max_tokens": 8, "stream": True}),
+                       ("/v1/chat/completions", CHAT)):
+        client.post(path, json=body, headers=ADMIN)
+        assert upstream.bodies[-1] == body
+
+
+# -- the deadline -----------------------------------------------------------------------------
+
+DRIP_SECONDS = 30.0
+
+
+def _drip(handler: BaseHTTPRequestHandler) -> None:
+    """A JSON answer one byte at a time, each well inside any per-read timeout, the whole
+    taking ``DRIP_SECONDS``; it stops when the gateway hangs up."""
+    body = json.dumps(ANSWER).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    for i in range(len(body)):
+        try:
+            handler.wfile.write(body[i:i + 1])
+            handler.wfile.flush()
+        except OSError:
+            return
+        time.sleep(DRIP_SECONDS / len(body))
+
+
+def _hold(handler: BaseHTTPRequestHandler) -> None:
+    """Sends nothing for ``DRIP_SECONDS`` (or until the gateway hangs up), then answers."""
+    handler.connection.settimeout(DRIP_SECONDS)
+    try:
+        if handler.connection.recv(1) == b"":
+            return  # the gateway gave up
+    except TimeoutError:
+        pass
+    send(handler, 200, json.dumps(ANSWER).encode(), {"Content-Type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+@pytest.mark.parametrize("reply,stream", [(_drip, False), (_hold, False), (_hold, True)])
+def test_an_upstream_past_the_deadline_is_a_504(
+        tmp_path: Any, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, source: str,
+        reply: Reply, stream: bool) -> None:
+    """``GATEWAY_UPSTREAM_TIMEOUT`` bounds a non-streamed exchange as a whole — an upstream
+    dripping its answer a byte at a time held the request for as long as it liked, each read
+    inside the per-read timeout — and the wait for a stream's first answer."""
+    if source == "environment":
+        monkeypatch.setenv("GATEWAY_UPSTREAM_TIMEOUT", "1")
+        app = _gateway(tmp_path, upstream.base_url)
+    else:
+        app = _gateway(tmp_path, upstream.base_url, GATEWAY_UPSTREAM_TIMEOUT=1)
+    try:
+        upstream.reply = reply
+        started = time.monotonic()
+        answer = app.test_client().post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                                        headers=ADMIN)
+        assert time.monotonic() - started < DRIP_SECONDS / 2
+        assert_error(answer, 504, "upstream_timeout")
+        [row] = _spend_rows(app)
+        assert row["status"] == "failure"
+    finally:
+        app.extensions["llmauth"].close()
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", True, float("nan"), float("inf")])
+def test_an_invalid_deadline_fails_at_start(tmp_path: Any, value: Any) -> None:
+    with pytest.raises(ValueError, match="GATEWAY_UPSTREAM_TIMEOUT"):
+        _gateway(tmp_path, "http://127.0.0.1:9/v1", GATEWAY_UPSTREAM_TIMEOUT=value)
