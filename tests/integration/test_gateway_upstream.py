@@ -8,12 +8,14 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import anthropic
 import openai
 import pytest
 import requests
 
+from example_app import fake_model
 from tests.helpers import record_secret
 from tests.integration.conftest import Admin, check_no_leaks
 from tests.integration.gateway import Gateway, gunicorn
@@ -48,6 +50,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Ad
             "LLMAUTH_MASTER_KEY": gateway_master,
             "GATEWAY_UPSTREAM_BASE_URL": upstream.base_url + "/v1",
             "GATEWAY_UPSTREAM_API_KEY": upstream_key,
+            "LLMAUTH_SPEND_FLUSH_INTERVAL": "0.2",
         }, name="gateway")
         with gateway.start():
             yield gateway, Admin(gateway, gateway_master), upstream, upstream_key
@@ -130,3 +133,48 @@ def test_upstream_refusals_reach_the_caller_and_gateway_refusals_stay_local(
             model="gpt-4o", messages=MESSAGES)
     time.sleep(0.5)  # a wrongly forwarded request would be logged by now
     assert len(_upstream_requests(upstream)) == before + 1
+
+
+def _spend_row(admin: Admin, key_id: str) -> dict[str, Any]:
+    """The one spend-log row of the key ``key_id`` (waiting for the gateway's ledger to
+    write it; named by its id, as a raw key in a URL would be logged)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = admin.get("/spend/logs", api_key=key_id).json()
+        if rows or time.monotonic() > deadline:
+            assert len(rows) == 1, rows
+            return dict(rows[0])
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_stream_is_billed_the_upstreams_usage(
+        pair: tuple[Gateway, Admin, Gateway, str], sdk_clients: ExitStack,
+        include_usage: bool) -> None:
+    """The gateway asks the upstream for the stream's usage whatever the caller asked: a
+    caller who did not ask sees no usage chunk (``chunk.choices[0]`` works on every chunk),
+    one who did sees it as the upstream sent it, and both are billed the upstream's counts,
+    not an estimate."""
+    gateway, admin, _, _ = pair
+    caller = admin.new_key(models=["gpt-4o"])
+    client = sdk_clients.enter_context(openai.OpenAI(
+        base_url=gateway.base_url + "/v1", api_key=caller["key"], max_retries=0, timeout=20))
+    options: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                                                 stream=True, **options))
+    answer = fake_model.chat_completion({"model": "gpt-4o", "messages": MESSAGES})
+    usage = answer["usage"]
+    with_usage = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert [(c.choices, c.usage.prompt_tokens, c.usage.completion_tokens)
+                for c in with_usage] == [([], usage["prompt_tokens"],
+                                          usage["completion_tokens"])]
+        assert chunks[-1] is with_usage[0]
+    else:
+        assert with_usage == []
+        assert all(c.choices for c in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer["choices"][0]["message"]["content"]
+    row = _spend_row(admin, caller["key_id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"], row["status"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"], False, "success")
