@@ -507,6 +507,32 @@ def test_an_upstream_past_the_deadline_is_a_504(
         app.extensions["llmauth"].close()
 
 
+def test_a_stream_may_run_past_the_deadline(tmp_path: Any, upstream: FakeUpstream) -> None:
+    """The deadline bounds a stream's start only: once its first bytes came, a pause longer
+    than the deadline between events is waited for (up to the per-read timeout)."""
+    def slow_stream(handler: BaseHTTPRequestHandler) -> None:
+        events, _ = _sse_events("/v1/chat/completions")
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for event in events:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            handler.wfile.flush()
+            time.sleep(1)
+        handler.wfile.write(b"0\r\n\r\n")
+
+    app = _gateway(tmp_path, upstream.base_url, GATEWAY_UPSTREAM_TIMEOUT=0.5)
+    try:
+        upstream.reply = slow_stream
+        answer = app.test_client().post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                        headers=ADMIN)
+        assert answer.status_code == 200
+        assert answer.get_data() == b"".join(_sse_events("/v1/chat/completions")[0])
+    finally:
+        app.extensions["llmauth"].close()
+
+
 @pytest.mark.parametrize("value", [0, -1, "soon", True, float("nan"), float("inf")])
 def test_an_invalid_deadline_fails_at_start(tmp_path: Any, value: Any) -> None:
     with pytest.raises(ValueError, match="GATEWAY_UPSTREAM_TIMEOUT"):

@@ -256,3 +256,14 @@ def test_truncated_jwks_or_userinfo_is_503_not_500(app_factory: Any, provider: A
     client, userinfo = userinfo_app(app_factory, provider)
     userinfo.truncate = True
     assert_error(chat(client, OPAQUE), 503, "auth_provider_unavailable")
+
+
+def test_the_connect_may_be_bounded_more_tightly_than_the_exchange() -> None:
+    """A caller with a long deadline (a model provider's answer) still gives up on an
+    unreachable host soon; the connect never outlives the exchange."""
+    from flask_llmauth.authn.deadline import exchange_timeout
+
+    long = exchange_timeout(600, 5)
+    assert (long.connect_timeout, long.total) == (5, 600)
+    assert exchange_timeout(2, 5).connect_timeout == 2
+    assert exchange_timeout(3).connect_timeout == 3
