@@ -13,7 +13,7 @@ from flask import Flask, jsonify
 
 from flask_llmauth import current_principal
 from flask_llmauth.authn.jwt import JWTAuthenticator
-from flask_llmauth.errors import ConfigurationError
+from flask_llmauth.errors import ConfigurationError, TooManyRequests
 from flask_llmauth.signals import user_provisioned
 from tests.helpers import ADMIN, assert_error, bearer, new_key, record_secret
 from tests.idp_fixture import EDDSA, ES256, RS256, IdP
@@ -528,6 +528,17 @@ def test_custom_validate_by_path_and_decorator(make_app: Any, idp: IdP) -> None:
         raise RuntimeError("hook bug")
 
     assert_error(call(app.test_client(), good), 401)
+
+    app = make_app()
+
+    @app.llmauth.jwt_claims_validator
+    def throttle(claims: dict[str, Any]) -> bool:
+        raise TooManyRequests("Slow down, corp.", headers={"Retry-After": "7"})
+
+    response = call(app.test_client(), good)
+    assert_error(response, 429)  # an LLMAuthError the hook raises is sent as it is
+    assert response.get_json()["error"]["message"] == "Slow down, corp."
+    assert response.headers["Retry-After"] == "7"
     with pytest.raises(ConfigurationError, match="LLMAUTH_JWT_CUSTOM_VALIDATE"):
         make_app(custom_validate="tests.no_such_module.func")
 

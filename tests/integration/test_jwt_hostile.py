@@ -328,6 +328,22 @@ def test_time_claims(app: Flask, provider: IdP, keys: Keys, caplog: Any,
     refused(app.test_client(), compact(rs(keys), claims(provider, **changes), keys.rsa), caplog)
 
 
+def test_claims_are_checked_only_once_the_signature_verifies(
+        app: Flask, provider: IdP, keys: Keys, caplog: Any) -> None:
+    """docs/jwt.md's order: a forged token is refused for its signature, whatever its claims
+    say (expired, wrong audience, too long-lived): nothing a forger wrote is evaluated."""
+    client = app.test_client()
+    now = int(time.time())
+    for changes in ({"exp": now - 600}, {"aud": "urn:llmauth:other"},
+                    {"exp": now + 10 * 86400}, {"iat": _DROP}):
+        forged = compact(rs(keys), claims(provider, **changes), keys.attacker)
+        refused(client, forged, caplog)
+        assert "jwt_InvalidSignatureError" in caplog.text, (changes, caplog.text)
+        genuine = compact(rs(keys), claims(provider, **changes), keys.rsa)
+        refused(client, genuine, caplog)
+        assert "jwt_InvalidSignatureError" not in caplog.text, (changes, caplog.text)
+
+
 def test_non_finite_numbers_in_raw_json(app: Flask, provider: IdP, keys: Keys,
                                         caplog: Any) -> None:
     text = json.dumps(claims(provider)).replace(
