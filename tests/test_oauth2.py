@@ -136,6 +136,28 @@ def test_token_info_request_is_a_bearer_get(app_factory: Any, requests_mock: Any
     assert sent.body is None
 
 
+def test_claims_are_the_answer_without_its_token_members(app_factory: Any,
+                                                      requests_mock: Any) -> None:
+    """``current_principal.claims`` is the provider's answer, less any member that carries a
+    token (a userinfo-style endpoint may echo one): host code may log claims."""
+    echoed = {name: record_secret(f"{name}-" + "Qw3rTy9UiOp2") for name in
+              ("access_token", "refresh_token", "id_token", "token")}
+    requests_mock.get(TOKEN_INFO, json={"sub": "u-9", "email": "u9@corp.example", **echoed})
+    app = oauth_app(app_factory, TOKEN_INFO)
+    seen: dict[str, Any] = {}
+
+    @app.post("/v1/claims")
+    @app.llmauth.route_group("llm_api_routes")  # type: ignore[attr-defined]
+    def claims() -> Any:
+        from flask_llmauth import current_principal
+        seen.update(current_principal.claims)
+        return {"ok": True}
+
+    assert app.test_client().post("/v1/claims", json={"model": "gpt-4o"},
+                                  headers=bearer(TOKEN)).status_code == 200
+    assert seen == {"sub": "u-9", "email": "u9@corp.example"}
+
+
 @pytest.mark.parametrize("endpoint", [ENDPOINT, TOKEN_INFO])
 def test_team_named_by_the_provider_must_exist(app_factory: Any, requests_mock: Any,
                                                endpoint: str) -> None:

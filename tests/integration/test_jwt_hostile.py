@@ -140,7 +140,7 @@ def refused(client: Any, token: str, caplog: Any) -> None:
     with caplog.at_level(logging.WARNING, logger="flask_llmauth"):
         response = client.post(CHAT, json={"model": "gpt-4o"}, headers=bearer(token))
     assert_error(response, 401)
-    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="llmauth"'
     reference = GENERIC.setdefault("body", response.get_data())
     assert response.get_data() == reference, response.get_data()
     lines = [r.getMessage() for r in caplog.records]
