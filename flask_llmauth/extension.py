@@ -718,8 +718,9 @@ class LLMAuth:
         return hook
 
     def jwt_claims_validator(self, hook: F) -> F:
-        """Register ``hook(claims) -> bool``, run once per verified JWT (and per userinfo
-        answer); anything but ``True`` refuses with 403. It replaces
+        """Register ``hook(claims) -> bool``, run once per verified JWT (while its claims are
+        cached) and on every request of an opaque token answered by OIDC userinfo; anything
+        but ``True`` refuses with 403. It replaces
         ``LLMAUTH_JWT_CUSTOM_VALIDATE`` (LiteLLM's ``litellm_jwtauth.custom_validate``)."""
         self.callbacks["jwt_claims_validator"] = hook
         return hook

@@ -715,6 +715,30 @@ def test_failed_authentications_block_the_ip_before_the_credential_is_checked(
                        environ_base=other).status_code == 200
 
 
+def test_a_blocked_address_is_signalled_once_without_a_principal(make: Any) -> None:
+    """``rate_limited`` is sent once when an address is blocked for failed authentications:
+    no principal (none was authenticated), the counted block as the value, no secret."""
+    app = make(LLMAUTH_AUTH_FAILURE_LIMIT="2/minute")
+    client = app.test_client()
+    seen: list[dict[str, Any]] = []
+    attacker = {"REMOTE_ADDR": "203.0.113.21"}
+    tried = [random_key() for _ in range(2)]
+    with rate_limited.connected_to(lambda sender, **data: seen.append(data), app):
+        for key in tried:
+            assert_error(client.post(CHAT, json={"model": "m"}, headers=bearer(key),
+                                     environ_base=attacker), 401)
+        for _ in range(2):
+            assert client.post(CHAT, json={"model": "m"}, headers=ADMIN,
+                               environ_base=attacker).status_code == 429
+    assert len(seen) == 1, seen
+    breach = seen[0]["limit"]
+    assert seen[0]["principal"] is None
+    assert (breach.descriptor, breach.value, breach.limit_type, breach.limit,
+            breach.remaining) == ("ip", "203.0.113.21", "auth_failures", 2, 0)
+    assert breach.reset_at > time.time()
+    assert not any(key in repr(seen) for key in tried)
+
+
 def test_failed_authentications_behind_a_trusted_proxy_count_the_forwarded_client(
         make: Any) -> None:
     client = make(LLMAUTH_AUTH_FAILURE_LIMIT="3/minute",
