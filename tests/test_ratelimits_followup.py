@@ -521,3 +521,17 @@ def test_a_settlement_lost_on_a_real_socket_has_its_slot_removed(
         assert slots_in_use(app, body["key_id"], 1) == 0
         time.sleep(0.1)  # the retry interval
         assert chat_as(client, body["key"]).status_code == 200
+
+
+def test_redis_gets_one_second_socket_timeouts_unless_configured(app_factory: Any) -> None:
+    """rate_limits.md: no request hangs on an unreachable Redis — its client gets a 1 s
+    socket and connect timeout unless ``LLMAUTH_RATELIMIT_STORAGE_OPTIONS`` sets them."""
+    def client_options(**config: Any) -> dict[str, Any]:
+        app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": REDIS_URL, **config})
+        limits_storage = app.extensions["llmauth"].limiter.storage
+        return dict(limits_storage.storage.connection_pool.connection_kwargs)
+
+    default = client_options()
+    assert (default["socket_timeout"], default["socket_connect_timeout"]) == (1.0, 1.0)
+    chosen = client_options(LLMAUTH_RATELIMIT_STORAGE_OPTIONS={"socket_timeout": 0.3})
+    assert (chosen["socket_timeout"], chosen["socket_connect_timeout"]) == (0.3, 1.0)
