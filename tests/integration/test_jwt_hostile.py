@@ -269,6 +269,38 @@ def test_embedded_and_remote_keys_are_never_used(app: Flask, provider: IdP, keys
         server.close()
 
 
+def test_only_public_signature_keys_of_a_jwks_verify(app_factory: Any, provider: IdP,
+                                                     keys: Keys, caplog: Any) -> None:
+    """jwt.md's "Keys kept": in a JWKS, an encryption key, a key whose ``key_ops`` do not
+    include ``verify``, a key published with its private members and a symmetric key never
+    verify a token — each is signed for here, and only the plain signature key is accepted."""
+    def public(kid: str, **members: Any) -> dict[str, Any]:
+        jwk = json.loads(RSAAlgorithm.to_jwk(keys.attacker.public_key()))
+        return {**jwk, "kid": kid, **members}
+
+    private = json.loads(RSAAlgorithm.to_jwk(keys.attacker))
+    private.pop("key_ops")  # ["sign"]: the private members alone must keep it out
+    served = [public("enc", use="enc"), public("wrap", key_ops=["wrapKey"]),
+              {**private, "kid": "private"}, {"kty": "oct", "kid": "oct", "k": b64(b"1" * 32)},
+              public("sig", use="sig", key_ops=["verify"])]
+    server = _CountingServer(json.dumps({"keys": served}).encode())
+    try:
+        client = app_factory({
+            "LLMAUTH_ENABLE_JWT_AUTH": True, "LLMAUTH_JWT_PUBLIC_KEY_URL": server.url,
+            "LLMAUTH_JWT_AUDIENCE": RS256, "LLMAUTH_JWT_ISSUER": provider.issuer,
+            "LLMAUTH_JWT_KID_REFETCH_COOLDOWN": 3600, "LLMAUTH_AUTH_FAILURE_LIMIT": "",
+        }).test_client()
+        payload = claims(provider)
+        accepted(client, compact({"alg": "RS256", "kid": "sig"}, payload, keys.attacker))
+        for kid in ("enc", "wrap", "private"):
+            refused(client, compact({"alg": "RS256", "kid": kid}, payload, keys.attacker),
+                    caplog)
+            assert "jwt_unknown_kid" in caplog.text, kid
+        refused(client, compact({"alg": "HS256", "kid": "oct"}, payload, b"1" * 32), caplog)
+    finally:
+        server.close()
+
+
 def _self_signed(key: rsa.RSAPrivateKey) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker")])
     now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
