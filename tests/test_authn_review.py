@@ -142,6 +142,32 @@ def test_random_kids_cause_at_most_one_refetch_per_cooldown(app_factory: Any,
     assert requests_mock.call_count == 2
 
 
+def test_key_documents_that_redirect_or_are_too_large_are_not_used(app_factory: Any,
+                                                                    requests_mock: Any) -> None:
+    """jwt.md's fetching rules: a JWKS URL answering a redirect is not followed (the keys
+    where it points are never used), a document above 512 KiB is refused; either way no
+    usable copy: 503, never a pass. A 5xx is tried once more."""
+    key, jwk = _signer()
+    elsewhere = "https://attacker.example/jwks"
+    requests_mock.get(elsewhere, json={"keys": [jwk]})
+    requests_mock.get(JWKS_URL, status_code=302, headers={"Location": elsewhere})
+    token = _token(key, "k1")
+    assert_error(chat(_jwt_app(app_factory).test_client(), token), 503,
+                 "auth_provider_unavailable")
+    assert not any(r.url == elsewhere for r in requests_mock.request_history)
+
+    padded = json.dumps({"keys": [jwk], "pad": "x" * (512 * 1024)})
+    requests_mock.get(JWKS_URL, text=padded)
+    assert_error(chat(_jwt_app(app_factory).test_client(), token), 503)
+    requests_mock.get(JWKS_URL, text=json.dumps({"keys": [jwk]}))
+    assert chat(_jwt_app(app_factory).test_client(), token).status_code == 200
+
+    requests_mock.reset_mock()
+    requests_mock.get(JWKS_URL, [{"status_code": 502}, {"json": {"keys": [jwk]}}])
+    assert chat(_jwt_app(app_factory).test_client(), token).status_code == 200
+    assert requests_mock.call_count == 2  # the one retry after a 5xx
+
+
 # -- OIDC userinfo answers that must never pass ---------------------------------------------------
 
 USERINFO = "https://idp.example/userinfo"
