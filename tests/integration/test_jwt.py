@@ -348,6 +348,9 @@ def test_user_allowed_email_domain(make_app: Any, idp: IdP) -> None:
     sneaky = idp.token(extra_claims={"email": "a@corp.example@evil.example"})
     assert_error(call(client, sneaky), 403)
     assert_error(call(client, idp.token()), 403)  # no email at all
+    for near in ("a@sub.corp.example", "a@evilcorp.example", "a@corp.example.evil"):
+        assert_error(call(client, idp.token(extra_claims={"email": near})), 403)
+    assert ok(call(client, idp.token(extra_claims={"email": "b@Corp.Example"})))
 
 
 def test_an_unverified_email_does_not_identify_the_user(make_app: Any, idp: IdP) -> None:
