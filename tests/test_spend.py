@@ -356,6 +356,24 @@ def test_budget_reservations_ride_on_the_event(spend_app: Flask) -> None:
     assert got == [reservation]
 
 
+def test_callbacks_never_see_the_prompt_the_ledger_estimated(app_factory: Any) -> None:
+    """spend.md: ``prompt_body`` (the request body kept to estimate an answer without usage
+    off the request path) is ``None`` in the events ``on_batch`` callbacks see: a host that
+    exports events never receives its callers' prompts."""
+    app = app_factory({"LLMAUTH_SPEND_FLUSH_INTERVAL": 3600})
+    seen: list[Any] = []
+    app.extensions["llmauth"].spend_ledger.on_batch(lambda events, db: seen.extend(events))
+    prompt = "a private prompt " * 20
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}
+    assert app.test_client().post("/v1/chat/completions", json=body,
+                                  headers=ADMIN).status_code == 200  # its answer: no usage
+    flush(app)
+    assert len(seen) == 1
+    assert seen[0].prompt_body is None
+    assert seen[0].estimated and seen[0].prompt_tokens > 0  # estimated from that body
+    assert "private prompt" not in repr(seen[0])
+
+
 def test_large_batches_are_split_and_ids_sorted_per_table(app_factory: Any, db_url: str) -> None:
     app = app_factory({"LLMAUTH_SPEND_BATCH_SIZE": 7, "LLMAUTH_SPEND_FLUSH_INTERVAL": 3600},
                       db_url=db_url, routes=False)
