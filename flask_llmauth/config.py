@@ -738,7 +738,9 @@ class Settings:
         yaml=("general_settings.user_api_key_cache_max_size",),
     )
     negative_cache_ttl: float = setting(
-        5.0, _number(float, 0), "Seconds an unknown key is remembered as unknown.",
+        5.0, _number(float, 0),
+        "Seconds an unknown key, and an opaque token the OAuth2 provider refused, is "
+        "remembered as such.",
     )
     cache_sync_interval: float = setting(
         1.0, _number(float, 0.05),
