@@ -15,7 +15,7 @@ from flask import Request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 
 #: Returned by :func:`get_json` for a body that is present but not valid JSON.
 INVALID: Any = object()
@@ -36,6 +36,44 @@ def read_data(request: Request) -> bytes:
         raise
     except Exception:
         raise unreadable_body() from None
+
+
+def read_within_limit(request: Request) -> bytes:
+    """The raw body (:func:`read_data`), or 413 when it is over ``max_content_length``.
+
+    Werkzeug refuses a declared ``Content-Length`` over the limit before reading; a chunked
+    body (no ``Content-Length``) it reads up to the limit and cuts there, silently: one that
+    fills the limit is refused as too large rather than handed on truncated."""
+    data = read_data(request)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(data) >= limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
+def too_large(request: Request) -> PayloadTooLarge:
+    """The 413 of a body over the request's ``max_content_length``."""
+    return PayloadTooLarge(f"Request body too large: the limit is "
+                           f"{request.max_content_length} bytes.", reason="request_too_large")
+
+
+def refuse_declared_oversize(request: Request) -> None:
+    """413 for a ``Content-Length`` over ``max_content_length``, before a byte is read."""
+    length = request.content_length
+    limit = request.max_content_length
+    if length is not None and limit is not None and length > limit:
+        raise too_large(request)
+
+
+def read_chunked_within_limit(request: Request) -> None:
+    """Read a chunked body (no ``Content-Length``) now, up to ``max_content_length`` only,
+    and 413 when it does not end within it: refused in the extension's envelope here rather
+    than cut short (or refused by the host's own handler) when the view reads it. The body
+    stays cached for the view (Flask parses forms from the cached bytes)."""
+    try:
+        read_within_limit(request)
+    except RequestEntityTooLarge:
+        raise too_large(request) from None
 
 
 def form(request: Request) -> MultiDict[str, str]:
@@ -107,14 +145,9 @@ def known_body(value: Any) -> Callable[[], Any]:
 def require_json_object(request: Request) -> Any:
     """The body of a JSON API call: ``{}`` when empty; 400 for a wrong content type,
     invalid JSON or a JSON value that is not an object."""
-    data = read_data(request)
+    data = read_within_limit(request)
     if not data:
         return {}
-    limit = request.max_content_length
-    if limit is not None and request.content_length is None and len(data) >= limit:
-        # A chunked body is cut at the limit by Werkzeug, silently: refuse it as too large
-        # rather than parse a truncated document.
-        raise RequestEntityTooLarge()
     mimetype = request.mimetype
     if mimetype and not is_json_mimetype(mimetype):
         raise BadRequest("Content-Type must be application/json.", reason="bad_content_type")

@@ -93,6 +93,20 @@ def _number(kind: type, minimum: float | None = None) -> Parser:
     return parse
 
 
+#: The smallest ``max_request_size_mb``: 1 KiB (a smaller bound would refuse any JSON call).
+MIN_REQUEST_SIZE_MB = 1 / 1024
+
+
+def _megabytes(value: Any) -> float | None:
+    """A size in MB (LiteLLM's ``max_request_size_mb``), at least 1 KiB; ``""``: unset."""
+    if value is None or value == "":
+        return None
+    number = _number(float)(value)
+    if number < MIN_REQUEST_SIZE_MB:
+        raise ValueError(f"must be at least {MIN_REQUEST_SIZE_MB:g} (1 KiB)")
+    return float(number)
+
+
 def _fraction(value: Any) -> float:
     number = _number(float)(value)
     if number is None or not 0 < number <= 1:
@@ -1319,6 +1333,16 @@ class Settings:
         "Largest request body (bytes) the management API reads; a larger one is refused with "
         "413 before it is read (`MAX_CONTENT_LENGTH`, when smaller, still applies).",
     )
+    max_request_size_mb: float | None = setting(
+        None, _megabytes,
+        "Largest request body (MB of 1024 × 1024 bytes) on every route the extension "
+        "guards, LLM routes included; a larger one is a 413 JSON error, refused before it "
+        "is read when `Content-Length` declares it, and read up to the limit only when "
+        "chunked. On the management API the smaller of this and `LLMAUTH_MAX_API_BODY_SIZE` "
+        "applies (`MAX_CONTENT_LENGTH`, when smaller, still applies). Unset: off (as in "
+        "LiteLLM).",
+        yaml=("general_settings.max_request_size_mb",),
+    )
     cli_name: str = setting("llmauth", _cli_name, "Name of the `flask` CLI group.")
 
     @classmethod
@@ -1341,6 +1365,12 @@ class Settings:
                 value = mask_secret(str(value))
             out[PREFIX + f.name.upper()] = _mask_nested(_jsonable(value))
         return out
+
+    @property
+    def max_request_body_bytes(self) -> int | None:
+        """``max_request_size_mb`` in bytes (``None``: no bound)."""
+        size = self.max_request_size_mb
+        return None if size is None else int(size * 1024 * 1024)
 
     def source(self, name: str) -> str:
         """Where setting ``name`` came from (``"LLMAUTH_X"``, ``"YAML ..."``, ``"default"``)."""
@@ -1696,7 +1726,6 @@ def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
 UNIMPLEMENTED_PROTECTIONS: dict[str, str] = {
     "general_settings.reject_clientside_metadata_tags":
         "drop or refuse `metadata.tags` in your view",
-    "general_settings.max_request_size_mb": "set Flask's MAX_CONTENT_LENGTH",
     "general_settings.max_response_size_mb": "bound the upstream answer in your view",
     "general_settings.role_permissions":
         "limit routes and models per key, team or user (allowed_routes, models)",

@@ -85,6 +85,12 @@ class Conflict(LLMAuthError):
     default_message = "Conflict."
 
 
+class PayloadTooLarge(LLMAuthError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_message = "Request body too large."
+
+
 class TooManyRequests(LLMAuthError):
     status = 429
     error_type = "rate_limit_error"

@@ -49,7 +49,12 @@ from .authz.routes import (
     group_name,
 )
 from .background import Background
-from .bodies import JSONBody, known_body
+from .bodies import (
+    JSONBody,
+    known_body,
+    read_chunked_within_limit,
+    refuse_declared_oversize,
+)
 from .budgets import install as install_budgets
 from .cache import Invalidator, TTLCache
 from .config import DEFAULT_PUBLIC_ROUTES, Settings, check_secrets, load_settings
@@ -224,6 +229,8 @@ class LLMAuthState:
         #: ``(id(principal), route info, unsafe) -> _Verdict`` (see :meth:`_verdict`).
         self._verdicts: dict[tuple[int, RouteInfo, bool], _Verdict] = {}
         self._max_credential_length = settings.max_credential_length
+        #: ``LLMAUTH_MAX_REQUEST_SIZE_MB`` in bytes (``None``: off).
+        self._max_request_body = settings.max_request_body_bytes
         self._key_header_name = settings.key_header_name
         self._enforce_user_param = settings.enforce_user_param
         self.last_used = LastUsedRecorder()
@@ -323,9 +330,16 @@ class LLMAuthState:
                 limit = req.max_content_length
                 if limit is None or limit > self.settings.max_api_body_size:
                     req.max_content_length = self.settings.max_api_body_size
+            body_limit = self._max_request_body
+            if body_limit is not None:
+                limit = req.max_content_length
+                if limit is None or limit > body_limit:
+                    req.max_content_length = body_limit
             credentials = None
             g_ = _app_context().g
             try:
+                if body_limit is not None:
+                    refuse_declared_oversize(req)
                 if self.auth_failures is not None and self.auth_failures.blocking:
                     # Before the credential is read.
                     self.auth_failures.check(client_ip(req, self.settings.trusted_proxy_ranges))
@@ -341,6 +355,9 @@ class LLMAuthState:
                                                    self._key_header_name, info.query_key_allowed)
                     principal = self.chain.authenticate(new_context((req, credentials, info)))
                     principal_id = id(principal)
+                if (body_limit is not None and req.content_length is None
+                        and "HTTP_TRANSFER_ENCODING" in environ):
+                    read_chunked_within_limit(req)
                 unsafe = info.unsafe_only or method not in SAFE_METHODS
                 # An entry keeps its principal alive, so a live principal's id finds only
                 # its own verdicts (no identity check needed).

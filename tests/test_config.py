@@ -80,6 +80,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {
     "api_enabled": (False, False),
     "api_prefix": ("/llm", "/llm"),
     "max_api_body_size": (65536, 65536),
+    "max_request_size_mb": (2.5, 2.5),
     "cli_name": ("keys", "keys"),
     "custom_auth": ("hooks.auth.check", "hooks.auth.check"),
     "custom_auth_mode": ("auto", "auto"),
@@ -625,6 +626,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("api_prefix", "llm", "must be empty or a path"),
     ("api_prefix", "/llm/", "must be empty or a path"),
     ("max_api_body_size", 10, "must be at least 1024"),
+    ("max_request_size_mb", 0, "must be at least 0.000976562 (1 KiB)"),
     ("cli_name", "Key Tool", "must be a lower-case command name"),
     ("custom_auth", 3, 'must be "module.function" or a callable'),
     ("custom_auth_mode", "sometimes", "must be one of on, off, auto"),
@@ -1185,7 +1187,6 @@ def test_apps_with_different_databases_are_independent(tmp_path: Path, db_url: s
 #: flask_llmauth does not, so a config that sets one must not start as if it did.
 UNIMPLEMENTED_PROTECTIONS = [
     ("general_settings", "reject_clientside_metadata_tags", True),
-    ("general_settings", "max_request_size_mb", 1),
     ("general_settings", "max_response_size_mb", 2),
     ("general_settings", "role_permissions", [{"role": "team", "models": ["gpt-4o"]}]),
     ("general_settings", "custom_key_generate", "hooks.check_key"),
