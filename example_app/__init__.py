@@ -69,7 +69,8 @@ def _ensure_master_key(app: Flask) -> None:
     temporary file, then hard-linked into place), so several workers starting at once agree
     on one key and none reads a half-written file.
     """
-    if load_settings(app.config).master_key:
+    # warn=False: LLMAuth(app) reads the same settings next, and warns about them once.
+    if load_settings(app.config, warn=False).master_key:
         return
     path = os.path.join(app.instance_path, MASTER_KEY_FILE)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # owner-only when created here

@@ -1463,8 +1463,13 @@ def load_settings(
     *,
     environ: Mapping[str, str] | None = None,
     secret_loader: SecretLoader | None = None,
+    warn: bool = True,
 ) -> Settings:
-    """Resolve every setting for one app and validate it."""
+    """Resolve every setting for one app and validate it.
+
+    ``warn=False`` leaves out the warnings about the config (a LiteLLM setting not honoured,
+    a misspelt key, an unread environment variable), not the errors: for a look at the
+    settings before ``init_app``, which warns about the same config again."""
     overrides = dict(overrides or {})
     environ = os.environ if environ is None else environ
     unknown = [name for name in overrides if name not in _FIELDS]
@@ -1499,10 +1504,11 @@ def load_settings(
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"{key} (from {source}): {exc}") from None
     if yaml_doc:
-        _warn_unknown_general_settings(yaml_doc)
-        _check_unimplemented_litellm_settings(yaml_doc)
+        _warn_unknown_general_settings(yaml_doc, warn)
+        _check_unimplemented_litellm_settings(yaml_doc, warn)
         _check_jwtauth_block(yaml_doc)
-    _warn_unread_environment(config, overrides, environ)
+    if warn:
+        _warn_unread_environment(config, overrides, environ)
     settings = Settings(**values)
     object.__setattr__(settings, "_sources", sources)
     return settings
@@ -1701,7 +1707,7 @@ def _known_general_settings(section: str = "general_settings") -> set[str]:
 _TYPO_CUTOFF = 0.88
 
 
-def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
+def _warn_unknown_general_settings(doc: Mapping[str, Any], warn: bool = True) -> None:
     """Keys of ``general_settings`` / ``litellm_settings`` this library does not read are
     LiteLLM's business (logged at INFO); one that looks like a misspelling of a key it
     reads is a warning naming that key, since the setting it meant is silently unset."""
@@ -1709,6 +1715,8 @@ def _warn_unknown_general_settings(doc: Mapping[str, Any]) -> None:
         block = doc.get(section) or {}
         if not isinstance(block, Mapping):
             raise ConfigurationError(f"LLMAUTH_CONFIG_FILE: {section} must be a mapping")
+        if not warn:
+            continue
         known = _known_general_settings(section)
         ignored = sorted(str(k) for k in set(block) - known)
         for name in ignored:
@@ -1755,7 +1763,7 @@ def _is_off(value: Any) -> bool:
     return value is None or value is False or value == 0 or value in ("", [], {})
 
 
-def _check_unimplemented_litellm_settings(doc: Mapping[str, Any]) -> None:
+def _check_unimplemented_litellm_settings(doc: Mapping[str, Any], warn: bool = True) -> None:
     """Refuse a LiteLLM protection this library lacks; warn about a relaxation it ignores."""
     for path, instead in UNIMPLEMENTED_PROTECTIONS.items():
         value = _dig(doc, path)
@@ -1765,7 +1773,7 @@ def _check_unimplemented_litellm_settings(doc: Mapping[str, Any]) -> None:
                 f"would be missing; remove it and {instead} (docs/configuration.md)")
     for path, kept in UNIMPLEMENTED_RELAXATIONS.items():
         value = _dig(doc, path)
-        if value is not _MISSING and not _is_off(value):
+        if warn and value is not _MISSING and not _is_off(value):
             log.warning("llmauth: YAML %s is not supported by flask_llmauth and has no "
                         "effect: %s", path, kept)
 

@@ -1252,3 +1252,21 @@ def test_litellm_redis_host_port_password_give_the_redis_url(
     assert load_settings({}, environ={"REDIS_HOST": ""}).redis_url is None
     with pytest.raises(ConfigurationError, match="REDIS_PORT"):
         load_settings({}, environ={"REDIS_HOST": "cache", "REDIS_PORT": "x"})
+
+
+def test_a_quiet_look_at_the_settings_still_refuses_a_bad_config(tmp_path: Path,
+                                                                 caplog: Any) -> None:
+    """``load_settings(warn=False)`` (the example gateway's look for a master key before
+    ``LLMAuth(app)``) leaves the warnings to ``init_app``, not the errors."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"general_settings": {
+        "allow_requests_on_db_unavailable": True, "master_kye": "x"}}))
+    caplog.set_level(logging.WARNING, logger="flask_llmauth")
+    load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={"LLMAUTH_X": "1"},
+                  warn=False)
+    assert [r for r in caplog.records if r.name == "flask_llmauth"] == []
+    for doc in ({"general_settings": {"role_permissions": [{"role": "team"}]}},
+                {"general_settings": ["not", "a", "mapping"]}):
+        config_file.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ConfigurationError):
+            load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={}, warn=False)

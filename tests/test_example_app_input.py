@@ -122,3 +122,28 @@ def test_every_model_the_gateway_lists_has_a_price(gateway: Flask) -> None:
     table = prices_for(gateway.extensions["llmauth"].settings)
     unpriced = [m["id"] for m in listed if table.lookup(m["id"]) is None]
     assert listed and unpriced == []
+
+
+@pytest.mark.parametrize("master_key", [MASTER_KEY, None])
+def test_each_litellm_config_warning_is_logged_once(tmp_path: Any, monkeypatch: Any,
+                                                    caplog: Any, master_key: str | None) -> None:
+    """The gateway reads its settings to find a master key before ``LLMAuth(app)`` reads them
+    again: the warnings about the LiteLLM config (a relaxation not honoured, a misspelt key)
+    appeared twice."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  allow_requests_on_db_unavailable: true\n"
+                           "  master_kye: x\n")
+    monkeypatch.setenv("GATEWAY_INSTANCE_PATH", str(tmp_path / "gateway"))
+    caplog.set_level(logging.WARNING, logger="flask_llmauth")
+    config = {"TESTING": True, "LLMAUTH_DATABASE_URL": migrated_sqlite_url(tmp_path),
+              "LLMAUTH_CONFIG_FILE": str(config_file)}
+    if master_key is not None:
+        config["LLMAUTH_MASTER_KEY"] = master_key
+    app = create_app(config)
+    try:
+        messages = [r.getMessage() for r in caplog.records if r.name == "flask_llmauth"]
+        relaxation = [m for m in messages if "allow_requests_on_db_unavailable" in m]
+        typo = [m for m in messages if "did you mean general_settings.master_key" in m]
+        assert (len(relaxation), len(typo)) == (1, 1), messages
+    finally:
+        app.extensions["llmauth"].close()
