@@ -591,7 +591,8 @@ class KeyService:
             now = utcnow()
             key = Key(
                 key_id=str(uuid.uuid4()), digest=state.digester.digest(raw),
-                key_name=abbreviate(raw), created_by=actor.identity, updated_by=actor.identity,
+                key_name=abbreviate(raw), created_by=actor.identity,
+                created_by_kind=actor.identity_kind, updated_by=actor.identity,
                 created_at=now, updated_at=now,
             )
             if team is not None and team.organization_id and not params.get("organization_id"):
@@ -934,9 +935,11 @@ class KeyService:
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
         if query.get("include_created_by_keys") and table is Key:
-            # keys the caller made (for others, as a team admin), while it is in their team
-            scope |= (Key.created_by == actor.user_id) & Key.team_id.in_(
-                [m.team_id for m in memberships])
+            # keys the caller made (for others, as a team admin), while it is in their team;
+            # made by a user: a team-only credential records its team id, which may be a
+            # user's id too
+            scope |= ((Key.created_by == actor.user_id) & (Key.created_by_kind == "user")
+                      & Key.team_id.in_([m.team_id for m in memberships]))
         if confined is not None:
             scope &= table.team_id == confined
         return scope

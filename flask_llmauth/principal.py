@@ -136,6 +136,16 @@ class Principal(NamedTuple):
         """A non-secret label for logs, audit rows and spend rows."""
         return self.user_id or self.team_id or self.key_name or self.method
 
+    @property
+    def identity_kind(self) -> str:
+        """What :attr:`identity` names: ``user``, ``team``, ``key`` or ``method`` (a user id
+        and a team id may be the same string; this tells them apart)."""
+        if self.user_id:
+            return "user"
+        if self.team_id:
+            return "team"
+        return "key" if self.key_name else "method"
+
     def __repr__(self) -> str:
         """``Principal(method=..., role=..., user_id=..., ...)``: the identity fields that
         are set (a signal receiver's log line should not carry whole records or claims)."""

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 
 from flask_llmauth.store.db import MIGRATION_TABLE, MIGRATIONS_DIR, Store
-from flask_llmauth.store.tables import ALL_TABLES, CacheEvent, Key, User
+from flask_llmauth.store.tables import ALL_TABLES, CacheEvent, Key, Team, User
 from tests.helpers import (
     ADMIN,
     MASTER_KEY,
@@ -113,6 +113,33 @@ def test_key_role_cap_migration_caps_keys_a_non_admin_made_for_another_user(
             caps = {k.key_id: k.max_role for k in Key.select()}
         assert caps == {"by-alice": "internal_user", "by-root": None, "own": None,
                         "by-master": None, "service": None}
+    finally:
+        store.close()
+
+
+def test_key_creator_kind_migration_marks_keys_a_user_created(db_url: str) -> None:
+    """0008 records what ``created_by`` names; an existing key's creator is a user when the
+    id is a user's and no team's (a team id that is a user's id too stays unknown)."""
+    store = Store(db_url)
+    try:
+        store.migrate()
+        with store.use() as db:
+            store._runner(db).down(target="0008_key_created_by_kind")
+            for user_id in ("alice", "t1"):
+                User.create(user_id=user_id)
+            Team.create(team_id="t1")
+            Team.create(team_id="t2")
+            for key_id, created_by in (("by-alice", "alice"), ("by-t1", "t1"),
+                                       ("by-t2", "t2"), ("by-master", "default_user_id"),
+                                       ("unknown", None)):
+                # Key's columns less created_by_kind (which 0008 adds): the row as 0007 had it.
+                Key.insert(key_id=key_id, digest="d-" + key_id, key_name="sk-...x",
+                           created_by=created_by).execute()
+        assert store.migrate() == MIGRATIONS[MIGRATIONS.index("0008_key_created_by_kind"):]
+        with store.use():
+            kinds = {k.key_id: k.created_by_kind for k in Key.select()}
+        assert kinds == {"by-alice": "user", "by-t1": None, "by-t2": None, "by-master": None,
+                         "unknown": None}
     finally:
         store.close()
 

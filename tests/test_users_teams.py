@@ -610,3 +610,39 @@ def test_key_list_include_created_by_keys(client: Any, app: Any) -> None:
     assert listed(include_created_by_keys="true") == {alice["key_id"]}
     assert_error(client.get("/key/list", query_string={"include_created_by_keys": "maybe"},
                             headers=ADMIN), 400)
+
+
+def test_created_by_keys_are_only_those_a_user_created(app_factory: Any) -> None:
+    """A credential with a team but no user (here a custom-auth proxy admin) records its
+    team id as ``created_by``. A user whose id is that team id, in the team, matched those
+    keys with ``include_created_by_keys``; only keys a user principal created match now."""
+    app = app_factory({"LLMAUTH_CUSTOM_AUTH_MODE": "auto"})
+    team_admin_token = record_secret("team-admin-" + "Vb7Qx2Lm9Rt4")
+
+    @app.llmauth.custom_auth
+    def hook(request: Any, api_key: str) -> Any:
+        return {"team_id": "t1", "role": "PROXY_ADMIN"} if api_key == team_admin_token else None
+
+    client = app.test_client()
+    for name in ("t1", "bob"):
+        admin(client, "/user/new", user_id=name, auto_create_key=False)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": "t1", "role": "admin"}, {"user_id": "bob", "role": "user"}])
+    made = client.post("/key/generate", json={"team_id": "t1", "user_id": "bob"},
+                       headers=bearer(team_admin_token))
+    assert made.status_code == 200, made.get_json()
+    record_secret(made.get_json()["key"])
+    assert made.get_json()["created_by"] == "t1"  # the label is unchanged
+    by_team = made.get_json()["key_id"]
+    user_t1 = new_key(client, user_id="t1")
+    by_user = client.post("/key/generate", json={"user_id": "bob", "team_id": "t1"},
+                          headers=bearer(user_t1["key"]))
+    assert by_user.status_code == 200, by_user.get_json()
+    record_secret(by_user.get_json()["key"])
+    admin(client, "/team/member_update", team_id="t1", user_id="t1", role="user")
+    response = client.get("/key/list", query_string={"include_created_by_keys": "true"},
+                          headers=bearer(user_t1["key"]))
+    assert response.status_code == 200, response.get_json()
+    assert set(response.get_json()["keys"]) == {user_t1["key_id"],
+                                                by_user.get_json()["key_id"]}
+    assert by_team not in response.get_json()["keys"]

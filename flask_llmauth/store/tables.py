@@ -83,6 +83,9 @@ class Key(Table):
     expires = DateTimeField(null=True)
     blocked = BooleanField(default=False)
     created_by = CharField(max_length=255, null=True)
+    #: What ``created_by`` names (``Principal.identity_kind``: ``user``, ``team``, ``key``,
+    #: ``method``); ``None``: not known (a key made before this was recorded).
+    created_by_kind = CharField(max_length=16, null=True)
     updated_by = CharField(max_length=255, null=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
