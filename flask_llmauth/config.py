@@ -666,7 +666,9 @@ class Settings:
         None, _present_str("give a Redis URL (redis://host:6379/0)"),
         "Redis URL for shared counters, rate limits and cross-process cache invalidation. "
         "Without `REDIS_URL`, LiteLLM's `REDIS_HOST` (+ `REDIS_PORT`, default 6379, and "
-        "`REDIS_PASSWORD`) give `redis://[:password@]host:port/0`.",
+        "`REDIS_PASSWORD`) give `redis://[:password@]host:port/0`; without those, LiteLLM's "
+        "YAML `litellm_settings.cache_params` (`type: redis`, `host`, `port`, `password`), "
+        "else `router_settings.redis_host` (+ `redis_port`, `redis_password`) do.",
         env=("REDIS_URL",), secret=True,
     )
 
@@ -1493,8 +1495,8 @@ def load_settings(
     for name, f in _FIELDS.items():
         key = PREFIX + name.upper()
         raw, source = _lookup(name, f, key, config, overrides, yaml_doc, environ, secret_loader)
-        if raw is _MISSING and name in _FROM_ENVIRONMENT_PARTS:
-            raw, source = _FROM_ENVIRONMENT_PARTS[name](key, environ)
+        if raw is _MISSING and name in _FROM_PARTS:
+            raw, source = _FROM_PARTS[name](key, yaml_doc, environ)
         sources[name] = source
         if raw is _MISSING:
             values[name] = f.default if f.default is not None else f.metadata["parse"](None)
@@ -1600,24 +1602,52 @@ def _lookup(
     return _MISSING, "default"
 
 
-def _redis_url_from_parts(key: str, environ: Mapping[str, str]) -> tuple[Any, str]:
-    """LiteLLM's ``REDIS_HOST`` / ``REDIS_PORT`` / ``REDIS_PASSWORD`` as one Redis URL (the
-    password percent-encoded), or ``_MISSING`` when ``REDIS_HOST`` is unset."""
-    host = environ.get("REDIS_HOST", "").strip()
-    if not host:
-        return _MISSING, "default"
-    port = environ.get("REDIS_PORT", "").strip() or "6379"
+def _redis_url_of(key: str, host: Any, port: Any, password: Any, where: str) -> str:
+    """``redis://[:password@]host:port/0`` (the password percent-encoded); errors name
+    ``where`` the value came from, never the password."""
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigurationError(f"{key} (from {where}): the host must be a string")
+    host = host.strip()
+    port = "6379" if port in (None, "") else str(port).strip()
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{key} (from environment REDIS_PORT): not a port number")
+        raise ConfigurationError(f"{key} (from {where}): not a port number")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
-    password = environ.get("REDIS_PASSWORD", "")
+    if password not in (None, "") and not isinstance(password, str):
+        raise ConfigurationError(f"{key} (from {where}): the password must be a string")
     auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{int(port)}/0", "environment REDIS_HOST"
+    return f"redis://{auth}{host}:{int(port)}/0"
 
 
-#: Settings that, when nothing else sets them, are built from several environment variables.
-_FROM_ENVIRONMENT_PARTS: dict[str, Callable[[str, Mapping[str, str]], tuple[Any, str]]] = {
+def _redis_url_from_parts(key: str, yaml_doc: Mapping[str, Any],
+                          environ: Mapping[str, str]) -> tuple[Any, str]:
+    """The Redis a LiteLLM deployment names when nothing names a URL: ``REDIS_HOST`` (+
+    ``REDIS_PORT``, ``REDIS_PASSWORD``), else YAML ``litellm_settings.cache_params`` (``type:
+    redis``, ``host``, ``port``, ``password``), else ``router_settings.redis_host`` (+
+    ``redis_port``, ``redis_password``); ``_MISSING`` when none does."""
+    host = environ.get("REDIS_HOST", "").strip()
+    if host:
+        return _redis_url_of(key, host, environ.get("REDIS_PORT"),
+                             environ.get("REDIS_PASSWORD"), "environment REDIS_PORT"
+                             ), "environment REDIS_HOST"
+    for path, prefix in (("litellm_settings.cache_params", ""), ("router_settings", "redis_")):
+        block = _dig(yaml_doc, path)
+        if not isinstance(block, Mapping) or block.get(prefix + "host") in (None, ""):
+            continue
+        if not prefix and block.get("type") != "redis":
+            continue  # a local, disk or S3 cache names no Redis
+        where = f"YAML {path}" + (".redis_host" if prefix else "")
+        host, port, password = (_resolve_env_refs(block.get(prefix + name), environ, key,
+                                                  f"{path}.{prefix}{name}")
+                                for name in ("host", "port", "password"))
+        return _redis_url_of(key, host, port, password, where), where
+    return _MISSING, "default"
+
+
+#: Settings that, when nothing else sets them, are built from several values (environment
+#: variables, then LiteLLM YAML entries).
+_FROM_PARTS: dict[str, Callable[[str, Mapping[str, Any], Mapping[str, str]],
+                                tuple[Any, str]]] = {
     "redis_url": _redis_url_from_parts,
 }
 

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -1270,3 +1271,83 @@ def test_a_quiet_look_at_the_settings_still_refuses_a_bad_config(tmp_path: Path,
         config_file.write_text(yaml.safe_dump(doc))
         with pytest.raises(ConfigurationError):
             load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={}, warn=False)
+
+
+def test_litellm_yaml_redis_settings_give_the_redis_url(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """LiteLLM configs name their Redis under ``litellm_settings.cache_params`` or
+    ``router_settings.redis_*``; left unread, rate limits would count per process. They
+    apply when no Redis is named by LLMAUTH_REDIS_URL, REDIS_URL or REDIS_HOST."""
+    password = "p@ss/w:rd" + REDIS_PASSWORD
+    config_file = tmp_path / "config.yaml"
+
+    def load(doc: dict[str, Any], config: dict[str, Any] | None = None,
+             environ: dict[str, str] | None = None) -> Settings:
+        config_file.write_text(yaml.safe_dump(doc))
+        return load_settings({"LLMAUTH_CONFIG_FILE": str(config_file), **(config or {})},
+                             environ=environ or {})
+
+    cache = {"litellm_settings": {"cache": True, "cache_params": {
+        "type": "redis", "host": "cache.internal", "port": 6380, "password": password}}}
+    with caplog.at_level(logging.DEBUG):
+        settings = load(cache)
+    assert settings.redis_url == ("redis://:p%40ss%2Fw%3Ard" + REDIS_PASSWORD
+                                  + "@cache.internal:6380/0")
+    assert settings.source("redis_url") == "YAML litellm_settings.cache_params"
+    assert settings.masked()["LLMAUTH_REDIS_URL"] == "redis://****@cache.internal:6380/0"
+    assert REDIS_PASSWORD not in caplog.text
+    from flask_llmauth.ratelimits import storage_uri
+    assert storage_uri(settings) == settings.redis_url
+    router = {"router_settings": {"redis_host": "router.internal", "redis_port": "6390",
+                                  "redis_password": "os.environ/ROUTER_REDIS_PASSWORD"}}
+    settings = load(router, environ={"ROUTER_REDIS_PASSWORD": password})
+    assert settings.redis_url == ("redis://:p%40ss%2Fw%3Ard" + REDIS_PASSWORD
+                                  + "@router.internal:6390/0")
+    assert settings.source("redis_url") == "YAML router_settings.redis_host"
+    assert load({"router_settings": {"redis_host": "r"}}).redis_url == "redis://r:6379/0"
+    assert load({**router, **cache}, environ={"ROUTER_REDIS_PASSWORD": "x"}
+                ).source("redis_url") == "YAML litellm_settings.cache_params"
+    # Any Redis named otherwise wins; a cache that is not Redis names none.
+    assert load(cache, {"LLMAUTH_REDIS_URL": "redis://cfg:6379/2"}).redis_url == \
+        "redis://cfg:6379/2"
+    assert load(cache, environ={"REDIS_URL": "redis://env:6379/1"}).redis_url == \
+        "redis://env:6379/1"
+    assert load(cache, environ={"REDIS_HOST": "host"}).redis_url == "redis://host:6379/0"
+    assert load({"litellm_settings": {"cache_params": {"type": "local", "host": "x"}}}
+                ).redis_url is None
+    for bad in ({"litellm_settings": {"cache_params": {"type": "redis", "host": "h",
+                                                       "port": "x", "password": password}}},
+                {"router_settings": {"redis_host": "h", "redis_port": 70000}},
+                {"router_settings": {"redis_host": ["h"]}}):
+        with pytest.raises(ConfigurationError, match="LLMAUTH_REDIS_URL") as info:
+            load(bad)
+        assert REDIS_PASSWORD not in str(info.value)
+
+
+def test_a_redis_named_in_config_yaml_counts_rate_limits_across_apps(
+        app_factory: Any, tmp_path: Path) -> None:
+    """Two apps (two processes' worth) configured only by a LiteLLM config whose
+    ``cache_params`` names the test Redis share one rate-limit count."""
+    from tests.conftest import REDIS_URL, missing_peer
+
+    if not REDIS_URL:
+        missing_peer("LLMAUTH_TEST_REDIS_URL is not set")
+    parts = urlsplit(REDIS_URL)
+    if parts.path not in ("", "/", "/0") or parts.password:
+        pytest.skip("the test Redis is not on database 0 without a password")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"litellm_settings": {"cache_params": {
+        "type": "redis", "host": parts.hostname, "port": parts.port or 6379}}}))
+    config = {"LLMAUTH_CONFIG_FILE": str(config_file),
+              "LLMAUTH_RATELIMIT_KEY_PREFIX": f"yaml-redis-{os.getpid()}-{id(config_file)}"}
+    first = app_factory(config)
+    second = app_factory(config, db_url=first.config["LLMAUTH_DATABASE_URL"])
+    assert first.extensions["llmauth"].settings.redis_url.startswith("redis://")
+    key = new_key(first.test_client(), rpm_limit=2, models=["gpt-4o"])["key"]
+    chat = {"model": "gpt-4o", "messages": []}
+    assert first.test_client().post("/v1/chat/completions", json=chat,
+                                    headers=bearer(key)).status_code == 200
+    assert second.test_client().post("/v1/chat/completions", json=chat,
+                                     headers=bearer(key)).status_code == 200
+    assert_error(second.test_client().post("/v1/chat/completions", json=chat,
+                                           headers=bearer(key)), 429)
