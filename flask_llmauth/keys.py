@@ -934,10 +934,12 @@ class KeyService:
                 scope |= table.team_id.in_(admin_of)
             if member_of:
                 scope |= table.team_id.in_(member_of) & table.user_id.is_null()
-        if query.get("include_created_by_keys") and table is Key:
+        if (query.get("include_created_by_keys") and table is Key
+                and actor.user_id != self.state.settings.proxy_admin_name):
             # keys the caller made (for others, as a team admin), while it is in their team;
             # made by a user: a team-only credential records its team id, which may be a
-            # user's id too
+            # user's id too, and the master key the admin name, which a non-admin user of
+            # that id did not create
             scope |= ((Key.created_by == actor.user_id) & (Key.created_by_kind == "user")
                       & Key.team_id.in_([m.team_id for m in memberships]))
         if confined is not None:

@@ -646,3 +646,23 @@ def test_created_by_keys_are_only_those_a_user_created(app_factory: Any) -> None
     assert set(response.get_json()["keys"]) == {user_t1["key_id"],
                                                 by_user.get_json()["key_id"]}
     assert by_team not in response.get_json()["keys"]
+
+
+def test_include_created_by_keys_never_lists_the_master_keys_keys(client: Any, app: Any) -> None:
+    """Keys the master key makes record ``created_by`` = ``LLMAUTH_PROXY_ADMIN_NAME``: a
+    non-admin user who happens to have that ``user_id`` did not create them, and
+    ``include_created_by_keys`` does not show it the other members' keys of its team."""
+    name = app.extensions["llmauth"].settings.proxy_admin_name
+    for user in (name, "bob"):
+        admin(client, "/user/new", user_id=user, auto_create_key=False)
+    admin(client, "/team/new", team_id="t1", members_with_roles=[
+        {"user_id": name, "role": "user"}, {"user_id": "bob", "role": "user"}])
+    own = new_key(client, user_id=name)
+    bobs = new_key(client, user_id="bob", team_id="t1")
+    assert bobs["created_by"] == name
+    response = client.get("/key/list", query_string={"include_created_by_keys": "true"},
+                          headers=bearer(own["key"]))
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["keys"] == [own["key_id"]]
+    assert_error(client.get("/key/info", query_string={"key": bobs["key_id"]},
+                            headers=bearer(own["key"])), 403)
