@@ -260,7 +260,7 @@ def _drop_usage_chunks(data: bytes) -> bytes:
 
 def _record_usage_chunk(event: bytes) -> bool:
     """Whether ``event`` is a usage-only chunk (``choices`` empty, ``usage`` an object); its
-    counts are recorded when they are counts (else the extension estimates the usage)."""
+    counts are recorded when it gives both (else the extension estimates the usage)."""
     lines = [line[5:].removeprefix(b" ") for line in event.splitlines()
              if line.startswith(b"data:")]
     try:
@@ -271,8 +271,8 @@ def _record_usage_chunk(event: bytes) -> bool:
             and isinstance(chunk.get("usage"), dict)):
         return False
     usage, model = chunk["usage"], chunk.get("model")
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    if all(type(n) is int and n >= 0 for n in (prompt, completion)):
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if all(type(n) is int and n >= 0 for n in (prompt, completion)):  # a missing one is None
         record_usage(prompt, completion,
                      model=model if isinstance(model, str) and model else None)
     return True

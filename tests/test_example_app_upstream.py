@@ -537,3 +537,58 @@ def test_a_stream_may_run_past_the_deadline(tmp_path: Any, upstream: FakeUpstrea
 def test_an_invalid_deadline_fails_at_start(tmp_path: Any, value: Any) -> None:
     with pytest.raises(ValueError, match="GATEWAY_UPSTREAM_TIMEOUT"):
         _gateway(tmp_path, "http://127.0.0.1:9/v1", GATEWAY_UPSTREAM_TIMEOUT=value)
+
+
+def _stream_raw(stream: bytes) -> Reply:
+    """An upstream streaming ``stream`` as it is, in one HTTP chunk."""
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(stream), stream))
+    return reply
+
+
+def _usage_event(usage: Any) -> bytes:
+    return b"data: " + json.dumps({"id": "chatcmpl-s", "object": "chat.completion.chunk",
+                                   "model": "gpt-4o-2024", "choices": [],
+                                   "usage": usage}).encode()
+
+
+@pytest.mark.parametrize("usage", [
+    {}, {"total_tokens": 1801}, {"prompt_tokens": 1234}, {"completion_tokens": 567},
+    {"prompt_tokens": 1234, "completion_tokens": "567"},
+    {"prompt_tokens": -1, "completion_tokens": 567},
+])
+def test_a_usage_chunk_without_both_counts_leaves_the_request_estimated(
+        gateway: Flask, upstream: FakeUpstream, usage: dict[str, Any]) -> None:
+    """A usage-only chunk the caller did not ask for is hidden; billed as it says only when
+    it gives both counts — one that leaves a count out is not a count of 0 (the prompt, or
+    the answer, would go unbilled): the request is estimated, as without the chunk."""
+    events, _ = _sse_events("/v1/chat/completions")
+    upstream.reply = _stream_raw(b"".join(events[:-1]) + _usage_event(usage) + b"\n\n"
+                                 + events[-1])
+    answer = gateway.test_client().post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                        headers=ADMIN)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.get_data() == b"".join(events)
+    [row] = _spend_rows(gateway)
+    assert row["estimated"] is True
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("end", [b"", b"\n", b"\r\n"])
+def test_a_usage_chunk_that_ends_the_stream_without_a_blank_line_is_billed(
+        gateway: Flask, upstream: FakeUpstream, end: bytes) -> None:
+    """An upstream whose last bytes are the usage-only chunk (no blank line, no
+    ``[DONE]``): the chunk is still taken out and its counts billed."""
+    events, _ = _sse_events("/v1/chat/completions")
+    upstream.reply = _stream_raw(b"".join(events[:-1]) + _usage_event(USAGE) + end)
+    answer = gateway.test_client().post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                        headers=ADMIN)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.get_data() == b"".join(events[:-1])
+    [row] = _spend_rows(gateway)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (
+        1234, 567, False)
