@@ -1191,6 +1191,8 @@ UNIMPLEMENTED_PROTECTIONS = [
     ("general_settings", "max_response_size_mb", 2),
     ("general_settings", "role_permissions", [{"role": "team", "models": ["gpt-4o"]}]),
     ("general_settings", "custom_key_generate", "hooks.check_key"),
+    ("general_settings", "custom_key_update", "hooks.check_update"),
+    ("general_settings", "custom_key_policy", "hooks.key_policy"),
     ("general_settings", "enforce_fallback_model_access", True),
     ("general_settings", "pass_through_endpoints", [{"path": "/lf", "target": "http://x"}]),
     ("litellm_settings", "upperbound_key_generate_params", {"max_budget": 10}),
@@ -1198,6 +1200,12 @@ UNIMPLEMENTED_PROTECTIONS = [
      {"personal_key_generation": {"allowed_user_roles": ["proxy_admin"]}}),
     ("litellm_settings", "max_internal_user_budget", 10),
 ]
+
+
+def test_every_litellm_protection_flask_llmauth_lacks_is_tested() -> None:
+    from flask_llmauth.config import UNIMPLEMENTED_PROTECTIONS as refused
+
+    assert {f"{section}.{name}" for section, name, _ in UNIMPLEMENTED_PROTECTIONS} == set(refused)
 
 
 @pytest.mark.parametrize(("section", "name", "value"), UNIMPLEMENTED_PROTECTIONS)
