@@ -665,9 +665,10 @@ class Settings:
     redis_url: str | None = setting(
         None, _present_str("give a Redis URL (redis://host:6379/0)"),
         "Redis URL for shared counters, rate limits and cross-process cache invalidation. "
-        "Without `REDIS_URL`, LiteLLM's `REDIS_HOST` (+ `REDIS_PORT`, default 6379, and "
-        "`REDIS_PASSWORD`) give `redis://[:password@]host:port/0`; without those, LiteLLM's "
-        "YAML `litellm_settings.cache_params` (`type: redis`, `host`, `port`, `password`), "
+        "Without `REDIS_URL`, LiteLLM's `REDIS_HOST` (a host name or IP address; + "
+        "`REDIS_PORT`, default 6379, and `REDIS_PASSWORD`) give "
+        "`redis://[:password@]host:port/0`; without those, LiteLLM's YAML "
+        "`litellm_settings.cache_params` (`type: redis`, `host`, `port`, `password`), "
         "else `router_settings.redis_host` (+ `redis_port`, `redis_password`) do.",
         env=("REDIS_URL",), secret=True,
     )
@@ -1602,21 +1603,41 @@ def _lookup(
     return _MISSING, "default"
 
 
-def _redis_url_of(key: str, host: Any, port: Any, password: Any, where: str) -> str:
+def _redis_url_of(key: str, host: Any, port: Any, password: Any,
+                  where: Callable[[str], str]) -> str:
     """``redis://[:password@]host:port/0`` (the password percent-encoded); errors name
-    ``where`` the value came from, never the password."""
+    ``where(field)`` the value came from, never the password or the host."""
     if not isinstance(host, str) or not host.strip():
-        raise ConfigurationError(f"{key} (from {where}): the host must be a string")
-    host = host.strip()
+        raise ConfigurationError(f"{key} (from {where('host')}): the host must be a string")
+    host = _url_host(host.strip())
+    if host is None:
+        raise ConfigurationError(f"{key} (from {where('host')}): not a host name or IP "
+                                 "address (give a whole URL in REDIS_URL)")
     port = "6379" if port in (None, "") else str(port).strip()
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{key} (from {where}): not a port number")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address
+        raise ConfigurationError(f"{key} (from {where('port')}): not a port number")
     if password not in (None, "") and not isinstance(password, str):
-        raise ConfigurationError(f"{key} (from {where}): the password must be a string")
+        raise ConfigurationError(f"{key} (from {where('password')}): the password must be a "
+                                 "string")
     auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
     return f"redis://{auth}{host}:{int(port)}/0"
+
+
+#: A host name or IPv4 address (an IPv6 address has colons, and is checked as one).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _url_host(host: str) -> str | None:
+    """``host`` as the host part of a URL (an IPv6 address bracketed), or ``None`` when it is
+    no host name or IP address (a port, a URL, a path: not echoed, a URL may hold a
+    password)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare:
+        try:
+            return f"[{ipaddress.IPv6Address(bare)}]"
+        except ValueError:
+            return None
+    return host if bare == host and _HOST_NAME.fullmatch(host) else None
 
 
 def _redis_url_from_parts(key: str, yaml_doc: Mapping[str, Any],
@@ -1628,7 +1649,8 @@ def _redis_url_from_parts(key: str, yaml_doc: Mapping[str, Any],
     host = environ.get("REDIS_HOST", "").strip()
     if host:
         return _redis_url_of(key, host, environ.get("REDIS_PORT"),
-                             environ.get("REDIS_PASSWORD"), "environment REDIS_PORT"
+                             environ.get("REDIS_PASSWORD"),
+                             lambda name: f"environment REDIS_{name.upper()}"
                              ), "environment REDIS_HOST"
     for path, prefix in (("litellm_settings.cache_params", ""), ("router_settings", "redis_")):
         block = _dig(yaml_doc, path)
@@ -1640,7 +1662,8 @@ def _redis_url_from_parts(key: str, yaml_doc: Mapping[str, Any],
         host, port, password = (_resolve_env_refs(block.get(prefix + name), environ, key,
                                                   f"{path}.{prefix}{name}")
                                 for name in ("host", "port", "password"))
-        return _redis_url_of(key, host, port, password, where), where
+        return _redis_url_of(key, host, port, password,
+                             f"YAML {path}.{prefix}".__add__), where
     return _MISSING, "default"
 
 

@@ -1359,3 +1359,28 @@ def test_a_redis_named_in_config_yaml_counts_rate_limits_across_apps(
                                      headers=bearer(key)).status_code == 200
     assert_error(second.test_client().post("/v1/chat/completions", json=chat,
                                            headers=bearer(key)), 429)
+
+
+@pytest.mark.parametrize("host", ["cache:6380", "redis://cache", "cache/1", "ca che",
+                                  "user@cache", ":" + REDIS_PASSWORD + "@cache", "[cache]"])
+def test_a_redis_host_that_is_not_a_host_refuses_to_start_without_echoing_it(
+        tmp_path: Path, host: str) -> None:
+    """REDIS_HOST is a host name or IP address: anything else (a port, a URL, a path) would
+    make a URL that names another Redis, or fail at start with a bare ValueError. The error
+    names the variable, not its value (a URL pasted there may hold a password); the same
+    for LiteLLM's YAML ``router_settings.redis_host``."""
+    with pytest.raises(ConfigurationError, match="REDIS_HOST") as info:
+        load_settings({}, environ={"REDIS_HOST": host, "REDIS_PASSWORD": "pw"})
+    assert host not in str(info.value) and REDIS_PASSWORD not in str(info.value)
+    with pytest.raises(ConfigurationError, match="router_settings.redis_host") as info:
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(yaml.safe_dump({"router_settings": {"redis_host": host}}))
+        load_settings({"LLMAUTH_CONFIG_FILE": str(config_file)}, environ={})
+    assert host not in str(info.value) and REDIS_PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "fd00::6379"])
+def test_an_ipv6_redis_host_is_bracketed_once(host: str) -> None:
+    bare = host.strip("[]")
+    assert load_settings({}, environ={"REDIS_HOST": host}).redis_url == (
+        f"redis://[{bare}]:6379/0")
