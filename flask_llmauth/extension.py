@@ -372,7 +372,7 @@ class LLMAuthState:
                     self.policy.refuse(denial, principal, info, req)
                 if check_models:
                     model, parsed = self.policy.check_models(principal, req, info, models)
-                    if self._enforce_user_param:
+                    if self._enforce_user_param and method == "POST":
                         require_user_param(req, info, parsed)
                     g_.__dict__["_llmauth_principal"] = principal  # what ``g.x = ...`` does
                     if plan is not None and only_for_end_user:

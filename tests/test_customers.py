@@ -486,3 +486,22 @@ def test_enforce_user_param_requires_the_body_user_on_llm_posts(
     plain = app_factory()
     plain_key = new_key(plain.test_client())["key"]
     assert chat(plain.test_client(), plain_key).status_code == 200
+
+
+def test_enforce_user_param_leaves_other_methods_of_llm_routes_alone(
+        app_factory: Any, tmp_path: Any) -> None:
+    """Only a POST must name its end user (LiteLLM's rule): a ``DELETE /v1/files/{id}`` has
+    no body to carry ``user``, and refusing it would make such routes unusable."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("general_settings:\n  enforce_user_param: true\n")
+    app = app_factory(config={"LLMAUTH_CONFIG_FILE": str(config_file)})
+
+    @app.route("/v1/files/<file_id>", methods=["DELETE", "POST"])
+    def file(file_id: str) -> Any:
+        return {"id": file_id, "deleted": True}
+
+    client = app.test_client()
+    key = new_key(client)["key"]
+    assert client.delete("/v1/files/file-1", headers=bearer(key)).status_code == 200
+    refused = client.post("/v1/files/file-1", json={"model": "gpt-4o"}, headers=bearer(key))
+    assert assert_error(refused, 400)["param"] == "user"
