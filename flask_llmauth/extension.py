@@ -330,15 +330,14 @@ class LLMAuthState:
                 limit = req.max_content_length
                 if limit is None or limit > self.settings.max_api_body_size:
                     req.max_content_length = self.settings.max_api_body_size
-            body_limit = self._max_request_body
-            if body_limit is not None:
-                limit = req.max_content_length
-                if limit is None or limit > body_limit:
-                    req.max_content_length = body_limit
             credentials = None
             g_ = _app_context().g
             try:
+                body_limit = self._max_request_body
                 if body_limit is not None:
+                    limit = req.max_content_length
+                    if limit is None or limit > body_limit:
+                        req.max_content_length = body_limit
                     refuse_declared_oversize(req)
                 if self.auth_failures is not None and self.auth_failures.blocking:
                     # Before the credential is read.
