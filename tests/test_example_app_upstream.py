@@ -20,7 +20,7 @@ from flask import Flask
 from example_app import create_app
 from flask_llmauth.spend import flush
 from tests.conftest import migrated_sqlite_url
-from tests.helpers import ADMIN, MASTER_KEY, assert_error, new_key, record_secret
+from tests.helpers import ADMIN, MASTER_KEY, assert_error, new_key, record_secret, serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +70,7 @@ class FakeUpstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.thread = serve_in_thread(self.server)
         self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
 
     def close(self) -> None:

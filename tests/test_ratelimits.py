@@ -24,7 +24,7 @@ from flask_llmauth.ratelimits import descriptors, openai_duration
 from flask_llmauth.signals import rate_limited
 from flask_llmauth.store.tables import Key
 from tests.conftest import REDIS_URL
-from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key, serve_in_thread
 
 CHAT = "/v1/chat/completions"
 
@@ -621,8 +621,7 @@ def served(app_factory: Any) -> Iterator[tuple[str, Flask]]:
     app = app_factory({"LLMAUTH_RATELIMIT_STORAGE_URI": "memory://"}, routes=False)
     add_llm_routes(app)
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_port}", app
     finally:

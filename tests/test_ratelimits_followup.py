@@ -19,7 +19,7 @@ from flask_llmauth import ConfigurationError
 from flask_llmauth.ratelimits import counted_address
 from flask_llmauth.signals import rate_limited
 from tests.conftest import REDIS_URL
-from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key
+from tests.helpers import ADMIN, assert_error, bearer, new_key, random_key, serve_in_thread
 from tests.test_ratelimits import (  # noqa: F401
     CHAT,
     _window_stats,
@@ -209,8 +209,7 @@ def test_the_openai_sdk_does_not_retry_a_request_larger_than_the_limit(
     key = new_key(app.test_client(), tpm_limit=100)["key"]
     arrived.clear()
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serve_in_thread(server)
     try:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key=key,
                            max_retries=3) as sdk, pytest.raises(openai.RateLimitError) as caught:

@@ -15,7 +15,6 @@ import hmac
 import http.server
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from flask import Flask
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 
-from tests.helpers import assert_error, bearer, record_secret
+from tests.helpers import assert_error, bearer, record_secret, serve_in_thread
 from tests.idp_fixture import RS256, IdP
 
 pytestmark = pytest.mark.integration
@@ -239,7 +238,7 @@ class _CountingServer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        serve_in_thread(self.server)
 
     def close(self) -> None:
         self.server.shutdown()

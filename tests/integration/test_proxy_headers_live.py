@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import requests
 from flask import Flask
 from werkzeug.serving import make_server
 
-from tests.helpers import ADMIN, record_secret
+from tests.helpers import ADMIN, record_secret, serve_in_thread
 from tests.idp_fixture import IdP, free_port, peer_missing
 
 pytestmark = pytest.mark.integration
@@ -37,8 +36,7 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 def serve(app: Flask, host: str = "127.0.0.1") -> Iterator[int]:
     """Serve ``app`` on a real socket (a free port) for the duration of the block."""
     server = make_server(host, 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serve_in_thread(server)
     try:
         yield server.server_port
     finally:
