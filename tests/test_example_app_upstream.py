@@ -92,6 +92,15 @@ def _gateway(tmp_path: Any, base_url: str, **config: Any) -> Flask:
                        "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY, **config})
 
 
+def _gateway_with(tmp_path: Any, base_url: str, monkeypatch: pytest.MonkeyPatch,
+                  source: str, name: str, value: int) -> Flask:
+    """A gateway given one ``GATEWAY_*`` setting from its config or from the environment."""
+    if source == "environment":
+        monkeypatch.setenv(name, str(value))
+        return _gateway(tmp_path, base_url)
+    return _gateway(tmp_path, base_url, **{name: value})
+
+
 @pytest.fixture
 def gateway(tmp_path: Any, upstream: FakeUpstream) -> Iterator[Flask]:
     app = _gateway(tmp_path, upstream.base_url)
@@ -215,11 +224,8 @@ def test_an_upstream_answer_that_is_not_json_is_a_json_error(
 def test_an_upstream_answer_over_the_size_limit_is_a_502(
         tmp_path: Any, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch,
         source: str) -> None:
-    if source == "environment":
-        monkeypatch.setenv("GATEWAY_UPSTREAM_MAX_BYTES", "4096")
-        app = _gateway(tmp_path, upstream.base_url)
-    else:
-        app = _gateway(tmp_path, upstream.base_url, GATEWAY_UPSTREAM_MAX_BYTES=4096)
+    app = _gateway_with(tmp_path, upstream.base_url, monkeypatch, source,
+                        "GATEWAY_UPSTREAM_MAX_BYTES", 4096)
     try:
         big = dict(ANSWER, id="x" * 5000)
         upstream.reply = lambda h: send(h, 200, json.dumps(big).encode())
@@ -488,11 +494,8 @@ def test_an_upstream_past_the_deadline_is_a_504(
     """``GATEWAY_UPSTREAM_TIMEOUT`` bounds a non-streamed exchange as a whole — an upstream
     dripping its answer a byte at a time held the request for as long as it liked, each read
     inside the per-read timeout — and the wait for a stream's first answer."""
-    if source == "environment":
-        monkeypatch.setenv("GATEWAY_UPSTREAM_TIMEOUT", "1")
-        app = _gateway(tmp_path, upstream.base_url)
-    else:
-        app = _gateway(tmp_path, upstream.base_url, GATEWAY_UPSTREAM_TIMEOUT=1)
+    app = _gateway_with(tmp_path, upstream.base_url, monkeypatch, source,
+                        "GATEWAY_UPSTREAM_TIMEOUT", 1)
     try:
         upstream.reply = reply
         started = time.monotonic()
